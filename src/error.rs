@@ -1,0 +1,223 @@
+//! The crate's one public error type.
+//!
+//! Every failure a caller can see is a variant of [`Error`], and each variant
+//! names one cause, so a caller can tell a timeout from a closed connection
+//! from a peer that sent garbage without parsing strings. Handshake failures
+//! carry a [`HandshakeError`] that says which step failed.
+
+use std::fmt;
+use std::io;
+use std::sync::Arc;
+
+/// Which deadline ran out, carried by [`Error::Timeout`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TimeoutKind {
+    /// The TCP connect did not complete within the dial timeout.
+    Dial,
+    /// The handshake did not complete within the handshake timeout.
+    Handshake,
+    /// Nothing arrived from the peer within the read (idle) timeout.
+    Read,
+    /// Queued output made no progress within the write timeout.
+    Write,
+    /// A request got no response within its request timeout.
+    Request,
+    /// The server's connection cap stayed full for the whole accept wait.
+    AcceptWait,
+}
+
+impl fmt::Display for TimeoutKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TimeoutKind::Dial => "dial",
+            TimeoutKind::Handshake => "handshake",
+            TimeoutKind::Read => "read",
+            TimeoutKind::Write => "write",
+            TimeoutKind::Request => "request",
+            TimeoutKind::AcceptWait => "accept wait",
+        })
+    }
+}
+
+/// Why a handshake failed, carried by [`Error::Handshake`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum HandshakeError {
+    /// The peer's public key gave an all-zero X25519 shared secret: it is a
+    /// low-order point, which would let the peer fix the session key.
+    LowOrderPublicKey,
+    /// The system random generator failed while making an ephemeral key.
+    KeyGeneration,
+    /// The peer closed the connection before the handshake finished.
+    PeerClosed,
+    /// Input was fed to a handshake that had already finished or failed.
+    AlreadyFinished,
+    /// A user-defined handshake rejected the peer; the code is the
+    /// implementation's own.
+    Rejected(u32),
+}
+
+impl fmt::Display for HandshakeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HandshakeError::LowOrderPublicKey => {
+                f.write_str("peer public key is a low-order point (all-zero shared secret)")
+            }
+            HandshakeError::KeyGeneration => f.write_str("ephemeral key generation failed"),
+            HandshakeError::PeerClosed => f.write_str("peer closed during the handshake"),
+            HandshakeError::AlreadyFinished => f.write_str("handshake already finished"),
+            HandshakeError::Rejected(code) => write!(f, "handshake rejected (code {code})"),
+        }
+    }
+}
+
+/// Everything that can go wrong in monte-rpc.
+///
+/// Errors are cheap to clone, so one connection failure can be handed to
+/// every request that was waiting on that connection.
+///
+/// ```
+/// use monte_rpc::{Error, TimeoutKind};
+///
+/// fn retryable(e: &Error) -> bool {
+///     matches!(e, Error::Timeout(TimeoutKind::Request) | Error::Closed)
+/// }
+/// assert!(retryable(&Error::Closed));
+/// assert!(!retryable(&Error::Authentication));
+/// ```
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Error {
+    /// The handshake failed; the connection is closed.
+    Handshake(HandshakeError),
+    /// A frame's length prefix is above the configured maximum. Detected
+    /// from the 4-byte prefix alone, before anything is sized for it.
+    FrameTooLarge {
+        /// The ciphertext length the prefix claimed.
+        len: usize,
+        /// The largest ciphertext length this side accepts.
+        max: usize,
+    },
+    /// A frame's length prefix is below 20 bytes (sequence number plus tag),
+    /// so it cannot be a valid frame.
+    FrameTooShort {
+        /// The ciphertext length the prefix claimed.
+        len: usize,
+    },
+    /// A frame failed to authenticate: a flipped bit, a replayed, reordered
+    /// or truncated frame, or a peer holding other keys. Fatal for the
+    /// connection.
+    Authentication,
+    /// The receiving direction already failed to open a frame and refuses
+    /// all further input, so a failed open can never be retried.
+    ReceiveFailed,
+    /// A direction's 64-bit frame counter is used up; sealing or opening
+    /// another frame would reuse a nonce.
+    CounterExhausted,
+    /// A message to send is larger than the configured maximum message size.
+    MessageTooLarge {
+        /// The payload length that was offered.
+        len: usize,
+        /// The largest payload this side sends.
+        max: usize,
+    },
+    /// A caller-provided buffer cannot hold the sealed frame.
+    BufferTooSmall {
+        /// Bytes the frame needs.
+        needed: usize,
+        /// Bytes the buffer has.
+        available: usize,
+    },
+    /// Every request sequence number is in use by a pending request.
+    SequenceExhausted,
+    /// A deadline ran out.
+    Timeout(TimeoutKind),
+    /// The connection, client or server is closed (or shutting down); the
+    /// call did not and will not complete.
+    Closed,
+    /// The peer closed the connection.
+    PeerClosed,
+    /// The server's connection cap was full for the whole accept wait.
+    ConnectionLimit,
+    /// An operating-system I/O error.
+    Io(Arc<io::Error>),
+}
+
+impl Error {
+    /// The `io::ErrorKind` closest to this error, for callers that speak
+    /// `std::io`.
+    pub fn io_kind(&self) -> io::ErrorKind {
+        match self {
+            Error::Io(e) => e.kind(),
+            Error::Timeout(_) => io::ErrorKind::TimedOut,
+            Error::Closed => io::ErrorKind::NotConnected,
+            Error::PeerClosed => io::ErrorKind::ConnectionReset,
+            Error::BufferTooSmall { .. } | Error::MessageTooLarge { .. } => {
+                io::ErrorKind::InvalidInput
+            }
+            _ => io::ErrorKind::InvalidData,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Handshake(e) => write!(f, "handshake failed: {e}"),
+            Error::FrameTooLarge { len, max } => {
+                write!(f, "frame of {len} bytes exceeds the maximum of {max}")
+            }
+            Error::FrameTooShort { len } => {
+                write!(f, "frame of {len} bytes is below the minimum of 20")
+            }
+            Error::Authentication => f.write_str("frame failed authentication"),
+            Error::ReceiveFailed => {
+                f.write_str("receiving direction already failed; input refused")
+            }
+            Error::CounterExhausted => f.write_str("frame counter exhausted"),
+            Error::MessageTooLarge { len, max } => {
+                write!(f, "message of {len} bytes exceeds the maximum of {max}")
+            }
+            Error::BufferTooSmall { needed, available } => {
+                write!(f, "buffer of {available} bytes cannot hold {needed}")
+            }
+            Error::SequenceExhausted => f.write_str("all request sequence numbers are in use"),
+            Error::Timeout(kind) => write!(f, "{kind} timeout"),
+            Error::Closed => f.write_str("closed"),
+            Error::PeerClosed => f.write_str("peer closed the connection"),
+            Error::ConnectionLimit => f.write_str("server connection limit reached"),
+            Error::Io(e) => write!(f, "i/o error: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Io(e) => Some(&**e),
+            _ => None,
+        }
+    }
+}
+
+impl From<io::Error> for Error {
+    fn from(e: io::Error) -> Self {
+        Error::Io(Arc::new(e))
+    }
+}
+
+impl From<HandshakeError> for Error {
+    fn from(e: HandshakeError) -> Self {
+        Error::Handshake(e)
+    }
+}
+
+impl From<Error> for io::Error {
+    fn from(e: Error) -> Self {
+        io::Error::new(e.io_kind(), e)
+    }
+}
+
+/// Shorthand for results whose error is [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,301 @@
+//! The handshake: how two peers agree on session keys before the first frame.
+//!
+//! [`Handshake`] is the sans-IO contract every handshake meets: the driver
+//! (the reactor, a test, a fuzzer) feeds in received bytes and takes out
+//! bytes to send, and at the end takes a [`Session`]. [`ClientHandshake`] and
+//! [`ServerHandshake`] implement the specification's ephemeral X25519
+//! exchange for both profiles. Users plug in their own handshake through
+//! [`HandshakeFactory`] without touching the reactor.
+
+use ring::agreement::{self, EphemeralPrivateKey, UnparsedPublicKey, X25519};
+use ring::rand::SystemRandom;
+
+use super::frame::{Opener, Sealer};
+use super::keys::{derive_keys, DirectionalKeys, Profile, KEY_LEN};
+use crate::error::{Error, HandshakeError, Result};
+
+/// Which end of the connection a side is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// The side that dialled and spoke first.
+    Client,
+    /// The side that accepted.
+    Server,
+}
+
+/// An established session: this side's two directions.
+#[derive(Debug)]
+pub struct Session {
+    /// Seals what this side sends.
+    pub sealer: Sealer,
+    /// Opens what this side receives.
+    pub opener: Opener,
+}
+
+impl Session {
+    /// The session a `role` gets from `keys` under `profile`, with both
+    /// counters at 0.
+    pub fn from_keys(profile: Profile, role: Role, keys: &DirectionalKeys) -> Session {
+        let (send, recv) = match role {
+            Role::Client => (keys.client_to_server, keys.server_to_client),
+            Role::Server => (keys.server_to_client, keys.client_to_server),
+        };
+        Session {
+            sealer: Sealer::new(send, profile),
+            opener: Opener::new(recv, profile),
+        }
+    }
+}
+
+/// A handshake in progress, driven by bytes in and bytes out.
+///
+/// A driver loops: [`write_output`](Handshake::write_output) and send what
+/// it appended; if [`take_session`](Handshake::take_session) yields a
+/// session, stop; otherwise read from the peer and call
+/// [`read_input`](Handshake::read_input) with everything received that it
+/// has not consumed yet. Bytes after the end of the handshake (the peer's
+/// first frames) are left unconsumed for the frame decoder.
+///
+/// Implement it to run a handshake of your own:
+///
+/// ```
+/// use monte_rpc::protocol::{Handshake, Opener, Profile, Sealer, Session};
+/// use monte_rpc::Result;
+///
+/// /// Both sides already share a key out of band: nothing to exchange.
+/// struct Preshared([u8; 32]);
+///
+/// impl Handshake for Preshared {
+///     fn write_output(&mut self, _out: &mut Vec<u8>) {}
+///     fn read_input(&mut self, _input: &[u8]) -> Result<usize> { Ok(0) }
+///     fn take_session(&mut self) -> Option<Session> {
+///         Some(Session {
+///             sealer: Sealer::new(self.0, Profile::Secure),
+///             opener: Opener::new(self.0, Profile::Secure),
+///         })
+///     }
+/// }
+/// ```
+pub trait Handshake: Send {
+    /// Appends the bytes that must be sent to the peer now to `out`. Call it
+    /// before the first read and after every [`read_input`](Self::read_input).
+    fn write_output(&mut self, out: &mut Vec<u8>);
+
+    /// Consumes handshake bytes from the start of `input` and returns how
+    /// many it used. Any split of the input must work: a driver may feed one
+    /// byte at a time. An error is fatal for the connection.
+    fn read_input(&mut self, input: &[u8]) -> Result<usize>;
+
+    /// The established session, once the handshake is complete: `Some`
+    /// exactly once, and only after all output has been taken.
+    fn take_session(&mut self) -> Option<Session>;
+}
+
+/// Makes a fresh [`Handshake`] for each new connection.
+///
+/// [`Profile`] implements it with the specification's handshake, so a
+/// profile can be passed wherever a factory is expected.
+pub trait HandshakeFactory: Send + Sync + 'static {
+    /// A handshake for a connection this side dialled.
+    fn client(&self) -> Result<Box<dyn Handshake>>;
+    /// A handshake for a connection this side accepted.
+    fn server(&self) -> Result<Box<dyn Handshake>>;
+}
+
+impl HandshakeFactory for Profile {
+    fn client(&self) -> Result<Box<dyn Handshake>> {
+        Ok(Box::new(ClientHandshake::new(*self)?))
+    }
+    fn server(&self) -> Result<Box<dyn Handshake>> {
+        Ok(Box::new(ServerHandshake::new(*self)?))
+    }
+}
+
+/// An ephemeral X25519 key pair.
+struct Ephemeral {
+    private: EphemeralPrivateKey,
+    public: [u8; KEY_LEN],
+}
+
+impl Ephemeral {
+    fn generate() -> Result<Self> {
+        let rng = SystemRandom::new();
+        let private = EphemeralPrivateKey::generate(&X25519, &rng)
+            .map_err(|_| HandshakeError::KeyGeneration)?;
+        let public = private
+            .compute_public_key()
+            .map_err(|_| HandshakeError::KeyGeneration)?;
+        let mut bytes = [0u8; KEY_LEN];
+        bytes.copy_from_slice(public.as_ref());
+        Ok(Ephemeral {
+            private,
+            public: bytes,
+        })
+    }
+
+    /// X25519 with the peer's key. ring refuses an all-zero result, which is
+    /// what a low-order peer point gives.
+    fn agree(self, peer: &[u8; KEY_LEN]) -> Result<[u8; KEY_LEN]> {
+        agreement::agree_ephemeral(self.private, &UnparsedPublicKey::new(&X25519, peer), |dh| {
+            let mut out = [0u8; KEY_LEN];
+            out.copy_from_slice(dh);
+            out
+        })
+        .map_err(|_| Error::Handshake(HandshakeError::LowOrderPublicKey))
+    }
+}
+
+/// Collects the peer's 32-byte public key across any number of reads.
+struct PeerKey {
+    bytes: [u8; KEY_LEN],
+    filled: usize,
+}
+
+impl PeerKey {
+    fn new() -> Self {
+        PeerKey {
+            bytes: [0; KEY_LEN],
+            filled: 0,
+        }
+    }
+
+    /// Takes what it still needs from `input`; returns bytes consumed.
+    fn fill(&mut self, input: &[u8]) -> usize {
+        let n = (KEY_LEN - self.filled).min(input.len());
+        self.bytes[self.filled..self.filled + n].copy_from_slice(&input[..n]);
+        self.filled += n;
+        n
+    }
+
+    fn is_complete(&self) -> bool {
+        self.filled == KEY_LEN
+    }
+}
+
+/// The client side of the specification's handshake: send our public key,
+/// read the server's, derive the keys.
+pub struct ClientHandshake {
+    profile: Profile,
+    ephemeral: Option<Ephemeral>,
+    public: [u8; KEY_LEN],
+    public_sent: bool,
+    peer: PeerKey,
+    session: Option<Session>,
+    done: bool,
+}
+
+impl ClientHandshake {
+    /// Starts a client handshake with a fresh ephemeral key.
+    pub fn new(profile: Profile) -> Result<Self> {
+        let ephemeral = Ephemeral::generate()?;
+        Ok(ClientHandshake {
+            profile,
+            public: ephemeral.public,
+            ephemeral: Some(ephemeral),
+            public_sent: false,
+            peer: PeerKey::new(),
+            session: None,
+            done: false,
+        })
+    }
+
+    /// Our ephemeral public key, as it goes on the wire.
+    pub fn public_key(&self) -> &[u8; KEY_LEN] {
+        &self.public
+    }
+}
+
+impl Handshake for ClientHandshake {
+    fn write_output(&mut self, out: &mut Vec<u8>) {
+        if !self.public_sent {
+            out.extend_from_slice(&self.public);
+            self.public_sent = true;
+        }
+    }
+
+    fn read_input(&mut self, input: &[u8]) -> Result<usize> {
+        if self.done {
+            return Err(HandshakeError::AlreadyFinished.into());
+        }
+        let used = self.peer.fill(input);
+        if self.peer.is_complete() {
+            self.done = true;
+            let ephemeral = self.ephemeral.take().expect("key pair used once");
+            let dh = ephemeral.agree(&self.peer.bytes)?;
+            let keys = derive_keys(self.profile, &dh, &self.public, &self.peer.bytes);
+            self.session = Some(Session::from_keys(self.profile, Role::Client, &keys));
+        }
+        Ok(used)
+    }
+
+    fn take_session(&mut self) -> Option<Session> {
+        if self.public_sent {
+            self.session.take()
+        } else {
+            None
+        }
+    }
+}
+
+/// The server side of the specification's handshake: read the client's
+/// public key, answer with ours, derive the keys.
+pub struct ServerHandshake {
+    profile: Profile,
+    ephemeral: Option<Ephemeral>,
+    public: [u8; KEY_LEN],
+    public_sent: bool,
+    peer: PeerKey,
+    session: Option<Session>,
+}
+
+impl ServerHandshake {
+    /// Starts a server handshake with a fresh ephemeral key.
+    pub fn new(profile: Profile) -> Result<Self> {
+        let ephemeral = Ephemeral::generate()?;
+        Ok(ServerHandshake {
+            profile,
+            public: ephemeral.public,
+            ephemeral: Some(ephemeral),
+            public_sent: false,
+            peer: PeerKey::new(),
+            session: None,
+        })
+    }
+
+    /// Our ephemeral public key, as it goes on the wire.
+    pub fn public_key(&self) -> &[u8; KEY_LEN] {
+        &self.public
+    }
+}
+
+impl Handshake for ServerHandshake {
+    fn write_output(&mut self, out: &mut Vec<u8>) {
+        // The server speaks only after it has a valid client key.
+        if self.session.is_some() && !self.public_sent {
+            out.extend_from_slice(&self.public);
+            self.public_sent = true;
+        }
+    }
+
+    fn read_input(&mut self, input: &[u8]) -> Result<usize> {
+        if self.peer.is_complete() {
+            return Err(HandshakeError::AlreadyFinished.into());
+        }
+        let used = self.peer.fill(input);
+        if self.peer.is_complete() {
+            let ephemeral = self.ephemeral.take().expect("key pair used once");
+            let dh = ephemeral.agree(&self.peer.bytes)?;
+            let keys = derive_keys(self.profile, &dh, &self.peer.bytes, &self.public);
+            self.session = Some(Session::from_keys(self.profile, Role::Server, &keys));
+        }
+        Ok(used)
+    }
+
+    fn take_session(&mut self) -> Option<Session> {
+        if self.public_sent {
+            self.session.take()
+        } else {
+            None
+        }
+    }
+}
