@@ -140,6 +140,9 @@ pub enum Error {
     PeerClosed,
     /// The server's connection cap was full for the whole accept wait.
     ConnectionLimit,
+    /// The application's handler panicked; its connection was closed and
+    /// the reactor carried on.
+    HandlerPanicked,
     /// An operating-system I/O error.
     Io(Arc<io::Error>),
 }
@@ -187,6 +190,7 @@ impl fmt::Display for Error {
             Error::Closed => f.write_str("closed"),
             Error::PeerClosed => f.write_str("peer closed the connection"),
             Error::ConnectionLimit => f.write_str("server connection limit reached"),
+            Error::HandlerPanicked => f.write_str("handler panicked"),
             Error::Io(e) => write!(f, "i/o error: {e}"),
         }
     }

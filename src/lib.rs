@@ -4,13 +4,57 @@
 //! frames with counter nonces. The Rust successor of the Go library
 //! lithdew/monte, with which its `monte` profile is byte-compatible.
 //!
-//! The crate is built in layers. [`protocol`] is the sans-IO core: the
-//! handshake, key schedule, frame sealing and opening, and frame delimiting,
-//! as pure code over byte buffers.
-#![forbid(unsafe_code)]
+//! ```
+//! use monte_rpc::{Client, Config, Context, Server};
+//!
+//! // A server that answers every request with its body reversed.
+//! let server = Server::bind("127.0.0.1:0", Config::server(), |ctx: &mut Context<'_>| {
+//!     let mut body = ctx.body().to_vec();
+//!     body.reverse();
+//!     let _ = ctx.reply(&body);
+//! })?;
+//!
+//! let client = Client::new(server.local_addr(), Config::default())?;
+//! let mut response = Vec::new();
+//! client.request(b"hello", &mut response)?;
+//! assert_eq!(response, b"olleh");
+//! client.send(b"written to the socket before this returns")?;
+//! client.send_no_wait(b"queued")?;
+//!
+//! client.shutdown(); // flushes what is queued, joins its threads
+//! server.shutdown();
+//! # Ok::<(), monte_rpc::Error>(())
+//! ```
+//!
+//! # Layers
+//!
+//! - [`protocol`]: the sans-IO core (handshake, key schedule, frames,
+//!   sequence numbers), pure code over byte buffers.
+//! - [`Reactor`]: one edge-triggered mio loop per worker thread, which
+//!   moves bytes between sockets and the core. Embed it to run on threads
+//!   of your own.
+//! - [`Client`], [`Server`], [`Connection`], [`Handler`]: the blocking
+//!   public API.
+//! - [`sync`]: every cross-thread structure, checked by the loom models.
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+mod client;
+mod config;
+mod conn;
+mod dial;
 mod error;
+mod handler;
 pub mod protocol;
+mod reactor;
+mod server;
+pub mod sync;
+mod workers;
 
+pub use client::Client;
+pub use config::Config;
+pub use conn::Connection;
 pub use error::{Error, HandshakeError, Result, TimeoutKind};
+pub use handler::{Context, Handler, NoHandler};
+pub use reactor::{Reactor, ReactorHandle};
+pub use server::Server;

@@ -1,0 +1,179 @@
+//! The client: a pool of up to `max_conns` connections to one endpoint,
+//! served by its own reactor threads, with calls spread over the pool.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::conn::Connection;
+use crate::error::{Error, Result};
+use crate::handler::{Handler, NoHandler};
+use crate::sync::signal::ShutdownSignal;
+use crate::sync::{lock, Mutex};
+use crate::workers::Workers;
+
+/// A client for one endpoint. `Send + Sync`: share it between threads with
+/// a reference or an `Arc`.
+///
+/// ```no_run
+/// use monte_rpc::{Client, Config};
+/// let client = Client::new("127.0.0.1:4444", Config::default()).unwrap();
+/// let mut response = Vec::new();
+/// client.request(b"ping", &mut response).unwrap();
+/// client.send_no_wait(b"fire and forget").unwrap();
+/// client.shutdown();
+/// ```
+pub struct Client {
+    addr: SocketAddr,
+    config: Config,
+    handler: Arc<dyn Handler>,
+    workers: Workers,
+    pool: Mutex<Vec<Connection>>,
+    /// Serialises dialling, so a burst of callers grows the pool one
+    /// connection at a time instead of dialling past `max_conns`.
+    dial_lock: Mutex<()>,
+    signal: ShutdownSignal,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("addr", &self.addr)
+            .field("connections", &self.connections())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// A client for `addr` that ignores requests from the server. No
+    /// connection is made until the first call.
+    pub fn new(addr: impl ToSocketAddrs, config: Config) -> Result<Client> {
+        Self::with_handler(addr, config, NoHandler)
+    }
+
+    /// A client whose `handler` answers requests the server sends it.
+    pub fn with_handler(
+        addr: impl ToSocketAddrs,
+        config: Config,
+        handler: impl Handler,
+    ) -> Result<Client> {
+        let addr = addr
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| Error::from(std::io::Error::other("address resolved to nothing")))?;
+        let workers = Workers::spawn(&config, "monte-rpc-client")?;
+        Ok(Client {
+            addr,
+            handler: Arc::new(handler),
+            workers,
+            pool: Mutex::new(Vec::new()),
+            dial_lock: Mutex::new(()),
+            signal: ShutdownSignal::new(),
+            config,
+        })
+    }
+
+    /// The endpoint.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Open connections in the pool.
+    pub fn connections(&self) -> usize {
+        lock(&self.pool).iter().filter(|c| !c.is_closed()).count()
+    }
+
+    /// Sends a message that expects no reply, and returns once it is
+    /// written to the socket.
+    pub fn send(&self, body: &[u8]) -> Result<()> {
+        let _call = self.signal.enter().ok_or(Error::Closed)?;
+        self.pick()?.send(body)
+    }
+
+    /// Queues a message that expects no reply, and returns at once (or
+    /// waits for room in a full queue, up to the write timeout).
+    pub fn send_no_wait(&self, body: &[u8]) -> Result<()> {
+        let _call = self.signal.enter().ok_or(Error::Closed)?;
+        self.pick()?.send_no_wait(body)
+    }
+
+    /// Sends a request and puts its response into `response`, reusing its
+    /// capacity, within the configured request timeout.
+    pub fn request(&self, body: &[u8], response: &mut Vec<u8>) -> Result<()> {
+        self.request_timeout(body, response, self.config.request_timeout)
+    }
+
+    /// [`request`](Self::request) with its own timeout (`None`: no limit).
+    pub fn request_timeout(
+        &self,
+        body: &[u8],
+        response: &mut Vec<u8>,
+        timeout: Option<Duration>,
+    ) -> Result<()> {
+        let _call = self.signal.enter().ok_or(Error::Closed)?;
+        self.pick()?.request_timeout(body, response, timeout)
+    }
+
+    /// Picks a connection with nothing in progress, else the least loaded
+    /// one, dialling a new one while under `max_conns` and all are busy.
+    fn pick(&self) -> Result<Connection> {
+        let best = {
+            let mut pool = lock(&self.pool);
+            if pool.iter().any(|c| c.is_closed()) {
+                pool.retain(|c| !c.is_closed());
+            }
+            let best = pool.iter().min_by_key(|c| c.load());
+            match best {
+                Some(c) if c.load() == 0 || pool.len() >= self.config.max_conns.max(1) => {
+                    return Ok(c.clone())
+                }
+                other => other.cloned(),
+            }
+        };
+        // All busy (or none) and room for more: dial, unless another caller
+        // is already dialling and there is a connection to use meanwhile.
+        let guard = match (&best, self.dial_lock.try_lock()) {
+            (_, Ok(g)) => g,
+            (Some(c), Err(_)) => return Ok(c.clone()),
+            (None, Err(_)) => lock(&self.dial_lock),
+        };
+        {
+            let pool = lock(&self.pool);
+            let open: Vec<&Connection> = pool.iter().filter(|c| !c.is_closed()).collect();
+            if open.len() >= self.config.max_conns.max(1) || (best.is_none() && !open.is_empty()) {
+                if let Some(c) = open.iter().min_by_key(|c| c.load()) {
+                    return Ok((*c).clone());
+                }
+            }
+        }
+        let dialled = self.workers.pick().dial(self.addr, self.handler.clone());
+        drop(guard);
+        match dialled {
+            Ok(conn) => {
+                if self.signal.is_closed() {
+                    conn.close();
+                    return Err(Error::Closed);
+                }
+                lock(&self.pool).push(conn.clone());
+                Ok(conn)
+            }
+            Err(e) => best.ok_or(e),
+        }
+    }
+
+    /// Shuts down gracefully: new calls fail with [`Error::Closed`], frames
+    /// already queued are written, in-flight requests get their responses
+    /// (or fail once the connection closes), and every thread is joined.
+    pub fn shutdown(&self) {
+        self.signal.close();
+        self.workers.stop_and_join();
+        lock(&self.pool).clear();
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

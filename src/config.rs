@@ -1,0 +1,225 @@
+//! Limits, timeouts, buffer sizes and the handshake: everything a client or
+//! server can be configured with, and the defaults.
+//!
+//! A timeout is an `Option<Duration>`: `None` means the timeout is disabled,
+//! and is only ever chosen explicitly. Unlike the Go library, a zero
+//! duration does not mean "none": it is a deadline that has already passed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::protocol::{HandshakeFactory, Profile};
+
+/// Settings shared by [`Client`](crate::Client), [`Server`](crate::Server)
+/// and an embedded [`Reactor`](crate::Reactor).
+///
+/// ```
+/// use std::time::Duration;
+/// use monte_rpc::{Config, protocol::Profile};
+///
+/// let config = Config::default()
+///     .profile(Profile::Monte)
+///     .read_timeout(None) // explicitly disabled
+///     .write_timeout(Some(Duration::from_secs(2)));
+/// assert_eq!(config.write_timeout, Some(Duration::from_secs(2)));
+/// ```
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct Config {
+    /// Makes each connection's handshake. Default: the `secure` profile.
+    pub handshake: Arc<dyn HandshakeFactory>,
+    /// Reactor threads. Default: the number of available cores.
+    pub workers: usize,
+    /// The largest message payload sent or accepted, in bytes. A peer's
+    /// frame above it is refused from its length prefix. Default: 1 MiB.
+    pub max_message_size: usize,
+    /// Initial size of each connection's receive buffer. Frames larger than
+    /// it (up to `max_message_size`) grow the buffer. Default: 16 KiB.
+    pub read_buffer_size: usize,
+    /// The most bytes queued for one connection before `send_no_wait`
+    /// waits for room (up to the write timeout). Default: 1 MiB.
+    pub max_queued_bytes: usize,
+    /// Requests that may await a response on one connection at once.
+    /// Default: 256.
+    pub max_in_flight: usize,
+    /// TCP connect timeout. Default: 5 s.
+    pub dial_timeout: Option<Duration>,
+    /// How long a handshake may take. Default: 5 s.
+    pub handshake_timeout: Option<Duration>,
+    /// How long a connection may receive nothing before it is closed.
+    /// Default: disabled for clients, 60 s for servers.
+    pub read_timeout: Option<Duration>,
+    /// How long queued output may make no progress before the connection
+    /// is closed. Default: 10 s.
+    pub write_timeout: Option<Duration>,
+    /// How long a request waits for its response. Default: 30 s.
+    pub request_timeout: Option<Duration>,
+    /// Client: the most connections kept to the endpoint (default 4).
+    /// Server: the most connections handled at once, handshakes included
+    /// (default 1024).
+    pub max_conns: usize,
+    /// Server: how long a connection over the cap waits for a place before
+    /// it is closed. Default: 1 s.
+    pub accept_wait: Duration,
+    /// Client: connect attempts per dial before giving up. Default: 3.
+    pub dial_attempts: usize,
+    /// Server: the listen backlog. Default: 1024.
+    pub backlog: i32,
+    /// `SO_SNDBUF`, if set. Default: the system's.
+    pub send_buffer_size: Option<usize>,
+    /// `SO_RCVBUF`, if set. Default: the system's.
+    pub recv_buffer_size: Option<usize>,
+    /// Spin iterations a caller makes before parking while it waits for a
+    /// response or for its frame to be written. Spinning saves the cost of
+    /// a cross-core wake-up on short round trips. Default: 2000.
+    pub spin: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            handshake: Arc::new(Profile::Secure),
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            max_message_size: 1 << 20,
+            read_buffer_size: 16 << 10,
+            max_queued_bytes: 1 << 20,
+            max_in_flight: 256,
+            dial_timeout: Some(Duration::from_secs(5)),
+            handshake_timeout: Some(Duration::from_secs(5)),
+            read_timeout: None,
+            write_timeout: Some(Duration::from_secs(10)),
+            request_timeout: Some(Duration::from_secs(30)),
+            max_conns: 4,
+            accept_wait: Duration::from_secs(1),
+            dial_attempts: 3,
+            backlog: 1024,
+            send_buffer_size: None,
+            recv_buffer_size: None,
+            spin: 2000,
+        }
+    }
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("workers", &self.workers)
+            .field("max_message_size", &self.max_message_size)
+            .field("read_buffer_size", &self.read_buffer_size)
+            .field("max_queued_bytes", &self.max_queued_bytes)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("dial_timeout", &self.dial_timeout)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("read_timeout", &self.read_timeout)
+            .field("write_timeout", &self.write_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("max_conns", &self.max_conns)
+            .field("accept_wait", &self.accept_wait)
+            .finish_non_exhaustive()
+    }
+}
+
+macro_rules! setter {
+    ($(#[$doc:meta])* $name:ident: $ty:ty) => {
+        $(#[$doc])*
+        pub fn $name(mut self, value: $ty) -> Self {
+            self.$name = value;
+            self
+        }
+    };
+}
+
+impl Config {
+    /// The defaults for a server: as [`Default`], but with a 60 s read
+    /// timeout and a cap of 1024 connections.
+    pub fn server() -> Self {
+        Config {
+            read_timeout: Some(Duration::from_secs(60)),
+            max_conns: 1024,
+            ..Config::default()
+        }
+    }
+
+    /// Uses the specification's handshake with `profile`.
+    pub fn profile(self, profile: Profile) -> Self {
+        self.handshake(Arc::new(profile))
+    }
+
+    setter!(
+        /// Uses a custom handshake.
+        handshake: Arc<dyn HandshakeFactory>
+    );
+    setter!(
+        /// Sets [`Config::workers`].
+        workers: usize
+    );
+    setter!(
+        /// Sets [`Config::max_message_size`].
+        max_message_size: usize
+    );
+    setter!(
+        /// Sets [`Config::read_buffer_size`].
+        read_buffer_size: usize
+    );
+    setter!(
+        /// Sets [`Config::max_queued_bytes`].
+        max_queued_bytes: usize
+    );
+    setter!(
+        /// Sets [`Config::max_in_flight`].
+        max_in_flight: usize
+    );
+    setter!(
+        /// Sets [`Config::dial_timeout`]; `None` disables it.
+        dial_timeout: Option<Duration>
+    );
+    setter!(
+        /// Sets [`Config::handshake_timeout`]; `None` disables it.
+        handshake_timeout: Option<Duration>
+    );
+    setter!(
+        /// Sets [`Config::read_timeout`]; `None` disables it.
+        read_timeout: Option<Duration>
+    );
+    setter!(
+        /// Sets [`Config::write_timeout`]; `None` disables it.
+        write_timeout: Option<Duration>
+    );
+    setter!(
+        /// Sets [`Config::request_timeout`]; `None` disables it.
+        request_timeout: Option<Duration>
+    );
+    setter!(
+        /// Sets [`Config::max_conns`].
+        max_conns: usize
+    );
+    setter!(
+        /// Sets [`Config::accept_wait`].
+        accept_wait: Duration
+    );
+    setter!(
+        /// Sets [`Config::dial_attempts`].
+        dial_attempts: usize
+    );
+    setter!(
+        /// Sets [`Config::backlog`].
+        backlog: i32
+    );
+    setter!(
+        /// Sets [`Config::send_buffer_size`].
+        send_buffer_size: Option<usize>
+    );
+    setter!(
+        /// Sets [`Config::recv_buffer_size`].
+        recv_buffer_size: Option<usize>
+    );
+    setter!(
+        /// Sets [`Config::spin`].
+        spin: u32
+    );
+
+    /// The effective worker count (at least one).
+    pub(crate) fn worker_count(&self) -> usize {
+        self.workers.max(1)
+    }
+}

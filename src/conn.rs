@@ -1,0 +1,587 @@
+//! One connection as every thread sees it: the outbound queue that callers
+//! and the reactor both write through, the completion table for its
+//! requests, and the public [`Connection`] handle.
+//!
+//! # The outbound queue
+//!
+//! Frames are sealed and appended under the outbound lock, so the order of
+//! nonces is the order on the wire. Writing happens outside the lock by one
+//! writer at a time (`writing`), which takes the whole buffer and swaps in a
+//! spare: frames appended meanwhile are written by the same writer in its
+//! next round, coalescing parallel senders into few syscalls. A caller that
+//! finds the queue idle writes its frame itself (no thread hop); when the
+//! socket would block, or a caller only queues (`send_no_wait`), the reactor
+//! takes over (`reactor_flushing`) until the queue is empty.
+
+use std::io::{self, Write};
+use std::mem;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use mio::net::TcpStream;
+
+use crate::config::Config;
+use crate::error::{Error, Result, TimeoutKind};
+use crate::handler::Handler;
+use crate::protocol::{frame_len, Role, Sealer};
+use crate::reactor::{Command, ReactorShared};
+use crate::sync::completion::CompletionTable;
+use crate::sync::{lock, Arc, AtomicUsize, Condvar, Mutex, MutexGuard, Ordering};
+
+/// Rounds a caller-thread writer makes before handing the rest of the queue
+/// to the reactor, so one caller never writes for everyone indefinitely.
+const CALLER_WRITE_ROUNDS: usize = 4;
+
+/// Called once when a connection closes (the server's connection cap).
+pub(crate) type ReleaseHook = Box<dyn Fn() + Send + Sync>;
+
+pub(crate) struct Outbound {
+    sealer: Option<Sealer>,
+    buf: Vec<u8>,
+    spare: Vec<u8>,
+    /// Bytes at the start of `buf` already written.
+    head: usize,
+    writing: bool,
+    reactor_flushing: bool,
+    queued_total: u64,
+    written_total: u64,
+    waiters: usize,
+    closed: Option<Error>,
+}
+
+impl Outbound {
+    fn pending(&self) -> usize {
+        self.buf.len() - self.head
+    }
+}
+
+/// How a frame is handed to the outbound queue.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Write it now if the queue is idle; with `wait`, return only once it
+    /// is written.
+    Direct { wait: bool },
+    /// Queue it and let the reactor write it.
+    Queue,
+    /// A reply made on this connection's reactor thread, which flushes
+    /// after the batch.
+    OnReactor,
+}
+
+pub(crate) struct ConnShared {
+    pub(crate) id: u64,
+    pub(crate) role: Role,
+    pub(crate) stream: TcpStream,
+    pub(crate) peer_addr: Option<SocketAddr>,
+    pub(crate) config: Arc<Config>,
+    pub(crate) handler: Arc<dyn Handler>,
+    pub(crate) reactor: Arc<ReactorShared>,
+    /// The slab key in the reactor, once registered.
+    pub(crate) token: AtomicUsize,
+    pub(crate) requests: CompletionTable,
+    /// Calls in progress on this connection: the client pool's load metric.
+    pub(crate) active_calls: AtomicUsize,
+    out: Mutex<Outbound>,
+    out_cv: Condvar,
+    release: Mutex<Option<ReleaseHook>>,
+}
+
+/// A handle to one open connection. Cheap to clone; every clone drives the
+/// same connection. Obtained from [`Handler::on_open`], a [`Context`](crate::Context),
+/// or [`ReactorHandle::dial`](crate::ReactorHandle::dial).
+#[derive(Clone)]
+pub struct Connection {
+    pub(crate) shared: Arc<ConnShared>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("id", &self.shared.id)
+            .field("peer_addr", &self.shared.peer_addr)
+            .field("closed", &self.is_closed())
+            .finish()
+    }
+}
+
+pub(crate) struct NewConnParts {
+    pub(crate) id: u64,
+    pub(crate) role: Role,
+    pub(crate) stream: TcpStream,
+    pub(crate) sealer: Option<Sealer>,
+    pub(crate) config: Arc<Config>,
+    pub(crate) handler: Arc<dyn Handler>,
+    pub(crate) reactor: Arc<ReactorShared>,
+    pub(crate) release: Option<ReleaseHook>,
+}
+
+enum WriteOutcome {
+    Done,
+    Blocked,
+    Failed(io::Error),
+}
+
+/// Writes as much of `data` as the socket takes without blocking.
+fn write_nonblocking(mut stream: &TcpStream, data: &[u8]) -> (usize, WriteOutcome) {
+    let mut written = 0;
+    while written < data.len() {
+        match stream.write(&data[written..]) {
+            Ok(0) => {
+                return (
+                    written,
+                    WriteOutcome::Failed(io::ErrorKind::WriteZero.into()),
+                )
+            }
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return (written, WriteOutcome::Blocked)
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return (written, WriteOutcome::Failed(e)),
+        }
+    }
+    (written, WriteOutcome::Done)
+}
+
+/// What the reactor's flush achieved.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Flushed {
+    /// The queue is empty.
+    Empty,
+    /// The socket is full; wait for WRITABLE.
+    Blocked,
+    /// Another thread is writing and will finish the queue.
+    Busy,
+    /// The connection is closed.
+    Closed,
+}
+
+impl Connection {
+    pub(crate) fn new(parts: NewConnParts) -> Connection {
+        let peer_addr = parts.stream.peer_addr().ok();
+        let slots = parts.config.max_in_flight;
+        Connection {
+            shared: Arc::new(ConnShared {
+                id: parts.id,
+                role: parts.role,
+                peer_addr,
+                requests: CompletionTable::new(parts.role, slots),
+                stream: parts.stream,
+                config: parts.config,
+                handler: parts.handler,
+                reactor: parts.reactor,
+                token: AtomicUsize::new(usize::MAX),
+                active_calls: AtomicUsize::new(0),
+                out: Mutex::new(Outbound {
+                    sealer: parts.sealer,
+                    buf: Vec::new(),
+                    spare: Vec::new(),
+                    head: 0,
+                    writing: false,
+                    reactor_flushing: false,
+                    queued_total: 0,
+                    written_total: 0,
+                    waiters: 0,
+                    closed: None,
+                }),
+                out_cv: Condvar::new(),
+                release: Mutex::new(parts.release),
+            }),
+        }
+    }
+
+    /// A number that identifies this connection within the process.
+    pub fn id(&self) -> u64 {
+        self.shared.id
+    }
+
+    /// The peer's address.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.shared.peer_addr
+    }
+
+    /// Whether this side dialled ([`Role::Client`]) or accepted.
+    pub fn role(&self) -> Role {
+        self.shared.role
+    }
+
+    /// Whether the connection is closed (or closing).
+    pub fn is_closed(&self) -> bool {
+        lock(&self.shared.out).closed.is_some()
+    }
+
+    /// Requests on this connection still awaiting their response.
+    pub fn in_flight(&self) -> usize {
+        self.shared.requests.in_flight()
+    }
+
+    pub(crate) fn load(&self) -> usize {
+        self.shared.active_calls.load(Ordering::Relaxed)
+    }
+
+    /// Sends a message that expects no reply, and returns once its frame is
+    /// written to the socket.
+    pub fn send(&self, body: &[u8]) -> Result<()> {
+        self.submit(0, body, Mode::Direct { wait: true })
+    }
+
+    /// Queues a message that expects no reply and returns at once. When
+    /// `max_queued_bytes` are already queued it waits for room, up to the
+    /// write timeout.
+    pub fn send_no_wait(&self, body: &[u8]) -> Result<()> {
+        self.submit(0, body, Mode::Queue)
+    }
+
+    /// Sends a request and puts the response into `response`, reusing its
+    /// capacity. Waits up to the configured request timeout.
+    pub fn request(&self, body: &[u8], response: &mut Vec<u8>) -> Result<()> {
+        self.request_timeout(body, response, self.shared.config.request_timeout)
+    }
+
+    /// [`request`](Self::request) with its own timeout (`None`: wait until
+    /// the response or the connection's end).
+    pub fn request_timeout(
+        &self,
+        body: &[u8],
+        response: &mut Vec<u8>,
+        timeout: Option<Duration>,
+    ) -> Result<()> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let pending = match self.shared.requests.begin(mem::take(response)) {
+            Ok(p) => p,
+            Err((e, buf)) => {
+                *response = buf;
+                return Err(e);
+            }
+        };
+        if let Err(e) = self.submit(pending.seq(), body, Mode::Direct { wait: false }) {
+            *response = pending.cancel();
+            return Err(e);
+        }
+        match pending.wait(self.shared.config.spin, deadline) {
+            Ok(buf) => {
+                *response = buf;
+                Ok(())
+            }
+            Err((e, buf)) => {
+                *response = buf;
+                Err(e)
+            }
+        }
+    }
+
+    /// Answers the peer's request `seq` from any thread (a handler that
+    /// deferred its reply). Queued like [`send_no_wait`](Self::send_no_wait).
+    pub fn reply(&self, seq: u32, body: &[u8]) -> Result<()> {
+        self.submit(seq, body, Mode::Queue)
+    }
+
+    pub(crate) fn queue_reply(&self, seq: u32, body: &[u8]) -> Result<()> {
+        self.submit(seq, body, Mode::OnReactor)
+    }
+
+    /// Closes the connection at once: queued output is dropped and pending
+    /// requests fail with [`Error::Closed`].
+    pub fn close(&self) {
+        self.fail(Error::Closed);
+    }
+
+    fn submit(&self, seq: u32, body: &[u8], mode: Mode) -> Result<()> {
+        let sh = &*self.shared;
+        let max = sh.config.max_message_size;
+        if body.len() > max {
+            return Err(Error::MessageTooLarge {
+                len: body.len(),
+                max,
+            });
+        }
+        sh.active_calls.fetch_add(1, Ordering::Relaxed);
+        let result = self.submit_inner(seq, body, mode);
+        sh.active_calls.fetch_sub(1, Ordering::Relaxed);
+        result
+    }
+
+    fn submit_inner(&self, seq: u32, body: &[u8], mode: Mode) -> Result<()> {
+        let sh = &*self.shared;
+        let mut g = lock(&sh.out);
+        let frame = frame_len(body.len());
+        if mode != Mode::OnReactor {
+            g = self.wait_for_room(g, frame)?;
+        }
+        if let Some(e) = &g.closed {
+            return Err(e.clone());
+        }
+        let out = &mut *g;
+        let Some(sealer) = out.sealer.as_mut() else {
+            return Err(Error::Closed);
+        };
+        if let Err(e) = sealer.seal_append(seq, body, &mut out.buf) {
+            if matches!(e, Error::CounterExhausted) {
+                drop(g);
+                self.fail(e.clone());
+            }
+            return Err(e);
+        }
+        g.queued_total += frame as u64;
+        let end = g.queued_total;
+        match mode {
+            Mode::OnReactor => Ok(()),
+            Mode::Queue => {
+                if !g.writing && !g.reactor_flushing {
+                    g.reactor_flushing = true;
+                    drop(g);
+                    self.ask_reactor_to_flush();
+                }
+                Ok(())
+            }
+            Mode::Direct { wait } => {
+                if !g.writing && !g.reactor_flushing {
+                    g = self.write_out(g, CALLER_WRITE_ROUNDS, false);
+                }
+                if wait {
+                    self.wait_written(g, end)
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    fn wait_for_room<'a>(
+        &'a self,
+        mut g: MutexGuard<'a, Outbound>,
+        frame: usize,
+    ) -> Result<MutexGuard<'a, Outbound>> {
+        let limit = self.shared.config.max_queued_bytes;
+        let mut deadline = None;
+        while g.closed.is_none() && g.pending() > 0 && g.pending() + frame > limit {
+            g = self.wait_cv(g, &mut deadline)?;
+        }
+        Ok(g)
+    }
+
+    fn wait_written<'a>(&'a self, mut g: MutexGuard<'a, Outbound>, end: u64) -> Result<()> {
+        let mut deadline = None;
+        loop {
+            if g.written_total >= end {
+                return Ok(());
+            }
+            if let Some(e) = &g.closed {
+                return Err(e.clone());
+            }
+            g = self.wait_cv(g, &mut deadline)?;
+        }
+    }
+
+    /// One wait on the outbound condition variable, bounded by the write
+    /// timeout (measured from the first wait of this call).
+    fn wait_cv<'a>(
+        &'a self,
+        mut g: MutexGuard<'a, Outbound>,
+        deadline: &mut Option<Option<Instant>>,
+    ) -> Result<MutexGuard<'a, Outbound>> {
+        let deadline = *deadline
+            .get_or_insert_with(|| self.shared.config.write_timeout.map(|t| Instant::now() + t));
+        g.waiters += 1;
+        let g = match deadline {
+            None => self
+                .shared
+                .out_cv
+                .wait(g)
+                .unwrap_or_else(|e| e.into_inner()),
+            Some(d) => {
+                let now = Instant::now();
+                if now >= d {
+                    g.waiters -= 1;
+                    return Err(Error::Timeout(TimeoutKind::Write));
+                }
+                self.shared
+                    .out_cv
+                    .wait_timeout(g, d - now)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0
+            }
+        };
+        let mut g = g;
+        g.waiters -= 1;
+        Ok(g)
+    }
+
+    /// Writes the queue, round by round, as the single writer. Called with
+    /// `writing == false`; returns with it `false` again.
+    fn write_out<'a>(
+        &'a self,
+        mut g: MutexGuard<'a, Outbound>,
+        max_rounds: usize,
+        on_reactor: bool,
+    ) -> MutexGuard<'a, Outbound> {
+        let sh = &*self.shared;
+        g.writing = true;
+        let mut hand_off = false;
+        let mut failure = None;
+        let mut rounds = 0;
+        loop {
+            if g.pending() == 0 {
+                g.buf.clear();
+                g.head = 0;
+                if on_reactor {
+                    g.reactor_flushing = false;
+                }
+                break;
+            }
+            if g.closed.is_some() {
+                break;
+            }
+            if rounds == max_rounds {
+                hand_off = !g.reactor_flushing;
+                g.reactor_flushing = true;
+                break;
+            }
+            rounds += 1;
+            let spare = mem::take(&mut g.spare);
+            let mut data = mem::replace(&mut g.buf, spare);
+            let head = mem::replace(&mut g.head, 0);
+            drop(g);
+            let (n, outcome) = write_nonblocking(&sh.stream, &data[head..]);
+            g = lock(&sh.out);
+            g.written_total += n as u64;
+            match outcome {
+                WriteOutcome::Done => {
+                    data.clear();
+                    g.spare = data;
+                }
+                WriteOutcome::Blocked => {
+                    // Put the unwritten rest back in front of what was
+                    // appended meanwhile.
+                    let mut appended = mem::take(&mut g.buf);
+                    data.extend_from_slice(&appended);
+                    appended.clear();
+                    g.spare = appended;
+                    g.buf = data;
+                    g.head = head + n;
+                    hand_off = !on_reactor && !g.reactor_flushing;
+                    g.reactor_flushing = true;
+                    break;
+                }
+                WriteOutcome::Failed(e) => {
+                    data.clear();
+                    g.spare = data;
+                    failure = Some(Error::from(e));
+                    break;
+                }
+            }
+        }
+        g.writing = false;
+        if g.waiters > 0 {
+            sh.out_cv.notify_all();
+        }
+        if let Some(e) = failure {
+            drop(g);
+            self.fail(e);
+            g = lock(&sh.out);
+        } else if hand_off {
+            drop(g);
+            self.ask_reactor_to_flush();
+            g = lock(&sh.out);
+        }
+        g
+    }
+
+    fn ask_reactor_to_flush(&self) {
+        let sh = &*self.shared;
+        if sh.reactor.push(Command::Flush(self.clone())).is_err() {
+            self.fail(Error::Closed);
+        }
+    }
+
+    /// Reactor side: write what is queued, as far as the socket takes it.
+    pub(crate) fn flush_from_reactor(&self) -> Flushed {
+        let g = lock(&self.shared.out);
+        if g.closed.is_some() {
+            return Flushed::Closed;
+        }
+        if g.writing {
+            return Flushed::Busy;
+        }
+        if g.pending() == 0 {
+            let mut g = g;
+            g.reactor_flushing = false;
+            return Flushed::Empty;
+        }
+        let g = self.write_out(g, usize::MAX, true);
+        if g.closed.is_some() {
+            Flushed::Closed
+        } else if g.pending() == 0 {
+            Flushed::Empty
+        } else {
+            Flushed::Blocked
+        }
+    }
+
+    /// Reactor side, graceful close: if nothing is queued, refuse further
+    /// output and return `true`; otherwise `false`.
+    pub(crate) fn seal_off_if_drained(&self) -> bool {
+        let mut g = lock(&self.shared.out);
+        if g.closed.is_some() {
+            return true;
+        }
+        if g.pending() == 0 && !g.writing {
+            g.closed = Some(Error::Closed);
+            if g.waiters > 0 {
+                self.shared.out_cv.notify_all();
+            }
+            return true;
+        }
+        false
+    }
+
+    /// Reactor side: the handshake finished; frames may now be sealed.
+    pub(crate) fn install_sealer(&self, sealer: Sealer) {
+        lock(&self.shared.out).sealer = Some(sealer);
+    }
+
+    /// Bytes written so far and whether output is still pending: the
+    /// reactor's write-timeout probe.
+    pub(crate) fn write_progress(&self) -> (u64, bool) {
+        let g = lock(&self.shared.out);
+        (g.written_total, g.pending() > 0)
+    }
+
+    /// Marks the connection closed with `error`: output is refused, waiting
+    /// senders and every pending request fail, and the reactor is told to
+    /// drop the socket. Idempotent; the first error wins.
+    pub(crate) fn fail(&self, error: Error) {
+        let sh = &*self.shared;
+        {
+            let mut g = lock(&sh.out);
+            if g.closed.is_none() {
+                g.closed = Some(error.clone());
+            }
+            if g.waiters > 0 {
+                sh.out_cv.notify_all();
+            }
+        }
+        sh.requests.close(&error);
+        let _ = sh.reactor.push(Command::Close(self.clone()));
+    }
+
+    /// Reactor side, the final step of closing: shut the socket down and
+    /// release the connection's place under the server's cap.
+    pub(crate) fn finish_close(&self, error: &Error) {
+        let sh = &*self.shared;
+        {
+            let mut g = lock(&sh.out);
+            if g.closed.is_none() {
+                g.closed = Some(error.clone());
+            }
+            if g.waiters > 0 {
+                sh.out_cv.notify_all();
+            }
+        }
+        sh.requests.close(error);
+        let _ = sh.stream.shutdown(std::net::Shutdown::Both);
+        if let Some(release) = lock(&sh.release).take() {
+            release();
+        }
+    }
+}

@@ -1,0 +1,105 @@
+//! What the application plugs in: a [`Handler`] called on the reactor thread
+//! for every incoming message, with a [`Context`] to read it and reply.
+
+use crate::conn::Connection;
+use crate::error::{Error, Result};
+
+/// Handles messages and requests that arrive from the peer, and hears about
+/// connections opening and closing. Called on a reactor thread: a handler
+/// that must block should hand its work to its own threads and answer later
+/// with [`Connection::reply`].
+///
+/// Closures `Fn(&mut Context)` are handlers too:
+///
+/// ```
+/// use monte_rpc::{Context, Handler};
+/// fn takes(_: impl Handler) {}
+/// takes(|ctx: &mut Context<'_>| {
+///     let mut reversed = ctx.body().to_vec();
+///     reversed.reverse();
+///     let _ = ctx.reply(&reversed);
+/// });
+/// ```
+pub trait Handler: Send + Sync + 'static {
+    /// A message arrived. If [`Context::expects_reply`], the peer waits for
+    /// a [`Context::reply`] (now, or later through the connection handle).
+    fn on_message(&self, ctx: &mut Context<'_>);
+
+    /// A connection finished its handshake and is open.
+    fn on_open(&self, conn: &Connection) {
+        let _ = conn;
+    }
+
+    /// A connection closed; `reason` says why ([`Error::Closed`] for an
+    /// orderly local close, [`Error::PeerClosed`] when the peer hung up).
+    fn on_close(&self, conn: &Connection, reason: &Error) {
+        let _ = (conn, reason);
+    }
+}
+
+impl<F> Handler for F
+where
+    F: Fn(&mut Context<'_>) + Send + Sync + 'static,
+{
+    fn on_message(&self, ctx: &mut Context<'_>) {
+        self(ctx)
+    }
+}
+
+/// A handler that ignores messages: the default on clients, which rarely
+/// receive requests.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoHandler;
+
+impl Handler for NoHandler {
+    fn on_message(&self, _ctx: &mut Context<'_>) {}
+}
+
+/// One incoming message, as the handler sees it.
+pub struct Context<'a> {
+    pub(crate) conn: &'a Connection,
+    pub(crate) seq: u32,
+    pub(crate) body: &'a [u8],
+    pub(crate) replied: bool,
+}
+
+impl<'a> Context<'a> {
+    /// The message body, borrowed from the connection's receive buffer.
+    pub fn body(&self) -> &'a [u8] {
+        self.body
+    }
+
+    /// The message's sequence number: 0 for a message that expects no
+    /// reply, else the request number to answer with.
+    pub fn seq(&self) -> u32 {
+        self.seq
+    }
+
+    /// Whether the peer waits for a reply.
+    pub fn expects_reply(&self) -> bool {
+        self.seq != 0
+    }
+
+    /// The connection the message came on; clone it to send, reply or make
+    /// requests later.
+    pub fn conn(&self) -> &'a Connection {
+        self.conn
+    }
+
+    /// Answers the request. The reply is sealed straight into the
+    /// connection's outbound buffer and flushed with every other reply of
+    /// this wake-up. A second reply, or a reply to a message that expects
+    /// none, is ignored.
+    pub fn reply(&mut self, body: &[u8]) -> Result<()> {
+        if self.seq == 0 || self.replied {
+            return Ok(());
+        }
+        self.replied = true;
+        self.conn.queue_reply(self.seq, body)
+    }
+
+    /// Whether [`reply`](Self::reply) was called.
+    pub fn replied(&self) -> bool {
+        self.replied
+    }
+}

@@ -1,0 +1,806 @@
+//! The reactor: one single-threaded, edge-triggered mio event loop that
+//! moves bytes between sockets and the protocol core.
+//!
+//! # The edge-triggered contract
+//!
+//! A socket is announced readable once per edge, so every read drains it
+//! until `WouldBlock`: anything left unread would never be announced again.
+//! Received bytes land in the connection's receive buffer, complete frames
+//! are opened in place there, and the handler sees a borrow of the
+//! plaintext. Output is written by whoever finds the queue idle (see
+//! [`crate::conn`]); the reactor asks for WRITABLE only while it owns a
+//! queue the socket would not take.
+//!
+//! A reactor runs on a thread of the caller's choosing: [`Reactor::run`], or
+//! [`Reactor::poll_once`] from the caller's own loop. Other threads reach it
+//! through a [`ReactorHandle`], whose commands go through a
+//! [`Mailbox`](crate::sync::mailbox::Mailbox) and wake it only when it is
+//! not already going to look.
+
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::time::{Duration, Instant};
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Registry, Token, Waker};
+use slab::Slab;
+
+use crate::config::Config;
+use crate::conn::{Connection, Flushed, NewConnParts, ReleaseHook};
+use crate::error::{Error, HandshakeError, Result, TimeoutKind};
+use crate::handler::{Context, Handler};
+use crate::protocol::{Decoded, FrameDecoder, Handshake, Opener, Role, Session};
+use crate::sync::mailbox::Mailbox;
+use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+const WAKER: Token = Token(usize::MAX - 1);
+
+/// Process-wide connection ids.
+static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
+
+pub(crate) fn next_conn_id() -> u64 {
+    NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+/// What other threads ask of a reactor.
+pub(crate) enum Command {
+    /// Take over a connection.
+    Add(Box<NewConn>),
+    /// Write this connection's queue.
+    Flush(Connection),
+    /// Drop this connection's socket (already marked closed).
+    Close(Connection),
+    /// Close every connection gracefully, then stop.
+    Stop,
+}
+
+pub(crate) struct NewConn {
+    pub(crate) conn: Connection,
+    pub(crate) phase: NewPhase,
+    /// Bytes already read past the handshake.
+    pub(crate) leftover: Vec<u8>,
+}
+
+pub(crate) enum NewPhase {
+    Handshake(Box<dyn Handshake>),
+    Open(Box<Opener>),
+}
+
+/// The part of a reactor other threads share.
+pub(crate) struct ReactorShared {
+    mailbox: Mailbox<Command>,
+    waker: Waker,
+    registry: Registry,
+    stopped: AtomicBool,
+    connections: AtomicUsize,
+    config: Arc<Config>,
+}
+
+impl ReactorShared {
+    pub(crate) fn push(&self, cmd: Command) -> io::Result<bool> {
+        self.mailbox.push(cmd, &self.waker)
+    }
+}
+
+/// A handle to a reactor, usable from any thread.
+#[derive(Clone)]
+pub struct ReactorHandle {
+    pub(crate) shared: Arc<ReactorShared>,
+}
+
+impl std::fmt::Debug for ReactorHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReactorHandle")
+            .field("connections", &self.connections())
+            .field("stopped", &self.is_stopped())
+            .finish()
+    }
+}
+
+impl ReactorHandle {
+    /// Hands the reactor a connection this program accepted itself. The
+    /// reactor runs the server side of the handshake, then calls
+    /// `handler.on_open` with the connection.
+    pub fn accept(&self, stream: std::net::TcpStream, handler: Arc<dyn Handler>) -> Result<()> {
+        self.accept_with_release(stream, handler, None)
+    }
+
+    pub(crate) fn accept_with_release(
+        &self,
+        stream: std::net::TcpStream,
+        handler: Arc<dyn Handler>,
+        release: Option<ReleaseHook>,
+    ) -> Result<()> {
+        let config = self.shared.config.clone();
+        stream.set_nonblocking(true)?;
+        let _ = stream.set_nodelay(true);
+        let handshake = match config.handshake.server() {
+            Ok(h) => h,
+            Err(e) => {
+                if let Some(r) = release {
+                    r();
+                }
+                return Err(e);
+            }
+        };
+        let conn = Connection::new(NewConnParts {
+            id: next_conn_id(),
+            role: Role::Server,
+            stream: mio::net::TcpStream::from_std(stream),
+            sealer: None,
+            config,
+            handler,
+            reactor: self.shared.clone(),
+            release,
+        });
+        self.add(NewConn {
+            conn,
+            phase: NewPhase::Handshake(handshake),
+            leftover: Vec::new(),
+        })
+    }
+
+    /// Dials `addr` on the calling thread (connect, then the client side of
+    /// the handshake, each within its timeout) and hands the connection to
+    /// this reactor. Requests from the peer go to `handler`.
+    pub fn dial(
+        &self,
+        addr: std::net::SocketAddr,
+        handler: Arc<dyn Handler>,
+    ) -> Result<Connection> {
+        let config = self.shared.config.clone();
+        let (stream, session, leftover) = crate::dial::dial(addr, &config)?;
+        let conn = Connection::new(NewConnParts {
+            id: next_conn_id(),
+            role: Role::Client,
+            stream: mio::net::TcpStream::from_std(stream),
+            sealer: Some(session.sealer),
+            config,
+            handler,
+            reactor: self.shared.clone(),
+            release: None,
+        });
+        self.add(NewConn {
+            conn: conn.clone(),
+            phase: NewPhase::Open(Box::new(session.opener)),
+            leftover,
+        })?;
+        conn.shared.handler.on_open(&conn);
+        Ok(conn)
+    }
+
+    fn add(&self, new: NewConn) -> Result<()> {
+        if self.is_stopped() {
+            new.conn.finish_close(&Error::Closed);
+            return Err(Error::Closed);
+        }
+        self.shared.connections.fetch_add(1, Ordering::Relaxed);
+        self.shared.push(Command::Add(Box::new(new)))?;
+        Ok(())
+    }
+
+    /// Asks the reactor to stop: it closes every connection gracefully
+    /// (queued output is flushed first) and then its loop returns.
+    pub fn stop(&self) {
+        let _ = self.shared.push(Command::Stop);
+    }
+
+    /// Whether the reactor has stopped.
+    pub fn is_stopped(&self) -> bool {
+        self.shared.stopped.load(Ordering::Acquire)
+    }
+
+    /// Connections the reactor holds (including ones being handed over).
+    pub fn connections(&self) -> usize {
+        self.shared.connections.load(Ordering::Relaxed)
+    }
+}
+
+/// A connection's receive buffer: bytes `start..end` are received and not
+/// yet consumed. It grows only for a frame larger than it, up to the
+/// maximum message size, and is otherwise reused as is.
+struct RecvBuf {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl RecvBuf {
+    fn new(size: usize) -> Self {
+        RecvBuf {
+            buf: vec![0; size.max(64)],
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// Makes room so that at least `need` bytes from `start` fit, moving
+    /// the unconsumed bytes to the front first.
+    fn reserve_frame(&mut self, need: usize) {
+        if self.start > 0 && self.start + need > self.buf.len() {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if need > self.buf.len() {
+            self.buf.resize(need, 0);
+        }
+    }
+}
+
+// The open state is the steady state and holds the opener inline, so each
+// frame opens without an extra indirection; the handshake state is brief.
+#[allow(clippy::large_enum_variant)]
+enum Phase {
+    Handshaking {
+        handshake: Box<dyn Handshake>,
+        out: Vec<u8>,
+    },
+    Open {
+        opener: Opener,
+    },
+}
+
+struct Entry {
+    conn: Connection,
+    phase: Phase,
+    rbuf: RecvBuf,
+    writable: bool,
+    started: Instant,
+    last_read: Instant,
+    /// (bytes written, when that count was last seen to change)
+    write_watch: (u64, Instant),
+    /// Set while closing gracefully: output is flushed, then the write side
+    /// is shut, then the peer's end is awaited until this deadline.
+    draining: Option<Instant>,
+    write_shut: bool,
+}
+
+/// One event loop. Create it, give [`handle`](Reactor::handle)s to other
+/// threads, and drive it with [`run`](Reactor::run) or
+/// [`poll_once`](Reactor::poll_once) on a thread of your choosing.
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use monte_rpc::{Config, Context, Reactor};
+///
+/// let mut reactor = Reactor::new(Config::server()).unwrap();
+/// let handle = reactor.handle();
+/// let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+/// std::thread::spawn(move || {
+///     for stream in listener.incoming() {
+///         let echo = Arc::new(|ctx: &mut Context<'_>| {
+///             let body = ctx.body().to_vec();
+///             let _ = ctx.reply(&body);
+///         });
+///         let _ = handle.accept(stream.unwrap(), echo);
+///     }
+/// });
+/// reactor.run().unwrap(); // until handle.stop()
+/// ```
+pub struct Reactor {
+    poll: Poll,
+    events: Events,
+    shared: Arc<ReactorShared>,
+    conns: Slab<Entry>,
+    commands: Vec<Command>,
+    /// Connections with output to flush after this batch.
+    dirty: Vec<usize>,
+    decoder: FrameDecoder,
+    config: Arc<Config>,
+    tick: Duration,
+    next_sweep: Instant,
+    stopping: bool,
+}
+
+impl std::fmt::Debug for Reactor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reactor")
+            .field("connections", &self.conns.len())
+            .field("stopping", &self.stopping)
+            .finish()
+    }
+}
+
+impl Reactor {
+    /// A reactor with its own `mio::Poll`.
+    pub fn new(config: Config) -> Result<Reactor> {
+        let poll = Poll::new()?;
+        let waker = Waker::new(poll.registry(), WAKER)?;
+        let registry = poll.registry().try_clone()?;
+        let config = Arc::new(config);
+        let tick = [
+            config.handshake_timeout,
+            config.read_timeout,
+            config.write_timeout,
+        ]
+        .into_iter()
+        .flatten()
+        .map(|t| t / 8)
+        .min()
+        .unwrap_or(Duration::from_millis(250))
+        .clamp(Duration::from_millis(5), Duration::from_millis(250));
+        Ok(Reactor {
+            poll,
+            events: Events::with_capacity(1024),
+            shared: Arc::new(ReactorShared {
+                mailbox: Mailbox::new(),
+                waker,
+                registry,
+                stopped: AtomicBool::new(false),
+                connections: AtomicUsize::new(0),
+                config: config.clone(),
+            }),
+            conns: Slab::new(),
+            commands: Vec::new(),
+            dirty: Vec::new(),
+            decoder: FrameDecoder::new(config.max_message_size),
+            config,
+            tick,
+            next_sweep: Instant::now() + tick,
+            stopping: false,
+        })
+    }
+
+    /// A handle for other threads.
+    pub fn handle(&self) -> ReactorHandle {
+        ReactorHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Runs the loop until the reactor is stopped and every connection is
+    /// closed.
+    pub fn run(mut self) -> Result<()> {
+        while self.poll_once(None)? {}
+        Ok(())
+    }
+
+    /// One turn of the loop: waits up to `timeout` (or until the next timer)
+    /// for events, handles them, and returns `false` once the reactor has
+    /// stopped.
+    pub fn poll_once(&mut self, timeout: Option<Duration>) -> Result<bool> {
+        if self.shared.stopped.load(Ordering::Acquire) {
+            return Ok(false);
+        }
+        let now = Instant::now();
+        let mut wait = self.next_sweep.saturating_duration_since(now);
+        if let Some(t) = timeout {
+            wait = wait.min(t);
+        }
+        if !self.shared.mailbox.prepare_sleep() {
+            wait = Duration::ZERO;
+        }
+        let polled = self.poll.poll(&mut self.events, Some(wait));
+        self.shared.mailbox.awake();
+        match polled {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.run_commands();
+        let events = std::mem::replace(&mut self.events, Events::with_capacity(0));
+        for event in events.iter() {
+            let token = event.token();
+            if token == WAKER {
+                continue;
+            }
+            let key = token.0;
+            if !self.conns.contains(key) {
+                continue;
+            }
+            if event.is_readable() || event.is_read_closed() || event.is_error() {
+                self.on_readable(key);
+            }
+            if event.is_writable() && self.conns.contains(key) {
+                self.on_writable(key);
+            }
+        }
+        self.events = events;
+        self.flush_dirty();
+        if Instant::now() >= self.next_sweep {
+            self.sweep();
+            self.next_sweep = Instant::now() + self.tick;
+        }
+        if self.stopping && self.conns.is_empty() {
+            self.shared.stopped.store(true, Ordering::Release);
+            // Connections handed over after the stop are closed here.
+            self.run_commands();
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn run_commands(&mut self) {
+        let mut commands = std::mem::take(&mut self.commands);
+        self.shared.mailbox.drain_into(&mut commands);
+        for cmd in commands.drain(..) {
+            match cmd {
+                Command::Add(new) => self.add(*new),
+                Command::Flush(conn) => {
+                    if let Some(key) = self.key_of(&conn) {
+                        self.flush(key);
+                    }
+                }
+                Command::Close(conn) => match self.key_of(&conn) {
+                    Some(key) => {
+                        let err = Error::Closed;
+                        self.close(key, err);
+                    }
+                    None => conn.finish_close(&Error::Closed),
+                },
+                Command::Stop => self.begin_stop(),
+            }
+        }
+        self.commands = commands;
+    }
+
+    fn key_of(&self, conn: &Connection) -> Option<usize> {
+        let key = conn.shared.token.load(Ordering::Acquire);
+        match self.conns.get(key) {
+            Some(e) if e.conn.id() == conn.id() => Some(key),
+            _ => None,
+        }
+    }
+
+    fn add(&mut self, new: NewConn) {
+        if self.stopping || self.shared.stopped.load(Ordering::Acquire) {
+            self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+            new.conn.finish_close(&Error::Closed);
+            return;
+        }
+        let now = Instant::now();
+        let entry = self.conns.vacant_entry();
+        let key = entry.key();
+        let fd = new.conn.shared.stream.as_raw_fd();
+        if let Err(e) =
+            self.shared
+                .registry
+                .register(&mut SourceFd(&fd), Token(key), Interest::READABLE)
+        {
+            self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+            new.conn.finish_close(&Error::from(e));
+            return;
+        }
+        new.conn.shared.token.store(key, Ordering::Release);
+        let mut rbuf = RecvBuf::new(self.config.read_buffer_size);
+        if !new.leftover.is_empty() {
+            rbuf.reserve_frame(new.leftover.len());
+            rbuf.buf[..new.leftover.len()].copy_from_slice(&new.leftover);
+            rbuf.end = new.leftover.len();
+        }
+        let phase = match new.phase {
+            NewPhase::Handshake(handshake) => Phase::Handshaking {
+                handshake,
+                out: Vec::new(),
+            },
+            NewPhase::Open(opener) => Phase::Open { opener: *opener },
+        };
+        entry.insert(Entry {
+            conn: new.conn,
+            phase,
+            rbuf,
+            writable: false,
+            started: now,
+            last_read: now,
+            write_watch: (0, now),
+            draining: None,
+            write_shut: false,
+        });
+        // Server handshakes may owe output before any input (custom ones),
+        // and leftover bytes must be processed: do one pass now.
+        if let Err(e) = self.process(key) {
+            self.close(key, e);
+        }
+        self.after_io(key);
+    }
+
+    fn on_readable(&mut self, key: usize) {
+        let result = self.read_all(key);
+        if let Err(e) = result {
+            self.close(key, e);
+            return;
+        }
+        self.after_io(key);
+    }
+
+    /// Drains the socket into the receive buffer, processing frames as they
+    /// complete.
+    fn read_all(&mut self, key: usize) -> Result<()> {
+        loop {
+            let entry = &mut self.conns[key];
+            if entry.rbuf.end == entry.rbuf.buf.len() {
+                // Full of a partial frame: `process` already grew the buffer
+                // for any frame larger than it, so moving to the front
+                // makes room.
+                let rb = &mut entry.rbuf;
+                if rb.start > 0 {
+                    rb.buf.copy_within(rb.start..rb.end, 0);
+                    rb.end -= rb.start;
+                    rb.start = 0;
+                } else {
+                    let grown = rb.buf.len() * 2;
+                    rb.buf.resize(grown, 0);
+                }
+            }
+            let entry = &mut self.conns[key];
+            let end = entry.rbuf.end;
+            match (&entry.conn.shared.stream).read(&mut entry.rbuf.buf[end..]) {
+                Ok(0) => {
+                    self.process(key)?;
+                    return Err(match self.conns[key].phase {
+                        Phase::Handshaking { .. } => HandshakeError::PeerClosed.into(),
+                        Phase::Open { .. } => Error::PeerClosed,
+                    });
+                }
+                Ok(n) => {
+                    entry.rbuf.end += n;
+                    entry.last_read = Instant::now();
+                    self.process(key)?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Runs the handshake and opens and dispatches every complete frame in
+    /// the receive buffer.
+    fn process(&mut self, key: usize) -> Result<()> {
+        let decoder = self.decoder;
+        let entry = &mut self.conns[key];
+        if let Phase::Handshaking { handshake, out } = &mut entry.phase {
+            let rb = &mut entry.rbuf;
+            if rb.end > rb.start {
+                let used = handshake.read_input(&rb.buf[rb.start..rb.end])?;
+                rb.start += used;
+            }
+            out.clear();
+            handshake.write_output(out);
+            if !out.is_empty() {
+                write_handshake(&entry.conn, out)?;
+            }
+            match handshake.take_session() {
+                Some(Session { sealer, opener }) => {
+                    entry.conn.install_sealer(sealer);
+                    entry.phase = Phase::Open { opener };
+                    let conn = entry.conn.clone();
+                    let handler = conn.shared.handler.clone();
+                    guard_handler(|| handler.on_open(&conn))?;
+                }
+                None => {
+                    return Ok(());
+                }
+            }
+        }
+        let Entry {
+            conn, phase, rbuf, ..
+        } = entry;
+        let Phase::Open { opener } = phase else {
+            return Ok(());
+        };
+        let mut dispatched = false;
+        loop {
+            match decoder.decode(&rbuf.buf[rbuf.start..rbuf.end])? {
+                Decoded::Frame(n) => {
+                    let frame = &mut rbuf.buf[rbuf.start..rbuf.start + n];
+                    let (seq, payload) = opener.open_in_place(frame)?;
+                    rbuf.start += n;
+                    dispatch(conn, seq, payload)?;
+                    dispatched = true;
+                }
+                Decoded::NeedMore(total) => {
+                    if rbuf.start == rbuf.end {
+                        rbuf.start = 0;
+                        rbuf.end = 0;
+                    } else if rbuf.start + total > rbuf.buf.len() {
+                        rbuf.reserve_frame(total);
+                    }
+                    break;
+                }
+            }
+        }
+        if dispatched {
+            self.dirty.push(key);
+        }
+        Ok(())
+    }
+
+    fn on_writable(&mut self, key: usize) {
+        self.flush(key);
+    }
+
+    fn flush(&mut self, key: usize) {
+        let entry = &mut self.conns[key];
+        match entry.conn.flush_from_reactor() {
+            Flushed::Blocked => {
+                if !entry.writable {
+                    entry.writable = true;
+                    let fd = entry.conn.shared.stream.as_raw_fd();
+                    if let Err(e) = self.shared.registry.reregister(
+                        &mut SourceFd(&fd),
+                        Token(key),
+                        Interest::READABLE | Interest::WRITABLE,
+                    ) {
+                        self.close(key, e.into());
+                        return;
+                    }
+                }
+            }
+            Flushed::Empty | Flushed::Busy => {
+                if entry.writable {
+                    entry.writable = false;
+                    let fd = entry.conn.shared.stream.as_raw_fd();
+                    let _ = self.shared.registry.reregister(
+                        &mut SourceFd(&fd),
+                        Token(key),
+                        Interest::READABLE,
+                    );
+                }
+            }
+            Flushed::Closed => {}
+        }
+        self.after_io(key);
+    }
+
+    fn flush_dirty(&mut self) {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        for key in dirty.drain(..) {
+            if self.conns.contains(key) {
+                self.flush(key);
+            }
+        }
+        self.dirty = dirty;
+    }
+
+    /// Advances a graceful close once output has drained.
+    fn after_io(&mut self, key: usize) {
+        let Some(entry) = self.conns.get_mut(key) else {
+            return;
+        };
+        if entry.draining.is_none() || entry.write_shut {
+            return;
+        }
+        if entry.conn.seal_off_if_drained() {
+            entry.write_shut = true;
+            let _ = entry.conn.shared.stream.shutdown(std::net::Shutdown::Write);
+            if matches!(entry.phase, Phase::Handshaking { .. }) {
+                self.close(key, Error::Closed);
+            }
+        }
+    }
+
+    fn begin_stop(&mut self) {
+        if self.stopping {
+            return;
+        }
+        self.stopping = true;
+        let deadline = Instant::now() + self.config.write_timeout.unwrap_or(Duration::from_secs(5));
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            self.conns[key].draining = Some(deadline);
+            self.flush(key);
+        }
+    }
+
+    /// Closes connections whose deadlines passed.
+    fn sweep(&mut self) {
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        for (key, entry) in self.conns.iter_mut() {
+            if let Some(deadline) = entry.draining {
+                if now >= deadline {
+                    expired.push((key, Error::Closed));
+                    continue;
+                }
+            }
+            let idle = now.duration_since(entry.last_read);
+            match entry.phase {
+                Phase::Handshaking { .. } => {
+                    if let Some(t) = self.config.handshake_timeout {
+                        if now.duration_since(entry.started) >= t {
+                            expired.push((key, Error::Timeout(TimeoutKind::Handshake)));
+                            continue;
+                        }
+                    }
+                }
+                Phase::Open { .. } => {
+                    if let Some(t) = self.config.read_timeout {
+                        if idle >= t && entry.draining.is_none() {
+                            expired.push((key, Error::Timeout(TimeoutKind::Read)));
+                            continue;
+                        }
+                    }
+                }
+            }
+            let (written, pending) = entry.conn.write_progress();
+            if !pending || written != entry.write_watch.0 {
+                entry.write_watch = (written, now);
+            } else if let Some(t) = self.config.write_timeout {
+                if now.duration_since(entry.write_watch.1) >= t {
+                    expired.push((key, Error::Timeout(TimeoutKind::Write)));
+                }
+            }
+        }
+        for (key, err) in expired {
+            self.close(key, err);
+        }
+    }
+
+    /// Removes a connection: deregisters it, fails what waits on it and
+    /// tells the handler.
+    fn close(&mut self, key: usize, err: Error) {
+        let Some(entry) = self.conns.try_remove(key) else {
+            return;
+        };
+        self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+        let fd = entry.conn.shared.stream.as_raw_fd();
+        let _ = self.shared.registry.deregister(&mut SourceFd(&fd));
+        entry.conn.finish_close(&err);
+        if matches!(entry.phase, Phase::Open { .. }) {
+            let handler = entry.conn.shared.handler.clone();
+            let conn = entry.conn.clone();
+            let _ = guard_handler(|| handler.on_close(&conn, &err));
+        }
+    }
+}
+
+impl Drop for Reactor {
+    fn drop(&mut self) {
+        self.shared.stopped.store(true, Ordering::Release);
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            self.close(key, Error::Closed);
+        }
+        self.run_commands();
+    }
+}
+
+/// Writes handshake output on a fresh non-blocking socket. Handshake
+/// messages are small; a socket that cannot take them is treated as dead.
+fn write_handshake(conn: &Connection, out: &[u8]) -> Result<()> {
+    let mut stream = &conn.shared.stream;
+    let mut at = 0;
+    let mut spins = 0;
+    while at < out.len() {
+        match stream.write(&out[at..]) {
+            Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
+            Ok(n) => at += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && spins < 1000 => {
+                spins += 1;
+                std::thread::yield_now();
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Calls the handler for one message; a response to one of our requests
+/// goes to its completion slot instead.
+fn dispatch(conn: &Connection, seq: u32, payload: &[u8]) -> Result<()> {
+    let requests = &conn.shared.requests;
+    if requests.space().is_ours(seq) {
+        // A response. Unknown or late ones are dropped: they can never
+        // reach another request's slot.
+        requests.complete(seq, payload);
+        return Ok(());
+    }
+    let mut ctx = Context {
+        conn,
+        seq,
+        body: payload,
+        replied: false,
+    };
+    let handler = &conn.shared.handler;
+    guard_handler(|| handler.on_message(&mut ctx))
+}
+
+/// Runs handler code; a panic closes the connection instead of killing the
+/// reactor thread and every other connection on it.
+fn guard_handler(f: impl FnOnce()) -> Result<()> {
+    catch_unwind(AssertUnwindSafe(f)).map_err(|_| Error::HandlerPanicked)
+}

@@ -1,0 +1,226 @@
+//! The server: an acceptor thread that enforces the connection cap, and
+//! worker reactors that run handshakes and handlers.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use mio::{Events, Interest, Poll, Token, Waker};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::config::Config;
+use crate::error::Result;
+use crate::handler::Handler;
+use crate::sync::{lock, AtomicBool, AtomicUsize, Mutex, Ordering};
+use crate::workers::Workers;
+
+const LISTENER: Token = Token(0);
+const WAKE: Token = Token(1);
+
+/// The connection cap shared by the acceptor and every connection.
+struct Limit {
+    active: AtomicUsize,
+    max: usize,
+    waker: Waker,
+    stop: AtomicBool,
+}
+
+impl Limit {
+    fn try_acquire(&self) -> bool {
+        self.active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn release(&self) {
+        self.active.fetch_sub(1, Ordering::AcqRel);
+        let _ = self.waker.wake();
+    }
+}
+
+/// A running server. Dropping it shuts it down.
+///
+/// ```no_run
+/// use monte_rpc::{Config, Context, Server};
+/// let server = Server::bind("127.0.0.1:0", Config::server(), |ctx: &mut Context<'_>| {
+///     let _ = ctx.reply(b"pong");
+/// })
+/// .unwrap();
+/// println!("listening on {}", server.local_addr());
+/// server.shutdown();
+/// ```
+pub struct Server {
+    local_addr: SocketAddr,
+    workers: Arc<Workers>,
+    limit: Arc<Limit>,
+    acceptor: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("local_addr", &self.local_addr)
+            .field("connections", &self.connections())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Binds `addr` (port 0 picks a free port) and serves `handler`.
+    pub fn bind(addr: impl ToSocketAddrs, config: Config, handler: impl Handler) -> Result<Server> {
+        let addr = addr
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| io::Error::other("address resolved to nothing"))?;
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(config.backlog)?;
+        Self::serve(socket.into(), config, handler)
+    }
+
+    /// Serves `handler` on a listener the caller bound.
+    pub fn serve(listener: TcpListener, config: Config, handler: impl Handler) -> Result<Server> {
+        listener.set_nonblocking(true)?;
+        let local_addr = listener.local_addr()?;
+        let mut listener = mio::net::TcpListener::from_std(listener);
+        let poll = Poll::new()?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let limit = Arc::new(Limit {
+            active: AtomicUsize::new(0),
+            max: config.max_conns.max(1),
+            waker: Waker::new(poll.registry(), WAKE)?,
+            stop: AtomicBool::new(false),
+        });
+        let workers = Arc::new(Workers::spawn(&config, "monte-rpc-server")?);
+        let acceptor = Acceptor {
+            poll,
+            listener,
+            waiting: VecDeque::new(),
+            limit: limit.clone(),
+            workers: workers.clone(),
+            handler: Arc::new(handler),
+            config,
+        };
+        let thread = std::thread::Builder::new()
+            .name("monte-rpc-accept".into())
+            .spawn(move || acceptor.run())?;
+        Ok(Server {
+            local_addr,
+            workers,
+            limit,
+            acceptor: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Connections handled right now, handshakes included.
+    pub fn connections(&self) -> usize {
+        self.limit.active.load(Ordering::Acquire)
+    }
+
+    /// Shuts down gracefully: stops accepting, lets running handlers
+    /// finish, flushes queued output, closes every connection (failing
+    /// requests still pending on them with [`Error::Closed`](crate::Error::Closed))
+    /// and joins every thread before it returns.
+    pub fn shutdown(&self) {
+        self.limit.stop.store(true, Ordering::Release);
+        let _ = self.limit.waker.wake();
+        if let Some(t) = lock(&self.acceptor).take() {
+            let _ = t.join();
+        }
+        self.workers.stop_and_join();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+struct Acceptor {
+    poll: Poll,
+    listener: mio::net::TcpListener,
+    /// Accepted over the cap, waiting for a place until their deadline.
+    waiting: VecDeque<(std::net::TcpStream, Instant)>,
+    limit: Arc<Limit>,
+    workers: Arc<Workers>,
+    handler: Arc<dyn Handler>,
+    config: Config,
+}
+
+impl Acceptor {
+    fn run(mut self) {
+        let mut events = Events::with_capacity(64);
+        loop {
+            let timeout = self
+                .waiting
+                .front()
+                .map(|(_, deadline)| deadline.saturating_duration_since(Instant::now()));
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return;
+                }
+            }
+            if self.limit.stop.load(Ordering::Acquire) {
+                return;
+            }
+            self.accept_all();
+            self.admit_waiting();
+        }
+    }
+
+    fn accept_all(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    // mio hands back a non-blocking socket; the reactor
+                    // takes it as a std stream.
+                    let stream = std::net::TcpStream::from(std::os::fd::OwnedFd::from(stream));
+                    let _ = crate::dial::tune(&socket2::SockRef::from(&stream), &self.config);
+                    let deadline = Instant::now() + self.config.accept_wait;
+                    self.waiting.push_back((stream, deadline));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // Out of descriptors or a connection reset before accept:
+                // keep serving the others.
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn admit_waiting(&mut self) {
+        let now = Instant::now();
+        while let Some((_, deadline)) = self.waiting.front() {
+            if *deadline <= now {
+                // Waited its whole accept wait: closed on drop.
+                self.waiting.pop_front();
+                continue;
+            }
+            if !self.limit.try_acquire() {
+                break;
+            }
+            let (stream, _) = self.waiting.pop_front().expect("front exists");
+            let limit = self.limit.clone();
+            let _ = self.workers.pick().accept_with_release(
+                stream,
+                self.handler.clone(),
+                Some(Box::new(move || limit.release())),
+            );
+        }
+        // Drop expired sockets further back too.
+        self.waiting.retain(|(_, d)| *d > now);
+    }
+}

@@ -1,0 +1,376 @@
+//! Completion slots: where a caller waits for the response to its request.
+//!
+//! Each connection has a fixed table of slots. A request's sequence number
+//! encodes its slot index and the slot's generation
+//! ([`SeqSpace`](crate::protocol::SeqSpace)), so the reactor finds the slot
+//! in O(1) with no map and no lock, and a late response to an abandoned
+//! request (older generation) is recognised and dropped.
+//!
+//! # The slot protocol
+//!
+//! A slot's state word packs `generation << 32 | state`. Who may touch the
+//! slot's cells (`buf`, `result`, `waiter`) is decided by the state:
+//!
+//! | state      | owner of the cells                          | left by                          |
+//! |------------|---------------------------------------------|----------------------------------|
+//! | `FREE`     | nobody                                      | a caller's CAS to `RESERVED`     |
+//! | `RESERVED` | the caller that won the CAS                 | the caller's store of `WAITING` or `FREE` |
+//! | `WAITING`  | nobody; the response is awaited             | a responder's CAS to `FILLING`, or the caller's cancel CAS to `RESERVED` |
+//! | `FILLING`  | the responder that won the CAS              | the responder's store of `DONE`  |
+//! | `DONE`     | the waiting caller                          | the caller's store of `FREE` with the next generation |
+//!
+//! Every transition that hands the cells over is a Release store or CAS
+//! matched by an Acquire on the other side. Because a responder must match
+//! both the generation and `WAITING`, a response for a cancelled request
+//! (whose slot moved on to the next generation) can never fill a later
+//! request's slot.
+
+#![allow(unsafe_code)]
+
+use std::time::Instant;
+
+use super::{current, park, park_timeout, spin_hint, AtomicBool, AtomicU64, AtomicUsize};
+use super::{Ordering, Thread, UnsafeCell};
+use crate::error::{Error, TimeoutKind};
+use crate::protocol::{Role, SeqSpace};
+
+const FREE: u64 = 0;
+const RESERVED: u64 = 1;
+const WAITING: u64 = 2;
+const FILLING: u64 = 3;
+const DONE: u64 = 4;
+
+const fn pack(generation: u32, state: u64) -> u64 {
+    ((generation as u64) << 32) | state
+}
+
+const fn state_of(word: u64) -> u64 {
+    word & 0xffff_ffff
+}
+
+const fn generation_of(word: u64) -> u32 {
+    (word >> 32) as u32
+}
+
+struct Slot {
+    state: AtomicU64,
+    /// The caller's response buffer, lent to the slot while it waits.
+    buf: UnsafeCell<Vec<u8>>,
+    /// Set by a responder that fails the request instead of answering it.
+    result: UnsafeCell<Option<Error>>,
+    /// The thread to unpark when the slot is filled.
+    waiter: UnsafeCell<Option<Thread>>,
+}
+
+// SAFETY: the cells are only touched by the single owner the state word
+// designates (see the module docs), and ownership moves with Release/Acquire
+// pairs, so no two threads ever access a cell at once.
+unsafe impl Sync for Slot {}
+
+/// A fixed table of completion slots for one connection's outgoing
+/// requests.
+pub struct CompletionTable {
+    space: SeqSpace,
+    slots: Box<[Slot]>,
+    /// Where the next search for a free slot starts.
+    hint: AtomicUsize,
+    in_flight: AtomicUsize,
+    closed: AtomicBool,
+}
+
+impl std::fmt::Debug for CompletionTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompletionTable")
+            .field("slots", &self.slots.len())
+            .field("in_flight", &self.in_flight())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A request that holds a slot and has not been answered yet.
+#[must_use = "a pending request holds its slot until waited on or cancelled"]
+pub struct Pending<'a> {
+    table: &'a CompletionTable,
+    index: usize,
+    generation: u32,
+    done: bool,
+}
+
+impl CompletionTable {
+    /// A table for requests issued by `role`, with room for `slots` in
+    /// flight (rounded up to a power of two).
+    pub fn new(role: Role, slots: usize) -> Self {
+        let space = SeqSpace::new(role, slots);
+        let slots = (0..space.slots())
+            .map(|_| Slot {
+                state: AtomicU64::new(pack(1, FREE)),
+                buf: UnsafeCell::new(Vec::new()),
+                result: UnsafeCell::new(None),
+                waiter: UnsafeCell::new(None),
+            })
+            .collect();
+        CompletionTable {
+            space,
+            slots,
+            hint: AtomicUsize::new(0),
+            in_flight: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// The sequence-number layout of this table.
+    pub fn space(&self) -> SeqSpace {
+        self.space
+    }
+
+    /// Requests currently holding a slot.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Whether [`close`](Self::close) has run.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// Takes a free slot for a new request, lending it `buf` for the
+    /// response. On failure the buffer comes back with the error:
+    /// [`Error::SequenceExhausted`] when every slot is taken,
+    /// [`Error::Closed`] after [`close`](Self::close).
+    pub fn begin(&self, buf: Vec<u8>) -> Result<Pending<'_>, (Error, Vec<u8>)> {
+        if self.is_closed() {
+            return Err((Error::Closed, buf));
+        }
+        let n = self.slots.len();
+        let start = self.hint.fetch_add(1, Ordering::Relaxed);
+        for i in 0..n {
+            let index = (start + i) & (n - 1);
+            let slot = &self.slots[index];
+            let word = slot.state.load(Ordering::Relaxed);
+            if state_of(word) != FREE {
+                continue;
+            }
+            let generation = generation_of(word);
+            if slot
+                .state
+                .compare_exchange(
+                    word,
+                    pack(generation, RESERVED),
+                    Ordering::Acquire,
+                    Ordering::Relaxed,
+                )
+                .is_err()
+            {
+                continue;
+            }
+            // SAFETY: RESERVED makes this thread the cells' only owner.
+            slot.buf.with_mut(|p| unsafe { *p = buf });
+            slot.result.with_mut(|p| unsafe { *p = None });
+            slot.waiter.with_mut(|p| unsafe { *p = Some(current()) });
+            self.in_flight.fetch_add(1, Ordering::Relaxed);
+            // SeqCst pairs with `close`: either close's sweep sees WAITING
+            // and fails this slot, or this thread sees `closed` below.
+            slot.state
+                .store(pack(generation, WAITING), Ordering::SeqCst);
+            let mut pending = Pending {
+                table: self,
+                index,
+                generation,
+                done: false,
+            };
+            if self.closed.load(Ordering::SeqCst) {
+                if let Some(buf) = pending.try_cancel() {
+                    return Err((Error::Closed, buf));
+                }
+                // The sweep got there first; `wait` returns its error.
+            }
+            return Ok(pending);
+        }
+        Err((Error::SequenceExhausted, buf))
+    }
+
+    /// Delivers a response: if `seq` names a slot that is waiting in that
+    /// generation, copies `payload` into its buffer and wakes its caller.
+    /// Returns `false` (and touches nothing) for an unknown, late or
+    /// foreign sequence number.
+    pub fn complete(&self, seq: u32, payload: &[u8]) -> bool {
+        match self.space.decode(seq) {
+            Some((index, generation)) => self.fill(index, generation, |buf, _| {
+                buf.clear();
+                buf.extend_from_slice(payload);
+            }),
+            None => false,
+        }
+    }
+
+    /// Fails every waiting request with `error` and refuses new ones. Used
+    /// when the connection closes, so no caller waits forever.
+    pub fn close(&self, error: &Error) {
+        self.closed.store(true, Ordering::SeqCst);
+        for index in 0..self.slots.len() {
+            loop {
+                let word = self.slots[index].state.load(Ordering::SeqCst);
+                if state_of(word) != WAITING {
+                    break;
+                }
+                if self.fill(index, generation_of(word), |_, result| {
+                    *result = Some(error.clone())
+                }) {
+                    break;
+                }
+            }
+        }
+    }
+
+    fn fill(
+        &self,
+        index: usize,
+        generation: u32,
+        write: impl FnOnce(&mut Vec<u8>, &mut Option<Error>),
+    ) -> bool {
+        let slot = &self.slots[index];
+        if slot
+            .state
+            .compare_exchange(
+                pack(generation, WAITING),
+                pack(generation, FILLING),
+                Ordering::SeqCst,
+                Ordering::Relaxed,
+            )
+            .is_err()
+        {
+            return false;
+        }
+        // SAFETY: FILLING makes this thread the cells' only owner.
+        let waiter = slot.buf.with_mut(|b| {
+            slot.result.with_mut(|r| unsafe { write(&mut *b, &mut *r) });
+            slot.waiter.with_mut(|w| unsafe { (*w).clone() })
+        });
+        slot.state.store(pack(generation, DONE), Ordering::Release);
+        if let Some(thread) = waiter {
+            thread.unpark();
+        }
+        true
+    }
+}
+
+impl<'a> Pending<'a> {
+    /// The request's sequence number, to put on the wire.
+    pub fn seq(&self) -> u32 {
+        self.table.space.encode(self.index, self.generation)
+    }
+
+    fn slot(&self) -> &'a Slot {
+        &self.table.slots[self.index]
+    }
+
+    fn is_done(&self) -> bool {
+        state_of(self.slot().state.load(Ordering::Acquire)) == DONE
+    }
+
+    /// Waits for the response (or failure), spinning `spins` times before
+    /// parking, and gives up at `deadline` with a request timeout. The
+    /// caller's buffer comes back either way.
+    pub fn wait(
+        mut self,
+        spins: u32,
+        deadline: Option<Instant>,
+    ) -> Result<Vec<u8>, (Error, Vec<u8>)> {
+        for _ in 0..spins {
+            if self.is_done() {
+                return self.finish();
+            }
+            spin_hint();
+        }
+        loop {
+            if self.is_done() {
+                return self.finish();
+            }
+            match deadline {
+                None => park(),
+                Some(deadline) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        if let Some(buf) = self.try_cancel() {
+                            return Err((Error::Timeout(TimeoutKind::Request), buf));
+                        }
+                        // A responder is filling the slot right now; it
+                        // answered in time after all.
+                        continue;
+                    }
+                    park_timeout(deadline - now);
+                }
+            }
+        }
+    }
+
+    /// Abandons the request and takes the buffer back. A response that
+    /// arrives later is dropped.
+    pub fn cancel(mut self) -> Vec<u8> {
+        loop {
+            if let Some(buf) = self.try_cancel() {
+                return buf;
+            }
+            if self.is_done() {
+                return match self.finish() {
+                    Ok(buf) | Err((_, buf)) => buf,
+                };
+            }
+            spin_hint();
+        }
+    }
+
+    /// Takes the slot back from WAITING, if no responder has claimed it.
+    fn try_cancel(&mut self) -> Option<Vec<u8>> {
+        let slot = self.slot();
+        slot.state
+            .compare_exchange(
+                pack(self.generation, WAITING),
+                pack(self.generation, RESERVED),
+                Ordering::Acquire,
+                Ordering::Relaxed,
+            )
+            .ok()?;
+        let (buf, _) = self.release();
+        Some(buf)
+    }
+
+    fn finish(mut self) -> Result<Vec<u8>, (Error, Vec<u8>)> {
+        let (buf, result) = self.release();
+        match result {
+            None => Ok(buf),
+            Some(e) => Err((e, buf)),
+        }
+    }
+
+    /// Empties the cells and frees the slot for its next generation. Only
+    /// called by the owner (state RESERVED or DONE).
+    fn release(&mut self) -> (Vec<u8>, Option<Error>) {
+        let slot = self.slot();
+        // SAFETY: the caller owns the cells in RESERVED and DONE.
+        let buf = slot.buf.with_mut(|p| unsafe { std::mem::take(&mut *p) });
+        let result = slot.result.with_mut(|p| unsafe { (*p).take() });
+        let next = self.table.space.next_generation(self.generation);
+        self.done = true;
+        self.table.in_flight.fetch_sub(1, Ordering::Relaxed);
+        slot.state.store(pack(next, FREE), Ordering::Release);
+        (buf, result)
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            // Dropped without waiting (a panic or an early return): free the
+            // slot so it is not leaked.
+            let pending = Pending {
+                table: self.table,
+                index: self.index,
+                generation: self.generation,
+                done: false,
+            };
+            self.done = true;
+            drop(pending.cancel());
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! Every cross-thread structure of the runtime, and the one place that picks
+//! between std and loom primitives.
+//!
+//! Under `--cfg loom` the atomics, locks, cells and park/unpark below are
+//! loom's, so the models in `loom-tests/` check this very code rather than a
+//! copy. Nothing else in the crate touches an atomic or parks a thread
+//! directly.
+//!
+//! - [`completion`]: the per-connection table of request slots a caller
+//!   waits on, located by sequence number.
+//! - [`mailbox`]: commands from caller threads to a reactor, with the
+//!   wake-up skipped when the reactor is already going to look.
+//! - [`signal`]: the one-way shutdown flag.
+
+pub mod completion;
+pub mod mailbox;
+pub mod signal;
+
+#[cfg(not(loom))]
+mod imp {
+    pub use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
+    pub use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+    pub use std::thread::{current, park, Thread};
+
+    /// Parks for at most `dur`. Spurious wake-ups are allowed, as with std.
+    pub fn park_timeout(dur: std::time::Duration) {
+        std::thread::park_timeout(dur)
+    }
+
+    /// One step of a bounded spin.
+    pub fn spin_hint() {
+        std::hint::spin_loop()
+    }
+
+    /// Gives the core to another thread.
+    pub fn yield_now() {
+        std::thread::yield_now()
+    }
+
+    /// `UnsafeCell` with loom's closure API, so the same code compiles
+    /// under both.
+    #[derive(Debug)]
+    pub struct UnsafeCell<T>(std::cell::UnsafeCell<T>);
+
+    impl<T> UnsafeCell<T> {
+        /// Wraps `value`.
+        pub fn new(value: T) -> Self {
+            UnsafeCell(std::cell::UnsafeCell::new(value))
+        }
+        /// Runs `f` with a raw pointer to the value; the caller upholds
+        /// exclusive access.
+        pub fn with_mut<R>(&self, f: impl FnOnce(*mut T) -> R) -> R {
+            f(self.0.get())
+        }
+    }
+}
+
+#[cfg(loom)]
+mod imp {
+    pub use loom::cell::UnsafeCell;
+    pub use loom::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
+    pub use loom::sync::{Arc, Condvar, Mutex, MutexGuard};
+    pub use loom::thread::{current, park, Thread};
+
+    /// loom has no timed park; a model explores the wake-up paths instead.
+    pub fn park_timeout(_dur: std::time::Duration) {
+        loom::thread::park()
+    }
+
+    /// One step of a bounded spin: a yield point for the model.
+    pub fn spin_hint() {
+        loom::thread::yield_now()
+    }
+
+    /// Gives the core to another thread.
+    pub fn yield_now() {
+        loom::thread::yield_now()
+    }
+}
+
+pub use imp::*;
+
+/// Locks a mutex, carrying on if a panicking thread poisoned it: every
+/// structure here is left consistent between statements that can panic.
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

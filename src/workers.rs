@@ -1,0 +1,57 @@
+//! A set of reactor threads owned by a [`Client`](crate::Client) or
+//! [`Server`](crate::Server): spawned together, chosen round-robin, stopped
+//! and joined together.
+
+use std::thread::JoinHandle;
+
+use crate::config::Config;
+use crate::error::Result;
+use crate::reactor::{Reactor, ReactorHandle};
+use crate::sync::{lock, AtomicUsize, Mutex, Ordering};
+
+pub(crate) struct Workers {
+    handles: Vec<ReactorHandle>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    next: AtomicUsize,
+}
+
+impl Workers {
+    pub(crate) fn spawn(config: &Config, name: &str) -> Result<Workers> {
+        let mut handles = Vec::new();
+        let mut threads = Vec::new();
+        for i in 0..config.worker_count() {
+            let reactor = Reactor::new(config.clone())?;
+            handles.push(reactor.handle());
+            let thread = std::thread::Builder::new()
+                .name(format!("{name}-{i}"))
+                .spawn(move || {
+                    // An I/O error of the poller itself ends the loop; its
+                    // connections are closed by the reactor's drop.
+                    let _ = reactor.run();
+                })?;
+            threads.push(thread);
+        }
+        Ok(Workers {
+            handles,
+            threads: Mutex::new(threads),
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// The next reactor, round-robin.
+    pub(crate) fn pick(&self) -> &ReactorHandle {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
+        &self.handles[i]
+    }
+
+    /// Stops every reactor gracefully and joins its thread.
+    pub(crate) fn stop_and_join(&self) {
+        for h in &self.handles {
+            h.stop();
+        }
+        let threads = std::mem::take(&mut *lock(&self.threads));
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
