@@ -148,8 +148,9 @@ impl Client {
             }
         }
         let dialled = self.workers.pick().dial(self.addr, self.handler.clone());
-        drop(guard);
-        match dialled {
+        // Joined to the pool before the dial lock is released, so the next
+        // dialler sees it and does not dial past `max_conns`.
+        let result = match dialled {
             Ok(conn) => {
                 if self.signal.is_closed() {
                     conn.close();
@@ -159,7 +160,9 @@ impl Client {
                 Ok(conn)
             }
             Err(e) => best.ok_or(e),
-        }
+        };
+        drop(guard);
+        result
     }
 
     /// Shuts down gracefully: new calls fail with [`Error::Closed`], frames

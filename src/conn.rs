@@ -32,6 +32,9 @@ use crate::sync::{lock, Arc, AtomicUsize, Condvar, Mutex, MutexGuard, Ordering};
 /// to the reactor, so one caller never writes for everyone indefinitely.
 const CALLER_WRITE_ROUNDS: usize = 4;
 
+/// Initial capacity of each of the two outbound buffers.
+const OUTBOUND_INITIAL: usize = 16 << 10;
+
 /// Called once when a connection closes (the server's connection cap).
 pub(crate) type ReleaseHook = Box<dyn Fn() + Send + Sync>;
 
@@ -174,8 +177,10 @@ impl Connection {
                 active_calls: AtomicUsize::new(0),
                 out: Mutex::new(Outbound {
                     sealer: parts.sealer,
-                    buf: Vec::new(),
-                    spare: Vec::new(),
+                    // Sized up front so that coalescing a handful of frames
+                    // never grows them on the hot path.
+                    buf: Vec::with_capacity(OUTBOUND_INITIAL),
+                    spare: Vec::with_capacity(OUTBOUND_INITIAL),
                     head: 0,
                     writing: false,
                     reactor_flushing: false,

@@ -1,0 +1,105 @@
+//! Zero heap allocations per `send`, `send_no_wait`, `request` and handler
+//! `reply` in steady state, counted on every thread (callers and reactors)
+//! by a counting global allocator.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use monte_rpc::{Client, Config, Context, Server};
+
+struct Counting;
+
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+static LAST_SIZE: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: defers every call to the system allocator unchanged; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        LAST_SIZE.store(layout.size() as u64, Ordering::Relaxed);
+        System.alloc(layout)
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        System.alloc_zeroed(layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        LAST_SIZE.store(new_size as u64, Ordering::Relaxed);
+        System.realloc(ptr, layout, new_size)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        System.dealloc(ptr, layout)
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+const N: usize = 10_000;
+
+fn wait_until(what: &str, deadline: Duration, mut done: impl FnMut() -> bool) {
+    let end = Instant::now() + deadline;
+    while !done() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// After a warm-up, 10,000 of each call allocate nothing anywhere in the
+/// process: not on the caller, not on the client's or server's reactors.
+#[test]
+fn steady_state_calls_allocate_nothing() {
+    let seen = Arc::new(AtomicU64::new(0));
+    let counter = seen.clone();
+    let reply = vec![7u8; 1400];
+    let server = Server::bind(
+        "127.0.0.1:0",
+        Config::server().workers(1),
+        move |ctx: &mut Context<'_>| {
+            counter.fetch_add(1, Ordering::Relaxed);
+            if ctx.expects_reply() {
+                ctx.reply(&reply).unwrap();
+            }
+        },
+    )
+    .unwrap();
+    let client = Client::new(
+        server.local_addr(),
+        Config::default().workers(1).max_conns(1),
+    )
+    .unwrap();
+    let payload = vec![1u8; 1400];
+    let mut response = Vec::with_capacity(4096);
+
+    let mut round = |n: usize, sent: &mut u64| {
+        for _ in 0..n {
+            client.send(&payload).unwrap();
+            client.send_no_wait(&payload).unwrap();
+            client.request(&payload, &mut response).unwrap();
+            assert_eq!(response.len(), 1400);
+            *sent += 3;
+        }
+        let target = *sent;
+        wait_until(
+            "the server to count every message",
+            Duration::from_secs(20),
+            || seen.load(Ordering::Relaxed) >= target,
+        );
+    };
+
+    let mut sent = 0;
+    round(2_000, &mut sent);
+    let before = ALLOCS.load(Ordering::SeqCst);
+    round(N, &mut sent);
+    let allocs = ALLOCS.load(Ordering::SeqCst) - before;
+    assert_eq!(
+        allocs, 0,
+        "{allocs} allocations over {N} each of send, send_no_wait, request and reply (last of {} bytes)",
+        LAST_SIZE.load(Ordering::Relaxed)
+    );
+    client.shutdown();
+    server.shutdown();
+}
