@@ -26,7 +26,9 @@ use crate::handler::Handler;
 use crate::protocol::{frame_len, Role, Sealer};
 use crate::reactor::{Command, ReactorShared};
 use crate::sync::completion::CompletionTable;
-use crate::sync::{lock, Arc, AtomicUsize, Condvar, Mutex, MutexGuard, Ordering};
+use std::sync::Arc;
+
+use crate::sync::{lock, AtomicUsize, Condvar, Mutex, MutexGuard, Ordering};
 
 /// Rounds a caller-thread writer makes before handing the rest of the queue
 /// to the reactor, so one caller never writes for everyone indefinitely.
@@ -220,8 +222,10 @@ impl Connection {
         self.shared.requests.in_flight()
     }
 
+    /// Calls in progress: frames being queued or written plus requests
+    /// awaiting their response. The client pool's measure of "busy".
     pub(crate) fn load(&self) -> usize {
-        self.shared.active_calls.load(Ordering::Relaxed)
+        self.shared.active_calls.load(Ordering::Relaxed) + self.shared.requests.in_flight()
     }
 
     /// Sends a message that expects no reply, and returns once its frame is

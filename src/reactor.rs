@@ -32,16 +32,11 @@ use crate::error::{Error, HandshakeError, Result, TimeoutKind};
 use crate::handler::{Context, Handler};
 use crate::protocol::{Decoded, FrameDecoder, Handshake, Opener, Role, Session};
 use crate::sync::mailbox::Mailbox;
-use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crate::sync::{AtomicBool, AtomicUsize, Ordering};
 
 const WAKER: Token = Token(usize::MAX - 1);
-
-/// Process-wide connection ids.
-static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
-
-pub(crate) fn next_conn_id() -> u64 {
-    NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed)
-}
 
 /// What other threads ask of a reactor.
 pub(crate) enum Command {
@@ -125,7 +120,7 @@ impl ReactorHandle {
             }
         };
         let conn = Connection::new(NewConnParts {
-            id: next_conn_id(),
+            id: crate::sync::next_conn_id(),
             role: Role::Server,
             stream: mio::net::TcpStream::from_std(stream),
             sealer: None,
@@ -152,7 +147,7 @@ impl ReactorHandle {
         let config = self.shared.config.clone();
         let (stream, session, leftover) = crate::dial::dial(addr, &config)?;
         let conn = Connection::new(NewConnParts {
-            id: next_conn_id(),
+            id: crate::sync::next_conn_id(),
             role: Role::Client,
             stream: mio::net::TcpStream::from_std(stream),
             sealer: Some(session.sealer),
@@ -249,6 +244,10 @@ struct Entry {
     writable: bool,
     started: Instant,
     last_read: Instant,
+    /// The peer has shut its write side (end of stream was read).
+    read_closed: bool,
+    /// This side began the close (its shutdown), so the end is orderly.
+    local_close: bool,
     /// (bytes written, when that count was last seen to change)
     write_watch: (u64, Instant),
     /// Set while closing gracefully: output is flushed, then the write side
@@ -487,6 +486,8 @@ impl Reactor {
             write_watch: (0, now),
             draining: None,
             write_shut: false,
+            read_closed: false,
+            local_close: false,
         });
         // Server handshakes may owe output before any input (custom ones),
         // and leftover bytes must be processed: do one pass now.
@@ -529,10 +530,20 @@ impl Reactor {
             match (&entry.conn.shared.stream).read(&mut entry.rbuf.buf[end..]) {
                 Ok(0) => {
                     self.process(key)?;
-                    return Err(match self.conns[key].phase {
-                        Phase::Handshaking { .. } => HandshakeError::PeerClosed.into(),
-                        Phase::Open { .. } => Error::PeerClosed,
-                    });
+                    let drain_time = self.drain_time();
+                    let entry = &mut self.conns[key];
+                    if let Phase::Handshaking { .. } = entry.phase {
+                        return Err(HandshakeError::PeerClosed.into());
+                    }
+                    // The peer finished sending (a half-close, as in its
+                    // graceful shutdown). Replies to what it sent are still
+                    // owed: flush them, then close.
+                    entry.read_closed = true;
+                    if entry.draining.is_none() {
+                        entry.draining = Some(Instant::now() + drain_time);
+                    }
+                    self.dirty.push(key);
+                    return Ok(());
                 }
                 Ok(n) => {
                     entry.rbuf.end += n;
@@ -660,16 +671,29 @@ impl Reactor {
         let Some(entry) = self.conns.get_mut(key) else {
             return;
         };
-        if entry.draining.is_none() || entry.write_shut {
+        if entry.draining.is_none() {
             return;
         }
-        if entry.conn.seal_off_if_drained() {
+        if !entry.write_shut {
+            if !entry.conn.seal_off_if_drained() {
+                return;
+            }
             entry.write_shut = true;
             let _ = entry.conn.shared.stream.shutdown(std::net::Shutdown::Write);
-            if matches!(entry.phase, Phase::Handshaking { .. }) {
-                self.close(key, Error::Closed);
-            }
         }
+        if entry.read_closed || matches!(entry.phase, Phase::Handshaking { .. }) {
+            let reason = if entry.local_close {
+                Error::Closed
+            } else {
+                Error::PeerClosed
+            };
+            self.close(key, reason);
+        }
+    }
+
+    /// How long a graceful close may take to flush and hear the peer's end.
+    fn drain_time(&self) -> Duration {
+        self.config.write_timeout.unwrap_or(Duration::from_secs(5))
     }
 
     fn begin_stop(&mut self) {
@@ -677,10 +701,12 @@ impl Reactor {
             return;
         }
         self.stopping = true;
-        let deadline = Instant::now() + self.config.write_timeout.unwrap_or(Duration::from_secs(5));
+        let deadline = Instant::now() + self.drain_time();
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for key in keys {
-            self.conns[key].draining = Some(deadline);
+            let entry = &mut self.conns[key];
+            entry.local_close = true;
+            entry.draining.get_or_insert(deadline);
             self.flush(key);
         }
     }

@@ -80,6 +80,14 @@ mod imp {
 
 pub use imp::*;
 
+/// A process-wide unique connection id. A plain std counter even under
+/// loom: a `static` needs a const constructor, and ids carry no
+/// synchronisation.
+pub fn next_conn_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Locks a mutex, carrying on if a panicking thread poisoned it: every
 /// structure here is left consistent between statements that can panic.
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

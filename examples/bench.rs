@@ -1,0 +1,590 @@
+//! A loopback benchmark of the client and server in one process, printed in
+//! Go's benchmark format so it compares with the Go library's numbers.
+//!
+//! ```text
+//! cargo run --release --example bench [-- --secs S --bench NAME \
+//!     --profile secure|monte --size N --json PATH]
+//! ```
+//!
+//! Every benchmark sends a random payload of `--size` bytes (default 1400)
+//! to a server that answers requests with an empty body:
+//!
+//! - `Send`, `SendNoWait`, `Request`: one caller.
+//! - `ParallelSend`, `ParallelSendNoWait`, `ParallelRequest`: available
+//!   cores × 4 callers sharing one `&Client`.
+//! - `Handshake`: a new `Client` per iteration, whose first request dials
+//!   and runs the handshake; the client is then dropped.
+//!
+//! Each runs a ~0.3 s warm-up, then `--secs` seconds (default 2). B/op and
+//! allocs/op count every allocation in the process (client, server and
+//! reactor threads) during the timed loop, divided by the iterations. The
+//! `SendNoWait` benchmarks stop the clock only once the server has received
+//! every message, so nothing queued goes unmeasured.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::net::SocketAddr;
+use std::process::exit;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use monte_rpc::protocol::Profile;
+use monte_rpc::{Client, Config, Context, Error, Server};
+
+// ---------------------------------------------------------------------------
+// Allocation counting
+
+struct CountingAlloc;
+
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+static ALLOC_BYTES: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every method forwards to `System` with the caller's arguments
+// unchanged, so `System`'s guarantees carry over; the counters are atomics
+// and never allocate.
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        ALLOC_BYTES.fetch_add(layout.size() as u64, Ordering::Relaxed);
+        // SAFETY: forwarded as is; the caller upholds `alloc`'s contract.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        ALLOC_BYTES.fetch_add(layout.size() as u64, Ordering::Relaxed);
+        // SAFETY: forwarded as is; the caller upholds `alloc_zeroed`'s
+        // contract.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        ALLOC_BYTES.fetch_add(new_size as u64, Ordering::Relaxed);
+        // SAFETY: forwarded as is; the caller upholds `realloc`'s contract
+        // (`ptr` came from this allocator, which is `System` underneath).
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded as is; `ptr` came from this allocator.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAlloc = CountingAlloc;
+
+fn alloc_snapshot() -> (u64, u64) {
+    (
+        ALLOCS.load(Ordering::SeqCst),
+        ALLOC_BYTES.load(Ordering::SeqCst),
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Random payloads
+
+/// xorshift64*: enough randomness for payloads, no dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let v = self.next_u64().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+fn random_payload(size: usize) -> Vec<u8> {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0x1234_5678, |d| d.as_nanos() as u64);
+    let mut rng = Rng(seed | 1);
+    let mut buf = vec![0u8; size];
+    rng.fill(&mut buf);
+    buf
+}
+
+// ---------------------------------------------------------------------------
+// Arguments
+
+struct Args {
+    secs: f64,
+    bench: Option<String>,
+    profile: Profile,
+    size: usize,
+    json: Option<String>,
+}
+
+fn usage(msg: &str) -> ! {
+    eprintln!("bench: {msg}");
+    eprintln!(
+        "usage: bench [--secs S] [--bench NAME] [--profile secure|monte] [--size N] [--json PATH]"
+    );
+    exit(2);
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        secs: 2.0,
+        bench: None,
+        profile: Profile::Secure,
+        size: 1400,
+        json: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+            _ => (arg.clone(), None),
+        };
+        if flag == "-h" || flag == "--help" {
+            usage("help");
+        }
+        let value = inline
+            .or_else(|| it.next())
+            .unwrap_or_else(|| usage(&format!("{flag}: missing value")));
+        match flag.as_str() {
+            "--secs" => {
+                args.secs = value
+                    .parse()
+                    .ok()
+                    .filter(|s: &f64| s.is_finite() && *s > 0.0)
+                    .unwrap_or_else(|| usage(&format!("--secs: not a positive number: {value}")))
+            }
+            "--bench" => args.bench = Some(value),
+            "--profile" => {
+                args.profile = match value.to_ascii_lowercase().as_str() {
+                    "secure" => Profile::Secure,
+                    "monte" => Profile::Monte,
+                    _ => usage(&format!("--profile: expected secure or monte, got {value}")),
+                }
+            }
+            "--size" => {
+                args.size = value
+                    .parse()
+                    .unwrap_or_else(|_| usage(&format!("--size: not a number: {value}")))
+            }
+            "--json" => args.json = Some(value),
+            _ => usage(&format!("unknown flag {flag}")),
+        }
+    }
+    args
+}
+
+// ---------------------------------------------------------------------------
+// Measurement
+
+const WARMUP: Duration = Duration::from_millis(300);
+/// How long to wait for the server to see every message before calling it
+/// a hang.
+const DRAIN_LIMIT: Duration = Duration::from_secs(30);
+
+/// Messages (seq 0) the benchmarks sent, and those the server received.
+static SENT: AtomicU64 = AtomicU64::new(0);
+static SEEN: AtomicU64 = AtomicU64::new(0);
+
+type BenchResult<T> = std::result::Result<T, String>;
+
+/// One call of a benchmark; `response` is the caller's reusable buffer.
+type Op<'a> = dyn Fn(&mut Vec<u8>) -> Result<(), Error> + Sync + 'a;
+
+struct Measured {
+    iterations: u64,
+    elapsed: Duration,
+    allocs: u64,
+    bytes: u64,
+}
+
+/// Spins (then sleeps) until the server has seen every message sent.
+fn wait_server_drained() -> BenchResult<()> {
+    let start = Instant::now();
+    let mut spins = 0u32;
+    loop {
+        let sent = SENT.load(Ordering::SeqCst);
+        let seen = SEEN.load(Ordering::SeqCst);
+        if seen >= sent {
+            return Ok(());
+        }
+        if start.elapsed() > DRAIN_LIMIT {
+            return Err(format!(
+                "server received {seen} of {sent} messages after {DRAIN_LIMIT:?}: \
+                 queued frames never arrived (hang)"
+            ));
+        }
+        spins += 1;
+        if spins < 10_000 {
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
+    }
+}
+
+/// Runs `op` for `dur` on `threads` callers (0: the current thread), then
+/// `finish` (still timed); counts iterations, time and allocations.
+fn measure(
+    threads: usize,
+    dur: Duration,
+    op: &Op<'_>,
+    finish: &dyn Fn() -> BenchResult<()>,
+) -> BenchResult<Measured> {
+    if threads == 0 {
+        let mut response = Vec::new();
+        let mut iterations = 0u64;
+        let (a0, b0) = alloc_snapshot();
+        let start = Instant::now();
+        loop {
+            op(&mut response).map_err(|e| e.to_string())?;
+            iterations += 1;
+            if start.elapsed() >= dur {
+                break;
+            }
+        }
+        finish()?;
+        let elapsed = start.elapsed();
+        let (a1, b1) = alloc_snapshot();
+        return Ok(Measured {
+            iterations,
+            elapsed,
+            allocs: a1 - a0,
+            bytes: b1 - b0,
+        });
+    }
+
+    let ready = AtomicUsize::new(0);
+    let done = AtomicUsize::new(0);
+    let go = AtomicBool::new(false);
+    let stop = AtomicBool::new(false);
+    let total = AtomicU64::new(0);
+    let failure: Mutex<Option<String>> = Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                let mut response = Vec::new();
+                let mut n = 0u64;
+                ready.fetch_add(1, Ordering::SeqCst);
+                while !go.load(Ordering::Acquire) {
+                    std::thread::yield_now();
+                }
+                while !stop.load(Ordering::Relaxed) {
+                    if let Err(e) = op(&mut response) {
+                        let mut f = failure.lock().unwrap_or_else(|p| p.into_inner());
+                        f.get_or_insert_with(|| e.to_string());
+                        stop.store(true, Ordering::SeqCst);
+                        break;
+                    }
+                    n += 1;
+                }
+                total.fetch_add(n, Ordering::SeqCst);
+                done.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+        while ready.load(Ordering::SeqCst) < threads {
+            std::thread::yield_now();
+        }
+        let (a0, b0) = alloc_snapshot();
+        let start = Instant::now();
+        go.store(true, Ordering::Release);
+        while start.elapsed() < dur && !stop.load(Ordering::Relaxed) {
+            let left = dur.saturating_sub(start.elapsed());
+            std::thread::sleep(left.min(Duration::from_millis(10)));
+        }
+        stop.store(true, Ordering::SeqCst);
+        while done.load(Ordering::SeqCst) < threads {
+            std::thread::yield_now();
+        }
+        if let Some(e) = failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return Err(e);
+        }
+        finish()?;
+        let elapsed = start.elapsed();
+        let (a1, b1) = alloc_snapshot();
+        Ok(Measured {
+            iterations: total.load(Ordering::SeqCst),
+            elapsed,
+            allocs: a1 - a0,
+            bytes: b1 - b0,
+        })
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Benchmarks
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Send,
+    SendNoWait,
+    Request,
+    Handshake,
+}
+
+struct Bench {
+    name: &'static str,
+    kind: Kind,
+    parallel: bool,
+}
+
+const BENCHES: [Bench; 7] = [
+    Bench {
+        name: "Send",
+        kind: Kind::Send,
+        parallel: false,
+    },
+    Bench {
+        name: "SendNoWait",
+        kind: Kind::SendNoWait,
+        parallel: false,
+    },
+    Bench {
+        name: "Request",
+        kind: Kind::Request,
+        parallel: false,
+    },
+    Bench {
+        name: "ParallelSend",
+        kind: Kind::Send,
+        parallel: true,
+    },
+    Bench {
+        name: "ParallelSendNoWait",
+        kind: Kind::SendNoWait,
+        parallel: true,
+    },
+    Bench {
+        name: "ParallelRequest",
+        kind: Kind::Request,
+        parallel: true,
+    },
+    Bench {
+        name: "Handshake",
+        kind: Kind::Handshake,
+        parallel: false,
+    },
+];
+
+struct Report {
+    name: String,
+    iterations: u64,
+    ns_per_op: f64,
+    mb_per_s: f64,
+    bytes_per_op: u64,
+    allocs_per_op: u64,
+}
+
+fn client_config(profile: Profile, size: usize) -> Config {
+    Config::default()
+        .profile(profile)
+        .request_timeout(Some(Duration::from_secs(10)))
+        .max_message_size((size + 64).max(1 << 20))
+}
+
+fn run_bench(
+    bench: &Bench,
+    addr: SocketAddr,
+    args: &Args,
+    payload: &[u8],
+    callers: usize,
+) -> BenchResult<Report> {
+    let config = client_config(args.profile, args.size);
+    let dur = Duration::from_secs_f64(args.secs);
+    let threads = if bench.parallel { callers } else { 0 };
+
+    let client = Client::new(addr, config.clone()).map_err(|e| format!("client: {e}"))?;
+    let send = |_: &mut Vec<u8>| {
+        client.send(payload)?;
+        SENT.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    };
+    let send_no_wait = |_: &mut Vec<u8>| {
+        client.send_no_wait(payload)?;
+        SENT.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    };
+    let request = |response: &mut Vec<u8>| client.request(payload, response);
+    let handshake = |response: &mut Vec<u8>| {
+        let fresh = Client::new(addr, config.clone())?;
+        fresh.request(b"", response)?;
+        drop(fresh);
+        Ok(())
+    };
+    let op: &Op<'_> = match bench.kind {
+        Kind::Send => &send,
+        Kind::SendNoWait => &send_no_wait,
+        Kind::Request => &request,
+        Kind::Handshake => &handshake,
+    };
+    let nothing = || Ok(());
+    // Queued frames are part of the work: write them out (the final
+    // `send` returns once its frame, and so all before it on that
+    // connection, is written) and wait for the server to have read them all.
+    let drain = || {
+        client.send(b"").map_err(|e| format!("drain send: {e}"))?;
+        SENT.fetch_add(1, Ordering::Relaxed);
+        wait_server_drained()
+    };
+    let finish: &dyn Fn() -> BenchResult<()> = if bench.kind == Kind::SendNoWait {
+        &drain
+    } else {
+        &nothing
+    };
+
+    // Warm-up: dial the pool, fill the buffers, settle the caches.
+    measure(threads, WARMUP, op, finish)?;
+    wait_server_drained()?;
+
+    eprintln!("running {} ({}s)...", bench.name, args.secs);
+    let m = measure(threads, dur, op, finish)?;
+    client.shutdown();
+    // Leave no messages in flight for the next benchmark.
+    wait_server_drained()?;
+
+    let iterations = m.iterations.max(1);
+    let secs = m.elapsed.as_secs_f64();
+    let mb_per_s = if bench.kind == Kind::Handshake || secs == 0.0 {
+        0.0
+    } else {
+        (payload.len() as f64 * m.iterations as f64) / secs / 1e6
+    };
+    Ok(Report {
+        name: bench.name.to_string(),
+        iterations: m.iterations,
+        ns_per_op: m.elapsed.as_nanos() as f64 / iterations as f64,
+        mb_per_s,
+        bytes_per_op: (m.bytes as f64 / iterations as f64).round() as u64,
+        allocs_per_op: (m.allocs as f64 / iterations as f64).round() as u64,
+    })
+}
+
+fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn json_number(x: f64) -> String {
+    if x.is_finite() {
+        format!("{x}")
+    } else {
+        "0".to_string()
+    }
+}
+
+fn write_json(path: &str, reports: &[Report]) -> std::io::Result<()> {
+    let mut out = String::from("[\n");
+    for (i, r) in reports.iter().enumerate() {
+        out.push_str(&format!(
+            "  {{\"name\": {}, \"iterations\": {}, \"ns_per_op\": {}, \"mb_per_s\": {}, \
+             \"bytes_per_op\": {}, \"allocs_per_op\": {}}}{}\n",
+            json_string(&r.name),
+            r.iterations,
+            json_number(r.ns_per_op),
+            json_number(r.mb_per_s),
+            r.bytes_per_op,
+            r.allocs_per_op,
+            if i + 1 < reports.len() { "," } else { "" }
+        ));
+    }
+    out.push_str("]\n");
+    std::fs::write(path, out)
+}
+
+fn main() {
+    let args = parse_args();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let callers = cores * 4;
+
+    let selected: Vec<&Bench> = BENCHES
+        .iter()
+        .filter(|b| match args.bench.as_deref() {
+            None => true,
+            Some(n) => n.eq_ignore_ascii_case(b.name),
+        })
+        .collect();
+    if selected.is_empty() {
+        let names: Vec<&str> = BENCHES.iter().map(|b| b.name).collect();
+        usage(&format!(
+            "no benchmark named {:?}; known: {}",
+            args.bench.as_deref().unwrap_or(""),
+            names.join(", ")
+        ));
+    }
+
+    // Watchdog: a benchmark that hangs must not hang the run.
+    let budget = Duration::from_secs_f64(
+        selected.len() as f64 * (args.secs + WARMUP.as_secs_f64()) * 2.0 + 60.0,
+    );
+    std::thread::spawn(move || {
+        std::thread::sleep(budget);
+        eprintln!("bench: still running after {budget:?}: something hangs; aborting");
+        exit(3);
+    });
+
+    let server_config = Config::server()
+        .profile(args.profile)
+        .max_message_size((args.size + 64).max(1 << 20));
+    let server = Server::bind("127.0.0.1:0", server_config, |ctx: &mut Context<'_>| {
+        if ctx.expects_reply() {
+            let _ = ctx.reply(b"");
+        } else {
+            SEEN.fetch_add(1, Ordering::Relaxed);
+        }
+    })
+    .unwrap_or_else(|e| {
+        eprintln!("bench: server: {e}");
+        exit(1);
+    });
+    let addr = server.local_addr();
+    let payload = random_payload(args.size);
+
+    let mut reports = Vec::new();
+    for bench in selected {
+        match run_bench(bench, addr, &args, &payload, callers) {
+            Ok(r) => {
+                println!(
+                    "{:<32}\t{:>10}\t{:>12.1} ns/op\t{:>10.2} MB/s\t{:>8} B/op\t{:>6} allocs/op",
+                    format!("Benchmark{}-{cores}", r.name),
+                    r.iterations,
+                    r.ns_per_op,
+                    r.mb_per_s,
+                    r.bytes_per_op,
+                    r.allocs_per_op
+                );
+                reports.push(r);
+            }
+            Err(e) => {
+                eprintln!("bench: {}: {e}", bench.name);
+                exit(1);
+            }
+        }
+    }
+    server.shutdown();
+
+    if let Some(path) = &args.json {
+        if let Err(e) = write_json(path, &reports) {
+            eprintln!("bench: writing {path}: {e}");
+            exit(1);
+        }
+    }
+}

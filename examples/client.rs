@@ -1,0 +1,208 @@
+//! Exercises a reversing echo server (see the `server` example).
+//!
+//! ```text
+//! cargo run --release --example client -- --addr 127.0.0.1:4444 \
+//!     [--profile secure|monte] [--n N] [--size S] [--threads T]
+//! ```
+//!
+//! Makes N sequential requests, then N requests spread over T threads,
+//! checking every reply is the body reversed; then N `send_no_wait` and N
+//! `send`. Prints `ok requests=2N sends=N nowait=N` on success; on any
+//! error prints it to stderr and exits 1.
+
+use std::process::exit;
+use std::time::Duration;
+
+use monte_rpc::protocol::Profile;
+use monte_rpc::{Client, Config};
+
+/// xorshift64*: enough randomness for payloads, no dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed | 1)
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let v = self.next_u64().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+fn seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ (u64::from(std::process::id()) << 32)
+}
+
+struct Args {
+    addr: String,
+    profile: Profile,
+    n: usize,
+    size: usize,
+    threads: usize,
+}
+
+fn usage(msg: &str) -> ! {
+    eprintln!("client: {msg}");
+    eprintln!(
+        "usage: client --addr HOST:PORT [--profile secure|monte] [--n N] [--size S] [--threads T]"
+    );
+    exit(2);
+}
+
+fn parse_num<T: std::str::FromStr>(flag: &str, value: &str) -> T {
+    value
+        .parse()
+        .unwrap_or_else(|_| usage(&format!("{flag}: not a number: {value}")))
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        addr: String::new(),
+        profile: Profile::Secure,
+        n: 1000,
+        size: 1400,
+        threads: 8,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+            _ => (arg.clone(), None),
+        };
+        if flag == "-h" || flag == "--help" {
+            usage("help");
+        }
+        let value = inline
+            .or_else(|| it.next())
+            .unwrap_or_else(|| usage(&format!("{flag}: missing value")));
+        match flag.as_str() {
+            "--addr" => args.addr = value,
+            "--profile" => {
+                args.profile = match value.to_ascii_lowercase().as_str() {
+                    "secure" => Profile::Secure,
+                    "monte" => Profile::Monte,
+                    _ => usage(&format!("--profile: expected secure or monte, got {value}")),
+                }
+            }
+            "--n" => args.n = parse_num(&flag, &value),
+            "--size" => args.size = parse_num(&flag, &value),
+            "--threads" => args.threads = parse_num(&flag, &value),
+            _ => usage(&format!("unknown flag {flag}")),
+        }
+    }
+    if args.addr.is_empty() {
+        usage("--addr is required");
+    }
+    args.threads = args.threads.max(1);
+    args
+}
+
+/// One request with a fresh random body; checks the reply is its reverse.
+fn checked_request(
+    client: &Client,
+    rng: &mut Rng,
+    body: &mut [u8],
+    response: &mut Vec<u8>,
+) -> Result<(), String> {
+    rng.fill(body);
+    client
+        .request(body, response)
+        .map_err(|e| format!("request: {e}"))?;
+    let ok = response.len() == body.len() && response.iter().eq(body.iter().rev());
+    if !ok {
+        return Err(format!(
+            "reply mismatch: sent {} bytes, got {} bytes that are not the body reversed",
+            body.len(),
+            response.len()
+        ));
+    }
+    Ok(())
+}
+
+fn run(args: &Args) -> Result<(), String> {
+    let config = Config::default()
+        .profile(args.profile)
+        .max_message_size(args.size.max(1 << 20))
+        .request_timeout(Some(Duration::from_secs(10)));
+    let client = Client::new(args.addr.as_str(), config).map_err(|e| format!("client: {e}"))?;
+    let base_seed = seed();
+
+    // 1. Sequential requests.
+    let mut rng = Rng::new(base_seed);
+    let mut body = vec![0u8; args.size];
+    let mut response = Vec::new();
+    for _ in 0..args.n {
+        checked_request(&client, &mut rng, &mut body, &mut response)?;
+    }
+
+    // 2. The same number of requests over `threads` threads sharing &Client.
+    let client_ref = &client;
+    let size = args.size;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..args.threads)
+            .map(|t| {
+                let count = args.n / args.threads + usize::from(t < args.n % args.threads);
+                s.spawn(move || -> Result<(), String> {
+                    let mut rng = Rng::new(base_seed ^ ((t as u64 + 1) * 0x9E37_79B9_7F4A_7C15));
+                    let mut body = vec![0u8; size];
+                    let mut response = Vec::new();
+                    for _ in 0..count {
+                        checked_request(client_ref, &mut rng, &mut body, &mut response)
+                            .map_err(|e| format!("thread {t}: {e}"))?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        handles.into_iter().try_for_each(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err("a request thread panicked".to_string()))
+        })
+    })?;
+
+    // 3. Messages that expect no reply.
+    for _ in 0..args.n {
+        rng.fill(&mut body);
+        client
+            .send_no_wait(&body)
+            .map_err(|e| format!("send_no_wait: {e}"))?;
+    }
+    for _ in 0..args.n {
+        rng.fill(&mut body);
+        client.send(&body).map_err(|e| format!("send: {e}"))?;
+    }
+
+    client.shutdown();
+    Ok(())
+}
+
+fn main() {
+    let args = parse_args();
+    match run(&args) {
+        Ok(()) => println!(
+            "ok requests={} sends={} nowait={}",
+            2 * args.n,
+            args.n,
+            args.n
+        ),
+        Err(e) => {
+            eprintln!("client: {e}");
+            exit(1);
+        }
+    }
+}

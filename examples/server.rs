@@ -1,0 +1,198 @@
+//! A reversing echo server: replies to every request with its body reversed
+//! byte for byte, and counts what it saw.
+//!
+//! ```text
+//! cargo run --release --example server -- --addr 127.0.0.1:4444 \
+//!     [--profile secure|monte] [--max-conns N] [--handshake-timeout-ms N] \
+//!     [--read-timeout-ms N] [--duration-s N]
+//! ```
+//!
+//! Serves until SIGINT or SIGTERM (or for `--duration-s` seconds), then
+//! shuts down and prints one line:
+//! `served requests=N messages=N conns=N errors=N`.
+
+use std::process::exit;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use monte_rpc::protocol::Profile;
+use monte_rpc::{Config, Connection, Context, Error, Handler, Server};
+
+const SIGINT: i32 = 2;
+const SIGTERM: i32 = 15;
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" {
+    fn signal(signum: i32, handler: extern "C" fn(i32)) -> usize;
+}
+
+extern "C" fn on_signal(_signum: i32) {
+    // Only an atomic store: async-signal-safe.
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn install_signal_handlers() {
+    for signum in [SIGINT, SIGTERM] {
+        // SAFETY: `signal` is the C library's, declared with its Linux
+        // signature (the previous handler comes back as a pointer-sized
+        // value we ignore). The handler only stores to an atomic, which is
+        // async-signal-safe, and lives for the whole program.
+        unsafe {
+            signal(signum, on_signal);
+        }
+    }
+}
+
+#[derive(Default)]
+struct Stats {
+    requests: AtomicU64,
+    messages: AtomicU64,
+    conns: AtomicU64,
+    errors: AtomicU64,
+}
+
+struct Reverser {
+    stats: Arc<Stats>,
+}
+
+impl Handler for Reverser {
+    fn on_message(&self, ctx: &mut Context<'_>) {
+        if ctx.expects_reply() {
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            let mut body = ctx.body().to_vec();
+            body.reverse();
+            let _ = ctx.reply(&body);
+        } else {
+            self.stats.messages.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn on_open(&self, _conn: &Connection) {
+        self.stats.conns.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn on_close(&self, _conn: &Connection, reason: &Error) {
+        if !matches!(reason, Error::PeerClosed | Error::Closed) {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+struct Args {
+    addr: String,
+    profile: Profile,
+    max_conns: Option<usize>,
+    handshake_timeout_ms: Option<u64>,
+    read_timeout_ms: Option<u64>,
+    duration_s: Option<u64>,
+}
+
+fn usage(msg: &str) -> ! {
+    eprintln!("server: {msg}");
+    eprintln!(
+        "usage: server --addr HOST:PORT [--profile secure|monte] [--max-conns N] \
+         [--handshake-timeout-ms N] [--read-timeout-ms N] [--duration-s N]"
+    );
+    exit(2);
+}
+
+fn parse_num<T: std::str::FromStr>(flag: &str, value: &str) -> T {
+    value
+        .parse()
+        .unwrap_or_else(|_| usage(&format!("{flag}: not a number: {value}")))
+}
+
+fn parse_profile(value: &str) -> Profile {
+    match value.to_ascii_lowercase().as_str() {
+        "secure" => Profile::Secure,
+        "monte" => Profile::Monte,
+        _ => usage(&format!("--profile: expected secure or monte, got {value}")),
+    }
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        addr: String::new(),
+        profile: Profile::Secure,
+        max_conns: None,
+        handshake_timeout_ms: None,
+        read_timeout_ms: None,
+        duration_s: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+            _ => (arg.clone(), None),
+        };
+        if flag == "-h" || flag == "--help" {
+            usage("help");
+        }
+        let value = inline
+            .or_else(|| it.next())
+            .unwrap_or_else(|| usage(&format!("{flag}: missing value")));
+        match flag.as_str() {
+            "--addr" => args.addr = value,
+            "--profile" => args.profile = parse_profile(&value),
+            "--max-conns" => args.max_conns = Some(parse_num(&flag, &value)),
+            "--handshake-timeout-ms" => args.handshake_timeout_ms = Some(parse_num(&flag, &value)),
+            "--read-timeout-ms" => args.read_timeout_ms = Some(parse_num(&flag, &value)),
+            "--duration-s" => args.duration_s = Some(parse_num(&flag, &value)),
+            _ => usage(&format!("unknown flag {flag}")),
+        }
+    }
+    if args.addr.is_empty() {
+        usage("--addr is required");
+    }
+    args
+}
+
+fn main() {
+    let args = parse_args();
+    install_signal_handlers();
+
+    let mut config = Config::server().profile(args.profile);
+    if let Some(n) = args.max_conns {
+        config = config.max_conns(n);
+    }
+    if let Some(ms) = args.handshake_timeout_ms {
+        config = config.handshake_timeout(Some(Duration::from_millis(ms)));
+    }
+    if let Some(ms) = args.read_timeout_ms {
+        config = config.read_timeout(Some(Duration::from_millis(ms)));
+    }
+
+    let stats = Arc::new(Stats::default());
+    let handler = Reverser {
+        stats: stats.clone(),
+    };
+    let server = match Server::bind(args.addr.as_str(), config, handler) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("server: bind {}: {e}", args.addr);
+            exit(1);
+        }
+    };
+    eprintln!("server: listening on {}", server.local_addr());
+
+    let deadline = args
+        .duration_s
+        .map(|s| Instant::now() + Duration::from_secs(s));
+    while !STOP.load(Ordering::SeqCst) {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    server.shutdown();
+    println!(
+        "served requests={} messages={} conns={} errors={}",
+        stats.requests.load(Ordering::SeqCst),
+        stats.messages.load(Ordering::SeqCst),
+        stats.conns.load(Ordering::SeqCst),
+        stats.errors.load(Ordering::SeqCst),
+    );
+}

@@ -1,0 +1,178 @@
+//! Ports of the Go library's own tests (client handshake timeout, parallel
+//! sends and requests, server shutdown), loopback only and bounded in time.
+
+use std::net::TcpListener;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use monte_rpc::{Client, Config, Context, Error, Server, TimeoutKind};
+
+/// Runs `body` on its own thread and fails the test if it does not finish
+/// within `secs` seconds (a hung body leaks its thread, the test still ends).
+fn within<T: Send + 'static>(secs: u64, body: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    thread::Builder::new()
+        .name("test-body".into())
+        .spawn(move || {
+            let _ = tx.send(catch_unwind(AssertUnwindSafe(body)));
+        })
+        .expect("spawn test body");
+    match rx.recv_timeout(Duration::from_secs(secs)) {
+        Ok(Ok(v)) => v,
+        Ok(Err(panic)) => resume_unwind(panic),
+        Err(_) => panic!("test body did not finish within {secs} s"),
+    }
+}
+
+fn client_config() -> Config {
+    Config::default()
+        .workers(2)
+        .request_timeout(Some(Duration::from_secs(5)))
+        .write_timeout(Some(Duration::from_secs(5)))
+}
+
+fn server_config() -> Config {
+    Config::server()
+        .workers(2)
+        .request_timeout(Some(Duration::from_secs(5)))
+        .write_timeout(Some(Duration::from_secs(5)))
+}
+
+fn reverse_server() -> Server {
+    Server::bind("127.0.0.1:0", server_config(), |ctx: &mut Context<'_>| {
+        let mut body = ctx.body().to_vec();
+        body.reverse();
+        let _ = ctx.reply(&body);
+    })
+    .expect("bind server")
+}
+
+// Go's TestClientHandshakeTimeout: a peer that accepts but never speaks makes
+// the client's handshake time out promptly.
+#[test]
+fn client_handshake_timeout() {
+    within(10, || {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop_rx) = mpsc::channel::<()>();
+        let acceptor = thread::spawn(move || {
+            // Accept and hold the socket open, saying nothing.
+            let (stream, _) = listener.accept().unwrap();
+            let _ = stop_rx.recv_timeout(Duration::from_secs(5));
+            drop(stream);
+        });
+        let client = Client::new(
+            addr,
+            client_config()
+                .handshake_timeout(Some(Duration::from_millis(200)))
+                .dial_attempts(1),
+        )
+        .unwrap();
+        let start = Instant::now();
+        let mut resp = Vec::new();
+        let result = client.request(b"hello", &mut resp);
+        let elapsed = start.elapsed();
+        assert!(
+            matches!(result, Err(Error::Timeout(TimeoutKind::Handshake))),
+            "got {result:?}"
+        );
+        assert!(elapsed < Duration::from_secs(2), "took {elapsed:?}");
+        assert!(elapsed >= Duration::from_millis(150), "took {elapsed:?}");
+        client.shutdown();
+        let _ = stop_tx.send(());
+        acceptor.join().unwrap();
+    });
+}
+
+// Go's TestSend: 4 goroutines x 1024 sends, all counted by the server.
+#[test]
+fn parallel_sends_are_all_counted() {
+    within(30, || {
+        let count = Arc::new(AtomicUsize::new(0));
+        let seen = count.clone();
+        let server = Server::bind(
+            "127.0.0.1:0",
+            server_config(),
+            move |ctx: &mut Context<'_>| {
+                if !ctx.expects_reply() && ctx.body().starts_with(b"send") {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                }
+            },
+        )
+        .unwrap();
+        let client = Arc::new(Client::new(server.local_addr(), client_config()).unwrap());
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let client = client.clone();
+                thread::spawn(move || {
+                    for i in 0..1024 {
+                        client
+                            .send(format!("send-{t}-{i}").as_bytes())
+                            .expect("send");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while count.load(Ordering::SeqCst) < 4096 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(count.load(Ordering::SeqCst), 4096);
+        client.shutdown();
+        server.shutdown();
+        assert_eq!(count.load(Ordering::SeqCst), 4096, "no extra messages");
+    });
+}
+
+// Go's TestRequest: 4 goroutines x 1024 requests, each reply checked.
+#[test]
+fn parallel_requests_get_their_own_replies() {
+    within(30, || {
+        let server = reverse_server();
+        let client = Arc::new(Client::new(server.local_addr(), client_config()).unwrap());
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let client = client.clone();
+                thread::spawn(move || {
+                    let mut resp = Vec::new();
+                    for i in 0..1024 {
+                        let body = format!("request-{t}-{i}");
+                        client.request(body.as_bytes(), &mut resp).expect("request");
+                        let mut want = body.into_bytes();
+                        want.reverse();
+                        assert_eq!(resp, want, "thread {t} request {i}");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        client.shutdown();
+        server.shutdown();
+    });
+}
+
+// Go's TestServerShutdown: shutting down a server with no connections
+// returns promptly.
+#[test]
+fn server_shutdown_without_connections() {
+    within(10, || {
+        let server = reverse_server();
+        let start = Instant::now();
+        server.shutdown();
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
+        // A second shutdown (and the drop after it) is harmless.
+        server.shutdown();
+    });
+}

@@ -1,0 +1,621 @@
+//! End-to-end behaviour of clients, servers and connections over loopback:
+//! pooling, server-initiated requests, limits, timeouts, profiles and sizes.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use monte_rpc::protocol::{ClientHandshake, Handshake, Profile};
+use monte_rpc::{Client, Config, Connection, Context, Error, Handler, Server, TimeoutKind};
+
+/// Runs `body` on its own thread and fails the test if it does not finish
+/// within `secs` seconds (a hung body leaks its thread, the test still ends).
+fn within<T: Send + 'static>(secs: u64, body: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    thread::Builder::new()
+        .name("test-body".into())
+        .spawn(move || {
+            let _ = tx.send(catch_unwind(AssertUnwindSafe(body)));
+        })
+        .expect("spawn test body");
+    match rx.recv_timeout(Duration::from_secs(secs)) {
+        Ok(Ok(v)) => v,
+        Ok(Err(panic)) => resume_unwind(panic),
+        Err(_) => panic!("test body did not finish within {secs} s"),
+    }
+}
+
+/// Polls `cond` every 5 ms until it holds or `timeout` passes.
+fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn client_config() -> Config {
+    Config::default()
+        .workers(2)
+        .request_timeout(Some(Duration::from_secs(5)))
+        .write_timeout(Some(Duration::from_secs(5)))
+}
+
+fn server_config() -> Config {
+    Config::server()
+        .workers(2)
+        .request_timeout(Some(Duration::from_secs(5)))
+        .write_timeout(Some(Duration::from_secs(5)))
+}
+
+fn reversed(body: &[u8]) -> Vec<u8> {
+    let mut v = body.to_vec();
+    v.reverse();
+    v
+}
+
+fn reverse_handler(ctx: &mut Context<'_>) {
+    let body = reversed(ctx.body());
+    let _ = ctx.reply(&body);
+}
+
+/// A handler that records opened connections and close reasons, and answers
+/// messages with a closure.
+struct Recorder<F> {
+    on_msg: F,
+    opened: Mutex<Vec<Connection>>,
+    closed: Mutex<Vec<Error>>,
+}
+
+impl<F> Recorder<F> {
+    fn new(on_msg: F) -> Arc<Self> {
+        Arc::new(Recorder {
+            on_msg,
+            opened: Mutex::new(Vec::new()),
+            closed: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn reasons(&self) -> Vec<Error> {
+        self.closed.lock().unwrap().clone()
+    }
+}
+
+/// Shares one recorder between the server and the test.
+struct Shared<F>(Arc<Recorder<F>>);
+
+impl<F> Handler for Shared<F>
+where
+    F: Fn(&mut Context<'_>) + Send + Sync + 'static,
+{
+    fn on_message(&self, ctx: &mut Context<'_>) {
+        (self.0.on_msg)(ctx)
+    }
+
+    fn on_open(&self, conn: &Connection) {
+        self.0.opened.lock().unwrap().push(conn.clone());
+    }
+
+    fn on_close(&self, _conn: &Connection, reason: &Error) {
+        self.0.closed.lock().unwrap().push(reason.clone());
+    }
+}
+
+// 16 threads share a client capped at 4 connections; every reply matches
+// its own request (no cross-wiring) and the pool stays within the cap.
+#[test]
+fn many_threads_share_a_small_pool() {
+    within(30, || {
+        let server = Server::bind("127.0.0.1:0", server_config(), reverse_handler).unwrap();
+        let client =
+            Arc::new(Client::new(server.local_addr(), client_config().max_conns(4)).unwrap());
+        let threads: Vec<_> = (0..16)
+            .map(|t| {
+                let client = client.clone();
+                thread::spawn(move || {
+                    let mut resp = Vec::new();
+                    for i in 0..300 {
+                        let body = format!("t{t}-i{i}-{}", "x".repeat(i % 17));
+                        client.request(body.as_bytes(), &mut resp).expect("request");
+                        assert_eq!(resp, reversed(body.as_bytes()), "thread {t} req {i}");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let n = client.connections();
+        assert!((1..=4).contains(&n), "connections: {n}");
+        client.shutdown();
+        server.shutdown();
+    });
+}
+
+// With a slow handler and 8 concurrent callers, the pool grows past one
+// connection but never beyond max_conns (3).
+#[test]
+fn pool_grows_to_max_conns_and_no_further() {
+    within(30, || {
+        let server = Server::bind(
+            "127.0.0.1:0",
+            server_config().workers(4),
+            |ctx: &mut Context<'_>| {
+                thread::sleep(Duration::from_millis(20));
+                let body = ctx.body().to_vec();
+                let _ = ctx.reply(&body);
+            },
+        )
+        .unwrap();
+        let client =
+            Arc::new(Client::new(server.local_addr(), client_config().max_conns(3)).unwrap());
+        let done = Arc::new(AtomicBool::new(false));
+        let monitor = {
+            let client = client.clone();
+            let done = done.clone();
+            thread::spawn(move || {
+                let mut max = 0;
+                while !done.load(Ordering::SeqCst) {
+                    max = max.max(client.connections());
+                    thread::sleep(Duration::from_millis(1));
+                }
+                max
+            })
+        };
+        let callers: Vec<_> = (0..8)
+            .map(|t| {
+                let client = client.clone();
+                thread::spawn(move || {
+                    let mut resp = Vec::new();
+                    for i in 0..15 {
+                        let body = format!("{t}:{i}");
+                        client.request(body.as_bytes(), &mut resp).expect("request");
+                        assert_eq!(resp, body.as_bytes());
+                    }
+                })
+            })
+            .collect();
+        for c in callers {
+            c.join().unwrap();
+        }
+        done.store(true, Ordering::SeqCst);
+        let max_seen = monitor.join().unwrap();
+        let n = client.connections();
+        assert!(max_seen <= 3, "pool exceeded max_conns: {max_seen}");
+        assert!(
+            (2..=3).contains(&n),
+            "pool should grow to 2..=3 connections, has {n} (max seen {max_seen})"
+        );
+        client.shutdown();
+        server.shutdown();
+    });
+}
+
+// A connection whose request still awaits its response is busy: another
+// caller gets a new connection instead of queueing behind it.
+#[test]
+
+fn pending_request_makes_its_connection_busy() {
+    within(15, || {
+        let held: Arc<Mutex<Vec<(Connection, u32)>>> = Arc::default();
+        let hold = held.clone();
+        let server = Server::bind(
+            "127.0.0.1:0",
+            server_config(),
+            move |ctx: &mut Context<'_>| {
+                if ctx.body() == b"hold" {
+                    hold.lock().unwrap().push((ctx.conn().clone(), ctx.seq()));
+                } else {
+                    let body = ctx.body().to_vec();
+                    let _ = ctx.reply(&body);
+                }
+            },
+        )
+        .unwrap();
+        let client =
+            Arc::new(Client::new(server.local_addr(), client_config().max_conns(4)).unwrap());
+        let a = {
+            let client = client.clone();
+            thread::spawn(move || {
+                let mut resp = Vec::new();
+                client.request(b"hold", &mut resp).map(|()| resp)
+            })
+        };
+        assert!(wait_until(Duration::from_secs(5), || held
+            .lock()
+            .unwrap()
+            .len()
+            == 1));
+        let mut resp = Vec::new();
+        client.request(b"b", &mut resp).unwrap();
+        let conns = client.connections();
+        // Release the held request before asserting, so nothing waits.
+        let (conn, seq) = held.lock().unwrap().pop().unwrap();
+        conn.reply(seq, b"released").unwrap();
+        assert_eq!(a.join().unwrap().unwrap(), b"released");
+        assert_eq!(
+            conns, 2,
+            "the second caller should not share the connection with a pending request"
+        );
+        client.shutdown();
+        server.shutdown();
+    });
+}
+
+// The server sends a request to the client over the client's connection and
+// gets the client handler's answer.
+#[test]
+fn server_initiated_request_to_client() {
+    within(15, || {
+        let rec = Recorder::new(|ctx: &mut Context<'_>| {
+            let _ = ctx.reply(b"ok");
+        });
+        let server = Server::bind("127.0.0.1:0", server_config(), Shared(rec.clone())).unwrap();
+        let client = Client::with_handler(
+            server.local_addr(),
+            client_config(),
+            |ctx: &mut Context<'_>| {
+                if ctx.body() == b"ping" {
+                    let _ = ctx.reply(b"pong");
+                }
+            },
+        )
+        .unwrap();
+        let mut resp = Vec::new();
+        client.request(b"hi", &mut resp).unwrap();
+        assert_eq!(resp, b"ok");
+        let conn = rec
+            .opened
+            .lock()
+            .unwrap()
+            .first()
+            .cloned()
+            .expect("on_open ran");
+        let mut resp = Vec::new();
+        for _ in 0..10 {
+            conn.request(b"ping", &mut resp).unwrap();
+            assert_eq!(resp, b"pong");
+        }
+        client.shutdown();
+        server.shutdown();
+    });
+}
+
+// The server's connection cap turns a third client away after accept_wait,
+// and admits a new one once a place is free.
+#[test]
+fn server_connection_cap() {
+    within(30, || {
+        let server = Server::bind(
+            "127.0.0.1:0",
+            server_config()
+                .max_conns(2)
+                .accept_wait(Duration::from_millis(300)),
+            reverse_handler,
+        )
+        .unwrap();
+        let addr = server.local_addr();
+        let mut resp = Vec::new();
+        let a = Client::new(addr, client_config().max_conns(1)).unwrap();
+        a.request(b"a", &mut resp).unwrap();
+        let b = Client::new(addr, client_config().max_conns(1)).unwrap();
+        b.request(b"b", &mut resp).unwrap();
+        assert_eq!(server.connections(), 2);
+
+        let third = Client::new(
+            addr,
+            client_config()
+                .dial_attempts(1)
+                .handshake_timeout(Some(Duration::from_secs(2))),
+        )
+        .unwrap();
+        let start = Instant::now();
+        let result = third.request(b"c", &mut resp);
+        let elapsed = start.elapsed();
+        assert!(
+            matches!(
+                result,
+                Err(Error::Handshake(_) | Error::Timeout(_) | Error::PeerClosed | Error::Io(_))
+            ),
+            "third client over the cap got {result:?}"
+        );
+        assert!(elapsed < Duration::from_millis(2500), "took {elapsed:?}");
+        drop(third);
+
+        drop(a);
+        assert!(
+            wait_until(Duration::from_secs(5), || server.connections() < 2),
+            "the server did not release the dropped client's place"
+        );
+        let d = Client::new(addr, client_config()).unwrap();
+        d.request(b"d", &mut resp).unwrap();
+        assert_eq!(resp, b"d");
+        b.request(b"bb", &mut resp).unwrap();
+        assert_eq!(resp, b"bb");
+        drop(d);
+        drop(b);
+        server.shutdown();
+    });
+}
+
+// The server's read timeout closes an idle connection with
+// Timeout(Read), and the client's pool re-dials for the next request.
+#[test]
+fn read_timeout_closes_idle_connection() {
+    within(15, || {
+        let rec = Recorder::new(reverse_handler);
+        let server = Server::bind(
+            "127.0.0.1:0",
+            server_config().read_timeout(Some(Duration::from_millis(200))),
+            Shared(rec.clone()),
+        )
+        .unwrap();
+        let client = Client::new(server.local_addr(), client_config()).unwrap();
+        let mut resp = Vec::new();
+        client.request(b"abc", &mut resp).unwrap();
+        thread::sleep(Duration::from_millis(600));
+        let reasons = rec.reasons();
+        assert!(
+            reasons
+                .iter()
+                .any(|r| matches!(r, Error::Timeout(TimeoutKind::Read))),
+            "close reasons: {reasons:?}"
+        );
+        client.request(b"def", &mut resp).unwrap();
+        assert_eq!(resp, b"fed");
+        client.shutdown();
+        server.shutdown();
+    });
+}
+
+// The server's write timeout closes a connection whose peer never reads.
+#[test]
+fn write_timeout_closes_connection_to_non_reader() {
+    within(20, || {
+        let big = Arc::new(vec![0x5au8; 1 << 20]);
+        let flood = big.clone();
+        let rec = Recorder::new(move |ctx: &mut Context<'_>| {
+            if ctx.body() == b"flood" {
+                for _ in 0..64 {
+                    let _ = ctx.conn().send_no_wait(&flood);
+                }
+            }
+        });
+        let server = Server::bind(
+            "127.0.0.1:0",
+            server_config()
+                .write_timeout(Some(Duration::from_millis(300)))
+                .max_queued_bytes(256 << 20)
+                .max_message_size(2 << 20),
+            Shared(rec.clone()),
+        )
+        .unwrap();
+
+        // A raw client: the handshake by hand, one request frame, no reads.
+        let mut stream = TcpStream::connect(server.local_addr()).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        stream
+            .set_write_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut hs = ClientHandshake::new(Profile::Secure).unwrap();
+        let mut out = Vec::new();
+        let mut input = Vec::new();
+        let mut chunk = [0u8; 256];
+        let session = loop {
+            out.clear();
+            hs.write_output(&mut out);
+            stream.write_all(&out).unwrap();
+            if let Some(s) = hs.take_session() {
+                break s;
+            }
+            let n = stream.read(&mut chunk).unwrap();
+            assert!(n > 0, "server closed during the handshake");
+            input.extend_from_slice(&chunk[..n]);
+            let used = hs.read_input(&input).unwrap();
+            input.drain(..used);
+        };
+        let mut sealer = session.sealer;
+        let mut frame = Vec::new();
+        sealer.seal_append(1, b"flood", &mut frame).unwrap();
+        stream.write_all(&frame).unwrap();
+
+        let start = Instant::now();
+        assert!(
+            wait_until(Duration::from_secs(8), || !rec.reasons().is_empty()),
+            "the server never closed the connection"
+        );
+        let reasons = rec.reasons();
+        assert!(
+            matches!(reasons[0], Error::Timeout(TimeoutKind::Write)),
+            "close reasons: {reasons:?}"
+        );
+        assert!(start.elapsed() < Duration::from_secs(5));
+        drop(stream);
+        server.shutdown();
+        drop(big);
+    });
+}
+
+// A request without a reply times out with Timeout(Request), and the same
+// client keeps working for requests that are answered.
+#[test]
+fn request_timeout_then_client_still_works() {
+    within(15, || {
+        let server = Server::bind("127.0.0.1:0", server_config(), |ctx: &mut Context<'_>| {
+            if ctx.body() == b"ok" {
+                let _ = ctx.reply(b"ok");
+            }
+        })
+        .unwrap();
+        let client = Client::new(
+            server.local_addr(),
+            client_config().request_timeout(Some(Duration::from_millis(200))),
+        )
+        .unwrap();
+        let mut resp = Vec::new();
+        for _ in 0..3 {
+            let start = Instant::now();
+            let result = client.request(b"never", &mut resp);
+            let elapsed = start.elapsed();
+            assert!(
+                matches!(result, Err(Error::Timeout(TimeoutKind::Request))),
+                "got {result:?}"
+            );
+            assert!(
+                elapsed >= Duration::from_millis(150) && elapsed < Duration::from_secs(2),
+                "took {elapsed:?}"
+            );
+            client.request(b"ok", &mut resp).unwrap();
+            assert_eq!(resp, b"ok");
+        }
+        client.shutdown();
+        server.shutdown();
+    });
+}
+
+// A reply that arrives after its request timed out is dropped and never
+// delivered to a later request on the same connection.
+#[test]
+fn late_response_is_never_delivered_to_a_later_request() {
+    within(20, || {
+        let late: Arc<Mutex<Vec<thread::JoinHandle<()>>>> = Arc::default();
+        let spawned = late.clone();
+        let server = Server::bind(
+            "127.0.0.1:0",
+            server_config(),
+            move |ctx: &mut Context<'_>| match ctx.body() {
+                b"slow" => {
+                    let conn = ctx.conn().clone();
+                    let seq = ctx.seq();
+                    spawned.lock().unwrap().push(thread::spawn(move || {
+                        thread::sleep(Duration::from_millis(300));
+                        let _ = conn.reply(seq, b"slow-reply");
+                    }));
+                }
+                b"fast" => {
+                    let _ = ctx.reply(b"fast-reply");
+                }
+                _ => {}
+            },
+        )
+        .unwrap();
+        let client = Client::new(
+            server.local_addr(),
+            client_config()
+                .max_conns(1)
+                .request_timeout(Some(Duration::from_millis(100))),
+        )
+        .unwrap();
+        let mut resp = Vec::new();
+        for round in 0..3 {
+            let result = client.request(b"slow", &mut resp);
+            assert!(
+                matches!(result, Err(Error::Timeout(TimeoutKind::Request))),
+                "round {round}: {result:?}"
+            );
+            // Keep requests in flight while the late reply arrives.
+            let until = Instant::now() + Duration::from_millis(400);
+            let mut n = 0;
+            while Instant::now() < until {
+                client.request(b"fast", &mut resp).unwrap();
+                assert_eq!(resp, b"fast-reply", "round {round} request {n}");
+                n += 1;
+            }
+        }
+        client.shutdown();
+        server.shutdown();
+        for t in late.lock().unwrap().drain(..) {
+            t.join().unwrap();
+        }
+    });
+}
+
+// The monte profile works on both sides; a profile mismatch fails with an
+// error instead of hanging.
+#[test]
+fn profiles_match_and_mismatch() {
+    within(20, || {
+        let monte = Server::bind(
+            "127.0.0.1:0",
+            server_config().profile(Profile::Monte),
+            reverse_handler,
+        )
+        .unwrap();
+        let client =
+            Client::new(monte.local_addr(), client_config().profile(Profile::Monte)).unwrap();
+        let mut resp = Vec::new();
+        for i in 0..50 {
+            let body = format!("monte-{i}");
+            client.request(body.as_bytes(), &mut resp).unwrap();
+            assert_eq!(resp, reversed(body.as_bytes()));
+        }
+        client.send(b"one-way").unwrap();
+        client.shutdown();
+        monte.shutdown();
+
+        let secure = Server::bind(
+            "127.0.0.1:0",
+            server_config().profile(Profile::Secure),
+            reverse_handler,
+        )
+        .unwrap();
+        let client = Client::new(
+            secure.local_addr(),
+            client_config()
+                .profile(Profile::Monte)
+                .request_timeout(Some(Duration::from_secs(2))),
+        )
+        .unwrap();
+        let start = Instant::now();
+        let result = client.request(b"mismatch", &mut resp);
+        assert!(result.is_err(), "mismatched profiles answered: {resp:?}");
+        assert!(start.elapsed() < Duration::from_millis(2500));
+        client.shutdown();
+        secure.shutdown();
+    });
+}
+
+// A message larger than the read buffer round-trips; one above the maximum
+// message size is refused locally with MessageTooLarge.
+#[test]
+fn large_messages_and_the_size_limit() {
+    within(20, || {
+        let max = 256 << 10;
+        let config = |c: Config| c.read_buffer_size(16 << 10).max_message_size(max);
+        let server = Server::bind("127.0.0.1:0", config(server_config()), reverse_handler).unwrap();
+        let client = Client::new(server.local_addr(), config(client_config())).unwrap();
+        let mut resp = Vec::new();
+        for len in [100 << 10, (16 << 10) + 1, max] {
+            let body: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+            client.request(&body, &mut resp).unwrap();
+            assert_eq!(resp, reversed(&body), "len {len}");
+        }
+        let too_big = vec![1u8; max + 1];
+        for result in [
+            client.request(&too_big, &mut resp),
+            client.send(&too_big),
+            client.send_no_wait(&too_big),
+        ] {
+            assert!(
+                matches!(result, Err(Error::MessageTooLarge { len, max: m }) if len == max + 1 && m == max),
+                "got {result:?}"
+            );
+        }
+        // The connection is still usable afterwards.
+        client.request(b"after", &mut resp).unwrap();
+        assert_eq!(resp, b"retfa");
+        client.shutdown();
+        server.shutdown();
+    });
+}

@@ -1,0 +1,383 @@
+//! Shutdown of clients and servers: under load, mid-request, and on drop.
+//!
+//! The tests in this file run one at a time (`SERIAL`), so that the thread
+//! count in the drop test sees only its own client's and server's threads.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use monte_rpc::protocol::{ClientHandshake, Decoded, FrameDecoder, Handshake, Profile};
+use monte_rpc::{Client, Config, Context, Error, Server, TimeoutKind};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs `body` on its own thread and fails the test if it does not finish
+/// within `secs` seconds (a hung body leaks its thread, the test still ends).
+fn within<T: Send + 'static>(secs: u64, body: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    thread::Builder::new()
+        .name("test-body".into())
+        .spawn(move || {
+            let _ = tx.send(catch_unwind(AssertUnwindSafe(body)));
+        })
+        .expect("spawn test body");
+    match rx.recv_timeout(Duration::from_secs(secs)) {
+        Ok(Ok(v)) => v,
+        Ok(Err(panic)) => resume_unwind(panic),
+        Err(_) => panic!("test body did not finish within {secs} s"),
+    }
+}
+
+/// Joins `handle`, failing if the thread does not end by `deadline`.
+fn join_by<T>(handle: thread::JoinHandle<T>, deadline: Instant, what: &str) -> T {
+    while !handle.is_finished() {
+        assert!(Instant::now() < deadline, "{what} did not return in time");
+        thread::sleep(Duration::from_millis(2));
+    }
+    match handle.join() {
+        Ok(v) => v,
+        Err(panic) => resume_unwind(panic),
+    }
+}
+
+/// Polls `cond` every 5 ms until it holds or `timeout` passes.
+fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn client_config() -> Config {
+    Config::default()
+        .workers(2)
+        .request_timeout(Some(Duration::from_secs(5)))
+        .write_timeout(Some(Duration::from_secs(2)))
+}
+
+fn server_config() -> Config {
+    Config::server()
+        .workers(2)
+        .request_timeout(Some(Duration::from_secs(5)))
+        .write_timeout(Some(Duration::from_secs(2)))
+}
+
+/// Names of this process's threads that belong to monte-rpc.
+fn monte_threads() -> Vec<String> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        if let Ok(comm) = std::fs::read_to_string(entry.path().join("comm")) {
+            let comm = comm.trim().to_string();
+            if comm.starts_with("monte-rpc") {
+                names.push(comm);
+            }
+        }
+    }
+    names.sort();
+    names
+}
+
+#[derive(Debug, Default)]
+struct Tally {
+    ok_requests: usize,
+    ok_sends: usize,
+    ok_no_wait: usize,
+    error: Option<Error>,
+    error_after_shutdown: bool,
+}
+
+// 8 threads mix requests, sends and send_no_wait until client.shutdown():
+// all return, the errors are Closed (or a timeout), and every send_no_wait
+// that returned Ok reaches the server.
+#[test]
+
+fn client_shutdown_under_load() {
+    let _serial = serial();
+    within(30, || {
+        let no_wait_seen = Arc::new(AtomicUsize::new(0));
+        let sends_seen = Arc::new(AtomicUsize::new(0));
+        let (nw, sn) = (no_wait_seen.clone(), sends_seen.clone());
+        let server = Server::bind(
+            "127.0.0.1:0",
+            server_config(),
+            move |ctx: &mut Context<'_>| match ctx.body().first() {
+                Some(b'N') => {
+                    nw.fetch_add(1, Ordering::SeqCst);
+                }
+                Some(b'S') => {
+                    sn.fetch_add(1, Ordering::SeqCst);
+                }
+                Some(b'R') => {
+                    let body = ctx.body().to_vec();
+                    let _ = ctx.reply(&body);
+                }
+                _ => {}
+            },
+        )
+        .unwrap();
+        let client = Arc::new(Client::new(server.local_addr(), client_config()).unwrap());
+        let shut = Arc::new(AtomicBool::new(false));
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let client = client.clone();
+                let shut = shut.clone();
+                thread::spawn(move || {
+                    let mut tally = Tally::default();
+                    let mut resp = Vec::new();
+                    for i in 0usize.. {
+                        let result = match (i + t) % 3 {
+                            0 => {
+                                let body = format!("R{t}-{i}");
+                                client.request(body.as_bytes(), &mut resp).map(|()| {
+                                    assert_eq!(resp, body.as_bytes());
+                                    tally.ok_requests += 1;
+                                })
+                            }
+                            1 => client
+                                .send(format!("S{t}-{i}").as_bytes())
+                                .map(|()| tally.ok_sends += 1),
+                            _ => client
+                                .send_no_wait(format!("N{t}-{i}").as_bytes())
+                                .map(|()| tally.ok_no_wait += 1),
+                        };
+                        if let Err(e) = result {
+                            tally.error_after_shutdown = shut.load(Ordering::SeqCst);
+                            tally.error = Some(e);
+                            break;
+                        }
+                    }
+                    tally
+                })
+            })
+            .collect();
+        thread::sleep(Duration::from_millis(300));
+        shut.store(true, Ordering::SeqCst);
+        let start = Instant::now();
+        client.shutdown();
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "client.shutdown took {:?}",
+            start.elapsed()
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let tallies: Vec<Tally> = threads
+            .into_iter()
+            .map(|h| join_by(h, deadline, "a caller thread"))
+            .collect();
+        let mut ok_no_wait = 0;
+        let mut ok_sends = 0;
+        for (t, tally) in tallies.iter().enumerate() {
+            ok_no_wait += tally.ok_no_wait;
+            ok_sends += tally.ok_sends;
+            assert!(
+                tally.error_after_shutdown,
+                "thread {t} failed before shutdown: {tally:?}"
+            );
+            assert!(
+                tally.ok_requests > 0,
+                "thread {t} made no progress: {tally:?}"
+            );
+        }
+        // Delivered so far can never exceed what was accepted.
+        assert!(no_wait_seen.load(Ordering::SeqCst) <= ok_no_wait);
+        // Everything accepted is flushed by the graceful shutdown.
+        wait_until(Duration::from_secs(3), || server.connections() == 0);
+        let start = Instant::now();
+        server.shutdown();
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "server.shutdown took {:?}",
+            start.elapsed()
+        );
+        assert_eq!(
+            no_wait_seen.load(Ordering::SeqCst),
+            ok_no_wait,
+            "send_no_wait calls that returned Ok vs messages the server saw"
+        );
+        assert!(
+            sends_seen.load(Ordering::SeqCst) >= ok_sends,
+            "a completed send was lost"
+        );
+        // Checked last so that the delivery checks above always run.
+        for (t, tally) in tallies.iter().enumerate() {
+            assert!(
+                matches!(tally.error, Some(Error::Closed | Error::Timeout(_))),
+                "thread {t}: an error after shutdown must be Closed or a timeout: {tally:?}"
+            );
+        }
+    });
+}
+
+// Shutting the server down while a client request is in its (slow) handler:
+// the request ends with Ok or an error, and shutdown returns.
+#[test]
+fn server_shutdown_with_request_in_flight() {
+    let _serial = serial();
+    within(20, || {
+        let entered = Arc::new(AtomicBool::new(false));
+        let flag = entered.clone();
+        let server = Server::bind(
+            "127.0.0.1:0",
+            server_config(),
+            move |ctx: &mut Context<'_>| {
+                flag.store(true, Ordering::SeqCst);
+                thread::sleep(Duration::from_millis(200));
+                let _ = ctx.reply(b"late");
+            },
+        )
+        .unwrap();
+        let client = Arc::new(Client::new(server.local_addr(), client_config()).unwrap());
+        let caller = {
+            let client = client.clone();
+            thread::spawn(move || {
+                let mut resp = Vec::new();
+                let result = client.request(b"slow", &mut resp);
+                (result, resp)
+            })
+        };
+        assert!(wait_until(Duration::from_secs(5), || entered.load(Ordering::SeqCst)));
+        let start = Instant::now();
+        server.shutdown();
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "server.shutdown took {:?}",
+            start.elapsed()
+        );
+        let (result, resp) = join_by(
+            caller,
+            Instant::now() + Duration::from_secs(6),
+            "the request",
+        );
+        match result {
+            Ok(()) => assert_eq!(resp, b"late"),
+            Err(e) => assert!(
+                matches!(
+                    e,
+                    Error::Closed
+                        | Error::PeerClosed
+                        | Error::Timeout(TimeoutKind::Request)
+                        | Error::Io(_)
+                ),
+                "unexpected error {e:?}"
+            ),
+        }
+        // The server is gone: a new request fails instead of hanging.
+        let mut resp = Vec::new();
+        assert!(client.request(b"again", &mut resp).is_err());
+        client.shutdown();
+    });
+}
+
+// Dropping a Client and a Server stops and joins all of their threads.
+#[test]
+fn drop_joins_every_thread() {
+    let _serial = serial();
+    within(20, || {
+        let before = monte_threads();
+        let server = Server::bind("127.0.0.1:0", server_config(), |ctx: &mut Context<'_>| {
+            let _ = ctx.reply(b"x");
+        })
+        .unwrap();
+        let client = Client::new(server.local_addr(), client_config()).unwrap();
+        let mut resp = Vec::new();
+        client.request(b"x", &mut resp).unwrap();
+        client.send_no_wait(b"y").unwrap();
+        let during = monte_threads();
+        // 2 client workers, 2 server workers and the acceptor.
+        assert_eq!(
+            during.len(),
+            before.len() + 5,
+            "threads while running: {during:?}"
+        );
+        drop(client);
+        drop(server);
+        assert!(
+            wait_until(Duration::from_secs(2), || monte_threads() == before),
+            "threads left after drop: {:?} (before: {before:?})",
+            monte_threads()
+        );
+    });
+}
+
+// A peer that half-closes (shuts its write side, as a client's graceful
+// shutdown does) still gets the replies to the requests it sent before.
+#[test]
+
+fn server_answers_requests_sent_before_a_half_close() {
+    let _serial = serial();
+    within(20, || {
+        let server = Server::bind("127.0.0.1:0", server_config(), |ctx: &mut Context<'_>| {
+            let _ = ctx.reply(b"pong");
+        })
+        .unwrap();
+        let mut stream = TcpStream::connect(server.local_addr()).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        stream
+            .set_write_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut hs = ClientHandshake::new(Profile::Secure).unwrap();
+        let (mut out, mut input, mut chunk) = (Vec::new(), Vec::new(), [0u8; 4096]);
+        let session = loop {
+            out.clear();
+            hs.write_output(&mut out);
+            stream.write_all(&out).unwrap();
+            if let Some(s) = hs.take_session() {
+                break s;
+            }
+            let n = stream.read(&mut chunk).unwrap();
+            assert!(n > 0, "server closed during the handshake");
+            input.extend_from_slice(&chunk[..n]);
+            let used = hs.read_input(&input).unwrap();
+            input.drain(..used);
+        };
+        let (mut sealer, mut opener) = (session.sealer, session.opener);
+        let mut frames = Vec::new();
+        for seq in [1u32, 3, 5] {
+            sealer.seal_append(seq, b"ping", &mut frames).unwrap();
+        }
+        stream.write_all(&frames).unwrap();
+        stream.shutdown(Shutdown::Write).unwrap();
+        // Read everything until the server closes (or the read times out).
+        loop {
+            match stream.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => input.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let decoder = FrameDecoder::new(1 << 20);
+        let mut replies = Vec::new();
+        let mut at = 0;
+        while let Ok(Decoded::Frame(n)) = decoder.decode(&input[at..]) {
+            let (seq, payload) = opener.open_in_place(&mut input[at..at + n]).unwrap();
+            replies.push((seq, payload.to_vec()));
+            at += n;
+        }
+        server.shutdown();
+        assert_eq!(
+            replies,
+            vec![
+                (1, b"pong".to_vec()),
+                (3, b"pong".to_vec()),
+                (5, b"pong".to_vec())
+            ],
+            "replies to requests sent before the half-close"
+        );
+    });
+}
