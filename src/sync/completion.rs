@@ -29,7 +29,7 @@
 
 use std::time::Instant;
 
-use super::{current, park, park_timeout, spin_hint, AtomicBool, AtomicU64, AtomicUsize};
+use super::{current, fence, park, park_timeout, spin_hint, AtomicBool, AtomicU64, AtomicUsize};
 use super::{Ordering, Thread, UnsafeCell};
 use crate::error::{Error, TimeoutKind};
 use crate::protocol::{Role, SeqSpace};
@@ -168,10 +168,15 @@ impl CompletionTable {
             slot.result.with_mut(|p| unsafe { *p = None });
             slot.waiter.with_mut(|p| unsafe { *p = Some(current()) });
             self.in_flight.fetch_add(1, Ordering::Relaxed);
-            // SeqCst pairs with `close`: either close's sweep sees WAITING
-            // and fails this slot, or this thread sees `closed` below.
             slot.state
                 .store(pack(generation, WAITING), Ordering::SeqCst);
+            // Store WAITING, fence, load `closed`; `close` stores `closed`,
+            // fences, loads each slot. The two fences order the pairs, so
+            // either the sweep sees WAITING and fails this slot, or this
+            // thread sees `closed` and withdraws: a request can never slip
+            // past a close and wait forever. (SeqCst accesses alone do not
+            // give this in loom's model; the fences do, everywhere.)
+            fence(Ordering::SeqCst);
             let mut pending = Pending {
                 table: self,
                 index,
@@ -207,6 +212,7 @@ impl CompletionTable {
     /// when the connection closes, so no caller waits forever.
     pub fn close(&self, error: &Error) {
         self.closed.store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
         for index in 0..self.slots.len() {
             loop {
                 let word = self.slots[index].state.load(Ordering::SeqCst);

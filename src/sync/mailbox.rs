@@ -2,20 +2,23 @@
 //! that lets a caller skip the wake-up syscall when the reactor is already
 //! going to look.
 //!
-//! The reactor announces "I am about to sleep" by storing `SLEEPING` and
-//! then looking at the pending count; a producer bumps the pending count
-//! and then swaps the state. All four operations are `SeqCst`, so at least
-//! one side sees the other: either the reactor sees the message and does
-//! not sleep, or the producer sees `SLEEPING` and wakes it. A producer that
-//! sees the reactor awake skips the wake-up.
+//! One atomic word holds both the number of queued commands (`word >> 1`)
+//! and the reactor's `SLEEPING` bit, so every decision is made against a
+//! single modification order, with no store-then-load pattern to get wrong:
+//!
+//! - the reactor may sleep only by CAS-ing the word from exactly 0 (nothing
+//!   queued) to `SLEEPING`;
+//! - a producer adds its command to the count with one `fetch_add`; if the
+//!   bit was set, it clears it, and whoever clears it sends the one wake-up.
+//!   A producer that finds the reactor awake skips the wake-up: the reactor
+//!   will see the count before it can sleep.
 
 use std::io;
 
 use super::{lock, AtomicUsize, Mutex, Ordering};
 
-const AWAKE: usize = 0;
 const SLEEPING: usize = 1;
-const NOTIFIED: usize = 2;
+const ONE: usize = 2;
 
 /// Wakes a sleeping reactor: `mio::Waker` in the runtime, a counting or
 /// unparking stand-in in the loom models.
@@ -36,8 +39,8 @@ impl Notify for mio::Waker {
 #[derive(Debug)]
 pub struct Mailbox<T> {
     queue: Mutex<Vec<T>>,
-    pending: AtomicUsize,
-    state: AtomicUsize,
+    /// `queued << 1 | SLEEPING`.
+    word: AtomicUsize,
 }
 
 impl<T> Default for Mailbox<T> {
@@ -51,20 +54,21 @@ impl<T> Mailbox<T> {
     pub fn new() -> Self {
         Mailbox {
             queue: Mutex::new(Vec::new()),
-            pending: AtomicUsize::new(0),
-            state: AtomicUsize::new(AWAKE),
+            word: AtomicUsize::new(0),
         }
     }
 
-    /// Queues `item` and wakes the reactor if it may be asleep. Returns
-    /// whether a wake-up was sent.
+    /// Queues `item` and wakes the reactor if it is asleep. Returns whether
+    /// this call sent the wake-up.
     pub fn push(&self, item: T, notify: &dyn Notify) -> io::Result<bool> {
-        {
+        let prev = {
             let mut q = lock(&self.queue);
             q.push(item);
-            self.pending.fetch_add(1, Ordering::SeqCst);
-        }
-        if self.state.swap(NOTIFIED, Ordering::SeqCst) == SLEEPING {
+            // Counted under the lock, so a drain's count matches its items.
+            self.word.fetch_add(ONE, Ordering::AcqRel)
+        };
+        if prev & SLEEPING != 0 && self.word.fetch_and(!SLEEPING, Ordering::AcqRel) & SLEEPING != 0
+        {
             notify.notify()?;
             return Ok(true);
         }
@@ -74,34 +78,32 @@ impl<T> Mailbox<T> {
     /// Reactor side, just before it blocks: returns `true` if it may sleep,
     /// `false` if commands are already waiting (then it must not block).
     pub fn prepare_sleep(&self) -> bool {
-        self.state.store(SLEEPING, Ordering::SeqCst);
-        if self.pending.load(Ordering::SeqCst) > 0 {
-            self.state.store(AWAKE, Ordering::SeqCst);
-            return false;
-        }
-        true
+        self.word
+            .compare_exchange(0, SLEEPING, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
     }
 
-    /// Reactor side, after its sleep returned: producers may skip waking it
-    /// until the next [`prepare_sleep`](Self::prepare_sleep).
+    /// Reactor side, after its sleep returned (woken or timed out):
+    /// producers may skip waking it until the next
+    /// [`prepare_sleep`](Self::prepare_sleep).
     pub fn awake(&self) {
-        self.state.store(AWAKE, Ordering::SeqCst);
+        self.word.fetch_and(!SLEEPING, Ordering::AcqRel);
     }
 
     /// Reactor side: moves every queued command into `out` (which should be
     /// empty; its capacity is swapped in for reuse).
     pub fn drain_into(&self, out: &mut Vec<T>) {
-        if self.pending.load(Ordering::SeqCst) == 0 {
+        if self.is_empty() {
             return;
         }
         let mut q = lock(&self.queue);
         std::mem::swap(&mut *q, out);
-        self.pending.store(0, Ordering::SeqCst);
+        self.word.fetch_sub(out.len() * ONE, Ordering::AcqRel);
     }
 
     /// Commands queued and not yet drained.
     pub fn len(&self) -> usize {
-        self.pending.load(Ordering::SeqCst)
+        self.word.load(Ordering::Acquire) >> 1
     }
 
     /// Whether nothing is queued.
