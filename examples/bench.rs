@@ -384,8 +384,26 @@ struct Report {
     allocs_per_op: u64,
 }
 
+/// Tuning knobs for experiments: MONTE_SPIN and MONTE_WORKERS override the
+/// defaults of both sides.
+fn tuned(mut config: Config) -> Config {
+    if let Some(spin) = std::env::var("MONTE_SPIN")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        config = config.spin(spin);
+    }
+    if let Some(w) = std::env::var("MONTE_WORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        config = config.workers(w);
+    }
+    config
+}
+
 fn client_config(profile: Profile, size: usize) -> Config {
-    Config::default()
+    tuned(Config::default())
         .profile(profile)
         .request_timeout(Some(Duration::from_secs(10)))
         .max_message_size((size + 64).max(1 << 20))
@@ -541,7 +559,7 @@ fn main() {
         exit(3);
     });
 
-    let server_config = Config::server()
+    let server_config = tuned(Config::server())
         .profile(args.profile)
         .max_message_size((args.size + 64).max(1 << 20));
     let server = Server::bind("127.0.0.1:0", server_config, |ctx: &mut Context<'_>| {

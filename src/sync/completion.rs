@@ -282,11 +282,17 @@ impl<'a> Pending<'a> {
         spins: u32,
         deadline: Option<Instant>,
     ) -> Result<Vec<u8>, (Error, Vec<u8>)> {
-        for _ in 0..spins {
-            if self.is_done() {
-                return self.finish();
+        // Spin only when this is the connection's one outstanding request:
+        // with others in flight, the reactor is busy and the response is
+        // not imminent, so the core is better left to the reactors.
+        let alone = self.table.in_flight() <= 1;
+        if let Some(_permit) = super::SpinPermit::acquire(if alone { spins } else { 0 }) {
+            for _ in 0..spins {
+                if self.is_done() {
+                    return self.finish();
+                }
+                spin_hint();
             }
-            spin_hint();
         }
         loop {
             if self.is_done() {
