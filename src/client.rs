@@ -118,51 +118,50 @@ impl Client {
     /// Picks a connection with nothing in progress, else the least loaded
     /// one, dialling a new one while under `max_conns` and all are busy.
     fn pick(&self) -> Result<Connection> {
-        let best = {
-            let mut pool = lock(&self.pool);
-            if pool.iter().any(|c| c.is_closed()) {
-                pool.retain(|c| !c.is_closed());
-            }
-            let best = pool.iter().min_by_key(|c| c.load());
-            match best {
-                Some(c) if c.load() == 0 || pool.len() >= self.config.max_conns.max(1) => {
-                    return Ok(c.clone())
-                }
-                other => other.cloned(),
-            }
-        };
-        // All busy (or none) and room for more: dial, unless another caller
-        // is already dialling and there is a connection to use meanwhile.
-        let guard = match (&best, self.dial_lock.try_lock()) {
-            (_, Ok(g)) => g,
-            (Some(c), Err(_)) => return Ok(c.clone()),
-            (None, Err(_)) => lock(&self.dial_lock),
-        };
-        {
-            let pool = lock(&self.pool);
-            let open: Vec<&Connection> = pool.iter().filter(|c| !c.is_closed()).collect();
-            if open.len() >= self.config.max_conns.max(1) || (best.is_none() && !open.is_empty()) {
-                if let Some(c) = open.iter().min_by_key(|c| c.load()) {
-                    return Ok((*c).clone());
-                }
-            }
+        if let Some(conn) = self.choose(false) {
+            return Ok(conn);
         }
-        let dialled = self.workers.pick().dial(self.addr, self.handler.clone());
-        // Joined to the pool before the dial lock is released, so the next
-        // dialler sees it and does not dial past `max_conns`.
-        let result = match dialled {
+        // All busy (or none) and room for more. One caller dials at a time;
+        // the others use the least loaded connection meanwhile, or wait for
+        // the dial if there is none.
+        let _dialling = match self.dial_lock.try_lock() {
+            Ok(guard) => guard,
+            Err(_) => match self.choose(true) {
+                Some(conn) => return Ok(conn),
+                None => lock(&self.dial_lock),
+            },
+        };
+        if let Some(conn) = self.choose(false) {
+            return Ok(conn);
+        }
+        match self.workers.pick().dial(self.addr, self.handler.clone()) {
             Ok(conn) => {
                 if self.signal.is_closed() {
                     conn.close();
                     return Err(Error::Closed);
                 }
+                // Joined to the pool before the dial lock is released, so
+                // the next dialler sees it and stays within `max_conns`.
                 lock(&self.pool).push(conn.clone());
                 Ok(conn)
             }
-            Err(e) => best.ok_or(e),
-        };
-        drop(guard);
-        result
+            Err(e) => self.choose(true).ok_or(e),
+        }
+    }
+
+    /// The least loaded open connection, dropping closed ones from the
+    /// pool. Unless `any`, only if it is idle or the pool is full.
+    fn choose(&self, any: bool) -> Option<Connection> {
+        let mut pool = lock(&self.pool);
+        if pool.iter().any(|c| c.is_closed()) {
+            pool.retain(|c| !c.is_closed());
+        }
+        let full = pool.len() >= self.config.max_conns.max(1);
+        let (conn, load) = pool
+            .iter()
+            .map(|c| (c, c.load()))
+            .min_by_key(|&(_, load)| load)?;
+        (any || full || load == 0).then(|| conn.clone())
     }
 
     /// Shuts down gracefully: new calls fail with [`Error::Closed`], frames

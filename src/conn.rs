@@ -217,6 +217,11 @@ impl Connection {
         lock(&self.shared.out).closed.is_some()
     }
 
+    /// Why the connection closed, once it has.
+    pub fn close_reason(&self) -> Option<Error> {
+        lock(&self.shared.out).closed.clone()
+    }
+
     /// Requests on this connection still awaiting their response.
     pub fn in_flight(&self) -> usize {
         self.shared.requests.in_flight()

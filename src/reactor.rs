@@ -422,13 +422,15 @@ impl Reactor {
                         self.flush(key);
                     }
                 }
-                Command::Close(conn) => match self.key_of(&conn) {
-                    Some(key) => {
-                        let err = Error::Closed;
-                        self.close(key, err);
+                Command::Close(conn) => {
+                    // The reason the connection was failed with, for
+                    // `on_close`.
+                    let reason = conn.close_reason().unwrap_or(Error::Closed);
+                    match self.key_of(&conn) {
+                        Some(key) => self.close(key, reason),
+                        None => conn.finish_close(&reason),
                     }
-                    None => conn.finish_close(&Error::Closed),
-                },
+                }
                 Command::Stop => self.begin_stop(),
             }
         }
