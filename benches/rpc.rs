@@ -24,13 +24,17 @@ impl Fixture {
     fn new() -> Fixture {
         let seen = Arc::new(AtomicU64::new(0));
         let counter = seen.clone();
-        let server = Server::bind("127.0.0.1:0", Config::server(), move |ctx: &mut Context<'_>| {
-            if ctx.expects_reply() {
-                let _ = ctx.reply(b"");
-            } else {
-                counter.fetch_add(1, Ordering::Relaxed);
-            }
-        })
+        let server = Server::bind(
+            "127.0.0.1:0",
+            Config::server(),
+            move |ctx: &mut Context<'_>| {
+                if ctx.expects_reply() {
+                    let _ = ctx.reply(b"");
+                } else {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+            },
+        )
         .expect("bind");
         let client = Client::new(server.local_addr(), Config::default()).expect("client");
         let payload = (0..SIZE).map(|i| (i * 31 % 251) as u8).collect();
@@ -49,7 +53,10 @@ impl Fixture {
         let target = self.sent.load(Ordering::Relaxed);
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.seen.load(Ordering::Relaxed) < target {
-            assert!(Instant::now() < deadline, "server did not receive every message");
+            assert!(
+                Instant::now() < deadline,
+                "server did not receive every message"
+            );
             std::hint::spin_loop();
         }
     }

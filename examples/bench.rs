@@ -12,8 +12,8 @@
 //! - `Send`, `SendNoWait`, `Request`: one caller.
 //! - `ParallelSend`, `ParallelSendNoWait`, `ParallelRequest`: available
 //!   cores × 4 callers sharing one `&Client`.
-//! - `Handshake`: a new `Client` per iteration, whose first request dials
-//!   and runs the handshake; the client is then dropped.
+//! - `Handshake`: a new connection per iteration (connect, handshake, one
+//!   request, close), dialled through one long-lived client reactor.
 //!
 //! Three baselines measured in the same run put the figures in context:
 //!
@@ -41,7 +41,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use monte_rpc::protocol::{frame_len, Profile, Sealer, FRAME_OVERHEAD};
-use monte_rpc::{Client, Config, Context, Error, Server};
+use monte_rpc::{Client, Config, Context, Error, NoHandler, Reactor, Server};
 
 // ---------------------------------------------------------------------------
 // Allocation counting
@@ -576,10 +576,16 @@ fn run_bench(
         Ok(())
     };
     let request = |response: &mut Vec<u8>| client.request(payload, response);
+    // A connection per iteration through one long-lived client reactor, so
+    // the figure is connection set-up (connect, X25519 on both sides, key
+    // schedule, one request, close), not thread start-up.
+    let dialer = Reactor::new(config.clone().workers(1)).map_err(|e| format!("reactor: {e}"))?;
+    let dial_handle = dialer.handle();
+    let dial_thread = std::thread::spawn(move || dialer.run());
     let handshake = |response: &mut Vec<u8>| -> Result<(), Error> {
-        let fresh = Client::new(addr, config.clone())?;
-        fresh.request(b"", response)?;
-        drop(fresh);
+        let conn = dial_handle.dial(addr, std::sync::Arc::new(NoHandler))?;
+        conn.request(b"", response)?;
+        conn.close();
         Ok(())
     };
     let op: &Op<'_> = match bench.kind {
@@ -611,6 +617,8 @@ fn run_bench(
     eprintln!("running {} ({}s)...", bench.name, args.secs);
     let m = measure(threads, dur, op, finish)?;
     client.shutdown();
+    dial_handle.stop();
+    let _ = dial_thread.join();
     // Leave no messages in flight for the next benchmark.
     wait_server_drained()?;
 
@@ -633,12 +641,7 @@ fn run_bench(
 
 /// The comparisons the performance targets are stated in, from this run.
 fn print_ratios(reports: &[Report]) {
-    let ns = |name: &str| {
-        reports
-            .iter()
-            .find(|r| r.name == name)
-            .map(|r| r.ns_per_op)
-    };
+    let ns = |name: &str| reports.iter().find(|r| r.name == name).map(|r| r.ns_per_op);
     if let (Some(req), Some(raw)) = (ns("Request"), ns("RawPingPong")) {
         println!("# Request / RawPingPong = {:.2}", req / raw);
     }

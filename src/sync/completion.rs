@@ -29,10 +29,14 @@
 
 use std::time::Instant;
 
-use super::{current, fence, park, park_timeout, spin_hint, AtomicBool, AtomicU64, AtomicUsize};
+use super::{current, fence, park, park_timeout, spin_hint, yield_now};
+use super::{AtomicBool, AtomicU64, AtomicUsize};
 use super::{Ordering, Thread, UnsafeCell};
 use crate::error::{Error, TimeoutKind};
 use crate::protocol::{Role, SeqSpace};
+
+/// Busy-spin rounds before a waiter starts yielding instead.
+const BUSY_SPINS: u32 = 32;
 
 const FREE: u64 = 0;
 const RESERVED: u64 = 1;
@@ -287,11 +291,20 @@ impl<'a> Pending<'a> {
         // not imminent, so the core is better left to the reactors.
         let alone = self.table.in_flight() <= 1;
         if let Some(_permit) = super::SpinPermit::acquire(if alone { spins } else { 0 }) {
-            for _ in 0..spins {
+            // A short busy spin catches a response already on its way;
+            // after that, yield: on a machine with few cores the threads
+            // that must produce the response (the reactors) need this core
+            // more than a spinner does, and `sched_yield` hands it to them
+            // without the cost of a park and a cross-core wake-up.
+            for i in 0..spins {
                 if self.is_done() {
                     return self.finish();
                 }
-                spin_hint();
+                if i < BUSY_SPINS {
+                    spin_hint();
+                } else {
+                    yield_now();
+                }
             }
         }
         loop {
