@@ -2,8 +2,15 @@
 //!
 //! ```text
 //! cargo run --release --example client -- --addr 127.0.0.1:4444 \
-//!     [--profile secure|monte] [--n N] [--size S] [--threads T]
+//!     [--profile secure|monte] [--n N] [--size S] [--threads T] \
+//!     [--psk HEX | --pin HEX [--identity FILE]]
 //! ```
+//!
+//! Authentication (see PROTOCOL.md and SECURITY.md): `--psk` takes the
+//! server's 64-hex-character pre-shared key; `--pin` takes the server's
+//! Ed25519 public key (from `server --gen-identity`) and accepts no other
+//! server; `--identity` is this client's PKCS#8 key file, proven when the
+//! server requires client identities (`server --allow`).
 //!
 //! Makes N sequential requests, then N requests spread over T threads,
 //! checking every reply is the body reversed; then N `send_no_wait` and N
@@ -13,7 +20,11 @@
 use std::process::exit;
 use std::time::Duration;
 
-use monte_rpc::protocol::Profile;
+use std::sync::Arc;
+
+use monte_rpc::protocol::{
+    Ed25519KeyPair, HandshakeFactory, IdentityConfig, Profile, PskHandshake,
+};
 use monte_rpc::{Client, Config};
 
 /// xorshift64*: enough randomness for payloads, no dependency.
@@ -54,6 +65,10 @@ struct Args {
     n: usize,
     size: usize,
     threads: usize,
+    profile_set: bool,
+    psk: Option<[u8; 32]>,
+    pin: Option<[u8; 32]>,
+    identity: Option<String>,
 }
 
 fn usage(msg: &str) -> ! {
@@ -61,6 +76,7 @@ fn usage(msg: &str) -> ! {
     eprintln!(
         "usage: client --addr HOST:PORT [--profile secure|monte] [--n N] [--size S] [--threads T]"
     );
+    eprintln!("       [--psk HEX | --pin HEX [--identity FILE]]");
     exit(2);
 }
 
@@ -70,6 +86,44 @@ fn parse_num<T: std::str::FromStr>(flag: &str, value: &str) -> T {
         .unwrap_or_else(|_| usage(&format!("{flag}: not a number: {value}")))
 }
 
+/// 64 hex characters to 32 bytes.
+fn parse_key(flag: &str, value: &str) -> [u8; 32] {
+    let bad = || {
+        usage(&format!(
+            "{flag}: expected 64 hex characters, got {value:?}"
+        ))
+    };
+    if value.len() != 64 || !value.is_ascii() {
+        bad();
+    }
+    let mut key = [0u8; 32];
+    for (i, b) in key.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&value[2 * i..2 * i + 2], 16).unwrap_or_else(|_| bad());
+    }
+    key
+}
+
+/// The handshake the authentication flags select, or `None` for `--profile`.
+fn auth_handshake(args: &Args) -> Result<Option<Arc<dyn HandshakeFactory>>, String> {
+    if let Some(psk) = args.psk {
+        return Ok(Some(Arc::new(PskHandshake::factory(psk))));
+    }
+    if args.pin.is_none() && args.identity.is_none() {
+        return Ok(None);
+    }
+    let mut config = IdentityConfig {
+        pinned_server: args.pin,
+        ..IdentityConfig::default()
+    };
+    if let Some(path) = &args.identity {
+        let bytes = std::fs::read(path).map_err(|e| format!("--identity {path}: {e}"))?;
+        let key = Ed25519KeyPair::from_pkcs8(&bytes)
+            .map_err(|e| format!("--identity {path}: not a PKCS#8 Ed25519 key: {e}"))?;
+        config = config.with_identity(Arc::new(key));
+    }
+    Ok(Some(Arc::new(config)))
+}
+
 fn parse_args() -> Args {
     let mut args = Args {
         addr: String::new(),
@@ -77,6 +131,10 @@ fn parse_args() -> Args {
         n: 1000,
         size: 1400,
         threads: 8,
+        profile_set: false,
+        psk: None,
+        pin: None,
+        identity: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -97,8 +155,12 @@ fn parse_args() -> Args {
                     "secure" => Profile::Secure,
                     "monte" => Profile::Monte,
                     _ => usage(&format!("--profile: expected secure or monte, got {value}")),
-                }
+                };
+                args.profile_set = true;
             }
+            "--psk" => args.psk = Some(parse_key(&flag, &value)),
+            "--pin" => args.pin = Some(parse_key(&flag, &value)),
+            "--identity" => args.identity = Some(value),
             "--n" => args.n = parse_num(&flag, &value),
             "--size" => args.size = parse_num(&flag, &value),
             "--threads" => args.threads = parse_num(&flag, &value),
@@ -109,6 +171,15 @@ fn parse_args() -> Args {
         usage("--addr is required");
     }
     args.threads = args.threads.max(1);
+    if args.psk.is_some() && (args.pin.is_some() || args.identity.is_some()) {
+        usage("--psk and --pin/--identity are exclusive");
+    }
+    if args.profile_set && (args.psk.is_some() || args.pin.is_some() || args.identity.is_some()) {
+        usage("--profile cannot be combined with --psk, --pin or --identity");
+    }
+    if args.identity.is_some() && args.pin.is_none() {
+        eprintln!("client: warning: --identity without --pin does not authenticate the server");
+    }
     args
 }
 
@@ -135,8 +206,11 @@ fn checked_request(
 }
 
 fn run(args: &Args) -> Result<(), String> {
-    let config = Config::default()
-        .profile(args.profile)
+    let mut config = Config::default().profile(args.profile);
+    if let Some(handshake) = auth_handshake(args)? {
+        config = config.handshake(handshake);
+    }
+    let config = config
         .max_message_size(args.size.max(1 << 20))
         .request_timeout(Some(Duration::from_secs(10)));
     let client = Client::new(args.addr.as_str(), config).map_err(|e| format!("client: {e}"))?;

@@ -4,8 +4,17 @@
 //! ```text
 //! cargo run --release --example server -- --addr 127.0.0.1:4444 \
 //!     [--profile secure|monte] [--max-conns N] [--handshake-timeout-ms N] \
-//!     [--read-timeout-ms N] [--duration-s N]
+//!     [--read-timeout-ms N] [--duration-s N] \
+//!     [--psk HEX | --identity FILE [--allow HEX[,HEX...]]]
+//! cargo run --release --example server -- --gen-identity FILE
 //! ```
+//!
+//! Authentication (see PROTOCOL.md and SECURITY.md): `--psk` takes 64 hex
+//! characters (32 bytes) shared with the clients; `--identity` takes a
+//! PKCS#8 Ed25519 key file and proves it to clients (which pin its public
+//! key with `--pin`); `--allow` additionally requires clients to prove one of
+//! the listed public keys. `--gen-identity FILE` writes a new identity file
+//! and prints its public key in hex on stdout, then exits.
 //!
 //! Serves until SIGINT or SIGTERM (or for `--duration-s` seconds), then
 //! shuts down and prints one line:
@@ -16,7 +25,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use monte_rpc::protocol::Profile;
+use monte_rpc::protocol::{
+    generate_identity_pkcs8, identity_public_key, Ed25519KeyPair, HandshakeFactory, IdentityConfig,
+    Profile, PskHandshake,
+};
 use monte_rpc::{Config, Connection, Context, Error, Handler, Server};
 
 const SIGINT: i32 = 2;
@@ -87,6 +99,11 @@ struct Args {
     handshake_timeout_ms: Option<u64>,
     read_timeout_ms: Option<u64>,
     duration_s: Option<u64>,
+    profile_set: bool,
+    psk: Option<[u8; 32]>,
+    identity: Option<String>,
+    allow: Option<Vec<[u8; 32]>>,
+    gen_identity: Option<String>,
 }
 
 fn usage(msg: &str) -> ! {
@@ -95,6 +112,7 @@ fn usage(msg: &str) -> ! {
         "usage: server --addr HOST:PORT [--profile secure|monte] [--max-conns N] \
          [--handshake-timeout-ms N] [--read-timeout-ms N] [--duration-s N]"
     );
+    eprintln!("       [--psk HEX | --identity FILE [--allow HEX[,HEX...]]] | --gen-identity FILE");
     exit(2);
 }
 
@@ -112,6 +130,83 @@ fn parse_profile(value: &str) -> Profile {
     }
 }
 
+/// 64 hex characters to 32 bytes.
+fn parse_key(flag: &str, value: &str) -> [u8; 32] {
+    let bad = || {
+        usage(&format!(
+            "{flag}: expected 64 hex characters, got {value:?}"
+        ))
+    };
+    if value.len() != 64 || !value.is_ascii() {
+        bad();
+    }
+    let mut key = [0u8; 32];
+    for (i, b) in key.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&value[2 * i..2 * i + 2], 16).unwrap_or_else(|_| bad());
+    }
+    key
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn load_identity(path: &str) -> Ed25519KeyPair {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| {
+        eprintln!("server: --identity {path}: {e}");
+        exit(1);
+    });
+    Ed25519KeyPair::from_pkcs8(&bytes).unwrap_or_else(|e| {
+        eprintln!("server: --identity {path}: not a PKCS#8 Ed25519 key: {e}");
+        exit(1);
+    })
+}
+
+/// The handshake the authentication flags select, or `None` for `--profile`.
+fn auth_handshake(args: &Args) -> Option<Arc<dyn HandshakeFactory>> {
+    if let Some(psk) = args.psk {
+        eprintln!("server: handshake psk");
+        return Some(Arc::new(PskHandshake::factory(psk)));
+    }
+    let path = args.identity.as_ref()?;
+    let identity = Arc::new(load_identity(path));
+    let mut config = IdentityConfig::server(identity.clone());
+    let clients = match &args.allow {
+        Some(keys) => {
+            config = config.allow_clients(keys.iter().copied());
+            format!("{} allowed", keys.len())
+        }
+        None => "any".to_string(),
+    };
+    eprintln!(
+        "server: handshake identity key={} clients={clients}",
+        hex(&identity_public_key(&identity))
+    );
+    Some(Arc::new(config))
+}
+
+fn gen_identity(path: &str) -> ! {
+    let pkcs8 = generate_identity_pkcs8().unwrap_or_else(|e| {
+        eprintln!("server: --gen-identity: {e}");
+        exit(1);
+    });
+    let key = Ed25519KeyPair::from_pkcs8(&pkcs8).expect("fresh PKCS#8");
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let written = options
+        .open(path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, &pkcs8));
+    if let Err(e) = written {
+        eprintln!("server: --gen-identity {path}: {e}");
+        exit(1);
+    }
+    eprintln!("server: wrote identity {path}; its public key (for --pin / --allow):");
+    println!("{}", hex(&identity_public_key(&key)));
+    exit(0);
+}
+
 fn parse_args() -> Args {
     let mut args = Args {
         addr: String::new(),
@@ -120,6 +215,11 @@ fn parse_args() -> Args {
         handshake_timeout_ms: None,
         read_timeout_ms: None,
         duration_s: None,
+        profile_set: false,
+        psk: None,
+        identity: None,
+        allow: None,
+        gen_identity: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -135,7 +235,14 @@ fn parse_args() -> Args {
             .unwrap_or_else(|| usage(&format!("{flag}: missing value")));
         match flag.as_str() {
             "--addr" => args.addr = value,
-            "--profile" => args.profile = parse_profile(&value),
+            "--profile" => {
+                args.profile = parse_profile(&value);
+                args.profile_set = true;
+            }
+            "--psk" => args.psk = Some(parse_key(&flag, &value)),
+            "--identity" => args.identity = Some(value),
+            "--allow" => args.allow = Some(value.split(',').map(|k| parse_key(&flag, k)).collect()),
+            "--gen-identity" => args.gen_identity = Some(value),
             "--max-conns" => args.max_conns = Some(parse_num(&flag, &value)),
             "--handshake-timeout-ms" => args.handshake_timeout_ms = Some(parse_num(&flag, &value)),
             "--read-timeout-ms" => args.read_timeout_ms = Some(parse_num(&flag, &value)),
@@ -143,8 +250,20 @@ fn parse_args() -> Args {
             _ => usage(&format!("unknown flag {flag}")),
         }
     }
+    if let Some(path) = &args.gen_identity {
+        gen_identity(path);
+    }
     if args.addr.is_empty() {
         usage("--addr is required");
+    }
+    if args.psk.is_some() && args.identity.is_some() {
+        usage("--psk and --identity are exclusive");
+    }
+    if args.allow.is_some() && args.identity.is_none() {
+        usage("--allow needs --identity");
+    }
+    if args.profile_set && (args.psk.is_some() || args.identity.is_some()) {
+        usage("--profile cannot be combined with --psk or --identity");
     }
     args
 }
@@ -154,6 +273,9 @@ fn main() {
     install_signal_handlers();
 
     let mut config = Config::server().profile(args.profile);
+    if let Some(handshake) = auth_handshake(&args) {
+        config = config.handshake(handshake);
+    }
     if let Some(n) = args.max_conns {
         config = config.max_conns(n);
     }
