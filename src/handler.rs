@@ -1,6 +1,8 @@
 //! What the application plugs in: a [`Handler`] called on the reactor thread
 //! for every incoming message, with a [`Context`] to read it and reply.
 
+use std::net::SocketAddr;
+
 use crate::conn::Connection;
 use crate::error::{Error, Result};
 
@@ -34,6 +36,13 @@ pub trait Handler: Send + Sync + 'static {
     /// orderly local close, [`Error::PeerClosed`] when the peer hung up).
     fn on_close(&self, conn: &Connection, reason: &Error) {
         let _ = (conn, reason);
+    }
+
+    /// A connection failed before its handshake finished (timeout, bad
+    /// key, rejected identity, peer gone), so it never opened. `peer` is
+    /// its address, if known.
+    fn on_handshake_failed(&self, peer: Option<SocketAddr>, error: &Error) {
+        let _ = (peer, error);
     }
 }
 

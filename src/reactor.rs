@@ -767,11 +767,12 @@ impl Reactor {
         let fd = entry.conn.shared.stream.as_raw_fd();
         let _ = self.shared.registry.deregister(&mut SourceFd(&fd));
         entry.conn.finish_close(&err);
-        if matches!(entry.phase, Phase::Open { .. }) {
-            let handler = entry.conn.shared.handler.clone();
-            let conn = entry.conn.clone();
-            let _ = guard_handler(|| handler.on_close(&conn, &err));
-        }
+        let handler = entry.conn.shared.handler.clone();
+        let conn = entry.conn.clone();
+        let _ = guard_handler(|| match entry.phase {
+            Phase::Open { .. } => handler.on_close(&conn, &err),
+            Phase::Handshaking { .. } => handler.on_handshake_failed(conn.peer_addr(), &err),
+        });
     }
 }
 

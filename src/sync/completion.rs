@@ -2,7 +2,7 @@
 //!
 //! Each connection has a fixed table of slots. A request's sequence number
 //! encodes its slot index and the slot's generation
-//! ([`SeqSpace`](crate::protocol::SeqSpace)), so the reactor finds the slot
+//! ([`crate::protocol::SeqSpace`]), so the reactor finds the slot
 //! in O(1) with no map and no lock, and a late response to an abandoned
 //! request (older generation) is recognised and dropped.
 //!
