@@ -79,6 +79,13 @@ impl Client {
         self.addr
     }
 
+    /// A snapshot of the client's counters, over all its reactors.
+    pub fn stats(&self) -> crate::Stats {
+        let mut stats = crate::Stats::default();
+        self.workers.add_stats(&mut stats);
+        stats
+    }
+
     /// Open connections in the pool.
     pub fn connections(&self) -> usize {
         lock(&self.pool).iter().filter(|c| !c.is_closed()).count()

@@ -25,6 +25,7 @@ use crate::error::{Error, Result, TimeoutKind};
 use crate::handler::Handler;
 use crate::protocol::{frame_len, Role, Sealer};
 use crate::reactor::{Command, ReactorShared};
+use crate::stats::Counters;
 use crate::sync::completion::CompletionTable;
 use std::sync::Arc;
 
@@ -268,20 +269,29 @@ impl Connection {
                 return Err(e);
             }
         };
-        if let Err(e) = self.submit(pending.seq(), body, Mode::Direct { wait: false }) {
-            *response = pending.cancel();
-            return Err(e);
-        }
-        match pending.wait(self.shared.config.spin, deadline) {
-            Ok(buf) => {
-                *response = buf;
-                Ok(())
-            }
-            Err((e, buf)) => {
-                *response = buf;
+        let stats = &self.shared.reactor.stats;
+        Counters::inc(&stats.requests_in_flight);
+        let result = match self.submit(pending.seq(), body, Mode::Direct { wait: false }) {
+            Err(e) => {
+                *response = pending.cancel();
                 Err(e)
             }
-        }
+            Ok(()) => match pending.wait(self.shared.config.spin, deadline) {
+                Ok(buf) => {
+                    *response = buf;
+                    Ok(())
+                }
+                Err((e, buf)) => {
+                    *response = buf;
+                    if matches!(e, Error::Timeout(TimeoutKind::Request)) {
+                        Counters::inc(&stats.requests_timed_out);
+                    }
+                    Err(e)
+                }
+            },
+        };
+        Counters::dec(&stats.requests_in_flight);
+        result
     }
 
     /// Answers the peer's request `seq` from any thread (a handler that
@@ -338,6 +348,8 @@ impl Connection {
         }
         g.queued_total += frame as u64;
         let end = g.queued_total;
+        Counters::inc(&sh.reactor.stats.frames_out);
+        Counters::add(&sh.reactor.stats.bytes_out, frame as u64);
         match mode {
             Mode::OnReactor => Ok(()),
             Mode::Queue => {

@@ -48,6 +48,7 @@ mod handler;
 pub mod protocol;
 mod reactor;
 mod server;
+mod stats;
 pub mod sync;
 mod workers;
 
@@ -58,3 +59,4 @@ pub use error::{Error, HandshakeError, Result, TimeoutKind};
 pub use handler::{Context, Handler, NoHandler};
 pub use reactor::{Reactor, ReactorHandle};
 pub use server::Server;
+pub use stats::Stats;

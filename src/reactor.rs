@@ -31,6 +31,7 @@ use crate::conn::{Connection, Flushed, NewConnParts, ReleaseHook};
 use crate::error::{Error, HandshakeError, Result, TimeoutKind};
 use crate::handler::{Context, Handler};
 use crate::protocol::{Decoded, FrameDecoder, Handshake, Opener, Role, Session};
+use crate::stats::{Counters, Stats};
 use crate::sync::mailbox::Mailbox;
 use std::sync::Arc;
 
@@ -70,6 +71,7 @@ pub(crate) struct ReactorShared {
     stopped: AtomicBool,
     connections: AtomicUsize,
     config: Arc<Config>,
+    pub(crate) stats: Counters,
 }
 
 impl ReactorShared {
@@ -145,7 +147,18 @@ impl ReactorHandle {
         handler: Arc<dyn Handler>,
     ) -> Result<Connection> {
         let config = self.shared.config.clone();
-        let (stream, session, leftover) = crate::dial::dial(addr, &config)?;
+        let (stream, session, leftover) = match crate::dial::dial(addr, &config) {
+            Ok(dialled) => dialled,
+            Err(e) => {
+                if matches!(
+                    e,
+                    Error::Handshake(_) | Error::Timeout(TimeoutKind::Handshake)
+                ) {
+                    Counters::inc(&self.shared.stats.handshakes_failed);
+                }
+                return Err(e);
+            }
+        };
         let conn = Connection::new(NewConnParts {
             id: crate::sync::next_conn_id(),
             role: Role::Client,
@@ -184,6 +197,17 @@ impl ReactorHandle {
     /// Whether the reactor has stopped.
     pub fn is_stopped(&self) -> bool {
         self.shared.stopped.load(Ordering::Acquire)
+    }
+
+    /// A snapshot of this reactor's counters.
+    pub fn stats(&self) -> Stats {
+        let mut stats = Stats::default();
+        self.add_stats(&mut stats);
+        stats
+    }
+
+    pub(crate) fn add_stats(&self, into: &mut Stats) {
+        self.shared.stats.add_to(into);
     }
 
     /// Connections the reactor holds (including ones being handed over).
@@ -330,6 +354,7 @@ impl Reactor {
                 stopped: AtomicBool::new(false),
                 connections: AtomicUsize::new(0),
                 config: config.clone(),
+                stats: Counters::default(),
             }),
             conns: Slab::new(),
             commands: Vec::new(),
@@ -465,6 +490,8 @@ impl Reactor {
             return;
         }
         new.conn.shared.token.store(key, Ordering::Release);
+        Counters::inc(&self.shared.stats.connections_open);
+        Counters::inc(&self.shared.stats.connections_opened);
         let mut rbuf = RecvBuf::new(self.config.read_buffer_size);
         if !new.leftover.is_empty() {
             rbuf.reserve_frame(new.leftover.len());
@@ -594,15 +621,27 @@ impl Reactor {
         let Phase::Open { opener } = phase else {
             return Ok(());
         };
-        let mut dispatched = false;
-        loop {
-            match decoder.decode(&rbuf.buf[rbuf.start..rbuf.end])? {
+        let mut frames = 0u64;
+        let mut bytes = 0u64;
+        let stats = &self.shared.stats;
+        let result = loop {
+            let decoded = match decoder.decode(&rbuf.buf[rbuf.start..rbuf.end]) {
+                Ok(d) => d,
+                Err(e) => break Err(e),
+            };
+            match decoded {
                 Decoded::Frame(n) => {
                     let frame = &mut rbuf.buf[rbuf.start..rbuf.start + n];
-                    let (seq, payload) = opener.open_in_place(frame)?;
+                    let (seq, payload) = match opener.open_in_place(frame) {
+                        Ok(opened) => opened,
+                        Err(e) => break Err(e),
+                    };
                     rbuf.start += n;
-                    dispatch(conn, seq, payload)?;
-                    dispatched = true;
+                    frames += 1;
+                    bytes += n as u64;
+                    if let Err(e) = dispatch(conn, seq, payload, stats) {
+                        break Err(e);
+                    }
                 }
                 Decoded::NeedMore(total) => {
                     if rbuf.start == rbuf.end {
@@ -611,14 +650,16 @@ impl Reactor {
                     } else if rbuf.start + total > rbuf.buf.len() {
                         rbuf.reserve_frame(total);
                     }
-                    break;
+                    break Ok(());
                 }
             }
-        }
-        if dispatched {
+        };
+        if frames > 0 {
+            Counters::add(&stats.frames_in, frames);
+            Counters::add(&stats.bytes_in, bytes);
             self.dirty.push(key);
         }
-        Ok(())
+        result
     }
 
     fn on_writable(&mut self, key: usize) {
@@ -764,6 +805,9 @@ impl Reactor {
             return;
         };
         self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+        self.shared
+            .stats
+            .count_close(&err, matches!(entry.phase, Phase::Handshaking { .. }));
         let fd = entry.conn.shared.stream.as_raw_fd();
         let _ = self.shared.registry.deregister(&mut SourceFd(&fd));
         entry.conn.finish_close(&err);
@@ -810,12 +854,14 @@ fn write_handshake(conn: &Connection, out: &[u8]) -> Result<()> {
 
 /// Calls the handler for one message; a response to one of our requests
 /// goes to its completion slot instead.
-fn dispatch(conn: &Connection, seq: u32, payload: &[u8]) -> Result<()> {
+fn dispatch(conn: &Connection, seq: u32, payload: &[u8], stats: &Counters) -> Result<()> {
     let requests = &conn.shared.requests;
     if requests.space().is_ours(seq) {
         // A response. Unknown or late ones are dropped: they can never
         // reach another request's slot.
-        requests.complete(seq, payload);
+        if !requests.complete(seq, payload) {
+            Counters::inc(&stats.responses_dropped);
+        }
         return Ok(());
     }
     let mut ctx = Context {

@@ -26,6 +26,8 @@ struct Limit {
     max: usize,
     waker: Waker,
     stop: AtomicBool,
+    /// Connections closed at the cap after the accept wait.
+    refused: crate::sync::AtomicU64,
 }
 
 impl Limit {
@@ -97,6 +99,7 @@ impl Server {
             max: config.max_conns.max(1),
             waker: Waker::new(poll.registry(), WAKE)?,
             stop: AtomicBool::new(false),
+            refused: crate::sync::AtomicU64::new(0),
         });
         let workers = Arc::new(Workers::spawn(&config, "monte-rpc-server")?);
         let acceptor = Acceptor {
@@ -122,6 +125,14 @@ impl Server {
     /// The bound address.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// A snapshot of the server's counters, over all its reactors.
+    pub fn stats(&self) -> crate::Stats {
+        let mut stats = crate::Stats::default();
+        self.workers.add_stats(&mut stats);
+        stats.connections_refused += self.limit.refused.load(Ordering::Relaxed);
+        stats
     }
 
     /// Connections handled right now, handshakes included.
@@ -207,6 +218,7 @@ impl Acceptor {
             if *deadline <= now {
                 // Waited its whole accept wait: closed on drop.
                 self.waiting.pop_front();
+                self.limit.refused.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             if !self.limit.try_acquire() {
@@ -221,6 +233,9 @@ impl Acceptor {
             );
         }
         // Drop expired sockets further back too.
+        let before = self.waiting.len();
         self.waiting.retain(|(_, d)| *d > now);
+        let expired = (before - self.waiting.len()) as u64;
+        self.limit.refused.fetch_add(expired, Ordering::Relaxed);
     }
 }

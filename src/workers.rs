@@ -44,6 +44,13 @@ impl Workers {
         &self.handles[i]
     }
 
+    /// Adds every reactor's counters into `into`.
+    pub(crate) fn add_stats(&self, into: &mut crate::stats::Stats) {
+        for h in &self.handles {
+            h.add_stats(into);
+        }
+    }
+
     /// Stops every reactor gracefully and joins its thread.
     pub(crate) fn stop_and_join(&self) {
         for h in &self.handles {

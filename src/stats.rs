@@ -1,0 +1,137 @@
+//! Counters of what a client, server or reactor has done, and the plain
+//! snapshot they are read into.
+//!
+//! Each reactor keeps its own counters (relaxed atomic adds, no allocation),
+//! so reactors on different cores never share a counter's cache line on the
+//! hot path; a [`Stats`] snapshot sums them.
+
+use crate::error::{Error, TimeoutKind};
+use crate::sync::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        /// A snapshot of counters, summed over every reactor of a client or
+        /// server (or one embedded reactor).
+        ///
+        /// ```
+        /// # use monte_rpc::{Config, Context, Server};
+        /// let server = Server::bind("127.0.0.1:0", Config::server(), |_: &mut Context<'_>| {})?;
+        /// let stats = server.stats();
+        /// assert_eq!(stats.connections_open, 0);
+        /// # Ok::<(), monte_rpc::Error>(())
+        /// ```
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+        #[non_exhaustive]
+        pub struct Stats {
+            $($(#[$doc])* pub $name: u64,)*
+        }
+
+        #[derive(Debug, Default)]
+        pub(crate) struct Counters {
+            $(pub(crate) $name: AtomicU64,)*
+        }
+
+        impl Counters {
+            /// Adds these counters into `into`.
+            pub(crate) fn add_to(&self, into: &mut Stats) {
+                $(into.$name += self.$name.load(Ordering::Relaxed);)*
+            }
+        }
+    };
+}
+
+counters! {
+    /// Connections open now (handshakes included).
+    connections_open,
+    /// Connections accepted (server) or dialled (client) in all.
+    connections_opened,
+    /// Server: connections closed because the cap stayed full for the
+    /// whole accept wait.
+    connections_refused,
+    /// Connections closed in an orderly way by this side.
+    closed_local,
+    /// Connections the peer closed.
+    closed_by_peer,
+    /// Connections closed at the handshake timeout.
+    closed_handshake_timeout,
+    /// Connections closed at the read (idle) timeout.
+    closed_read_timeout,
+    /// Connections closed at the write timeout.
+    closed_write_timeout,
+    /// Connections closed because the peer broke the protocol (bad frame,
+    /// failed authentication, handshake rejected).
+    closed_protocol_error,
+    /// Connections closed by an I/O error or for another reason.
+    closed_other,
+    /// Handshakes that failed.
+    handshakes_failed,
+    /// Frames received and opened.
+    frames_in,
+    /// Bytes received (wire bytes of opened frames).
+    bytes_in,
+    /// Frames queued for sending.
+    frames_out,
+    /// Wire bytes queued for sending.
+    bytes_out,
+    /// Frames refused because their length prefix was below the minimum.
+    frames_rejected_too_short,
+    /// Frames refused because their length prefix was above the maximum.
+    frames_rejected_too_large,
+    /// Frames that failed authentication.
+    frames_rejected_authentication,
+    /// Responses that matched no waiting request (unknown, or late after a
+    /// timeout) and were dropped.
+    responses_dropped,
+    /// Requests awaiting their response now.
+    requests_in_flight,
+    /// Requests that ran out of time.
+    requests_timed_out,
+}
+
+impl Counters {
+    pub(crate) fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn dec(counter: &AtomicU64) {
+        counter.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts a closed connection by its reason, and a rejected frame if
+    /// that was the reason.
+    pub(crate) fn count_close(&self, reason: &Error, during_handshake: bool) {
+        Self::dec(&self.connections_open);
+        if during_handshake {
+            Self::inc(&self.handshakes_failed);
+        }
+        let counter = match reason {
+            Error::Closed => &self.closed_local,
+            Error::PeerClosed => &self.closed_by_peer,
+            Error::Timeout(TimeoutKind::Handshake) => &self.closed_handshake_timeout,
+            Error::Timeout(TimeoutKind::Read) => &self.closed_read_timeout,
+            Error::Timeout(TimeoutKind::Write) => &self.closed_write_timeout,
+            Error::FrameTooShort { .. } => {
+                Self::inc(&self.frames_rejected_too_short);
+                &self.closed_protocol_error
+            }
+            Error::FrameTooLarge { .. } => {
+                Self::inc(&self.frames_rejected_too_large);
+                &self.closed_protocol_error
+            }
+            Error::Authentication => {
+                Self::inc(&self.frames_rejected_authentication);
+                &self.closed_protocol_error
+            }
+            Error::Handshake(crate::HandshakeError::PeerClosed) => &self.closed_by_peer,
+            Error::Handshake(_) | Error::ReceiveFailed | Error::CounterExhausted => {
+                &self.closed_protocol_error
+            }
+            _ => &self.closed_other,
+        };
+        Self::inc(counter);
+    }
+}
