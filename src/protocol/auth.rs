@@ -363,6 +363,12 @@ pub struct PskFactory {
     psk: [u8; KEY_LEN],
 }
 
+impl Drop for PskFactory {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.psk);
+    }
+}
+
 impl PskFactory {
     /// A factory for `psk`, which must be 32 uniformly random bytes (not a
     /// password: see `SECURITY.md`).
@@ -464,6 +470,14 @@ impl Handshake for IdentityHandshake {
 enum Mode {
     Psk([u8; KEY_LEN]),
     Identity(Box<IdentityConfig>),
+}
+
+impl Drop for Mode {
+    fn drop(&mut self) {
+        if let Mode::Psk(psk) = self {
+            zeroize::Zeroize::zeroize(psk);
+        }
+    }
 }
 
 fn reject(code: u32) -> Error {
@@ -648,6 +662,7 @@ impl Core {
             },
         )
         .map_err(|_| Error::Handshake(HandshakeError::LowOrderPublicKey))?;
+        let dh = zeroize::Zeroizing::new(dh);
         let (cp, sp) = self.publics();
         let keys = match &self.mode {
             Mode::Psk(psk) => derive_psk_keys(psk, &dh, &cp, &sp),

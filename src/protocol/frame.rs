@@ -71,12 +71,21 @@ impl Direction {
                 self.counter = next;
                 if let Some(interval) = self.rekey_interval {
                     if next % interval == 0 {
-                        self.raw_key = rekey(&self.raw_key);
+                        let next_key = rekey(&self.raw_key);
+                        let mut old = std::mem::replace(&mut self.raw_key, next_key);
+                        zeroize::Zeroize::zeroize(&mut old);
                         self.key = aead_key(&self.raw_key);
                     }
                 }
             }
         }
+    }
+}
+
+impl Drop for Direction {
+    // ring wipes its expanded key; the raw key kept for rekeying is ours.
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.raw_key);
     }
 }
 

@@ -221,7 +221,7 @@ impl Handshake for ClientHandshake {
         if self.peer.is_complete() {
             self.done = true;
             let ephemeral = self.ephemeral.take().expect("key pair used once");
-            let dh = ephemeral.agree(&self.peer.bytes)?;
+            let dh = zeroize::Zeroizing::new(ephemeral.agree(&self.peer.bytes)?);
             let keys = derive_keys(self.profile, &dh, &self.public, &self.peer.bytes);
             self.session = Some(Session::from_keys(self.profile, Role::Client, &keys));
         }
@@ -284,7 +284,7 @@ impl Handshake for ServerHandshake {
         let used = self.peer.fill(input);
         if self.peer.is_complete() {
             let ephemeral = self.ephemeral.take().expect("key pair used once");
-            let dh = ephemeral.agree(&self.peer.bytes)?;
+            let dh = zeroize::Zeroizing::new(ephemeral.agree(&self.peer.bytes)?);
             let keys = derive_keys(self.profile, &dh, &self.peer.bytes, &self.public);
             self.session = Some(Session::from_keys(self.profile, Role::Server, &keys));
         }

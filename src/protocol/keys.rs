@@ -73,6 +73,13 @@ pub struct DirectionalKeys {
     pub server_to_client: [u8; KEY_LEN],
 }
 
+impl Drop for DirectionalKeys {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.client_to_server);
+        zeroize::Zeroize::zeroize(&mut self.server_to_client);
+    }
+}
+
 impl std::fmt::Debug for DirectionalKeys {
     // Keys never reach logs.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -80,6 +87,7 @@ impl std::fmt::Debug for DirectionalKeys {
     }
 }
 
+/// BLAKE2b-256 of `parts`, keyed with `key` if given.
 fn blake2b_256(key: Option<&[u8]>, parts: &[&[u8]]) -> [u8; KEY_LEN] {
     let mut params = blake2b_simd::Params::new();
     params.hash_length(KEY_LEN);
