@@ -1,31 +1,16 @@
 //! Ports of the Go library's own tests (client handshake timeout, parallel
 //! sends and requests, server shutdown), loopback only and bounded in time.
 
+mod common;
+use common::within;
+
 use std::net::TcpListener;
-use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use monte_rpc::{Client, Config, Context, Error, Server, TimeoutKind};
-
-/// Runs `body` on its own thread and fails the test if it does not finish
-/// within `secs` seconds (a hung body leaks its thread, the test still ends).
-fn within<T: Send + 'static>(secs: u64, body: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = mpsc::channel();
-    thread::Builder::new()
-        .name("test-body".into())
-        .spawn(move || {
-            let _ = tx.send(catch_unwind(AssertUnwindSafe(body)));
-        })
-        .expect("spawn test body");
-    match rx.recv_timeout(Duration::from_secs(secs)) {
-        Ok(Ok(v)) => v,
-        Ok(Err(panic)) => resume_unwind(panic),
-        Err(_) => panic!("test body did not finish within {secs} s"),
-    }
-}
 
 fn client_config() -> Config {
     Config::default()

@@ -17,12 +17,14 @@
 //! measurement sees only its own attack, and each runs on its own thread
 //! with a deadline, so none can hang the run.
 
+mod common;
+use common::{reversed, wait_until, within};
+
 use std::collections::{HashMap, HashSet};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -57,37 +59,6 @@ fn case<T: Send + 'static>(name: &'static str, body: impl FnOnce() -> T + Send +
     let value = within(30, body);
     eprintln!("[hostile] {name}: passed in {:?}", start.elapsed());
     value
-}
-
-/// Runs `body` on its own thread and fails the test if it does not finish
-/// within `secs` seconds (a hung body leaks its thread, the test still ends).
-fn within<T: Send + 'static>(secs: u64, body: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = mpsc::channel();
-    thread::Builder::new()
-        .name("hostile-case".into())
-        .spawn(move || {
-            let _ = tx.send(catch_unwind(AssertUnwindSafe(body)));
-        })
-        .expect("spawn case body");
-    match rx.recv_timeout(Duration::from_secs(secs)) {
-        Ok(Ok(v)) => v,
-        Ok(Err(panic)) => resume_unwind(panic),
-        Err(_) => panic!("case did not finish within {secs} s"),
-    }
-}
-
-/// Polls `cond` every 2 ms until it holds or `timeout` passes.
-fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(2));
-    }
 }
 
 /// The process's resident set size in bytes.
@@ -126,12 +97,6 @@ fn settle(server: &Server, n: usize) {
         "server still holds {} connections, expected {n}",
         server.connections()
     );
-}
-
-fn reversed(body: &[u8]) -> Vec<u8> {
-    let mut v = body.to_vec();
-    v.reverse();
-    v
 }
 
 /// A small deterministic generator for junk bytes.

@@ -1,47 +1,18 @@
 //! End-to-end behaviour of clients, servers and connections over loopback:
 //! pooling, server-initiated requests, limits, timeouts, profiles and sizes.
 
+mod common;
+use common::{reversed, wait_until, within};
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use monte_rpc::protocol::{ClientHandshake, Handshake, Profile};
 use monte_rpc::{Client, Config, Connection, Context, Error, Handler, Server, TimeoutKind};
-
-/// Runs `body` on its own thread and fails the test if it does not finish
-/// within `secs` seconds (a hung body leaks its thread, the test still ends).
-fn within<T: Send + 'static>(secs: u64, body: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = mpsc::channel();
-    thread::Builder::new()
-        .name("test-body".into())
-        .spawn(move || {
-            let _ = tx.send(catch_unwind(AssertUnwindSafe(body)));
-        })
-        .expect("spawn test body");
-    match rx.recv_timeout(Duration::from_secs(secs)) {
-        Ok(Ok(v)) => v,
-        Ok(Err(panic)) => resume_unwind(panic),
-        Err(_) => panic!("test body did not finish within {secs} s"),
-    }
-}
-
-/// Polls `cond` every 5 ms until it holds or `timeout` passes.
-fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(5));
-    }
-}
 
 fn client_config() -> Config {
     Config::default()
@@ -55,12 +26,6 @@ fn server_config() -> Config {
         .workers(2)
         .request_timeout(Some(Duration::from_secs(5)))
         .write_timeout(Some(Duration::from_secs(5)))
-}
-
-fn reversed(body: &[u8]) -> Vec<u8> {
-    let mut v = body.to_vec();
-    v.reverse();
-    v
 }
 
 fn reverse_handler(ctx: &mut Context<'_>) {

@@ -3,11 +3,14 @@
 //! The tests in this file run one at a time (`SERIAL`), so that the thread
 //! count in the drop test sees only its own client's and server's threads.
 
+mod common;
+use common::{wait_until, within};
+
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::panic::resume_unwind;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -20,23 +23,6 @@ fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Runs `body` on its own thread and fails the test if it does not finish
-/// within `secs` seconds (a hung body leaks its thread, the test still ends).
-fn within<T: Send + 'static>(secs: u64, body: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = mpsc::channel();
-    thread::Builder::new()
-        .name("test-body".into())
-        .spawn(move || {
-            let _ = tx.send(catch_unwind(AssertUnwindSafe(body)));
-        })
-        .expect("spawn test body");
-    match rx.recv_timeout(Duration::from_secs(secs)) {
-        Ok(Ok(v)) => v,
-        Ok(Err(panic)) => resume_unwind(panic),
-        Err(_) => panic!("test body did not finish within {secs} s"),
-    }
-}
-
 /// Joins `handle`, failing if the thread does not end by `deadline`.
 fn join_by<T>(handle: thread::JoinHandle<T>, deadline: Instant, what: &str) -> T {
     while !handle.is_finished() {
@@ -46,20 +32,6 @@ fn join_by<T>(handle: thread::JoinHandle<T>, deadline: Instant, what: &str) -> T
     match handle.join() {
         Ok(v) => v,
         Err(panic) => resume_unwind(panic),
-    }
-}
-
-/// Polls `cond` every 5 ms until it holds or `timeout` passes.
-fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(5));
     }
 }
 

@@ -1,0 +1,44 @@
+//! Helpers shared by the integration tests: bounded waits, so that no test
+//! can hang, and small measurements.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Runs `body` on its own thread and fails the test if it does not finish
+/// within `secs` seconds (a hung body leaks its thread, the test still ends).
+pub fn within<T: Send + 'static>(secs: u64, body: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    thread::Builder::new()
+        .name("test-body".into())
+        .spawn(move || {
+            let _ = tx.send(catch_unwind(AssertUnwindSafe(body)));
+        })
+        .expect("spawn test body");
+    match rx.recv_timeout(Duration::from_secs(secs)) {
+        Ok(Ok(v)) => v,
+        Ok(Err(panic)) => resume_unwind(panic),
+        Err(_) => panic!("test body did not finish within {secs} s"),
+    }
+}
+
+/// Polls `cond` every 2 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// `body` reversed byte for byte: what the test servers answer.
+pub fn reversed(body: &[u8]) -> Vec<u8> {
+    body.iter().rev().copied().collect()
+}
