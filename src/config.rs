@@ -69,9 +69,12 @@ pub struct Config {
     pub send_buffer_size: Option<usize>,
     /// `SO_RCVBUF`, if set. Default: the system's.
     pub recv_buffer_size: Option<usize>,
-    /// Spin iterations a caller makes before parking while it waits for a
-    /// response or for its frame to be written. Spinning saves the cost of
-    /// a cross-core wake-up on short round trips. Default: 2000.
+    /// Rounds a caller waits actively for a response before it parks: a
+    /// few busy-spin rounds, then `yield`s, at most 200 µs in all and
+    /// never past the request's deadline. Waiting actively saves a park and
+    /// a cross-core wake-up on short round trips; it is skipped when other
+    /// requests are in flight on the connection. 0 parks at once.
+    /// Default: 2000.
     pub spin: u32,
 }
 

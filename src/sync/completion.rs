@@ -38,6 +38,9 @@ use crate::protocol::{Role, SeqSpace};
 /// Busy-spin rounds before a waiter starts yielding instead.
 const BUSY_SPINS: u32 = 32;
 
+/// The longest a waiter spins and yields before it parks.
+const MAX_SPIN_TIME: std::time::Duration = std::time::Duration::from_micros(200);
+
 const FREE: u64 = 0;
 const RESERVED: u64 = 1;
 const WAITING: u64 = 2;
@@ -296,12 +299,20 @@ impl<'a> Pending<'a> {
             // that must produce the response (the reactors) need this core
             // more than a spinner does, and `sched_yield` hands it to them
             // without the cost of a park and a cross-core wake-up.
+            // Bounded in time as well as in rounds: on a loaded machine one
+            // yield can cost a whole time slice.
+            let mut spin_until = Instant::now() + MAX_SPIN_TIME;
+            if let Some(deadline) = deadline {
+                spin_until = spin_until.min(deadline);
+            }
             for i in 0..spins {
                 if self.is_done() {
                     return self.finish();
                 }
                 if i < BUSY_SPINS {
                     spin_hint();
+                } else if Instant::now() >= spin_until {
+                    break;
                 } else {
                     yield_now();
                 }
