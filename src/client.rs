@@ -3,7 +3,7 @@
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::conn::Connection;
@@ -31,8 +31,10 @@ pub struct Client {
     workers: Workers,
     pool: Mutex<Vec<Connection>>,
     /// Serialises dialling, so a burst of callers grows the pool one
-    /// connection at a time instead of dialling past `max_conns`.
-    dial_lock: Mutex<()>,
+    /// connection at a time instead of dialling past `max_conns`. Holds the
+    /// last failed dial, so callers that queued behind it fail with it
+    /// instead of each dialling again in turn.
+    dial_lock: Mutex<Option<(Instant, Error)>>,
     signal: ShutdownSignal,
 }
 
@@ -68,7 +70,7 @@ impl Client {
             handler: Arc::new(handler),
             workers,
             pool: Mutex::new(Vec::new()),
-            dial_lock: Mutex::new(()),
+            dial_lock: Mutex::new(None),
             signal: ShutdownSignal::new(),
             config,
         })
@@ -119,7 +121,28 @@ impl Client {
         timeout: Option<Duration>,
     ) -> Result<()> {
         let _call = self.signal.enter().ok_or(Error::Closed)?;
-        self.pick()?.request_timeout(body, response, timeout)
+        // The deadline covers finding a connection too (which may dial).
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let conn = self.pick()?;
+        let left = match deadline {
+            None => None,
+            Some(d) => match d.checked_duration_since(Instant::now()) {
+                Some(left) if !left.is_zero() => Some(left),
+                _ => return Err(Error::Timeout(crate::TimeoutKind::Request)),
+            },
+        };
+        let sent_at = crate::conn::now_nanos();
+        let result = conn.request_timeout(body, response, left);
+        if let Err(Error::Timeout(crate::TimeoutKind::Request)) = &result {
+            if conn.silent_since(sent_at) {
+                // Not a byte from the server for the whole timeout: the
+                // connection is as good as gone (a peer or path that
+                // vanished without a FIN). Closing it lets the pool dial
+                // afresh instead of choosing it again.
+                conn.fail(Error::Timeout(crate::TimeoutKind::Request));
+            }
+        }
+        result
     }
 
     /// Picks a connection with nothing in progress, else the least loaded
@@ -131,11 +154,25 @@ impl Client {
         // All busy (or none) and room for more. One caller dials at a time;
         // the others use the least loaded connection meanwhile, or wait for
         // the dial if there is none.
-        let _dialling = match self.dial_lock.try_lock() {
+        let mut dialling = match self.dial_lock.try_lock() {
             Ok(guard) => guard,
             Err(_) => match self.choose(true) {
                 Some(conn) => return Ok(conn),
-                None => lock(&self.dial_lock),
+                None => {
+                    let queued_at = Instant::now();
+                    let guard = lock(&self.dial_lock);
+                    // The dial this caller queued behind: its connection,
+                    // or its failure, without a dial of our own.
+                    if let Some(conn) = self.choose(true) {
+                        return Ok(conn);
+                    }
+                    if let Some((at, e)) = &*guard {
+                        if *at >= queued_at {
+                            return Err(e.clone());
+                        }
+                    }
+                    guard
+                }
             },
         };
         if let Some(conn) = self.choose(false) {
@@ -147,12 +184,16 @@ impl Client {
                     conn.close();
                     return Err(Error::Closed);
                 }
+                *dialling = None;
                 // Joined to the pool before the dial lock is released, so
                 // the next dialler sees it and stays within `max_conns`.
                 lock(&self.pool).push(conn.clone());
                 Ok(conn)
             }
-            Err(e) => self.choose(true).ok_or(e),
+            Err(e) => {
+                *dialling = Some((Instant::now(), e.clone()));
+                self.choose(true).ok_or(e)
+            }
         }
     }
 

@@ -29,7 +29,7 @@ use crate::stats::Counters;
 use crate::sync::completion::CompletionTable;
 use std::sync::Arc;
 
-use crate::sync::{lock, AtomicUsize, Condvar, Mutex, MutexGuard, Ordering};
+use crate::sync::{lock, AtomicU64, AtomicUsize, Condvar, Mutex, MutexGuard, Ordering};
 
 /// Rounds a caller-thread writer makes before handing the rest of the queue
 /// to the reactor, so one caller never writes for everyone indefinitely.
@@ -37,6 +37,12 @@ const CALLER_WRITE_ROUNDS: usize = 4;
 
 /// Initial capacity of each of the two outbound buffers.
 const OUTBOUND_INITIAL: usize = 16 << 10;
+
+/// Nanoseconds since the first call: a clock cheap to keep in an atomic.
+pub(crate) fn now_nanos() -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
 
 /// Called once when a connection closes (the server's connection cap).
 pub(crate) type ReleaseHook = Box<dyn Fn() + Send + Sync>;
@@ -87,6 +93,8 @@ pub(crate) struct ConnShared {
     pub(crate) requests: CompletionTable,
     /// Calls in progress on this connection: the client pool's load metric.
     pub(crate) active_calls: AtomicUsize,
+    /// When bytes last arrived ([`now_nanos`]), set by the reactor.
+    pub(crate) last_read: AtomicU64,
     out: Mutex<Outbound>,
     out_cv: Condvar,
     release: Mutex<Option<ReleaseHook>>,
@@ -178,6 +186,7 @@ impl Connection {
                 reactor: parts.reactor,
                 token: AtomicUsize::new(usize::MAX),
                 active_calls: AtomicUsize::new(0),
+                last_read: AtomicU64::new(now_nanos()),
                 out: Mutex::new(Outbound {
                     sealer: parts.sealer,
                     // Sized up front so that coalescing a handful of frames
@@ -221,6 +230,12 @@ impl Connection {
     /// Why the connection closed, once it has.
     pub fn close_reason(&self) -> Option<Error> {
         lock(&self.shared.out).closed.clone()
+    }
+
+    /// Whether nothing has arrived from the peer since `since`
+    /// ([`now_nanos`]).
+    pub(crate) fn silent_since(&self, since: u64) -> bool {
+        self.shared.last_read.load(Ordering::Relaxed) < since
     }
 
     /// Requests on this connection still awaiting their response.

@@ -577,6 +577,11 @@ impl Reactor {
                 Ok(n) => {
                     entry.rbuf.end += n;
                     entry.last_read = Instant::now();
+                    entry
+                        .conn
+                        .shared
+                        .last_read
+                        .store(crate::conn::now_nanos(), Ordering::Relaxed);
                     self.process(key)?;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
