@@ -769,6 +769,7 @@ fn main() {
     }
     server.shutdown();
     print_ratios(&reports);
+    println!("# server stats: {:?}", server.stats());
 
     if let Some(path) = &args.json {
         if let Err(e) = write_json(path, &reports) {

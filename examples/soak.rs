@@ -443,7 +443,11 @@ fn main() {
         )
     };
     drop(proxy);
+    let client_stats = client.stats();
     server.shutdown();
+    let server_stats = server.stats();
+    println!("client stats: {client_stats:?}");
+    println!("server stats: {server_stats:?}");
 
     // The report.
     let ok = |tag: u8| shared.ok[tag as usize].load(Ordering::Relaxed);
