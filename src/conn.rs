@@ -23,7 +23,7 @@ use mio::net::TcpStream;
 use crate::config::Config;
 use crate::error::{Error, Result, TimeoutKind};
 use crate::handler::Handler;
-use crate::protocol::{frame_len, Role, Sealer};
+use crate::protocol::{frame_len, Role, Sealer, SeqSpace};
 use crate::reactor::{Command, ReactorShared};
 use crate::stats::Counters;
 use crate::sync::completion::CompletionTable;
@@ -90,7 +90,12 @@ pub(crate) struct ConnShared {
     pub(crate) reactor: Arc<ReactorShared>,
     /// The slab key in the reactor, once registered.
     pub(crate) token: AtomicUsize,
-    pub(crate) requests: CompletionTable,
+    /// Completion slots for this side's requests, made on the first
+    /// request: most server-side connections never issue one, and the
+    /// table is the largest per-connection structure.
+    requests: std::sync::OnceLock<CompletionTable>,
+    /// Which requests are ours, by parity; known before the table exists.
+    space: SeqSpace,
     /// Calls in progress on this connection: the client pool's load metric.
     pub(crate) active_calls: AtomicUsize,
     /// When bytes last arrived ([`now_nanos`]), set by the reactor.
@@ -179,7 +184,8 @@ impl Connection {
                 id: parts.id,
                 role: parts.role,
                 peer_addr,
-                requests: CompletionTable::new(parts.role, slots),
+                requests: std::sync::OnceLock::new(),
+                space: SeqSpace::new(parts.role, slots),
                 stream: parts.stream,
                 config: parts.config,
                 handler: parts.handler,
@@ -240,13 +246,31 @@ impl Connection {
 
     /// Requests on this connection still awaiting their response.
     pub fn in_flight(&self) -> usize {
-        self.shared.requests.in_flight()
+        self.shared
+            .requests
+            .get()
+            .map_or(0, CompletionTable::in_flight)
+    }
+
+    /// Whether `seq` numbers one of this side's requests, so that a frame
+    /// carrying it is a response, and delivers it if one is waiting.
+    /// Returns `None` for a peer's request, else whether it was delivered.
+    pub(crate) fn deliver_response(&self, seq: u32, payload: &[u8]) -> Option<bool> {
+        if !self.shared.space.is_ours(seq) {
+            return None;
+        }
+        Some(
+            self.shared
+                .requests
+                .get()
+                .is_some_and(|table| table.complete(seq, payload)),
+        )
     }
 
     /// Calls in progress: frames being queued or written plus requests
     /// awaiting their response. The client pool's measure of "busy".
     pub(crate) fn load(&self) -> usize {
-        self.shared.active_calls.load(Ordering::Relaxed) + self.shared.requests.in_flight()
+        self.shared.active_calls.load(Ordering::Relaxed) + self.in_flight()
     }
 
     /// Sends a message that expects no reply, and returns once its frame is
@@ -277,7 +301,13 @@ impl Connection {
         timeout: Option<Duration>,
     ) -> Result<()> {
         let deadline = timeout.map(|t| Instant::now() + t);
-        let pending = match self.shared.requests.begin(mem::take(response)) {
+        let sh = &*self.shared;
+        let table = sh
+            .requests
+            .get_or_init(|| CompletionTable::new(sh.role, sh.config.max_in_flight));
+        // A close that ran before the table existed could not fail it: the
+        // send below sees the closed queue and withdraws the request.
+        let pending = match table.begin(mem::take(response)) {
             Ok(p) => p,
             Err((e, buf)) => {
                 *response = buf;
@@ -602,7 +632,9 @@ impl Connection {
                 sh.out_cv.notify_all();
             }
         }
-        sh.requests.close(&error);
+        if let Some(table) = sh.requests.get() {
+            table.close(&error);
+        }
         let _ = sh.reactor.push(Command::Close(self.clone()));
     }
 
@@ -619,7 +651,9 @@ impl Connection {
                 sh.out_cv.notify_all();
             }
         }
-        sh.requests.close(error);
+        if let Some(table) = sh.requests.get() {
+            table.close(error);
+        }
         let _ = sh.stream.shutdown(std::net::Shutdown::Both);
         if let Some(release) = lock(&sh.release).take() {
             release();

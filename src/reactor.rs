@@ -860,11 +860,10 @@ fn write_handshake(conn: &Connection, out: &[u8]) -> Result<()> {
 /// Calls the handler for one message; a response to one of our requests
 /// goes to its completion slot instead.
 fn dispatch(conn: &Connection, seq: u32, payload: &[u8], stats: &Counters) -> Result<()> {
-    let requests = &conn.shared.requests;
-    if requests.space().is_ours(seq) {
-        // A response. Unknown or late ones are dropped: they can never
-        // reach another request's slot.
-        if !requests.complete(seq, payload) {
+    // A response to one of our requests? Unknown or late ones are dropped:
+    // they can never reach another request's slot.
+    if let Some(delivered) = conn.deliver_response(seq, payload) {
+        if !delivered {
             Counters::inc(&stats.responses_dropped);
         }
         return Ok(());
