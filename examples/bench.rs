@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo run --release --example bench [-- --secs S --bench NAME \
-//!     --profile secure|monte --size N --json PATH]
+//!     --profile secure|monte|psk|identity --size N --json PATH]
 //! ```
 //!
 //! Every benchmark sends a random payload of `--size` bytes (default 1400)
@@ -40,8 +40,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use monte_rpc::protocol::{frame_len, Profile, Sealer, FRAME_OVERHEAD};
+use monte_rpc::protocol::{
+    frame_len, generate_identity_pkcs8, identity_public_key, Ed25519KeyPair, HandshakeFactory,
+    IdentityConfig, Profile, PskHandshake, Sealer, FRAME_OVERHEAD,
+};
 use monte_rpc::{Client, Config, Context, Error, NoHandler, Reactor, Server};
+use std::sync::Arc;
 
 // ---------------------------------------------------------------------------
 // Allocation counting
@@ -131,18 +135,52 @@ fn random_payload(size: usize) -> Vec<u8> {
 // ---------------------------------------------------------------------------
 // Arguments
 
+/// The wire profile both sides use: a base profile, or one of the
+/// authenticated handshakes with keys made up for the run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Base(Profile),
+    Psk,
+    Identity,
+}
+
+/// Handshake factories for both sides in `mode`.
+fn handshakes(mode: Mode) -> (Arc<dyn HandshakeFactory>, Arc<dyn HandshakeFactory>) {
+    match mode {
+        Mode::Base(p) => (Arc::new(p), Arc::new(p)),
+        Mode::Psk => {
+            let psk = [0x5a; 32];
+            (
+                Arc::new(PskHandshake::factory(psk)),
+                Arc::new(PskHandshake::factory(psk)),
+            )
+        }
+        Mode::Identity => {
+            let pkcs8 = generate_identity_pkcs8().expect("identity");
+            let identity = Arc::new(Ed25519KeyPair::from_pkcs8(&pkcs8).expect("identity"));
+            let pin = identity_public_key(&identity);
+            (
+                Arc::new(IdentityConfig::pinned(pin)),
+                Arc::new(IdentityConfig::server(identity)),
+            )
+        }
+    }
+}
+
 struct Args {
     secs: f64,
     bench: Option<String>,
-    profile: Profile,
+    mode: Mode,
     size: usize,
     json: Option<String>,
+    client_handshake: Arc<dyn HandshakeFactory>,
+    server_handshake: Arc<dyn HandshakeFactory>,
 }
 
 fn usage(msg: &str) -> ! {
     eprintln!("bench: {msg}");
     eprintln!(
-        "usage: bench [--secs S] [--bench NAME] [--profile secure|monte] [--size N] [--json PATH]"
+        "usage: bench [--secs S] [--bench NAME] [--profile secure|monte|psk|identity] [--size N] [--json PATH]"
     );
     exit(2);
 }
@@ -151,9 +189,11 @@ fn parse_args() -> Args {
     let mut args = Args {
         secs: 2.0,
         bench: None,
-        profile: Profile::Secure,
+        mode: Mode::Base(Profile::Secure),
         size: 1400,
         json: None,
+        client_handshake: Arc::new(Profile::Secure),
+        server_handshake: Arc::new(Profile::Secure),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -177,10 +217,14 @@ fn parse_args() -> Args {
             }
             "--bench" => args.bench = Some(value),
             "--profile" => {
-                args.profile = match value.to_ascii_lowercase().as_str() {
-                    "secure" => Profile::Secure,
-                    "monte" => Profile::Monte,
-                    _ => usage(&format!("--profile: expected secure or monte, got {value}")),
+                args.mode = match value.to_ascii_lowercase().as_str() {
+                    "secure" => Mode::Base(Profile::Secure),
+                    "monte" => Mode::Base(Profile::Monte),
+                    "psk" => Mode::Psk,
+                    "identity" => Mode::Identity,
+                    _ => usage(&format!(
+                        "--profile: expected secure, monte, psk or identity, got {value}"
+                    )),
                 }
             }
             "--size" => {
@@ -192,6 +236,7 @@ fn parse_args() -> Args {
             _ => usage(&format!("unknown flag {flag}")),
         }
     }
+    (args.client_handshake, args.server_handshake) = handshakes(args.mode);
     args
 }
 
@@ -532,9 +577,9 @@ fn tuned(mut config: Config) -> Config {
     config
 }
 
-fn client_config(profile: Profile, size: usize) -> Config {
+fn client_config(handshake: Arc<dyn HandshakeFactory>, size: usize) -> Config {
     tuned(Config::default())
-        .profile(profile)
+        .handshake(handshake)
         .request_timeout(Some(Duration::from_secs(10)))
         .max_message_size((size + 64).max(1 << 20))
 }
@@ -560,7 +605,7 @@ fn run_bench(
             allocs_per_op: (m.allocs as f64 / frames as f64).round() as u64,
         });
     }
-    let config = client_config(args.profile, args.size);
+    let config = client_config(args.client_handshake.clone(), args.size);
     let dur = Duration::from_secs_f64(args.secs);
     let threads = if bench.parallel { callers } else { 0 };
 
@@ -730,7 +775,7 @@ fn main() {
     });
 
     let server_config = tuned(Config::server())
-        .profile(args.profile)
+        .handshake(args.server_handshake.clone())
         .max_message_size((args.size + 64).max(1 << 20));
     let server = Server::bind("127.0.0.1:0", server_config, |ctx: &mut Context<'_>| {
         if ctx.expects_reply() {
