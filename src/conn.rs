@@ -56,6 +56,12 @@ pub(crate) struct Outbound {
     writing: bool,
     reactor_flushing: bool,
     queued_total: u64,
+    /// Frames queued so far, and how many of them (and of `queued_total`'s
+    /// bytes) were already added to the stats: counted once per write
+    /// round instead of once per frame, off the callers' hot path.
+    frames_queued: u64,
+    frames_counted: u64,
+    bytes_counted: u64,
     written_total: u64,
     waiters: usize,
     closed: Option<Error>,
@@ -203,6 +209,9 @@ impl Connection {
                     writing: false,
                     reactor_flushing: false,
                     queued_total: 0,
+                    frames_queued: 0,
+                    frames_counted: 0,
+                    bytes_counted: 0,
                     written_total: 0,
                     waiters: 0,
                     closed: None,
@@ -392,9 +401,8 @@ impl Connection {
             return Err(e);
         }
         g.queued_total += frame as u64;
+        g.frames_queued += 1;
         let end = g.queued_total;
-        Counters::inc(&sh.reactor.stats.frames_out);
-        Counters::add(&sh.reactor.stats.bytes_out, frame as u64);
         match mode {
             Mode::OnReactor => Ok(()),
             Mode::Queue => {
@@ -509,6 +517,11 @@ impl Connection {
                 break;
             }
             rounds += 1;
+            let (queued, queued_bytes) = (g.frames_queued, g.queued_total);
+            let frames = queued - mem::replace(&mut g.frames_counted, queued);
+            let bytes = queued_bytes - mem::replace(&mut g.bytes_counted, queued_bytes);
+            Counters::add(&sh.reactor.stats.frames_out, frames);
+            Counters::add(&sh.reactor.stats.bytes_out, bytes);
             let spare = mem::take(&mut g.spare);
             let mut data = mem::replace(&mut g.buf, spare);
             let head = mem::replace(&mut g.head, 0);

@@ -152,10 +152,15 @@ impl Sealer {
     /// allocation once `out` has grown to fit.
     pub fn seal_append(&mut self, seq: u32, payload: &[u8], out: &mut Vec<u8>) -> Result<usize> {
         let start = out.len();
-        self.check(payload.len(), usize::MAX)?;
-        out.resize(start + frame_len(payload.len()), 0);
-        match self.seal_into(seq, payload, &mut out[start..]) {
-            Ok(n) => Ok(n),
+        let total = self.check(payload.len(), usize::MAX)?;
+        // Built by appending rather than zero-filling the frame and copying
+        // over it: the payload is written once.
+        out.extend_from_slice(&[0; LENGTH_PREFIX_LEN]);
+        out.extend_from_slice(&seq.to_be_bytes());
+        out.extend_from_slice(payload);
+        out.extend_from_slice(&[0; TAG_LEN]);
+        match self.seal_prepared(&mut out[start..]) {
+            Ok(()) => Ok(total),
             Err(e) => {
                 out.truncate(start);
                 Err(e)
