@@ -65,6 +65,10 @@ pub(crate) struct Outbound {
     written_total: u64,
     waiters: usize,
     closed: Option<Error>,
+    /// The reactor is closing the connection gracefully and waits for the
+    /// queue to drain: a caller-thread writer that empties it must tell
+    /// the reactor, which would otherwise wait out its drain deadline.
+    draining: bool,
 }
 
 impl Outbound {
@@ -84,6 +88,9 @@ enum Mode {
     /// A reply made on this connection's reactor thread, which flushes
     /// after the batch.
     OnReactor,
+    /// Any other send made on the connection's reactor thread: queued
+    /// without waiting, flushed on the reactor's next turn.
+    ReactorQueue,
 }
 
 pub(crate) struct ConnShared {
@@ -215,6 +222,7 @@ impl Connection {
                     written_total: 0,
                     waiters: 0,
                     closed: None,
+                    draining: false,
                 }),
                 out_cv: Condvar::new(),
                 release: Mutex::new(parts.release),
@@ -283,7 +291,9 @@ impl Connection {
     }
 
     /// Sends a message that expects no reply, and returns once its frame is
-    /// written to the socket.
+    /// written to the socket. (Called from a handler on this connection's
+    /// own reactor thread, it returns once the frame is queued, since only
+    /// that thread can write it; a full queue is then [`Error::QueueFull`].)
     pub fn send(&self, body: &[u8]) -> Result<()> {
         self.submit(0, body, Mode::Direct { wait: true })
     }
@@ -296,7 +306,10 @@ impl Connection {
     }
 
     /// Sends a request and puts the response into `response`, reusing its
-    /// capacity. Waits up to the configured request timeout.
+    /// capacity. Waits up to the configured request timeout. From a handler
+    /// on this connection's own reactor thread it returns
+    /// [`Error::OnReactorThread`] at once: the response could only be read
+    /// by the thread that would be waiting for it.
     pub fn request(&self, body: &[u8], response: &mut Vec<u8>) -> Result<()> {
         self.request_timeout(body, response, self.shared.config.request_timeout)
     }
@@ -309,6 +322,9 @@ impl Connection {
         response: &mut Vec<u8>,
         timeout: Option<Duration>,
     ) -> Result<()> {
+        if crate::reactor::is_current(&self.shared.reactor) {
+            return Err(Error::OnReactorThread);
+        }
         let deadline = timeout.map(|t| Instant::now() + t);
         let sh = &*self.shared;
         let table = sh
@@ -379,12 +395,26 @@ impl Connection {
         result
     }
 
-    fn submit_inner(&self, seq: u32, body: &[u8], mode: Mode) -> Result<()> {
+    fn submit_inner(&self, seq: u32, body: &[u8], mut mode: Mode) -> Result<()> {
         let sh = &*self.shared;
+        if mode != Mode::OnReactor && crate::reactor::is_current(&sh.reactor) {
+            // A handler sending on a connection of its own reactor: only
+            // this thread can drain the queue, so waiting (for room, or for
+            // the write) would wait for itself. Queue it; it goes out on
+            // this reactor's next turn.
+            mode = Mode::ReactorQueue;
+        }
         let mut g = lock(&sh.out);
         let frame = frame_len(body.len());
-        if mode != Mode::OnReactor {
-            g = self.wait_for_room(g, frame)?;
+        match mode {
+            Mode::OnReactor => {}
+            Mode::ReactorQueue => {
+                let limit = sh.config.max_queued_bytes;
+                if g.closed.is_none() && g.pending() > 0 && g.pending() + frame > limit {
+                    return Err(Error::QueueFull);
+                }
+            }
+            _ => g = self.wait_for_room(g, frame)?,
         }
         if let Some(e) = &g.closed {
             return Err(e.clone());
@@ -405,7 +435,7 @@ impl Connection {
         let end = g.queued_total;
         match mode {
             Mode::OnReactor => Ok(()),
-            Mode::Queue => {
+            Mode::Queue | Mode::ReactorQueue => {
                 if !g.writing && !g.reactor_flushing {
                     g.reactor_flushing = true;
                     drop(g);
@@ -536,13 +566,16 @@ impl Connection {
                 }
                 WriteOutcome::Blocked => {
                     // Put the unwritten rest back in front of what was
-                    // appended meanwhile.
+                    // appended meanwhile, dropping what was written so the
+                    // buffer holds only pending bytes (a slow reader must
+                    // not make it grow by everything ever sent).
                     let mut appended = mem::take(&mut g.buf);
+                    data.drain(..head + n);
                     data.extend_from_slice(&appended);
                     appended.clear();
                     g.spare = appended;
                     g.buf = data;
-                    g.head = head + n;
+                    g.head = 0;
                     hand_off = !on_reactor && !g.reactor_flushing;
                     g.reactor_flushing = true;
                     break;
@@ -558,6 +591,10 @@ impl Connection {
         g.writing = false;
         if g.waiters > 0 {
             sh.out_cv.notify_all();
+        }
+        if !on_reactor && g.draining && g.pending() == 0 && !g.reactor_flushing {
+            g.reactor_flushing = true;
+            hand_off = true;
         }
         if let Some(e) = failure {
             drop(g);
@@ -606,6 +643,7 @@ impl Connection {
     /// output and return `true`; otherwise `false`.
     pub(crate) fn seal_off_if_drained(&self) -> bool {
         let mut g = lock(&self.shared.out);
+        g.draining = true;
         if g.closed.is_some() {
             return true;
         }

@@ -140,6 +140,14 @@ pub enum Error {
     PeerClosed,
     /// The server's connection cap was full for the whole accept wait.
     ConnectionLimit,
+    /// The connection's outbound queue already holds `max_queued_bytes`,
+    /// and the call could not wait for room because it was made on the
+    /// connection's own reactor thread (from a handler).
+    QueueFull,
+    /// A call that waits (a `request`) was made on a reactor thread, from
+    /// a handler: the response could only be read by that same thread, so
+    /// it would wait for itself. Make the call from another thread.
+    OnReactorThread,
     /// The application's handler panicked; its connection was closed and
     /// the reactor carried on.
     HandlerPanicked,
@@ -191,6 +199,10 @@ impl fmt::Display for Error {
             Error::PeerClosed => f.write_str("peer closed the connection"),
             Error::ConnectionLimit => f.write_str("server connection limit reached"),
             Error::HandlerPanicked => f.write_str("handler panicked"),
+            Error::QueueFull => f.write_str("outbound queue full"),
+            Error::OnReactorThread => {
+                f.write_str("a waiting call was made on a reactor thread, which it would block")
+            }
             Error::Io(e) => write!(f, "i/o error: {e}"),
         }
     }

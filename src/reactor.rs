@@ -32,12 +32,39 @@ use crate::error::{Error, HandshakeError, Result, TimeoutKind};
 use crate::handler::{Context, Handler};
 use crate::protocol::{Decoded, FrameDecoder, Handshake, Opener, Role, Session};
 use crate::stats::{Counters, Stats};
-use crate::sync::mailbox::Mailbox;
+use crate::sync::mailbox::{Mailbox, PushError};
 use std::sync::Arc;
 
 use crate::sync::{AtomicBool, AtomicUsize, Ordering};
 
 const WAKER: Token = Token(usize::MAX - 1);
+
+thread_local! {
+    /// The reactor (its shared half's address) this thread is running, or 0.
+    static CURRENT_REACTOR: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Whether the calling thread is the one running `reactor` right now (a
+/// handler calling back into the library).
+pub(crate) fn is_current(reactor: &Arc<ReactorShared>) -> bool {
+    CURRENT_REACTOR.with(|c| c.get()) == Arc::as_ptr(reactor) as usize
+}
+
+/// Marks the thread as running a reactor for as long as it lives.
+struct RunningGuard(usize);
+
+impl RunningGuard {
+    fn enter(reactor: &Arc<ReactorShared>) -> RunningGuard {
+        let prev = CURRENT_REACTOR.with(|c| c.replace(Arc::as_ptr(reactor) as usize));
+        RunningGuard(prev)
+    }
+}
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        CURRENT_REACTOR.with(|c| c.set(self.0));
+    }
+}
 
 /// What other threads ask of a reactor.
 pub(crate) enum Command {
@@ -75,8 +102,18 @@ pub(crate) struct ReactorShared {
 }
 
 impl ReactorShared {
+    /// Hands a command to the reactor. Once it has stopped, the command is
+    /// settled here instead (a connection handed over is closed), so no
+    /// connection is left in a mailbox no one reads.
     pub(crate) fn push(&self, cmd: Command) -> io::Result<bool> {
-        self.mailbox.push(cmd, &self.waker)
+        match self.mailbox.push(cmd, &self.waker) {
+            Ok(woke) => Ok(woke),
+            Err(PushError::Notify(e)) => Err(e),
+            Err(PushError::Closed(cmd)) => {
+                settle_after_stop(cmd);
+                Err(io::ErrorKind::NotConnected.into())
+            }
+        }
     }
 }
 
@@ -110,7 +147,12 @@ impl ReactorHandle {
         release: Option<ReleaseHook>,
     ) -> Result<()> {
         let config = self.shared.config.clone();
-        stream.set_nonblocking(true)?;
+        if let Err(e) = stream.set_nonblocking(true) {
+            if let Some(r) = release {
+                r();
+            }
+            return Err(e.into());
+        }
         let _ = stream.set_nodelay(true);
         let handshake = match config.handshake.server() {
             Ok(h) => h,
@@ -184,8 +226,17 @@ impl ReactorHandle {
             return Err(Error::Closed);
         }
         self.shared.connections.fetch_add(1, Ordering::Relaxed);
-        self.shared.push(Command::Add(Box::new(new)))?;
-        Ok(())
+        match self.shared.push(Command::Add(Box::new(new))) {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => {
+                // Stopped meanwhile: the connection was closed on the spot.
+                self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+                Err(Error::Closed)
+            }
+            // Queued; only the wake-up failed, and the reactor's next turn
+            // takes it.
+            Err(_) => Ok(()),
+        }
     }
 
     /// Asks the reactor to stop: it closes every connection gracefully
@@ -238,12 +289,19 @@ impl RecvBuf {
     /// the unconsumed bytes to the front first.
     fn reserve_frame(&mut self, need: usize) {
         if self.start > 0 && self.start + need > self.buf.len() {
-            self.buf.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
+            self.compact();
         }
         if need > self.buf.len() {
             self.buf.resize(need, 0);
+        }
+    }
+
+    /// Moves the unconsumed bytes to the front.
+    fn compact(&mut self) {
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
         }
     }
 }
@@ -388,6 +446,7 @@ impl Reactor {
         if self.shared.stopped.load(Ordering::Acquire) {
             return Ok(false);
         }
+        let _running = RunningGuard::enter(&self.shared);
         let now = Instant::now();
         let mut wait = self.next_sweep.saturating_duration_since(now);
         if let Some(t) = timeout {
@@ -429,8 +488,13 @@ impl Reactor {
         }
         if self.stopping && self.conns.is_empty() {
             self.shared.stopped.store(true, Ordering::Release);
-            // Connections handed over after the stop are closed here.
-            self.run_commands();
+            // Connections handed over after the stop are closed here, and
+            // the mailbox refuses any more.
+            let mut left = Vec::new();
+            self.shared.mailbox.close(&mut left);
+            for cmd in left {
+                settle_after_stop(cmd);
+            }
             return Ok(false);
         }
         Ok(true)
@@ -541,16 +605,16 @@ impl Reactor {
         loop {
             let entry = &mut self.conns[key];
             if entry.rbuf.end == entry.rbuf.buf.len() {
-                // Full of a partial frame: `process` already grew the buffer
-                // for any frame larger than it, so moving to the front
-                // makes room.
+                // Full: room comes from moving the unconsumed bytes to the
+                // front, or else from growing.
                 let rb = &mut entry.rbuf;
                 if rb.start > 0 {
-                    rb.buf.copy_within(rb.start..rb.end, 0);
-                    rb.end -= rb.start;
-                    rb.start = 0;
+                    rb.compact();
                 } else {
-                    let grown = rb.buf.len() * 2;
+                    // Full of one partial frame the decoder accepted: grow
+                    // as its bytes arrive, up to the largest frame allowed.
+                    let grown =
+                        (rb.buf.len() * 2).min(self.decoder.max_frame_len().max(rb.buf.len() + 1));
                     rb.buf.resize(grown, 0);
                 }
             }
@@ -653,7 +717,11 @@ impl Reactor {
                         rbuf.start = 0;
                         rbuf.end = 0;
                     } else if rbuf.start + total > rbuf.buf.len() {
-                        rbuf.reserve_frame(total);
+                        // Make room by moving the partial frame to the
+                        // front; the buffer itself grows only as bytes
+                        // arrive (in `read_all`), never to a length the
+                        // peer merely claimed.
+                        rbuf.compact();
                     }
                     break Ok(());
                 }
@@ -832,7 +900,27 @@ impl Drop for Reactor {
         for key in keys {
             self.close(key, Error::Closed);
         }
-        self.run_commands();
+        // Refuse every later command and settle the ones already queued:
+        // a connection left in the mailbox would keep this reactor's shared
+        // half, and itself, alive forever.
+        let mut left = Vec::new();
+        self.shared.mailbox.close(&mut left);
+        for cmd in left {
+            settle_after_stop(cmd);
+        }
+    }
+}
+
+/// What a command means once its reactor is gone: a connection handed over
+/// or to be closed is closed; nothing else needs doing.
+fn settle_after_stop(cmd: Command) {
+    match cmd {
+        Command::Add(new) => new.conn.finish_close(&Error::Closed),
+        Command::Close(conn) => {
+            let reason = conn.close_reason().unwrap_or(Error::Closed);
+            conn.finish_close(&reason);
+        }
+        Command::Flush(_) | Command::Stop => {}
     }
 }
 

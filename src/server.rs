@@ -6,7 +6,7 @@ use std::io;
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mio::{Events, Interest, Poll, Token, Waker};
 use socket2::{Domain, Protocol, Socket, Type};
@@ -106,6 +106,7 @@ impl Server {
             poll,
             listener,
             waiting: VecDeque::new(),
+            retry_accept: None,
             limit: limit.clone(),
             workers: workers.clone(),
             handler: Arc::new(handler),
@@ -165,6 +166,8 @@ struct Acceptor {
     listener: mio::net::TcpListener,
     /// Accepted over the cap, waiting for a place until their deadline.
     waiting: VecDeque<(std::net::TcpStream, Instant)>,
+    /// When to try accepting again after an error such as EMFILE.
+    retry_accept: Option<Instant>,
     limit: Arc<Limit>,
     workers: Arc<Workers>,
     handler: Arc<dyn Handler>,
@@ -175,10 +178,15 @@ impl Acceptor {
     fn run(mut self) {
         let mut events = Events::with_capacity(64);
         loop {
+            let now = Instant::now();
             let timeout = self
                 .waiting
                 .front()
-                .map(|(_, deadline)| deadline.saturating_duration_since(Instant::now()));
+                .map(|(_, deadline)| *deadline)
+                .into_iter()
+                .chain(self.retry_accept)
+                .min()
+                .map(|at| at.saturating_duration_since(now));
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     return;
@@ -187,9 +195,18 @@ impl Acceptor {
             if self.limit.stop.load(Ordering::Acquire) {
                 return;
             }
+            self.retry_accept = None;
             self.accept_all();
             self.admit_waiting();
         }
+    }
+
+    /// Connections allowed to wait for a place (each for at most the
+    /// accept wait): four times the cap, and at least 256. Past that a new
+    /// connection is refused at once, so a flood cannot hold descriptors
+    /// without bound.
+    fn max_waiting(&self) -> usize {
+        (self.limit.max * 4).max(256)
     }
 
     fn accept_all(&mut self) {
@@ -200,16 +217,48 @@ impl Acceptor {
                     // takes it as a std stream.
                     let stream = std::net::TcpStream::from(std::os::fd::OwnedFd::from(stream));
                     let _ = crate::dial::tune(&socket2::SockRef::from(&stream), &self.config);
+                    if self.waiting.is_empty() && self.limit.try_acquire() {
+                        self.hand_over(stream);
+                        continue;
+                    }
+                    if self.waiting.len() >= self.max_waiting() {
+                        // The wait queue is full too: refuse at once rather
+                        // than hold descriptors without bound.
+                        self.limit.refused.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
                     let deadline = Instant::now() + self.config.accept_wait;
                     self.waiting.push_back((stream, deadline));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                // Out of descriptors or a connection reset before accept:
-                // keep serving the others.
-                Err(_) => return,
+                // One connection that died before it was accepted: the rest
+                // of the backlog is still there, and an edge-triggered
+                // listener would not announce it again.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::Interrupted
+                            | io::ErrorKind::ConnectionAborted
+                            | io::ErrorKind::ConnectionReset
+                    ) => {}
+                // Out of descriptors (or similar): come back shortly rather
+                // than spin; the poll timeout brings the acceptor back.
+                Err(_) => {
+                    self.retry_accept = Some(Instant::now() + Duration::from_millis(50));
+                    return;
+                }
             }
         }
+    }
+
+    /// Gives an admitted connection (its place already taken) to a worker.
+    fn hand_over(&self, stream: std::net::TcpStream) {
+        let limit = self.limit.clone();
+        let _ = self.workers.pick().accept_with_release(
+            stream,
+            self.handler.clone(),
+            Some(Box::new(move || limit.release())),
+        );
     }
 
     fn admit_waiting(&mut self) {
@@ -225,12 +274,7 @@ impl Acceptor {
                 break;
             }
             let (stream, _) = self.waiting.pop_front().expect("front exists");
-            let limit = self.limit.clone();
-            let _ = self.workers.pick().accept_with_release(
-                stream,
-                self.handler.clone(),
-                Some(Box::new(move || limit.release())),
-            );
+            self.hand_over(stream);
         }
         // Drop expired sockets further back too.
         let before = self.waiting.len();

@@ -38,9 +38,25 @@ impl Notify for mio::Waker {
 /// nothing.
 #[derive(Debug)]
 pub struct Mailbox<T> {
-    queue: Mutex<Vec<T>>,
+    queue: Mutex<Queue<T>>,
     /// `queued << 1 | SLEEPING`.
     word: AtomicUsize,
+}
+
+#[derive(Debug)]
+struct Queue<T> {
+    items: Vec<T>,
+    /// Set once the consumer is gone: later pushes are handed back.
+    closed: bool,
+}
+
+/// Why [`Mailbox::push`] did not deliver.
+#[derive(Debug)]
+pub enum PushError<T> {
+    /// The mailbox is closed (its reactor has stopped); the item comes back.
+    Closed(T),
+    /// The item was queued, but waking the reactor failed.
+    Notify(io::Error),
 }
 
 impl<T> Default for Mailbox<T> {
@@ -53,23 +69,29 @@ impl<T> Mailbox<T> {
     /// An empty mailbox whose reactor counts as awake.
     pub fn new() -> Self {
         Mailbox {
-            queue: Mutex::new(Vec::new()),
+            queue: Mutex::new(Queue {
+                items: Vec::new(),
+                closed: false,
+            }),
             word: AtomicUsize::new(0),
         }
     }
 
     /// Queues `item` and wakes the reactor if it is asleep. Returns whether
     /// this call sent the wake-up.
-    pub fn push(&self, item: T, notify: &dyn Notify) -> io::Result<bool> {
+    pub fn push(&self, item: T, notify: &dyn Notify) -> Result<bool, PushError<T>> {
         let prev = {
             let mut q = lock(&self.queue);
-            q.push(item);
+            if q.closed {
+                return Err(PushError::Closed(item));
+            }
+            q.items.push(item);
             // Counted under the lock, so a drain's count matches its items.
             self.word.fetch_add(ONE, Ordering::AcqRel)
         };
         if prev & SLEEPING != 0 && self.word.fetch_and(!SLEEPING, Ordering::AcqRel) & SLEEPING != 0
         {
-            notify.notify()?;
+            notify.notify().map_err(PushError::Notify)?;
             return Ok(true);
         }
         Ok(false)
@@ -97,7 +119,17 @@ impl<T> Mailbox<T> {
             return;
         }
         let mut q = lock(&self.queue);
-        std::mem::swap(&mut *q, out);
+        std::mem::swap(&mut q.items, out);
+        self.word.fetch_sub(out.len() * ONE, Ordering::AcqRel);
+    }
+
+    /// Consumer side, when it stops for good: refuses every later push and
+    /// moves what is still queued into `out`, so nothing is left behind in
+    /// a mailbox that no one will read.
+    pub fn close(&self, out: &mut Vec<T>) {
+        let mut q = lock(&self.queue);
+        q.closed = true;
+        std::mem::swap(&mut q.items, out);
         self.word.fetch_sub(out.len() * ONE, Ordering::AcqRel);
     }
 
