@@ -180,8 +180,9 @@ fn write_nonblocking(mut stream: &TcpStream, data: &[u8]) -> (usize, WriteOutcom
 pub(crate) enum Flushed {
     /// The queue is empty.
     Empty,
-    /// The socket is full; wait for WRITABLE.
-    Blocked,
+    /// The socket is full with this many bytes still queued; wait for
+    /// WRITABLE.
+    Blocked(usize),
     /// Another thread is writing and will finish the queue.
     Busy,
     /// The connection is closed.
@@ -635,8 +636,13 @@ impl Connection {
         } else if g.pending() == 0 {
             Flushed::Empty
         } else {
-            Flushed::Blocked
+            Flushed::Blocked(g.pending())
         }
+    }
+
+    /// Bytes queued and not yet written.
+    pub(crate) fn queued_bytes(&self) -> usize {
+        lock(&self.shared.out).pending()
     }
 
     /// Reactor side, graceful close: if nothing is queued, refuse further

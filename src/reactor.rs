@@ -328,6 +328,8 @@ struct Entry {
     last_read: Instant,
     /// The peer has shut its write side (end of stream was read).
     read_closed: bool,
+    /// Reading is paused until queued output drains (backpressure).
+    read_paused: bool,
     /// This side began the close (its shutdown), so the end is orderly.
     local_close: bool,
     /// (bytes written, when that count was last seen to change)
@@ -368,6 +370,8 @@ pub struct Reactor {
     commands: Vec<Command>,
     /// Connections with output to flush after this batch.
     dirty: Vec<usize>,
+    /// Connections whose paused reading may resume: their output drained.
+    resume: Vec<usize>,
     decoder: FrameDecoder,
     config: Arc<Config>,
     tick: Duration,
@@ -417,6 +421,7 @@ impl Reactor {
             conns: Slab::new(),
             commands: Vec::new(),
             dirty: Vec::new(),
+            resume: Vec::new(),
             decoder: FrameDecoder::new(config.max_message_size),
             config,
             tick,
@@ -482,6 +487,13 @@ impl Reactor {
         }
         self.events = events;
         self.flush_dirty();
+        // Edge-triggered: bytes that arrived while reading was paused are
+        // announced no more, so resumed connections are read now.
+        while let Some(key) = self.resume.pop() {
+            if self.conns.contains(key) {
+                self.on_readable(key);
+            }
+        }
         if Instant::now() >= self.next_sweep {
             self.sweep();
             self.next_sweep = Instant::now() + self.tick;
@@ -580,6 +592,7 @@ impl Reactor {
             draining: None,
             write_shut: false,
             read_closed: false,
+            read_paused: false,
             local_close: false,
         });
         // Server handshakes may owe output before any input (custom ones),
@@ -604,6 +617,9 @@ impl Reactor {
     fn read_all(&mut self, key: usize) -> Result<()> {
         loop {
             let entry = &mut self.conns[key];
+            if entry.read_paused {
+                return Ok(());
+            }
             if entry.rbuf.end == entry.rbuf.buf.len() {
                 // Full: room comes from moving the unconsumed bytes to the
                 // front, or else from growing.
@@ -647,6 +663,15 @@ impl Reactor {
                         .last_read
                         .store(crate::conn::now_nanos(), Ordering::Relaxed);
                     self.process(key)?;
+                    // Replies queue up without waiting on this thread: past
+                    // the bound, write them now, which pauses reading if
+                    // the peer is not taking them.
+                    if self.conns[key].conn.queued_bytes() > self.config.max_queued_bytes {
+                        self.flush(key);
+                        if !self.conns.contains(key) {
+                            return Ok(());
+                        }
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -742,7 +767,13 @@ impl Reactor {
     fn flush(&mut self, key: usize) {
         let entry = &mut self.conns[key];
         match entry.conn.flush_from_reactor() {
-            Flushed::Blocked => {
+            Flushed::Blocked(queued) => {
+                if queued > self.config.max_queued_bytes {
+                    // The peer sends requests faster than it reads the
+                    // replies: stop reading it until its replies drain, so
+                    // what it makes us queue stays bounded.
+                    entry.read_paused = true;
+                }
                 if !entry.writable {
                     entry.writable = true;
                     let fd = entry.conn.shared.stream.as_raw_fd();
@@ -757,6 +788,10 @@ impl Reactor {
                 }
             }
             Flushed::Empty | Flushed::Busy => {
+                if entry.read_paused {
+                    entry.read_paused = false;
+                    self.resume.push(key);
+                }
                 if entry.writable {
                     entry.writable = false;
                     let fd = entry.conn.shared.stream.as_raw_fd();

@@ -62,3 +62,86 @@ fn handler_calls_on_its_own_reactor_do_not_block_it() {
         server.shutdown();
     });
 }
+
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    statm
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 4096
+}
+
+/// A peer that pipelines requests and never reads the replies: the server
+/// stops reading it once `max_queued_bytes` of replies wait, so what it
+/// holds stays bounded, and the write timeout closes the connection.
+#[test]
+fn a_peer_that_never_reads_its_replies_cannot_grow_the_server() {
+    use monte_rpc::protocol::{ClientHandshake, Handshake, Profile};
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    within(60, || {
+        let closed: Arc<Mutex<Option<Error>>> = Arc::default();
+        struct Big(Arc<Mutex<Option<Error>>>, Vec<u8>);
+        impl monte_rpc::Handler for Big {
+            fn on_message(&self, ctx: &mut Context<'_>) {
+                let _ = ctx.reply(&self.1);
+            }
+            fn on_close(&self, _conn: &monte_rpc::Connection, reason: &Error) {
+                *self.0.lock().unwrap() = Some(reason.clone());
+            }
+        }
+        let server = Server::bind(
+            "127.0.0.1:0",
+            Config::server()
+                .workers(1)
+                .max_queued_bytes(1 << 20)
+                .write_timeout(Some(Duration::from_secs(1))),
+            Big(closed.clone(), vec![7u8; 64 << 10]),
+        )
+        .unwrap();
+        let mut raw = TcpStream::connect(server.local_addr()).unwrap();
+        // A small receive buffer, so that the server's writes block early.
+        let _ = socket2::SockRef::from(&raw).set_recv_buffer_size(64 << 10);
+        let mut hs = ClientHandshake::new(Profile::Secure).unwrap();
+        let mut out = Vec::new();
+        hs.write_output(&mut out);
+        raw.write_all(&out).unwrap();
+        let mut key = [0u8; 32];
+        raw.read_exact(&mut key).unwrap();
+        hs.read_input(&key).unwrap();
+        let mut session = hs.take_session().unwrap();
+        let before = rss_bytes();
+        // 2,000 requests would make 128 MiB of replies if nothing pushed
+        // back; write them without ever reading.
+        let mut wire = Vec::new();
+        raw.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
+        for i in 0..2000u32 {
+            wire.clear();
+            session
+                .sealer
+                .seal_append(2 * i + 1, b"give me 64 KiB", &mut wire)
+                .unwrap();
+            if raw.write_all(&wire).is_err() {
+                break; // the server stopped reading us, or closed
+            }
+        }
+        assert!(
+            wait_until(Duration::from_secs(10), || closed.lock().unwrap().is_some()),
+            "the connection was never closed"
+        );
+        let grown = rss_bytes().saturating_sub(before);
+        assert!(
+            grown < 48 << 20,
+            "server memory grew by {} MiB",
+            grown >> 20
+        );
+        assert!(matches!(
+            closed.lock().unwrap().take(),
+            Some(Error::Timeout(monte_rpc::TimeoutKind::Write))
+        ));
+        server.shutdown();
+    });
+}
