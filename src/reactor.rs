@@ -884,8 +884,10 @@ impl Reactor {
                     }
                 }
                 Phase::Open { .. } => {
+                    // Not while reading is paused: the silence is ours then,
+                    // and the write timeout judges the peer.
                     if let Some(t) = self.config.read_timeout {
-                        if idle >= t && entry.draining.is_none() {
+                        if idle >= t && entry.draining.is_none() && !entry.read_paused {
                             expired.push((key, Error::Timeout(TimeoutKind::Read)));
                             continue;
                         }

@@ -293,13 +293,18 @@ impl Good {
         let client = Arc::new(Client::new(addr, good_config()).expect("good client"));
         check_client(&client, "before");
         let stop = Arc::new(AtomicBool::new(false));
+        let started = Arc::new(AtomicBool::new(false));
         let caller = {
             let client = client.clone();
             let stop = stop.clone();
+            let started = started.clone();
             thread::spawn(move || {
                 let mut resp = Vec::new();
                 let mut n = 0u64;
-                while !stop.load(Ordering::SeqCst) {
+                // At least one request during the attack, however loaded
+                // the machine: the attack starts only once it is under way.
+                while n == 0 || !stop.load(Ordering::SeqCst) {
+                    started.store(true, Ordering::SeqCst);
                     let body = format!("during-{n}-{}", "xyz".repeat((n % 13) as usize));
                     if let Err(e) = client.request(body.as_bytes(), &mut resp) {
                         return Err(format!("request {n} failed: {e:?}"));
@@ -313,6 +318,10 @@ impl Good {
                 Ok(n)
             })
         };
+        assert!(
+            wait_until(Duration::from_secs(10), || started.load(Ordering::SeqCst)),
+            "the good caller did not start"
+        );
         Good {
             client,
             stop,
