@@ -5,6 +5,8 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::error::TimeoutKind;
+
 use crate::config::Config;
 use crate::conn::Connection;
 use crate::error::{Error, Result};
@@ -36,6 +38,12 @@ pub struct Client {
     /// instead of each dialling again in turn.
     dial_lock: Mutex<Option<(Instant, Error)>>,
     signal: ShutdownSignal,
+}
+
+/// What waiting for another caller's dial gave.
+enum Waited<'a> {
+    Dialled(Connection),
+    Lock(crate::sync::MutexGuard<'a, Option<(Instant, Error)>>),
 }
 
 impl std::fmt::Debug for Client {
@@ -97,14 +105,14 @@ impl Client {
     /// written to the socket.
     pub fn send(&self, body: &[u8]) -> Result<()> {
         let _call = self.signal.enter().ok_or(Error::Closed)?;
-        self.pick()?.send(body)
+        self.pick(self.write_deadline())?.send(body)
     }
 
     /// Queues a message that expects no reply, and returns at once (or
     /// waits for room in a full queue, up to the write timeout).
     pub fn send_no_wait(&self, body: &[u8]) -> Result<()> {
         let _call = self.signal.enter().ok_or(Error::Closed)?;
-        self.pick()?.send_no_wait(body)
+        self.pick(self.write_deadline())?.send_no_wait(body)
     }
 
     /// Sends a request and puts its response into `response`, reusing its
@@ -123,7 +131,7 @@ impl Client {
         let _call = self.signal.enter().ok_or(Error::Closed)?;
         // The deadline covers finding a connection too (which may dial).
         let deadline = timeout.map(|t| Instant::now() + t);
-        let conn = self.pick()?;
+        let conn = self.pick(deadline)?;
         let left = match deadline {
             None => None,
             Some(d) => match d.checked_duration_since(Instant::now()) {
@@ -147,7 +155,14 @@ impl Client {
 
     /// Picks a connection with nothing in progress, else the least loaded
     /// one, dialling a new one while under `max_conns` and all are busy.
-    fn pick(&self) -> Result<Connection> {
+    /// How long a send may wait for a connection: its write timeout.
+    fn write_deadline(&self) -> Option<Instant> {
+        self.config.write_timeout.map(|t| Instant::now() + t)
+    }
+
+    /// Picks a connection, waiting for another caller's dial no later than
+    /// `deadline` (then [`Error::Timeout`] with [`TimeoutKind::Dial`]).
+    fn pick(&self, deadline: Option<Instant>) -> Result<Connection> {
         if let Some(conn) = self.choose(false) {
             return Ok(conn);
         }
@@ -160,7 +175,10 @@ impl Client {
                 Some(conn) => return Ok(conn),
                 None => {
                     let queued_at = Instant::now();
-                    let guard = lock(&self.dial_lock);
+                    let guard = match self.wait_for_dial(deadline)? {
+                        Waited::Dialled(conn) => return Ok(conn),
+                        Waited::Lock(guard) => guard,
+                    };
                     // The dial this caller queued behind: its connection,
                     // or its failure, without a dial of our own.
                     if let Some(conn) = self.choose(true) {
@@ -194,6 +212,28 @@ impl Client {
                 *dialling = Some((Instant::now(), e.clone()));
                 self.choose(true).ok_or(e)
             }
+        }
+    }
+
+    /// Waits for the dial another caller is making: polls (the wait is
+    /// rare and short) for its connection or for the dial lock, until
+    /// `deadline`.
+    fn wait_for_dial(&self, deadline: Option<Instant>) -> Result<Waited<'_>> {
+        loop {
+            match self.dial_lock.try_lock() {
+                Ok(guard) => return Ok(Waited::Lock(guard)),
+                Err(std::sync::TryLockError::Poisoned(p)) => {
+                    return Ok(Waited::Lock(p.into_inner()))
+                }
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
+            if let Some(conn) = self.choose(true) {
+                return Ok(Waited::Dialled(conn));
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(Error::Timeout(TimeoutKind::Dial));
+            }
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 

@@ -827,3 +827,54 @@ fn concurrent_first_calls_do_not_queue_behind_each_others_dials() {
         heal(&client).expect("heal");
     });
 }
+
+/// A caller queued behind another caller's dial gives up at its own
+/// deadline: against a listener that never answers the handshake (2 s
+/// handshake timeout), a second concurrent request with a 300 ms timeout
+/// returns long before the first caller's dial ends.
+#[test]
+fn a_caller_waiting_for_a_dial_keeps_its_own_deadline() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let held = std::thread::spawn(move || {
+        // Accept and hold the sockets, saying nothing.
+        let mut socks = Vec::new();
+        for s in listener.incoming().take(1) {
+            socks.push(s.unwrap());
+        }
+        std::thread::sleep(Duration::from_secs(3));
+    });
+    let client = Arc::new(
+        Client::new(
+            addr,
+            Config::default()
+                .handshake_timeout(Some(Duration::from_secs(2)))
+                .dial_attempts(1)
+                .max_conns(1),
+        )
+        .unwrap(),
+    );
+    let first = {
+        let client = client.clone();
+        std::thread::spawn(move || {
+            let mut resp = Vec::new();
+            client.request_timeout(b"first", &mut resp, Some(Duration::from_secs(5)))
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100)); // the first is dialling
+    let start = Instant::now();
+    let mut resp = Vec::new();
+    let second = client.request_timeout(b"second", &mut resp, Some(Duration::from_millis(300)));
+    let took = start.elapsed();
+    assert!(
+        matches!(second, Err(Error::Timeout(_))),
+        "second: {second:?}"
+    );
+    assert!(took < Duration::from_millis(1000), "second waited {took:?}");
+    assert!(matches!(
+        first.join().unwrap(),
+        Err(Error::Timeout(monte_rpc::TimeoutKind::Handshake))
+    ));
+    client.shutdown();
+    held.join().unwrap();
+}
