@@ -40,6 +40,10 @@ pub struct Client {
     signal: ShutdownSignal,
 }
 
+/// How long `shutdown` lets calls already under way finish before it
+/// closes the connections under them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+
 /// What waiting for another caller's dial gave.
 enum Waited<'a> {
     Dialled(Connection),
@@ -252,11 +256,17 @@ impl Client {
         (any || full || load == 0).then(|| conn.clone())
     }
 
-    /// Shuts down gracefully: new calls fail with [`Error::Closed`], frames
-    /// already queued are written, in-flight requests get their responses
-    /// (or fail once the connection closes), and every thread is joined.
+    /// Shuts down gracefully: new calls fail with [`Error::Closed`]; calls
+    /// already under way get up to one second to finish (so a request in
+    /// flight gets its response and a frame being queued is queued); then
+    /// every queued frame is written, connections are half-closed and
+    /// drained, anything still pending fails, and every thread is joined.
     pub fn shutdown(&self) {
         self.signal.close();
+        let grace = Instant::now() + SHUTDOWN_GRACE;
+        while self.signal.calls_inside() > 0 && Instant::now() < grace {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         self.workers.stop_and_join();
         lock(&self.pool).clear();
     }
