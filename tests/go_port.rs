@@ -2,7 +2,7 @@
 //! sends and requests, server shutdown), loopback only and bounded in time.
 
 mod common;
-use common::within;
+use common::{client_config, server_config, within};
 
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -10,21 +10,7 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use monte_rpc::{Client, Config, Context, Error, Server, TimeoutKind};
-
-fn client_config() -> Config {
-    Config::default()
-        .workers(2)
-        .request_timeout(Some(Duration::from_secs(5)))
-        .write_timeout(Some(Duration::from_secs(5)))
-}
-
-fn server_config() -> Config {
-    Config::server()
-        .workers(2)
-        .request_timeout(Some(Duration::from_secs(5)))
-        .write_timeout(Some(Duration::from_secs(5)))
-}
+use monte_rpc::{Client, Context, Error, Server, TimeoutKind};
 
 fn reverse_server() -> Server {
     Server::bind("127.0.0.1:0", server_config(), |ctx: &mut Context<'_>| {

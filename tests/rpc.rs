@@ -2,7 +2,7 @@
 //! pooling, server-initiated requests, limits, timeouts, profiles and sizes.
 
 mod common;
-use common::{reversed, wait_until, within};
+use common::{client_config, reversed, server_config, wait_until, within};
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -13,20 +13,6 @@ use std::time::{Duration, Instant};
 
 use monte_rpc::protocol::{ClientHandshake, Handshake, Profile};
 use monte_rpc::{Client, Config, Connection, Context, Error, Handler, Server, TimeoutKind};
-
-fn client_config() -> Config {
-    Config::default()
-        .workers(2)
-        .request_timeout(Some(Duration::from_secs(5)))
-        .write_timeout(Some(Duration::from_secs(5)))
-}
-
-fn server_config() -> Config {
-    Config::server()
-        .workers(2)
-        .request_timeout(Some(Duration::from_secs(5)))
-        .write_timeout(Some(Duration::from_secs(5)))
-}
 
 fn reverse_handler(ctx: &mut Context<'_>) {
     let body = reversed(ctx.body());

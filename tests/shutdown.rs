@@ -35,18 +35,14 @@ fn join_by<T>(handle: thread::JoinHandle<T>, deadline: Instant, what: &str) -> T
     }
 }
 
+/// The common settings with a 2 s write timeout: shutdown flushes are
+/// bounded by it.
 fn client_config() -> Config {
-    Config::default()
-        .workers(2)
-        .request_timeout(Some(Duration::from_secs(5)))
-        .write_timeout(Some(Duration::from_secs(2)))
+    common::client_config().write_timeout(Some(Duration::from_secs(2)))
 }
 
 fn server_config() -> Config {
-    Config::server()
-        .workers(2)
-        .request_timeout(Some(Duration::from_secs(5)))
-        .write_timeout(Some(Duration::from_secs(2)))
+    common::server_config().write_timeout(Some(Duration::from_secs(2)))
 }
 
 /// Names of this process's threads that belong to monte-rpc.

@@ -42,3 +42,20 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 pub fn reversed(body: &[u8]) -> Vec<u8> {
     body.iter().rev().copied().collect()
 }
+
+/// The client settings most tests use: two reactors, 5 s request and write
+/// timeouts, so a broken test fails rather than hangs.
+pub fn client_config() -> monte_rpc::Config {
+    monte_rpc::Config::default()
+        .workers(2)
+        .request_timeout(Some(Duration::from_secs(5)))
+        .write_timeout(Some(Duration::from_secs(5)))
+}
+
+/// The server counterpart of [`client_config`].
+pub fn server_config() -> monte_rpc::Config {
+    monte_rpc::Config::server()
+        .workers(2)
+        .request_timeout(Some(Duration::from_secs(5)))
+        .write_timeout(Some(Duration::from_secs(5)))
+}
