@@ -76,6 +76,15 @@ pub struct Config {
     /// requests are in flight on the connection. 0 parks at once.
     /// Default: 2000.
     pub spin: u32,
+    /// How long a reactor keeps polling without sleeping after a turn in
+    /// which it ran handlers (served the peer's messages), so that the next
+    /// request finds it awake: waking a sleeping thread on another core
+    /// costs tens of microseconds on virtual machines, several times a
+    /// loopback round trip. It spins on `epoll_wait` with a zero timeout
+    /// and yields the core between polls. Turns that only delivered
+    /// responses do not start it (the waiting callers read for
+    /// themselves). `None` never busy-polls. Default: 50 µs.
+    pub busy_poll: Option<Duration>,
 }
 
 impl Default for Config {
@@ -99,6 +108,7 @@ impl Default for Config {
             send_buffer_size: None,
             recv_buffer_size: None,
             spin: 2000,
+            busy_poll: Some(Duration::from_micros(50)),
         }
     }
 }
@@ -118,6 +128,8 @@ impl std::fmt::Debug for Config {
             .field("request_timeout", &self.request_timeout)
             .field("max_conns", &self.max_conns)
             .field("accept_wait", &self.accept_wait)
+            .field("spin", &self.spin)
+            .field("busy_poll", &self.busy_poll)
             .finish_non_exhaustive()
     }
 }
@@ -219,6 +231,10 @@ impl Config {
     setter!(
         /// Sets [`Config::spin`].
         spin: u32
+    );
+    setter!(
+        /// Sets [`Config::busy_poll`]; `None` disables it.
+        busy_poll: Option<Duration>
     );
 
     /// The effective worker count (at least one).

@@ -23,10 +23,12 @@ use mio::net::TcpStream;
 use crate::config::Config;
 use crate::error::{Error, Result, TimeoutKind};
 use crate::handler::Handler;
-use crate::protocol::{frame_len, Role, Sealer, SeqSpace};
+use crate::inbound::{Filled, Held, Inbound};
+use crate::protocol::{frame_len, FrameDecoder, Role, Sealer, SeqSpace};
 use crate::reactor::{Command, ReactorShared};
 use crate::stats::Counters;
 use crate::sync::completion::CompletionTable;
+use crate::sync::read_turn::ReadTurn;
 use std::sync::Arc;
 
 use crate::sync::{lock, AtomicU64, AtomicUsize, Condvar, Mutex, MutexGuard, Ordering};
@@ -111,8 +113,11 @@ pub(crate) struct ConnShared {
     space: SeqSpace,
     /// Calls in progress on this connection: the client pool's load metric.
     pub(crate) active_calls: AtomicUsize,
-    /// When bytes last arrived ([`now_nanos`]), set by the reactor.
+    /// When bytes last arrived ([`now_nanos`]), set by whoever read them.
     pub(crate) last_read: AtomicU64,
+    /// The read side, read by the reactor or by a caller waiting for a
+    /// response.
+    pub(crate) inbound: ReadTurn<Inbound>,
     out: Mutex<Outbound>,
     out_cv: Condvar,
     release: Mutex<Option<ReleaseHook>>,
@@ -145,6 +150,7 @@ pub(crate) struct NewConnParts {
     pub(crate) handler: Arc<dyn Handler>,
     pub(crate) reactor: Arc<ReactorShared>,
     pub(crate) release: Option<ReleaseHook>,
+    pub(crate) inbound: Inbound,
 }
 
 enum WriteOutcome {
@@ -207,6 +213,7 @@ impl Connection {
                 token: AtomicUsize::new(usize::MAX),
                 active_calls: AtomicUsize::new(0),
                 last_read: AtomicU64::new(now_nanos()),
+                inbound: ReadTurn::new(parts.inbound),
                 out: Mutex::new(Outbound {
                     sealer: parts.sealer,
                     // Sized up front so that coalescing a handful of frames
@@ -268,6 +275,12 @@ impl Connection {
             .requests
             .get()
             .map_or(0, CompletionTable::in_flight)
+    }
+
+    /// Whether a frame numbered `seq` answers one of this side's requests
+    /// (rather than being the peer's request or message).
+    pub(crate) fn is_response(&self, seq: u32) -> bool {
+        self.shared.space.is_ours(seq)
     }
 
     /// Whether `seq` numbers one of this side's requests, so that a frame
@@ -347,7 +360,9 @@ impl Connection {
                 *response = pending.cancel();
                 Err(e)
             }
-            Ok(()) => match pending.wait(self.shared.config.spin, deadline) {
+            Ok(()) => match pending.wait_polling(self.shared.config.spin, deadline, || {
+                self.read_while_waiting()
+            }) {
                 Ok(buf) => {
                     *response = buf;
                     Ok(())
@@ -363,6 +378,86 @@ impl Connection {
         };
         Counters::dec(&stats.requests_in_flight);
         result
+    }
+
+    /// Caller side, while waiting for a response: reads the socket if no
+    /// other thread is reading it, and delivers the responses found (this
+    /// caller's or others') straight to their slots, so a response wakes
+    /// no reactor on its way. Anything else (a peer's request or message,
+    /// the end of the stream, an error) is left for the reactor, which is
+    /// told.
+    fn read_while_waiting(&self) {
+        let sh = &*self.shared;
+        let Some(mut inbound) = sh.inbound.try_take() else {
+            return;
+        };
+        loop {
+            if self.read_responses(&mut inbound) {
+                drop(inbound);
+                if sh.reactor.push(Command::Read(self.clone())).is_err() {
+                    self.fail(Error::Closed);
+                }
+                return;
+            }
+            match sh.inbound.release(inbound) {
+                Some(again) => inbound = again,
+                None => return,
+            }
+        }
+    }
+
+    /// Reads and delivers responses until the socket would block. Returns
+    /// whether it stopped at something only the reactor may handle.
+    fn read_responses(&self, inbound: &mut Inbound) -> bool {
+        if inbound.held.is_some() || inbound.eof || !inbound.is_open() {
+            // Already the reactor's (and it was told), or still its
+            // handshake.
+            return false;
+        }
+        let sh = &*self.shared;
+        let decoder = FrameDecoder::new(sh.config.max_message_size);
+        let stats = &sh.reactor.stats;
+        let (mut frames, mut bytes, mut read_any) = (0u64, 0u64, false);
+        let reactor_needed = loop {
+            match inbound.open_next(&decoder) {
+                Ok(Some((seq, len))) => {
+                    frames += 1;
+                    bytes += len as u64;
+                    if !sh.space.is_ours(seq) {
+                        inbound.held = Some(Held::Frame { seq, len });
+                        break true;
+                    }
+                    if self.deliver_response(seq, inbound.payload(len)) != Some(true) {
+                        Counters::inc(&stats.responses_dropped);
+                    }
+                    inbound.consume(len);
+                }
+                Ok(None) => match inbound.fill(&sh.stream, decoder.max_frame_len()) {
+                    Ok(Filled::Bytes) => read_any = true,
+                    Ok(Filled::WouldBlock) => break false,
+                    Ok(Filled::Eof) => {
+                        inbound.eof = true;
+                        break true;
+                    }
+                    Err(e) => {
+                        inbound.held = Some(Held::Failed(e.into()));
+                        break true;
+                    }
+                },
+                Err(e) => {
+                    inbound.held = Some(Held::Failed(e));
+                    break true;
+                }
+            }
+        };
+        if read_any {
+            sh.last_read.store(now_nanos(), Ordering::Relaxed);
+        }
+        if frames > 0 {
+            Counters::add(&stats.frames_in, frames);
+            Counters::add(&stats.bytes_in, bytes);
+        }
+        reactor_needed
     }
 
     /// Answers the peer's request `seq` from any thread (a handler that

@@ -45,6 +45,7 @@ mod conn;
 mod dial;
 mod error;
 mod handler;
+mod inbound;
 pub mod protocol;
 mod reactor;
 mod server;

@@ -17,7 +17,7 @@
 //! [`Mailbox`](crate::sync::mailbox::Mailbox) and wake it only when it is
 //! not already going to look.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::{Duration, Instant};
@@ -30,7 +30,8 @@ use crate::config::Config;
 use crate::conn::{Connection, Flushed, NewConnParts, ReleaseHook};
 use crate::error::{Error, HandshakeError, Result, TimeoutKind};
 use crate::handler::{Context, Handler};
-use crate::protocol::{Decoded, FrameDecoder, Handshake, Opener, Role, Session};
+use crate::inbound::{Filled, Held, Inbound, ReadPhase};
+use crate::protocol::{FrameDecoder, Role, Session};
 use crate::stats::{Counters, Stats};
 use crate::sync::mailbox::{Mailbox, PushError};
 use std::sync::Arc;
@@ -68,26 +69,18 @@ impl Drop for RunningGuard {
 
 /// What other threads ask of a reactor.
 pub(crate) enum Command {
-    /// Take over a connection.
-    Add(Box<NewConn>),
+    /// Take over a connection (`handshaking`: it still has to run the
+    /// server side of the handshake).
+    Add { conn: Connection, handshaking: bool },
+    /// Read this connection: a caller that was reading it stopped at
+    /// something only the reactor may handle.
+    Read(Connection),
     /// Write this connection's queue.
     Flush(Connection),
     /// Drop this connection's socket (already marked closed).
     Close(Connection),
     /// Close every connection gracefully, then stop.
     Stop,
-}
-
-pub(crate) struct NewConn {
-    pub(crate) conn: Connection,
-    pub(crate) phase: NewPhase,
-    /// Bytes already read past the handshake.
-    pub(crate) leftover: Vec<u8>,
-}
-
-pub(crate) enum NewPhase {
-    Handshake(Box<dyn Handshake>),
-    Open(Box<Opener>),
 }
 
 /// The part of a reactor other threads share.
@@ -172,12 +165,16 @@ impl ReactorHandle {
             handler,
             reactor: self.shared.clone(),
             release,
+            inbound: Inbound::new(
+                ReadPhase::Handshaking {
+                    handshake,
+                    out: Vec::new(),
+                },
+                self.shared.config.read_buffer_size,
+                &[],
+            ),
         });
-        self.add(NewConn {
-            conn,
-            phase: NewPhase::Handshake(handshake),
-            leftover: Vec::new(),
-        })
+        self.add(conn, true)
     }
 
     /// Dials `addr` on the calling thread (connect, then the client side of
@@ -206,27 +203,30 @@ impl ReactorHandle {
             role: Role::Client,
             stream: mio::net::TcpStream::from_std(stream),
             sealer: Some(session.sealer),
+            inbound: Inbound::new(
+                ReadPhase::Open {
+                    opener: session.opener,
+                },
+                config.read_buffer_size,
+                &leftover,
+            ),
             config,
             handler,
             reactor: self.shared.clone(),
             release: None,
         });
-        self.add(NewConn {
-            conn: conn.clone(),
-            phase: NewPhase::Open(Box::new(session.opener)),
-            leftover,
-        })?;
+        self.add(conn.clone(), false)?;
         conn.shared.handler.on_open(&conn);
         Ok(conn)
     }
 
-    fn add(&self, new: NewConn) -> Result<()> {
+    fn add(&self, conn: Connection, handshaking: bool) -> Result<()> {
         if self.is_stopped() {
-            new.conn.finish_close(&Error::Closed);
+            conn.finish_close(&Error::Closed);
             return Err(Error::Closed);
         }
         self.shared.connections.fetch_add(1, Ordering::Relaxed);
-        match self.shared.push(Command::Add(Box::new(new))) {
+        match self.shared.push(Command::Add { conn, handshaking }) {
             Ok(_) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotConnected => {
                 // Stopped meanwhile: the connection was closed on the spot.
@@ -267,65 +267,12 @@ impl ReactorHandle {
     }
 }
 
-/// A connection's receive buffer: bytes `start..end` are received and not
-/// yet consumed. It grows only for a frame larger than it, up to the
-/// maximum message size, and is otherwise reused as is.
-struct RecvBuf {
-    buf: Vec<u8>,
-    start: usize,
-    end: usize,
-}
-
-impl RecvBuf {
-    fn new(size: usize) -> Self {
-        RecvBuf {
-            buf: vec![0; size.max(64)],
-            start: 0,
-            end: 0,
-        }
-    }
-
-    /// Makes room so that at least `need` bytes from `start` fit, moving
-    /// the unconsumed bytes to the front first.
-    fn reserve_frame(&mut self, need: usize) {
-        if self.start > 0 && self.start + need > self.buf.len() {
-            self.compact();
-        }
-        if need > self.buf.len() {
-            self.buf.resize(need, 0);
-        }
-    }
-
-    /// Moves the unconsumed bytes to the front.
-    fn compact(&mut self) {
-        if self.start > 0 {
-            self.buf.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
-        }
-    }
-}
-
-// The open state is the steady state and holds the opener inline, so each
-// frame opens without an extra indirection; the handshake state is brief.
-#[allow(clippy::large_enum_variant)]
-enum Phase {
-    Handshaking {
-        handshake: Box<dyn Handshake>,
-        out: Vec<u8>,
-    },
-    Open {
-        opener: Opener,
-    },
-}
-
 struct Entry {
     conn: Connection,
-    phase: Phase,
-    rbuf: RecvBuf,
+    /// The server side of the handshake is still running.
+    handshaking: bool,
     writable: bool,
     started: Instant,
-    last_read: Instant,
     /// The peer has shut its write side (end of stream was read).
     read_closed: bool,
     /// Reading is paused until queued output drains (backpressure).
@@ -377,6 +324,11 @@ pub struct Reactor {
     tick: Duration,
     next_sweep: Instant,
     stopping: bool,
+    /// Handlers ran in this turn: the peer is active and more requests are
+    /// likely to follow at once.
+    served: bool,
+    /// Poll without sleeping until then (see [`Config::busy_poll`]).
+    busy_until: Option<Instant>,
 }
 
 impl std::fmt::Debug for Reactor {
@@ -427,6 +379,8 @@ impl Reactor {
             tick,
             next_sweep: Instant::now() + tick,
             stopping: false,
+            served: false,
+            busy_until: None,
         })
     }
 
@@ -457,11 +411,20 @@ impl Reactor {
         if let Some(t) = timeout {
             wait = wait.min(t);
         }
-        if !self.shared.mailbox.prepare_sleep() {
-            wait = Duration::ZERO;
-        }
-        let polled = self.poll.poll(&mut self.events, Some(wait));
-        self.shared.mailbox.awake();
+        let busy = self.busy_until.is_some_and(|until| now < until);
+        let polled = if busy {
+            // Awake as far as producers can tell, so their commands need no
+            // wake-up either; give the core to anyone else who wants it.
+            crate::sync::yield_now();
+            self.poll.poll(&mut self.events, Some(Duration::ZERO))
+        } else {
+            if !self.shared.mailbox.prepare_sleep() {
+                wait = Duration::ZERO;
+            }
+            let polled = self.poll.poll(&mut self.events, Some(wait));
+            self.shared.mailbox.awake();
+            polled
+        };
         match polled {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -487,6 +450,9 @@ impl Reactor {
         }
         self.events = events;
         self.flush_dirty();
+        if std::mem::take(&mut self.served) {
+            self.busy_until = self.config.busy_poll.map(|d| Instant::now() + d);
+        }
         // Edge-triggered: bytes that arrived while reading was paused are
         // announced no more, so resumed connections are read now.
         while let Some(key) = self.resume.pop() {
@@ -517,7 +483,12 @@ impl Reactor {
         self.shared.mailbox.drain_into(&mut commands);
         for cmd in commands.drain(..) {
             match cmd {
-                Command::Add(new) => self.add(*new),
+                Command::Add { conn, handshaking } => self.add(conn, handshaking),
+                Command::Read(conn) => {
+                    if let Some(key) = self.key_of(&conn) {
+                        self.on_readable(key);
+                    }
+                }
                 Command::Flush(conn) => {
                     if let Some(key) = self.key_of(&conn) {
                         self.flush(key);
@@ -546,48 +517,33 @@ impl Reactor {
         }
     }
 
-    fn add(&mut self, new: NewConn) {
+    fn add(&mut self, conn: Connection, handshaking: bool) {
         if self.stopping || self.shared.stopped.load(Ordering::Acquire) {
             self.shared.connections.fetch_sub(1, Ordering::Relaxed);
-            new.conn.finish_close(&Error::Closed);
+            conn.finish_close(&Error::Closed);
             return;
         }
         let now = Instant::now();
         let entry = self.conns.vacant_entry();
         let key = entry.key();
-        let fd = new.conn.shared.stream.as_raw_fd();
+        let fd = conn.shared.stream.as_raw_fd();
         if let Err(e) =
             self.shared
                 .registry
                 .register(&mut SourceFd(&fd), Token(key), Interest::READABLE)
         {
             self.shared.connections.fetch_sub(1, Ordering::Relaxed);
-            new.conn.finish_close(&Error::from(e));
+            conn.finish_close(&Error::from(e));
             return;
         }
-        new.conn.shared.token.store(key, Ordering::Release);
+        conn.shared.token.store(key, Ordering::Release);
         Counters::inc(&self.shared.stats.connections_open);
         Counters::inc(&self.shared.stats.connections_opened);
-        let mut rbuf = RecvBuf::new(self.config.read_buffer_size);
-        if !new.leftover.is_empty() {
-            rbuf.reserve_frame(new.leftover.len());
-            rbuf.buf[..new.leftover.len()].copy_from_slice(&new.leftover);
-            rbuf.end = new.leftover.len();
-        }
-        let phase = match new.phase {
-            NewPhase::Handshake(handshake) => Phase::Handshaking {
-                handshake,
-                out: Vec::new(),
-            },
-            NewPhase::Open(opener) => Phase::Open { opener: *opener },
-        };
         entry.insert(Entry {
-            conn: new.conn,
-            phase,
-            rbuf,
+            conn,
+            handshaking,
             writable: false,
             started: now,
-            last_read: now,
             write_watch: (0, now),
             draining: None,
             write_shut: false,
@@ -596,15 +552,27 @@ impl Reactor {
             local_close: false,
         });
         // Server handshakes may owe output before any input (custom ones),
-        // and leftover bytes must be processed: do one pass now.
-        if let Err(e) = self.process(key) {
-            self.close(key, e);
-        }
-        self.after_io(key);
+        // and bytes read past a dialled handshake must be processed: one
+        // pass now.
+        self.on_readable(key);
     }
 
     fn on_readable(&mut self, key: usize) {
-        let result = self.read_all(key);
+        let conn = self.conns[key].conn.clone();
+        let Some(mut inbound) = conn.shared.inbound.announce() else {
+            // A caller is reading it, and reads again before it lets go.
+            return;
+        };
+        let result = loop {
+            let read = self.read_all(key, &conn, &mut inbound);
+            if read.is_err() || !self.conns.contains(key) {
+                break read;
+            }
+            match conn.shared.inbound.release(inbound) {
+                Some(again) => inbound = again,
+                None => break Ok(()),
+            }
+        };
         if let Err(e) = result {
             self.close(key, e);
             return;
@@ -613,150 +581,122 @@ impl Reactor {
     }
 
     /// Drains the socket into the receive buffer, processing frames as they
-    /// complete.
-    fn read_all(&mut self, key: usize) -> Result<()> {
+    /// complete (and first whatever a caller-thread reader left).
+    fn read_all(&mut self, key: usize, conn: &Connection, inbound: &mut Inbound) -> Result<()> {
+        let max_frame_len = self.decoder.max_frame_len();
         loop {
-            let entry = &mut self.conns[key];
-            if entry.read_paused {
+            if self.conns[key].read_paused {
                 return Ok(());
             }
-            if entry.rbuf.end == entry.rbuf.buf.len() {
-                // Full: room comes from moving the unconsumed bytes to the
-                // front, or else from growing.
-                let rb = &mut entry.rbuf;
-                if rb.start > 0 {
-                    rb.compact();
-                } else {
-                    // Full of one partial frame the decoder accepted: grow
-                    // as its bytes arrive, up to the largest frame allowed.
-                    let grown =
-                        (rb.buf.len() * 2).min(self.decoder.max_frame_len().max(rb.buf.len() + 1));
-                    rb.buf.resize(grown, 0);
-                }
-            }
-            let entry = &mut self.conns[key];
-            let end = entry.rbuf.end;
-            match (&entry.conn.shared.stream).read(&mut entry.rbuf.buf[end..]) {
-                Ok(0) => {
-                    self.process(key)?;
-                    let drain_time = self.drain_time();
-                    let entry = &mut self.conns[key];
-                    if let Phase::Handshaking { .. } = entry.phase {
-                        return Err(HandshakeError::PeerClosed.into());
-                    }
-                    // The peer finished sending (a half-close, as in its
-                    // graceful shutdown). Replies to what it sent are still
-                    // owed: flush them, then close.
-                    entry.read_closed = true;
-                    if entry.draining.is_none() {
-                        entry.draining = Some(Instant::now() + drain_time);
-                    }
-                    self.dirty.push(key);
+            self.process(key, conn, inbound)?;
+            // Replies queue up without waiting on this thread: past the
+            // bound, write them now, which pauses reading if the peer is
+            // not taking them.
+            if conn.queued_bytes() > self.config.max_queued_bytes {
+                self.flush(key);
+                if !self.conns.contains(key) || self.conns[key].read_paused {
                     return Ok(());
                 }
-                Ok(n) => {
-                    entry.rbuf.end += n;
-                    entry.last_read = Instant::now();
-                    entry
-                        .conn
-                        .shared
-                        .last_read
-                        .store(crate::conn::now_nanos(), Ordering::Relaxed);
-                    self.process(key)?;
-                    // Replies queue up without waiting on this thread: past
-                    // the bound, write them now, which pauses reading if
-                    // the peer is not taking them.
-                    if self.conns[key].conn.queued_bytes() > self.config.max_queued_bytes {
-                        self.flush(key);
-                        if !self.conns.contains(key) {
-                            return Ok(());
-                        }
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e.into()),
+            }
+            if inbound.eof {
+                return self.on_end_of_stream(key);
+            }
+            match inbound.fill(&conn.shared.stream, max_frame_len)? {
+                Filled::Bytes => conn
+                    .shared
+                    .last_read
+                    .store(crate::conn::now_nanos(), Ordering::Relaxed),
+                Filled::Eof => inbound.eof = true,
+                Filled::WouldBlock => return Ok(()),
             }
         }
     }
 
-    /// Runs the handshake and opens and dispatches every complete frame in
-    /// the receive buffer.
-    fn process(&mut self, key: usize) -> Result<()> {
-        let decoder = self.decoder;
+    /// The peer finished sending (a half-close, as in its graceful
+    /// shutdown). Replies to what it sent are still owed: flush them, then
+    /// close.
+    fn on_end_of_stream(&mut self, key: usize) -> Result<()> {
+        let drain_time = self.drain_time();
         let entry = &mut self.conns[key];
-        if let Phase::Handshaking { handshake, out } = &mut entry.phase {
-            let rb = &mut entry.rbuf;
+        if entry.handshaking {
+            return Err(HandshakeError::PeerClosed.into());
+        }
+        if entry.read_closed {
+            return Ok(());
+        }
+        entry.read_closed = true;
+        if entry.draining.is_none() {
+            entry.draining = Some(Instant::now() + drain_time);
+        }
+        self.dirty.push(key);
+        Ok(())
+    }
+
+    /// Runs the handshake, then dispatches what a caller-thread reader left
+    /// and every complete frame in the receive buffer.
+    fn process(&mut self, key: usize, conn: &Connection, inbound: &mut Inbound) -> Result<()> {
+        if let ReadPhase::Handshaking { handshake, out } = &mut inbound.phase {
+            let rb = &mut inbound.rbuf;
             if rb.end > rb.start {
-                let used = handshake.read_input(&rb.buf[rb.start..rb.end])?;
+                let used = handshake.read_input(rb.unconsumed())?;
                 rb.start += used;
             }
             out.clear();
             handshake.write_output(out);
             if !out.is_empty() {
-                write_handshake(&entry.conn, out)?;
+                write_handshake(conn, out)?;
             }
             match handshake.take_session() {
                 Some(Session { sealer, opener }) => {
-                    entry.conn.install_sealer(sealer);
-                    entry.phase = Phase::Open { opener };
-                    let conn = entry.conn.clone();
+                    conn.install_sealer(sealer);
+                    inbound.phase = ReadPhase::Open { opener };
+                    self.conns[key].handshaking = false;
                     let handler = conn.shared.handler.clone();
-                    guard_handler(|| handler.on_open(&conn))?;
+                    guard_handler(|| handler.on_open(conn))?;
                 }
-                None => {
-                    return Ok(());
-                }
+                None => return Ok(()),
             }
         }
-        let Entry {
-            conn, phase, rbuf, ..
-        } = entry;
-        let Phase::Open { opener } = phase else {
-            return Ok(());
-        };
-        let mut frames = 0u64;
-        let mut bytes = 0u64;
         let stats = &self.shared.stats;
+        let mut dispatched = false;
+        let mut served = false;
+        match inbound.held.take() {
+            None => {}
+            Some(Held::Failed(e)) => return Err(e),
+            Some(Held::Frame { seq, len }) => {
+                // Counted in the stats by the caller that opened it.
+                let result = dispatch(conn, seq, inbound.payload(len), stats);
+                inbound.consume(len);
+                dispatched = true;
+                self.served = true;
+                result?;
+            }
+        }
+        let (mut frames, mut bytes) = (0u64, 0u64);
         let result = loop {
-            let decoded = match decoder.decode(&rbuf.buf[rbuf.start..rbuf.end]) {
-                Ok(d) => d,
-                Err(e) => break Err(e),
-            };
-            match decoded {
-                Decoded::Frame(n) => {
-                    let frame = &mut rbuf.buf[rbuf.start..rbuf.start + n];
-                    let (seq, payload) = match opener.open_in_place(frame) {
-                        Ok(opened) => opened,
-                        Err(e) => break Err(e),
-                    };
-                    rbuf.start += n;
+            match inbound.open_next(&self.decoder) {
+                Ok(Some((seq, len))) => {
                     frames += 1;
-                    bytes += n as u64;
-                    if let Err(e) = dispatch(conn, seq, payload, stats) {
+                    bytes += len as u64;
+                    served |= !conn.is_response(seq);
+                    let result = dispatch(conn, seq, inbound.payload(len), stats);
+                    inbound.consume(len);
+                    if let Err(e) = result {
                         break Err(e);
                     }
                 }
-                Decoded::NeedMore(total) => {
-                    if rbuf.start == rbuf.end {
-                        rbuf.start = 0;
-                        rbuf.end = 0;
-                    } else if rbuf.start + total > rbuf.buf.len() {
-                        // Make room by moving the partial frame to the
-                        // front; the buffer itself grows only as bytes
-                        // arrive (in `read_all`), never to a length the
-                        // peer merely claimed.
-                        rbuf.compact();
-                    }
-                    break Ok(());
-                }
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
             }
         };
         if frames > 0 {
             Counters::add(&stats.frames_in, frames);
             Counters::add(&stats.bytes_in, bytes);
+        }
+        if frames > 0 || dispatched {
             self.dirty.push(key);
         }
+        self.served |= served;
         result
     }
 
@@ -832,7 +772,7 @@ impl Reactor {
             entry.write_shut = true;
             let _ = entry.conn.shared.stream.shutdown(std::net::Shutdown::Write);
         }
-        if entry.read_closed || matches!(entry.phase, Phase::Handshaking { .. }) {
+        if entry.read_closed || entry.handshaking {
             let reason = if entry.local_close {
                 Error::Closed
             } else {
@@ -865,6 +805,7 @@ impl Reactor {
     /// Closes connections whose deadlines passed.
     fn sweep(&mut self) {
         let now = Instant::now();
+        let now_nanos = crate::conn::now_nanos();
         let mut expired = Vec::new();
         for (key, entry) in self.conns.iter_mut() {
             if let Some(deadline) = entry.draining {
@@ -873,9 +814,10 @@ impl Reactor {
                     continue;
                 }
             }
-            let idle = now.duration_since(entry.last_read);
-            match entry.phase {
-                Phase::Handshaking { .. } => {
+            let last_read = entry.conn.shared.last_read.load(Ordering::Relaxed);
+            let idle = Duration::from_nanos(now_nanos.saturating_sub(last_read));
+            match entry.handshaking {
+                true => {
                     if let Some(t) = self.config.handshake_timeout {
                         if now.duration_since(entry.started) >= t {
                             expired.push((key, Error::Timeout(TimeoutKind::Handshake)));
@@ -883,7 +825,7 @@ impl Reactor {
                         }
                     }
                 }
-                Phase::Open { .. } => {
+                false => {
                     // Not while reading is paused: the silence is ours then,
                     // and the write timeout judges the peer.
                     if let Some(t) = self.config.read_timeout {
@@ -915,17 +857,15 @@ impl Reactor {
             return;
         };
         self.shared.connections.fetch_sub(1, Ordering::Relaxed);
-        self.shared
-            .stats
-            .count_close(&err, matches!(entry.phase, Phase::Handshaking { .. }));
+        self.shared.stats.count_close(&err, entry.handshaking);
         let fd = entry.conn.shared.stream.as_raw_fd();
         let _ = self.shared.registry.deregister(&mut SourceFd(&fd));
         entry.conn.finish_close(&err);
         let handler = entry.conn.shared.handler.clone();
         let conn = entry.conn.clone();
-        let _ = guard_handler(|| match entry.phase {
-            Phase::Open { .. } => handler.on_close(&conn, &err),
-            Phase::Handshaking { .. } => handler.on_handshake_failed(conn.peer_addr(), &err),
+        let _ = guard_handler(|| match entry.handshaking {
+            false => handler.on_close(&conn, &err),
+            true => handler.on_handshake_failed(conn.peer_addr(), &err),
         });
     }
 }
@@ -952,12 +892,12 @@ impl Drop for Reactor {
 /// or to be closed is closed; nothing else needs doing.
 fn settle_after_stop(cmd: Command) {
     match cmd {
-        Command::Add(new) => new.conn.finish_close(&Error::Closed),
+        Command::Add { conn, .. } => conn.finish_close(&Error::Closed),
         Command::Close(conn) => {
             let reason = conn.close_reason().unwrap_or(Error::Closed);
             conn.finish_close(&reason);
         }
-        Command::Flush(_) | Command::Stop => {}
+        Command::Flush(_) | Command::Read(_) | Command::Stop => {}
     }
 }
 

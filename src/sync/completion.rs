@@ -284,10 +284,18 @@ impl<'a> Pending<'a> {
     /// Waits for the response (or failure), spinning `spins` times before
     /// parking, and gives up at `deadline` with a request timeout. The
     /// caller's buffer comes back either way.
-    pub fn wait(
+    pub fn wait(self, spins: u32, deadline: Option<Instant>) -> Result<Vec<u8>, (Error, Vec<u8>)> {
+        self.wait_polling(spins, deadline, || {})
+    }
+
+    /// [`wait`](Self::wait), calling `poll` on every spin round: the caller
+    /// reads the connection itself while it spins, so the response needs
+    /// no other thread to wake for it.
+    pub fn wait_polling(
         mut self,
         spins: u32,
         deadline: Option<Instant>,
+        mut poll: impl FnMut(),
     ) -> Result<Vec<u8>, (Error, Vec<u8>)> {
         // Spin only when this is the connection's one outstanding request:
         // with others in flight, the reactor is busy and the response is
@@ -306,6 +314,10 @@ impl<'a> Pending<'a> {
                 spin_until = spin_until.min(deadline);
             }
             for i in 0..spins {
+                if self.is_done() {
+                    return self.finish();
+                }
+                poll();
                 if self.is_done() {
                     return self.finish();
                 }

@@ -10,10 +10,13 @@
 //!   waits on, located by sequence number.
 //! - [`mailbox`]: commands from caller threads to a reactor, with the
 //!   wake-up skipped when the reactor is already going to look.
+//! - [`read_turn`]: whose turn it is to read a connection's socket, the
+//!   reactor's or a waiting caller's.
 //! - [`signal`]: the one-way shutdown flag.
 
 pub mod completion;
 pub mod mailbox;
+pub mod read_turn;
 pub mod signal;
 
 #[cfg(not(loom))]
