@@ -37,7 +37,9 @@ use crate::sync::{lock, AtomicU64, AtomicUsize, Condvar, Mutex, MutexGuard, Orde
 /// to the reactor, so one caller never writes for everyone indefinitely.
 const CALLER_WRITE_ROUNDS: usize = 4;
 
-/// Initial capacity of each of the two outbound buffers.
+/// Capacity each of the two outbound buffers gets on first use, so that
+/// coalescing a handful of frames never grows them on the hot path. Idle
+/// connections give them back (see [`Connection::release_idle_buffers`]).
 const OUTBOUND_INITIAL: usize = 16 << 10;
 
 /// Nanoseconds since the first call: a clock cheap to keep in an atomic.
@@ -216,10 +218,10 @@ impl Connection {
                 inbound: ReadTurn::new(parts.inbound),
                 out: Mutex::new(Outbound {
                     sealer: parts.sealer,
-                    // Sized up front so that coalescing a handful of frames
-                    // never grows them on the hot path.
-                    buf: Vec::with_capacity(OUTBOUND_INITIAL),
-                    spare: Vec::with_capacity(OUTBOUND_INITIAL),
+                    // Made on first use: a connection that never sends (most
+                    // idle ones) costs nothing here.
+                    buf: Vec::new(),
+                    spare: Vec::new(),
                     head: 0,
                     writing: false,
                     reactor_flushing: false,
@@ -519,6 +521,9 @@ impl Connection {
         let Some(sealer) = out.sealer.as_mut() else {
             return Err(Error::Closed);
         };
+        if out.buf.capacity() == 0 {
+            out.buf.reserve(OUTBOUND_INITIAL.max(frame));
+        }
         if let Err(e) = sealer.seal_append(seq, body, &mut out.buf) {
             if matches!(e, Error::CounterExhausted) {
                 drop(g);
@@ -732,6 +737,31 @@ impl Connection {
             Flushed::Empty
         } else {
             Flushed::Blocked(g.pending())
+        }
+    }
+
+    /// Reactor side, for a connection that has been idle a while: gives
+    /// back the outbound buffers and the receive buffer if they hold
+    /// nothing, so an idle connection costs little memory. They are made
+    /// again on the next use (one allocation per idle period, none per
+    /// message). Skips the receive buffer if a caller is reading it.
+    pub(crate) fn release_idle_buffers(&self) {
+        {
+            let mut g = lock(&self.shared.out);
+            if g.pending() == 0 && !g.writing && !g.reactor_flushing {
+                g.buf = Vec::new();
+                g.spare = Vec::new();
+                g.head = 0;
+            }
+        }
+        if let Some(mut inbound) = self.shared.inbound.try_take() {
+            inbound.release_buffer_if_empty();
+            if let Some(again) = self.shared.inbound.release(inbound) {
+                // Bytes came meanwhile: the reactor must read them, and it
+                // is the one calling here, so ask it to.
+                drop(again);
+                let _ = self.shared.reactor.push(Command::Read(self.clone()));
+            }
         }
     }
 

@@ -19,24 +19,34 @@ use crate::protocol::TAG_LEN;
 use crate::protocol::{Decoded, FrameDecoder, Handshake, Opener, LENGTH_PREFIX_LEN, SEQ_LEN};
 
 /// A connection's receive buffer: bytes `start..end` are received and not
-/// yet consumed. It grows only for a frame larger than it, up to the
-/// maximum message size, and is otherwise reused as is.
+/// yet consumed. Made at its configured size on the first read, it grows
+/// only for a frame larger than it, up to the maximum message size, and is
+/// otherwise reused as is until the connection idles with it empty.
 pub(crate) struct RecvBuf {
     pub(crate) buf: Vec<u8>,
     pub(crate) start: usize,
     pub(crate) end: usize,
+    /// The size it is made at.
+    size: usize,
 }
 
 impl RecvBuf {
-    /// A buffer of `size` bytes holding `initial` (bytes read past the
-    /// handshake).
+    /// A buffer made at `size` bytes when first needed, holding `initial`
+    /// (bytes read past the handshake) from the start.
     pub(crate) fn new(size: usize, initial: &[u8]) -> Self {
-        let mut buf = vec![0; size.max(64).max(initial.len())];
-        buf[..initial.len()].copy_from_slice(initial);
+        let size = size.max(64);
+        let buf = if initial.is_empty() {
+            Vec::new()
+        } else {
+            let mut buf = vec![0; size.max(initial.len())];
+            buf[..initial.len()].copy_from_slice(initial);
+            buf
+        };
         RecvBuf {
             buf,
             start: 0,
             end: initial.len(),
+            size,
         }
     }
 
@@ -114,7 +124,9 @@ impl Inbound {
         max_frame_len: usize,
     ) -> io::Result<Filled> {
         let rb = &mut self.rbuf;
-        if rb.end == rb.buf.len() {
+        if rb.buf.is_empty() {
+            rb.buf = vec![0; rb.size];
+        } else if rb.end == rb.buf.len() {
             if rb.start > 0 {
                 rb.compact();
             } else {
@@ -173,6 +185,16 @@ impl Inbound {
     /// Drops the frame of `len` bytes at the buffer's start.
     pub(crate) fn consume(&mut self, len: usize) {
         self.rbuf.start += len;
+    }
+
+    /// Gives the receive buffer's memory back if it holds no bytes.
+    pub(crate) fn release_buffer_if_empty(&mut self) {
+        let rb = &mut self.rbuf;
+        if rb.start == rb.end && self.held.is_none() {
+            rb.buf = Vec::new();
+            rb.start = 0;
+            rb.end = 0;
+        }
     }
 
     pub(crate) fn is_open(&self) -> bool {

@@ -40,6 +40,12 @@ use crate::sync::{AtomicBool, AtomicUsize, Ordering};
 
 const WAKER: Token = Token(usize::MAX - 1);
 
+/// How long a connection must see no byte in or out before its buffers are
+/// given back: long enough that a connection in use keeps them (no
+/// allocation per message), short enough that thousands of idle
+/// connections cost little.
+const IDLE_RELEASE: Duration = Duration::from_secs(1);
+
 thread_local! {
     /// The reactor (its shared half's address) this thread is running, or 0.
     static CURRENT_REACTOR: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
@@ -103,7 +109,7 @@ impl ReactorShared {
             Ok(woke) => Ok(woke),
             Err(PushError::Notify(e)) => Err(e),
             Err(PushError::Closed(cmd)) => {
-                settle_after_stop(cmd);
+                settle_after_stop(cmd, &self.stats);
                 Err(io::ErrorKind::NotConnected.into())
             }
         }
@@ -226,10 +232,15 @@ impl ReactorHandle {
             return Err(Error::Closed);
         }
         self.shared.connections.fetch_add(1, Ordering::Relaxed);
+        // Counted open from here, not from when the reactor takes it: a
+        // dialled connection is in use (callers read it themselves) at once.
+        Counters::inc(&self.shared.stats.connections_open);
+        Counters::inc(&self.shared.stats.connections_opened);
         match self.shared.push(Command::Add { conn, handshaking }) {
             Ok(_) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotConnected => {
-                // Stopped meanwhile: the connection was closed on the spot.
+                // Stopped meanwhile: the connection was closed (and
+                // uncounted) on the spot.
                 self.shared.connections.fetch_sub(1, Ordering::Relaxed);
                 Err(Error::Closed)
             }
@@ -281,6 +292,10 @@ struct Entry {
     local_close: bool,
     /// (bytes written, when that count was last seen to change)
     write_watch: (u64, Instant),
+    /// (bytes written, last read, when either last changed), and whether
+    /// the buffers were given back since: the idle-release watch.
+    activity: (u64, u64, Instant),
+    buffers_released: bool,
     /// Set while closing gracefully: output is flushed, then the write side
     /// is shut, then the peer's end is awaited until this deadline.
     draining: Option<Instant>,
@@ -471,7 +486,7 @@ impl Reactor {
             let mut left = Vec::new();
             self.shared.mailbox.close(&mut left);
             for cmd in left {
-                settle_after_stop(cmd);
+                settle_after_stop(cmd, &self.shared.stats);
             }
             return Ok(false);
         }
@@ -520,6 +535,7 @@ impl Reactor {
     fn add(&mut self, conn: Connection, handshaking: bool) {
         if self.stopping || self.shared.stopped.load(Ordering::Acquire) {
             self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+            self.shared.stats.uncount_open();
             conn.finish_close(&Error::Closed);
             return;
         }
@@ -533,18 +549,19 @@ impl Reactor {
                 .register(&mut SourceFd(&fd), Token(key), Interest::READABLE)
         {
             self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+            self.shared.stats.uncount_open();
             conn.finish_close(&Error::from(e));
             return;
         }
         conn.shared.token.store(key, Ordering::Release);
-        Counters::inc(&self.shared.stats.connections_open);
-        Counters::inc(&self.shared.stats.connections_opened);
         entry.insert(Entry {
             conn,
             handshaking,
             writable: false,
             started: now,
             write_watch: (0, now),
+            activity: (0, 0, now),
+            buffers_released: false,
             draining: None,
             write_shut: false,
             read_closed: false,
@@ -837,6 +854,15 @@ impl Reactor {
                 }
             }
             let (written, pending) = entry.conn.write_progress();
+            if (written, last_read) != (entry.activity.0, entry.activity.1) {
+                entry.activity = (written, last_read, now);
+                entry.buffers_released = false;
+            } else if !entry.buffers_released
+                && now.duration_since(entry.activity.2) >= IDLE_RELEASE
+            {
+                entry.conn.release_idle_buffers();
+                entry.buffers_released = true;
+            }
             if !pending || written != entry.write_watch.0 {
                 entry.write_watch = (written, now);
             } else if let Some(t) = self.config.write_timeout {
@@ -883,16 +909,19 @@ impl Drop for Reactor {
         let mut left = Vec::new();
         self.shared.mailbox.close(&mut left);
         for cmd in left {
-            settle_after_stop(cmd);
+            settle_after_stop(cmd, &self.shared.stats);
         }
     }
 }
 
 /// What a command means once its reactor is gone: a connection handed over
 /// or to be closed is closed; nothing else needs doing.
-fn settle_after_stop(cmd: Command) {
+fn settle_after_stop(cmd: Command, stats: &Counters) {
     match cmd {
-        Command::Add { conn, .. } => conn.finish_close(&Error::Closed),
+        Command::Add { conn, .. } => {
+            stats.uncount_open();
+            conn.finish_close(&Error::Closed);
+        }
         Command::Close(conn) => {
             let reason = conn.close_reason().unwrap_or(Error::Closed);
             conn.finish_close(&reason);

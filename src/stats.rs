@@ -101,6 +101,13 @@ impl Counters {
         counter.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Takes back the count of a connection handed to a reactor that never
+    /// took it (it had stopped).
+    pub(crate) fn uncount_open(&self) {
+        Self::dec(&self.connections_open);
+        Self::dec(&self.connections_opened);
+    }
+
     /// Counts a closed connection by its reason, and a rejected frame if
     /// that was the reason.
     pub(crate) fn count_close(&self, reason: &Error, during_handshake: bool) {
