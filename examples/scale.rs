@@ -1,0 +1,867 @@
+//! The scale benchmark: many concurrent connections to one server on
+//! loopback, with the server and the clients in separate processes.
+//!
+//! ```text
+//! cargo run --release --example scale -- [--conns N] [--dialers K] [--secs S]
+//!     [--threads T] [--size B] [--settle-ms M] [--profile secure|monte]
+//!     [--read-buffer R]
+//! ```
+//!
+//! The process starts the server role as a child of itself
+//! (`--role server`, on an ephemeral port) and runs the clients itself, so
+//! each side has the whole file-descriptor limit, which both raise to the
+//! hard limit first. It then measures, and prints on stdout one line each:
+//!
+//! 1. handshakes per second: K threads dial N connections (connect plus
+//!    handshake, no request), until the server has opened all N;
+//! 2. resident memory per idle connection, in the server process and in the
+//!    client process: `VmRSS` before the first dial and once all N are
+//!    established and idle (after M ms of settling), divided by N; again
+//!    after the request phase, once every connection has served requests;
+//! 3. request throughput across all N: T threads, each with its own share
+//!    of the connections taken in turn, one request at a time, B-byte
+//!    requests and empty replies for S seconds: requests per second and
+//!    latency percentiles.
+//!
+//! Defaults: N 10000, K 64, S 5, T 8, B 1400, M 2000, `secure` (a
+//! connection gives its buffers back after 1 s without traffic, so the
+//! idle figure is taken after that). The
+//! clients are one embedded reactor per core, dialled through
+//! `ReactorHandle::dial`. Both sides use the library's default
+//! configuration, except the server's connection cap (raised to fit N)
+//! and, with `--read-buffer`, the receive buffer size of both sides, the
+//! largest part of an idle connection's memory.
+//!
+//! Progress goes to stderr. Any error kills the child (a drop guard), the
+//! child exits when its stdin closes (the parent gone), and a watchdog
+//! ends a run that overstays its budget. `--conns 200 --secs 1` is a quick
+//! run, about 4 s.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{exit, Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use monte_rpc::protocol::Profile;
+use monte_rpc::{Config, Connection, Context, Handler, NoHandler, Reactor, Server};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Res<T> = Result<T, BoxError>;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Client,
+    Server,
+}
+
+struct Args {
+    role: Role,
+    conns: usize,
+    dialers: usize,
+    secs: f64,
+    threads: usize,
+    size: usize,
+    settle_ms: u64,
+    profile: Profile,
+    profile_name: String,
+    read_buffer: Option<usize>,
+}
+
+fn usage(msg: &str) -> ! {
+    eprintln!("scale: {msg}");
+    eprintln!(
+        "usage: scale [--conns N] [--dialers K] [--secs S] [--threads T] [--size B] \
+         [--settle-ms M] [--profile secure|monte] [--read-buffer R]"
+    );
+    exit(2);
+}
+
+fn parse_num<T: std::str::FromStr>(flag: &str, value: &str) -> T {
+    value
+        .parse()
+        .unwrap_or_else(|_| usage(&format!("{flag}: not a number: {value}")))
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        role: Role::Client,
+        conns: 10_000,
+        dialers: 64,
+        secs: 5.0,
+        threads: 8,
+        size: 1400,
+        settle_ms: 2000,
+        profile: Profile::Secure,
+        profile_name: "secure".into(),
+        read_buffer: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+            _ => (arg.clone(), None),
+        };
+        if flag == "-h" || flag == "--help" {
+            usage("help");
+        }
+        let value = inline
+            .or_else(|| it.next())
+            .unwrap_or_else(|| usage(&format!("{flag}: missing value")));
+        match flag.as_str() {
+            "--role" => {
+                args.role = match value.as_str() {
+                    "client" => Role::Client,
+                    "server" => Role::Server,
+                    _ => usage(&format!("--role: expected client or server, got {value}")),
+                }
+            }
+            "--conns" => args.conns = parse_num::<usize>(&flag, &value).max(1),
+            "--dialers" => args.dialers = parse_num::<usize>(&flag, &value).max(1),
+            "--secs" => {
+                args.secs = Some(parse_num::<f64>(&flag, &value))
+                    .filter(|s| s.is_finite() && *s > 0.0)
+                    .unwrap_or_else(|| usage(&format!("--secs: not a positive number: {value}")))
+            }
+            "--threads" => args.threads = parse_num::<usize>(&flag, &value).max(1),
+            "--size" => args.size = parse_num(&flag, &value),
+            "--settle-ms" => args.settle_ms = parse_num(&flag, &value),
+            "--read-buffer" => args.read_buffer = Some(parse_num(&flag, &value)),
+            "--profile" => {
+                args.profile = match value.to_ascii_lowercase().as_str() {
+                    "secure" => Profile::Secure,
+                    "monte" => Profile::Monte,
+                    _ => usage(&format!("--profile: expected secure or monte, got {value}")),
+                };
+                args.profile_name = value.to_ascii_lowercase();
+            }
+            _ => usage(&format!("unknown flag {flag}")),
+        }
+    }
+    args
+}
+
+fn main() {
+    let args = parse_args();
+    let fds = match raise_fd_limit() {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("scale: cannot raise the file-descriptor limit: {e}");
+            exit(1);
+        }
+    };
+    // Each connection is one descriptor on each side; the rest is the
+    // reactors' epoll and waker descriptors, stdio and the listener.
+    let needed = args.conns as u64 + args.dialers as u64 + 64;
+    if fds < needed {
+        eprintln!(
+            "scale: {} connections need about {needed} descriptors per process, \
+             but the hard limit is {fds}",
+            args.conns
+        );
+        exit(1);
+    }
+    let result = match args.role {
+        Role::Server => run_server(&args),
+        Role::Client => run_client(&args),
+    };
+    if let Err(e) = result {
+        eprintln!("scale: {e}");
+        exit(1);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The file-descriptor limit
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit and returns it.
+fn raise_fd_limit() -> std::io::Result<u64> {
+    rlimit::increase_nofile_limit(u64::MAX)
+}
+
+// ---------------------------------------------------------------------------
+// /proc
+
+/// `VmRSS` (KiB) and `Threads` of a process, from `/proc/<pid>/status`.
+fn proc_status(pid: u32) -> Res<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> Res<u64> {
+        let line = status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .ok_or_else(|| format!("no {name} in /proc/{pid}/status"))?;
+        let n = line[name.len()..]
+            .split_whitespace()
+            .next()
+            .ok_or_else(|| format!("empty {name} in /proc/{pid}/status"))?;
+        Ok(n.parse()?)
+    };
+    Ok((field("VmRSS:")?, field("Threads:")?))
+}
+
+/// CPU time (user plus system, all threads) a process has used, in
+/// seconds, from `/proc/<pid>/stat`.
+fn cpu_secs(pid: u32) -> Res<f64> {
+    // USER_HZ, the unit of these fields: 100 on every Linux target this
+    // runs on (reading it needs sysconf, so libc).
+    const TICKS_PER_SEC: f64 = 100.0;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name may hold spaces; the fields after it do not.
+    let rest = &stat[stat.rfind(')').ok_or("malformed /proc/<pid>/stat")? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 of the man page, counting the state (3) as 0 here.
+    let utime: u64 = fields.get(11).ok_or("short /proc/<pid>/stat")?.parse()?;
+    let stime: u64 = fields.get(12).ok_or("short /proc/<pid>/stat")?.parse()?;
+    Ok((utime + stime) as f64 / TICKS_PER_SEC)
+}
+
+// ---------------------------------------------------------------------------
+// The server role
+
+fn with_read_buffer(config: Config, args: &Args) -> Config {
+    match args.read_buffer {
+        Some(r) => config.read_buffer_size(r),
+        None => config,
+    }
+}
+
+/// What the server saw, shared between its handler and the command loop.
+#[derive(Default)]
+struct Seen {
+    /// Handshakes completed (`on_open`).
+    opened: AtomicU64,
+    requests: AtomicU64,
+}
+
+struct ScaleHandler(Arc<Seen>);
+
+impl Handler for ScaleHandler {
+    fn on_message(&self, ctx: &mut Context<'_>) {
+        if ctx.expects_reply() {
+            self.0.requests.fetch_add(1, Ordering::Relaxed);
+            let _ = ctx.reply(&[]);
+        }
+    }
+
+    fn on_open(&self, _conn: &Connection) {
+        self.0.opened.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Serves until `quit` or the end of stdin (the parent gone), answering
+/// `stats` with one line of counters. Both go over stdin/stdout so the
+/// parent needs no other channel.
+fn run_server(args: &Args) -> Res<()> {
+    let seen = Arc::new(Seen::default());
+    // The cap counts handshakes too, so leave room for the dialers' burst.
+    let config = with_read_buffer(
+        Config::server()
+            .profile(args.profile)
+            .max_conns(args.conns + args.dialers + 16),
+        args,
+    );
+    let server = Server::bind("127.0.0.1:0", config, ScaleHandler(seen.clone()))?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "port {}", server.local_addr().port())?;
+    out.flush()?;
+    for line in std::io::stdin().lock().lines() {
+        match line?.trim() {
+            "stats" => {
+                let s = server.stats();
+                writeln!(
+                    out,
+                    "opened {} active {} requests {} refused {} handshakes_failed {} \
+                     closed_read_timeout {} closed_other {}",
+                    seen.opened.load(Ordering::Relaxed),
+                    server.connections(),
+                    seen.requests.load(Ordering::Relaxed),
+                    s.connections_refused,
+                    s.handshakes_failed,
+                    s.closed_read_timeout,
+                    s.closed_other + s.closed_protocol_error + s.closed_write_timeout,
+                )?;
+                out.flush()?;
+            }
+            "quit" => break,
+            other => return Err(format!("server: unknown command {other:?}").into()),
+        }
+    }
+    // A shutdown that hangs must not outlive the parent for long.
+    thread::spawn(|| {
+        thread::sleep(Duration::from_secs(60));
+        eprintln!("scale server: shutdown took over 60 s; exiting");
+        exit(3);
+    });
+    server.shutdown();
+    // The parent may be gone already; its exit is what ended the loop.
+    let _ = writeln!(out, "bye").and_then(|()| out.flush());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// The client role's handle on the server process
+
+/// The server child. Dropping it kills the child, so an error anywhere in
+/// the client never leaves a server behind.
+struct ServerProcess {
+    child: Arc<Mutex<Child>>,
+    pid: u32,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+/// A `stats` answer from the server.
+struct ServerStats {
+    opened: u64,
+    active: u64,
+    requests: u64,
+    line: String,
+}
+
+impl ServerProcess {
+    fn spawn(args: &Args) -> Res<(ServerProcess, u16)> {
+        let exe = std::env::current_exe()?;
+        let mut command = Command::new(exe);
+        if let Some(r) = args.read_buffer {
+            command.args(["--read-buffer", &r.to_string()]);
+        }
+        let mut child = command
+            .args(["--role", "server"])
+            .args(["--conns", &args.conns.to_string()])
+            .args(["--dialers", &args.dialers.to_string()])
+            .args(["--profile", &args.profile_name])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let stdin = child.stdin.take().expect("piped stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut server = ServerProcess {
+            pid: child.id(),
+            child: Arc::new(Mutex::new(child)),
+            stdin,
+            stdout,
+        };
+        let line = server.read_line()?;
+        let port = line
+            .strip_prefix("port ")
+            .and_then(|p| p.trim().parse().ok())
+            .ok_or_else(|| format!("server said {line:?}, expected a port"))?;
+        Ok((server, port))
+    }
+
+    fn read_line(&mut self) -> Res<String> {
+        let mut line = String::new();
+        if self.stdout.read_line(&mut line)? == 0 {
+            return Err("the server process exited".into());
+        }
+        Ok(line.trim_end().to_string())
+    }
+
+    /// Says whether the child has exited, for an error talking to it.
+    fn gone(&self, e: std::io::Error) -> BoxError {
+        match self.child.lock().map(|mut c| c.try_wait()) {
+            Ok(Ok(Some(status))) => format!("the server process exited ({status})").into(),
+            _ => format!("talking to the server process: {e}").into(),
+        }
+    }
+
+    fn stats(&mut self) -> Res<ServerStats> {
+        writeln!(self.stdin, "stats")
+            .and_then(|()| self.stdin.flush())
+            .map_err(|e| self.gone(e))?;
+        let line = self.read_line()?;
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let get = |key: &str| -> Res<u64> {
+            let i = words
+                .iter()
+                .position(|w| *w == key)
+                .ok_or_else(|| format!("no {key} in server stats {line:?}"))?;
+            Ok(words.get(i + 1).ok_or("truncated server stats")?.parse()?)
+        };
+        Ok(ServerStats {
+            opened: get("opened")?,
+            active: get("active")?,
+            requests: get("requests")?,
+            line: line.clone(),
+        })
+    }
+
+    /// Asks the server to shut down gracefully and waits up to `limit`.
+    fn quit(&mut self, limit: Duration) -> Res<()> {
+        writeln!(self.stdin, "quit")
+            .and_then(|()| self.stdin.flush())
+            .map_err(|e| self.gone(e))?;
+        let until = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.lock().expect("child lock").try_wait()? {
+                return if status.success() {
+                    Ok(())
+                } else {
+                    Err(format!("the server process ended with {status}").into())
+                };
+            }
+            if Instant::now() >= until {
+                return Err(format!("the server took over {limit:?} to shut down").into());
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        if let Ok(mut child) = self.child.lock() {
+            if let Ok(None) = child.try_wait() {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The client role
+
+fn histogram() -> Histogram<u64> {
+    // Nanoseconds, up to a minute.
+    Histogram::new_with_bounds(100, 60_000_000_000, 3).expect("histogram bounds")
+}
+
+fn ms(ns: u64) -> f64 {
+    ns as f64 / 1e6
+}
+
+fn us(ns: u64) -> f64 {
+    ns as f64 / 1e3
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// Per-connection growth in KiB, from two `VmRSS` readings.
+fn per_conn(before: u64, after: u64, n: usize) -> f64 {
+    (after as f64 - before as f64) / n as f64
+}
+
+fn run_client(args: &Args) -> Res<()> {
+    let started = Instant::now();
+    let n = args.conns;
+    let cores = thread::available_parallelism().map_or(1, |c| c.get());
+    let (mut server, port) = ServerProcess::spawn(args)?;
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    eprintln!(
+        "scale: server pid {} on {addr}; {n} connections, {} dialers, profile {}",
+        server.pid, args.dialers, args.profile_name
+    );
+
+    // Generous, so that a loaded machine does not trip it, but a hang ends.
+    let budget = Duration::from_secs(120)
+        + Duration::from_secs_f64(args.secs)
+        + Duration::from_millis(n as u64 * 10);
+    let finished = Arc::new(AtomicBool::new(false));
+    {
+        let child = server.child.clone();
+        let finished = finished.clone();
+        thread::spawn(move || {
+            let until = Instant::now() + budget;
+            while Instant::now() < until {
+                if finished.load(Ordering::Relaxed) {
+                    return;
+                }
+                thread::sleep(Duration::from_millis(100));
+            }
+            eprintln!("scale: the run took over {budget:?}; killing the server and exiting");
+            if let Ok(mut c) = child.lock() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            exit(3);
+        });
+    }
+
+    // The client side: one embedded reactor per core, on threads of our
+    // own. A `Client` pool dials one connection at a time and only while
+    // its connections are busy, so it cannot hold N idle connections with
+    // K dials at once; `ReactorHandle::dial` can, on the dialer's thread.
+    let client_config = with_read_buffer(Config::default().profile(args.profile), args);
+    let mut handles = Vec::new();
+    let mut reactor_threads = Vec::new();
+    for i in 0..cores {
+        let reactor = Reactor::new(client_config.clone())?;
+        handles.push(reactor.handle());
+        reactor_threads.push(
+            thread::Builder::new()
+                .name(format!("scale-reactor-{i}"))
+                .spawn(move || reactor.run())?,
+        );
+    }
+    let result = client_phases(args, &mut server, addr, &handles);
+    // The reactors close their connections gracefully when stopped, whether
+    // the phases succeeded or not.
+    let stop_at = Instant::now();
+    for h in &handles {
+        h.stop();
+    }
+    for t in reactor_threads {
+        match t.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("scale: a client reactor failed: {e}"),
+            Err(_) => eprintln!("scale: a client reactor panicked"),
+        }
+    }
+    let client_stop = stop_at.elapsed();
+    let quit = server.quit(Duration::from_secs(60));
+    let server_stop = stop_at.elapsed();
+    finished.store(true, Ordering::Relaxed);
+    result?;
+    quit?;
+    println!(
+        "shutdown: clients closed {n} connections in {:.2} s, server exited after {:.2} s; \
+         whole run {:.1} s",
+        client_stop.as_secs_f64(),
+        server_stop.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn client_phases(
+    args: &Args,
+    server: &mut ServerProcess,
+    addr: std::net::SocketAddr,
+    handles: &[monte_rpc::ReactorHandle],
+) -> Res<()> {
+    let n = args.conns;
+    let me = std::process::id();
+    let settle = Duration::from_millis(args.settle_ms);
+    let cores = thread::available_parallelism().map_or(1, |c| c.get());
+
+    // Baselines: both processes up, reactors running, no connection yet.
+    thread::sleep(settle.min(Duration::from_millis(300)));
+    let (server_rss0, server_threads) = proc_status(server.pid)?;
+    let (client_rss0, client_threads) = proc_status(me)?;
+    let read_buffer = match args.read_buffer {
+        Some(r) => format!("read buffer {r} B"),
+        None => "default config".into(),
+    };
+    println!(
+        "scale: {n} connections to one server on loopback, profile {}, {read_buffer}, \
+         {cores} cores; server process {server_threads} threads, client process \
+         {client_threads} threads before dialling",
+        args.profile_name
+    );
+
+    // Phase 1: dial.
+    let cpu0 = (cpu_secs(server.pid)?, cpu_secs(me)?);
+    let (conns, dial_hist, failures, dialled_in, opened_in) =
+        dial_all(args, server, addr, handles)?;
+    let cpu1 = (cpu_secs(server.pid)?, cpu_secs(me)?);
+    let rate = n as f64 / opened_in.as_secs_f64();
+    println!(
+        "handshakes: {rate:.0}/s ({n} in {:.3} s until the server had opened all; the dials \
+         returned after {:.3} s; connect + handshake, no request; {} dialing at once; \
+         dial p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; {failures} failed dials; \
+         cores busy: server {:.2}, client {:.2})",
+        opened_in.as_secs_f64(),
+        dialled_in.as_secs_f64(),
+        args.dialers,
+        ms(dial_hist.value_at_quantile(0.5)),
+        ms(dial_hist.value_at_quantile(0.99)),
+        ms(dial_hist.max()),
+        (cpu1.0 - cpu0.0) / opened_in.as_secs_f64(),
+        (cpu1.1 - cpu0.1) / opened_in.as_secs_f64(),
+    );
+
+    // Phase 2: memory while idle.
+    eprintln!("scale: settling {} ms", args.settle_ms);
+    thread::sleep(settle);
+    let stats = server.stats()?;
+    if stats.active != n as u64 {
+        return Err(format!(
+            "the server holds {} connections, expected {n} ({})",
+            stats.active, stats.line
+        )
+        .into());
+    }
+    let (server_rss1, server_threads) = proc_status(server.pid)?;
+    let (client_rss1, client_threads) = proc_status(me)?;
+    println!(
+        "memory per idle connection: server {:.1} KiB (VmRSS {:.1} -> {:.1} MiB), \
+         client {:.1} KiB (VmRSS {:.1} -> {:.1} MiB); threads: server {server_threads}, \
+         client {client_threads}",
+        per_conn(server_rss0, server_rss1, n),
+        mib(server_rss0),
+        mib(server_rss1),
+        per_conn(client_rss0, client_rss1, n),
+        mib(client_rss0),
+        mib(client_rss1),
+    );
+
+    // Phase 3: requests across all connections.
+    let requests_before = stats.requests;
+    let cpu0 = (cpu_secs(server.pid)?, cpu_secs(me)?);
+    let (done, errors, hist, elapsed, threads_busy) = request_phase(args, &conns, me)?;
+    let cpu1 = (cpu_secs(server.pid)?, cpu_secs(me)?);
+    println!(
+        "requests: {:.0}/s over {n} connections ({} threads, one request at a time each, \
+         {}-byte requests, empty replies, {:.1} s); latency p50 {:.1} us, p99 {:.1} us, \
+         p999 {:.1} us, max {:.1} us; {errors} errors; cores busy: server {:.2}, \
+         client {:.2}; client threads while busy: {threads_busy}",
+        done as f64 / elapsed.as_secs_f64(),
+        args.threads,
+        args.size,
+        elapsed.as_secs_f64(),
+        us(hist.value_at_quantile(0.5)),
+        us(hist.value_at_quantile(0.99)),
+        us(hist.value_at_quantile(0.999)),
+        us(hist.max()),
+        (cpu1.0 - cpu0.0) / elapsed.as_secs_f64(),
+        (cpu1.1 - cpu0.1) / elapsed.as_secs_f64(),
+    );
+
+    if errors > 0 {
+        return Err(format!("{errors} requests failed").into());
+    }
+
+    // Memory again, now that every connection has carried traffic.
+    thread::sleep(settle);
+    let stats = server.stats()?;
+    let served = stats.requests - requests_before;
+    if served != done {
+        eprintln!("scale: the server answered {served} requests, the clients counted {done}");
+    }
+    let (server_rss2, _) = proc_status(server.pid)?;
+    let (client_rss2, _) = proc_status(me)?;
+    println!(
+        "memory per connection after the requests: server {:.1} KiB (VmRSS {:.1} MiB), \
+         client {:.1} KiB (VmRSS {:.1} MiB)",
+        per_conn(server_rss0, server_rss2, n),
+        mib(server_rss2),
+        per_conn(client_rss0, client_rss2, n),
+        mib(client_rss2),
+    );
+    if stats.active != n as u64 {
+        return Err(format!(
+            "the server holds {} connections after the requests, expected {n} ({})",
+            stats.active, stats.line
+        )
+        .into());
+    }
+    eprintln!("scale: server {}", stats.line);
+    Ok(())
+}
+
+type Dialled = (Vec<Connection>, Histogram<u64>, u64, Duration, Duration);
+
+/// Dials `args.conns` connections from `args.dialers` threads, round-robin
+/// over the reactors, and waits until the server has opened them all.
+fn dial_all(
+    args: &Args,
+    server: &mut ServerProcess,
+    addr: std::net::SocketAddr,
+    handles: &[monte_rpc::ReactorHandle],
+) -> Res<Dialled> {
+    let n = args.conns;
+    let claimed = AtomicUsize::new(0);
+    let established = AtomicUsize::new(0);
+    let failures = AtomicU64::new(0);
+    let abort = AtomicBool::new(false);
+    let dials_done = AtomicBool::new(false);
+    // A few failures (a reset under a burst) are retried; many mean the
+    // run is broken.
+    let max_failures = (n as u64 / 100).max(10);
+    let handler: Arc<dyn Handler> = Arc::new(NoHandler);
+    // The clock starts once every dialer is up, so that spawning them is
+    // not counted against the handshakes (it shows at small N).
+    let start_line = std::sync::Barrier::new(args.dialers + 1);
+    let mut conns = Vec::with_capacity(n);
+    let mut hist = histogram();
+    let mut first_error = None;
+
+    let started = thread::scope(|s| {
+        let progress = s.spawn(|| {
+            let mut last = (0, Instant::now());
+            while !dials_done.load(Ordering::Relaxed) {
+                thread::sleep(Duration::from_millis(50));
+                if last.1.elapsed() >= Duration::from_secs(1) {
+                    let now = established.load(Ordering::Relaxed);
+                    let rate = (now - last.0) as f64 / last.1.elapsed().as_secs_f64();
+                    eprintln!("scale: dialled {now}/{n} ({rate:.0}/s)");
+                    last = (now, Instant::now());
+                }
+            }
+        });
+        let dialers: Vec<_> = (0..args.dialers)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut mine = Vec::new();
+                    let mut hist = histogram();
+                    let mut error = None;
+                    start_line.wait();
+                    while !abort.load(Ordering::Relaxed) {
+                        let i = claimed.fetch_add(1, Ordering::Relaxed);
+                        if i >= n {
+                            break;
+                        }
+                        loop {
+                            let t = Instant::now();
+                            match handles[i % handles.len()].dial(addr, handler.clone()) {
+                                Ok(conn) => {
+                                    hist.saturating_record(t.elapsed().as_nanos() as u64);
+                                    mine.push(conn);
+                                    established.fetch_add(1, Ordering::Relaxed);
+                                    break;
+                                }
+                                Err(e) => {
+                                    let f = failures.fetch_add(1, Ordering::Relaxed) + 1;
+                                    if f <= 5 {
+                                        eprintln!("scale: dial failed: {e}");
+                                    }
+                                    if f > max_failures {
+                                        abort.store(true, Ordering::Relaxed);
+                                        error = Some(e);
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    (mine, hist, error)
+                })
+            })
+            .collect();
+        start_line.wait();
+        let started = Instant::now();
+        for d in dialers {
+            let (mine, h, error) = d.join().expect("dialer thread");
+            conns.extend(mine);
+            hist.add(h).expect("same histogram bounds");
+            first_error = first_error.take().or(error);
+        }
+        dials_done.store(true, Ordering::Relaxed);
+        progress.join().expect("progress thread");
+        started
+    });
+    let dialled_in = started.elapsed();
+    if let Some(e) = first_error {
+        return Err(format!(
+            "{} dials failed (more than {max_failures}); last: {e}",
+            failures.load(Ordering::Relaxed)
+        )
+        .into());
+    }
+
+    // The dial returns when the client side of the handshake is done; the
+    // server finishes its side a moment later, and only then is the
+    // connection open at both ends.
+    let wait_until = Instant::now() + Duration::from_secs(30);
+    let opened_in = loop {
+        let stats = server.stats()?;
+        if stats.opened >= n as u64 {
+            break started.elapsed();
+        }
+        if Instant::now() >= wait_until {
+            return Err(format!(
+                "the server opened {} of {n} connections within 30 s of the last dial ({})",
+                stats.opened, stats.line
+            )
+            .into());
+        }
+        thread::sleep(Duration::from_millis(1));
+    };
+    Ok((
+        conns,
+        hist,
+        failures.load(Ordering::Relaxed),
+        dialled_in,
+        opened_in,
+    ))
+}
+
+type Requested = (u64, u64, Histogram<u64>, Duration, u64);
+
+/// `args.threads` threads, each cycling through every `threads`-th
+/// connection, one request at a time, for `args.secs`.
+fn request_phase(args: &Args, conns: &[Connection], me: u32) -> Res<Requested> {
+    let payload = vec![0x5a_u8; args.size];
+    let done = AtomicU64::new(0);
+    let errors = AtomicU64::new(0);
+    let stop = AtomicBool::new(false);
+    let secs = Duration::from_secs_f64(args.secs);
+    let threads = args.threads.min(conns.len());
+    eprintln!(
+        "scale: {threads} threads making requests over {} connections for {:.1} s",
+        conns.len(),
+        args.secs
+    );
+    let started = Instant::now();
+    let mut hist = histogram();
+    let mut threads_busy = 0;
+    thread::scope(|s| -> Res<()> {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let (payload, done, errors, stop) = (&payload, &done, &errors, &stop);
+                s.spawn(move || {
+                    let mut hist = histogram();
+                    let mut response = Vec::new();
+                    let mine: Vec<&Connection> = conns.iter().skip(t).step_by(threads).collect();
+                    let mut i = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        let conn = mine[i % mine.len()];
+                        i += 1;
+                        let at = Instant::now();
+                        match conn.request(payload, &mut response) {
+                            Ok(()) => {
+                                hist.saturating_record(at.elapsed().as_nanos() as u64);
+                                done.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => {
+                                if errors.fetch_add(1, Ordering::Relaxed) < 5 {
+                                    eprintln!("scale: request failed: {e}");
+                                }
+                                if errors.load(Ordering::Relaxed) > 1000 {
+                                    stop.store(true, Ordering::Relaxed);
+                                }
+                            }
+                        }
+                    }
+                    hist
+                })
+            })
+            .collect();
+        let mut last = (0, Instant::now());
+        while started.elapsed() < secs && !stop.load(Ordering::Relaxed) {
+            thread::sleep(Duration::from_millis(50).min(secs.saturating_sub(started.elapsed())));
+            if last.1.elapsed() >= Duration::from_secs(1) {
+                let now = done.load(Ordering::Relaxed);
+                let rate = (now - last.0) as f64 / last.1.elapsed().as_secs_f64();
+                eprintln!("scale: {now} requests ({rate:.0}/s)");
+                last = (now, Instant::now());
+                if threads_busy == 0 {
+                    threads_busy = proc_status(me).map_or(0, |s| s.1);
+                }
+            }
+        }
+        if threads_busy == 0 {
+            threads_busy = proc_status(me).map_or(0, |s| s.1);
+        }
+        stop.store(true, Ordering::Relaxed);
+        for w in workers {
+            hist.add(w.join().expect("request thread"))
+                .expect("same histogram bounds");
+        }
+        Ok(())
+    })?;
+    let elapsed = started.elapsed();
+    Ok((
+        done.load(Ordering::Relaxed),
+        errors.load(Ordering::Relaxed),
+        hist,
+        elapsed,
+        threads_busy,
+    ))
+}
