@@ -559,9 +559,15 @@ struct Report {
     allocs_per_op: u64,
 }
 
-/// Tuning knobs for experiments: MONTE_SPIN and MONTE_WORKERS override the
-/// defaults of both sides.
+/// Tuning knobs for experiments: MONTE_SPIN, MONTE_WORKERS and
+/// MONTE_BUSY_POLL_US (0: off) override the defaults of both sides.
 fn tuned(mut config: Config) -> Config {
+    if let Some(us) = std::env::var("MONTE_BUSY_POLL_US")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        config = config.busy_poll((us > 0).then(|| Duration::from_micros(us)));
+    }
     if let Some(spin) = std::env::var("MONTE_SPIN")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -390,6 +390,9 @@ impl Connection {
     /// told.
     fn read_while_waiting(&self) {
         let sh = &*self.shared;
+        if !crate::sys::readable_now(&sh.stream) {
+            return;
+        }
         let Some(mut inbound) = sh.inbound.try_take() else {
             return;
         };

@@ -51,6 +51,7 @@ mod reactor;
 mod server;
 mod stats;
 pub mod sync;
+mod sys;
 mod workers;
 
 pub use client::Client;
