@@ -77,13 +77,14 @@ pub struct Config {
     /// Default: 2000.
     pub spin: u32,
     /// How long a reactor keeps polling without sleeping after a turn in
-    /// which it ran handlers (served the peer's messages), so that the next
+    /// which its handlers answered requests, so that the peer's next
     /// request finds it awake: waking a sleeping thread on another core
     /// costs tens of microseconds on virtual machines, several times a
     /// loopback round trip. It spins on `epoll_wait` with a zero timeout
-    /// and yields the core between polls. Turns that only delivered
-    /// responses do not start it (the waiting callers read for
-    /// themselves). `None` never busy-polls. Default: 50 µs.
+    /// and yields the core between polls. One-way messages do not start it
+    /// (nobody waits on them, and reading them in batches is cheaper), nor
+    /// do responses (the waiting callers read for themselves). `None` never
+    /// busy-polls. Default: 50 µs.
     pub busy_poll: Option<Duration>,
 }
 

@@ -428,7 +428,7 @@ impl Connection {
                 Ok(Some((seq, len))) => {
                     frames += 1;
                     bytes += len as u64;
-                    if !sh.space.is_ours(seq) {
+                    if !self.is_response(seq) {
                         inbound.held = Some(Held::Frame { seq, len });
                         break true;
                     }

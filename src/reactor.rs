@@ -339,8 +339,8 @@ pub struct Reactor {
     tick: Duration,
     next_sweep: Instant,
     stopping: bool,
-    /// Handlers ran in this turn: the peer is active and more requests are
-    /// likely to follow at once.
+    /// Handlers replied to requests in this turn: a peer waits on this
+    /// side's answers, and its next request is likely to follow at once.
     served: bool,
     /// Poll without sleeping until then (see [`Config::busy_poll`]).
     busy_until: Option<Instant>,
@@ -685,8 +685,7 @@ impl Reactor {
                 let result = dispatch(conn, seq, inbound.payload(len), stats);
                 inbound.consume(len);
                 dispatched = true;
-                self.served = true;
-                result?;
+                served |= result?;
             }
         }
         let (mut frames, mut bytes) = (0u64, 0u64);
@@ -695,11 +694,11 @@ impl Reactor {
                 Ok(Some((seq, len))) => {
                     frames += 1;
                     bytes += len as u64;
-                    served |= !conn.is_response(seq);
                     let result = dispatch(conn, seq, inbound.payload(len), stats);
                     inbound.consume(len);
-                    if let Err(e) = result {
-                        break Err(e);
+                    match result {
+                        Ok(replied) => served |= replied,
+                        Err(e) => break Err(e),
                     }
                 }
                 Ok(None) => break Ok(()),
@@ -952,15 +951,16 @@ fn write_handshake(conn: &Connection, out: &[u8]) -> Result<()> {
 }
 
 /// Calls the handler for one message; a response to one of our requests
-/// goes to its completion slot instead.
-fn dispatch(conn: &Connection, seq: u32, payload: &[u8], stats: &Counters) -> Result<()> {
+/// goes to its completion slot instead. Returns whether the handler
+/// replied at once (a peer is waiting on this side).
+fn dispatch(conn: &Connection, seq: u32, payload: &[u8], stats: &Counters) -> Result<bool> {
     // A response to one of our requests? Unknown or late ones are dropped:
     // they can never reach another request's slot.
     if let Some(delivered) = conn.deliver_response(seq, payload) {
         if !delivered {
             Counters::inc(&stats.responses_dropped);
         }
-        return Ok(());
+        return Ok(false);
     }
     let mut ctx = Context {
         conn,
@@ -969,7 +969,8 @@ fn dispatch(conn: &Connection, seq: u32, payload: &[u8], stats: &Counters) -> Re
         replied: false,
     };
     let handler = &conn.shared.handler;
-    guard_handler(|| handler.on_message(&mut ctx))
+    guard_handler(|| handler.on_message(&mut ctx))?;
+    Ok(ctx.replied)
 }
 
 /// Runs handler code; a panic closes the connection instead of killing the
