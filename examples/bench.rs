@@ -574,6 +574,12 @@ fn tuned(mut config: Config) -> Config {
     {
         config = config.spin(spin);
     }
+    if let Some(m) = std::env::var("MONTE_MAX_CONNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        config = config.max_conns(m);
+    }
     if let Some(w) = std::env::var("MONTE_WORKERS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -752,7 +758,10 @@ fn write_json(path: &str, reports: &[Report]) -> std::io::Result<()> {
 fn main() {
     let args = parse_args();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let callers = cores * 4;
+    let callers = std::env::var("MONTE_CALLERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(cores * 4);
 
     let selected: Vec<&Bench> = BENCHES
         .iter()
