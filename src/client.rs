@@ -12,7 +12,7 @@ use crate::conn::Connection;
 use crate::error::{Error, Result};
 use crate::handler::{Handler, NoHandler};
 use crate::sync::signal::ShutdownSignal;
-use crate::sync::{lock, Mutex};
+use crate::sync::{read, write, Mutex, RwLock};
 use crate::workers::Workers;
 
 /// A client for one endpoint. `Send + Sync`: share it between threads with
@@ -31,7 +31,9 @@ pub struct Client {
     config: Config,
     handler: Arc<dyn Handler>,
     workers: Workers,
-    pool: Mutex<Vec<Connection>>,
+    /// Read by every call, written only when a connection joins or
+    /// leaves: callers choosing a connection never wait on each other.
+    pool: RwLock<Vec<Connection>>,
     /// Serialises dialling, so a burst of callers grows the pool one
     /// connection at a time instead of dialling past `max_conns`. Holds the
     /// last failed dial, so callers that queued behind it fail with it
@@ -81,7 +83,7 @@ impl Client {
             addr,
             handler: Arc::new(handler),
             workers,
-            pool: Mutex::new(Vec::new()),
+            pool: RwLock::new(Vec::new()),
             dial_lock: Mutex::new(None),
             signal: ShutdownSignal::new(),
             config,
@@ -102,7 +104,7 @@ impl Client {
 
     /// Open connections in the pool.
     pub fn connections(&self) -> usize {
-        lock(&self.pool).iter().filter(|c| !c.is_closed()).count()
+        read(&self.pool).iter().filter(|c| !c.is_closed()).count()
     }
 
     /// Sends a message that expects no reply, and returns once it is
@@ -209,7 +211,7 @@ impl Client {
                 *dialling = None;
                 // Joined to the pool before the dial lock is released, so
                 // the next dialler sees it and stays within `max_conns`.
-                lock(&self.pool).push(conn.clone());
+                write(&self.pool).push(conn.clone());
                 Ok(conn)
             }
             Err(e) => {
@@ -244,9 +246,11 @@ impl Client {
     /// The least loaded open connection, dropping closed ones from the
     /// pool. Unless `any`, only if it is idle or the pool is full.
     fn choose(&self, any: bool) -> Option<Connection> {
-        let mut pool = lock(&self.pool);
+        let pool = read(&self.pool);
         if pool.iter().any(|c| c.is_closed()) {
-            pool.retain(|c| !c.is_closed());
+            drop(pool);
+            write(&self.pool).retain(|c| !c.is_closed());
+            return self.choose(any);
         }
         let full = pool.len() >= self.config.max_conns.max(1);
         let (conn, load) = pool
@@ -268,7 +272,7 @@ impl Client {
             std::thread::sleep(Duration::from_millis(1));
         }
         self.workers.stop_and_join();
-        lock(&self.pool).clear();
+        write(&self.pool).clear();
     }
 }
 

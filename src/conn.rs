@@ -31,7 +31,7 @@ use crate::sync::completion::CompletionTable;
 use crate::sync::read_turn::ReadTurn;
 use std::sync::Arc;
 
-use crate::sync::{lock, AtomicU64, AtomicUsize, Condvar, Mutex, MutexGuard, Ordering};
+use crate::sync::{lock, AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex, MutexGuard, Ordering};
 
 /// Rounds a caller-thread writer makes before handing the rest of the queue
 /// to the reactor, so one caller never writes for everyone indefinitely.
@@ -122,6 +122,9 @@ pub(crate) struct ConnShared {
     pub(crate) inbound: ReadTurn<Inbound>,
     out: Mutex<Outbound>,
     out_cv: Condvar,
+    /// Set (under the outbound lock) when `Outbound::closed` is: lets the
+    /// client pool skip closed connections without taking their locks.
+    closed: AtomicBool,
     release: Mutex<Option<ReleaseHook>>,
 }
 
@@ -235,6 +238,7 @@ impl Connection {
                     draining: false,
                 }),
                 out_cv: Condvar::new(),
+                closed: AtomicBool::new(false),
                 release: Mutex::new(parts.release),
             }),
         }
@@ -257,7 +261,7 @@ impl Connection {
 
     /// Whether the connection is closed (or closing).
     pub fn is_closed(&self) -> bool {
-        lock(&self.shared.out).closed.is_some()
+        self.shared.closed.load(Ordering::Acquire)
     }
 
     /// Why the connection closed, once it has.
@@ -783,6 +787,7 @@ impl Connection {
         }
         if g.pending() == 0 && !g.writing {
             g.closed = Some(Error::Closed);
+            self.shared.closed.store(true, Ordering::Release);
             if g.waiters > 0 {
                 self.shared.out_cv.notify_all();
             }
@@ -812,6 +817,7 @@ impl Connection {
             let mut g = lock(&sh.out);
             if g.closed.is_none() {
                 g.closed = Some(error.clone());
+                sh.closed.store(true, Ordering::Release);
             }
             if g.waiters > 0 {
                 sh.out_cv.notify_all();
@@ -831,6 +837,7 @@ impl Connection {
             let mut g = lock(&sh.out);
             if g.closed.is_none() {
                 g.closed = Some(error.clone());
+                sh.closed.store(true, Ordering::Release);
             }
             if g.waiters > 0 {
                 sh.out_cv.notify_all();
