@@ -221,8 +221,14 @@ impl ReactorHandle {
             reactor: self.shared.clone(),
             release: None,
         });
-        self.add(conn.clone(), false)?;
-        conn.shared.handler.on_open(&conn);
+        // Before the reactor has it: once it does, it may dispatch the
+        // peer's first messages, and on_open must come first.
+        let handler = conn.shared.handler.clone();
+        guard_handler(|| handler.on_open(&conn))?;
+        if let Err(e) = self.add(conn.clone(), false) {
+            let _ = guard_handler(|| handler.on_close(&conn, &e));
+            return Err(e);
+        }
         Ok(conn)
     }
 

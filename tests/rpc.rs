@@ -570,3 +570,53 @@ fn large_messages_and_the_size_limit() {
         server.shutdown();
     });
 }
+
+/// Logs a client connection's hooks in the order they ran.
+struct OrderLog(Arc<Mutex<Vec<&'static str>>>);
+
+impl Handler for OrderLog {
+    fn on_open(&self, _conn: &Connection) {
+        // Slow on purpose: a message dispatched meanwhile would log first.
+        thread::sleep(Duration::from_millis(20));
+        self.0.lock().unwrap().push("open");
+    }
+
+    fn on_message(&self, _ctx: &mut Context<'_>) {
+        self.0.lock().unwrap().push("message");
+    }
+}
+
+/// Pushes a message to each client the moment its handshake is done.
+struct Greeter;
+
+impl Handler for Greeter {
+    fn on_open(&self, conn: &Connection) {
+        let _ = conn.send_no_wait(b"welcome");
+    }
+
+    fn on_message(&self, ctx: &mut Context<'_>) {
+        let _ = ctx.reply(b"ok");
+    }
+}
+
+// A dialled connection's on_open runs before any of its messages is
+// dispatched, even when the server sends right after its handshake.
+#[test]
+fn on_open_comes_before_the_first_message() {
+    within(30, || {
+        let server = Server::bind("127.0.0.1:0", server_config(), Greeter).unwrap();
+        for _ in 0..5 {
+            let log = Arc::new(Mutex::new(Vec::new()));
+            let client =
+                Client::with_handler(server.local_addr(), client_config(), OrderLog(log.clone()))
+                    .unwrap();
+            let mut resp = Vec::new();
+            client.request(b"hi", &mut resp).unwrap();
+            assert_eq!(resp, b"ok");
+            wait_until(Duration::from_secs(5), || log.lock().unwrap().len() == 2);
+            assert_eq!(*log.lock().unwrap(), ["open", "message"]);
+            client.shutdown();
+        }
+        server.shutdown();
+    });
+}
