@@ -27,11 +27,26 @@ use crate::inbound::{Filled, Held, Inbound};
 use crate::protocol::{frame_len, FrameDecoder, Role, Sealer, SeqSpace};
 use crate::reactor::{Command, ReactorShared};
 use crate::stats::Counters;
-use crate::sync::completion::CompletionTable;
-use crate::sync::read_turn::ReadTurn;
+use crate::sync::completion::{CompletionTable, Poller};
+use crate::sync::read_turn::{ReadGuard, ReadTurn};
 use std::sync::Arc;
 
 use crate::sync::{lock, AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex, MutexGuard, Ordering};
+
+/// Frames a caller reads in one go before handing the rest to the reactor.
+const CALLER_READ_FRAMES: u64 = 64;
+
+/// What a caller-thread reader did with its turn.
+enum CallerRead {
+    /// Read until the socket would block.
+    Drained,
+    /// Did not read: what is buffered is the reactor's, and the reactor
+    /// knows.
+    Declined,
+    /// Stopped where the reactor must read next (something only it
+    /// handles, the frame budget, or a readiness event the caller took).
+    Reactor,
+}
 
 /// Rounds a caller-thread writer makes before handing the rest of the queue
 /// to the reactor, so one caller never writes for everyone indefinitely.
@@ -81,6 +96,32 @@ impl Outbound {
     }
 }
 
+/// Who wants the reactor told about this socket's readiness.
+#[derive(Default)]
+struct Interest {
+    /// Callers blocked on the socket waiting for their responses: while
+    /// one is, the reactor is not woken for arriving bytes (the caller is).
+    callers_waiting: u32,
+    /// The reactor waits to write queued output.
+    writable: bool,
+}
+
+/// A waiting caller reads its connection itself: each spin round (see
+/// [`Connection::read_while_waiting`]), and instead of parking, blocked on
+/// the socket while it holds the read turn (see
+/// [`Connection::wait_on_socket`]).
+struct ReadWhileWaiting<'a>(&'a Connection);
+
+impl Poller for ReadWhileWaiting<'_> {
+    fn poll(&mut self) {
+        self.0.read_while_waiting();
+    }
+
+    fn block(&mut self, done: &dyn Fn() -> bool, deadline: Option<Instant>) -> bool {
+        self.0.wait_on_socket(done, deadline)
+    }
+}
+
 /// How a frame is handed to the outbound queue.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -122,6 +163,9 @@ pub(crate) struct ConnShared {
     pub(crate) inbound: ReadTurn<Inbound>,
     out: Mutex<Outbound>,
     out_cv: Condvar,
+    /// What the reactor's epoll reports for this socket; every change is
+    /// made under this lock so the kernel's state is the last one computed.
+    interest: Mutex<Interest>,
     /// Set (under the outbound lock) when `Outbound::closed` is: lets the
     /// client pool skip closed connections without taking their locks.
     closed: AtomicBool,
@@ -238,6 +282,7 @@ impl Connection {
                     draining: false,
                 }),
                 out_cv: Condvar::new(),
+                interest: Mutex::new(Interest::default()),
                 closed: AtomicBool::new(false),
                 release: Mutex::new(parts.release),
             }),
@@ -366,9 +411,11 @@ impl Connection {
                 *response = pending.cancel();
                 Err(e)
             }
-            Ok(()) => match pending.wait_polling(self.shared.config.spin, deadline, || {
-                self.read_while_waiting()
-            }) {
+            Ok(()) => match pending.wait_polling(
+                self.shared.config.spin,
+                deadline,
+                &mut ReadWhileWaiting(self),
+            ) {
                 Ok(buf) => {
                     *response = buf;
                     Ok(())
@@ -386,6 +433,97 @@ impl Connection {
         result
     }
 
+    /// Caller side, instead of parking: if no other thread reads the socket,
+    /// takes the read turn and blocks on the socket until `done()` (its
+    /// response, delivered by its own reads) or `deadline`, reading and
+    /// delivering every response that lands meanwhile. The kernel then
+    /// wakes this caller directly, where a parked caller needs the reactor
+    /// woken first and then itself: one wake-up per response instead of
+    /// two. Returns `false` (park instead) when another thread has the
+    /// turn, or the reactor must handle what is buffered.
+    fn wait_on_socket(&self, done: &dyn Fn() -> bool, deadline: Option<Instant>) -> bool {
+        let sh = &*self.shared;
+        let Some(mut inbound) = sh.inbound.try_take() else {
+            return false;
+        };
+        if inbound.held.is_some() || inbound.eof || !inbound.is_open() {
+            self.read_with_turn(inbound);
+            return false;
+        }
+        self.callers_waiting(1);
+        let mut reactor_needed = false;
+        loop {
+            if let CallerRead::Reactor = self.read_responses(&mut inbound) {
+                reactor_needed = true;
+                break;
+            }
+            if done() {
+                break;
+            }
+            let timeout = match deadline {
+                None => None,
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(left) if !left.is_zero() => Some(left),
+                    _ => break,
+                },
+            };
+            crate::sys::wait_readable(&sh.stream, timeout);
+        }
+        // Readable events go back to the reactor before the turn does:
+        // bytes that arrived after this caller's last read are then either
+        // announced (epoll reports them as the interest comes back, the
+        // reactor finds the turn held and raises WANTED) or read by the
+        // holder's own release loop.
+        self.callers_waiting(-1);
+        if reactor_needed {
+            drop(inbound);
+            self.ask_reactor_to_read();
+        } else {
+            self.give_back(inbound);
+        }
+        true
+    }
+
+    /// A caller starts (+1) or stops (-1) waiting blocked on the socket.
+    /// The first takes readable events away from the reactor, the last
+    /// gives them back (and epoll then reports at once any bytes already
+    /// there). Without this, each response would wake both the caller and
+    /// the reactor, and the reactor only to find the bytes read.
+    fn callers_waiting(&self, delta: i32) {
+        let mut interest = lock(&self.shared.interest);
+        let before = interest.callers_waiting;
+        interest.callers_waiting = before.wrapping_add_signed(delta);
+        if (before == 0) != (interest.callers_waiting == 0) {
+            // A failure means the reactor dropped the socket: there is
+            // nobody left to tell.
+            let _ = self.apply_interest(&interest);
+        }
+    }
+
+    /// Reactor side: whether it waits for the socket to take more output.
+    pub(crate) fn set_write_interest(&self, writable: bool) -> io::Result<()> {
+        let mut interest = lock(&self.shared.interest);
+        interest.writable = writable;
+        self.apply_interest(&interest)
+    }
+
+    fn apply_interest(&self, interest: &Interest) -> io::Result<()> {
+        let sh = &*self.shared;
+        let token = sh.token.load(Ordering::Acquire);
+        if token == usize::MAX {
+            // Not registered yet: the reactor registers it readable, and a
+            // caller waiting meanwhile only misses the saving.
+            return Ok(());
+        }
+        crate::sys::epoll_modify(
+            sh.reactor.epoll(),
+            &sh.stream,
+            token,
+            interest.callers_waiting == 0,
+            interest.writable,
+        )
+    }
+
     /// Caller side, while waiting for a response: reads the socket if no
     /// other thread is reading it, and delivers the responses found (this
     /// caller's or others') straight to their slots, so a response wakes
@@ -397,65 +535,99 @@ impl Connection {
         if !crate::sys::readable_now(&sh.stream) {
             return;
         }
-        let Some(mut inbound) = sh.inbound.try_take() else {
-            return;
-        };
-        loop {
-            if self.read_responses(&mut inbound) {
+        if let Some(inbound) = sh.inbound.try_take() {
+            self.read_with_turn(inbound);
+        }
+    }
+
+    /// Reads with the turn held, then gives it back (reading again while
+    /// readiness events came meanwhile), or hands the reading to the
+    /// reactor.
+    fn read_with_turn<'a>(&'a self, mut inbound: ReadGuard<'a, Inbound>) {
+        match self.read_responses(&mut inbound) {
+            CallerRead::Reactor => {
                 drop(inbound);
-                if sh.reactor.push(Command::Read(self.clone())).is_err() {
-                    self.fail(Error::Closed);
-                }
-                return;
+                self.ask_reactor_to_read();
             }
-            match sh.inbound.release(inbound) {
-                Some(again) => inbound = again,
-                None => return,
+            CallerRead::Drained | CallerRead::Declined => self.give_back(inbound),
+        }
+    }
+
+    /// Gives the turn back; while `release` returns it (a readiness event
+    /// came), reads again first.
+    fn give_back<'a>(&'a self, mut inbound: ReadGuard<'a, Inbound>) {
+        let sh = &*self.shared;
+        while let Some(again) = sh.inbound.release(inbound) {
+            inbound = again;
+            if let CallerRead::Reactor = self.read_responses(&mut inbound) {
+                drop(inbound);
+                self.ask_reactor_to_read();
+                return;
             }
         }
     }
 
-    /// Reads and delivers responses until the socket would block. Returns
-    /// whether it stopped at something only the reactor may handle.
-    fn read_responses(&self, inbound: &mut Inbound) -> bool {
+    fn ask_reactor_to_read(&self) {
+        if self
+            .shared
+            .reactor
+            .push(Command::Read(self.clone()))
+            .is_err()
+        {
+            self.fail(Error::Closed);
+        }
+    }
+
+    /// Reads and delivers responses until the socket would block, at most
+    /// [`CALLER_READ_FRAMES`] of them (so a peer flooding the connection
+    /// cannot pin a caller past its deadline).
+    fn read_responses(&self, inbound: &mut ReadGuard<'_, Inbound>) -> CallerRead {
         if inbound.held.is_some() || inbound.eof || !inbound.is_open() {
-            // Already the reactor's (and it was told), or still its
-            // handshake.
-            return false;
+            // The reactor's to read (it was told, or is in the handshake).
+            // Taking the turn may have consumed its readiness event,
+            // though: then it must be told again.
+            return if inbound.announced() {
+                CallerRead::Reactor
+            } else {
+                CallerRead::Declined
+            };
         }
         let sh = &*self.shared;
         let decoder = FrameDecoder::new(sh.config.max_message_size);
         let stats = &sh.reactor.stats;
         let (mut frames, mut bytes, mut read_any) = (0u64, 0u64, false);
-        let reactor_needed = loop {
+        let outcome = loop {
             match inbound.open_next(&decoder) {
                 Ok(Some((seq, len))) => {
                     frames += 1;
                     bytes += len as u64;
                     if !self.is_response(seq) {
                         inbound.held = Some(Held::Frame { seq, len });
-                        break true;
+                        break CallerRead::Reactor;
                     }
                     if self.deliver_response(seq, inbound.payload(len)) != Some(true) {
                         Counters::inc(&stats.responses_dropped);
                     }
                     inbound.consume(len);
+                    if frames == CALLER_READ_FRAMES {
+                        break CallerRead::Reactor;
+                    }
                 }
                 Ok(None) => match inbound.fill(&sh.stream, decoder.max_frame_len()) {
                     Ok(Filled::Bytes) => read_any = true,
-                    Ok(Filled::WouldBlock) => break false,
+                    Ok(Filled::WouldBlock) => break CallerRead::Drained,
                     Ok(Filled::Eof) => {
                         inbound.eof = true;
-                        break true;
+                        break CallerRead::Reactor;
                     }
                     Err(e) => {
                         inbound.held = Some(Held::Failed(e.into()));
-                        break true;
+                        break CallerRead::Reactor;
                     }
                 },
                 Err(e) => {
                     inbound.held = Some(Held::Failed(e));
-                    break true;
+                    break CallerRead::Reactor;
                 }
             }
         };
@@ -466,7 +638,7 @@ impl Connection {
             Counters::add(&stats.frames_in, frames);
             Counters::add(&stats.bytes_in, bytes);
         }
-        reactor_needed
+        outcome
     }
 
     /// Answers the peer's request `seq` from any thread (a handler that
@@ -762,11 +934,11 @@ impl Connection {
             }
         }
         if let Some(mut inbound) = self.shared.inbound.try_take() {
+            let announced = inbound.announced();
             inbound.release_buffer_if_empty();
-            if let Some(again) = self.shared.inbound.release(inbound) {
-                // Bytes came meanwhile: the reactor must read them, and it
-                // is the one calling here, so ask it to.
-                drop(again);
+            if announced || self.shared.inbound.release(inbound).is_some() {
+                // A readiness event was taken with the turn: bytes came that
+                // the reactor (the one calling here) must still read.
                 let _ = self.shared.reactor.push(Command::Read(self.clone()));
             }
         }

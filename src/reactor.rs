@@ -101,6 +101,12 @@ pub(crate) struct ReactorShared {
 }
 
 impl ReactorShared {
+    /// The epoll instance the reactor waits on, for interest changes made
+    /// from other threads.
+    pub(crate) fn epoll(&self) -> &Registry {
+        &self.registry
+    }
+
     /// Hands a command to the reactor. Once it has stopped, the command is
     /// settled here instead (a connection handed over is closed), so no
     /// connection is left in a mailbox no one reads.
@@ -224,7 +230,10 @@ impl ReactorHandle {
         // Before the reactor has it: once it does, it may dispatch the
         // peer's first messages, and on_open must come first.
         let handler = conn.shared.handler.clone();
-        guard_handler(|| handler.on_open(&conn))?;
+        if let Err(e) = guard_handler(|| handler.on_open(&conn)) {
+            conn.finish_close(&e);
+            return Err(e);
+        }
         if let Err(e) = self.add(conn.clone(), false) {
             let _ = guard_handler(|| handler.on_close(&conn, &e));
             return Err(e);
@@ -738,12 +747,7 @@ impl Reactor {
                 }
                 if !entry.writable {
                     entry.writable = true;
-                    let fd = entry.conn.shared.stream.as_raw_fd();
-                    if let Err(e) = self.shared.registry.reregister(
-                        &mut SourceFd(&fd),
-                        Token(key),
-                        Interest::READABLE | Interest::WRITABLE,
-                    ) {
+                    if let Err(e) = entry.conn.set_write_interest(true) {
                         self.close(key, e.into());
                         return;
                     }
@@ -756,12 +760,7 @@ impl Reactor {
                 }
                 if entry.writable {
                     entry.writable = false;
-                    let fd = entry.conn.shared.stream.as_raw_fd();
-                    let _ = self.shared.registry.reregister(
-                        &mut SourceFd(&fd),
-                        Token(key),
-                        Interest::READABLE,
-                    );
+                    let _ = entry.conn.set_write_interest(false);
                 }
             }
             Flushed::Closed => {}

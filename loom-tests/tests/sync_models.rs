@@ -250,3 +250,91 @@ fn read_turn_never_loses_an_edge() {
         assert_eq!(read, 2, "an edge was lost: bytes left unread");
     });
 }
+
+/// What a connection's read side holds in model 7.
+struct Side {
+    /// Bytes read so far (the socket is a counter of bytes that arrived).
+    read: usize,
+    /// A frame only the reactor may dispatch is waiting.
+    held: bool,
+}
+
+/// The reactor's read: dispatches what is held, reads everything, and
+/// gives the turn back (reading again while it comes back).
+fn reactor_reads(turn: &ReadTurn<Side>, arrived: &AtomicUsize) {
+    let Some(mut side) = turn.announce() else {
+        return;
+    };
+    loop {
+        side.held = false;
+        side.read = arrived.load(Ordering::SeqCst);
+        match turn.release(side) {
+            Some(again) => side = again,
+            None => return,
+        }
+    }
+}
+
+/// Model 7, a caller that declines to read. A caller left a frame for the
+/// reactor (`held`) and sent it a Read command; bytes then arrive, and the
+/// reactor hears of them once, while a second caller may hold the turn. That
+/// caller must not read (the held frame is the reactor's), and the rule in
+/// `conn.rs` is: a holder that declines hands the reading on (another Read
+/// command, sent after letting go of the turn) if taking the turn consumed a
+/// readiness event. Invariant: once
+/// every command is processed, the held frame was dispatched and every byte
+/// read.
+#[test]
+fn read_turn_decliner_hands_the_event_on() {
+    model(|| {
+        let arrived = Arc::new(AtomicUsize::new(0));
+        let commands = Arc::new(AtomicUsize::new(1));
+        let turn = Arc::new(ReadTurn::new(Side {
+            read: 0,
+            held: true,
+        }));
+        let reactor = {
+            let (arrived, commands, turn) = (arrived.clone(), commands.clone(), turn.clone());
+            spawn(move || {
+                arrived.fetch_add(1, Ordering::SeqCst);
+                reactor_reads(&turn, &arrived);
+                while commands.load(Ordering::SeqCst) > 0 {
+                    commands.fetch_sub(1, Ordering::SeqCst);
+                    reactor_reads(&turn, &arrived);
+                }
+            })
+        };
+        // The second caller, spinning: it only ever declines here.
+        for _ in 0..2 {
+            let Some(mut side) = turn.try_take() else {
+                continue;
+            };
+            loop {
+                if side.held && side.announced() {
+                    // The turn first, then the command (as conn.rs does): a
+                    // command the reactor took while the turn was still
+                    // held would find it taken and be lost.
+                    drop(side);
+                    commands.fetch_add(1, Ordering::SeqCst);
+                    break;
+                }
+                if !side.held {
+                    side.read = arrived.load(Ordering::SeqCst);
+                }
+                match turn.release(side) {
+                    Some(again) => side = again,
+                    None => break,
+                }
+            }
+        }
+        reactor.join().unwrap();
+        // The reactor's later turns take the commands still queued.
+        while commands.load(Ordering::SeqCst) > 0 {
+            commands.fetch_sub(1, Ordering::SeqCst);
+            reactor_reads(&turn, &arrived);
+        }
+        let side = turn.try_take().expect("nobody holds the turn at the end");
+        assert!(!side.held, "the held frame was never dispatched");
+        assert_eq!(side.read, 1, "an edge was lost: bytes left unread");
+    });
+}

@@ -94,6 +94,26 @@ impl std::fmt::Debug for CompletionTable {
     }
 }
 
+/// How a waiter looks for its response itself instead of only waiting to
+/// be handed it: the runtime's waiters read their connection's socket.
+pub trait Poller {
+    /// One spin round's work (reading the socket, say).
+    fn poll(&mut self);
+    /// Instead of parking: waits by its own means (blocked on the socket)
+    /// until `done()` or `deadline` and returns `true`; or returns `false`
+    /// at once if it cannot, and the waiter parks until it is handed the
+    /// response.
+    fn block(&mut self, done: &dyn Fn() -> bool, deadline: Option<Instant>) -> bool;
+}
+
+/// Only spins and parks.
+impl Poller for () {
+    fn poll(&mut self) {}
+    fn block(&mut self, _done: &dyn Fn() -> bool, _deadline: Option<Instant>) -> bool {
+        false
+    }
+}
+
 /// A request that holds a slot and has not been answered yet.
 #[must_use = "a pending request holds its slot until waited on or cancelled"]
 pub struct Pending<'a> {
@@ -285,17 +305,18 @@ impl<'a> Pending<'a> {
     /// parking, and gives up at `deadline` with a request timeout. The
     /// caller's buffer comes back either way.
     pub fn wait(self, spins: u32, deadline: Option<Instant>) -> Result<Vec<u8>, (Error, Vec<u8>)> {
-        self.wait_polling(spins, deadline, || {})
+        self.wait_polling(spins, deadline, &mut ())
     }
 
-    /// [`wait`](Self::wait), calling `poll` on every spin round: the caller
-    /// reads the connection itself while it spins, so the response needs
-    /// no other thread to wake for it.
+    /// [`wait`](Self::wait), calling `poller.poll` on every spin round
+    /// and trying `poller.block` before each park: the caller reads the
+    /// connection itself while it waits, so the response needs no other
+    /// thread to wake for it.
     pub fn wait_polling(
         mut self,
         spins: u32,
         deadline: Option<Instant>,
-        mut poll: impl FnMut(),
+        poller: &mut dyn Poller,
     ) -> Result<Vec<u8>, (Error, Vec<u8>)> {
         // Spin only when this is the connection's one outstanding request:
         // with others in flight, the reactor is busy and the response is
@@ -317,7 +338,7 @@ impl<'a> Pending<'a> {
                 if self.is_done() {
                     return self.finish();
                 }
-                poll();
+                poller.poll();
                 if self.is_done() {
                     return self.finish();
                 }
@@ -335,7 +356,11 @@ impl<'a> Pending<'a> {
                 return self.finish();
             }
             match deadline {
-                None => park(),
+                None => {
+                    if !poller.block(&|| self.is_done(), None) {
+                        park();
+                    }
+                }
                 Some(deadline) => {
                     let now = Instant::now();
                     if now >= deadline {
@@ -346,7 +371,9 @@ impl<'a> Pending<'a> {
                         // answered in time after all.
                         continue;
                     }
-                    park_timeout(deadline - now);
+                    if !poller.block(&|| self.is_done(), Some(deadline)) {
+                        park_timeout(deadline - now);
+                    }
                 }
             }
         }

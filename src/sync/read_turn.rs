@@ -39,11 +39,22 @@ pub struct ReadTurn<T> {
 /// The turn, held: derefs to the value. Give it back with
 /// [`ReadTurn::release`]; dropping it instead gives it back without looking
 /// for an event that came meanwhile, which is only right when the
-/// connection is closing anyway.
+/// connection is closing anyway, or when the reactor is told to read
+/// (its `Read` command).
 #[derive(Debug)]
 pub struct ReadGuard<'a, T> {
     turn: &'a ReadTurn<T>,
     value: Option<MutexGuard<'a, T>>,
+    announced: bool,
+}
+
+impl<T> ReadGuard<'_, T> {
+    /// Whether taking the turn consumed a readiness event (`WANTED`): a
+    /// holder that then declines to read must hand the reading on (to the
+    /// reactor), or the event is lost.
+    pub fn announced(&self) -> bool {
+        self.announced
+    }
 }
 
 impl<T> std::ops::Deref for ReadGuard<'_, T> {
@@ -102,7 +113,7 @@ impl<T> ReadTurn<T> {
                 Ordering::AcqRel,
                 Ordering::Relaxed,
             ) {
-                Ok(_) => return Some(self.guard()),
+                Ok(_) => return Some(self.guard(current & WANTED != 0)),
                 Err(now) => current = now,
             }
         }
@@ -126,15 +137,16 @@ impl<T> ReadTurn<T> {
                 // HELD | WANTED: keep the turn and take the event on; the
                 // swap acquires every WANTED raised up to now.
                 self.word.swap(HELD, Ordering::AcqRel);
-                Some(self.guard())
+                Some(self.guard(true))
             }
         }
     }
 
-    fn guard(&self) -> ReadGuard<'_, T> {
+    fn guard(&self, announced: bool) -> ReadGuard<'_, T> {
         ReadGuard {
             turn: self,
             value: Some(lock(&self.value)),
+            announced,
         }
     }
 }

@@ -1379,10 +1379,7 @@ pub fn idle_sockets_over_the_cap(t: &dyn Target) {
         // The admitted idle sockets go; their places come back.
         drop(socks);
         settle(t, 1);
-        let fresh = Client::new(addr, good_config()).unwrap();
-        check_client(&fresh, "fresh");
-        fresh.shutdown();
-        settle(t, 1);
+        fresh_client(t, addr);
         eprintln!(
             "[hostile] 11: {} of {n} idle sockets closed after {min:?}..{max:?} (accept wait {accept_wait:?})",
             times.len()
@@ -1412,6 +1409,30 @@ pub fn idle_sockets_over_the_cap(t: &dyn Target) {
     for peer in &idle {
         t.log().assert_never_opened(*peer, name);
     }
+}
+
+/// A fresh client is served once places are free. Its connection is then
+/// forgotten by the log: a later idle socket may get the same ephemeral
+/// port, and must not be taken for it.
+fn fresh_client(t: &dyn Target, addr: SocketAddr) {
+    let known: HashSet<SocketAddr> = t.log().events().opened.keys().copied().collect();
+    let fresh = Client::new(addr, good_config()).unwrap();
+    check_client(&fresh, "fresh");
+    fresh.shutdown();
+    settle(t, 1);
+    t.log().update(|e| {
+        let new: Vec<SocketAddr> = e
+            .opened
+            .keys()
+            .filter(|p| !known.contains(p))
+            .copied()
+            .collect();
+        for peer in new {
+            e.opened.remove(&peer);
+            e.closed.remove(&peer);
+            e.messages.remove(&peer);
+        }
+    });
 }
 
 /// Case 11b: the same attack with a handshake timeout as short as the accept
@@ -1451,10 +1472,7 @@ pub fn idle_sockets_over_the_cap_short_handshake(t: &dyn Target) {
             "closed too late: {max:?}"
         );
         settle(t, 1);
-        let fresh = Client::new(addr, good_config()).unwrap();
-        check_client(&fresh, "fresh");
-        fresh.shutdown();
-        settle(t, 1);
+        fresh_client(t, addr);
         eprintln!(
             "[hostile] 11b: all {n} idle sockets closed after {min:?}..{max:?} \
              (accept wait {accept_wait:?}, handshake timeout {handshake_timeout:?})"
