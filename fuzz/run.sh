@@ -9,7 +9,7 @@
 # entries go to a temporary directory that is removed afterwards, so the
 # repository is never written to (except artifacts on a crash).
 #
-# Environment: FUZZ_SANITIZER (default `none`: the library is safe Rust, and
+# Environment: FUZZ_SANITIZER (default `none`: the code the targets reach is safe Rust, and
 # without AddressSanitizer the targets run about twice as fast; set
 # `address` to turn it on), FUZZ_TARGETS (space-separated subset).
 set -euo pipefail
