@@ -595,7 +595,7 @@ impl Connection {
         let sh = &*self.shared;
         let decoder = FrameDecoder::new(sh.config.max_message_size);
         let stats = &sh.reactor.stats;
-        let (mut frames, mut bytes, mut read_any) = (0u64, 0u64, false);
+        let (mut frames, mut bytes, mut read_any, mut drained) = (0u64, 0u64, false, false);
         let outcome = loop {
             match inbound.open_next(&decoder) {
                 Ok(Some((seq, len))) => {
@@ -613,8 +613,12 @@ impl Connection {
                         break CallerRead::Reactor;
                     }
                 }
+                Ok(None) if drained => break CallerRead::Drained,
                 Ok(None) => match inbound.fill(&sh.stream, decoder.max_frame_len()) {
-                    Ok(Filled::Bytes) => read_any = true,
+                    Ok(Filled::Bytes { drained: d }) => {
+                        read_any = true;
+                        drained = d;
+                    }
                     Ok(Filled::WouldBlock) => break CallerRead::Drained,
                     Ok(Filled::Eof) => {
                         inbound.eof = true;

@@ -91,7 +91,13 @@ pub(crate) enum Held {
 
 /// The result of one read from the socket.
 pub(crate) enum Filled {
-    Bytes,
+    /// Bytes arrived. `drained`: fewer than asked for, so the socket's
+    /// receive queue was empty when the read returned; the next bytes to
+    /// arrive raise a new readiness edge, and a reader may stop here
+    /// instead of paying for a read that would only say `WouldBlock`.
+    Bytes {
+        drained: bool,
+    },
     Eof,
     WouldBlock,
 }
@@ -138,8 +144,9 @@ impl Inbound {
             return match stream.read(&mut rb.buf[rb.end..]) {
                 Ok(0) => Ok(Filled::Eof),
                 Ok(n) => {
+                    let drained = rb.end + n < rb.buf.len();
                     rb.end += n;
-                    Ok(Filled::Bytes)
+                    Ok(Filled::Bytes { drained })
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Filled::WouldBlock),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

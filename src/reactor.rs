@@ -472,7 +472,12 @@ impl Reactor {
                 continue;
             }
             if event.is_readable() || event.is_read_closed() || event.is_error() {
-                self.on_readable(key);
+                // A short read may end the read only if this edge did not
+                // also bring the peer's end of stream or an error: those
+                // would then wait unread, with no further edge to announce
+                // them. (Anything arriving after this event raises its own.)
+                let bytes_only = !event.is_read_closed() && !event.is_error();
+                self.on_readable(key, bytes_only);
             }
             if event.is_writable() && self.conns.contains(key) {
                 self.on_writable(key);
@@ -487,7 +492,7 @@ impl Reactor {
         // announced no more, so resumed connections are read now.
         while let Some(key) = self.resume.pop() {
             if self.conns.contains(key) {
-                self.on_readable(key);
+                self.on_readable(key, false);
             }
         }
         if Instant::now() >= self.next_sweep {
@@ -516,7 +521,7 @@ impl Reactor {
                 Command::Add { conn, handshaking } => self.add(conn, handshaking),
                 Command::Read(conn) => {
                     if let Some(key) = self.key_of(&conn) {
-                        self.on_readable(key);
+                        self.on_readable(key, false);
                     }
                 }
                 Command::Flush(conn) => {
@@ -586,17 +591,20 @@ impl Reactor {
         // Server handshakes may owe output before any input (custom ones),
         // and bytes read past a dialled handshake must be processed: one
         // pass now.
-        self.on_readable(key);
+        self.on_readable(key, false);
     }
 
-    fn on_readable(&mut self, key: usize) {
+    /// Reads the connection if no caller is reading it. `bytes_only`: the
+    /// readiness edge announced only bytes, so a short read ends the read
+    /// (see [`Filled::Bytes`]).
+    fn on_readable(&mut self, key: usize, bytes_only: bool) {
         let conn = self.conns[key].conn.clone();
         let Some(mut inbound) = conn.shared.inbound.announce() else {
             // A caller is reading it, and reads again before it lets go.
             return;
         };
         let result = loop {
-            let read = self.read_all(key, &conn, &mut inbound);
+            let read = self.read_all(key, &conn, &mut inbound, bytes_only);
             if read.is_err() || !self.conns.contains(key) {
                 break read;
             }
@@ -614,8 +622,15 @@ impl Reactor {
 
     /// Drains the socket into the receive buffer, processing frames as they
     /// complete (and first whatever a caller-thread reader left).
-    fn read_all(&mut self, key: usize, conn: &Connection, inbound: &mut Inbound) -> Result<()> {
+    fn read_all(
+        &mut self,
+        key: usize,
+        conn: &Connection,
+        inbound: &mut Inbound,
+        bytes_only: bool,
+    ) -> Result<()> {
         let max_frame_len = self.decoder.max_frame_len();
+        let mut drained = false;
         loop {
             if self.conns[key].read_paused {
                 return Ok(());
@@ -633,11 +648,16 @@ impl Reactor {
             if inbound.eof {
                 return self.on_end_of_stream(key);
             }
+            if drained {
+                return Ok(());
+            }
             match inbound.fill(&conn.shared.stream, max_frame_len)? {
-                Filled::Bytes => conn
-                    .shared
-                    .last_read
-                    .store(crate::conn::now_nanos(), Ordering::Relaxed),
+                Filled::Bytes { drained: d } => {
+                    drained = d && bytes_only;
+                    conn.shared
+                        .last_read
+                        .store(crate::conn::now_nanos(), Ordering::Relaxed)
+                }
                 Filled::Eof => inbound.eof = true,
                 Filled::WouldBlock => return Ok(()),
             }
