@@ -99,26 +99,43 @@ impl Outbound {
 /// Who wants the reactor told about this socket's readiness.
 #[derive(Default)]
 struct Interest {
-    /// Callers blocked on the socket waiting for their responses: while
-    /// one is, the reactor is not woken for arriving bytes (the caller is).
+    /// Callers reading the socket while they wait for their responses:
+    /// while one is, the reactor is not woken for arriving bytes.
     callers_waiting: u32,
     /// The reactor waits to write queued output.
     writable: bool,
 }
 
 /// A waiting caller reads its connection itself: each spin round (see
-/// [`Connection::read_while_waiting`]), and instead of parking, blocked on
-/// the socket while it holds the read turn (see
+/// [`Connection::read_while_waiting`]), with the reactor's readable events
+/// off meanwhile (its wake-up per response would only find the bytes read,
+/// and would take a core from the spinner or the peer), and instead of
+/// parking, blocked on the socket while it holds the read turn (see
 /// [`Connection::wait_on_socket`]).
-struct ReadWhileWaiting<'a>(&'a Connection);
+struct ReadWhileWaiting<'a> {
+    conn: &'a Connection,
+    /// Readable events are taken away from the reactor while this caller
+    /// spins (see [`Connection::callers_waiting`]).
+    quiet: bool,
+}
 
 impl Poller for ReadWhileWaiting<'_> {
     fn poll(&mut self) {
-        self.0.read_while_waiting();
+        if !self.quiet {
+            self.quiet = true;
+            self.conn.callers_waiting(1);
+        }
+        self.conn.read_while_waiting();
+    }
+
+    fn stop_spinning(&mut self) {
+        if std::mem::take(&mut self.quiet) {
+            self.conn.callers_waiting(-1);
+        }
     }
 
     fn block(&mut self, done: &dyn Fn() -> bool, deadline: Option<Instant>) -> bool {
-        self.0.wait_on_socket(done, deadline)
+        self.conn.wait_on_socket(done, deadline)
     }
 }
 
@@ -414,7 +431,10 @@ impl Connection {
             Ok(()) => match pending.wait_polling(
                 self.shared.config.spin,
                 deadline,
-                &mut ReadWhileWaiting(self),
+                &mut ReadWhileWaiting {
+                    conn: self,
+                    quiet: false,
+                },
             ) {
                 Ok(buf) => {
                     *response = buf;
@@ -484,7 +504,8 @@ impl Connection {
         true
     }
 
-    /// A caller starts (+1) or stops (-1) waiting blocked on the socket.
+    /// A caller starts (+1) or stops (-1) reading the socket while it
+    /// waits (spinning, or blocked on it).
     /// The first takes readable events away from the reactor, the last
     /// gives them back (and epoll then reports at once any bytes already
     /// there). Without this, each response would wake both the caller and

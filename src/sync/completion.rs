@@ -99,6 +99,9 @@ impl std::fmt::Debug for CompletionTable {
 pub trait Poller {
     /// One spin round's work (reading the socket, say).
     fn poll(&mut self);
+    /// The spin rounds are over (answered, or the waiter blocks or parks
+    /// next).
+    fn stop_spinning(&mut self);
     /// Instead of parking: waits by its own means (blocked on the socket)
     /// until `done()` or `deadline` and returns `true`; or returns `false`
     /// at once if it cannot, and the waiter parks until it is handed the
@@ -109,6 +112,7 @@ pub trait Poller {
 /// Only spins and parks.
 impl Poller for () {
     fn poll(&mut self) {}
+    fn stop_spinning(&mut self) {}
     fn block(&mut self, _done: &dyn Fn() -> bool, _deadline: Option<Instant>) -> bool {
         false
     }
@@ -334,13 +338,16 @@ impl<'a> Pending<'a> {
             if let Some(deadline) = deadline {
                 spin_until = spin_until.min(deadline);
             }
+            let mut answered = false;
             for i in 0..spins {
                 if self.is_done() {
-                    return self.finish();
+                    answered = true;
+                    break;
                 }
                 poller.poll();
                 if self.is_done() {
-                    return self.finish();
+                    answered = true;
+                    break;
                 }
                 if i < BUSY_SPINS {
                     spin_hint();
@@ -349,6 +356,10 @@ impl<'a> Pending<'a> {
                 } else {
                     yield_now();
                 }
+            }
+            poller.stop_spinning();
+            if answered {
+                return self.finish();
             }
         }
         loop {
