@@ -11,6 +11,11 @@
 //! - [`epoll_modify`]: sets a registered socket's epoll interest to *no*
 //!   readiness at all, which mio cannot express: while a caller waits on
 //!   the socket, the reactor must not be woken for the same bytes.
+//!
+//! The last two are Linux's (`ppoll`, `epoll_ctl`). Elsewhere the wait uses
+//! `poll` with a millisecond timeout, and the reactor keeps its interest:
+//! it is then woken for nothing, which costs time but loses no event (the
+//! read turn decides who reads). Only the Linux versions are tested.
 
 #![allow(unsafe_code)]
 
@@ -34,6 +39,7 @@ pub(crate) fn readable_now(socket: &impl AsRawFd) -> bool {
 /// Blocks until `socket` is readable (bytes, end of stream or an error
 /// waiting) or `timeout` passes (`None`: no limit). Returns whether it is
 /// readable; an interrupted wait returns `false` and the caller looks again.
+#[cfg(target_os = "linux")]
 pub(crate) fn wait_readable(socket: &impl AsRawFd, timeout: Option<std::time::Duration>) -> bool {
     let mut fds = libc::pollfd {
         fd: socket.as_raw_fd(),
@@ -57,8 +63,9 @@ pub(crate) fn wait_readable(socket: &impl AsRawFd, timeout: Option<std::time::Du
 /// Sets what epoll reports for `fd` (registered with mio under `token` in
 /// the epoll instance `epoll`): edge-triggered readable and/or writable,
 /// with the same flags mio uses, or neither (errors and hang-ups only).
+#[cfg(target_os = "linux")]
 pub(crate) fn epoll_modify(
-    epoll: &impl AsRawFd,
+    epoll: &mio::Registry,
     fd: &impl AsRawFd,
     token: usize,
     readable: bool,
@@ -91,4 +98,43 @@ pub(crate) fn epoll_modify(
     } else {
         Err(std::io::Error::last_os_error())
     }
+}
+
+/// [`wait_readable`] where `ppoll` is missing: `poll`, its timeout rounded
+/// up to whole milliseconds.
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn wait_readable(socket: &impl AsRawFd, timeout: Option<std::time::Duration>) -> bool {
+    let mut fds = libc::pollfd {
+        fd: socket.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.map_or(-1, |t| {
+        t.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int
+    });
+    // SAFETY: `fds` is one valid, initialised `pollfd` that lives across
+    // the call, and the count passed is 1.
+    let n = unsafe { libc::poll(&mut fds, 1, ms) };
+    n > 0
+}
+
+/// Without epoll, through mio, which cannot turn readable off: the reactor
+/// keeps it (see the module docs).
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn epoll_modify(
+    registry: &mio::Registry,
+    fd: &impl AsRawFd,
+    token: usize,
+    _readable: bool,
+    writable: bool,
+) -> std::io::Result<()> {
+    let mut interest = mio::Interest::READABLE;
+    if writable {
+        interest = interest | mio::Interest::WRITABLE;
+    }
+    registry.reregister(
+        &mut mio::unix::SourceFd(&fd.as_raw_fd()),
+        mio::Token(token),
+        interest,
+    )
 }
