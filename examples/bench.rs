@@ -32,6 +32,10 @@
 //! `SendNoWait` benchmarks stop the clock only once the server has received
 //! every message, so nothing queued goes unmeasured.
 
+#[path = "common/flags.rs"]
+mod flags;
+use flags::Flags;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -195,18 +199,8 @@ fn parse_args() -> Args {
         client_handshake: Arc::new(Profile::Secure),
         server_handshake: Arc::new(Profile::Secure),
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-            _ => (arg.clone(), None),
-        };
-        if flag == "-h" || flag == "--help" {
-            usage("help");
-        }
-        let value = inline
-            .or_else(|| it.next())
-            .unwrap_or_else(|| usage(&format!("{flag}: missing value")));
+    let mut flags = Flags::from_env(usage);
+    while let Some((flag, value)) = flags.next_flag(&[]) {
         match flag.as_str() {
             "--secs" => {
                 args.secs = value

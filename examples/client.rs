@@ -17,6 +17,10 @@
 //! `send`. Prints `ok requests=2N sends=N nowait=N` on success; on any
 //! error prints it to stderr and exits 1.
 
+#[path = "common/flags.rs"]
+mod flags;
+use flags::Flags;
+
 use std::process::exit;
 use std::time::Duration;
 
@@ -80,29 +84,6 @@ fn usage(msg: &str) -> ! {
     exit(2);
 }
 
-fn parse_num<T: std::str::FromStr>(flag: &str, value: &str) -> T {
-    value
-        .parse()
-        .unwrap_or_else(|_| usage(&format!("{flag}: not a number: {value}")))
-}
-
-/// 64 hex characters to 32 bytes.
-fn parse_key(flag: &str, value: &str) -> [u8; 32] {
-    let bad = || {
-        usage(&format!(
-            "{flag}: expected 64 hex characters, got {value:?}"
-        ))
-    };
-    if value.len() != 64 || !value.is_ascii() {
-        bad();
-    }
-    let mut key = [0u8; 32];
-    for (i, b) in key.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&value[2 * i..2 * i + 2], 16).unwrap_or_else(|_| bad());
-    }
-    key
-}
-
 /// The handshake the authentication flags select, or `None` for `--profile`.
 fn auth_handshake(args: &Args) -> Result<Option<Arc<dyn HandshakeFactory>>, String> {
     if let Some(psk) = args.psk {
@@ -136,18 +117,8 @@ fn parse_args() -> Args {
         pin: None,
         identity: None,
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-            _ => (arg.clone(), None),
-        };
-        if flag == "-h" || flag == "--help" {
-            usage("help");
-        }
-        let value = inline
-            .or_else(|| it.next())
-            .unwrap_or_else(|| usage(&format!("{flag}: missing value")));
+    let mut flags = Flags::from_env(usage);
+    while let Some((flag, value)) = flags.next_flag(&[]) {
         match flag.as_str() {
             "--addr" => args.addr = value,
             "--profile" => {
@@ -158,12 +129,12 @@ fn parse_args() -> Args {
                 };
                 args.profile_set = true;
             }
-            "--psk" => args.psk = Some(parse_key(&flag, &value)),
-            "--pin" => args.pin = Some(parse_key(&flag, &value)),
+            "--psk" => args.psk = Some(flags.key(&flag, &value)),
+            "--pin" => args.pin = Some(flags.key(&flag, &value)),
             "--identity" => args.identity = Some(value),
-            "--n" => args.n = parse_num(&flag, &value),
-            "--size" => args.size = parse_num(&flag, &value),
-            "--threads" => args.threads = parse_num(&flag, &value),
+            "--n" => args.n = flags.num(&flag, &value),
+            "--size" => args.size = flags.num(&flag, &value),
+            "--threads" => args.threads = flags.num(&flag, &value),
             _ => usage(&format!("unknown flag {flag}")),
         }
     }

@@ -37,6 +37,10 @@
 //! ends a run that overstays its budget. `--conns 200 --secs 1` is a quick
 //! run, about 4 s.
 
+#[path = "common/flags.rs"]
+mod flags;
+use flags::Flags;
+
 use std::io::{BufRead, BufReader, Write};
 use std::process::{exit, Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -79,12 +83,6 @@ fn usage(msg: &str) -> ! {
     exit(2);
 }
 
-fn parse_num<T: std::str::FromStr>(flag: &str, value: &str) -> T {
-    value
-        .parse()
-        .unwrap_or_else(|_| usage(&format!("{flag}: not a number: {value}")))
-}
-
 fn parse_args() -> Args {
     let mut args = Args {
         role: Role::Client,
@@ -98,18 +96,8 @@ fn parse_args() -> Args {
         profile_name: "secure".into(),
         read_buffer: None,
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-            _ => (arg.clone(), None),
-        };
-        if flag == "-h" || flag == "--help" {
-            usage("help");
-        }
-        let value = inline
-            .or_else(|| it.next())
-            .unwrap_or_else(|| usage(&format!("{flag}: missing value")));
+    let mut flags = Flags::from_env(usage);
+    while let Some((flag, value)) = flags.next_flag(&[]) {
         match flag.as_str() {
             "--role" => {
                 args.role = match value.as_str() {
@@ -118,17 +106,17 @@ fn parse_args() -> Args {
                     _ => usage(&format!("--role: expected client or server, got {value}")),
                 }
             }
-            "--conns" => args.conns = parse_num::<usize>(&flag, &value).max(1),
-            "--dialers" => args.dialers = parse_num::<usize>(&flag, &value).max(1),
+            "--conns" => args.conns = flags.num::<usize>(&flag, &value).max(1),
+            "--dialers" => args.dialers = flags.num::<usize>(&flag, &value).max(1),
             "--secs" => {
-                args.secs = Some(parse_num::<f64>(&flag, &value))
+                args.secs = Some(flags.num::<f64>(&flag, &value))
                     .filter(|s| s.is_finite() && *s > 0.0)
                     .unwrap_or_else(|| usage(&format!("--secs: not a positive number: {value}")))
             }
-            "--threads" => args.threads = parse_num::<usize>(&flag, &value).max(1),
-            "--size" => args.size = parse_num(&flag, &value),
-            "--settle-ms" => args.settle_ms = parse_num(&flag, &value),
-            "--read-buffer" => args.read_buffer = Some(parse_num(&flag, &value)),
+            "--threads" => args.threads = flags.num::<usize>(&flag, &value).max(1),
+            "--size" => args.size = flags.num(&flag, &value),
+            "--settle-ms" => args.settle_ms = flags.num(&flag, &value),
+            "--read-buffer" => args.read_buffer = Some(flags.num(&flag, &value)),
             "--profile" => {
                 args.profile = match value.to_ascii_lowercase().as_str() {
                     "secure" => Profile::Secure,

@@ -46,6 +46,10 @@
 //!
 //!   An unknown `PEER` gives `error=unknown peer` in place of the outcome.
 
+#[path = "common/flags.rs"]
+mod flags;
+use flags::Flags;
+
 use std::collections::HashMap;
 use std::fmt;
 use std::io::{BufRead, Write};
@@ -391,35 +395,12 @@ fn usage(msg: &str) -> ! {
     exit(2);
 }
 
-fn parse_num<T: std::str::FromStr>(flag: &str, value: &str) -> T {
-    value
-        .parse()
-        .unwrap_or_else(|_| usage(&format!("{flag}: not a number: {value}")))
-}
-
 fn parse_profile(value: &str) -> Profile {
     match value.to_ascii_lowercase().as_str() {
         "secure" => Profile::Secure,
         "monte" => Profile::Monte,
         _ => usage(&format!("--profile: expected secure or monte, got {value}")),
     }
-}
-
-/// 64 hex characters to 32 bytes.
-fn parse_key(flag: &str, value: &str) -> [u8; 32] {
-    let bad = || {
-        usage(&format!(
-            "{flag}: expected 64 hex characters, got {value:?}"
-        ))
-    };
-    if value.len() != 64 || !value.is_ascii() {
-        bad();
-    }
-    let mut key = [0u8; 32];
-    for (i, b) in key.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&value[2 * i..2 * i + 2], 16).unwrap_or_else(|_| bad());
-    }
-    key
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -504,50 +485,30 @@ fn parse_args() -> Args {
         allow: None,
         gen_identity: None,
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-            _ => (arg.clone(), None),
-        };
-        if flag == "-h" || flag == "--help" {
-            usage("help");
-        }
-        // The switches take no value.
+    let mut flags = Flags::from_env(usage);
+    while let Some((flag, value)) = flags.next_flag(&["--events", "--control"]) {
         match flag.as_str() {
-            "--events" => {
-                args.events = true;
-                continue;
-            }
-            "--control" => {
-                args.control = true;
-                continue;
-            }
-            _ => {}
-        }
-        let value = inline
-            .or_else(|| it.next())
-            .unwrap_or_else(|| usage(&format!("{flag}: missing value")));
-        match flag.as_str() {
+            "--events" => args.events = true,
+            "--control" => args.control = true,
             "--addr" => args.addr = value,
             "--profile" => {
                 args.profile = parse_profile(&value);
                 args.profile_set = true;
             }
-            "--psk" => args.psk = Some(parse_key(&flag, &value)),
+            "--psk" => args.psk = Some(flags.key(&flag, &value)),
             "--identity" => args.identity = Some(value),
-            "--allow" => args.allow = Some(value.split(',').map(|k| parse_key(&flag, k)).collect()),
+            "--allow" => args.allow = Some(value.split(',').map(|k| flags.key(&flag, k)).collect()),
             "--gen-identity" => args.gen_identity = Some(value),
-            "--max-conns" => args.max_conns = Some(parse_num(&flag, &value)),
-            "--handshake-timeout-ms" => args.handshake_timeout_ms = Some(parse_num(&flag, &value)),
-            "--read-timeout-ms" => args.read_timeout_ms = Some(parse_num(&flag, &value)),
-            "--write-timeout-ms" => args.write_timeout_ms = Some(parse_num(&flag, &value)),
-            "--accept-wait-ms" => args.accept_wait_ms = Some(parse_num(&flag, &value)),
-            "--max-message-size" => args.max_message_size = Some(parse_num(&flag, &value)),
-            "--max-queued-bytes" => args.max_queued_bytes = Some(parse_num(&flag, &value)),
-            "--max-in-flight" => args.max_in_flight = Some(parse_num(&flag, &value)),
-            "--workers" => args.workers = Some(parse_num(&flag, &value)),
-            "--duration-s" => args.duration_s = Some(parse_num(&flag, &value)),
+            "--max-conns" => args.max_conns = Some(flags.num(&flag, &value)),
+            "--handshake-timeout-ms" => args.handshake_timeout_ms = Some(flags.num(&flag, &value)),
+            "--read-timeout-ms" => args.read_timeout_ms = Some(flags.num(&flag, &value)),
+            "--write-timeout-ms" => args.write_timeout_ms = Some(flags.num(&flag, &value)),
+            "--accept-wait-ms" => args.accept_wait_ms = Some(flags.num(&flag, &value)),
+            "--max-message-size" => args.max_message_size = Some(flags.num(&flag, &value)),
+            "--max-queued-bytes" => args.max_queued_bytes = Some(flags.num(&flag, &value)),
+            "--max-in-flight" => args.max_in_flight = Some(flags.num(&flag, &value)),
+            "--workers" => args.workers = Some(flags.num(&flag, &value)),
+            "--duration-s" => args.duration_s = Some(flags.num(&flag, &value)),
             _ => usage(&format!("unknown flag {flag}")),
         }
     }

@@ -17,6 +17,10 @@
 //! `soak ok` or `soak FAILED`; a failed check exits with 1, a run that
 //! overstays `secs + 60` s is ended by a watchdog with 3.
 
+#[path = "common/flags.rs"]
+mod flags;
+use flags::Flags;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -56,14 +60,9 @@ fn parse_args() -> Args {
         final_msgs: 20_000,
         seed: 0x50a6_2024,
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let value = it
-            .next()
-            .unwrap_or_else(|| usage(&format!("{flag} needs a value")));
-        let n: u64 = value
-            .parse()
-            .unwrap_or_else(|_| usage(&format!("{flag}: not a number: {value}")));
+    let mut flags = Flags::from_env(usage);
+    while let Some((flag, value)) = flags.next_flag(&[]) {
+        let n: u64 = flags.num(&flag, &value);
         match flag.as_str() {
             "--secs" => args.secs = n,
             "--threads" => args.threads = n.max(1) as usize,
