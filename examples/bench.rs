@@ -35,6 +35,7 @@
 #[path = "common/flags.rs"]
 mod flags;
 use flags::Flags;
+use rand::{rngs::SmallRng, RngCore, SeedableRng};
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::{Read, Write};
@@ -105,34 +106,13 @@ fn alloc_snapshot() -> (u64, u64) {
 // ---------------------------------------------------------------------------
 // Random payloads
 
-/// xorshift64*: enough randomness for payloads, no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let v = self.next_u64().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-    }
-}
-
 fn random_payload(size: usize) -> Vec<u8> {
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0x1234_5678, |d| d.as_nanos() as u64);
-    let mut rng = Rng(seed | 1);
+    let mut rng = SmallRng::seed_from_u64(seed);
     let mut buf = vec![0u8; size];
-    rng.fill(&mut buf);
+    rng.fill_bytes(&mut buf);
     buf
 }
 

@@ -20,6 +20,7 @@
 #[path = "common/flags.rs"]
 mod flags;
 use flags::Flags;
+use rand::{rngs::SmallRng, RngCore, SeedableRng};
 
 use std::process::exit;
 use std::time::Duration;
@@ -30,31 +31,6 @@ use monte_rpc::protocol::{
     Ed25519KeyPair, HandshakeFactory, IdentityConfig, Profile, PskHandshake,
 };
 use monte_rpc::{Client, Config};
-
-/// xorshift64*: enough randomness for payloads, no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed | 1)
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let v = self.next_u64().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-    }
-}
 
 fn seed() -> u64 {
     let nanos = std::time::SystemTime::now()
@@ -157,11 +133,11 @@ fn parse_args() -> Args {
 /// One request with a fresh random body; checks the reply is its reverse.
 fn checked_request(
     client: &Client,
-    rng: &mut Rng,
+    rng: &mut SmallRng,
     body: &mut [u8],
     response: &mut Vec<u8>,
 ) -> Result<(), String> {
-    rng.fill(body);
+    rng.fill_bytes(body);
     client
         .request(body, response)
         .map_err(|e| format!("request: {e}"))?;
@@ -188,7 +164,7 @@ fn run(args: &Args) -> Result<(), String> {
     let base_seed = seed();
 
     // 1. Sequential requests.
-    let mut rng = Rng::new(base_seed);
+    let mut rng = SmallRng::seed_from_u64(base_seed);
     let mut body = vec![0u8; args.size];
     let mut response = Vec::new();
     for _ in 0..args.n {
@@ -203,7 +179,9 @@ fn run(args: &Args) -> Result<(), String> {
             .map(|t| {
                 let count = args.n / args.threads + usize::from(t < args.n % args.threads);
                 s.spawn(move || -> Result<(), String> {
-                    let mut rng = Rng::new(base_seed ^ ((t as u64 + 1) * 0x9E37_79B9_7F4A_7C15));
+                    let mut rng = SmallRng::seed_from_u64(
+                        base_seed ^ ((t as u64 + 1) * 0x9E37_79B9_7F4A_7C15),
+                    );
                     let mut body = vec![0u8; size];
                     let mut response = Vec::new();
                     for _ in 0..count {
@@ -222,13 +200,13 @@ fn run(args: &Args) -> Result<(), String> {
 
     // 3. Messages that expect no reply.
     for _ in 0..args.n {
-        rng.fill(&mut body);
+        rng.fill_bytes(&mut body);
         client
             .send_no_wait(&body)
             .map_err(|e| format!("send_no_wait: {e}"))?;
     }
     for _ in 0..args.n {
-        rng.fill(&mut body);
+        rng.fill_bytes(&mut body);
         client.send(&body).map_err(|e| format!("send: {e}"))?;
     }
 

@@ -20,6 +20,7 @@
 #[path = "common/flags.rs"]
 mod flags;
 use flags::Flags;
+use rand::{rngs::SmallRng, Rng as _, RngCore, SeedableRng};
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -87,35 +88,6 @@ fn usage(why: &str) -> ! {
     std::process::exit(2)
 }
 
-/// xorshift64*.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.max(1))
-    }
-
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let x = self.next().to_le_bytes();
-            chunk.copy_from_slice(&x[..chunk.len()]);
-        }
-    }
-}
-
 /// Resident memory in MiB, from /proc/self/statm (pages of 4096 bytes).
 fn rss_mib() -> f64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
@@ -177,30 +149,31 @@ fn histogram() -> Histogram<u64> {
 }
 
 fn caller(client: &Client, shared: &Shared, t: usize, max_size: usize, seed: u64) {
-    let mut rng = Rng::new(seed ^ (t as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let mut rng =
+        SmallRng::seed_from_u64(seed ^ (t as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
     let mut body = Vec::with_capacity(max_size.max(9));
     let mut response = Vec::new();
     let mut i = 0u64;
     while !shared.stop.load(Ordering::Relaxed) {
         i += 1;
-        let op = rng.below(10);
+        let op = rng.random_range(0..10);
         let tag = match op {
             0 | 1 => TAG_SEND,
             2 | 3 => TAG_NO_WAIT,
             _ => TAG_REQUEST,
         };
         // Mostly small bodies, some up to the maximum.
-        let len = if rng.below(4) == 0 {
-            rng.below(max_size as u64 + 1) as usize
+        let len = if rng.random_range(0..4) == 0 {
+            rng.random_range(0..max_size as u64 + 1) as usize
         } else {
-            rng.below(1024) as usize
+            rng.random_range(0..1024) as usize
         }
         .max(9);
         body.clear();
         body.push(tag);
         body.extend_from_slice(&((t as u64) << 40 | i).to_le_bytes());
         body.resize(len, 0);
-        rng.fill(&mut body[9..]);
+        rng.fill_bytes(&mut body[9..]);
         let start = Instant::now();
         let result = match tag {
             TAG_SEND => client.send(&body),
@@ -296,11 +269,13 @@ fn main() {
             kills.clone(),
         );
         let every = Duration::from_millis(args.kill_every_ms.max(1));
-        let mut rng = Rng::new(args.seed ^ 0x6b11);
+        let mut rng = SmallRng::seed_from_u64(args.seed ^ 0x6b11);
         thread::spawn(move || {
             while !stop.load(Ordering::Acquire) {
                 thread::sleep(every);
-                if on.load(Ordering::Acquire) && proxy.kill_one(rng.next(), rng.below(2) == 0) {
+                if on.load(Ordering::Acquire)
+                    && proxy.kill_one(rng.next_u64(), rng.random_range(0..2) == 0)
+                {
                     kills.fetch_add(1, Ordering::Relaxed);
                 }
             }

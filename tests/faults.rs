@@ -14,6 +14,7 @@
 //! reply, or a typed error, within its timeouts plus a slack. After the
 //! proxy heals, the client's pool must recover on its own.
 
+use rand::{rngs::SmallRng, Rng as _, RngCore, SeedableRng};
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::{mpsc, Arc, Mutex};
@@ -64,28 +65,6 @@ fn within<T: Send + 'static>(secs: u64, body: impl FnOnce() -> T + Send + 'stati
         Ok(Ok(v)) => v,
         Ok(Err(panic)) => resume_unwind(panic),
         Err(_) => panic!("case did not finish within {secs} s"),
-    }
-}
-
-/// xorshift64*, seeded: the runs are repeatable.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.max(1))
-    }
-
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
     }
 }
 
@@ -164,7 +143,7 @@ impl Tally {
 
 /// One caller: up to `OPS` calls or until `until`, checking each outcome.
 fn caller(client: &Client, t: usize, until: Instant) -> Tally {
-    let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15 ^ (t as u64 + 1));
+    let mut rng = SmallRng::seed_from_u64(0x9e37_79b9_7f4a_7c15 ^ (t as u64 + 1));
     let mut tally = Tally::default();
     let mut response = Vec::new();
     for i in 0..OPS {
@@ -174,13 +153,13 @@ fn caller(client: &Client, t: usize, until: Instant) -> Tally {
         // Unique per thread and index; one call in five large enough to
         // span several chunks, so cuts land mid-frame.
         let mut body = format!("t{t}-i{i}:").into_bytes();
-        let extra = if rng.below(5) == 0 {
-            rng.below(48 << 10)
+        let extra = if rng.random_range(0..5) == 0 {
+            rng.random_range(0..48 << 10)
         } else {
-            rng.below(512)
+            rng.random_range(0..512)
         };
-        body.extend((0..extra).map(|_| b'a' + rng.below(26) as u8));
-        let op = rng.below(10);
+        body.extend((0..extra).map(|_| b'a' + rng.random_range(0..26) as u8));
+        let op = rng.random_range(0..10);
         let start = Instant::now();
         let result = match op {
             0 => client.send(&body),
@@ -402,17 +381,17 @@ fn stall() {
 
 #[test]
 fn random_mix() {
-    let mut rng = Rng::new(0x5eed_f00d);
+    let mut rng = SmallRng::seed_from_u64(0x5eed_f00d);
     let mut next_change = Duration::ZERO;
     case("mix", move |p, t| {
         if t < next_change {
             return;
         }
-        next_change = t + Duration::from_millis(50 + rng.below(150));
-        let mode = match rng.below(6) {
+        next_change = t + Duration::from_millis(50 + rng.random_range(0..150));
+        let mode = match rng.random_range(0..6) {
             0 | 1 => Mode::Pass,
             2 => Mode::Cut,
-            3 => Mode::Delay(rng.below(800)),
+            3 => Mode::Delay(rng.random_range(0..800)),
             4 => Mode::Reset,
             _ => Mode::Stall,
         };
@@ -440,10 +419,10 @@ fn blackholed_connections_leave_the_pool() {
 fn cuts_never_cross_wire_replies() {
     let seen = Arc::new(Mutex::new(0usize));
     let s = seen.clone();
-    let mut rng = Rng::new(42);
+    let mut rng = SmallRng::seed_from_u64(42);
     case("cross-wire", move |p, _| {
         // Kill one live connection mid-chunk every tick or so.
-        if p.kill_one(rng.next(), rng.below(2) == 0) {
+        if p.kill_one(rng.next_u64(), rng.random_range(0..2) == 0) {
             *s.lock().unwrap() += 1;
         }
     });
