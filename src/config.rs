@@ -69,12 +69,15 @@ pub struct Config {
     pub send_buffer_size: Option<usize>,
     /// `SO_RCVBUF`, if set. Default: the system's.
     pub recv_buffer_size: Option<usize>,
-    /// Rounds a caller waits actively for a response before it parks: a
-    /// few busy-spin rounds, then `yield`s, at most 200 µs in all and
-    /// never past the request's deadline. Waiting actively saves a park and
-    /// a cross-core wake-up on short round trips; it is skipped when other
-    /// requests are in flight on the connection. 0 parks at once.
-    /// Default: 2000.
+    /// Rounds a caller waits actively for a response before it blocks:
+    /// each round it reads the connection itself if bytes are there (see
+    /// [`Connection::request`](crate::Connection::request)), then yields
+    /// the core (the first few rounds busy-spin instead, for one caller per
+    /// two cores, when it is the connection's only request), at most 200 µs
+    /// in all and never past the request's deadline. Waking a blocked
+    /// thread costs more than many round trips on virtual machines; the
+    /// price is up to 200 µs of a core per call whose answer is slower than
+    /// that. 0 blocks at once. Default: 2000.
     pub spin: u32,
     /// How long a reactor keeps polling without sleeping after a turn in
     /// which its handlers answered requests, so that the peer's next

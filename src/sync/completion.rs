@@ -94,6 +94,10 @@ impl std::fmt::Debug for CompletionTable {
     }
 }
 
+/// A request's outcome: the response in the caller's buffer, or the error
+/// with the buffer handed back.
+pub type Answer = Result<Vec<u8>, (Error, Vec<u8>)>;
+
 /// How a waiter looks for its response itself instead of only waiting to
 /// be handed it: the runtime's waiters read their connection's socket.
 pub trait Poller {
@@ -322,44 +326,9 @@ impl<'a> Pending<'a> {
         deadline: Option<Instant>,
         poller: &mut dyn Poller,
     ) -> Result<Vec<u8>, (Error, Vec<u8>)> {
-        // Spin only when this is the connection's one outstanding request:
-        // with others in flight, the reactor is busy and the response is
-        // not imminent, so the core is better left to the reactors.
-        let alone = self.table.in_flight() <= 1;
-        if let Some(_permit) = super::SpinPermit::acquire(if alone { spins } else { 0 }) {
-            // A short busy spin catches a response already on its way;
-            // after that, yield: on a machine with few cores the threads
-            // that must produce the response (the reactors) need this core
-            // more than a spinner does, and `sched_yield` hands it to them
-            // without the cost of a park and a cross-core wake-up.
-            // Bounded in time as well as in rounds: on a loaded machine one
-            // yield can cost a whole time slice.
-            let mut spin_until = Instant::now() + MAX_SPIN_TIME;
-            if let Some(deadline) = deadline {
-                spin_until = spin_until.min(deadline);
-            }
-            let mut answered = false;
-            for i in 0..spins {
-                if self.is_done() {
-                    answered = true;
-                    break;
-                }
-                poller.poll();
-                if self.is_done() {
-                    answered = true;
-                    break;
-                }
-                if i < BUSY_SPINS {
-                    spin_hint();
-                } else if Instant::now() >= spin_until {
-                    break;
-                } else {
-                    yield_now();
-                }
-            }
-            poller.stop_spinning();
-            if answered {
-                return self.finish();
+        if spins > 0 {
+            if let Some(answer) = self.wait_actively(spins, deadline, poller) {
+                return answer;
             }
         }
         loop {
@@ -388,6 +357,59 @@ impl<'a> Pending<'a> {
                 }
             }
         }
+    }
+
+    /// Waits without sleeping, for at most `spins` rounds and
+    /// [`MAX_SPIN_TIME`] (never past `deadline`), calling `poller.poll` on
+    /// every round (the caller reads the socket itself), and returns the
+    /// answer if it came. A sleeping waiter costs a futex wake-up, and on a
+    /// virtual machine whose idle cores halt, a cross-core wake-up costs
+    /// tens of microseconds: several round trips.
+    ///
+    /// The first rounds busy-spin, for one waiter at a time per pair of
+    /// cores (the [`SpinPermit`](super::SpinPermit)) and only when this is
+    /// the connection's one outstanding request: a busy spinner holds a
+    /// core the reactors need. Every round after those yields the core
+    /// instead, so with more waiters than cores each one runs a round
+    /// whenever the others (reactors included) have nothing to do, and
+    /// none parks while answers come in faster than a wake-up would.
+    fn wait_actively(
+        &mut self,
+        spins: u32,
+        deadline: Option<Instant>,
+        poller: &mut dyn Poller,
+    ) -> Option<Answer> {
+        let alone = self.table.in_flight() <= 1;
+        let permit = super::SpinPermit::acquire(if alone { spins } else { 0 });
+        let busy_rounds = if permit.is_some() { BUSY_SPINS } else { 0 };
+        let mut until = Instant::now() + MAX_SPIN_TIME;
+        if let Some(deadline) = deadline {
+            until = until.min(deadline);
+        }
+        let mut answered = false;
+        for i in 0..spins {
+            if self.is_done() {
+                answered = true;
+                break;
+            }
+            poller.poll();
+            if self.is_done() {
+                answered = true;
+                break;
+            }
+            if i < busy_rounds {
+                spin_hint();
+            } else if Instant::now() >= until {
+                break;
+            } else {
+                yield_now();
+            }
+        }
+        drop(permit);
+        poller.stop_spinning();
+        // Taken here, not by the caller: the slot is this waiter's only
+        // once it saw DONE.
+        answered.then(|| self.take_answer())
     }
 
     /// Abandons the request and takes the buffer back. A response that
@@ -422,6 +444,11 @@ impl<'a> Pending<'a> {
     }
 
     fn finish(mut self) -> Result<Vec<u8>, (Error, Vec<u8>)> {
+        self.take_answer()
+    }
+
+    /// Takes the answer of a DONE slot (the slot is freed).
+    fn take_answer(&mut self) -> Result<Vec<u8>, (Error, Vec<u8>)> {
         let (buf, result) = self.release();
         match result {
             None => Ok(buf),
