@@ -79,15 +79,17 @@ pub struct Config {
     /// price is up to 200 µs of a core per call whose answer is slower than
     /// that. 0 blocks at once. Default: 2000.
     pub spin: u32,
-    /// How long a reactor keeps polling without sleeping after a turn in
-    /// which its handlers answered requests, so that the peer's next
-    /// request finds it awake: waking a sleeping thread on another core
-    /// costs tens of microseconds on virtual machines, several times a
-    /// loopback round trip. It spins on `epoll_wait` with a zero timeout
-    /// and yields the core between polls. One-way messages do not start it
-    /// (nobody waits on them, and reading them in batches is cheaper), nor
-    /// do responses (the waiting callers read for themselves). `None` never
-    /// busy-polls. Default: 50 µs.
+    /// How long a reactor keeps polling instead of sleeping in epoll after
+    /// a turn in which its handlers got messages, so that the peer's next
+    /// ones find it awake: waking a thread asleep on another core costs
+    /// tens of microseconds on virtual machines (several loopback round
+    /// trips), and the sender pays part of it. After answering requests it
+    /// polls back to back, yielding the core between polls (the peer waits
+    /// for the answers). After one-way messages only, it sleeps about 20 µs
+    /// (plus the OS timer slack) between polls and reads each batch at
+    /// once; a request reaching one of its connections then may wait that
+    /// long. Responses do not start it: the waiting callers read those
+    /// themselves. `None` never busy-polls. Default: 50 µs.
     pub busy_poll: Option<Duration>,
 }
 
