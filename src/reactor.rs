@@ -428,8 +428,11 @@ impl Reactor {
             }),
             conns: Slab::new(),
             commands: Vec::new(),
-            dirty: Vec::new(),
-            resume: Vec::new(),
+            // Sized up front: a first use in the middle of steady traffic
+            // (say, the first connection whose reading resumes) must not
+            // allocate. More than this at once grows them, once.
+            dirty: Vec::with_capacity(64),
+            resume: Vec::with_capacity(64),
             decoder: FrameDecoder::new(config.max_message_size),
             config,
             tick,
