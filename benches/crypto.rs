@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use monte_rpc::protocol::{
-    derive_keys, frame_len, ClientHandshake, Handshake, Opener, Profile, Sealer, ServerHandshake,
-    Session, KEY_LEN,
+    derive_keys, frame_len, ClientHandshake, Handshake, Opener, Profile, PskHandshake, Sealer,
+    ServerHandshake, Session, KEY_LEN,
 };
 
 const KEY: [u8; KEY_LEN] = [0x5c; KEY_LEN];
@@ -115,6 +115,19 @@ fn handshake(c: &mut Criterion) {
     group.finish();
 }
 
+/// Creating a server handshake: what the acceptor pays per accepted socket
+/// before any byte has arrived.
+fn server_handshake_new(c: &mut Criterion) {
+    let mut group = c.benchmark_group("server_handshake_new");
+    group.bench_function("secure", |b| {
+        b.iter(|| black_box(ServerHandshake::new(black_box(Profile::Secure)).unwrap()))
+    });
+    group.bench_function("psk", |b| {
+        b.iter(|| black_box(PskHandshake::server(black_box(KEY)).unwrap()))
+    });
+    group.finish();
+}
+
 /// The key schedule alone, from a shared secret and both public keys.
 fn key_derivation(c: &mut Criterion) {
     let mut group = c.benchmark_group("derive_keys");
@@ -139,6 +152,6 @@ fn key_derivation(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = config();
-    targets = seal, open, handshake, key_derivation
+    targets = seal, open, handshake, server_handshake_new, key_derivation
 }
 criterion_main!(benches);

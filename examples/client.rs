@@ -68,6 +68,10 @@ fn auth_handshake(args: &Args) -> Result<Option<Arc<dyn HandshakeFactory>>, Stri
     if args.pin.is_none() && args.identity.is_none() {
         return Ok(None);
     }
+    if args.pin.is_none() {
+        // An identity client that pins no server authenticates nobody.
+        return Err("--identity needs --pin HEX (the server's public key)".to_string());
+    }
     let mut config = IdentityConfig {
         pinned_server: args.pin,
         ..IdentityConfig::default()

@@ -351,20 +351,27 @@ pub fn handshake(data: &[u8], role: Role) {
     match role {
         Role::Client => {
             let hs = ClientHandshake::new(profile).expect("key generation");
-            let public = *hs.public_key();
-            drive_handshake(hs, public, role, profile, peer, chunks);
+            drive_handshake(hs, |hs| Some(*hs.public_key()), role, profile, peer, chunks);
         }
         Role::Server => {
-            let hs = ServerHandshake::new(profile).expect("key generation");
-            let public = *hs.public_key();
-            drive_handshake(hs, public, role, profile, peer, chunks);
+            let hs = ServerHandshake::new(profile).expect("no key generation yet");
+            // The server makes its key only once the client's is in.
+            assert!(hs.public_key().is_none(), "server key made up front");
+            drive_handshake(
+                hs,
+                |hs| hs.public_key().copied(),
+                role,
+                profile,
+                peer,
+                chunks,
+            );
         }
     }
 }
 
 fn drive_handshake<H: Handshake>(
     mut hs: H,
-    public: [u8; KEY_LEN],
+    public_of: impl Fn(&H) -> Option<[u8; KEY_LEN]>,
     role: Role,
     profile: Profile,
     peer: &[u8],
@@ -419,6 +426,7 @@ fn drive_handshake<H: Handshake>(
     // valid client key.
     let expect_output = role == Role::Client || session.is_some();
     if expect_output {
+        let public = public_of(&hs).expect("a key once it spoke");
         assert_eq!(out, public, "output is exactly our public key");
     } else {
         assert!(out.is_empty(), "server spoke without a valid client key");
@@ -892,7 +900,10 @@ fn fuzz_identity(seed: u8) -> std::sync::Arc<monte_rpc::protocol::Ed25519KeyPair
 /// Invariants: no panic; a handshake never consumes more than it is given;
 /// every failure is a handshake rejection or a frame that does not
 /// authenticate (or is malformed); at most one session comes out, and
-/// nothing is accepted after the end.
+/// nothing is accepted after the end. The fuzzer cannot know the keys of
+/// the session, so it can never prove a PSK or an identity: only a server
+/// that authenticates nobody (identity server-only) may yield a session;
+/// a `psk` or mutual-`identity` server, and every client, never do.
 pub fn handshake_auth(data: &[u8]) {
     use monte_rpc::protocol::{
         identity_public_key, IdentityConfig, IdentityHandshake, PskHandshake,
@@ -975,6 +986,13 @@ pub fn handshake_auth(data: &[u8]) {
         }
     }
     assert!(sessions <= 1);
+    if sessions == 1 {
+        assert!(
+            role == Role::Server && (flags >> 1) & 3 == 1,
+            "a session without proof (mode {}, {role:?})",
+            (flags >> 1) & 3
+        );
+    }
     assert!(hs.take_session().is_none(), "a second session");
     if sessions == 1 {
         assert!(

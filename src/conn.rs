@@ -160,6 +160,9 @@ pub(crate) struct ConnShared {
     pub(crate) role: Role,
     pub(crate) stream: TcpStream,
     pub(crate) peer_addr: Option<SocketAddr>,
+    /// The Ed25519 key the peer proved in the handshake, set once the
+    /// handshake ends (before `on_open`).
+    peer_identity: std::sync::OnceLock<[u8; 32]>,
     pub(crate) config: Arc<Config>,
     pub(crate) handler: Arc<dyn Handler>,
     pub(crate) reactor: Arc<ReactorShared>,
@@ -270,6 +273,7 @@ impl Connection {
                 id: parts.id,
                 role: parts.role,
                 peer_addr,
+                peer_identity: std::sync::OnceLock::new(),
                 requests: std::sync::OnceLock::new(),
                 space: SeqSpace::new(parts.role, slots),
                 stream: parts.stream,
@@ -314,6 +318,33 @@ impl Connection {
     /// The peer's address.
     pub fn peer_addr(&self) -> Option<SocketAddr> {
         self.shared.peer_addr
+    }
+
+    /// The long-term Ed25519 public key the peer proved in the handshake:
+    /// the client's on a server whose `identity` profile requires clients
+    /// to prove one (so a handler can authorise per client), the server's
+    /// on an `identity` client. `None` when the handshake authenticated no
+    /// peer key (`secure`, `monte`, `psk`, or an anonymous client).
+    ///
+    /// ```no_run
+    /// use monte_rpc::{Config, Context, Server};
+    ///
+    /// let server = Server::bind("127.0.0.1:0", Config::server(), |ctx: &mut Context<'_>| {
+    ///     let allowed = ctx.conn().peer_identity().is_some_and(|key| key[0] == 0x42);
+    ///     let _ = ctx.reply(if allowed { b"yes" } else { b"no" });
+    /// })?;
+    /// # Ok::<(), monte_rpc::Error>(())
+    /// ```
+    pub fn peer_identity(&self) -> Option<[u8; 32]> {
+        self.shared.peer_identity.get().copied()
+    }
+
+    /// Records the key the handshake authenticated (once, before the
+    /// connection is handed to anyone).
+    pub(crate) fn set_peer_identity(&self, key: Option<[u8; 32]>) {
+        if let Some(key) = key {
+            let _ = self.shared.peer_identity.set(key);
+        }
     }
 
     /// Whether this side dialled ([`Role::Client`]) or accepted.

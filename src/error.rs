@@ -56,6 +56,10 @@ pub enum HandshakeError {
     /// A user-defined handshake rejected the peer; the code is the
     /// implementation's own.
     Rejected(u32),
+    /// An `identity` client config pins no server key, so it would accept
+    /// any server: pin one (`IdentityConfig::pinned`) or opt out explicitly
+    /// (`IdentityConfig::unpinned_client`, `allow_unpinned_server`).
+    NoPinnedServer,
 }
 
 impl fmt::Display for HandshakeError {
@@ -68,6 +72,11 @@ impl fmt::Display for HandshakeError {
             HandshakeError::PeerClosed => f.write_str("peer closed during the handshake"),
             HandshakeError::AlreadyFinished => f.write_str("handshake already finished"),
             HandshakeError::Rejected(code) => write!(f, "handshake rejected (code {code})"),
+            HandshakeError::NoPinnedServer => f.write_str(
+                "identity client without a pinned server key: pin one with \
+                 IdentityConfig::pinned, or accept any server explicitly with \
+                 IdentityConfig::unpinned_client / allow_unpinned_server",
+            ),
         }
     }
 }

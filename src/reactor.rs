@@ -159,7 +159,8 @@ impl ReactorHandle {
             return Err(e.into());
         }
         let _ = stream.set_nodelay(true);
-        let handshake = match config.handshake.server() {
+        let peer = stream.peer_addr().ok();
+        let handshake = match config.handshake.server_for_peer(peer) {
             Ok(h) => h,
             Err(e) => {
                 if let Some(r) = release {
@@ -227,6 +228,7 @@ impl ReactorHandle {
             reactor: self.shared.clone(),
             release: None,
         });
+        conn.set_peer_identity(session.peer_identity);
         // Before the reactor has it: once it does, it may dispatch the
         // peer's first messages, and on_open must come first.
         let handler = conn.shared.handler.clone();
@@ -752,7 +754,13 @@ impl Reactor {
                 write_handshake(conn, out)?;
             }
             match handshake.take_session() {
-                Some(Session { sealer, opener }) => {
+                Some(Session {
+                    sealer,
+                    opener,
+                    peer_identity,
+                    ..
+                }) => {
+                    conn.set_peer_identity(peer_identity);
                     conn.install_sealer(sealer);
                     inbound.phase = ReadPhase::Open { opener };
                     self.conns[key].handshaking = false;

@@ -18,11 +18,11 @@ use std::time::{Duration, Instant};
 
 use monte_rpc::protocol::{
     derive_identity_keys, derive_keys, derive_psk_keys, identity_payload, identity_public_key,
-    identity_transcript, ClientHandshake, Decoded, Ed25519KeyPair, FrameDecoder, Handshake,
-    HandshakeFactory, IdentityConfig, IdentityHandshake, Opener, Profile, PskHandshake, Role,
-    Sealer, ServerHandshake, Session, FLAG_CLIENT_IDENTITY_REQUIRED, KEY_LEN, PSK_CONFIRM,
-    REJECT_BAD_SIGNATURE, REJECT_MALFORMED, REJECT_MISSING_IDENTITY, REJECT_ROLE,
-    REJECT_UNKNOWN_KEY, REJECT_WRONG_PSK,
+    identity_transcript, is_small_order_ed25519, role_label, ClientHandshake, Decoded,
+    Ed25519KeyPair, FrameDecoder, Handshake, HandshakeFactory, IdentityConfig, IdentityHandshake,
+    Opener, Profile, PskHandshake, Role, Sealer, ServerHandshake, Session,
+    FLAG_CLIENT_IDENTITY_REQUIRED, KEY_LEN, PSK_CLIENT_CONFIRM, PSK_CONFIRM, REJECT_BAD_SIGNATURE,
+    REJECT_MALFORMED, REJECT_MISSING_IDENTITY, REJECT_ROLE, REJECT_UNKNOWN_KEY, REJECT_WRONG_PSK,
 };
 use monte_rpc::{Client, Config, Connection, Context, Error, Handler, HandshakeError, Server};
 use ring::agreement::{self, EphemeralPrivateKey, X25519};
@@ -207,12 +207,15 @@ fn mutual() -> (IdentityConfig, IdentityConfig) {
 
 // ------------------------------------------------------- in-memory splits
 
-// Checks PSK completes with matching sessions for every pair of split points of the client's flight (32 bytes) and the server's flight (32 + 48 bytes), and bytewise; the server's confirmation frame uses s2c counter 0.
+// Checks PSK completes with matching sessions for every pair of split points of the client's flights (32 bytes, then its 55-byte confirmation) and the server's flight (32 + 48 bytes), and bytewise; each confirmation frame uses counter 0 of its direction, so both sessions hand over at counter 1 both ways, and the first application frame of each direction opens.
 #[test]
 fn psk_every_split_point() {
     let server_flight = KEY_LEN + 4 + 4 + PSK_CONFIRM.len() + 16;
+    let client_confirm = 4 + 4 + PSK_CLIENT_CONFIRM.len() + 16;
+    assert_eq!((server_flight, client_confirm), (80, 55));
+    assert_eq!(PSK_CLIENT_CONFIRM, CLIENT_CONFIRM);
     let mut cuts: Vec<(Cut, Cut)> = Vec::new();
-    for k in 0..=KEY_LEN {
+    for k in 0..=client_confirm {
         for j in 0..=server_flight {
             cuts.push((Cut::At(k), Cut::At(j)));
         }
@@ -222,7 +225,8 @@ fn psk_every_split_point() {
         let mut client = PskHandshake::client(PSK).unwrap();
         let mut server = PskHandshake::server(PSK).unwrap();
         let (mut c, mut s) = run(&mut client, &mut server, cc, sc).unwrap();
-        assert_eq!(counters(&c, &s), (0, 1, 1, 0), "{cc:?} {sc:?}");
+        assert_eq!(counters(&c, &s), (1, 1, 1, 1), "{cc:?} {sc:?}");
+        assert_eq!((c.peer_identity, s.peer_identity), (None, None));
         if i % 97 == 0 {
             assert_sessions_match(&mut c, &mut s);
         }
@@ -261,15 +265,15 @@ fn identity_every_split_point() {
             let mut server = IdentityHandshake::server(scfg.clone()).unwrap();
             let (mut c, mut s) = run(&mut client, &mut server, cc, sc).unwrap();
             assert_eq!(counters(&c, &s), expect, "{name} {cc:?} {sc:?}");
-            assert_eq!(
-                client.peer_identity(),
-                Some(&identity_public_key(&keypair(1)))
-            );
+            let server_key = identity_public_key(&keypair(1));
+            assert_eq!(client.peer_identity(), Some(&server_key));
+            assert_eq!(c.peer_identity, Some(server_key), "client session");
             if name == "mutual" {
-                assert_eq!(
-                    server.peer_identity(),
-                    Some(&identity_public_key(&keypair(2)))
-                );
+                let client_key = identity_public_key(&keypair(2));
+                assert_eq!(server.peer_identity(), Some(&client_key));
+                assert_eq!(s.peer_identity, Some(client_key), "server session");
+            } else {
+                assert_eq!(s.peer_identity, None);
             }
             if i % 53 == 0 {
                 assert_sessions_match(&mut c, &mut s);
@@ -381,6 +385,16 @@ impl Fake {
         out
     }
 
+    /// A client frame (c2s, counter 0) under the `psk` keys for `psk`.
+    fn psk_client_frame(&self, psk: &[u8; 32], seq: u32, payload: &[u8]) -> Vec<u8> {
+        let keys = derive_psk_keys(psk, &self.dh, &self.cp, &self.sp);
+        let mut out = Vec::new();
+        Sealer::new(keys.client_to_server, Profile::Secure)
+            .seal_append(seq, payload, &mut out)
+            .unwrap();
+        out
+    }
+
     fn identity_client_frame(&self, payload: &[u8]) -> Vec<u8> {
         let keys = derive_identity_keys(&self.dh, &self.cp, &self.sp);
         let mut out = Vec::new();
@@ -430,7 +444,7 @@ fn server_against(
     r
 }
 
-// Checks a wrong PSK is REJECT_WRONG_PSK at the client (from the confirmation frame, before any application data), and a party without the PSK gets Error::Authentication on its first frame at the server.
+// Checks a wrong PSK is REJECT_WRONG_PSK at the client (from the server's confirmation frame, before any application data), and a base `secure` client (no PSK) gets no session from a PSK server: its first application frame is REJECT_MALFORMED (not a confirmation).
 #[test]
 fn wrong_psk() {
     let mut client = PskHandshake::client([1; 32]).unwrap();
@@ -439,8 +453,9 @@ fn wrong_psk() {
     assert_eq!(fail.side, Role::Client);
     assert!(rejected(REJECT_WRONG_PSK)(&fail.err), "{fail:?}");
 
-    // A base `secure` client talks to a PSK server: the server's session
-    // opens, but the client's first frame does not.
+    // A base `secure` client talks to a PSK server: its first application
+    // frame is not a confirmation (wrong length), and the server never
+    // yields a session.
     let mut client = ClientHandshake::new(Profile::Secure).unwrap();
     let mut server = PskHandshake::server(PSK).unwrap();
     let mut cp = Vec::new();
@@ -448,15 +463,218 @@ fn wrong_psk() {
     server.read_input(&cp).unwrap();
     let mut flight = Vec::new();
     server.write_output(&mut flight);
+    assert!(server.take_session().is_none());
     client.read_input(&flight[..32]).unwrap();
     let mut c = client.take_session().unwrap();
-    let mut s = server.take_session().unwrap();
     let mut wire = Vec::new();
     c.sealer.seal_append(1, b"hi", &mut wire).unwrap();
-    assert!(matches!(
-        s.opener.open_in_place(&mut wire),
-        Err(Error::Authentication)
-    ));
+    let err = server.read_input(&wire).unwrap_err();
+    assert!(rejected(REJECT_MALFORMED)(&err), "{err:?}");
+    assert!(server.take_session().is_none());
+}
+
+/// The client's key-confirmation payload, as PROTOCOL.md spells it.
+const CLIENT_CONFIRM: &[u8] = b"monte-rpc v1 psk client confirm";
+
+/// Feeds `bytes` to a handshake whole or one byte at a time (re-feeding
+/// nothing: every byte is consumed while the handshake runs), checking that
+/// no session comes out before the last byte. Returns the bytes consumed or
+/// the first error.
+fn feed<H: Handshake + ?Sized>(hs: &mut H, bytes: &[u8], bytewise: bool) -> Result<usize, Error> {
+    if !bytewise {
+        return hs.read_input(bytes);
+    }
+    let mut used = 0;
+    for (i, b) in bytes.iter().enumerate() {
+        used += hs.read_input(std::slice::from_ref(b))?;
+        if i + 1 < bytes.len() {
+            hs.write_output(&mut Vec::new());
+            assert!(
+                hs.take_session().is_none(),
+                "session after {} of {} bytes",
+                i + 1,
+                bytes.len()
+            );
+        }
+    }
+    Ok(used)
+}
+
+/// A PSK server that has read a hand-made client key and written its
+/// flight, and the fake client's end of the exchange.
+fn psk_server_after_flight() -> (PskHandshake, Fake) {
+    let mut server = PskHandshake::server(PSK).unwrap();
+    let (private, cp) = x25519_pair();
+    assert_eq!(server.read_input(&cp).unwrap(), KEY_LEN);
+    let mut flight = Vec::new();
+    server.write_output(&mut flight);
+    assert_eq!(flight.len(), KEY_LEN + 4 + 4 + PSK_CONFIRM.len() + 16);
+    assert!(
+        server.take_session().is_none(),
+        "the server yielded a session before the client proved the PSK"
+    );
+    let fake = Fake::client_to(private, cp, flight[..32].try_into().unwrap());
+    (server, fake)
+}
+
+// Checks a PSK server yields no session to a peer that has not proved the PSK: after its own flight it waits (empty reads, nothing more); a client confirmation sealed under another PSK (or the base secure keys) is REJECT_WRONG_PSK, a frame of another length (an application frame) or with the right keys but a wrong seq or payload REJECT_MALFORMED, whole or one byte at a time; the genuine confirmation yields the session only after its last byte, leaves a pipelined frame unconsumed, and hands over at counter 1.
+#[test]
+fn psk_server_waits_for_client_confirmation() {
+    let (mut server, _) = psk_server_after_flight();
+    for _ in 0..3 {
+        assert_eq!(server.read_input(&[]).unwrap(), 0);
+        let mut out = Vec::new();
+        server.write_output(&mut out);
+        assert!(out.is_empty());
+        assert!(server.take_session().is_none());
+    }
+
+    type MakeFrame = fn(&Fake) -> Vec<u8>;
+    let cases: [(&str, MakeFrame, u32); 6] = [
+        (
+            "confirmation under another PSK",
+            |f| f.psk_client_frame(&[0x77; 32], 0, CLIENT_CONFIRM),
+            REJECT_WRONG_PSK,
+        ),
+        (
+            "confirmation under the base secure keys (no PSK)",
+            |f| {
+                let keys = derive_keys(Profile::Secure, &f.dh, &f.cp, &f.sp);
+                let mut out = Vec::new();
+                Sealer::new(keys.client_to_server, Profile::Secure)
+                    .seal_append(0, CLIENT_CONFIRM, &mut out)
+                    .unwrap();
+                out
+            },
+            REJECT_WRONG_PSK,
+        ),
+        (
+            "an application frame instead of the confirmation",
+            |f| f.psk_client_frame(&PSK, 1, b"first request"),
+            REJECT_MALFORMED,
+        ),
+        (
+            "the server's confirmation payload",
+            |f| {
+                let mut p = PSK_CONFIRM.to_vec();
+                p.resize(CLIENT_CONFIRM.len(), b'!');
+                f.psk_client_frame(&PSK, 0, &p)
+            },
+            REJECT_MALFORMED,
+        ),
+        (
+            "a non-zero seq",
+            |f| f.psk_client_frame(&PSK, 1, CLIENT_CONFIRM),
+            REJECT_MALFORMED,
+        ),
+        (
+            "a truncated length prefix claim",
+            |_| 10_000u32.to_be_bytes().to_vec(),
+            REJECT_MALFORMED,
+        ),
+    ];
+    for (name, make, code) in cases {
+        for bytewise in [false, true] {
+            let (mut server, fake) = psk_server_after_flight();
+            let err = feed(&mut server, &make(&fake), bytewise).unwrap_err();
+            assert!(
+                rejected(code)(&err),
+                "{name} (bytewise {bytewise}): {err:?}"
+            );
+            let mut out = Vec::new();
+            server.write_output(&mut out);
+            assert!(out.is_empty(), "{name}: output after a rejection");
+            assert!(server.take_session().is_none(), "{name}: session");
+            assert!(matches!(
+                server.read_input(&[0]),
+                Err(Error::Handshake(HandshakeError::AlreadyFinished))
+            ));
+        }
+    }
+
+    for bytewise in [false, true] {
+        let (mut server, fake) = psk_server_after_flight();
+        let confirm = fake.psk_client_frame(&PSK, 0, CLIENT_CONFIRM);
+        assert_eq!(confirm.len(), 4 + 4 + CLIENT_CONFIRM.len() + 16);
+        let mut input = confirm.clone();
+        let keys = derive_psk_keys(&PSK, &fake.dh, &fake.cp, &fake.sp);
+        let mut c2s =
+            Sealer::with_counter(keys.client_to_server, 1, Profile::Secure.rekey_interval());
+        c2s.seal_append(1, b"pipelined", &mut input).unwrap();
+        let used = if bytewise {
+            feed(&mut server, &confirm, true).unwrap()
+        } else {
+            server.read_input(&input).unwrap()
+        };
+        assert_eq!(used, confirm.len(), "consumed exactly the confirmation");
+        server.write_output(&mut Vec::new());
+        let mut s = server
+            .take_session()
+            .expect("session after the confirmation");
+        assert_eq!((s.sealer.counter(), s.opener.counter()), (1, 1));
+        let rest = &mut input[confirm.len()..];
+        let (seq, body) = s.opener.open_in_place(rest).unwrap();
+        assert_eq!((seq, &body[..]), (1, &b"pipelined"[..]));
+        let mut s2c =
+            Opener::with_counter(keys.server_to_client, 1, Profile::Secure.rekey_interval());
+        let mut wire = Vec::new();
+        s.sealer.seal_append(2, b"reply", &mut wire).unwrap();
+        assert_eq!(s2c.open_in_place(&mut wire).unwrap().1, b"reply");
+    }
+}
+
+// Checks an identity server with an allow-list yields no session before a valid client proof arrives (whole or one byte at a time), nor after an invalid one, and that a server without an allow-list yields its session right after its own flight.
+#[test]
+fn identity_server_session_waits_for_client_proof() {
+    let (_, scfg) = mutual();
+    let client_key = keypair(2);
+    let start = |cfg: IdentityConfig| {
+        let mut server = IdentityHandshake::server(cfg).unwrap();
+        let (private, cp) = x25519_pair();
+        assert_eq!(server.read_input(&cp).unwrap(), KEY_LEN);
+        let mut flight = Vec::new();
+        server.write_output(&mut flight);
+        let fake = Fake::client_to(private, cp, flight[..32].try_into().unwrap());
+        (server, fake)
+    };
+    for bytewise in [false, true] {
+        let (mut server, fake) = start(scfg.clone());
+        assert!(
+            server.take_session().is_none(),
+            "session before the client proof"
+        );
+        assert_eq!(server.read_input(&[]).unwrap(), 0);
+        assert!(server.take_session().is_none());
+        let frame = fake.identity_client_frame(&identity_payload(
+            Role::Client,
+            0,
+            Some(&client_key),
+            &fake.cp,
+            &fake.sp,
+        ));
+        assert_eq!(feed(&mut server, &frame, bytewise).unwrap(), frame.len());
+        server.write_output(&mut Vec::new());
+        assert!(server.take_session().is_some());
+
+        // Anonymous, or a proof by a key not on the list: never a session.
+        for key in [None, Some(keypair(3))] {
+            let (mut server, fake) = start(scfg.clone());
+            let frame = fake.identity_client_frame(&identity_payload(
+                Role::Client,
+                0,
+                key.as_deref(),
+                &fake.cp,
+                &fake.sp,
+            ));
+            assert!(feed(&mut server, &frame, bytewise).is_err());
+            server.write_output(&mut Vec::new());
+            assert!(server.take_session().is_none());
+        }
+    }
+    // Without an allow-list the server asks for nothing: its session comes
+    // right after its flight.
+    let (mut server, _) = start(server_only().1);
+    assert!(server.take_session().is_some());
 }
 
 // Checks a PSK confirmation frame with a bad length is REJECT_MALFORMED, from its prefix alone.
@@ -531,7 +749,8 @@ fn missing_and_unknown_identities() {
     // A callback policy: sees only verified keys, and its answer decides.
     let seen = Arc::new(Mutex::new(Vec::new()));
     let seen2 = seen.clone();
-    let scfg = IdentityConfig::server(keypair(1)).allow_clients_with(move |k| {
+    let scfg = IdentityConfig::server(keypair(1)).allow_clients_with(move |k, peer| {
+        assert_eq!(peer, None, "no address without server_for_peer");
         seen2.lock().unwrap().push(*k);
         k[0] % 2 == 0
     });
@@ -612,6 +831,203 @@ fn role_swap() {
         ))
     });
     assert_eq!(r.unwrap(), 4 + 4 + 103 + 16);
+}
+
+/// The Ed25519 public key encodings of small-order points (order 1, 2, 4
+/// and 8), their sign-bit variants and the non-canonical encodings of 0 and
+/// 1 (y = p and y = p + 1).
+fn small_order_ed25519_keys() -> Vec<[u8; 32]> {
+    let canonical = [
+        "0100000000000000000000000000000000000000000000000000000000000000",
+        "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+        "0000000000000000000000000000000000000000000000000000000000000000",
+        "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+        "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+        "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    ];
+    let mut keys = Vec::new();
+    for h in canonical {
+        let key = unhex32(h);
+        keys.push(key);
+        let mut signed = key;
+        signed[31] |= 0x80;
+        keys.push(signed);
+    }
+    keys
+}
+
+/// An identity payload for `role` claiming `key`, with the signature
+/// `R = identity point, s = 0`, which verifies for the identity key over any
+/// message.
+fn small_order_proof(role: Role, key: &[u8; 32]) -> Vec<u8> {
+    let mut p = role_label(role).to_vec();
+    p.push(0);
+    p.extend_from_slice(key);
+    let mut r = [0u8; 32];
+    r[0] = 1;
+    p.extend_from_slice(&r);
+    p.extend_from_slice(&[0u8; 32]);
+    p
+}
+
+// Checks a client "proof" by the identity point (key 01 00..00, signature R = identity, s = 0, which ring verifies over any message) and by every other small-order key encoding is REJECT_BAD_SIGNATURE at a server whose callback policy allows every key, and the callback never sees such a key.
+#[test]
+fn small_order_client_keys_are_rejected() {
+    let seen = Arc::new(AtomicUsize::new(0));
+    let seen2 = seen.clone();
+    let allow_all = IdentityConfig::server(keypair(1)).allow_clients_with(move |_, _| {
+        seen2.fetch_add(1, Ordering::SeqCst);
+        true
+    });
+    for key in small_order_ed25519_keys() {
+        let r = server_against(allow_all.clone(), |f| {
+            f.identity_client_frame(&small_order_proof(Role::Client, &key))
+        });
+        assert!(
+            matches!(&r, Err(e) if rejected(REJECT_BAD_SIGNATURE)(e)),
+            "small-order key {} accepted: {r:?}",
+            hex(&key)
+        );
+    }
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        0,
+        "the callback saw a small-order key"
+    );
+
+    // The other way: a server "proving" a small-order key to a client that
+    // pins nothing (which would accept any genuine key).
+    for key in small_order_ed25519_keys() {
+        assert!(is_small_order_ed25519(&key));
+        let r = client_against(IdentityConfig::unpinned_client(), |f| {
+            f.identity_server_flight(&small_order_proof(Role::Server, &key))
+        });
+        assert!(
+            matches!(&r, Err(e) if rejected(REJECT_BAD_SIGNATURE)(e)),
+            "small-order key {} accepted: {r:?}",
+            hex(&key)
+        );
+    }
+    // Genuine keys are not on the list.
+    for seed in 0..=255u8 {
+        assert!(!is_small_order_ed25519(&identity_public_key(&keypair(
+            seed
+        ))));
+    }
+}
+
+// Checks an identity client config without a pin (a server's config reused, or the default) fails closed: creating the client handshake is an error that says a pin is required, directly and through the factory.
+#[test]
+fn identity_client_without_pin_fails_closed() {
+    let no_pin = |e: &Error| matches!(e, Error::Handshake(HandshakeError::NoPinnedServer));
+    for cfg in [
+        IdentityConfig::server(keypair(1)),
+        IdentityConfig::default(),
+        IdentityConfig::default().with_identity(keypair(2)),
+    ] {
+        let r = IdentityHandshake::client(cfg.clone());
+        let err = r.err().expect("an unpinned identity client was created");
+        assert!(err.to_string().contains("pin"), "{err}");
+        assert!(no_pin(&err), "{err:?}");
+        let r = HandshakeFactory::client(&cfg);
+        assert!(
+            matches!(&r, Err(e) if no_pin(e)),
+            "factory made an unpinned identity client"
+        );
+        // The server side of the same config is fine.
+        assert!(HandshakeFactory::server(&cfg).is_ok());
+    }
+    // Through Client: the request fails with the same error.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let client = Client::new(
+        listener.local_addr().unwrap(),
+        client_config(Arc::new(IdentityConfig::server(keypair(1)))),
+    );
+    match client {
+        Ok(client) => {
+            let err = client.request(b"x", &mut Vec::new()).unwrap_err();
+            assert!(no_pin(&err), "{err:?}");
+            client.shutdown();
+        }
+        Err(err) => assert!(no_pin(&err), "{err:?}"),
+    }
+}
+
+// Checks the explicit opt-outs: IdentityConfig::unpinned_client() and .allow_unpinned_server() make clients that accept any server (and then record the server's key in the session), with or without a client identity.
+#[test]
+fn unpinned_identity_client_by_choice() {
+    let (_, scfg) = server_only();
+    let (_, mutual_scfg) = mutual();
+    for (ccfg, scfg) in [
+        (IdentityConfig::unpinned_client(), scfg.clone()),
+        (IdentityConfig::default().allow_unpinned_server(), scfg),
+        (
+            IdentityConfig::unpinned_client().with_identity(keypair(2)),
+            mutual_scfg,
+        ),
+    ] {
+        let (c, _) = run(
+            &mut IdentityHandshake::client(ccfg.clone()).unwrap(),
+            &mut IdentityHandshake::server(scfg).unwrap(),
+            Cut::At(7),
+            Cut::Bytewise,
+        )
+        .unwrap();
+        assert_eq!(c.peer_identity, Some(identity_public_key(&keypair(1))));
+        assert!(HandshakeFactory::client(&ccfg).is_ok());
+    }
+}
+
+// Checks the factory's server_for_peer passes the connection's address to an allow_clients_with callback (and server() passes None), that the callback's answer decides, and that the default server_for_peer of other factories still makes working handshakes.
+#[test]
+fn client_policy_sees_peer_address() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    let allowed: SocketAddr = "192.0.2.7:4000".parse().unwrap();
+    let scfg = IdentityConfig::server(keypair(1)).allow_clients_with(move |k, peer| {
+        seen2.lock().unwrap().push((*k, peer));
+        peer == Some(allowed)
+    });
+    let (ccfg, _) = mutual();
+    let client_key = identity_public_key(&keypair(2));
+    let other: SocketAddr = "[2001:db8::1]:99".parse().unwrap();
+    for (peer, ok) in [(Some(allowed), true), (Some(other), false), (None, false)] {
+        let mut server = match peer {
+            Some(_) => scfg.server_for_peer(peer).unwrap(),
+            None => HandshakeFactory::server(&scfg).unwrap(),
+        };
+        let mut client = HandshakeFactory::client(&ccfg).unwrap();
+        match run(client.as_mut(), server.as_mut(), Cut::At(40), Cut::At(40)) {
+            Ok((_, s)) => {
+                assert!(ok, "{peer:?}");
+                assert_eq!(s.peer_identity, Some(client_key));
+            }
+            Err(fail) => {
+                assert!(!ok, "{peer:?}: {fail:?}");
+                assert_eq!(fail.side, Role::Server);
+                assert!(rejected(REJECT_UNKNOWN_KEY)(&fail.err), "{fail:?}");
+            }
+        }
+    }
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![
+            (client_key, Some(allowed)),
+            (client_key, Some(other)),
+            (client_key, None)
+        ]
+    );
+    // Factories without an override: server_for_peer is server().
+    let factories: Vec<Arc<dyn HandshakeFactory>> = vec![
+        Arc::new(Profile::Secure),
+        Arc::new(PskHandshake::factory(PSK)),
+    ];
+    for f in factories {
+        let mut client = f.client().unwrap();
+        let mut server = f.server_for_peer(Some(allowed)).unwrap();
+        run(client.as_mut(), server.as_mut(), Cut::At(3), Cut::At(3)).unwrap();
+    }
 }
 
 // Checks a server flight recorded from one session and replayed to a new client fails to open: Error::Authentication.
@@ -724,6 +1140,7 @@ struct Record {
     opens: AtomicUsize,
     messages: AtomicUsize,
     closes: Mutex<Vec<Error>>,
+    handshake_failures: Mutex<Vec<Error>>,
 }
 
 #[derive(Clone, Default)]
@@ -743,6 +1160,13 @@ impl Handler for Recorder {
     }
     fn on_close(&self, _conn: &Connection, reason: &Error) {
         self.0.closes.lock().unwrap().push(reason.clone());
+    }
+    fn on_handshake_failed(&self, _peer: Option<SocketAddr>, error: &Error) {
+        self.0
+            .handshake_failures
+            .lock()
+            .unwrap()
+            .push(error.clone());
     }
 }
 
@@ -981,7 +1405,7 @@ fn pump(
     let _ = to.shutdown(Shutdown::Write);
 }
 
-// Checks a man in the middle running its own base handshakes with each side: under `secure` it reads the request and the request still succeeds; under `psk` and `identity` the client's request fails, the server closes the proxy's connection with Error::Authentication (its forged request does not open), and no application plaintext reaches the proxy.
+// Checks a man in the middle running its own base handshakes with each side: under `secure` it reads the request and the request still succeeds; under `psk` and `identity` the client's request fails and no application plaintext reaches the proxy; under `identity` the server closes the proxy's connection with Error::Authentication (its forged request does not open), under `psk` the server never opens it (no on_open; its handshake fails on the forged frame, which is no client confirmation).
 #[test]
 fn man_in_the_middle() {
     let (c_id, s_id) = server_only();
@@ -1028,14 +1452,30 @@ fn man_in_the_middle() {
                 assert!(seen.is_empty(), "{name}: the proxy read {seen:?}");
                 assert!(log.failed_opens.load(Ordering::SeqCst) >= 1);
                 assert_eq!(log.injected.load(Ordering::SeqCst), 1);
-                assert!(wait_until(Duration::from_secs(5), || !rec
-                    .0
-                    .closes
-                    .lock()
-                    .unwrap()
-                    .is_empty()));
+                let ended = || {
+                    !rec.0.closes.lock().unwrap().is_empty()
+                        || !rec.0.handshake_failures.lock().unwrap().is_empty()
+                };
+                assert!(wait_until(Duration::from_secs(5), ended));
                 let closes = rec.0.closes.lock().unwrap().clone();
-                eprintln!("{name}: server on_close: {closes:?}");
+                let failures = rec.0.handshake_failures.lock().unwrap().clone();
+                eprintln!("{name}: server on_close: {closes:?}, handshake failed: {failures:?}");
+                if name == "psk" {
+                    // The proxy never proved the PSK, so the server never
+                    // opened its connection: the forged frame ended the
+                    // handshake (not a confirmation).
+                    assert_eq!(rec.0.opens.load(Ordering::SeqCst), 0, "psk: opened");
+                    assert!(closes.is_empty(), "psk: {closes:?}");
+                    assert!(
+                        matches!(
+                            failures[..],
+                            [Error::Handshake(HandshakeError::Rejected(_))]
+                        ),
+                        "psk: {failures:?}"
+                    );
+                } else {
+                    assert!(failures.is_empty(), "{name}: {failures:?}");
+                }
                 assert!(
                     closes.iter().all(|e| matches!(
                         e,
@@ -1107,6 +1547,7 @@ fn psk_vectors() -> Value {
     let confirm = frame_json(&mut s2c, 0, PSK_CONFIRM);
     let mut flight = sp.to_vec();
     flight.extend_from_slice(&hex_bytes(confirm["wire"].as_str().unwrap()));
+    let client_confirm = frame_json(&mut c2s, 0, PSK_CLIENT_CONFIRM);
     let app_c2s = vec![
         frame_json(&mut c2s, 1, b"hello psk"),
         frame_json(&mut c2s, 0, b""),
@@ -1126,6 +1567,7 @@ fn psk_vectors() -> Value {
         "key_server_to_client": hex(&keys.server_to_client),
         "confirm_frame": confirm,
         "server_flight": hex(&flight),
+        "client_confirm_frame": client_confirm,
         "client_to_server": app_c2s,
         "server_to_client": app_s2c,
     })
@@ -1256,8 +1698,10 @@ fn vectors_reproduce() {
                     s2c_frames.push(&scope[k]);
                 }
             }
-            if scope["client_frame"].is_object() {
-                c2s_frames.push(&scope["client_frame"]);
+            for k in ["client_confirm_frame", "client_frame"] {
+                if scope[k].is_object() {
+                    c2s_frames.push(&scope[k]);
+                }
             }
             c2s_frames.extend(scope["client_to_server"].as_array().unwrap());
             s2c_frames.extend(scope["server_to_client"].as_array().unwrap());

@@ -59,6 +59,10 @@ fn split_handshake(profile: Profile, c2s_cuts: &[usize], s2c_cuts: &[usize]) -> 
         "server must not speak before it has the client key"
     );
     assert!(server.take_session().is_none());
+    assert!(
+        server.public_key().is_none(),
+        "server key made before the client's key arrived"
+    );
 
     let chunks = split_at_cuts(&c2s, c2s_cuts);
     for (i, chunk) in chunks.iter().enumerate() {
@@ -70,11 +74,12 @@ fn split_handshake(profile: Profile, c2s_cuts: &[usize], s2c_cuts: &[usize]) -> 
                 "server answered before the whole client key"
             );
             assert!(server.take_session().is_none());
+            assert!(server.public_key().is_none());
         }
     }
     assert_eq!(
         &s2c[..],
-        server.public_key(),
+        server.public_key().expect("server key after the client's"),
         "server answers with its raw key"
     );
     let server_session = server.take_session().expect("server session");
@@ -197,6 +202,56 @@ fn empty_reads_before_completion_consume_nothing() {
         let (mut c, mut s) = drive(&mut client, &mut server, 5).unwrap();
         assert_sessions_match(&mut c, &mut s);
     }
+}
+
+// Checks a fresh server handshake is inert until the client's key is in: no output, no session, no ephemeral key yet (it is generated lazily, not on the acceptor thread), across empty reads and a partial key; then the handshake completes with a fresh server key each time, and a session carries no peer identity.
+#[test]
+fn server_key_is_generated_lazily() {
+    for profile in PROFILES {
+        let mut servers: Vec<ServerHandshake> = (0..3)
+            .map(|_| ServerHandshake::new(profile).unwrap())
+            .collect();
+        let mut keys = Vec::new();
+        for server in &mut servers {
+            let mut out = Vec::new();
+            server.write_output(&mut out);
+            assert!(out.is_empty());
+            assert!(server.public_key().is_none());
+            assert_eq!(server.read_input(&[]).unwrap(), 0);
+            let mut client = ClientHandshake::new(profile).unwrap();
+            let mut cp = Vec::new();
+            client.write_output(&mut cp);
+            assert_eq!(server.read_input(&cp[..31]).unwrap(), 31);
+            server.write_output(&mut out);
+            assert!(out.is_empty() && server.public_key().is_none());
+            assert!(server.take_session().is_none());
+            assert_eq!(server.read_input(&cp[31..]).unwrap(), 1);
+            server.write_output(&mut out);
+            assert_eq!(Some(&out[..]), server.public_key().map(|k| &k[..]));
+            keys.push(out.clone());
+            let mut s = server.take_session().unwrap();
+            assert_eq!(client.read_input(&out).unwrap(), KEY_LEN);
+            let mut c = client.take_session().unwrap();
+            assert_eq!((c.peer_identity, s.peer_identity), (None, None));
+            assert_sessions_match(&mut c, &mut s);
+        }
+        keys.sort();
+        keys.dedup();
+        assert_eq!(keys.len(), 3, "server keys repeat");
+    }
+}
+
+// Checks Session::new starts both directions where the given sealer and opener are, with no peer identity, and with_peer_identity records one.
+#[test]
+fn session_constructors() {
+    let s = Session::new(
+        monte_rpc::protocol::Sealer::with_counter([1; KEY_LEN], 5, None),
+        monte_rpc::protocol::Opener::new([2; KEY_LEN], Profile::Secure),
+    );
+    assert_eq!((s.sealer.counter(), s.opener.counter()), (5, 0));
+    assert_eq!(s.peer_identity, None);
+    let s = s.with_peer_identity([9; 32]);
+    assert_eq!(s.peer_identity, Some([9; 32]));
 }
 
 // Checks two handshakes of the same profile use fresh ephemeral keys, so their sessions cannot open each other's frames.

@@ -10,11 +10,14 @@
 //!   which is mixed into the key schedule ([`derive_psk_keys`]). The server
 //!   appends a key-confirmation frame to its public key, so a client talking
 //!   to anyone without the PSK fails before it sends a single byte of
-//!   application data; the client's first frame proves the PSK to the server.
+//!   application data; the client answers with its own key-confirmation
+//!   frame (in the same write as its first requests), and the server's
+//!   session starts only once that frame has opened.
 //! - [`IdentityHandshake`]: the server (and optionally the client) proves a
 //!   long-term Ed25519 identity by signing both ephemeral keys inside its
 //!   first encrypted frame; the peer checks the key against a pin or an
-//!   allow-list ([`IdentityConfig`]).
+//!   allow-list ([`IdentityConfig`]). The proved key ends up in
+//!   [`Session::peer_identity`].
 //!
 //! Both are plugged in through [`HandshakeFactory`], with no reactor change:
 //!
@@ -34,6 +37,7 @@
 //! repository root specifies both profiles byte for byte.
 
 use std::collections::HashSet;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use ring::agreement::{self, EphemeralPrivateKey, X25519};
@@ -47,14 +51,18 @@ use super::handshake::{Handshake, HandshakeFactory, Role, Session};
 use super::keys::{DirectionalKeys, Profile, KEY_LEN};
 use crate::error::{Error, HandshakeError, Result};
 
-/// `psk`: the client got a key-confirmation frame that does not open (the
-/// server holds another PSK, or someone in the middle holds none).
+/// `psk`: the peer's key-confirmation frame does not open: the peer holds
+/// another PSK, or none (someone in the middle, a client of another
+/// profile). Reported by the client for the server's frame and by the
+/// server for the client's.
 pub const REJECT_WRONG_PSK: u32 = 1;
 /// `identity`: the peer proved a key that is not the pinned server key or is
 /// not allowed by the server's client policy.
 pub const REJECT_UNKNOWN_KEY: u32 = 2;
 /// `identity`: the peer's signature does not verify for its key, this
-/// session's ephemeral keys and its role.
+/// session's ephemeral keys and its role, or its key is not a valid
+/// Ed25519 public key (a small-order point included, see
+/// [`is_small_order_ed25519`]).
 pub const REJECT_BAD_SIGNATURE: u32 = 3;
 /// `identity`: the peer's identity frame carries the other role's label (a
 /// client proof presented by a server, or the reverse).
@@ -78,8 +86,10 @@ const LABEL_IDENTITY_C2S: &[u8] = b"monte-rpc v1 identity c2s";
 const LABEL_IDENTITY_S2C: &[u8] = b"monte-rpc v1 identity s2c";
 const LABEL_IDENTITY_SIG: &[u8] = b"monte-rpc v1 identity";
 
-/// The payload of the `psk` key-confirmation frame (24 bytes).
+/// The payload of the server's `psk` key-confirmation frame (24 bytes).
 pub const PSK_CONFIRM: &[u8] = b"monte-rpc v1 psk confirm";
+/// The payload of the client's `psk` key-confirmation frame (31 bytes).
+pub const PSK_CLIENT_CONFIRM: &[u8] = b"monte-rpc v1 psk client confirm";
 
 /// Length of a role label in an identity frame and its transcript.
 pub const ROLE_LABEL_LEN: usize = 6;
@@ -218,8 +228,65 @@ pub fn generate_identity_pkcs8() -> Result<Vec<u8>> {
         .map_err(|_| HandshakeError::KeyGeneration.into())
 }
 
-/// A server's decision on a client's verified Ed25519 public key.
-pub type ClientKeyCheck = dyn Fn(&[u8; ED25519_PUBLIC_KEY_LEN]) -> bool + Send + Sync;
+/// The encodings of the Ed25519 small-order points (orders 1, 2, 4 and 8)
+/// with the sign bit (bit 7 of the last byte) cleared, plus the
+/// non-canonical encodings y = p and y = p + 1 of y = 0 and y = 1. The same
+/// list as libsodium's.
+const SMALL_ORDER_ED25519: [[u8; ED25519_PUBLIC_KEY_LEN]; 7] = {
+    const fn ff_7f(first: u8) -> [u8; 32] {
+        let mut k = [0xff; 32];
+        k[0] = first;
+        k[31] = 0x7f;
+        k
+    }
+    const fn low(first: u8) -> [u8; 32] {
+        let mut k = [0; 32];
+        k[0] = first;
+        k
+    }
+    [
+        // y = 0 (order 4)
+        low(0),
+        // y = 1, the identity (order 1)
+        low(1),
+        // order 8
+        [
+            0x26, 0xe8, 0x95, 0x8f, 0xc2, 0xb2, 0x27, 0xb0, 0x45, 0xc3, 0xf4, 0x89, 0xf2, 0xef,
+            0x98, 0xf0, 0xd5, 0xdf, 0xac, 0x05, 0xd3, 0xc6, 0x33, 0x39, 0xb1, 0x38, 0x02, 0x88,
+            0x6d, 0x53, 0xfc, 0x05,
+        ],
+        // order 8
+        [
+            0xc7, 0x17, 0x6a, 0x70, 0x3d, 0x4d, 0xd8, 0x4f, 0xba, 0x3c, 0x0b, 0x76, 0x0d, 0x10,
+            0x67, 0x0f, 0x2a, 0x20, 0x53, 0xfa, 0x2c, 0x39, 0xcc, 0xc6, 0x4e, 0xc7, 0xfd, 0x77,
+            0x92, 0xac, 0x03, 0x7a,
+        ],
+        // y = p - 1 (order 2)
+        ff_7f(0xec),
+        // y = p, non-canonical 0 (order 4)
+        ff_7f(0xed),
+        // y = p + 1, non-canonical 1 (order 1)
+        ff_7f(0xee),
+    ]
+};
+
+/// Whether `key` encodes an Ed25519 point of small order (1, 2, 4 or 8),
+/// canonically or not, whatever its sign bit. Such a key proves nothing:
+/// with the identity point as key, the signature `R = identity, s = 0`
+/// verifies for every message. An identity proof with such a key is
+/// refused (`REJECT_BAD_SIGNATURE`) before its signature is checked, in
+/// either role.
+pub fn is_small_order_ed25519(key: &[u8; ED25519_PUBLIC_KEY_LEN]) -> bool {
+    let mut y = *key;
+    y[31] &= 0x7f;
+    SMALL_ORDER_ED25519.contains(&y)
+}
+
+/// A server's decision on a client's verified Ed25519 public key, given the
+/// connection's peer address (if the driver passed it, see
+/// [`HandshakeFactory::server_for_peer`]).
+pub type ClientKeyCheck =
+    dyn Fn(&[u8; ED25519_PUBLIC_KEY_LEN], Option<SocketAddr>) -> bool + Send + Sync;
 
 /// Which client keys a server accepts in the `identity` profile.
 #[derive(Clone)]
@@ -227,7 +294,8 @@ pub enum ClientPolicy {
     /// Exactly these Ed25519 public keys.
     Keys(Arc<HashSet<[u8; ED25519_PUBLIC_KEY_LEN]>>),
     /// Whatever the callback accepts. It is called only with a key whose
-    /// signature has already been verified for this session.
+    /// signature has already been verified for this session (never a
+    /// small-order key), and the connection's peer address if known.
     Callback(Arc<ClientKeyCheck>),
 }
 
@@ -237,11 +305,12 @@ impl ClientPolicy {
         ClientPolicy::Keys(Arc::new(keys.into_iter().collect()))
     }
 
-    /// Whether `key` is allowed.
-    pub fn allows(&self, key: &[u8; ED25519_PUBLIC_KEY_LEN]) -> bool {
+    /// Whether `key`, proved by a client connecting from `peer`, is
+    /// allowed.
+    pub fn allows(&self, key: &[u8; ED25519_PUBLIC_KEY_LEN], peer: Option<SocketAddr>) -> bool {
         match self {
             ClientPolicy::Keys(keys) => keys.contains(key),
-            ClientPolicy::Callback(f) => f(key),
+            ClientPolicy::Callback(f) => f(key, peer),
         }
     }
 }
@@ -263,9 +332,12 @@ impl std::fmt::Debug for ClientPolicy {
 ///   is anonymous and a pinning client rejects it), and when
 ///   `allowed_clients` is set it requires every client to prove an allowed
 ///   identity (mutual authentication);
-/// - a client checks the server against `pinned_server` (without a pin it
-///   accepts any server, which authenticates nothing), and proves `identity`
-///   when the server asks for it.
+/// - a client checks the server against `pinned_server`, and proves
+///   `identity` when the server asks for it. A client without a pin would
+///   accept any server, which authenticates nothing, so making one fails
+///   with [`HandshakeError::NoPinnedServer`] unless `allow_unpinned_server`
+///   is set ([`IdentityConfig::unpinned_client`],
+///   [`IdentityConfig::allow_unpinned_server`]).
 ///
 /// ```
 /// use std::sync::Arc;
@@ -290,6 +362,10 @@ pub struct IdentityConfig {
     pub pinned_server: Option<[u8; ED25519_PUBLIC_KEY_LEN]>,
     /// Server: require a client identity accepted by this policy.
     pub allowed_clients: Option<ClientPolicy>,
+    /// Client: accept any server when `pinned_server` is `None` (no server
+    /// authentication). Off by default: an unpinned client config is an
+    /// error unless this is set.
+    pub allow_unpinned_server: bool,
 }
 
 impl IdentityConfig {
@@ -309,6 +385,24 @@ impl IdentityConfig {
         }
     }
 
+    /// A client that accepts any server: no pin, so the server is not
+    /// authenticated (a man in the middle goes unnoticed). Add
+    /// [`with_identity`](Self::with_identity) if servers may ask for a
+    /// client identity.
+    pub fn unpinned_client() -> Self {
+        IdentityConfig {
+            allow_unpinned_server: true,
+            ..IdentityConfig::default()
+        }
+    }
+
+    /// Client: explicitly accepts any server when no key is pinned (see
+    /// [`unpinned_client`](Self::unpinned_client)).
+    pub fn allow_unpinned_server(mut self) -> Self {
+        self.allow_unpinned_server = true;
+        self
+    }
+
     /// Sets this side's identity (a client presents it when asked).
     pub fn with_identity(mut self, identity: Arc<Ed25519KeyPair>) -> Self {
         self.identity = Some(identity);
@@ -324,10 +418,16 @@ impl IdentityConfig {
         self
     }
 
-    /// Server: requires clients to prove a key that `accept` returns true for.
+    /// Server: requires clients to prove a key that `accept` returns true
+    /// for. `accept` gets the verified key and the connection's peer address
+    /// (`None` unless the driver used
+    /// [`HandshakeFactory::server_for_peer`], as the server's reactor does).
     pub fn allow_clients_with(
         mut self,
-        accept: impl Fn(&[u8; ED25519_PUBLIC_KEY_LEN]) -> bool + Send + Sync + 'static,
+        accept: impl Fn(&[u8; ED25519_PUBLIC_KEY_LEN], Option<SocketAddr>) -> bool
+            + Send
+            + Sync
+            + 'static,
     ) -> Self {
         self.allowed_clients = Some(ClientPolicy::Callback(Arc::new(accept)));
         self
@@ -343,6 +443,7 @@ impl std::fmt::Debug for IdentityConfig {
             )
             .field("pinned_server", &self.pinned_server)
             .field("allowed_clients", &self.allowed_clients)
+            .field("allow_unpinned_server", &self.allow_unpinned_server)
             .finish()
     }
 }
@@ -353,6 +454,12 @@ impl HandshakeFactory for IdentityConfig {
     }
     fn server(&self) -> Result<Box<dyn Handshake>> {
         Ok(Box::new(IdentityHandshake::server(self.clone())?))
+    }
+    fn server_for_peer(&self, peer: Option<SocketAddr>) -> Result<Box<dyn Handshake>> {
+        Ok(Box::new(IdentityHandshake::server_for_peer(
+            self.clone(),
+            peer,
+        )?))
     }
 }
 
@@ -403,17 +510,19 @@ impl PskHandshake {
 
     /// The client side, with a fresh ephemeral key.
     pub fn client(psk: [u8; KEY_LEN]) -> Result<Self> {
-        Core::new(Role::Client, Mode::Psk(psk)).map(PskHandshake)
+        Core::new(Role::Client, Mode::Psk(psk), None).map(PskHandshake)
     }
 
-    /// The server side, with a fresh ephemeral key.
+    /// The server side. Its ephemeral key is generated once the client's key
+    /// has arrived.
     pub fn server(psk: [u8; KEY_LEN]) -> Result<Self> {
-        Core::new(Role::Server, Mode::Psk(psk)).map(PskHandshake)
+        Core::new(Role::Server, Mode::Psk(psk), None).map(PskHandshake)
     }
 
-    /// Our ephemeral public key, as it goes on the wire.
-    pub fn public_key(&self) -> &[u8; KEY_LEN] {
-        &self.0.public
+    /// Our ephemeral public key, as it goes on the wire: always there on a
+    /// client; on a server, `None` until the client's key has arrived.
+    pub fn public_key(&self) -> Option<&[u8; KEY_LEN]> {
+        self.0.public.as_ref()
     }
 }
 
@@ -433,19 +542,32 @@ impl Handshake for PskHandshake {
 pub struct IdentityHandshake(Core);
 
 impl IdentityHandshake {
-    /// The client side, with a fresh ephemeral key.
+    /// The client side, with a fresh ephemeral key. Fails with
+    /// [`HandshakeError::NoPinnedServer`] if `config` pins no server key and
+    /// does not set `allow_unpinned_server`.
     pub fn client(config: IdentityConfig) -> Result<Self> {
-        Core::new(Role::Client, Mode::Identity(Box::new(config))).map(IdentityHandshake)
+        if config.pinned_server.is_none() && !config.allow_unpinned_server {
+            return Err(HandshakeError::NoPinnedServer.into());
+        }
+        Core::new(Role::Client, Mode::Identity(Box::new(config)), None).map(IdentityHandshake)
     }
 
-    /// The server side, with a fresh ephemeral key.
+    /// The server side. Its ephemeral key is generated once the client's key
+    /// has arrived.
     pub fn server(config: IdentityConfig) -> Result<Self> {
-        Core::new(Role::Server, Mode::Identity(Box::new(config))).map(IdentityHandshake)
+        Self::server_for_peer(config, None)
     }
 
-    /// Our ephemeral public key, as it goes on the wire.
-    pub fn public_key(&self) -> &[u8; KEY_LEN] {
-        &self.0.public
+    /// The server side for a connection from `peer`, which a
+    /// [`ClientPolicy::Callback`] gets along with the client's key.
+    pub fn server_for_peer(config: IdentityConfig, peer: Option<SocketAddr>) -> Result<Self> {
+        Core::new(Role::Server, Mode::Identity(Box::new(config)), peer).map(IdentityHandshake)
+    }
+
+    /// Our ephemeral public key, as it goes on the wire: always there on a
+    /// client; on a server, `None` until the client's key has arrived.
+    pub fn public_key(&self) -> Option<&[u8; KEY_LEN]> {
+        self.0.public.as_ref()
     }
 
     /// The Ed25519 key the peer proved, once its identity frame was
@@ -534,8 +656,12 @@ impl FrameIn {
 struct Core {
     role: Role,
     mode: Mode,
+    /// The connection's peer address, for a server's client policy.
+    peer_addr: Option<SocketAddr>,
+    /// Our ephemeral key: made at once on a client (it speaks first), on a
+    /// server only once the client's key has arrived.
     private: Option<EphemeralPrivateKey>,
-    public: [u8; KEY_LEN],
+    public: Option<[u8; KEY_LEN]>,
     peer: [u8; KEY_LEN],
     peer_filled: usize,
     sealer: Option<Sealer>,
@@ -550,31 +676,40 @@ struct Core {
     peer_identity: Option<[u8; ED25519_PUBLIC_KEY_LEN]>,
 }
 
+/// A fresh X25519 key pair and its public key.
+fn ephemeral() -> Result<(EphemeralPrivateKey, [u8; KEY_LEN])> {
+    let rng = SystemRandom::new();
+    let private =
+        EphemeralPrivateKey::generate(&X25519, &rng).map_err(|_| HandshakeError::KeyGeneration)?;
+    let public_key = private
+        .compute_public_key()
+        .map_err(|_| HandshakeError::KeyGeneration)?;
+    let mut public = [0u8; KEY_LEN];
+    public.copy_from_slice(public_key.as_ref());
+    Ok((private, public))
+}
+
 impl Core {
-    fn new(role: Role, mode: Mode) -> Result<Self> {
-        let rng = SystemRandom::new();
-        let private = EphemeralPrivateKey::generate(&X25519, &rng)
-            .map_err(|_| HandshakeError::KeyGeneration)?;
-        let public_key = private
-            .compute_public_key()
-            .map_err(|_| HandshakeError::KeyGeneration)?;
-        let mut public = [0u8; KEY_LEN];
-        public.copy_from_slice(public_key.as_ref());
+    fn new(role: Role, mode: Mode, peer_addr: Option<SocketAddr>) -> Result<Self> {
+        let (private, public, pending) = match role {
+            // The client speaks first: its raw key.
+            Role::Client => {
+                let (private, public) = ephemeral()?;
+                (Some(private), Some(public), public.to_vec())
+            }
+            Role::Server => (None, None, Vec::new()),
+        };
         Ok(Core {
             role,
             mode,
-            private: Some(private),
+            peer_addr,
+            private,
             public,
             peer: [0; KEY_LEN],
             peer_filled: 0,
             sealer: None,
             opener: None,
-            // The client speaks first: its raw key.
-            pending: if role == Role::Client {
-                public.to_vec()
-            } else {
-                Vec::new()
-            },
+            pending,
             expect_frame: false,
             frame: FrameIn::new(),
             ready: false,
@@ -583,10 +718,12 @@ impl Core {
         })
     }
 
+    /// `(cp, sp)`; only called once both keys are known.
     fn publics(&self) -> ([u8; KEY_LEN], [u8; KEY_LEN]) {
+        let public = self.public.expect("own key made before the peer's is used");
         match self.role {
-            Role::Client => (self.public, self.peer),
-            Role::Server => (self.peer, self.public),
+            Role::Client => (public, self.peer),
+            Role::Server => (self.peer, public),
         }
     }
 
@@ -596,10 +733,9 @@ impl Core {
 
     fn take_session(&mut self) -> Option<Session> {
         if self.ready && self.pending.is_empty() {
-            Some(Session {
-                sealer: self.sealer.take()?,
-                opener: self.opener.take()?,
-            })
+            let mut session = Session::new(self.sealer.take()?, self.opener.take()?);
+            session.peer_identity = self.peer_identity;
+            Some(session)
         } else {
             None
         }
@@ -634,9 +770,10 @@ impl Core {
             self.on_peer_key()?;
         }
         if self.expect_frame {
-            let allowed: &[usize] = match self.mode {
-                Mode::Psk(_) => &[PSK_CONFIRM.len()],
-                Mode::Identity(_) => &[IDENTITY_ANONYMOUS_LEN, IDENTITY_PROOF_LEN],
+            let allowed: &[usize] = match (&self.mode, self.role) {
+                (Mode::Psk(_), Role::Client) => &[PSK_CONFIRM.len()],
+                (Mode::Psk(_), Role::Server) => &[PSK_CLIENT_CONFIRM.len()],
+                (Mode::Identity(_), _) => &[IDENTITY_ANONYMOUS_LEN, IDENTITY_PROOF_LEN],
             };
             used += self.frame.fill(&input[used..], allowed)?;
             if self.frame.is_complete() {
@@ -651,6 +788,12 @@ impl Core {
     /// Both public keys are known: derive the keys and, on the server,
     /// queue our key and our handshake frame.
     fn on_peer_key(&mut self) -> Result<()> {
+        if self.role == Role::Server {
+            // Made only now that the client has sent a whole key.
+            let (private, public) = ephemeral()?;
+            self.private = Some(private);
+            self.public = Some(public);
+        }
         let private = self.private.take().expect("key pair used once");
         let dh = agreement::agree_ephemeral(
             private,
@@ -674,9 +817,10 @@ impl Core {
         match (&self.mode, self.role) {
             (_, Role::Client) => self.expect_frame = true,
             (Mode::Psk(_), Role::Server) => {
-                self.pending.extend_from_slice(&self.public);
+                self.pending.extend_from_slice(&sp);
                 sealer.seal_append(0, PSK_CONFIRM, &mut self.pending)?;
-                self.ready = true;
+                // Ready only once the client's confirmation has opened.
+                self.expect_frame = true;
             }
             (Mode::Identity(config), Role::Server) => {
                 let flags = if config.allowed_clients.is_some() {
@@ -686,7 +830,7 @@ impl Core {
                 };
                 let payload =
                     identity_payload(Role::Server, flags, config.identity.as_deref(), &cp, &sp);
-                self.pending.extend_from_slice(&self.public);
+                self.pending.extend_from_slice(&sp);
                 sealer.seal_append(0, &payload, &mut self.pending)?;
                 self.expect_frame = flags != 0;
                 self.ready = flags == 0;
@@ -704,8 +848,18 @@ impl Core {
         match &self.mode {
             Mode::Psk(_) => {
                 let (seq, payload) = opened.map_err(|_| reject(REJECT_WRONG_PSK))?;
-                if seq != 0 || payload != PSK_CONFIRM {
+                let expected = match self.role {
+                    Role::Client => PSK_CONFIRM,
+                    Role::Server => PSK_CLIENT_CONFIRM,
+                };
+                if seq != 0 || payload != expected {
                     return Err(reject(REJECT_MALFORMED));
+                }
+                if self.role == Role::Client {
+                    // Our own confirmation, at c2s counter 0, ahead of any
+                    // application frame.
+                    let sealer = self.sealer.as_mut().expect("keys derived");
+                    sealer.seal_append(0, PSK_CLIENT_CONFIRM, &mut self.pending)?;
                 }
                 Ok(())
             }
@@ -744,7 +898,7 @@ impl Core {
                         if let Some(policy) = &config.allowed_clients {
                             match &key {
                                 None => return Err(reject(REJECT_MISSING_IDENTITY)),
-                                Some(k) if !policy.allows(k) => {
+                                Some(k) if !policy.allows(k, self.peer_addr) => {
                                     return Err(reject(REJECT_UNKNOWN_KEY))
                                 }
                                 Some(_) => {}
@@ -799,6 +953,11 @@ fn check_identity(
     if payload.len() == IDENTITY_PROOF_LEN {
         let key = &payload[IDENTITY_ANONYMOUS_LEN..IDENTITY_ANONYMOUS_LEN + ED25519_PUBLIC_KEY_LEN];
         let sig = &payload[IDENTITY_ANONYMOUS_LEN + ED25519_PUBLIC_KEY_LEN..];
+        // ring accepts small-order keys (the identity point with `R =
+        // identity, s = 0` verifies for any message): refuse them first.
+        if is_small_order_ed25519(key.try_into().expect("32 bytes")) {
+            return Err(reject(REJECT_BAD_SIGNATURE));
+        }
         let transcript = identity_transcript(peer_role, cp, sp);
         UnparsedPublicKey::new(&ED25519, key)
             .verify(&transcript, sig)

@@ -83,7 +83,11 @@ impl Direction {
 }
 
 impl Drop for Direction {
-    // ring wipes its expanded key; the raw key kept for rekeying is ours.
+    // Wipes the raw key kept for rekeying. ring 0.17 does not wipe the
+    // expanded key inside `LessSafeKey` (AES round keys, GCM hash key) when
+    // it is dropped, and the BLAKE2b state that derived the raw key (which
+    // holds the previous key as its MAC key) is not wiped either; see
+    // SECURITY.md for what is and is not cleared.
     fn drop(&mut self) {
         zeroize::Zeroize::zeroize(&mut self.raw_key);
     }

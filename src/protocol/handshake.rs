@@ -7,6 +7,8 @@
 //! exchange for both profiles. Users plug in their own handshake through
 //! [`HandshakeFactory`] without touching the reactor.
 
+use std::net::SocketAddr;
+
 use ring::agreement::{self, EphemeralPrivateKey, UnparsedPublicKey, X25519};
 use ring::rand::SystemRandom;
 
@@ -23,27 +25,51 @@ pub enum Role {
     Server,
 }
 
-/// An established session: this side's two directions.
+/// An established session: this side's two directions, and the peer's
+/// identity if the handshake authenticated one.
+///
+/// Built with [`Session::new`] (or [`Session::from_keys`]); more fields may
+/// be added, so it cannot be built by a struct literal outside this crate.
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct Session {
     /// Seals what this side sends.
     pub sealer: Sealer,
     /// Opens what this side receives.
     pub opener: Opener,
+    /// The peer's long-term Ed25519 public key as proved in the handshake:
+    /// in the `identity` profile, the server's key as the client verified
+    /// it, or the client's key on a server that required one. `None` when
+    /// the handshake authenticated no peer key (`secure`, `monte`, `psk`,
+    /// an anonymous identity client).
+    pub peer_identity: Option<[u8; 32]>,
 }
 
 impl Session {
+    /// A session from this side's two directions, with no peer identity.
+    pub fn new(sealer: Sealer, opener: Opener) -> Session {
+        Session {
+            sealer,
+            opener,
+            peer_identity: None,
+        }
+    }
+
+    /// The same session, recording `key` as the peer's proved Ed25519
+    /// public key.
+    pub fn with_peer_identity(mut self, key: [u8; 32]) -> Session {
+        self.peer_identity = Some(key);
+        self
+    }
+
     /// The session a `role` gets from `keys` under `profile`, with both
     /// counters at 0.
     pub fn from_keys(profile: Profile, role: Role, keys: &DirectionalKeys) -> Session {
         let (send, recv) = match role {
-            Role::Client => (keys.client_to_server, keys.server_to_client),
-            Role::Server => (keys.server_to_client, keys.client_to_server),
+            Role::Client => (&keys.client_to_server, &keys.server_to_client),
+            Role::Server => (&keys.server_to_client, &keys.client_to_server),
         };
-        Session {
-            sealer: Sealer::new(send, profile),
-            opener: Opener::new(recv, profile),
-        }
+        Session::new(Sealer::new(*send, profile), Opener::new(*recv, profile))
     }
 }
 
@@ -59,20 +85,30 @@ impl Session {
 /// Implement it to run a handshake of your own:
 ///
 /// ```
-/// use monte_rpc::protocol::{Handshake, Opener, Profile, Sealer, Session};
+/// use monte_rpc::protocol::{Handshake, Opener, Profile, Role, Sealer, Session};
 /// use monte_rpc::Result;
 ///
-/// /// Both sides already share a key out of band: nothing to exchange.
-/// struct Preshared([u8; 32]);
+/// /// Both sides already share two keys out of band, one per direction:
+/// /// nothing to exchange. (One key for both directions would reuse every
+/// /// nonce: both counters start at 0.)
+/// struct Preshared {
+///     role: Role,
+///     client_to_server: [u8; 32],
+///     server_to_client: [u8; 32],
+/// }
 ///
 /// impl Handshake for Preshared {
 ///     fn write_output(&mut self, _out: &mut Vec<u8>) {}
 ///     fn read_input(&mut self, _input: &[u8]) -> Result<usize> { Ok(0) }
 ///     fn take_session(&mut self) -> Option<Session> {
-///         Some(Session {
-///             sealer: Sealer::new(self.0, Profile::Secure),
-///             opener: Opener::new(self.0, Profile::Secure),
-///         })
+///         let (send, recv) = match self.role {
+///             Role::Client => (self.client_to_server, self.server_to_client),
+///             Role::Server => (self.server_to_client, self.client_to_server),
+///         };
+///         Some(Session::new(
+///             Sealer::new(send, Profile::Secure),
+///             Opener::new(recv, Profile::Secure),
+///         ))
 ///     }
 /// }
 /// ```
@@ -100,6 +136,13 @@ pub trait HandshakeFactory: Send + Sync + 'static {
     fn client(&self) -> Result<Box<dyn Handshake>>;
     /// A handshake for a connection this side accepted.
     fn server(&self) -> Result<Box<dyn Handshake>>;
+    /// A handshake for a connection this side accepted from `peer` (its
+    /// address, if known), for factories whose decisions depend on it (an
+    /// `identity` client policy sees it). Defaults to [`server`](Self::server).
+    fn server_for_peer(&self, peer: Option<SocketAddr>) -> Result<Box<dyn Handshake>> {
+        let _ = peer;
+        self.server()
+    }
 }
 
 impl HandshakeFactory for Profile {
@@ -239,40 +282,43 @@ impl Handshake for ClientHandshake {
 
 /// The server side of the specification's handshake: read the client's
 /// public key, answer with ours, derive the keys.
+///
+/// The server's ephemeral key is generated only once the client's whole key
+/// has arrived, so accepting a connection costs no key generation (and no
+/// randomness) until the peer has spoken.
 pub struct ServerHandshake {
     profile: Profile,
-    ephemeral: Option<Ephemeral>,
-    public: [u8; KEY_LEN],
+    public: Option<[u8; KEY_LEN]>,
     public_sent: bool,
     peer: PeerKey,
     session: Option<Session>,
 }
 
 impl ServerHandshake {
-    /// Starts a server handshake with a fresh ephemeral key.
+    /// Starts a server handshake. Cheap: the ephemeral key is generated in
+    /// [`read_input`](Handshake::read_input), once the client's key is in.
     pub fn new(profile: Profile) -> Result<Self> {
-        let ephemeral = Ephemeral::generate()?;
         Ok(ServerHandshake {
             profile,
-            public: ephemeral.public,
-            ephemeral: Some(ephemeral),
+            public: None,
             public_sent: false,
             peer: PeerKey::new(),
             session: None,
         })
     }
 
-    /// Our ephemeral public key, as it goes on the wire.
-    pub fn public_key(&self) -> &[u8; KEY_LEN] {
-        &self.public
+    /// Our ephemeral public key, as it goes on the wire: `None` until the
+    /// client's key has arrived (and after a failed key generation).
+    pub fn public_key(&self) -> Option<&[u8; KEY_LEN]> {
+        self.public.as_ref()
     }
 }
 
 impl Handshake for ServerHandshake {
     fn write_output(&mut self, out: &mut Vec<u8>) {
         // The server speaks only after it has a valid client key.
-        if self.session.is_some() && !self.public_sent {
-            out.extend_from_slice(&self.public);
+        if let (Some(_), Some(public), false) = (&self.session, &self.public, self.public_sent) {
+            out.extend_from_slice(public);
             self.public_sent = true;
         }
     }
@@ -283,9 +329,11 @@ impl Handshake for ServerHandshake {
         }
         let used = self.peer.fill(input);
         if self.peer.is_complete() {
-            let ephemeral = self.ephemeral.take().expect("key pair used once");
+            let ephemeral = Ephemeral::generate()?;
+            let public = ephemeral.public;
             let dh = zeroize::Zeroizing::new(ephemeral.agree(&self.peer.bytes)?);
-            let keys = derive_keys(self.profile, &dh, &self.peer.bytes, &self.public);
+            let keys = derive_keys(self.profile, &dh, &self.peer.bytes, &public);
+            self.public = Some(public);
             self.session = Some(Session::from_keys(self.profile, Role::Server, &keys));
         }
         Ok(used)

@@ -16,11 +16,11 @@ mod seq;
 
 pub use auth::{
     derive_identity_keys, derive_psk_keys, generate_identity_pkcs8, identity_payload,
-    identity_public_key, identity_transcript, role_label, ClientKeyCheck, ClientPolicy,
-    Ed25519KeyPair, IdentityConfig, IdentityHandshake, PskFactory, PskHandshake,
+    identity_public_key, identity_transcript, is_small_order_ed25519, role_label, ClientKeyCheck,
+    ClientPolicy, Ed25519KeyPair, IdentityConfig, IdentityHandshake, PskFactory, PskHandshake,
     ED25519_PUBLIC_KEY_LEN, ED25519_SIGNATURE_LEN, FLAG_CLIENT_IDENTITY_REQUIRED,
-    IDENTITY_ANONYMOUS_LEN, IDENTITY_PROOF_LEN, IDENTITY_TRANSCRIPT_LEN, PSK_CONFIRM,
-    REJECT_BAD_SIGNATURE, REJECT_MALFORMED, REJECT_MISSING_IDENTITY, REJECT_ROLE,
+    IDENTITY_ANONYMOUS_LEN, IDENTITY_PROOF_LEN, IDENTITY_TRANSCRIPT_LEN, PSK_CLIENT_CONFIRM,
+    PSK_CONFIRM, REJECT_BAD_SIGNATURE, REJECT_MALFORMED, REJECT_MISSING_IDENTITY, REJECT_ROLE,
     REJECT_UNKNOWN_KEY, REJECT_WRONG_PSK, ROLE_LABEL_LEN,
 };
 pub use codec::{Decoded, FrameDecoder};
