@@ -1,11 +1,14 @@
 //! A reversing echo server: replies to every request with its body reversed
-//! byte for byte, and counts what it saw.
+//! byte for byte, and counts what it saw. One request is special, for the
+//! hostile-peer tests that make it answer large: a body of
+//! `monte-rpc-test big reply:` followed by a 4-byte big-endian size `N` gets
+//! a reply of `N` bytes (at most the maximum message size).
 //!
 //! ```text
 //! cargo run --release --example server -- --addr 127.0.0.1:4444 \
 //!     [--profile secure|monte] [--max-conns N] [--handshake-timeout-ms N] \
-//!     [--read-timeout-ms N] [--write-timeout-ms N] [--accept-wait-ms N] \
-//!     [--max-message-size N] [--max-queued-bytes N] [--max-in-flight N] \
+//!     [--read-timeout-ms N] [--frame-timeout-ms N] [--write-timeout-ms N] \
+//!     [--accept-wait-ms N] [--max-message-size N] [--max-queued-bytes N] [--max-in-flight N] \
 //!     [--workers N] [--duration-s N] [--events] [--control] \
 //!     [--psk HEX | --identity FILE [--allow HEX[,HEX...]]]
 //! cargo run --release --example server -- --gen-identity FILE
@@ -99,8 +102,19 @@ struct Stats {
     errors: AtomicU64,
 }
 
+/// A request body asking for a large reply (see the module doc).
+const BIG_REPLY: &[u8] = b"monte-rpc-test big reply:";
+
+/// The reply size a request asks for with [`BIG_REPLY`], if it does.
+fn big_reply_size(body: &[u8]) -> Option<usize> {
+    let size = body.strip_prefix(BIG_REPLY)?;
+    Some(u32::from_be_bytes(size.try_into().ok()?) as usize)
+}
+
 struct Reverser {
     stats: Arc<Stats>,
+    /// The configured maximum message size: the cap on a big reply.
+    max_reply: usize,
     tracker: Option<Arc<Tracker>>,
 }
 
@@ -111,6 +125,11 @@ impl Handler for Reverser {
         }
         if ctx.expects_reply() {
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            if let Some(size) = big_reply_size(ctx.body()) {
+                let size = size.min(self.max_reply);
+                let _ = ctx.reply(&vec![0x5a; size]);
+                return;
+            }
             let mut body = ctx.body().to_vec();
             body.reverse();
             let _ = ctx.reply(&body);
@@ -263,8 +282,8 @@ fn emit_stats(id: &str, server: &Server, stats: &Stats) {
     emit(format_args!(
         "stats id={id} handled={handled} connections_open={} connections_opened={} \
          connections_refused={} closed_local={} closed_by_peer={} closed_handshake_timeout={} \
-         closed_read_timeout={} closed_write_timeout={} closed_protocol_error={} closed_other={} \
-         handshakes_failed={} frames_in={} bytes_in={} frames_out={} bytes_out={} \
+         closed_read_timeout={} closed_write_timeout={} closed_frame_timeout={} \
+         closed_protocol_error={} closed_other={} reads_paused={} handshakes_failed={} frames_in={} bytes_in={} frames_out={} bytes_out={} \
          frames_rejected_too_short={} frames_rejected_too_large={} \
          frames_rejected_authentication={} responses_dropped={} requests_in_flight={} \
          requests_timed_out={} requests={} messages={} conns={} errors={}",
@@ -276,8 +295,10 @@ fn emit_stats(id: &str, server: &Server, stats: &Stats) {
         s.closed_handshake_timeout,
         s.closed_read_timeout,
         s.closed_write_timeout,
+        s.closed_frame_timeout,
         s.closed_protocol_error,
         s.closed_other,
+        s.reads_paused,
         s.handshakes_failed,
         s.frames_in,
         s.bytes_in,
@@ -367,6 +388,7 @@ struct Args {
     max_conns: Option<usize>,
     handshake_timeout_ms: Option<u64>,
     read_timeout_ms: Option<u64>,
+    frame_timeout_ms: Option<u64>,
     write_timeout_ms: Option<u64>,
     accept_wait_ms: Option<u64>,
     max_message_size: Option<usize>,
@@ -387,8 +409,8 @@ fn usage(msg: &str) -> ! {
     eprintln!("server: {msg}");
     eprintln!(
         "usage: server --addr HOST:PORT [--profile secure|monte] [--max-conns N] \
-         [--handshake-timeout-ms N] [--read-timeout-ms N] [--write-timeout-ms N] \
-         [--accept-wait-ms N] [--max-message-size N] [--max-queued-bytes N] \
+         [--handshake-timeout-ms N] [--read-timeout-ms N] [--frame-timeout-ms N] \
+         [--write-timeout-ms N] [--accept-wait-ms N] [--max-message-size N] [--max-queued-bytes N] \
          [--max-in-flight N] [--workers N] [--duration-s N] [--events] [--control]"
     );
     eprintln!("       [--psk HEX | --identity FILE [--allow HEX[,HEX...]]] | --gen-identity FILE");
@@ -470,6 +492,7 @@ fn parse_args() -> Args {
         max_conns: None,
         handshake_timeout_ms: None,
         read_timeout_ms: None,
+        frame_timeout_ms: None,
         write_timeout_ms: None,
         accept_wait_ms: None,
         max_message_size: None,
@@ -502,6 +525,7 @@ fn parse_args() -> Args {
             "--max-conns" => args.max_conns = Some(flags.num(&flag, &value)),
             "--handshake-timeout-ms" => args.handshake_timeout_ms = Some(flags.num(&flag, &value)),
             "--read-timeout-ms" => args.read_timeout_ms = Some(flags.num(&flag, &value)),
+            "--frame-timeout-ms" => args.frame_timeout_ms = Some(flags.num(&flag, &value)),
             "--write-timeout-ms" => args.write_timeout_ms = Some(flags.num(&flag, &value)),
             "--accept-wait-ms" => args.accept_wait_ms = Some(flags.num(&flag, &value)),
             "--max-message-size" => args.max_message_size = Some(flags.num(&flag, &value)),
@@ -547,6 +571,9 @@ fn main() {
     if let Some(ms) = args.read_timeout_ms {
         config = config.read_timeout(Some(Duration::from_millis(ms)));
     }
+    if let Some(ms) = args.frame_timeout_ms {
+        config = config.frame_timeout(Some(Duration::from_millis(ms)));
+    }
     if let Some(ms) = args.write_timeout_ms {
         config = config.write_timeout(Some(Duration::from_millis(ms)));
     }
@@ -574,6 +601,7 @@ fn main() {
         })
     });
     let handler = Reverser {
+        max_reply: config.max_message_size,
         stats: stats.clone(),
         tracker: tracker.clone(),
     };

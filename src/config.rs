@@ -49,6 +49,13 @@ pub struct Config {
     /// How long a connection may receive nothing before it is closed.
     /// Default: disabled for clients, 60 s for servers.
     pub read_timeout: Option<Duration>,
+    /// How long a frame may take to arrive, from its first byte to its
+    /// last. The read timeout alone cannot catch a peer that trickles a
+    /// frame a byte at a time (every byte resets it), so a slow frame is
+    /// judged from its start. Default: the read timeout (the
+    /// [`read_timeout`](Config::read_timeout) setter sets both; set this
+    /// one after it for another value).
+    pub frame_timeout: Option<Duration>,
     /// How long queued output may make no progress before the connection
     /// is closed. Default: 10 s.
     pub write_timeout: Option<Duration>,
@@ -105,6 +112,7 @@ impl Default for Config {
             dial_timeout: Some(Duration::from_secs(5)),
             handshake_timeout: Some(Duration::from_secs(5)),
             read_timeout: None,
+            frame_timeout: None,
             write_timeout: Some(Duration::from_secs(10)),
             request_timeout: Some(Duration::from_secs(30)),
             max_conns: 4,
@@ -130,6 +138,7 @@ impl std::fmt::Debug for Config {
             .field("dial_timeout", &self.dial_timeout)
             .field("handshake_timeout", &self.handshake_timeout)
             .field("read_timeout", &self.read_timeout)
+            .field("frame_timeout", &self.frame_timeout)
             .field("write_timeout", &self.write_timeout)
             .field("request_timeout", &self.request_timeout)
             .field("max_conns", &self.max_conns)
@@ -152,13 +161,13 @@ macro_rules! setter {
 
 impl Config {
     /// The defaults for a server: as [`Default`], but with a 60 s read
-    /// timeout and a cap of 1024 connections.
+    /// (and frame) timeout and a cap of 1024 connections.
     pub fn server() -> Self {
         Config {
-            read_timeout: Some(Duration::from_secs(60)),
             max_conns: 1024,
             ..Config::default()
         }
+        .read_timeout(Some(Duration::from_secs(60)))
     }
 
     /// Uses the specification's handshake with `profile`.
@@ -198,9 +207,27 @@ impl Config {
         /// Sets [`Config::handshake_timeout`]; `None` disables it.
         handshake_timeout: Option<Duration>
     );
+    /// Sets [`Config::read_timeout`], and [`Config::frame_timeout`] to the
+    /// same value; `None` disables both.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use monte_rpc::Config;
+    ///
+    /// let config = Config::server()
+    ///     .read_timeout(Some(Duration::from_secs(30)))
+    ///     .frame_timeout(Some(Duration::from_secs(5)));
+    /// assert_eq!(config.read_timeout, Some(Duration::from_secs(30)));
+    /// assert_eq!(config.frame_timeout, Some(Duration::from_secs(5)));
+    /// ```
+    pub fn read_timeout(mut self, value: Option<Duration>) -> Self {
+        self.read_timeout = value;
+        self.frame_timeout = value;
+        self
+    }
     setter!(
-        /// Sets [`Config::read_timeout`]; `None` disables it.
-        read_timeout: Option<Duration>
+        /// Sets [`Config::frame_timeout`]; `None` disables it.
+        frame_timeout: Option<Duration>
     );
     setter!(
         /// Sets [`Config::write_timeout`]; `None` disables it.

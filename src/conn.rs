@@ -88,6 +88,10 @@ pub(crate) struct Outbound {
     /// queue to drain: a caller-thread writer that empties it must tell
     /// the reactor, which would otherwise wait out its drain deadline.
     draining: bool,
+    /// The reactor paused reading this connection over its budget while a
+    /// caller-thread writer had the queue: that writer must tell the
+    /// reactor when it is done, or reading would never resume.
+    reactor_waits: bool,
 }
 
 impl Outbound {
@@ -178,6 +182,10 @@ pub(crate) struct ConnShared {
     pub(crate) active_calls: AtomicUsize,
     /// When bytes last arrived ([`now_nanos`]), set by whoever read them.
     pub(crate) last_read: AtomicU64,
+    /// When the partial frame the receive buffer ends in was first seen
+    /// ([`now_nanos`]), or 0: the reactor's frame-timeout probe (see
+    /// [`Inbound::open_next`]).
+    pub(crate) frame_clock: AtomicU64,
     /// The read side, read by the reactor or by a caller waiting for a
     /// response.
     pub(crate) inbound: ReadTurn<Inbound>,
@@ -258,8 +266,10 @@ pub(crate) enum Flushed {
     /// The socket is full with this many bytes still queued; wait for
     /// WRITABLE.
     Blocked(usize),
-    /// Another thread is writing and will finish the queue.
-    Busy,
+    /// Another thread is writing and will finish the queue; this many
+    /// bytes are queued. Past the budget, that writer hands the queue back
+    /// to the reactor when it is done.
+    Busy(usize),
     /// The connection is closed.
     Closed,
 }
@@ -283,6 +293,7 @@ impl Connection {
                 token: AtomicUsize::new(usize::MAX),
                 active_calls: AtomicUsize::new(0),
                 last_read: AtomicU64::new(now_nanos()),
+                frame_clock: AtomicU64::new(0),
                 inbound: ReadTurn::new(parts.inbound),
                 out: Mutex::new(Outbound {
                     sealer: parts.sealer,
@@ -301,6 +312,7 @@ impl Connection {
                     waiters: 0,
                     closed: None,
                     draining: false,
+                    reactor_waits: false,
                 }),
                 out_cv: Condvar::new(),
                 interest: Mutex::new(Interest::default()),
@@ -649,7 +661,7 @@ impl Connection {
         let stats = &sh.reactor.stats;
         let (mut frames, mut bytes, mut read_any, mut drained) = (0u64, 0u64, false, false);
         let outcome = loop {
-            match inbound.open_next(&decoder) {
+            match inbound.open_next(&decoder, &sh.frame_clock) {
                 Ok(Some((seq, len))) => {
                     frames += 1;
                     bytes += len as u64;
@@ -703,8 +715,28 @@ impl Connection {
         self.submit(seq, body, Mode::Queue)
     }
 
+    /// A reply made by a handler on this connection's reactor thread:
+    /// queued without waiting for room (the reactor enforces the budget
+    /// between frames; see [`Connection::over_budget`]).
     pub(crate) fn queue_reply(&self, seq: u32, body: &[u8]) -> Result<()> {
         self.submit(seq, body, Mode::OnReactor)
+    }
+
+    /// Whether more than `max_queued_bytes` wait to be written: the reactor
+    /// then dispatches no further frame of this connection until they
+    /// drain.
+    pub(crate) fn over_budget(&self) -> bool {
+        lock(&self.shared.out).pending() > self.shared.config.max_queued_bytes
+    }
+
+    /// The reactor resumed reading after a pause: a partial frame that sat
+    /// in the buffer meanwhile is judged from now, not from before the
+    /// pause (the silence was this side's).
+    pub(crate) fn restart_frame_clock(&self) {
+        let clock = &self.shared.frame_clock;
+        if clock.load(Ordering::Relaxed) != 0 {
+            clock.store(now_nanos().max(1), Ordering::Relaxed);
+        }
     }
 
     /// Closes the connection at once: queued output is dropped and pending
@@ -928,7 +960,11 @@ impl Connection {
         if g.waiters > 0 {
             sh.out_cv.notify_all();
         }
-        if !on_reactor && g.draining && g.pending() == 0 && !g.reactor_flushing {
+        if !on_reactor
+            && (g.draining || mem::take(&mut g.reactor_waits))
+            && g.pending() == 0
+            && !g.reactor_flushing
+        {
             g.reactor_flushing = true;
             hand_off = true;
         }
@@ -953,12 +989,17 @@ impl Connection {
 
     /// Reactor side: write what is queued, as far as the socket takes it.
     pub(crate) fn flush_from_reactor(&self) -> Flushed {
-        let g = lock(&self.shared.out);
+        let mut g = lock(&self.shared.out);
         if g.closed.is_some() {
             return Flushed::Closed;
         }
         if g.writing {
-            return Flushed::Busy;
+            if g.pending() > self.shared.config.max_queued_bytes {
+                // The reactor pauses reading on this: the writer hands the
+                // queue back when it is done, which resumes it.
+                g.reactor_waits = true;
+            }
+            return Flushed::Busy(g.pending());
         }
         if g.pending() == 0 {
             let mut g = g;
@@ -998,11 +1039,6 @@ impl Connection {
                 let _ = self.shared.reactor.push(Command::Read(self.clone()));
             }
         }
-    }
-
-    /// Bytes queued and not yet written.
-    pub(crate) fn queued_bytes(&self) -> usize {
-        lock(&self.shared.out).pending()
     }
 
     /// Reactor side, graceful close: if nothing is queued, refuse further

@@ -19,6 +19,9 @@ pub enum TimeoutKind {
     Handshake,
     /// Nothing arrived from the peer within the read (idle) timeout.
     Read,
+    /// A frame's first byte arrived but not its last within the frame
+    /// timeout: a peer trickling a frame byte by byte.
+    Frame,
     /// Queued output made no progress within the write timeout.
     Write,
     /// A request got no response within its request timeout.
@@ -33,6 +36,7 @@ impl fmt::Display for TimeoutKind {
             TimeoutKind::Dial => "dial",
             TimeoutKind::Handshake => "handshake",
             TimeoutKind::Read => "read",
+            TimeoutKind::Frame => "frame",
             TimeoutKind::Write => "write",
             TimeoutKind::Request => "request",
             TimeoutKind::AcceptWait => "accept wait",

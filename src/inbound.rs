@@ -17,6 +17,7 @@ use mio::net::TcpStream;
 use crate::error::{Error, Result};
 use crate::protocol::TAG_LEN;
 use crate::protocol::{Decoded, FrameDecoder, Handshake, Opener, LENGTH_PREFIX_LEN, SEQ_LEN};
+use crate::sync::{AtomicU64, Ordering};
 
 /// A connection's receive buffer: bytes `start..end` are received and not
 /// yet consumed. Made at its configured size on the first read, it grows
@@ -109,6 +110,9 @@ pub(crate) struct Inbound {
     /// reactor must not miss it when a caller saw it first).
     pub(crate) eof: bool,
     pub(crate) held: Option<Held>,
+    /// The buffer ends in part of a frame, whose start was stamped on the
+    /// connection's frame clock (see [`Inbound::open_next`]).
+    partial: bool,
 }
 
 impl Inbound {
@@ -118,6 +122,7 @@ impl Inbound {
             rbuf: RecvBuf::new(buffer_size, leftover),
             eof: false,
             held: None,
+            partial: false,
         }
     }
 
@@ -158,17 +163,35 @@ impl Inbound {
     /// Decodes and opens, in place, the next complete frame in the buffer:
     /// its sequence number and length, or `None` until more bytes arrive.
     /// Only in the open phase.
-    pub(crate) fn open_next(&mut self, decoder: &FrameDecoder) -> Result<Option<(u32, usize)>> {
+    ///
+    /// `frame_clock` holds when the partial frame at the buffer's end was
+    /// first seen ([`now_nanos`](crate::conn::now_nanos)), or 0 when the
+    /// buffer ends on a frame boundary: the reactor closes a connection
+    /// whose frame takes longer than the frame timeout to complete. It is
+    /// stamped once per partial frame, not per read.
+    pub(crate) fn open_next(
+        &mut self,
+        decoder: &FrameDecoder,
+        frame_clock: &AtomicU64,
+    ) -> Result<Option<(u32, usize)>> {
         let ReadPhase::Open { opener } = &mut self.phase else {
             return Ok(None);
         };
         let rb = &mut self.rbuf;
         match decoder.decode(&rb.buf[rb.start..rb.end])? {
             Decoded::Frame(n) => {
+                if self.partial {
+                    self.partial = false;
+                    frame_clock.store(0, Ordering::Relaxed);
+                }
                 let (seq, _) = opener.open_in_place(&mut rb.buf[rb.start..rb.start + n])?;
                 Ok(Some((seq, n)))
             }
             Decoded::NeedMore(total) => {
+                if rb.start != rb.end && !self.partial {
+                    self.partial = true;
+                    frame_clock.store(crate::conn::now_nanos().max(1), Ordering::Relaxed);
+                }
                 if rb.start == rb.end {
                     rb.start = 0;
                     rb.end = 0;

@@ -408,6 +408,7 @@ impl Reactor {
         let tick = [
             config.handshake_timeout,
             config.read_timeout,
+            config.frame_timeout,
             config.write_timeout,
         ]
         .into_iter()
@@ -547,6 +548,7 @@ impl Reactor {
         // announced no more, so resumed connections are read now.
         while let Some(key) = self.resume.pop() {
             if self.conns.contains(key) {
+                self.conns[key].conn.restart_frame_clock();
                 self.on_readable(key, false);
             }
         }
@@ -690,15 +692,15 @@ impl Reactor {
             if self.conns[key].read_paused {
                 return Ok(());
             }
-            self.process(key, conn, inbound)?;
-            // Replies queue up without waiting on this thread: past the
-            // bound, write them now, which pauses reading if the peer is
-            // not taking them.
-            if conn.queued_bytes() > self.config.max_queued_bytes {
-                self.flush(key);
+            if !self.process(key, conn, inbound)? {
+                // Over the outbound budget: the replies were flushed as far
+                // as the socket took them. Reading stays paused (the frames
+                // not yet dispatched stay in the buffer) until they drain;
+                // if the socket took enough, go on.
                 if !self.conns.contains(key) || self.conns[key].read_paused {
                     return Ok(());
                 }
+                continue;
             }
             if inbound.eof {
                 return self.on_end_of_stream(key);
@@ -740,8 +742,12 @@ impl Reactor {
     }
 
     /// Runs the handshake, then dispatches what a caller-thread reader left
-    /// and every complete frame in the receive buffer.
-    fn process(&mut self, key: usize, conn: &Connection, inbound: &mut Inbound) -> Result<()> {
+    /// and the complete frames in the receive buffer, one at a time, while
+    /// the connection's queued output stays within `max_queued_bytes`.
+    /// Returns `false` if it stopped at the budget: the queue was flushed
+    /// and, if the socket would not take it, reading is paused (see
+    /// [`Reactor::flush`]); the rest of the frames wait in the buffer.
+    fn process(&mut self, key: usize, conn: &Connection, inbound: &mut Inbound) -> Result<bool> {
         if let ReadPhase::Handshaking { handshake, out } = &mut inbound.phase {
             let rb = &mut inbound.rbuf;
             if rb.end > rb.start {
@@ -767,12 +773,17 @@ impl Reactor {
                     let handler = conn.shared.handler.clone();
                     guard_handler(|| handler.on_open(conn))?;
                 }
-                None => return Ok(()),
+                None => return Ok(true),
             }
         }
         let stats = &self.shared.stats;
         let mut dispatched = false;
         let mut served = Served::Nothing;
+        // Replies made here queue without waiting for room (this thread is
+        // the one that would drain the queue), so the budget is checked
+        // after each one: a peer that pipelines requests and never reads
+        // the replies makes the server hold at most one reply past it.
+        let mut within_budget = true;
         match inbound.held.take() {
             None => {}
             Some(Held::Failed(e)) => return Err(e),
@@ -781,19 +792,27 @@ impl Reactor {
                 let result = dispatch(conn, seq, inbound.payload(len), stats);
                 inbound.consume(len);
                 dispatched = true;
-                served = served.max(result?);
+                let what = result?;
+                served = served.max(what);
+                within_budget = what != Served::Requests || !conn.over_budget();
             }
         }
         let (mut frames, mut bytes) = (0u64, 0u64);
         let result = loop {
-            match inbound.open_next(&self.decoder) {
+            if !within_budget {
+                break Ok(());
+            }
+            match inbound.open_next(&self.decoder, &conn.shared.frame_clock) {
                 Ok(Some((seq, len))) => {
                     frames += 1;
                     bytes += len as u64;
                     let result = dispatch(conn, seq, inbound.payload(len), stats);
                     inbound.consume(len);
                     match result {
-                        Ok(what) => served = served.max(what),
+                        Ok(what) => {
+                            served = served.max(what);
+                            within_budget = what != Served::Requests || !conn.over_budget();
+                        }
                         Err(e) => break Err(e),
                     }
                 }
@@ -805,11 +824,16 @@ impl Reactor {
             Counters::add(&stats.frames_in, frames);
             Counters::add(&stats.bytes_in, bytes);
         }
+        self.served = self.served.max(served);
+        result?;
+        if !within_budget {
+            self.flush(key);
+            return Ok(false);
+        }
         if frames > 0 || dispatched {
             self.dirty.push(key);
         }
-        self.served = self.served.max(served);
-        result
+        Ok(true)
     }
 
     fn on_writable(&mut self, key: usize) {
@@ -818,13 +842,15 @@ impl Reactor {
 
     fn flush(&mut self, key: usize) {
         let entry = &mut self.conns[key];
+        let limit = self.config.max_queued_bytes;
         match entry.conn.flush_from_reactor() {
             Flushed::Blocked(queued) => {
-                if queued > self.config.max_queued_bytes {
+                if queued > limit && !entry.read_paused {
                     // The peer sends requests faster than it reads the
                     // replies: stop reading it until its replies drain, so
                     // what it makes us queue stays bounded.
                     entry.read_paused = true;
+                    Counters::inc(&self.shared.stats.reads_paused);
                 }
                 if !entry.writable {
                     entry.writable = true;
@@ -834,7 +860,17 @@ impl Reactor {
                     }
                 }
             }
-            Flushed::Empty | Flushed::Busy => {
+            Flushed::Busy(queued) if queued > limit => {
+                // Another thread is writing a queue past the budget: pause
+                // as if blocked; that writer hands the queue back to this
+                // reactor when it is done (`reactor_waits`), and the flush
+                // that follows resumes reading.
+                if !entry.read_paused {
+                    entry.read_paused = true;
+                    Counters::inc(&self.shared.stats.reads_paused);
+                }
+            }
+            Flushed::Empty | Flushed::Busy(_) => {
                 if entry.read_paused {
                     entry.read_paused = false;
                     self.resume.push(key);
@@ -933,6 +969,21 @@ impl Reactor {
                     if let Some(t) = self.config.read_timeout {
                         if idle >= t && entry.draining.is_none() && !entry.read_paused {
                             expired.push((key, Error::Timeout(TimeoutKind::Read)));
+                            continue;
+                        }
+                    }
+                    // A frame is judged from its first byte: a peer that
+                    // trickles one byte now and then keeps the read
+                    // timeout above from ever firing.
+                    if let Some(t) = self.config.frame_timeout {
+                        let started = entry.conn.shared.frame_clock.load(Ordering::Relaxed);
+                        let age = Duration::from_nanos(now_nanos.saturating_sub(started));
+                        if started != 0
+                            && age >= t
+                            && entry.draining.is_none()
+                            && !entry.read_paused
+                        {
+                            expired.push((key, Error::Timeout(TimeoutKind::Frame)));
                             continue;
                         }
                     }

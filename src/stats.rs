@@ -58,6 +58,9 @@ counters! {
     closed_read_timeout,
     /// Connections closed at the write timeout.
     closed_write_timeout,
+    /// Connections closed because a frame did not complete within the
+    /// frame timeout, counted from its first byte.
+    closed_frame_timeout,
     /// Connections closed because the peer broke the protocol (bad frame,
     /// failed authentication, handshake rejected).
     closed_protocol_error,
@@ -86,6 +89,9 @@ counters! {
     requests_in_flight,
     /// Requests that ran out of time.
     requests_timed_out,
+    /// Times a connection's reading and dispatch paused because its queued
+    /// output passed `max_queued_bytes` (a peer not reading its replies).
+    reads_paused,
 }
 
 impl Counters {
@@ -121,6 +127,7 @@ impl Counters {
             Error::Timeout(TimeoutKind::Handshake) => &self.closed_handshake_timeout,
             Error::Timeout(TimeoutKind::Read) => &self.closed_read_timeout,
             Error::Timeout(TimeoutKind::Write) => &self.closed_write_timeout,
+            Error::Timeout(TimeoutKind::Frame) => &self.closed_frame_timeout,
             Error::FrameTooShort { .. } => {
                 Self::inc(&self.frames_rejected_too_short);
                 &self.closed_protocol_error

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use monte_rpc::protocol::PskHandshake;
 use monte_rpc::{Config, Connection, Context, Error, Handler, Server, Stats};
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -40,6 +41,13 @@ fn case(name: &'static str, settings: Settings, body: fn(&dyn Target)) {
     eprintln!("[hostile] {name}: passed in {:?}", start.elapsed());
 }
 
+/// The reply size a request asks for with [`hostile_cases::BIG_REPLY`],
+/// if it does.
+fn big_reply_size(body: &[u8]) -> Option<usize> {
+    let size = body.strip_prefix(hostile_cases::BIG_REPLY)?;
+    Some(u32::from_be_bytes(size.try_into().ok()?) as usize)
+}
+
 /// Open connections by peer, for the server-side calls of cases 10 and 13.
 type Conns = Arc<Mutex<HashMap<SocketAddr, Connection>>>;
 
@@ -55,6 +63,10 @@ impl Handler for Recorder {
         if let Some(peer) = ctx.conn().peer_addr() {
             self.log
                 .update(|e| *e.messages.entry(peer).or_default() += 1);
+        }
+        if let Some(size) = big_reply_size(ctx.body()) {
+            let _ = ctx.reply(&vec![0x5a; size.min(hostile_cases::MAX_MESSAGE)]);
+            return;
         }
         let body = reversed(ctx.body());
         let _ = ctx.reply(&body);
@@ -104,6 +116,7 @@ impl InProcess {
             .workers(settings.workers)
             .handshake_timeout(Some(settings.handshake_timeout))
             .read_timeout(Some(settings.read_timeout))
+            .frame_timeout(Some(settings.frame_timeout))
             .write_timeout(Some(settings.write_timeout))
             .request_timeout(Some(Duration::from_secs(5)))
             .max_message_size(settings.max_message)
@@ -111,6 +124,10 @@ impl InProcess {
             .max_in_flight(settings.max_in_flight)
             .max_conns(settings.max_conns)
             .accept_wait(settings.accept_wait);
+        let config = match settings.psk {
+            Some(psk) => config.handshake(Arc::new(PskHandshake::factory(psk))),
+            None => config,
+        };
         let log = Arc::new(Log::default());
         let conns = Conns::default();
         let handler = Recorder {
@@ -357,5 +374,32 @@ fn late_response_never_reaches_the_next_request() {
         "13 late response",
         Settings::general(),
         hostile_cases::late_response,
+    );
+}
+
+#[test]
+fn pipelined_requests_never_read_stay_within_the_queue_budget() {
+    case(
+        "14 pipelined requests, replies never read",
+        Settings::budget(),
+        hostile_cases::pipelined_requests_never_read,
+    );
+}
+
+#[test]
+fn psk_peer_without_the_key_never_opens() {
+    case(
+        "15 psk peer without the key",
+        Settings::psk(),
+        hostile_cases::psk_peer_without_the_key,
+    );
+}
+
+#[test]
+fn trickled_frame_is_closed_at_the_frame_timeout() {
+    case(
+        "16 trickled frame",
+        Settings::general(),
+        hostile_cases::trickled_frame,
     );
 }

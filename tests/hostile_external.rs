@@ -222,6 +222,7 @@ fn parse_error(text: &str) -> Error {
             "Dial" => TimeoutKind::Dial,
             "Handshake" => TimeoutKind::Handshake,
             "Read" => TimeoutKind::Read,
+            "Frame" => TimeoutKind::Frame,
             "Write" => TimeoutKind::Write,
             "Request" => TimeoutKind::Request,
             "AcceptWait" => TimeoutKind::AcceptWait,
@@ -293,6 +294,8 @@ fn set_counter(stats: &mut Stats, name: &str, v: u64) -> bool {
         "closed_handshake_timeout" => &mut stats.closed_handshake_timeout,
         "closed_read_timeout" => &mut stats.closed_read_timeout,
         "closed_write_timeout" => &mut stats.closed_write_timeout,
+        "closed_frame_timeout" => &mut stats.closed_frame_timeout,
+        "reads_paused" => &mut stats.reads_paused,
         "closed_protocol_error" => &mut stats.closed_protocol_error,
         "closed_other" => &mut stats.closed_other,
         "handshakes_failed" => &mut stats.handshakes_failed,
@@ -458,12 +461,19 @@ impl ChildServer {
             .args(["--workers", &settings.workers.to_string()])
             .args(["--handshake-timeout-ms", &ms(settings.handshake_timeout)])
             .args(["--read-timeout-ms", &ms(settings.read_timeout)])
+            .args(["--frame-timeout-ms", &ms(settings.frame_timeout)])
             .args(["--write-timeout-ms", &ms(settings.write_timeout)])
             .args(["--max-message-size", &settings.max_message.to_string()])
             .args(["--max-queued-bytes", &settings.max_queued_bytes.to_string()])
             .args(["--max-in-flight", &settings.max_in_flight.to_string()])
             .args(["--max-conns", &settings.max_conns.to_string()])
             .args(["--accept-wait-ms", &ms(settings.accept_wait)])
+            .args(
+                settings
+                    .psk
+                    .iter()
+                    .flat_map(|k| ["--psk".to_string(), hex(k)]),
+            )
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -560,6 +570,7 @@ impl ChildServer {
             s.closed_handshake_timeout
                 + s.closed_read_timeout
                 + s.closed_write_timeout
+                + s.closed_frame_timeout
                 + s.closed_protocol_error
                 + s.closed_other
         };
@@ -741,7 +752,22 @@ fn the_example_server_survives_the_hostile_cases() {
                 hostile_cases::unasked_for_response,
             ),
             ("13 late response", hostile_cases::late_response),
+            ("16 trickled frame", hostile_cases::trickled_frame),
         ],
+    );
+    run_child(
+        Settings::budget(),
+        &[(
+            "14 pipelined requests, replies never read",
+            hostile_cases::pipelined_requests_never_read,
+        )],
+    );
+    run_child(
+        Settings::psk(),
+        &[(
+            "15 psk peer without the key",
+            hostile_cases::psk_peer_without_the_key,
+        )],
     );
     // A handshake timeout well over the accept wait, so only the cap
     // closes the idle sockets; then one as short as the accept wait.

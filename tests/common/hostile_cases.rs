@@ -30,7 +30,8 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use monte_rpc::protocol::{
-    ClientHandshake, Decoded, FrameDecoder, Handshake, Opener, Profile, Sealer, MIN_CIPHERTEXT_LEN,
+    ClientHandshake, Decoded, FrameDecoder, Handshake, Opener, Profile, PskHandshake, Sealer,
+    MIN_CIPHERTEXT_LEN,
 };
 use monte_rpc::{Client, Config, Error, HandshakeError, Stats, TimeoutKind};
 
@@ -67,6 +68,10 @@ pub struct Settings {
     pub max_in_flight: usize,
     pub max_conns: usize,
     pub accept_wait: Duration,
+    /// How long a frame may take from its first byte to its last.
+    pub frame_timeout: Duration,
+    /// The `psk` profile with this key, instead of `secure`.
+    pub psk: Option<[u8; 32]>,
 }
 
 impl Settings {
@@ -82,6 +87,9 @@ impl Settings {
             max_in_flight: 1,
             max_conns: 1024,
             accept_wait: Duration::from_secs(1),
+            // The library's default: the read timeout.
+            frame_timeout: Duration::from_millis(500),
+            psk: None,
         }
     }
 
@@ -94,7 +102,51 @@ impl Settings {
             ..Settings::general()
         }
     }
+
+    /// Case 14: a write timeout long enough to watch the server's memory
+    /// while a peer that never reads is still connected.
+    pub fn budget() -> Settings {
+        Settings {
+            write_timeout: Duration::from_secs(2),
+            ..Settings::general()
+        }
+    }
+
+    /// Case 15: the `psk` profile, a cap of 8 connections, and a read
+    /// timeout far longer than the handshake timeout, so that a slot held
+    /// past the handshake timeout shows.
+    pub fn psk() -> Settings {
+        Settings {
+            psk: Some(TEST_PSK),
+            max_conns: 8,
+            accept_wait: Duration::from_millis(300),
+            read_timeout: Duration::from_secs(5),
+            frame_timeout: Duration::from_secs(5),
+            ..Settings::general()
+        }
+    }
+
+    /// The configuration of a good client of a server with these settings.
+    pub fn client_config(&self) -> Config {
+        let config = Config::default()
+            .workers(1)
+            .max_conns(1)
+            .request_timeout(Some(Duration::from_secs(3)))
+            .write_timeout(Some(Duration::from_secs(3)));
+        match self.psk {
+            Some(psk) => config.handshake(Arc::new(PskHandshake::factory(psk))),
+            None => config,
+        }
+    }
 }
+
+/// The pre-shared key of [`Settings::psk`].
+pub const TEST_PSK: [u8; 32] = [0x5c; 32];
+
+/// A request body that makes either target's handler reply with a body of
+/// the size in the 4 big-endian bytes that follow it (the example server's
+/// convention; see its module doc).
+pub const BIG_REPLY: &[u8] = b"monte-rpc-test big reply:";
 
 /// A server under attack, wherever it runs.
 pub trait Target {
@@ -320,13 +372,14 @@ fn take_first(map: &mut HashMap<SocketAddr, Vec<Error>>, peer: SocketAddr) -> Op
 /// The counters a case accounts for: every one must move by exactly what
 /// the case expects (zero unless it says otherwise), so an attack closed
 /// for the wrong reason, or a good connection closed by the attack, fails.
-pub const ACCOUNTED: [&str; 14] = [
+pub const ACCOUNTED: [&str; 15] = [
     "connections_refused",
     "closed_local",
     "closed_by_peer",
     "closed_handshake_timeout",
     "closed_read_timeout",
     "closed_write_timeout",
+    "closed_frame_timeout",
     "closed_protocol_error",
     "closed_other",
     "handshakes_failed",
@@ -349,6 +402,8 @@ pub fn counter(stats: &Stats, name: &str) -> u64 {
         "closed_handshake_timeout" => stats.closed_handshake_timeout,
         "closed_read_timeout" => stats.closed_read_timeout,
         "closed_write_timeout" => stats.closed_write_timeout,
+        "closed_frame_timeout" => stats.closed_frame_timeout,
+        "reads_paused" => stats.reads_paused,
         "closed_protocol_error" => stats.closed_protocol_error,
         "closed_other" => stats.closed_other,
         "handshakes_failed" => stats.handshakes_failed,
@@ -369,6 +424,7 @@ pub fn closes(stats: &Stats) -> u64 {
         + stats.closed_handshake_timeout
         + stats.closed_read_timeout
         + stats.closed_write_timeout
+        + stats.closed_frame_timeout
         + stats.closed_protocol_error
         + stats.closed_other
 }
@@ -473,14 +529,6 @@ impl XorShift {
 // The good client: requests in a loop, every reply checked.
 // ---------------------------------------------------------------------------
 
-fn good_config() -> Config {
-    Config::default()
-        .workers(1)
-        .max_conns(1)
-        .request_timeout(Some(Duration::from_secs(3)))
-        .write_timeout(Some(Duration::from_secs(3)))
-}
-
 /// Makes a few requests on `client` and checks every reply.
 fn check_client(client: &Client, tag: &str) {
     let mut resp = Vec::new();
@@ -503,8 +551,9 @@ struct Good {
 
 impl Good {
     /// Connects (before the attack starts) and starts the background caller.
-    fn start(addr: SocketAddr) -> Good {
-        let client = Arc::new(Client::new(addr, good_config()).expect("good client"));
+    fn start(t: &dyn Target) -> Good {
+        let config = t.settings().client_config();
+        let client = Arc::new(Client::new(t.addr(), config).expect("good client"));
         check_client(&client, "before");
         let stop = Arc::new(AtomicBool::new(false));
         let started = Arc::new(AtomicBool::new(false));
@@ -771,7 +820,7 @@ fn repeated(
     mut attack: impl FnMut(usize),
     expected: impl FnOnce(u64) -> Vec<(&'static str, u64)>,
 ) {
-    let good = Good::start(t.addr());
+    let good = Good::start(t);
     let before = t.stats();
     for i in 0..warm_up {
         attack(i);
@@ -895,7 +944,7 @@ fn slowloris_round(t: &dyn Target, n: usize) -> (Duration, Duration) {
 /// timeout, reported only as a handshake failure.
 pub fn slowloris_handshake(t: &dyn Target) {
     let name = "2 slowloris handshake";
-    let good = Good::start(t.addr());
+    let good = Good::start(t);
     let before = t.stats();
     slowloris_round(t, 100);
     settle(t, 1);
@@ -1217,7 +1266,7 @@ fn stall_round(t: &dyn Target, n: usize) {
 /// on_close gets Timeout(Read).
 pub fn half_a_frame_then_silence(t: &dyn Target) {
     let name = "9 half a frame, then silence";
-    let good = Good::start(t.addr());
+    let good = Good::start(t);
     let before = t.stats();
     stall_round(t, 100);
     settle(t, 1);
@@ -1312,7 +1361,7 @@ fn flood_round(t: &dyn Target, n: usize) {
 /// the connection is closed with Timeout(Write).
 pub fn non_reading_peer(t: &dyn Target) {
     let name = "10 non-reading peer";
-    let good = Good::start(t.addr());
+    let good = Good::start(t);
     let before = t.stats();
     flood_round(t, 4);
     flood_round(t, 4);
@@ -1342,7 +1391,7 @@ pub fn idle_sockets_over_the_cap(t: &dyn Target) {
     let accept_wait = t.settings().accept_wait;
     assert!(t.settings().handshake_timeout >= accept_wait * 4);
     let addr = t.addr();
-    let good = Good::start(addr);
+    let good = Good::start(t);
     let before = t.stats();
     assert_eq!(t.connections(), 1);
     let mut idle = HashSet::new();
@@ -1416,7 +1465,7 @@ pub fn idle_sockets_over_the_cap(t: &dyn Target) {
 /// port, and must not be taken for it.
 fn fresh_client(t: &dyn Target, addr: SocketAddr) {
     let known: HashSet<SocketAddr> = t.log().events().opened.keys().copied().collect();
-    let fresh = Client::new(addr, good_config()).unwrap();
+    let fresh = Client::new(addr, t.settings().client_config()).unwrap();
     check_client(&fresh, "fresh");
     fresh.shutdown();
     settle(t, 1);
@@ -1446,7 +1495,7 @@ pub fn idle_sockets_over_the_cap_short_handshake(t: &dyn Target) {
     let accept_wait = t.settings().accept_wait;
     let handshake_timeout = t.settings().handshake_timeout;
     let addr = t.addr();
-    let good = Good::start(addr);
+    let good = Good::start(t);
     let before = t.stats();
     let mut idle = HashSet::new();
     let mut round = |n: usize| {
@@ -1651,7 +1700,7 @@ pub fn late_response(t: &dyn Target) {
     let name = "13 late response";
     assert_eq!(t.settings().max_in_flight, 1);
     let log = t.log();
-    let good = Good::start(t.addr());
+    let good = Good::start(t);
     let before = t.stats();
     let mut raw = Raw::connect(t.addr());
     // The brief's timing: a 100 ms request timeout, the late answer 300 ms
@@ -1693,5 +1742,243 @@ pub fn late_response(t: &dyn Target) {
         0,
         "a request is still pending"
     );
+    good.finish();
+}
+
+// ---------------------------------------------------------------------------
+// 14. Pipelined requests whose replies are never read.
+// ---------------------------------------------------------------------------
+
+/// Case 14 (with [`Settings::budget`]): a peer that never reads sends one
+/// largest one-way message (the server's receive buffer grows to its full
+/// size), then pipelines `n` requests for 32 KiB replies in one write. The
+/// server must stop dispatching once `max_queued_bytes` are queued, leave
+/// the other requests unread, and close the peer at the write timeout; its
+/// memory must grow by at most about twice `max_queued_bytes` plus a
+/// receive buffer, whatever `n` is. (Before the budget was checked per
+/// frame, every request in the receive buffer was answered first: about
+/// 1,200 replies, 38 MiB, per buffer here.)
+pub fn pipelined_requests_never_read(t: &dyn Target) {
+    let name = "14 pipelined requests, replies never read";
+    let s = t.settings().clone();
+    let reply = 32 << 10;
+    // Two queue buffers at the budget plus a reply each, the receive
+    // buffer, and slack for the allocator and the good client.
+    let bound = 2 * (s.max_queued_bytes + reply) as u64 + s.max_message as u64 + (3 << 20);
+    let mut body = BIG_REPLY.to_vec();
+    body.extend_from_slice(&(reply as u32).to_be_bytes());
+    let good = Good::start(t);
+    let before = t.stats();
+    for n in [2_000usize, 20_000] {
+        let mut raw = Raw::connect(t.addr());
+        raw.send(0, &vec![0x11; s.max_message]);
+        let mut batch = Vec::new();
+        for i in 0..n {
+            let seq = 2 * i as u32 + 1;
+            raw.sealer.seal_append(seq, &body, &mut batch).unwrap();
+        }
+        let base = t.rss();
+        let mut writer = raw.stream.try_clone().unwrap();
+        let write = thread::spawn(move || {
+            // Blocks once the server stops reading; fails once it closes.
+            let _ = writer.write_all(&batch);
+        });
+        let start = Instant::now();
+        let mut peak = base;
+        while !t.log().has_close(raw.local) {
+            assert!(
+                start.elapsed() < s.write_timeout * 4,
+                "{name}: the non-reading peer was not closed"
+            );
+            peak = peak.max(t.rss());
+            thread::sleep(Duration::from_millis(5));
+        }
+        write.join().unwrap();
+        log_close_reason(t, raw.local, name, TimeoutKind::Write);
+        let growth = peak.saturating_sub(base);
+        let dispatched = t.log().take_messages(raw.local);
+        eprintln!(
+            "[hostile] {name}: {n} requests: {dispatched} messages dispatched, peak RSS growth {} KiB \
+             (bound {} KiB), closed after {:?}",
+            growth >> 10,
+            bound >> 10,
+            start.elapsed()
+        );
+        assert!(
+            growth < bound,
+            "{name}: {n} pipelined requests grew the server by {growth} bytes (bound {bound})"
+        );
+        assert!(
+            dispatched < n as u64 / 4,
+            "{name}: {dispatched} of {n} requests were answered for a peer that reads nothing"
+        );
+        assert_eq!(t.log().take_opened(raw.local), 1);
+    }
+    settle(t, 1);
+    let paused = counter(&t.stats(), "reads_paused") - counter(&before, "reads_paused");
+    assert!(paused >= 2, "{name}: reading paused {paused} times");
+    expect_counts(t, &before, name, &[("closed_write_timeout", 2)]);
+    good.finish();
+}
+
+/// Takes the `on_close` reason of `peer` and checks it is `Timeout(kind)`.
+fn log_close_reason(t: &dyn Target, peer: SocketAddr, what: &str, kind: TimeoutKind) {
+    t.log()
+        .expect_close(peer, what, |e| matches!(e, Error::Timeout(k) if *k == kind));
+}
+
+// ---------------------------------------------------------------------------
+// 15. A `psk` peer without the key.
+// ---------------------------------------------------------------------------
+
+/// Case 15 (with [`Settings::psk`]): peers that do not hold the PSK send a
+/// client key and then nothing, filling every place under the cap but the
+/// good client's. A server that counted its handshake done once it had
+/// answered would open them (`on_open`) and keep them until the read
+/// timeout; they must instead fail at the handshake timeout, never be
+/// opened, and leave room for a real client.
+pub fn psk_peer_without_the_key(t: &dyn Target) {
+    let name = "15 psk peer without the key";
+    let s = t.settings().clone();
+    assert!(s.psk.is_some(), "{name} needs a psk server");
+    let timeout = s.handshake_timeout;
+    let good = Good::start(t);
+    let before = t.stats();
+    let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+    let rounds = 3;
+    let per_round = s.max_conns - 1;
+    for round in 0..rounds {
+        let mut socks = Vec::new();
+        let mut starts = Vec::new();
+        for _ in 0..per_round {
+            let mut stream = tcp(t.addr());
+            let mut key = [0u8; 32];
+            rng.fill(&mut key);
+            stream.write_all(&key).unwrap();
+            starts.push(Instant::now());
+            socks.push(stream);
+        }
+        let locals: Vec<SocketAddr> = socks.iter().map(|s| s.local_addr().unwrap()).collect();
+        let refs: Vec<&TcpStream> = socks.iter().collect();
+        let closes = watch_closes(&refs, starts[per_round - 1] + timeout * 4);
+        for ((local, start), close) in locals.iter().zip(&starts).zip(&closes) {
+            let (at, _) = close.unwrap_or_else(|| {
+                panic!("{name}: round {round}: {local} without the key still holds its place")
+            });
+            let took = at.duration_since(*start);
+            assert!(
+                took >= timeout * 4 / 5 && took <= timeout * 3,
+                "{name}: {local} closed after {took:?} (handshake timeout {timeout:?})"
+            );
+            t.log().expect_handshake_failure(*local, name, |e| {
+                matches!(e, Error::Timeout(TimeoutKind::Handshake))
+            });
+            t.log().assert_never_opened(*local, name);
+        }
+        // Their places are free again: a real client gets one.
+        fresh_client(t, t.addr());
+    }
+    let n = (rounds * per_round) as u64;
+    expect_counts(
+        t,
+        &before,
+        name,
+        &[
+            ("closed_handshake_timeout", n),
+            ("handshakes_failed", n),
+            // The fresh clients, which go themselves.
+            ("closed_by_peer", rounds as u64),
+        ],
+    );
+    good.finish();
+}
+
+// ---------------------------------------------------------------------------
+// 16. A frame trickled a byte at a time.
+// ---------------------------------------------------------------------------
+
+/// Opens `n` connections that send the length prefix of a largest frame
+/// and then one byte of it well within every read timeout; checks each is
+/// closed at the frame timeout, counted from the frame's first byte, with
+/// Timeout(Frame).
+fn trickle_round(t: &dyn Target, n: usize) {
+    let s = t.settings();
+    let (timeout, every) = (s.frame_timeout, s.read_timeout * 2 / 5);
+    let log = t.log();
+    let mut raws: Vec<Raw> = (0..n).map(|_| Raw::connect(t.addr())).collect();
+    let mut starts = Vec::new();
+    for raw in &mut raws {
+        raw.stream
+            .write_all(&(MAX_CIPHERTEXT as u32).to_be_bytes())
+            .unwrap();
+        raw.stream.set_nonblocking(true).unwrap();
+        starts.push(Instant::now());
+    }
+    let until = starts[n - 1] + timeout * 4;
+    let mut closed: Vec<Option<Instant>> = vec![None; n];
+    let mut last_byte = Instant::now();
+    let mut buf = [0u8; 256];
+    while closed.iter().any(Option::is_none) && Instant::now() < until {
+        let trickle = last_byte.elapsed() >= every;
+        for (raw, closed) in raws.iter_mut().zip(&mut closed) {
+            if closed.is_some() {
+                continue;
+            }
+            match raw.stream.read(&mut buf) {
+                Ok(0) => *closed = Some(Instant::now()),
+                Ok(_) => panic!("the server sent something to a trickling peer"),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    if trickle {
+                        let _ = raw.stream.write(&[0xee]);
+                    }
+                }
+                Err(_) => *closed = Some(Instant::now()),
+            }
+        }
+        if trickle {
+            last_byte = Instant::now();
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    let mut times = Vec::new();
+    for ((raw, start), close) in raws.iter().zip(&starts).zip(&closed) {
+        let at = close.unwrap_or_else(|| {
+            panic!(
+                "{} trickling a byte every {every:?} still open after {:?}",
+                raw.local,
+                start.elapsed()
+            )
+        });
+        times.push(at.duration_since(*start));
+        log.expect_close(raw.local, "trickled frame", |e| {
+            matches!(e, Error::Timeout(TimeoutKind::Frame))
+        });
+        assert_eq!(log.take_opened(raw.local), 1);
+        assert_eq!(log.take_messages(raw.local), 0);
+    }
+    let min = *times.iter().min().unwrap();
+    let max = *times.iter().max().unwrap();
+    eprintln!("[hostile] 16: closed after {min:?}..{max:?} (frame timeout {timeout:?})");
+    assert!(min >= timeout * 4 / 5, "closed too early: {min:?}");
+    assert!(max <= timeout * 3, "closed too late: {max:?}");
+}
+
+/// Case 16: a peer sends the length prefix of a largest frame, then one
+/// byte every 200 ms, below the 500 ms read timeout: every byte used to
+/// reset that timeout, so the peer held its place forever. It is closed
+/// at the frame timeout with Timeout(Frame).
+pub fn trickled_frame(t: &dyn Target) {
+    let name = "16 trickled frame";
+    let good = Good::start(t);
+    let before = t.stats();
+    trickle_round(t, 20);
+    settle(t, 1);
+    let base = t.rss();
+    for _ in 0..2 {
+        trickle_round(t, 20);
+    }
+    settle(t, 1);
+    check_rss(t, name, base, 40);
+    expect_counts(t, &before, name, &[("closed_frame_timeout", 60)]);
     good.finish();
 }
