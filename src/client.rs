@@ -145,7 +145,7 @@ impl Client {
                 _ => return Err(Error::Timeout(crate::TimeoutKind::Request)),
             },
         };
-        let sent_at = crate::conn::now_nanos();
+        let sent_at = crate::clock::now_nanos();
         let result = conn.request_timeout(body, response, left);
         if let Err(Error::Timeout(crate::TimeoutKind::Request)) = &result {
             if conn.silent_since(sent_at) {

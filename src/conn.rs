@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 
+use crate::clock::now_nanos;
 use crate::config::Config;
 use crate::error::{Error, Result, TimeoutKind};
 use crate::handler::Handler;
@@ -56,12 +57,6 @@ const CALLER_WRITE_ROUNDS: usize = 4;
 /// coalescing a handful of frames never grows them on the hot path. Idle
 /// connections give them back (see [`Connection::release_idle_buffers`]).
 const OUTBOUND_INITIAL: usize = 16 << 10;
-
-/// Nanoseconds since the first call: a clock cheap to keep in an atomic.
-pub(crate) fn now_nanos() -> u64 {
-    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
-}
 
 /// Called once when a connection closes (the server's connection cap).
 pub(crate) type ReleaseHook = Box<dyn Fn() + Send + Sync>;

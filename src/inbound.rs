@@ -165,7 +165,7 @@ impl Inbound {
     /// Only in the open phase.
     ///
     /// `frame_clock` holds when the partial frame at the buffer's end was
-    /// first seen ([`now_nanos`](crate::conn::now_nanos)), or 0 when the
+    /// first seen ([`now_nanos`](crate::clock::now_nanos)), or 0 when the
     /// buffer ends on a frame boundary: the reactor closes a connection
     /// whose frame takes longer than the frame timeout to complete. It is
     /// stamped once per partial frame, not per read.
@@ -190,7 +190,7 @@ impl Inbound {
             Decoded::NeedMore(total) => {
                 if rb.start != rb.end && !self.partial {
                     self.partial = true;
-                    frame_clock.store(crate::conn::now_nanos().max(1), Ordering::Relaxed);
+                    frame_clock.store(crate::clock::now_nanos().max(1), Ordering::Relaxed);
                 }
                 if rb.start == rb.end {
                     rb.start = 0;

@@ -40,6 +40,7 @@
 #![warn(missing_docs)]
 
 mod client;
+mod clock;
 mod config;
 mod conn;
 mod dial;

@@ -713,7 +713,7 @@ impl Reactor {
                     drained = d && bytes_only;
                     conn.shared
                         .last_read
-                        .store(crate::conn::now_nanos(), Ordering::Relaxed)
+                        .store(crate::clock::now_nanos(), Ordering::Relaxed)
                 }
                 Filled::Eof => inbound.eof = true,
                 Filled::WouldBlock => return Ok(()),
@@ -943,7 +943,7 @@ impl Reactor {
     /// Closes connections whose deadlines passed.
     fn sweep(&mut self) {
         let now = Instant::now();
-        let now_nanos = crate::conn::now_nanos();
+        let now_nanos = crate::clock::now_nanos();
         let mut expired = Vec::new();
         for (key, entry) in self.conns.iter_mut() {
             if let Some(deadline) = entry.draining {
