@@ -270,6 +270,15 @@ impl Config {
         busy_poll: Option<Duration>
     );
 
+    /// The deadlines a connection's core judges its peer by.
+    pub(crate) fn deadlines(&self) -> crate::protocol::connection::Deadlines {
+        crate::protocol::connection::Deadlines {
+            handshake: self.handshake_timeout,
+            read: self.read_timeout,
+            frame: self.frame_timeout,
+        }
+    }
+
     /// The effective worker count (at least one).
     pub(crate) fn worker_count(&self) -> usize {
         self.workers.max(1)

@@ -23,10 +23,8 @@ use mio::net::TcpStream;
 use crate::clock::now_nanos;
 use crate::config::Config;
 use crate::error::{Error, Result, TimeoutKind};
-use crate::handler::Handler;
-use crate::inbound::{Filled, Held, Inbound};
-use crate::protocol::{frame_len, FrameDecoder, Role, Sealer, SeqSpace};
-use crate::reactor::{Command, ReactorShared};
+use crate::protocol::connection::{ConnCore, Filled, Held};
+use crate::protocol::{frame_len, Role, Sealer, SeqSpace};
 use crate::stats::Counters;
 use crate::sync::completion::{CompletionTable, Poller};
 use crate::sync::read_turn::{ReadGuard, ReadTurn};
@@ -60,6 +58,36 @@ const OUTBOUND_INITIAL: usize = 16 << 10;
 
 /// Called once when a connection closes (the server's connection cap).
 pub(crate) type ReleaseHook = Box<dyn Fn() + Send + Sync>;
+
+/// What a connection needs of the reactor that drives it. The reactor
+/// implements it; a connection holds it as a trait object, so that this
+/// module (below the reactor) does not name the reactor's types.
+pub(crate) trait Driver: Send + Sync {
+    /// Asks the reactor to act on `conn`. Fails once the reactor has
+    /// stopped (it then settles the request on the spot: a connection to
+    /// close is closed).
+    fn ask(&self, conn: &Connection, what: Ask) -> io::Result<()>;
+    /// Whether the calling thread is this reactor's (a handler calling
+    /// back into the library).
+    fn is_current(&self) -> bool;
+    /// The reactor's counters, which its connections add to.
+    fn stats(&self) -> &Counters;
+    /// The epoll instance the reactor waits on, for interest changes made
+    /// from other threads.
+    fn registry(&self) -> &mio::Registry;
+}
+
+/// What a connection asks of its reactor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Ask {
+    /// Read the socket: a caller that was reading it stopped at something
+    /// only the reactor may handle.
+    Read,
+    /// Write the queue.
+    Flush,
+    /// Drop the socket (the connection is already marked closed).
+    Close,
+}
 
 pub(crate) struct Outbound {
     sealer: Option<Sealer>,
@@ -163,8 +191,8 @@ pub(crate) struct ConnShared {
     /// handshake ends (before `on_open`).
     peer_identity: std::sync::OnceLock<[u8; 32]>,
     pub(crate) config: Arc<Config>,
-    pub(crate) handler: Arc<dyn Handler>,
-    pub(crate) reactor: Arc<ReactorShared>,
+    /// The reactor that drives this connection.
+    driver: Arc<dyn Driver>,
     /// The slab key in the reactor, once registered.
     pub(crate) token: AtomicUsize,
     /// Completion slots for this side's requests, made on the first
@@ -177,13 +205,9 @@ pub(crate) struct ConnShared {
     pub(crate) active_calls: AtomicUsize,
     /// When bytes last arrived ([`now_nanos`]), set by whoever read them.
     pub(crate) last_read: AtomicU64,
-    /// When the partial frame the receive buffer ends in was first seen
-    /// ([`now_nanos`]), or 0: the reactor's frame-timeout probe (see
-    /// [`Inbound::open_next`]).
-    pub(crate) frame_clock: AtomicU64,
     /// The read side, read by the reactor or by a caller waiting for a
     /// response.
-    pub(crate) inbound: ReadTurn<Inbound>,
+    pub(crate) inbound: ReadTurn<ConnCore>,
     out: Mutex<Outbound>,
     out_cv: Condvar,
     /// What the reactor's epoll reports for this socket; every change is
@@ -219,10 +243,9 @@ pub(crate) struct NewConnParts {
     pub(crate) stream: TcpStream,
     pub(crate) sealer: Option<Sealer>,
     pub(crate) config: Arc<Config>,
-    pub(crate) handler: Arc<dyn Handler>,
-    pub(crate) reactor: Arc<ReactorShared>,
+    pub(crate) driver: Arc<dyn Driver>,
     pub(crate) release: Option<ReleaseHook>,
-    pub(crate) inbound: Inbound,
+    pub(crate) inbound: ConnCore,
 }
 
 enum WriteOutcome {
@@ -283,12 +306,10 @@ impl Connection {
                 space: SeqSpace::new(parts.role, slots),
                 stream: parts.stream,
                 config: parts.config,
-                handler: parts.handler,
-                reactor: parts.reactor,
+                driver: parts.driver,
                 token: AtomicUsize::new(usize::MAX),
                 active_calls: AtomicUsize::new(0),
                 last_read: AtomicU64::new(now_nanos()),
-                frame_clock: AtomicU64::new(0),
                 inbound: ReadTurn::new(parts.inbound),
                 out: Mutex::new(Outbound {
                     sealer: parts.sealer,
@@ -442,7 +463,7 @@ impl Connection {
         response: &mut Vec<u8>,
         timeout: Option<Duration>,
     ) -> Result<()> {
-        if crate::reactor::is_current(&self.shared.reactor) {
+        if self.shared.driver.is_current() {
             return Err(Error::OnReactorThread);
         }
         let deadline = timeout.map(|t| Instant::now() + t);
@@ -459,7 +480,7 @@ impl Connection {
                 return Err(e);
             }
         };
-        let stats = &self.shared.reactor.stats;
+        let stats = self.shared.driver.stats();
         Counters::inc(&stats.requests_in_flight);
         let result = match self.submit(pending.seq(), body, Mode::Direct { wait: false }) {
             Err(e) => {
@@ -518,10 +539,22 @@ impl Connection {
             if done() {
                 break;
             }
+            // The peer's deadlines hold while a caller has the turn (the
+            // reactor's sweep cannot look then): one that passed closes
+            // the connection, through the reactor.
+            let now = now_nanos();
+            if let Some(kind) = inbound.expired(now, false) {
+                inbound.held = Some(Held::Failed(Error::Timeout(kind)));
+                reactor_needed = true;
+                break;
+            }
+            let core_wait = inbound
+                .next_deadline()
+                .map(|at| Duration::from_nanos(at.saturating_sub(now)));
             let timeout = match deadline {
-                None => None,
+                None => core_wait,
                 Some(d) => match d.checked_duration_since(Instant::now()) {
-                    Some(left) if !left.is_zero() => Some(left),
+                    Some(left) if !left.is_zero() => Some(core_wait.map_or(left, |w| w.min(left))),
                     _ => break,
                 },
             };
@@ -575,7 +608,7 @@ impl Connection {
             return Ok(());
         }
         crate::sys::epoll_modify(
-            sh.reactor.epoll(),
+            sh.driver.registry(),
             &sh.stream,
             token,
             interest.callers_waiting == 0,
@@ -602,7 +635,7 @@ impl Connection {
     /// Reads with the turn held, then gives it back (reading again while
     /// readiness events came meanwhile), or hands the reading to the
     /// reactor.
-    fn read_with_turn<'a>(&'a self, mut inbound: ReadGuard<'a, Inbound>) {
+    fn read_with_turn<'a>(&'a self, mut inbound: ReadGuard<'a, ConnCore>) {
         match self.read_responses(&mut inbound) {
             CallerRead::Reactor => {
                 drop(inbound);
@@ -614,7 +647,7 @@ impl Connection {
 
     /// Gives the turn back; while `release` returns it (a readiness event
     /// came), reads again first.
-    fn give_back<'a>(&'a self, mut inbound: ReadGuard<'a, Inbound>) {
+    fn give_back<'a>(&'a self, mut inbound: ReadGuard<'a, ConnCore>) {
         let sh = &*self.shared;
         while let Some(again) = sh.inbound.release(inbound) {
             inbound = again;
@@ -627,12 +660,7 @@ impl Connection {
     }
 
     fn ask_reactor_to_read(&self) {
-        if self
-            .shared
-            .reactor
-            .push(Command::Read(self.clone()))
-            .is_err()
-        {
+        if self.shared.driver.ask(self, Ask::Read).is_err() {
             self.fail(Error::Closed);
         }
     }
@@ -640,7 +668,7 @@ impl Connection {
     /// Reads and delivers responses until the socket would block, at most
     /// [`CALLER_READ_FRAMES`] of them (so a peer flooding the connection
     /// cannot pin a caller past its deadline).
-    fn read_responses(&self, inbound: &mut ReadGuard<'_, Inbound>) -> CallerRead {
+    fn read_responses(&self, inbound: &mut ReadGuard<'_, ConnCore>) -> CallerRead {
         if inbound.held.is_some() || inbound.eof || !inbound.is_open() {
             // The reactor's to read (it was told, or is in the handshake).
             // Taking the turn may have consumed its readiness event,
@@ -652,11 +680,11 @@ impl Connection {
             };
         }
         let sh = &*self.shared;
-        let decoder = FrameDecoder::new(sh.config.max_message_size);
-        let stats = &sh.reactor.stats;
+        let stats = sh.driver.stats();
+        let mut now = now_nanos();
         let (mut frames, mut bytes, mut read_any, mut drained) = (0u64, 0u64, false, false);
         let outcome = loop {
-            match inbound.open_next(&decoder, &sh.frame_clock) {
+            match inbound.open_next(now) {
                 Ok(Some((seq, len))) => {
                     frames += 1;
                     bytes += len as u64;
@@ -673,10 +701,11 @@ impl Connection {
                     }
                 }
                 Ok(None) if drained => break CallerRead::Drained,
-                Ok(None) => match inbound.fill(&sh.stream, decoder.max_frame_len()) {
+                Ok(None) => match inbound.fill(&sh.stream, now) {
                     Ok(Filled::Bytes { drained: d }) => {
                         read_any = true;
                         drained = d;
+                        now = now_nanos();
                     }
                     Ok(Filled::WouldBlock) => break CallerRead::Drained,
                     Ok(Filled::Eof) => {
@@ -695,7 +724,7 @@ impl Connection {
             }
         };
         if read_any {
-            sh.last_read.store(now_nanos(), Ordering::Relaxed);
+            sh.last_read.store(inbound.last_read(), Ordering::Relaxed);
         }
         if frames > 0 {
             Counters::add(&stats.frames_in, frames);
@@ -724,16 +753,6 @@ impl Connection {
         lock(&self.shared.out).pending() > self.shared.config.max_queued_bytes
     }
 
-    /// The reactor resumed reading after a pause: a partial frame that sat
-    /// in the buffer meanwhile is judged from now, not from before the
-    /// pause (the silence was this side's).
-    pub(crate) fn restart_frame_clock(&self) {
-        let clock = &self.shared.frame_clock;
-        if clock.load(Ordering::Relaxed) != 0 {
-            clock.store(now_nanos().max(1), Ordering::Relaxed);
-        }
-    }
-
     /// Closes the connection at once: queued output is dropped and pending
     /// requests fail with [`Error::Closed`].
     pub fn close(&self) {
@@ -757,7 +776,7 @@ impl Connection {
 
     fn submit_inner(&self, seq: u32, body: &[u8], mut mode: Mode) -> Result<()> {
         let sh = &*self.shared;
-        if mode != Mode::OnReactor && crate::reactor::is_current(&sh.reactor) {
+        if mode != Mode::OnReactor && sh.driver.is_current() {
             // A handler sending on a connection of its own reactor: only
             // this thread can drain the queue, so waiting (for room, or for
             // the write) would wait for itself. Queue it; it goes out on
@@ -913,8 +932,8 @@ impl Connection {
             let (queued, queued_bytes) = (g.frames_queued, g.queued_total);
             let frames = queued - mem::replace(&mut g.frames_counted, queued);
             let bytes = queued_bytes - mem::replace(&mut g.bytes_counted, queued_bytes);
-            Counters::add(&sh.reactor.stats.frames_out, frames);
-            Counters::add(&sh.reactor.stats.bytes_out, bytes);
+            Counters::add(&sh.driver.stats().frames_out, frames);
+            Counters::add(&sh.driver.stats().bytes_out, bytes);
             let spare = mem::take(&mut g.spare);
             let mut data = mem::replace(&mut g.buf, spare);
             let head = mem::replace(&mut g.head, 0);
@@ -977,7 +996,7 @@ impl Connection {
 
     fn ask_reactor_to_flush(&self) {
         let sh = &*self.shared;
-        if sh.reactor.push(Command::Flush(self.clone())).is_err() {
+        if sh.driver.ask(self, Ask::Flush).is_err() {
             self.fail(Error::Closed);
         }
     }
@@ -1012,28 +1031,31 @@ impl Connection {
     }
 
     /// Reactor side, for a connection that has been idle a while: gives
-    /// back the outbound buffers and the receive buffer if they hold
-    /// nothing, so an idle connection costs little memory. They are made
-    /// again on the next use (one allocation per idle period, none per
-    /// message). Skips the receive buffer if a caller is reading it.
-    pub(crate) fn release_idle_buffers(&self) {
-        {
-            let mut g = lock(&self.shared.out);
-            if g.pending() == 0 && !g.writing && !g.reactor_flushing {
-                g.buf = Vec::new();
-                g.spare = Vec::new();
-                g.head = 0;
-            }
+    /// back the outbound buffers if they hold nothing, so an idle
+    /// connection costs little memory. They are made again on the next use
+    /// (one allocation per idle period, none per message).
+    pub(crate) fn release_idle_out_buffers(&self) {
+        let mut g = lock(&self.shared.out);
+        if g.pending() == 0 && !g.writing && !g.reactor_flushing {
+            g.buf = Vec::new();
+            g.spare = Vec::new();
+            g.head = 0;
         }
-        if let Some(mut inbound) = self.shared.inbound.try_take() {
-            let announced = inbound.announced();
-            inbound.release_buffer_if_empty();
-            if announced || self.shared.inbound.release(inbound).is_some() {
-                // A readiness event was taken with the turn: bytes came that
-                // the reactor (the one calling here) must still read.
-                let _ = self.shared.reactor.push(Command::Read(self.clone()));
-            }
+    }
+
+    /// Reactor side: runs `f` on the connection's core unless a caller is
+    /// reading it (then `None`: that caller judges the deadlines itself),
+    /// and gives the turn back. If a readiness event came with the turn or
+    /// while `f` ran, bytes arrived that the reactor (the one calling here)
+    /// must still read: it is told.
+    pub(crate) fn with_idle_core<T>(&self, f: impl FnOnce(&mut ConnCore) -> T) -> Option<T> {
+        let mut core = self.shared.inbound.try_take()?;
+        let result = f(&mut core);
+        let announced = core.announced();
+        if self.shared.inbound.release(core).is_some() || announced {
+            let _ = self.shared.driver.ask(self, Ask::Read);
         }
+        Some(result)
     }
 
     /// Reactor side, graceful close: if nothing is queued, refuse further
@@ -1085,7 +1107,7 @@ impl Connection {
         if let Some(table) = sh.requests.get() {
             table.close(&error);
         }
-        let _ = sh.reactor.push(Command::Close(self.clone()));
+        let _ = sh.driver.ask(self, Ask::Close);
     }
 
     /// Reactor side, the final step of closing: shut the socket down and

@@ -46,7 +46,6 @@ mod conn;
 mod dial;
 mod error;
 mod handler;
-mod inbound;
 pub mod protocol;
 mod reactor;
 mod server;

@@ -26,12 +26,13 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use slab::Slab;
 
+use crate::clock::now_nanos;
 use crate::config::Config;
-use crate::conn::{Connection, Flushed, NewConnParts, ReleaseHook};
+use crate::conn::{Ask, Connection, Driver, Flushed, NewConnParts, ReleaseHook};
 use crate::error::{Error, HandshakeError, Result, TimeoutKind};
 use crate::handler::{Context, Handler};
-use crate::inbound::{Filled, Held, Inbound, ReadPhase};
-use crate::protocol::{FrameDecoder, Role, Session};
+use crate::protocol::connection::{ConnCore, Filled, Held, ReadPhase};
+use crate::protocol::{Role, Session};
 use crate::stats::{Counters, Stats};
 use crate::sync::mailbox::{Mailbox, PushError};
 use std::sync::Arc;
@@ -49,12 +50,6 @@ const IDLE_RELEASE: Duration = Duration::from_secs(1);
 thread_local! {
     /// The reactor (its shared half's address) this thread is running, or 0.
     static CURRENT_REACTOR: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-}
-
-/// Whether the calling thread is the one running `reactor` right now (a
-/// handler calling back into the library).
-pub(crate) fn is_current(reactor: &Arc<ReactorShared>) -> bool {
-    CURRENT_REACTOR.with(|c| c.get()) == Arc::as_ptr(reactor) as usize
 }
 
 /// Marks the thread as running a reactor for as long as it lives.
@@ -75,9 +70,14 @@ impl Drop for RunningGuard {
 
 /// What other threads ask of a reactor.
 pub(crate) enum Command {
-    /// Take over a connection (`handshaking`: it still has to run the
-    /// server side of the handshake).
-    Add { conn: Connection, handshaking: bool },
+    /// Take over a connection, whose messages go to `handler`
+    /// (`handshaking`: it still has to run the server side of the
+    /// handshake).
+    Add {
+        conn: Connection,
+        handler: Arc<dyn Handler>,
+        handshaking: bool,
+    },
     /// Read this connection: a caller that was reading it stopped at
     /// something only the reactor may handle.
     Read(Connection),
@@ -100,13 +100,31 @@ pub(crate) struct ReactorShared {
     pub(crate) stats: Counters,
 }
 
-impl ReactorShared {
-    /// The epoll instance the reactor waits on, for interest changes made
-    /// from other threads.
-    pub(crate) fn epoll(&self) -> &Registry {
-        &self.registry
+impl Driver for ReactorShared {
+    fn ask(&self, conn: &Connection, what: Ask) -> io::Result<()> {
+        let conn = conn.clone();
+        self.push(match what {
+            Ask::Read => Command::Read(conn),
+            Ask::Flush => Command::Flush(conn),
+            Ask::Close => Command::Close(conn),
+        })
+        .map(|_| ())
     }
 
+    fn is_current(&self) -> bool {
+        CURRENT_REACTOR.with(|c| c.get()) == self as *const ReactorShared as usize
+    }
+
+    fn stats(&self) -> &Counters {
+        &self.stats
+    }
+
+    fn registry(&self) -> &Registry {
+        &self.registry
+    }
+}
+
+impl ReactorShared {
     /// Hands a command to the reactor. Once it has stopped, the command is
     /// settled here instead (a connection handed over is closed), so no
     /// connection is left in a mailbox no one reads.
@@ -175,19 +193,21 @@ impl ReactorHandle {
             stream: mio::net::TcpStream::from_std(stream),
             sealer: None,
             config,
-            handler,
-            reactor: self.shared.clone(),
+            driver: self.shared.clone(),
             release,
-            inbound: Inbound::new(
+            inbound: ConnCore::new(
                 ReadPhase::Handshaking {
                     handshake,
                     out: Vec::new(),
                 },
                 self.shared.config.read_buffer_size,
                 &[],
+                self.shared.config.max_message_size,
+                self.shared.config.deadlines(),
+                now_nanos(),
             ),
         });
-        self.add(conn, true)
+        self.add(conn, handler, true)
     }
 
     /// Dials `addr` on the calling thread (connect, then the client side of
@@ -216,34 +236,35 @@ impl ReactorHandle {
             role: Role::Client,
             stream: mio::net::TcpStream::from_std(stream),
             sealer: Some(session.sealer),
-            inbound: Inbound::new(
+            inbound: ConnCore::new(
                 ReadPhase::Open {
                     opener: session.opener,
                 },
                 config.read_buffer_size,
                 &leftover,
+                config.max_message_size,
+                config.deadlines(),
+                now_nanos(),
             ),
             config,
-            handler,
-            reactor: self.shared.clone(),
+            driver: self.shared.clone(),
             release: None,
         });
         conn.set_peer_identity(session.peer_identity);
         // Before the reactor has it: once it does, it may dispatch the
         // peer's first messages, and on_open must come first.
-        let handler = conn.shared.handler.clone();
         if let Err(e) = guard_handler(|| handler.on_open(&conn)) {
             conn.finish_close(&e);
             return Err(e);
         }
-        if let Err(e) = self.add(conn.clone(), false) {
+        if let Err(e) = self.add(conn.clone(), handler.clone(), false) {
             let _ = guard_handler(|| handler.on_close(&conn, &e));
             return Err(e);
         }
         Ok(conn)
     }
 
-    fn add(&self, conn: Connection, handshaking: bool) -> Result<()> {
+    fn add(&self, conn: Connection, handler: Arc<dyn Handler>, handshaking: bool) -> Result<()> {
         if self.is_stopped() {
             conn.finish_close(&Error::Closed);
             return Err(Error::Closed);
@@ -253,7 +274,11 @@ impl ReactorHandle {
         // dialled connection is in use (callers read it themselves) at once.
         Counters::inc(&self.shared.stats.connections_open);
         Counters::inc(&self.shared.stats.connections_opened);
-        match self.shared.push(Command::Add { conn, handshaking }) {
+        match self.shared.push(Command::Add {
+            conn,
+            handler,
+            handshaking,
+        }) {
             Ok(_) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotConnected => {
                 // Stopped meanwhile: the connection was closed (and
@@ -297,14 +322,18 @@ impl ReactorHandle {
 
 struct Entry {
     conn: Connection,
+    /// Gets the connection's messages and life events.
+    handler: Arc<dyn Handler>,
     /// The server side of the handshake is still running.
     handshaking: bool,
     writable: bool,
-    started: Instant,
     /// The peer has shut its write side (end of stream was read).
     read_closed: bool,
     /// Reading is paused until queued output drains (backpressure).
     read_paused: bool,
+    /// Reading resumed after a pause: the core's deadlines restart at the
+    /// next read (see [`ConnCore::resume`]).
+    resumed: bool,
     /// This side began the close (its shutdown), so the end is orderly.
     local_close: bool,
     /// (bytes written, when that count was last seen to change)
@@ -351,7 +380,6 @@ pub struct Reactor {
     dirty: Vec<usize>,
     /// Connections whose paused reading may resume: their output drained.
     resume: Vec<usize>,
-    decoder: FrameDecoder,
     config: Arc<Config>,
     tick: Duration,
     next_sweep: Instant,
@@ -436,7 +464,6 @@ impl Reactor {
             // allocate. More than this at once grows them, once.
             dirty: Vec::with_capacity(64),
             resume: Vec::with_capacity(64),
-            decoder: FrameDecoder::new(config.max_message_size),
             config,
             tick,
             next_sweep: Instant::now() + tick,
@@ -548,7 +575,7 @@ impl Reactor {
         // announced no more, so resumed connections are read now.
         while let Some(key) = self.resume.pop() {
             if self.conns.contains(key) {
-                self.conns[key].conn.restart_frame_clock();
+                self.conns[key].resumed = true;
                 self.on_readable(key, false);
             }
         }
@@ -575,7 +602,11 @@ impl Reactor {
         self.shared.mailbox.drain_into(&mut commands);
         for cmd in commands.drain(..) {
             match cmd {
-                Command::Add { conn, handshaking } => self.add(conn, handshaking),
+                Command::Add {
+                    conn,
+                    handler,
+                    handshaking,
+                } => self.add(conn, handler, handshaking),
                 Command::Read(conn) => {
                     if let Some(key) = self.key_of(&conn) {
                         self.on_readable(key, false);
@@ -609,7 +640,7 @@ impl Reactor {
         }
     }
 
-    fn add(&mut self, conn: Connection, handshaking: bool) {
+    fn add(&mut self, conn: Connection, handler: Arc<dyn Handler>, handshaking: bool) {
         if self.stopping || self.shared.stopped.load(Ordering::Acquire) {
             self.shared.connections.fetch_sub(1, Ordering::Relaxed);
             self.shared.stats.uncount_open();
@@ -633,9 +664,10 @@ impl Reactor {
         conn.shared.token.store(key, Ordering::Release);
         entry.insert(Entry {
             conn,
+            handler,
             handshaking,
             writable: false,
-            started: now,
+            resumed: false,
             write_watch: (0, now),
             activity: (0, 0, now),
             buffers_released: false,
@@ -660,6 +692,9 @@ impl Reactor {
             // A caller is reading it, and reads again before it lets go.
             return;
         };
+        if std::mem::take(&mut self.conns[key].resumed) {
+            inbound.resume(now_nanos());
+        }
         let result = loop {
             let read = self.read_all(key, &conn, &mut inbound, bytes_only);
             if read.is_err() || !self.conns.contains(key) {
@@ -683,16 +718,16 @@ impl Reactor {
         &mut self,
         key: usize,
         conn: &Connection,
-        inbound: &mut Inbound,
+        inbound: &mut ConnCore,
         bytes_only: bool,
     ) -> Result<()> {
-        let max_frame_len = self.decoder.max_frame_len();
+        let mut now = now_nanos();
         let mut drained = false;
         loop {
             if self.conns[key].read_paused {
                 return Ok(());
             }
-            if !self.process(key, conn, inbound)? {
+            if !self.process(key, conn, inbound, now)? {
                 // Over the outbound budget: the replies were flushed as far
                 // as the socket took them. Reading stays paused (the frames
                 // not yet dispatched stay in the buffer) until they drain;
@@ -708,12 +743,11 @@ impl Reactor {
             if drained {
                 return Ok(());
             }
-            match inbound.fill(&conn.shared.stream, max_frame_len)? {
+            match inbound.fill(&conn.shared.stream, now)? {
                 Filled::Bytes { drained: d } => {
                     drained = d && bytes_only;
-                    conn.shared
-                        .last_read
-                        .store(crate::clock::now_nanos(), Ordering::Relaxed)
+                    now = now_nanos();
+                    conn.shared.last_read.store(now, Ordering::Relaxed)
                 }
                 Filled::Eof => inbound.eof = true,
                 Filled::WouldBlock => return Ok(()),
@@ -747,7 +781,13 @@ impl Reactor {
     /// Returns `false` if it stopped at the budget: the queue was flushed
     /// and, if the socket would not take it, reading is paused (see
     /// [`Reactor::flush`]); the rest of the frames wait in the buffer.
-    fn process(&mut self, key: usize, conn: &Connection, inbound: &mut Inbound) -> Result<bool> {
+    fn process(
+        &mut self,
+        key: usize,
+        conn: &Connection,
+        inbound: &mut ConnCore,
+        now: u64,
+    ) -> Result<bool> {
         if let ReadPhase::Handshaking { handshake, out } = &mut inbound.phase {
             let rb = &mut inbound.rbuf;
             if rb.end > rb.start {
@@ -770,13 +810,14 @@ impl Reactor {
                     conn.install_sealer(sealer);
                     inbound.phase = ReadPhase::Open { opener };
                     self.conns[key].handshaking = false;
-                    let handler = conn.shared.handler.clone();
+                    let handler = self.conns[key].handler.clone();
                     guard_handler(|| handler.on_open(conn))?;
                 }
                 None => return Ok(true),
             }
         }
         let stats = &self.shared.stats;
+        let handler = &*self.conns[key].handler;
         let mut dispatched = false;
         let mut served = Served::Nothing;
         // Replies made here queue without waiting for room (this thread is
@@ -789,7 +830,7 @@ impl Reactor {
             Some(Held::Failed(e)) => return Err(e),
             Some(Held::Frame { seq, len }) => {
                 // Counted in the stats by the caller that opened it.
-                let result = dispatch(conn, seq, inbound.payload(len), stats);
+                let result = dispatch(conn, handler, seq, inbound.payload(len), stats);
                 inbound.consume(len);
                 dispatched = true;
                 let what = result?;
@@ -802,11 +843,11 @@ impl Reactor {
             if !within_budget {
                 break Ok(());
             }
-            match inbound.open_next(&self.decoder, &conn.shared.frame_clock) {
+            match inbound.open_next(now) {
                 Ok(Some((seq, len))) => {
                     frames += 1;
                     bytes += len as u64;
-                    let result = dispatch(conn, seq, inbound.payload(len), stats);
+                    let result = dispatch(conn, handler, seq, inbound.payload(len), stats);
                     inbound.consume(len);
                     match result {
                         Ok(what) => {
@@ -940,10 +981,13 @@ impl Reactor {
         }
     }
 
-    /// Closes connections whose deadlines passed.
+    /// Closes connections whose deadlines passed. The graceful-close and
+    /// write deadlines are the reactor's; the peer's (handshake, read,
+    /// frame) are the core's, asked under the read turn (a caller holding
+    /// the turn asks them itself). Gives an idle connection's buffers back.
     fn sweep(&mut self) {
         let now = Instant::now();
-        let now_nanos = crate::clock::now_nanos();
+        let now_nanos = now_nanos();
         let mut expired = Vec::new();
         for (key, entry) in self.conns.iter_mut() {
             if let Some(deadline) = entry.draining {
@@ -953,51 +997,34 @@ impl Reactor {
                 }
             }
             let last_read = entry.conn.shared.last_read.load(Ordering::Relaxed);
-            let idle = Duration::from_nanos(now_nanos.saturating_sub(last_read));
-            match entry.handshaking {
-                true => {
-                    if let Some(t) = self.config.handshake_timeout {
-                        if now.duration_since(entry.started) >= t {
-                            expired.push((key, Error::Timeout(TimeoutKind::Handshake)));
-                            continue;
-                        }
-                    }
-                }
-                false => {
-                    // Not while reading is paused: the silence is ours then,
-                    // and the write timeout judges the peer.
-                    if let Some(t) = self.config.read_timeout {
-                        if idle >= t && entry.draining.is_none() && !entry.read_paused {
-                            expired.push((key, Error::Timeout(TimeoutKind::Read)));
-                            continue;
-                        }
-                    }
-                    // A frame is judged from its first byte: a peer that
-                    // trickles one byte now and then keeps the read
-                    // timeout above from ever firing.
-                    if let Some(t) = self.config.frame_timeout {
-                        let started = entry.conn.shared.frame_clock.load(Ordering::Relaxed);
-                        let age = Duration::from_nanos(now_nanos.saturating_sub(started));
-                        if started != 0
-                            && age >= t
-                            && entry.draining.is_none()
-                            && !entry.read_paused
-                        {
-                            expired.push((key, Error::Timeout(TimeoutKind::Frame)));
-                            continue;
-                        }
-                    }
-                }
-            }
             let (written, pending) = entry.conn.write_progress();
-            if (written, last_read) != (entry.activity.0, entry.activity.1) {
+            let active = (written, last_read) != (entry.activity.0, entry.activity.1);
+            if active {
                 entry.activity = (written, last_read, now);
                 entry.buffers_released = false;
-            } else if !entry.buffers_released
-                && now.duration_since(entry.activity.2) >= IDLE_RELEASE
-            {
-                entry.conn.release_idle_buffers();
+            }
+            let release = !active
+                && !entry.buffers_released
+                && now.duration_since(entry.activity.2) >= IDLE_RELEASE;
+            // While reading is paused the silence is ours, and the write
+            // timeout judges the peer.
+            let paused = entry.read_paused || entry.draining.is_some();
+            let timeout = entry
+                .conn
+                .with_idle_core(|core| {
+                    if release {
+                        core.release_buffer_if_empty();
+                    }
+                    core.expired(now_nanos, paused)
+                })
+                .flatten();
+            if release {
+                entry.conn.release_idle_out_buffers();
                 entry.buffers_released = true;
+            }
+            if let Some(kind) = timeout {
+                expired.push((key, Error::Timeout(kind)));
+                continue;
             }
             if !pending || written != entry.write_watch.0 {
                 entry.write_watch = (written, now);
@@ -1023,7 +1050,7 @@ impl Reactor {
         let fd = entry.conn.shared.stream.as_raw_fd();
         let _ = self.shared.registry.deregister(&mut SourceFd(&fd));
         entry.conn.finish_close(&err);
-        let handler = entry.conn.shared.handler.clone();
+        let handler = entry.handler.clone();
         let conn = entry.conn.clone();
         let _ = guard_handler(|| match entry.handshaking {
             false => handler.on_close(&conn, &err),
@@ -1090,7 +1117,13 @@ fn write_handshake(conn: &Connection, out: &[u8]) -> Result<()> {
 /// Calls the handler for one message; a response to one of our requests
 /// goes to its completion slot instead. Says which it was, and whether the
 /// handler replied at once (a peer is waiting on this side).
-fn dispatch(conn: &Connection, seq: u32, payload: &[u8], stats: &Counters) -> Result<Served> {
+fn dispatch(
+    conn: &Connection,
+    handler: &dyn Handler,
+    seq: u32,
+    payload: &[u8],
+    stats: &Counters,
+) -> Result<Served> {
     // A response to one of our requests? Unknown or late ones are dropped:
     // they can never reach another request's slot.
     if let Some(delivered) = conn.deliver_response(seq, payload) {
@@ -1105,7 +1138,6 @@ fn dispatch(conn: &Connection, seq: u32, payload: &[u8], stats: &Counters) -> Re
         body: payload,
         replied: false,
     };
-    let handler = &conn.shared.handler;
     guard_handler(|| handler.on_message(&mut ctx))?;
     Ok(if ctx.replied {
         Served::Requests
