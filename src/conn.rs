@@ -1,19 +1,9 @@
-//! One connection as every thread sees it: the outbound queue that callers
-//! and the reactor both write through, the completion table for its
-//! requests, and the public [`Connection`] handle.
-//!
-//! # The outbound queue
-//!
-//! Frames are sealed and appended under the outbound lock, so the order of
-//! nonces is the order on the wire. Writing happens outside the lock by one
-//! writer at a time (`writing`), which takes the whole buffer and swaps in a
-//! spare: frames appended meanwhile are written by the same writer in its
-//! next round, coalescing parallel senders into few syscalls. A caller that
-//! finds the queue idle writes its frame itself (no thread hop); when the
-//! socket would block, or a caller only queues (`send_no_wait`), the reactor
-//! takes over (`reactor_flushing`) until the queue is empty.
+//! One connection as every thread sees it: its outbound queue (see
+//! [`crate::outbound`]), the completion table for its requests, its read
+//! side, which a caller waiting for a response may read itself, and the
+//! public [`Connection`] handle.
 
-use std::io::{self, Write};
+use std::io;
 use std::mem;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -23,14 +13,15 @@ use mio::net::TcpStream;
 use crate::clock::now_nanos;
 use crate::config::Config;
 use crate::error::{Error, Result, TimeoutKind};
+use crate::outbound::{Flushed, Mode, OutboundQueue, QueueOwner};
 use crate::protocol::connection::{ConnCore, Filled, Held};
-use crate::protocol::{frame_len, Role, Sealer, SeqSpace};
+use crate::protocol::{Role, Sealer, SeqSpace};
 use crate::stats::Counters;
 use crate::sync::completion::{CompletionTable, Poller};
 use crate::sync::read_turn::{ReadGuard, ReadTurn};
 use std::sync::Arc;
 
-use crate::sync::{lock, AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex, MutexGuard, Ordering};
+use crate::sync::{lock, AtomicU64, AtomicUsize, Mutex, Ordering};
 
 /// Frames a caller reads in one go before handing the rest to the reactor.
 const CALLER_READ_FRAMES: u64 = 64;
@@ -46,15 +37,6 @@ enum CallerRead {
     /// handles, the frame budget, or a readiness event the caller took).
     Reactor,
 }
-
-/// Rounds a caller-thread writer makes before handing the rest of the queue
-/// to the reactor, so one caller never writes for everyone indefinitely.
-const CALLER_WRITE_ROUNDS: usize = 4;
-
-/// Capacity each of the two outbound buffers gets on first use, so that
-/// coalescing a handful of frames never grows them on the hot path. Idle
-/// connections give them back (see [`Connection::release_idle_buffers`]).
-const OUTBOUND_INITIAL: usize = 16 << 10;
 
 /// Called once when a connection closes (the server's connection cap).
 pub(crate) type ReleaseHook = Box<dyn Fn() + Send + Sync>;
@@ -87,40 +69,6 @@ pub(crate) enum Ask {
     Flush,
     /// Drop the socket (the connection is already marked closed).
     Close,
-}
-
-pub(crate) struct Outbound {
-    sealer: Option<Sealer>,
-    buf: Vec<u8>,
-    spare: Vec<u8>,
-    /// Bytes at the start of `buf` already written.
-    head: usize,
-    writing: bool,
-    reactor_flushing: bool,
-    queued_total: u64,
-    /// Frames queued so far, and how many of them (and of `queued_total`'s
-    /// bytes) were already added to the stats: counted once per write
-    /// round instead of once per frame, off the callers' hot path.
-    frames_queued: u64,
-    frames_counted: u64,
-    bytes_counted: u64,
-    written_total: u64,
-    waiters: usize,
-    closed: Option<Error>,
-    /// The reactor is closing the connection gracefully and waits for the
-    /// queue to drain: a caller-thread writer that empties it must tell
-    /// the reactor, which would otherwise wait out its drain deadline.
-    draining: bool,
-    /// The reactor paused reading this connection over its budget while a
-    /// caller-thread writer had the queue: that writer must tell the
-    /// reactor when it is done, or reading would never resume.
-    reactor_waits: bool,
-}
-
-impl Outbound {
-    fn pending(&self) -> usize {
-        self.buf.len() - self.head
-    }
 }
 
 /// Who wants the reactor told about this socket's readiness.
@@ -166,22 +114,6 @@ impl Poller for ReadWhileWaiting<'_> {
     }
 }
 
-/// How a frame is handed to the outbound queue.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    /// Write it now if the queue is idle; with `wait`, return only once it
-    /// is written.
-    Direct { wait: bool },
-    /// Queue it and let the reactor write it.
-    Queue,
-    /// A reply made on this connection's reactor thread, which flushes
-    /// after the batch.
-    OnReactor,
-    /// Any other send made on the connection's reactor thread: queued
-    /// without waiting, flushed on the reactor's next turn.
-    ReactorQueue,
-}
-
 pub(crate) struct ConnShared {
     pub(crate) id: u64,
     pub(crate) role: Role,
@@ -208,14 +140,10 @@ pub(crate) struct ConnShared {
     /// The read side, read by the reactor or by a caller waiting for a
     /// response.
     pub(crate) inbound: ReadTurn<ConnCore>,
-    out: Mutex<Outbound>,
-    out_cv: Condvar,
+    out: OutboundQueue,
     /// What the reactor's epoll reports for this socket; every change is
     /// made under this lock so the kernel's state is the last one computed.
     interest: Mutex<Interest>,
-    /// Set (under the outbound lock) when `Outbound::closed` is: lets the
-    /// client pool skip closed connections without taking their locks.
-    closed: AtomicBool,
     release: Mutex<Option<ReleaseHook>>,
 }
 
@@ -248,54 +176,11 @@ pub(crate) struct NewConnParts {
     pub(crate) inbound: ConnCore,
 }
 
-enum WriteOutcome {
-    Done,
-    Blocked,
-    Failed(io::Error),
-}
-
-/// Writes as much of `data` as the socket takes without blocking.
-fn write_nonblocking(mut stream: &TcpStream, data: &[u8]) -> (usize, WriteOutcome) {
-    let mut written = 0;
-    while written < data.len() {
-        match stream.write(&data[written..]) {
-            Ok(0) => {
-                return (
-                    written,
-                    WriteOutcome::Failed(io::ErrorKind::WriteZero.into()),
-                )
-            }
-            Ok(n) => written += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                return (written, WriteOutcome::Blocked)
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return (written, WriteOutcome::Failed(e)),
-        }
-    }
-    (written, WriteOutcome::Done)
-}
-
-/// What the reactor's flush achieved.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Flushed {
-    /// The queue is empty.
-    Empty,
-    /// The socket is full with this many bytes still queued; wait for
-    /// WRITABLE.
-    Blocked(usize),
-    /// Another thread is writing and will finish the queue; this many
-    /// bytes are queued. Past the budget, that writer hands the queue back
-    /// to the reactor when it is done.
-    Busy(usize),
-    /// The connection is closed.
-    Closed,
-}
-
 impl Connection {
     pub(crate) fn new(parts: NewConnParts) -> Connection {
         let peer_addr = parts.stream.peer_addr().ok();
         let slots = parts.config.max_in_flight;
+        let out = OutboundQueue::new(parts.sealer, &parts.config);
         Connection {
             shared: Arc::new(ConnShared {
                 id: parts.id,
@@ -311,28 +196,8 @@ impl Connection {
                 active_calls: AtomicUsize::new(0),
                 last_read: AtomicU64::new(now_nanos()),
                 inbound: ReadTurn::new(parts.inbound),
-                out: Mutex::new(Outbound {
-                    sealer: parts.sealer,
-                    // Made on first use: a connection that never sends (most
-                    // idle ones) costs nothing here.
-                    buf: Vec::new(),
-                    spare: Vec::new(),
-                    head: 0,
-                    writing: false,
-                    reactor_flushing: false,
-                    queued_total: 0,
-                    frames_queued: 0,
-                    frames_counted: 0,
-                    bytes_counted: 0,
-                    written_total: 0,
-                    waiters: 0,
-                    closed: None,
-                    draining: false,
-                    reactor_waits: false,
-                }),
-                out_cv: Condvar::new(),
+                out,
                 interest: Mutex::new(Interest::default()),
-                closed: AtomicBool::new(false),
                 release: Mutex::new(parts.release),
             }),
         }
@@ -382,12 +247,12 @@ impl Connection {
 
     /// Whether the connection is closed (or closing).
     pub fn is_closed(&self) -> bool {
-        self.shared.closed.load(Ordering::Acquire)
+        self.shared.out.is_closed()
     }
 
     /// Why the connection closed, once it has.
     pub fn close_reason(&self) -> Option<Error> {
-        lock(&self.shared.out).closed.clone()
+        self.shared.out.close_reason()
     }
 
     /// Whether nothing has arrived from the peer since `since`
@@ -750,7 +615,7 @@ impl Connection {
     /// then dispatches no further frame of this connection until they
     /// drain.
     pub(crate) fn over_budget(&self) -> bool {
-        lock(&self.shared.out).pending() > self.shared.config.max_queued_bytes
+        self.shared.out.over_budget()
     }
 
     /// Closes the connection at once: queued output is dropped and pending
@@ -768,266 +633,24 @@ impl Connection {
                 max,
             });
         }
-        sh.active_calls.fetch_add(1, Ordering::Relaxed);
-        let result = self.submit_inner(seq, body, mode);
-        sh.active_calls.fetch_sub(1, Ordering::Relaxed);
-        result
-    }
-
-    fn submit_inner(&self, seq: u32, body: &[u8], mut mode: Mode) -> Result<()> {
-        let sh = &*self.shared;
-        if mode != Mode::OnReactor && sh.driver.is_current() {
+        let mode = if mode != Mode::OnReactor && sh.driver.is_current() {
             // A handler sending on a connection of its own reactor: only
             // this thread can drain the queue, so waiting (for room, or for
             // the write) would wait for itself. Queue it; it goes out on
             // this reactor's next turn.
-            mode = Mode::ReactorQueue;
-        }
-        let mut g = lock(&sh.out);
-        let frame = frame_len(body.len());
-        match mode {
-            Mode::OnReactor => {}
-            Mode::ReactorQueue => {
-                let limit = sh.config.max_queued_bytes;
-                if g.closed.is_none() && g.pending() > 0 && g.pending() + frame > limit {
-                    return Err(Error::QueueFull);
-                }
-            }
-            _ => g = self.wait_for_room(g, frame)?,
-        }
-        if let Some(e) = &g.closed {
-            return Err(e.clone());
-        }
-        let out = &mut *g;
-        let Some(sealer) = out.sealer.as_mut() else {
-            return Err(Error::Closed);
+            Mode::ReactorQueue
+        } else {
+            mode
         };
-        if out.buf.capacity() == 0 {
-            out.buf.reserve(OUTBOUND_INITIAL.max(frame));
-        }
-        if let Err(e) = sealer.seal_append(seq, body, &mut out.buf) {
-            if matches!(e, Error::CounterExhausted) {
-                drop(g);
-                self.fail(e.clone());
-            }
-            return Err(e);
-        }
-        g.queued_total += frame as u64;
-        g.frames_queued += 1;
-        let end = g.queued_total;
-        match mode {
-            Mode::OnReactor => Ok(()),
-            Mode::Queue | Mode::ReactorQueue => {
-                if !g.writing && !g.reactor_flushing {
-                    g.reactor_flushing = true;
-                    drop(g);
-                    self.ask_reactor_to_flush();
-                }
-                Ok(())
-            }
-            Mode::Direct { wait } => {
-                if !g.writing && !g.reactor_flushing {
-                    g = self.write_out(g, CALLER_WRITE_ROUNDS, false);
-                }
-                if wait {
-                    self.wait_written(g, end)
-                } else {
-                    Ok(())
-                }
-            }
-        }
-    }
-
-    fn wait_for_room<'a>(
-        &'a self,
-        mut g: MutexGuard<'a, Outbound>,
-        frame: usize,
-    ) -> Result<MutexGuard<'a, Outbound>> {
-        let limit = self.shared.config.max_queued_bytes;
-        let mut deadline = None;
-        while g.closed.is_none() && g.pending() > 0 && g.pending() + frame > limit {
-            g = self.wait_cv(g, &mut deadline)?;
-        }
-        Ok(g)
-    }
-
-    fn wait_written<'a>(&'a self, mut g: MutexGuard<'a, Outbound>, end: u64) -> Result<()> {
-        let mut deadline = None;
-        loop {
-            if g.written_total >= end {
-                return Ok(());
-            }
-            if let Some(e) = &g.closed {
-                return Err(e.clone());
-            }
-            g = self.wait_cv(g, &mut deadline)?;
-        }
-    }
-
-    /// One wait on the outbound condition variable, bounded by the write
-    /// timeout (measured from the first wait of this call).
-    fn wait_cv<'a>(
-        &'a self,
-        mut g: MutexGuard<'a, Outbound>,
-        deadline: &mut Option<Option<Instant>>,
-    ) -> Result<MutexGuard<'a, Outbound>> {
-        let deadline = *deadline
-            .get_or_insert_with(|| self.shared.config.write_timeout.map(|t| Instant::now() + t));
-        g.waiters += 1;
-        let g = match deadline {
-            None => self
-                .shared
-                .out_cv
-                .wait(g)
-                .unwrap_or_else(|e| e.into_inner()),
-            Some(d) => {
-                let now = Instant::now();
-                if now >= d {
-                    g.waiters -= 1;
-                    return Err(Error::Timeout(TimeoutKind::Write));
-                }
-                self.shared
-                    .out_cv
-                    .wait_timeout(g, d - now)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0
-            }
-        };
-        let mut g = g;
-        g.waiters -= 1;
-        Ok(g)
-    }
-
-    /// Writes the queue, round by round, as the single writer. Called with
-    /// `writing == false`; returns with it `false` again.
-    fn write_out<'a>(
-        &'a self,
-        mut g: MutexGuard<'a, Outbound>,
-        max_rounds: usize,
-        on_reactor: bool,
-    ) -> MutexGuard<'a, Outbound> {
-        let sh = &*self.shared;
-        g.writing = true;
-        let mut hand_off = false;
-        let mut failure = None;
-        let mut rounds = 0;
-        loop {
-            if g.pending() == 0 {
-                g.buf.clear();
-                g.head = 0;
-                if on_reactor {
-                    g.reactor_flushing = false;
-                }
-                break;
-            }
-            if g.closed.is_some() {
-                break;
-            }
-            if rounds == max_rounds {
-                hand_off = !g.reactor_flushing;
-                g.reactor_flushing = true;
-                break;
-            }
-            rounds += 1;
-            let (queued, queued_bytes) = (g.frames_queued, g.queued_total);
-            let frames = queued - mem::replace(&mut g.frames_counted, queued);
-            let bytes = queued_bytes - mem::replace(&mut g.bytes_counted, queued_bytes);
-            Counters::add(&sh.driver.stats().frames_out, frames);
-            Counters::add(&sh.driver.stats().bytes_out, bytes);
-            let spare = mem::take(&mut g.spare);
-            let mut data = mem::replace(&mut g.buf, spare);
-            let head = mem::replace(&mut g.head, 0);
-            drop(g);
-            let (n, outcome) = write_nonblocking(&sh.stream, &data[head..]);
-            g = lock(&sh.out);
-            g.written_total += n as u64;
-            match outcome {
-                WriteOutcome::Done => {
-                    data.clear();
-                    g.spare = data;
-                }
-                WriteOutcome::Blocked => {
-                    // Put the unwritten rest back in front of what was
-                    // appended meanwhile, dropping what was written so the
-                    // buffer holds only pending bytes (a slow reader must
-                    // not make it grow by everything ever sent).
-                    let mut appended = mem::take(&mut g.buf);
-                    data.drain(..head + n);
-                    data.extend_from_slice(&appended);
-                    appended.clear();
-                    g.spare = appended;
-                    g.buf = data;
-                    g.head = 0;
-                    hand_off = !on_reactor && !g.reactor_flushing;
-                    g.reactor_flushing = true;
-                    break;
-                }
-                WriteOutcome::Failed(e) => {
-                    data.clear();
-                    g.spare = data;
-                    failure = Some(Error::from(e));
-                    break;
-                }
-            }
-        }
-        g.writing = false;
-        if g.waiters > 0 {
-            sh.out_cv.notify_all();
-        }
-        if !on_reactor
-            && (g.draining || mem::take(&mut g.reactor_waits))
-            && g.pending() == 0
-            && !g.reactor_flushing
-        {
-            g.reactor_flushing = true;
-            hand_off = true;
-        }
-        if let Some(e) = failure {
-            drop(g);
-            self.fail(e);
-            g = lock(&sh.out);
-        } else if hand_off {
-            drop(g);
-            self.ask_reactor_to_flush();
-            g = lock(&sh.out);
-        }
-        g
-    }
-
-    fn ask_reactor_to_flush(&self) {
-        let sh = &*self.shared;
-        if sh.driver.ask(self, Ask::Flush).is_err() {
-            self.fail(Error::Closed);
-        }
+        sh.active_calls.fetch_add(1, Ordering::Relaxed);
+        let result = sh.out.submit(self, seq, body, mode);
+        sh.active_calls.fetch_sub(1, Ordering::Relaxed);
+        result
     }
 
     /// Reactor side: write what is queued, as far as the socket takes it.
     pub(crate) fn flush_from_reactor(&self) -> Flushed {
-        let mut g = lock(&self.shared.out);
-        if g.closed.is_some() {
-            return Flushed::Closed;
-        }
-        if g.writing {
-            if g.pending() > self.shared.config.max_queued_bytes {
-                // The reactor pauses reading on this: the writer hands the
-                // queue back when it is done, which resumes it.
-                g.reactor_waits = true;
-            }
-            return Flushed::Busy(g.pending());
-        }
-        if g.pending() == 0 {
-            let mut g = g;
-            g.reactor_flushing = false;
-            return Flushed::Empty;
-        }
-        let g = self.write_out(g, usize::MAX, true);
-        if g.closed.is_some() {
-            Flushed::Closed
-        } else if g.pending() == 0 {
-            Flushed::Empty
-        } else {
-            Flushed::Blocked(g.pending())
-        }
+        self.shared.out.flush_from_reactor(self)
     }
 
     /// Reactor side, for a connection that has been idle a while: gives
@@ -1035,12 +658,7 @@ impl Connection {
     /// connection costs little memory. They are made again on the next use
     /// (one allocation per idle period, none per message).
     pub(crate) fn release_idle_out_buffers(&self) {
-        let mut g = lock(&self.shared.out);
-        if g.pending() == 0 && !g.writing && !g.reactor_flushing {
-            g.buf = Vec::new();
-            g.spare = Vec::new();
-            g.head = 0;
-        }
+        self.shared.out.release_idle_buffers();
     }
 
     /// Reactor side: runs `f` on the connection's core unless a caller is
@@ -1061,32 +679,18 @@ impl Connection {
     /// Reactor side, graceful close: if nothing is queued, refuse further
     /// output and return `true`; otherwise `false`.
     pub(crate) fn seal_off_if_drained(&self) -> bool {
-        let mut g = lock(&self.shared.out);
-        g.draining = true;
-        if g.closed.is_some() {
-            return true;
-        }
-        if g.pending() == 0 && !g.writing {
-            g.closed = Some(Error::Closed);
-            self.shared.closed.store(true, Ordering::Release);
-            if g.waiters > 0 {
-                self.shared.out_cv.notify_all();
-            }
-            return true;
-        }
-        false
+        self.shared.out.seal_off_if_drained()
     }
 
     /// Reactor side: the handshake finished; frames may now be sealed.
     pub(crate) fn install_sealer(&self, sealer: Sealer) {
-        lock(&self.shared.out).sealer = Some(sealer);
+        self.shared.out.install_sealer(sealer);
     }
 
     /// Bytes written so far and whether output is still pending: the
     /// reactor's write-timeout probe.
     pub(crate) fn write_progress(&self) -> (u64, bool) {
-        let g = lock(&self.shared.out);
-        (g.written_total, g.pending() > 0)
+        self.shared.out.write_progress()
     }
 
     /// Marks the connection closed with `error`: output is refused, waiting
@@ -1094,16 +698,7 @@ impl Connection {
     /// drop the socket. Idempotent; the first error wins.
     pub(crate) fn fail(&self, error: Error) {
         let sh = &*self.shared;
-        {
-            let mut g = lock(&sh.out);
-            if g.closed.is_none() {
-                g.closed = Some(error.clone());
-                sh.closed.store(true, Ordering::Release);
-            }
-            if g.waiters > 0 {
-                sh.out_cv.notify_all();
-            }
-        }
+        sh.out.close(&error);
         if let Some(table) = sh.requests.get() {
             table.close(&error);
         }
@@ -1114,16 +709,7 @@ impl Connection {
     /// release the connection's place under the server's cap.
     pub(crate) fn finish_close(&self, error: &Error) {
         let sh = &*self.shared;
-        {
-            let mut g = lock(&sh.out);
-            if g.closed.is_none() {
-                g.closed = Some(error.clone());
-                sh.closed.store(true, Ordering::Release);
-            }
-            if g.waiters > 0 {
-                sh.out_cv.notify_all();
-            }
-        }
+        sh.out.close(error);
         if let Some(table) = sh.requests.get() {
             table.close(error);
         }
@@ -1131,5 +717,25 @@ impl Connection {
         if let Some(release) = lock(&sh.release).take() {
             release();
         }
+    }
+}
+
+impl QueueOwner for Connection {
+    fn stream(&self) -> &TcpStream {
+        &self.shared.stream
+    }
+
+    fn stats(&self) -> &Counters {
+        self.shared.driver.stats()
+    }
+
+    fn ask_reactor_to_flush(&self) {
+        if self.shared.driver.ask(self, Ask::Flush).is_err() {
+            self.fail(Error::Closed);
+        }
+    }
+
+    fn fail(&self, error: Error) {
+        Connection::fail(self, error);
     }
 }

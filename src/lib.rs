@@ -46,6 +46,7 @@ mod conn;
 mod dial;
 mod error;
 mod handler;
+mod outbound;
 pub mod protocol;
 mod reactor;
 mod server;

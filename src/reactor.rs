@@ -28,9 +28,10 @@ use slab::Slab;
 
 use crate::clock::now_nanos;
 use crate::config::Config;
-use crate::conn::{Ask, Connection, Driver, Flushed, NewConnParts, ReleaseHook};
+use crate::conn::{Ask, Connection, Driver, NewConnParts, ReleaseHook};
 use crate::error::{Error, HandshakeError, Result, TimeoutKind};
 use crate::handler::{Context, Handler};
+use crate::outbound::Flushed;
 use crate::protocol::connection::{ConnCore, Filled, Held, ReadPhase};
 use crate::protocol::{Role, Session};
 use crate::stats::{Counters, Stats};

@@ -1,0 +1,506 @@
+//! A connection's outbound queue, which callers and the reactor both write
+//! through.
+//!
+//! Frames are sealed and appended under the queue's lock, so the order of
+//! nonces is the order on the wire. Writing happens outside the lock by one
+//! writer at a time (`writing`), which takes the whole buffer and swaps in a
+//! spare: frames appended meanwhile are written by the same writer in its
+//! next round, coalescing parallel senders into few syscalls. A caller that
+//! finds the queue idle writes its frame itself (no thread hop); when the
+//! socket would block, or a caller only queues (`send_no_wait`), the reactor
+//! takes over (`reactor_flushing`) until the queue is empty. The queue
+//! reaches the connection around it (its socket, its reactor, its failure)
+//! through [`QueueOwner`].
+
+use std::io::{self, Write};
+use std::mem;
+use std::time::{Duration, Instant};
+
+use mio::net::TcpStream;
+
+use crate::config::Config;
+use crate::error::{Error, Result, TimeoutKind};
+use crate::protocol::{frame_len, Sealer};
+use crate::stats::Counters;
+use crate::sync::{lock, AtomicBool, Condvar, Mutex, MutexGuard, Ordering};
+
+/// Rounds a caller-thread writer makes before handing the rest of the queue
+/// to the reactor, so one caller never writes for everyone indefinitely.
+const CALLER_WRITE_ROUNDS: usize = 4;
+
+/// Capacity each of the two outbound buffers gets on first use, so that
+/// coalescing a handful of frames never grows them on the hot path. Idle
+/// connections give them back (see [`OutboundQueue::release_idle_buffers`]).
+const OUTBOUND_INITIAL: usize = 16 << 10;
+
+/// What the queue needs of the connection around it.
+pub(crate) trait QueueOwner {
+    /// The socket frames are written to.
+    fn stream(&self) -> &TcpStream;
+    /// The counters written frames and bytes are added to.
+    fn stats(&self) -> &Counters;
+    /// Hands the rest of the queue to the reactor.
+    fn ask_reactor_to_flush(&self);
+    /// Closes the connection with `error` (a write failed, or the nonce
+    /// counter ran out).
+    fn fail(&self, error: Error);
+}
+
+/// The queue's state, under its lock.
+struct Outbound {
+    sealer: Option<Sealer>,
+    buf: Vec<u8>,
+    spare: Vec<u8>,
+    /// Bytes at the start of `buf` already written.
+    head: usize,
+    writing: bool,
+    reactor_flushing: bool,
+    queued_total: u64,
+    /// Frames queued so far, and how many of them (and of `queued_total`'s
+    /// bytes) were already added to the stats: counted once per write
+    /// round instead of once per frame, off the callers' hot path.
+    frames_queued: u64,
+    frames_counted: u64,
+    bytes_counted: u64,
+    written_total: u64,
+    waiters: usize,
+    closed: Option<Error>,
+    /// The reactor is closing the connection gracefully and waits for the
+    /// queue to drain: a caller-thread writer that empties it must tell
+    /// the reactor, which would otherwise wait out its drain deadline.
+    draining: bool,
+    /// The reactor paused reading this connection over its budget while a
+    /// caller-thread writer had the queue: that writer must tell the
+    /// reactor when it is done, or reading would never resume.
+    reactor_waits: bool,
+}
+
+impl Outbound {
+    fn pending(&self) -> usize {
+        self.buf.len() - self.head
+    }
+}
+
+/// How a frame is handed to the outbound queue.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// Write it now if the queue is idle; with `wait`, return only once it
+    /// is written.
+    Direct { wait: bool },
+    /// Queue it and let the reactor write it.
+    Queue,
+    /// A reply made on this connection's reactor thread, which flushes
+    /// after the batch.
+    OnReactor,
+    /// Any other send made on the connection's reactor thread: queued
+    /// without waiting, flushed on the reactor's next turn.
+    ReactorQueue,
+}
+
+enum WriteOutcome {
+    Done,
+    Blocked,
+    Failed(io::Error),
+}
+
+/// Writes as much of `data` as the socket takes without blocking.
+fn write_nonblocking(mut stream: &TcpStream, data: &[u8]) -> (usize, WriteOutcome) {
+    let mut written = 0;
+    while written < data.len() {
+        match stream.write(&data[written..]) {
+            Ok(0) => {
+                return (
+                    written,
+                    WriteOutcome::Failed(io::ErrorKind::WriteZero.into()),
+                )
+            }
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return (written, WriteOutcome::Blocked)
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return (written, WriteOutcome::Failed(e)),
+        }
+    }
+    (written, WriteOutcome::Done)
+}
+
+/// What the reactor's flush achieved.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Flushed {
+    /// The queue is empty.
+    Empty,
+    /// The socket is full with this many bytes still queued; wait for
+    /// WRITABLE.
+    Blocked(usize),
+    /// Another thread is writing and will finish the queue; this many
+    /// bytes are queued. Past the budget, that writer hands the queue back
+    /// to the reactor when it is done.
+    Busy(usize),
+    /// The connection is closed.
+    Closed,
+}
+
+/// The queue: its state under a lock, the condition variable senders wait
+/// on for room or for their write, and the closed flag readable without
+/// the lock.
+pub(crate) struct OutboundQueue {
+    state: Mutex<Outbound>,
+    cv: Condvar,
+    /// Set (under the lock) when `Outbound::closed` is: lets the client
+    /// pool skip closed connections without taking their locks.
+    closed: AtomicBool,
+    /// `max_queued_bytes`.
+    limit: usize,
+    write_timeout: Option<Duration>,
+}
+
+impl OutboundQueue {
+    /// An empty queue that seals with `sealer` (none until the handshake
+    /// ends: frames are refused until [`install_sealer`](Self::install_sealer)).
+    pub(crate) fn new(sealer: Option<Sealer>, config: &Config) -> Self {
+        OutboundQueue {
+            state: Mutex::new(Outbound {
+                sealer,
+                // Made on first use: a connection that never sends (most
+                // idle ones) costs nothing here.
+                buf: Vec::new(),
+                spare: Vec::new(),
+                head: 0,
+                writing: false,
+                reactor_flushing: false,
+                queued_total: 0,
+                frames_queued: 0,
+                frames_counted: 0,
+                bytes_counted: 0,
+                written_total: 0,
+                waiters: 0,
+                closed: None,
+                draining: false,
+                reactor_waits: false,
+            }),
+            cv: Condvar::new(),
+            closed: AtomicBool::new(false),
+            limit: config.max_queued_bytes,
+            write_timeout: config.write_timeout,
+        }
+    }
+
+    /// Whether the queue refuses output (the connection is closed or
+    /// closing).
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Why the queue was closed, once it was.
+    pub(crate) fn close_reason(&self) -> Option<Error> {
+        lock(&self.state).closed.clone()
+    }
+
+    /// Refuses further output with `error` (the first error wins) and wakes
+    /// every sender waiting on the queue.
+    pub(crate) fn close(&self, error: &Error) {
+        let mut g = lock(&self.state);
+        if g.closed.is_none() {
+            g.closed = Some(error.clone());
+            self.closed.store(true, Ordering::Release);
+        }
+        if g.waiters > 0 {
+            self.cv.notify_all();
+        }
+    }
+
+    /// Seals `body` as frame `seq` and hands it on as `mode` says. Waits
+    /// for room (up to the write timeout) unless `mode` is one of the
+    /// reactor thread's; `Direct { wait: true }` also waits until the frame
+    /// is written.
+    pub(crate) fn submit(
+        &self,
+        owner: &impl QueueOwner,
+        seq: u32,
+        body: &[u8],
+        mode: Mode,
+    ) -> Result<()> {
+        let mut g = lock(&self.state);
+        let frame = frame_len(body.len());
+        match mode {
+            Mode::OnReactor => {}
+            Mode::ReactorQueue => {
+                if g.closed.is_none() && g.pending() > 0 && g.pending() + frame > self.limit {
+                    return Err(Error::QueueFull);
+                }
+            }
+            _ => g = self.wait_for_room(g, frame)?,
+        }
+        if let Some(e) = &g.closed {
+            return Err(e.clone());
+        }
+        let out = &mut *g;
+        let Some(sealer) = out.sealer.as_mut() else {
+            return Err(Error::Closed);
+        };
+        if out.buf.capacity() == 0 {
+            out.buf.reserve(OUTBOUND_INITIAL.max(frame));
+        }
+        if let Err(e) = sealer.seal_append(seq, body, &mut out.buf) {
+            if matches!(e, Error::CounterExhausted) {
+                drop(g);
+                owner.fail(e.clone());
+            }
+            return Err(e);
+        }
+        g.queued_total += frame as u64;
+        g.frames_queued += 1;
+        let end = g.queued_total;
+        match mode {
+            Mode::OnReactor => Ok(()),
+            Mode::Queue | Mode::ReactorQueue => {
+                if !g.writing && !g.reactor_flushing {
+                    g.reactor_flushing = true;
+                    drop(g);
+                    owner.ask_reactor_to_flush();
+                }
+                Ok(())
+            }
+            Mode::Direct { wait } => {
+                if !g.writing && !g.reactor_flushing {
+                    g = self.write_out(owner, g, CALLER_WRITE_ROUNDS, false);
+                }
+                if wait {
+                    self.wait_written(g, end)
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    fn wait_for_room<'a>(
+        &'a self,
+        mut g: MutexGuard<'a, Outbound>,
+        frame: usize,
+    ) -> Result<MutexGuard<'a, Outbound>> {
+        let mut deadline = None;
+        while g.closed.is_none() && g.pending() > 0 && g.pending() + frame > self.limit {
+            g = self.wait_cv(g, &mut deadline)?;
+        }
+        Ok(g)
+    }
+
+    fn wait_written<'a>(&'a self, mut g: MutexGuard<'a, Outbound>, end: u64) -> Result<()> {
+        let mut deadline = None;
+        loop {
+            if g.written_total >= end {
+                return Ok(());
+            }
+            if let Some(e) = &g.closed {
+                return Err(e.clone());
+            }
+            g = self.wait_cv(g, &mut deadline)?;
+        }
+    }
+
+    /// One wait on the outbound condition variable, bounded by the write
+    /// timeout (measured from the first wait of this call).
+    fn wait_cv<'a>(
+        &'a self,
+        mut g: MutexGuard<'a, Outbound>,
+        deadline: &mut Option<Option<Instant>>,
+    ) -> Result<MutexGuard<'a, Outbound>> {
+        let deadline =
+            *deadline.get_or_insert_with(|| self.write_timeout.map(|t| Instant::now() + t));
+        g.waiters += 1;
+        let g = match deadline {
+            None => self.cv.wait(g).unwrap_or_else(|e| e.into_inner()),
+            Some(d) => {
+                let now = Instant::now();
+                if now >= d {
+                    g.waiters -= 1;
+                    return Err(Error::Timeout(TimeoutKind::Write));
+                }
+                self.cv
+                    .wait_timeout(g, d - now)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0
+            }
+        };
+        let mut g = g;
+        g.waiters -= 1;
+        Ok(g)
+    }
+
+    /// Writes the queue, round by round, as the single writer. Called with
+    /// `writing == false`; returns with it `false` again.
+    fn write_out<'a>(
+        &'a self,
+        owner: &impl QueueOwner,
+        mut g: MutexGuard<'a, Outbound>,
+        max_rounds: usize,
+        on_reactor: bool,
+    ) -> MutexGuard<'a, Outbound> {
+        g.writing = true;
+        let mut hand_off = false;
+        let mut failure = None;
+        let mut rounds = 0;
+        loop {
+            if g.pending() == 0 {
+                g.buf.clear();
+                g.head = 0;
+                if on_reactor {
+                    g.reactor_flushing = false;
+                }
+                break;
+            }
+            if g.closed.is_some() {
+                break;
+            }
+            if rounds == max_rounds {
+                hand_off = !g.reactor_flushing;
+                g.reactor_flushing = true;
+                break;
+            }
+            rounds += 1;
+            let (queued, queued_bytes) = (g.frames_queued, g.queued_total);
+            let frames = queued - mem::replace(&mut g.frames_counted, queued);
+            let bytes = queued_bytes - mem::replace(&mut g.bytes_counted, queued_bytes);
+            Counters::add(&owner.stats().frames_out, frames);
+            Counters::add(&owner.stats().bytes_out, bytes);
+            let spare = mem::take(&mut g.spare);
+            let mut data = mem::replace(&mut g.buf, spare);
+            let head = mem::replace(&mut g.head, 0);
+            drop(g);
+            let (n, outcome) = write_nonblocking(owner.stream(), &data[head..]);
+            g = lock(&self.state);
+            g.written_total += n as u64;
+            match outcome {
+                WriteOutcome::Done => {
+                    data.clear();
+                    g.spare = data;
+                }
+                WriteOutcome::Blocked => {
+                    // Put the unwritten rest back in front of what was
+                    // appended meanwhile, dropping what was written so the
+                    // buffer holds only pending bytes (a slow reader must
+                    // not make it grow by everything ever sent).
+                    let mut appended = mem::take(&mut g.buf);
+                    data.drain(..head + n);
+                    data.extend_from_slice(&appended);
+                    appended.clear();
+                    g.spare = appended;
+                    g.buf = data;
+                    g.head = 0;
+                    hand_off = !on_reactor && !g.reactor_flushing;
+                    g.reactor_flushing = true;
+                    break;
+                }
+                WriteOutcome::Failed(e) => {
+                    data.clear();
+                    g.spare = data;
+                    failure = Some(Error::from(e));
+                    break;
+                }
+            }
+        }
+        g.writing = false;
+        if g.waiters > 0 {
+            self.cv.notify_all();
+        }
+        if !on_reactor
+            && (g.draining || mem::take(&mut g.reactor_waits))
+            && g.pending() == 0
+            && !g.reactor_flushing
+        {
+            g.reactor_flushing = true;
+            hand_off = true;
+        }
+        if let Some(e) = failure {
+            drop(g);
+            owner.fail(e);
+            g = lock(&self.state);
+        } else if hand_off {
+            drop(g);
+            owner.ask_reactor_to_flush();
+            g = lock(&self.state);
+        }
+        g
+    }
+
+    /// Reactor side: write what is queued, as far as the socket takes it.
+    pub(crate) fn flush_from_reactor(&self, owner: &impl QueueOwner) -> Flushed {
+        let mut g = lock(&self.state);
+        if g.closed.is_some() {
+            return Flushed::Closed;
+        }
+        if g.writing {
+            if g.pending() > self.limit {
+                // The reactor pauses reading on this: the writer hands the
+                // queue back when it is done, which resumes it.
+                g.reactor_waits = true;
+            }
+            return Flushed::Busy(g.pending());
+        }
+        if g.pending() == 0 {
+            let mut g = g;
+            g.reactor_flushing = false;
+            return Flushed::Empty;
+        }
+        let g = self.write_out(owner, g, usize::MAX, true);
+        if g.closed.is_some() {
+            Flushed::Closed
+        } else if g.pending() == 0 {
+            Flushed::Empty
+        } else {
+            Flushed::Blocked(g.pending())
+        }
+    }
+
+    /// Reactor side, for a connection that has been idle a while: gives
+    /// back both buffers if they hold nothing. They are made again on the
+    /// next use (one allocation per idle period, none per message).
+    pub(crate) fn release_idle_buffers(&self) {
+        let mut g = lock(&self.state);
+        if g.pending() == 0 && !g.writing && !g.reactor_flushing {
+            g.buf = Vec::new();
+            g.spare = Vec::new();
+            g.head = 0;
+        }
+    }
+
+    /// Whether more than `max_queued_bytes` wait to be written: the reactor
+    /// then dispatches no further frame of this connection until they
+    /// drain.
+    pub(crate) fn over_budget(&self) -> bool {
+        lock(&self.state).pending() > self.limit
+    }
+
+    /// Reactor side, graceful close: if nothing is queued, refuse further
+    /// output and return `true`; otherwise `false`.
+    pub(crate) fn seal_off_if_drained(&self) -> bool {
+        let mut g = lock(&self.state);
+        g.draining = true;
+        if g.closed.is_some() {
+            return true;
+        }
+        if g.pending() == 0 && !g.writing {
+            g.closed = Some(Error::Closed);
+            self.closed.store(true, Ordering::Release);
+            if g.waiters > 0 {
+                self.cv.notify_all();
+            }
+            return true;
+        }
+        false
+    }
+
+    /// The handshake finished; frames may now be sealed.
+    pub(crate) fn install_sealer(&self, sealer: Sealer) {
+        lock(&self.state).sealer = Some(sealer);
+    }
+
+    /// Bytes written so far and whether output is still pending: the
+    /// reactor's write-timeout probe.
+    pub(crate) fn write_progress(&self) -> (u64, bool) {
+        let g = lock(&self.state);
+        (g.written_total, g.pending() > 0)
+    }
+}
