@@ -10,33 +10,17 @@ use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 
-use crate::clock::now_nanos;
 use crate::config::Config;
 use crate::error::{Error, Result, TimeoutKind};
 use crate::outbound::{Flushed, Mode, OutboundQueue, QueueOwner};
-use crate::protocol::connection::{ConnCore, Filled, Held};
+use crate::protocol::connection::ConnCore;
 use crate::protocol::{Role, Sealer, SeqSpace};
+use crate::read_side::{CallerReads, ReadOwner, ReadSide};
 use crate::stats::Counters;
-use crate::sync::completion::{CompletionTable, Poller};
-use crate::sync::read_turn::{ReadGuard, ReadTurn};
+use crate::sync::completion::CompletionTable;
 use std::sync::Arc;
 
-use crate::sync::{lock, AtomicU64, AtomicUsize, Mutex, Ordering};
-
-/// Frames a caller reads in one go before handing the rest to the reactor.
-const CALLER_READ_FRAMES: u64 = 64;
-
-/// What a caller-thread reader did with its turn.
-enum CallerRead {
-    /// Read until the socket would block.
-    Drained,
-    /// Did not read: what is buffered is the reactor's, and the reactor
-    /// knows.
-    Declined,
-    /// Stopped where the reactor must read next (something only it
-    /// handles, the frame budget, or a readiness event the caller took).
-    Reactor,
-}
+use crate::sync::{lock, AtomicUsize, Mutex, Ordering};
 
 /// Called once when a connection closes (the server's connection cap).
 pub(crate) type ReleaseHook = Box<dyn Fn() + Send + Sync>;
@@ -71,49 +55,6 @@ pub(crate) enum Ask {
     Close,
 }
 
-/// Who wants the reactor told about this socket's readiness.
-#[derive(Default)]
-struct Interest {
-    /// Callers reading the socket while they wait for their responses:
-    /// while one is, the reactor is not woken for arriving bytes.
-    callers_waiting: u32,
-    /// The reactor waits to write queued output.
-    writable: bool,
-}
-
-/// A waiting caller reads its connection itself: each spin round (see
-/// [`Connection::read_while_waiting`]), with the reactor's readable events
-/// off meanwhile (its wake-up per response would only find the bytes read,
-/// and would take a core from the spinner or the peer), and instead of
-/// parking, blocked on the socket while it holds the read turn (see
-/// [`Connection::wait_on_socket`]).
-struct ReadWhileWaiting<'a> {
-    conn: &'a Connection,
-    /// Readable events are taken away from the reactor while this caller
-    /// spins (see [`Connection::callers_waiting`]).
-    quiet: bool,
-}
-
-impl Poller for ReadWhileWaiting<'_> {
-    fn poll(&mut self) {
-        if !self.quiet {
-            self.quiet = true;
-            self.conn.callers_waiting(1);
-        }
-        self.conn.read_while_waiting();
-    }
-
-    fn stop_spinning(&mut self) {
-        if std::mem::take(&mut self.quiet) {
-            self.conn.callers_waiting(-1);
-        }
-    }
-
-    fn block(&mut self, done: &dyn Fn() -> bool, deadline: Option<Instant>) -> bool {
-        self.conn.wait_on_socket(done, deadline)
-    }
-}
-
 pub(crate) struct ConnShared {
     pub(crate) id: u64,
     pub(crate) role: Role,
@@ -135,20 +76,15 @@ pub(crate) struct ConnShared {
     space: SeqSpace,
     /// Calls in progress on this connection: the client pool's load metric.
     pub(crate) active_calls: AtomicUsize,
-    /// When bytes last arrived ([`now_nanos`]), set by whoever read them.
-    pub(crate) last_read: AtomicU64,
-    /// The read side, read by the reactor or by a caller waiting for a
+    /// The read side: read by the reactor, or by a caller waiting for a
     /// response.
-    pub(crate) inbound: ReadTurn<ConnCore>,
+    pub(crate) read: ReadSide,
     out: OutboundQueue,
-    /// What the reactor's epoll reports for this socket; every change is
-    /// made under this lock so the kernel's state is the last one computed.
-    interest: Mutex<Interest>,
     release: Mutex<Option<ReleaseHook>>,
 }
 
 /// A handle to one open connection. Cheap to clone; every clone drives the
-/// same connection. Obtained from [`Handler::on_open`], a [`Context`](crate::Context),
+/// same connection. Obtained from [`Handler::on_open`](crate::Handler::on_open), a [`Context`](crate::Context),
 /// or [`ReactorHandle::dial`](crate::ReactorHandle::dial).
 #[derive(Clone)]
 pub struct Connection {
@@ -173,7 +109,7 @@ pub(crate) struct NewConnParts {
     pub(crate) config: Arc<Config>,
     pub(crate) driver: Arc<dyn Driver>,
     pub(crate) release: Option<ReleaseHook>,
-    pub(crate) inbound: ConnCore,
+    pub(crate) core: ConnCore,
 }
 
 impl Connection {
@@ -194,10 +130,8 @@ impl Connection {
                 driver: parts.driver,
                 token: AtomicUsize::new(usize::MAX),
                 active_calls: AtomicUsize::new(0),
-                last_read: AtomicU64::new(now_nanos()),
-                inbound: ReadTurn::new(parts.inbound),
+                read: ReadSide::new(parts.core),
                 out,
-                interest: Mutex::new(Interest::default()),
                 release: Mutex::new(parts.release),
             }),
         }
@@ -258,7 +192,7 @@ impl Connection {
     /// Whether nothing has arrived from the peer since `since`
     /// ([`now_nanos`]).
     pub(crate) fn silent_since(&self, since: u64) -> bool {
-        self.shared.last_read.load(Ordering::Relaxed) < since
+        self.shared.read.last_read() < since
     }
 
     /// Requests on this connection still awaiting their response.
@@ -355,10 +289,7 @@ impl Connection {
             Ok(()) => match pending.wait_polling(
                 self.shared.config.spin,
                 deadline,
-                &mut ReadWhileWaiting {
-                    conn: self,
-                    quiet: false,
-                },
+                &mut CallerReads::new(&self.shared.read, self),
             ) {
                 Ok(buf) => {
                     *response = buf;
@@ -375,227 +306,6 @@ impl Connection {
         };
         Counters::dec(&stats.requests_in_flight);
         result
-    }
-
-    /// Caller side, instead of parking: if no other thread reads the socket,
-    /// takes the read turn and blocks on the socket until `done()` (its
-    /// response, delivered by its own reads) or `deadline`, reading and
-    /// delivering every response that lands meanwhile. The kernel then
-    /// wakes this caller directly, where a parked caller needs the reactor
-    /// woken first and then itself: one wake-up per response instead of
-    /// two. Returns `false` (park instead) when another thread has the
-    /// turn, or the reactor must handle what is buffered.
-    fn wait_on_socket(&self, done: &dyn Fn() -> bool, deadline: Option<Instant>) -> bool {
-        let sh = &*self.shared;
-        let Some(mut inbound) = sh.inbound.try_take() else {
-            return false;
-        };
-        if inbound.held.is_some() || inbound.eof || !inbound.is_open() {
-            self.read_with_turn(inbound);
-            return false;
-        }
-        self.callers_waiting(1);
-        let mut reactor_needed = false;
-        loop {
-            if let CallerRead::Reactor = self.read_responses(&mut inbound) {
-                reactor_needed = true;
-                break;
-            }
-            if done() {
-                break;
-            }
-            // The peer's deadlines hold while a caller has the turn (the
-            // reactor's sweep cannot look then): one that passed closes
-            // the connection, through the reactor.
-            let now = now_nanos();
-            if let Some(kind) = inbound.expired(now, false) {
-                inbound.held = Some(Held::Failed(Error::Timeout(kind)));
-                reactor_needed = true;
-                break;
-            }
-            let core_wait = inbound
-                .next_deadline()
-                .map(|at| Duration::from_nanos(at.saturating_sub(now)));
-            let timeout = match deadline {
-                None => core_wait,
-                Some(d) => match d.checked_duration_since(Instant::now()) {
-                    Some(left) if !left.is_zero() => Some(core_wait.map_or(left, |w| w.min(left))),
-                    _ => break,
-                },
-            };
-            crate::sys::wait_readable(&sh.stream, timeout);
-        }
-        // Readable events go back to the reactor before the turn does:
-        // bytes that arrived after this caller's last read are then either
-        // announced (epoll reports them as the interest comes back, the
-        // reactor finds the turn held and raises WANTED) or read by the
-        // holder's own release loop.
-        self.callers_waiting(-1);
-        if reactor_needed {
-            drop(inbound);
-            self.ask_reactor_to_read();
-        } else {
-            self.give_back(inbound);
-        }
-        true
-    }
-
-    /// A caller starts (+1) or stops (-1) reading the socket while it
-    /// waits (spinning, or blocked on it).
-    /// The first takes readable events away from the reactor, the last
-    /// gives them back (and epoll then reports at once any bytes already
-    /// there). Without this, each response would wake both the caller and
-    /// the reactor, and the reactor only to find the bytes read.
-    fn callers_waiting(&self, delta: i32) {
-        let mut interest = lock(&self.shared.interest);
-        let before = interest.callers_waiting;
-        interest.callers_waiting = before.wrapping_add_signed(delta);
-        if (before == 0) != (interest.callers_waiting == 0) {
-            // A failure means the reactor dropped the socket: there is
-            // nobody left to tell.
-            let _ = self.apply_interest(&interest);
-        }
-    }
-
-    /// Reactor side: whether it waits for the socket to take more output.
-    pub(crate) fn set_write_interest(&self, writable: bool) -> io::Result<()> {
-        let mut interest = lock(&self.shared.interest);
-        interest.writable = writable;
-        self.apply_interest(&interest)
-    }
-
-    fn apply_interest(&self, interest: &Interest) -> io::Result<()> {
-        let sh = &*self.shared;
-        let token = sh.token.load(Ordering::Acquire);
-        if token == usize::MAX {
-            // Not registered yet: the reactor registers it readable, and a
-            // caller waiting meanwhile only misses the saving.
-            return Ok(());
-        }
-        crate::sys::epoll_modify(
-            sh.driver.registry(),
-            &sh.stream,
-            token,
-            interest.callers_waiting == 0,
-            interest.writable,
-        )
-    }
-
-    /// Caller side, while waiting for a response: reads the socket if no
-    /// other thread is reading it, and delivers the responses found (this
-    /// caller's or others') straight to their slots, so a response wakes
-    /// no reactor on its way. Anything else (a peer's request or message,
-    /// the end of the stream, an error) is left for the reactor, which is
-    /// told.
-    fn read_while_waiting(&self) {
-        let sh = &*self.shared;
-        if !crate::sys::readable_now(&sh.stream) {
-            return;
-        }
-        if let Some(inbound) = sh.inbound.try_take() {
-            self.read_with_turn(inbound);
-        }
-    }
-
-    /// Reads with the turn held, then gives it back (reading again while
-    /// readiness events came meanwhile), or hands the reading to the
-    /// reactor.
-    fn read_with_turn<'a>(&'a self, mut inbound: ReadGuard<'a, ConnCore>) {
-        match self.read_responses(&mut inbound) {
-            CallerRead::Reactor => {
-                drop(inbound);
-                self.ask_reactor_to_read();
-            }
-            CallerRead::Drained | CallerRead::Declined => self.give_back(inbound),
-        }
-    }
-
-    /// Gives the turn back; while `release` returns it (a readiness event
-    /// came), reads again first.
-    fn give_back<'a>(&'a self, mut inbound: ReadGuard<'a, ConnCore>) {
-        let sh = &*self.shared;
-        while let Some(again) = sh.inbound.release(inbound) {
-            inbound = again;
-            if let CallerRead::Reactor = self.read_responses(&mut inbound) {
-                drop(inbound);
-                self.ask_reactor_to_read();
-                return;
-            }
-        }
-    }
-
-    fn ask_reactor_to_read(&self) {
-        if self.shared.driver.ask(self, Ask::Read).is_err() {
-            self.fail(Error::Closed);
-        }
-    }
-
-    /// Reads and delivers responses until the socket would block, at most
-    /// [`CALLER_READ_FRAMES`] of them (so a peer flooding the connection
-    /// cannot pin a caller past its deadline).
-    fn read_responses(&self, inbound: &mut ReadGuard<'_, ConnCore>) -> CallerRead {
-        if inbound.held.is_some() || inbound.eof || !inbound.is_open() {
-            // The reactor's to read (it was told, or is in the handshake).
-            // Taking the turn may have consumed its readiness event,
-            // though: then it must be told again.
-            return if inbound.announced() {
-                CallerRead::Reactor
-            } else {
-                CallerRead::Declined
-            };
-        }
-        let sh = &*self.shared;
-        let stats = sh.driver.stats();
-        let mut now = now_nanos();
-        let (mut frames, mut bytes, mut read_any, mut drained) = (0u64, 0u64, false, false);
-        let outcome = loop {
-            match inbound.open_next(now) {
-                Ok(Some((seq, len))) => {
-                    frames += 1;
-                    bytes += len as u64;
-                    if !self.is_response(seq) {
-                        inbound.held = Some(Held::Frame { seq, len });
-                        break CallerRead::Reactor;
-                    }
-                    if self.deliver_response(seq, inbound.payload(len)) != Some(true) {
-                        Counters::inc(&stats.responses_dropped);
-                    }
-                    inbound.consume(len);
-                    if frames == CALLER_READ_FRAMES {
-                        break CallerRead::Reactor;
-                    }
-                }
-                Ok(None) if drained => break CallerRead::Drained,
-                Ok(None) => match inbound.fill(&sh.stream, now) {
-                    Ok(Filled::Bytes { drained: d }) => {
-                        read_any = true;
-                        drained = d;
-                        now = now_nanos();
-                    }
-                    Ok(Filled::WouldBlock) => break CallerRead::Drained,
-                    Ok(Filled::Eof) => {
-                        inbound.eof = true;
-                        break CallerRead::Reactor;
-                    }
-                    Err(e) => {
-                        inbound.held = Some(Held::Failed(e.into()));
-                        break CallerRead::Reactor;
-                    }
-                },
-                Err(e) => {
-                    inbound.held = Some(Held::Failed(e));
-                    break CallerRead::Reactor;
-                }
-            }
-        };
-        if read_any {
-            sh.last_read.store(inbound.last_read(), Ordering::Relaxed);
-        }
-        if frames > 0 {
-            Counters::add(&stats.frames_in, frames);
-            Counters::add(&stats.bytes_in, bytes);
-        }
-        outcome
     }
 
     /// Answers the peer's request `seq` from any thread (a handler that
@@ -661,19 +371,16 @@ impl Connection {
         self.shared.out.release_idle_buffers();
     }
 
+    /// Reactor side: whether it waits for the socket to take more output.
+    pub(crate) fn set_write_interest(&self, writable: bool) -> io::Result<()> {
+        self.shared.read.set_write_interest(self, writable)
+    }
+
     /// Reactor side: runs `f` on the connection's core unless a caller is
-    /// reading it (then `None`: that caller judges the deadlines itself),
-    /// and gives the turn back. If a readiness event came with the turn or
-    /// while `f` ran, bytes arrived that the reactor (the one calling here)
-    /// must still read: it is told.
+    /// reading it (then `None`: that caller judges the deadlines itself);
+    /// see [`ReadSide::with_idle_core`].
     pub(crate) fn with_idle_core<T>(&self, f: impl FnOnce(&mut ConnCore) -> T) -> Option<T> {
-        let mut core = self.shared.inbound.try_take()?;
-        let result = f(&mut core);
-        let announced = core.announced();
-        if self.shared.inbound.release(core).is_some() || announced {
-            let _ = self.shared.driver.ask(self, Ask::Read);
-        }
-        Some(result)
+        self.shared.read.with_idle_core(self, f)
     }
 
     /// Reactor side, graceful close: if nothing is queued, refuse further
@@ -737,5 +444,37 @@ impl QueueOwner for Connection {
 
     fn fail(&self, error: Error) {
         Connection::fail(self, error);
+    }
+}
+
+impl ReadOwner for Connection {
+    fn stream(&self) -> &TcpStream {
+        &self.shared.stream
+    }
+
+    fn stats(&self) -> &Counters {
+        self.shared.driver.stats()
+    }
+
+    fn registry(&self) -> &mio::Registry {
+        self.shared.driver.registry()
+    }
+
+    fn token(&self) -> usize {
+        self.shared.token.load(Ordering::Acquire)
+    }
+
+    fn ask_reactor_to_read(&self) {
+        if self.shared.driver.ask(self, Ask::Read).is_err() {
+            self.fail(Error::Closed);
+        }
+    }
+
+    fn is_response(&self, seq: u32) -> bool {
+        Connection::is_response(self, seq)
+    }
+
+    fn deliver_response(&self, seq: u32, payload: &[u8]) -> Option<bool> {
+        Connection::deliver_response(self, seq, payload)
     }
 }

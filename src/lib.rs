@@ -49,6 +49,7 @@ mod handler;
 mod outbound;
 pub mod protocol;
 mod reactor;
+mod read_side;
 mod server;
 mod stats;
 pub mod sync;

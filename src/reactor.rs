@@ -196,7 +196,7 @@ impl ReactorHandle {
             config,
             driver: self.shared.clone(),
             release,
-            inbound: ConnCore::new(
+            core: ConnCore::new(
                 ReadPhase::Handshaking {
                     handshake,
                     out: Vec::new(),
@@ -237,7 +237,7 @@ impl ReactorHandle {
             role: Role::Client,
             stream: mio::net::TcpStream::from_std(stream),
             sealer: Some(session.sealer),
-            inbound: ConnCore::new(
+            core: ConnCore::new(
                 ReadPhase::Open {
                     opener: session.opener,
                 },
@@ -689,7 +689,7 @@ impl Reactor {
     /// (see [`Filled::Bytes`]).
     fn on_readable(&mut self, key: usize, bytes_only: bool) {
         let conn = self.conns[key].conn.clone();
-        let Some(mut inbound) = conn.shared.inbound.announce() else {
+        let Some(mut inbound) = conn.shared.read.core.announce() else {
             // A caller is reading it, and reads again before it lets go.
             return;
         };
@@ -701,7 +701,7 @@ impl Reactor {
             if read.is_err() || !self.conns.contains(key) {
                 break read;
             }
-            match conn.shared.inbound.release(inbound) {
+            match conn.shared.read.core.release(inbound) {
                 Some(again) => inbound = again,
                 None => break Ok(()),
             }
@@ -748,7 +748,7 @@ impl Reactor {
                 Filled::Bytes { drained: d } => {
                     drained = d && bytes_only;
                     now = now_nanos();
-                    conn.shared.last_read.store(now, Ordering::Relaxed)
+                    conn.shared.read.note_read(now)
                 }
                 Filled::Eof => inbound.eof = true,
                 Filled::WouldBlock => return Ok(()),
@@ -997,7 +997,7 @@ impl Reactor {
                     continue;
                 }
             }
-            let last_read = entry.conn.shared.last_read.load(Ordering::Relaxed);
+            let last_read = entry.conn.shared.read.last_read();
             let (written, pending) = entry.conn.write_progress();
             let active = (written, last_read) != (entry.activity.0, entry.activity.1);
             if active {

@@ -1,6 +1,6 @@
 //! The sans-IO protocol core: handshake, key schedule, frame sealing and
 //! opening, frame delimiting, sequence numbers, and a connection's
-//! receiving side with its deadlines ([`connection`], crate-internal).
+//! receiving side with its deadlines (`connection`, crate-internal).
 //!
 //! Everything here is pure code over byte buffers: no sockets, no threads,
 //! no clock and no `unsafe`. Every byte-level rule of the wire specification

@@ -1,0 +1,387 @@
+//! A connection's read side: its core behind the read turn, the socket's
+//! epoll interest, and when bytes last came; shared by the reactor and the
+//! callers waiting for responses on the connection.
+//!
+//! A caller waiting for its response reads the socket itself when no other
+//! thread does (the turn of [`ReadTurn`]), delivers every response it finds
+//! straight to its completion slot, and leaves anything else (a peer's
+//! request or message, the end of the stream, an error) to the reactor,
+//! which it tells: a response then wakes one thread, not two. While callers
+//! read, the reactor's readable interest is off. The read side reaches the
+//! connection around it (socket, reactor, completion table) through
+//! [`ReadOwner`].
+
+use std::io;
+use std::time::{Duration, Instant};
+
+use mio::net::TcpStream;
+
+use crate::clock::now_nanos;
+use crate::error::Error;
+use crate::protocol::connection::{ConnCore, Filled, Held};
+use crate::stats::Counters;
+use crate::sync::completion::Poller;
+use crate::sync::read_turn::{ReadGuard, ReadTurn};
+use crate::sync::{lock, AtomicU64, Mutex, Ordering};
+
+/// What the read side needs of the connection around it.
+pub(crate) trait ReadOwner {
+    /// The socket.
+    fn stream(&self) -> &TcpStream;
+    /// The counters frames read are added to.
+    fn stats(&self) -> &Counters;
+    /// The reactor's epoll instance, for interest changes.
+    fn registry(&self) -> &mio::Registry;
+    /// The connection's key in its reactor, `usize::MAX` until registered.
+    fn token(&self) -> usize;
+    /// Hands the reading to the reactor (something only it may handle).
+    fn ask_reactor_to_read(&self);
+    /// Whether a frame numbered `seq` answers one of this side's requests.
+    fn is_response(&self, seq: u32) -> bool;
+    /// Delivers a response; `None` if `seq` is no response of ours, else
+    /// whether a request was waiting for it.
+    fn deliver_response(&self, seq: u32, payload: &[u8]) -> Option<bool>;
+}
+
+/// Frames a caller reads in one go before handing the rest to the reactor.
+const CALLER_READ_FRAMES: u64 = 64;
+
+/// What a caller-thread reader did with its turn.
+enum CallerRead {
+    /// Read until the socket would block.
+    Drained,
+    /// Did not read: what is buffered is the reactor's, and the reactor
+    /// knows.
+    Declined,
+    /// Stopped where the reactor must read next (something only it
+    /// handles, the frame budget, or a readiness event the caller took).
+    Reactor,
+}
+
+/// Who wants the reactor told about this socket's readiness.
+#[derive(Default)]
+struct Interest {
+    /// Callers reading the socket while they wait for their responses:
+    /// while one is, the reactor is not woken for arriving bytes.
+    callers_waiting: u32,
+    /// The reactor waits to write queued output.
+    writable: bool,
+}
+
+/// How a waiting caller waits: it reads its connection itself each spin
+/// round (see [`ReadSide::read_while_waiting`]), with the reactor's
+/// readable events off meanwhile (its wake-up per response would only find
+/// the bytes read, and would take a core from the spinner or the peer),
+/// and instead of parking, blocks on the socket while it holds the read
+/// turn (see [`ReadSide::wait_on_socket`]).
+pub(crate) struct CallerReads<'a, O: ReadOwner> {
+    side: &'a ReadSide,
+    owner: &'a O,
+    /// Readable events are taken away from the reactor while this caller
+    /// spins (see [`ReadSide::callers_waiting`]).
+    quiet: bool,
+}
+
+impl<'a, O: ReadOwner> CallerReads<'a, O> {
+    pub(crate) fn new(side: &'a ReadSide, owner: &'a O) -> Self {
+        CallerReads {
+            side,
+            owner,
+            quiet: false,
+        }
+    }
+}
+
+impl<O: ReadOwner> Poller for CallerReads<'_, O> {
+    fn poll(&mut self) {
+        if !self.quiet {
+            self.quiet = true;
+            self.side.callers_waiting(self.owner, 1);
+        }
+        self.side.read_while_waiting(self.owner);
+    }
+
+    fn stop_spinning(&mut self) {
+        if std::mem::take(&mut self.quiet) {
+            self.side.callers_waiting(self.owner, -1);
+        }
+    }
+
+    fn block(&mut self, done: &dyn Fn() -> bool, deadline: Option<Instant>) -> bool {
+        self.side.wait_on_socket(self.owner, done, deadline)
+    }
+}
+
+/// The read side; see the module docs.
+pub(crate) struct ReadSide {
+    /// The core, read by the reactor or by a caller waiting for a response.
+    pub(crate) core: ReadTurn<ConnCore>,
+    /// What the reactor's epoll reports for this socket; every change is
+    /// made under this lock so the kernel's state is the last one computed.
+    interest: Mutex<Interest>,
+    /// When bytes last arrived ([`now_nanos`]), set by whoever read them:
+    /// the client pool's liveness probe and the reactor's idle watch.
+    last_read: AtomicU64,
+}
+
+impl ReadSide {
+    pub(crate) fn new(core: ConnCore) -> Self {
+        ReadSide {
+            last_read: AtomicU64::new(core.last_read()),
+            core: ReadTurn::new(core),
+            interest: Mutex::new(Interest::default()),
+        }
+    }
+
+    /// When bytes last arrived ([`now_nanos`]).
+    pub(crate) fn last_read(&self) -> u64 {
+        self.last_read.load(Ordering::Relaxed)
+    }
+
+    /// The reactor read bytes at `now`.
+    pub(crate) fn note_read(&self, now: u64) {
+        self.last_read.store(now, Ordering::Relaxed);
+    }
+
+    /// Caller side, instead of parking: if no other thread reads the socket,
+    /// takes the read turn and blocks on the socket until `done()` (its
+    /// response, delivered by its own reads) or `deadline`, reading and
+    /// delivering every response that lands meanwhile. The kernel then
+    /// wakes this caller directly, where a parked caller needs the reactor
+    /// woken first and then itself: one wake-up per response instead of
+    /// two. Returns `false` (park instead) when another thread has the
+    /// turn, or the reactor must handle what is buffered.
+    pub(crate) fn wait_on_socket(
+        &self,
+        owner: &impl ReadOwner,
+        done: &dyn Fn() -> bool,
+        deadline: Option<Instant>,
+    ) -> bool {
+        let Some(mut inbound) = self.core.try_take() else {
+            return false;
+        };
+        if inbound.held.is_some() || inbound.eof || !inbound.is_open() {
+            self.read_with_turn(owner, inbound);
+            return false;
+        }
+        self.callers_waiting(owner, 1);
+        let mut reactor_needed = false;
+        loop {
+            if let CallerRead::Reactor = self.read_responses(owner, &mut inbound) {
+                reactor_needed = true;
+                break;
+            }
+            if done() {
+                break;
+            }
+            // The peer's deadlines hold while a caller has the turn (the
+            // reactor's sweep cannot look then): one that passed closes
+            // the connection, through the reactor.
+            let now = now_nanos();
+            if let Some(kind) = inbound.expired(now, false) {
+                inbound.held = Some(Held::Failed(Error::Timeout(kind)));
+                reactor_needed = true;
+                break;
+            }
+            let core_wait = inbound
+                .next_deadline()
+                .map(|at| Duration::from_nanos(at.saturating_sub(now)));
+            let timeout = match deadline {
+                None => core_wait,
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(left) if !left.is_zero() => Some(core_wait.map_or(left, |w| w.min(left))),
+                    _ => break,
+                },
+            };
+            crate::sys::wait_readable(owner.stream(), timeout);
+        }
+        // Readable events go back to the reactor before the turn does:
+        // bytes that arrived after this caller's last read are then either
+        // announced (epoll reports them as the interest comes back, the
+        // reactor finds the turn held and raises WANTED) or read by the
+        // holder's own release loop.
+        self.callers_waiting(owner, -1);
+        if reactor_needed {
+            drop(inbound);
+            owner.ask_reactor_to_read();
+        } else {
+            self.give_back(owner, inbound);
+        }
+        true
+    }
+
+    /// A caller starts (+1) or stops (-1) reading the socket while it
+    /// waits (spinning, or blocked on it).
+    /// The first takes readable events away from the reactor, the last
+    /// gives them back (and epoll then reports at once any bytes already
+    /// there). Without this, each response would wake both the caller and
+    /// the reactor, and the reactor only to find the bytes read.
+    fn callers_waiting(&self, owner: &impl ReadOwner, delta: i32) {
+        let mut interest = lock(&self.interest);
+        let before = interest.callers_waiting;
+        interest.callers_waiting = before.wrapping_add_signed(delta);
+        if (before == 0) != (interest.callers_waiting == 0) {
+            // A failure means the reactor dropped the socket: there is
+            // nobody left to tell.
+            let _ = apply_interest(owner, &interest);
+        }
+    }
+
+    /// Reactor side: whether it waits for the socket to take more output.
+    pub(crate) fn set_write_interest(
+        &self,
+        owner: &impl ReadOwner,
+        writable: bool,
+    ) -> io::Result<()> {
+        let mut interest = lock(&self.interest);
+        interest.writable = writable;
+        apply_interest(owner, &interest)
+    }
+
+    /// Caller side, while waiting for a response: reads the socket if no
+    /// other thread is reading it, and delivers the responses found (this
+    /// caller's or others') straight to their slots, so a response wakes
+    /// no reactor on its way. Anything else (a peer's request or message,
+    /// the end of the stream, an error) is left for the reactor, which is
+    /// told.
+    fn read_while_waiting(&self, owner: &impl ReadOwner) {
+        if !crate::sys::readable_now(owner.stream()) {
+            return;
+        }
+        if let Some(inbound) = self.core.try_take() {
+            self.read_with_turn(owner, inbound);
+        }
+    }
+
+    /// Reads with the turn held, then gives it back (reading again while
+    /// readiness events came meanwhile), or hands the reading to the
+    /// reactor.
+    fn read_with_turn<'a>(&'a self, owner: &impl ReadOwner, mut inbound: ReadGuard<'a, ConnCore>) {
+        match self.read_responses(owner, &mut inbound) {
+            CallerRead::Reactor => {
+                drop(inbound);
+                owner.ask_reactor_to_read();
+            }
+            CallerRead::Drained | CallerRead::Declined => self.give_back(owner, inbound),
+        }
+    }
+
+    /// Gives the turn back; while `release` returns it (a readiness event
+    /// came), reads again first.
+    fn give_back<'a>(&'a self, owner: &impl ReadOwner, mut inbound: ReadGuard<'a, ConnCore>) {
+        while let Some(again) = self.core.release(inbound) {
+            inbound = again;
+            if let CallerRead::Reactor = self.read_responses(owner, &mut inbound) {
+                drop(inbound);
+                owner.ask_reactor_to_read();
+                return;
+            }
+        }
+    }
+
+    /// Reads and delivers responses until the socket would block, at most
+    /// [`CALLER_READ_FRAMES`] of them (so a peer flooding the connection
+    /// cannot pin a caller past its deadline).
+    fn read_responses(
+        &self,
+        owner: &impl ReadOwner,
+        inbound: &mut ReadGuard<'_, ConnCore>,
+    ) -> CallerRead {
+        if inbound.held.is_some() || inbound.eof || !inbound.is_open() {
+            // The reactor's to read (it was told, or is in the handshake).
+            // Taking the turn may have consumed its readiness event,
+            // though: then it must be told again.
+            return if inbound.announced() {
+                CallerRead::Reactor
+            } else {
+                CallerRead::Declined
+            };
+        }
+        let stats = owner.stats();
+        let mut now = now_nanos();
+        let (mut frames, mut bytes, mut read_any, mut drained) = (0u64, 0u64, false, false);
+        let outcome = loop {
+            match inbound.open_next(now) {
+                Ok(Some((seq, len))) => {
+                    frames += 1;
+                    bytes += len as u64;
+                    if !owner.is_response(seq) {
+                        inbound.held = Some(Held::Frame { seq, len });
+                        break CallerRead::Reactor;
+                    }
+                    if owner.deliver_response(seq, inbound.payload(len)) != Some(true) {
+                        Counters::inc(&stats.responses_dropped);
+                    }
+                    inbound.consume(len);
+                    if frames == CALLER_READ_FRAMES {
+                        break CallerRead::Reactor;
+                    }
+                }
+                Ok(None) if drained => break CallerRead::Drained,
+                Ok(None) => match inbound.fill(owner.stream(), now) {
+                    Ok(Filled::Bytes { drained: d }) => {
+                        read_any = true;
+                        drained = d;
+                        now = now_nanos();
+                    }
+                    Ok(Filled::WouldBlock) => break CallerRead::Drained,
+                    Ok(Filled::Eof) => {
+                        inbound.eof = true;
+                        break CallerRead::Reactor;
+                    }
+                    Err(e) => {
+                        inbound.held = Some(Held::Failed(e.into()));
+                        break CallerRead::Reactor;
+                    }
+                },
+                Err(e) => {
+                    inbound.held = Some(Held::Failed(e));
+                    break CallerRead::Reactor;
+                }
+            }
+        };
+        if read_any {
+            self.last_read.store(inbound.last_read(), Ordering::Relaxed);
+        }
+        if frames > 0 {
+            Counters::add(&stats.frames_in, frames);
+            Counters::add(&stats.bytes_in, bytes);
+        }
+        outcome
+    }
+
+    /// Reactor side: runs `f` on the connection's core unless a caller is
+    /// reading it (then `None`: that caller judges the deadlines itself),
+    /// and gives the turn back. If a readiness event came with the turn or
+    /// while `f` ran, bytes arrived that the reactor (the one calling here)
+    /// must still read: it is told.
+    pub(crate) fn with_idle_core<T>(
+        &self,
+        owner: &impl ReadOwner,
+        f: impl FnOnce(&mut ConnCore) -> T,
+    ) -> Option<T> {
+        let mut core = self.core.try_take()?;
+        let result = f(&mut core);
+        let announced = core.announced();
+        if self.core.release(core).is_some() || announced {
+            owner.ask_reactor_to_read();
+        }
+        Some(result)
+    }
+}
+
+fn apply_interest(owner: &impl ReadOwner, interest: &Interest) -> io::Result<()> {
+    let token = owner.token();
+    if token == usize::MAX {
+        // Not registered yet: the reactor registers it readable, and a
+        // caller waiting meanwhile only misses the saving.
+        return Ok(());
+    }
+    crate::sys::epoll_modify(
+        owner.registry(),
+        owner.stream(),
+        token,
+        interest.callers_waiting == 0,
+        interest.writable,
+    )
+}
