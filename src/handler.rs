@@ -112,3 +112,9 @@ impl<'a> Context<'a> {
         self.replied
     }
 }
+
+/// Runs handler code; a panic closes the connection instead of killing the
+/// reactor thread and every other connection on it.
+pub(crate) fn guard_handler(f: impl FnOnce()) -> Result<()> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|_| Error::HandlerPanicked)
+}

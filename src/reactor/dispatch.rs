@@ -1,0 +1,364 @@
+//! How a reactor reads, dispatches and writes one connection: it drains
+//! the socket into the connection's core, runs the handshake, dispatches
+//! frames one at a time within the outbound budget (pausing reading past
+//! it), flushes the queue, and advances a graceful close.
+
+use std::io::{self, Write};
+use std::time::Instant;
+
+use crate::clock::now_nanos;
+use crate::conn::Connection;
+use crate::error::{Error, HandshakeError, Result};
+use crate::handler::{guard_handler, Context, Handler};
+use crate::outbound::Flushed;
+use crate::protocol::connection::{ConnCore, Filled, Held, ReadPhase};
+use crate::protocol::Session;
+use crate::stats::Counters;
+
+use super::Reactor;
+
+/// What a reactor's handlers were given in one turn.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+pub(super) enum Served {
+    /// Nothing (or only responses, which the waiting callers read).
+    Nothing,
+    /// One-way messages: more are likely to follow, and nobody waits on
+    /// them, so they are best read in batches.
+    Messages,
+    /// Requests, answered at once: the peer waits for the answers, and its
+    /// next request is likely to follow at once.
+    Requests,
+}
+
+impl Reactor {
+    /// Reads the connection if no caller is reading it. `bytes_only`: the
+    /// readiness edge announced only bytes, so a short read ends the read
+    /// (see [`Filled::Bytes`]).
+    pub(super) fn on_readable(&mut self, key: usize, bytes_only: bool) {
+        let conn = self.conns[key].conn.clone();
+        let Some(mut inbound) = conn.shared.read.core.announce() else {
+            // A caller is reading it, and reads again before it lets go.
+            return;
+        };
+        if std::mem::take(&mut self.conns[key].resumed) {
+            inbound.resume(now_nanos());
+        }
+        let result = loop {
+            let read = self.read_all(key, &conn, &mut inbound, bytes_only);
+            if read.is_err() || !self.conns.contains(key) {
+                break read;
+            }
+            match conn.shared.read.core.release(inbound) {
+                Some(again) => inbound = again,
+                None => break Ok(()),
+            }
+        };
+        if let Err(e) = result {
+            self.close(key, e);
+            return;
+        }
+        self.after_io(key);
+    }
+
+    /// Drains the socket into the receive buffer, processing frames as they
+    /// complete (and first whatever a caller-thread reader left).
+    pub(super) fn read_all(
+        &mut self,
+        key: usize,
+        conn: &Connection,
+        inbound: &mut ConnCore,
+        bytes_only: bool,
+    ) -> Result<()> {
+        let mut now = now_nanos();
+        let mut drained = false;
+        loop {
+            if self.conns[key].read_paused {
+                return Ok(());
+            }
+            if !self.process(key, conn, inbound, now)? {
+                // Over the outbound budget: the replies were flushed as far
+                // as the socket took them. Reading stays paused (the frames
+                // not yet dispatched stay in the buffer) until they drain;
+                // if the socket took enough, go on.
+                if !self.conns.contains(key) || self.conns[key].read_paused {
+                    return Ok(());
+                }
+                continue;
+            }
+            if inbound.eof {
+                return self.on_end_of_stream(key);
+            }
+            if drained {
+                return Ok(());
+            }
+            match inbound.fill(&conn.shared.stream, now)? {
+                Filled::Bytes { drained: d } => {
+                    drained = d && bytes_only;
+                    now = now_nanos();
+                    conn.shared.read.note_read(now)
+                }
+                Filled::Eof => inbound.eof = true,
+                Filled::WouldBlock => return Ok(()),
+            }
+        }
+    }
+
+    /// The peer finished sending (a half-close, as in its graceful
+    /// shutdown). Replies to what it sent are still owed: flush them, then
+    /// close.
+    pub(super) fn on_end_of_stream(&mut self, key: usize) -> Result<()> {
+        let drain_time = self.drain_time();
+        let entry = &mut self.conns[key];
+        if entry.handshaking {
+            return Err(HandshakeError::PeerClosed.into());
+        }
+        if entry.read_closed {
+            return Ok(());
+        }
+        entry.read_closed = true;
+        if entry.draining.is_none() {
+            entry.draining = Some(Instant::now() + drain_time);
+        }
+        self.dirty.push(key);
+        Ok(())
+    }
+
+    /// Runs the handshake, then dispatches what a caller-thread reader left
+    /// and the complete frames in the receive buffer, one at a time, while
+    /// the connection's queued output stays within `max_queued_bytes`.
+    /// Returns `false` if it stopped at the budget: the queue was flushed
+    /// and, if the socket would not take it, reading is paused (see
+    /// [`Reactor::flush`]); the rest of the frames wait in the buffer.
+    pub(super) fn process(
+        &mut self,
+        key: usize,
+        conn: &Connection,
+        inbound: &mut ConnCore,
+        now: u64,
+    ) -> Result<bool> {
+        if let ReadPhase::Handshaking { handshake, out } = &mut inbound.phase {
+            let rb = &mut inbound.rbuf;
+            if rb.end > rb.start {
+                let used = handshake.read_input(rb.unconsumed())?;
+                rb.start += used;
+            }
+            out.clear();
+            handshake.write_output(out);
+            if !out.is_empty() {
+                write_handshake(conn, out)?;
+            }
+            match handshake.take_session() {
+                Some(Session {
+                    sealer,
+                    opener,
+                    peer_identity,
+                    ..
+                }) => {
+                    conn.set_peer_identity(peer_identity);
+                    conn.install_sealer(sealer);
+                    inbound.phase = ReadPhase::Open { opener };
+                    self.conns[key].handshaking = false;
+                    let handler = self.conns[key].handler.clone();
+                    guard_handler(|| handler.on_open(conn))?;
+                }
+                None => return Ok(true),
+            }
+        }
+        let stats = &self.shared.stats;
+        let handler = &*self.conns[key].handler;
+        let mut dispatched = false;
+        let mut served = Served::Nothing;
+        // Replies made here queue without waiting for room (this thread is
+        // the one that would drain the queue), so the budget is checked
+        // after each one: a peer that pipelines requests and never reads
+        // the replies makes the server hold at most one reply past it.
+        let mut within_budget = true;
+        match inbound.held.take() {
+            None => {}
+            Some(Held::Failed(e)) => return Err(e),
+            Some(Held::Frame { seq, len }) => {
+                // Counted in the stats by the caller that opened it.
+                let result = dispatch(conn, handler, seq, inbound.payload(len), stats);
+                inbound.consume(len);
+                dispatched = true;
+                let what = result?;
+                served = served.max(what);
+                within_budget = what != Served::Requests || !conn.over_budget();
+            }
+        }
+        let (mut frames, mut bytes) = (0u64, 0u64);
+        let result = loop {
+            if !within_budget {
+                break Ok(());
+            }
+            match inbound.open_next(now) {
+                Ok(Some((seq, len))) => {
+                    frames += 1;
+                    bytes += len as u64;
+                    let result = dispatch(conn, handler, seq, inbound.payload(len), stats);
+                    inbound.consume(len);
+                    match result {
+                        Ok(what) => {
+                            served = served.max(what);
+                            within_budget = what != Served::Requests || !conn.over_budget();
+                        }
+                        Err(e) => break Err(e),
+                    }
+                }
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
+            }
+        };
+        if frames > 0 {
+            Counters::add(&stats.frames_in, frames);
+            Counters::add(&stats.bytes_in, bytes);
+        }
+        self.served = self.served.max(served);
+        result?;
+        if !within_budget {
+            self.flush(key);
+            return Ok(false);
+        }
+        if frames > 0 || dispatched {
+            self.dirty.push(key);
+        }
+        Ok(true)
+    }
+
+    pub(super) fn on_writable(&mut self, key: usize) {
+        self.flush(key);
+    }
+
+    pub(super) fn flush(&mut self, key: usize) {
+        let entry = &mut self.conns[key];
+        let limit = self.config.max_queued_bytes;
+        match entry.conn.flush_from_reactor() {
+            Flushed::Blocked(queued) => {
+                if queued > limit && !entry.read_paused {
+                    // The peer sends requests faster than it reads the
+                    // replies: stop reading it until its replies drain, so
+                    // what it makes us queue stays bounded.
+                    entry.read_paused = true;
+                    Counters::inc(&self.shared.stats.reads_paused);
+                }
+                if !entry.writable {
+                    entry.writable = true;
+                    if let Err(e) = entry.conn.set_write_interest(true) {
+                        self.close(key, e.into());
+                        return;
+                    }
+                }
+            }
+            Flushed::Busy(queued) if queued > limit => {
+                // Another thread is writing a queue past the budget: pause
+                // as if blocked; that writer hands the queue back to this
+                // reactor when it is done (`reactor_waits`), and the flush
+                // that follows resumes reading.
+                if !entry.read_paused {
+                    entry.read_paused = true;
+                    Counters::inc(&self.shared.stats.reads_paused);
+                }
+            }
+            Flushed::Empty | Flushed::Busy(_) => {
+                if entry.read_paused {
+                    entry.read_paused = false;
+                    self.resume.push(key);
+                }
+                if entry.writable {
+                    entry.writable = false;
+                    let _ = entry.conn.set_write_interest(false);
+                }
+            }
+            Flushed::Closed => {}
+        }
+        self.after_io(key);
+    }
+
+    pub(super) fn flush_dirty(&mut self) {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        for key in dirty.drain(..) {
+            if self.conns.contains(key) {
+                self.flush(key);
+            }
+        }
+        self.dirty = dirty;
+    }
+
+    /// Advances a graceful close once output has drained.
+    pub(super) fn after_io(&mut self, key: usize) {
+        let Some(entry) = self.conns.get_mut(key) else {
+            return;
+        };
+        if entry.draining.is_none() {
+            return;
+        }
+        if !entry.write_shut {
+            if !entry.conn.seal_off_if_drained() {
+                return;
+            }
+            entry.write_shut = true;
+            let _ = entry.conn.shared.stream.shutdown(std::net::Shutdown::Write);
+        }
+        if entry.read_closed || entry.handshaking {
+            let reason = if entry.local_close {
+                Error::Closed
+            } else {
+                Error::PeerClosed
+            };
+            self.close(key, reason);
+        }
+    }
+}
+
+/// Writes handshake output on a fresh non-blocking socket. Handshake
+/// messages are small; a socket that cannot take them is treated as dead.
+fn write_handshake(conn: &Connection, out: &[u8]) -> Result<()> {
+    let mut stream = &conn.shared.stream;
+    let mut at = 0;
+    let mut spins = 0;
+    while at < out.len() {
+        match stream.write(&out[at..]) {
+            Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
+            Ok(n) => at += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && spins < 1000 => {
+                spins += 1;
+                std::thread::yield_now();
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Calls the handler for one message; a response to one of our requests
+/// goes to its completion slot instead. Says which it was, and whether the
+/// handler replied at once (a peer is waiting on this side).
+fn dispatch(
+    conn: &Connection,
+    handler: &dyn Handler,
+    seq: u32,
+    payload: &[u8],
+    stats: &Counters,
+) -> Result<Served> {
+    // A response to one of our requests? Unknown or late ones are dropped:
+    // they can never reach another request's slot.
+    if let Some(delivered) = conn.deliver_response(seq, payload) {
+        if !delivered {
+            Counters::inc(&stats.responses_dropped);
+        }
+        return Ok(Served::Nothing);
+    }
+    let mut ctx = Context {
+        conn,
+        seq,
+        body: payload,
+        replied: false,
+    };
+    guard_handler(|| handler.on_message(&mut ctx))?;
+    Ok(if ctx.replied {
+        Served::Requests
+    } else {
+        Served::Messages
+    })
+}

@@ -1,0 +1,123 @@
+//! The reactor's view of one connection: its handler, where it is in its
+//! life (handshaking, open, draining, closed), whether reading is paused,
+//! and the watches the sweep judges it by.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::conn::Connection;
+use crate::error::{Error, TimeoutKind};
+use crate::handler::Handler;
+
+/// How long a connection must see no byte in or out before its buffers are
+/// given back: long enough that a connection in use keeps them (no
+/// allocation per message), short enough that thousands of idle
+/// connections cost little.
+const IDLE_RELEASE: Duration = Duration::from_secs(1);
+
+/// One connection as its reactor holds it.
+pub(super) struct Entry {
+    pub(super) conn: Connection,
+    /// Gets the connection's messages and life events.
+    pub(super) handler: Arc<dyn Handler>,
+    /// The server side of the handshake is still running.
+    pub(super) handshaking: bool,
+    pub(super) writable: bool,
+    /// The peer has shut its write side (end of stream was read).
+    pub(super) read_closed: bool,
+    /// Reading is paused until queued output drains (backpressure).
+    pub(super) read_paused: bool,
+    /// Reading resumed after a pause: the core's deadlines restart at the
+    /// next read (see [`ConnCore::resume`]).
+    pub(super) resumed: bool,
+    /// This side began the close (its shutdown), so the end is orderly.
+    pub(super) local_close: bool,
+    /// (bytes written, when that count was last seen to change)
+    pub(super) write_watch: (u64, Instant),
+    /// (bytes written, last read, when either last changed), and whether
+    /// the buffers were given back since: the idle-release watch.
+    pub(super) activity: (u64, u64, Instant),
+    pub(super) buffers_released: bool,
+    /// Set while closing gracefully: output is flushed, then the write side
+    /// is shut, then the peer's end is awaited until this deadline.
+    pub(super) draining: Option<Instant>,
+    pub(super) write_shut: bool,
+}
+
+impl Entry {
+    /// A connection just handed to the reactor at `now`.
+    pub(super) fn new(
+        conn: Connection,
+        handler: Arc<dyn Handler>,
+        handshaking: bool,
+        now: Instant,
+    ) -> Entry {
+        Entry {
+            conn,
+            handler,
+            handshaking,
+            writable: false,
+            resumed: false,
+            write_watch: (0, now),
+            activity: (0, 0, now),
+            buffers_released: false,
+            draining: None,
+            write_shut: false,
+            read_closed: false,
+            read_paused: false,
+            local_close: false,
+        }
+    }
+
+    /// The sweep at `now` (`now_nanos` on the connection clock): the error
+    /// to close the connection with if one of its deadlines passed. The
+    /// graceful-close and write deadlines are the reactor's; the peer's
+    /// (handshake, read, frame) are the core's, asked under the read turn
+    /// (a caller holding the turn asks them itself). Gives the buffers of a
+    /// connection idle for a while back.
+    pub(super) fn sweep(
+        &mut self,
+        now: Instant,
+        now_nanos: u64,
+        write_timeout: Option<Duration>,
+    ) -> Option<Error> {
+        if self.draining.is_some_and(|deadline| now >= deadline) {
+            return Some(Error::Closed);
+        }
+        let last_read = self.conn.shared.read.last_read();
+        let (written, pending) = self.conn.write_progress();
+        let active = (written, last_read) != (self.activity.0, self.activity.1);
+        if active {
+            self.activity = (written, last_read, now);
+            self.buffers_released = false;
+        }
+        let release = !active
+            && !self.buffers_released
+            && now.duration_since(self.activity.2) >= IDLE_RELEASE;
+        // While reading is paused the silence is ours, and the write
+        // timeout judges the peer.
+        let paused = self.read_paused || self.draining.is_some();
+        let timeout = self
+            .conn
+            .with_idle_core(|core| {
+                if release {
+                    core.release_buffer_if_empty();
+                }
+                core.expired(now_nanos, paused)
+            })
+            .flatten();
+        if release {
+            self.conn.release_idle_out_buffers();
+            self.buffers_released = true;
+        }
+        if let Some(kind) = timeout {
+            return Some(Error::Timeout(kind));
+        }
+        if !pending || written != self.write_watch.0 {
+            self.write_watch = (written, now);
+        } else if write_timeout.is_some_and(|t| now.duration_since(self.write_watch.1) >= t) {
+            return Some(Error::Timeout(TimeoutKind::Write));
+        }
+        None
+    }
+}

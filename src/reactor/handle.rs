@@ -1,0 +1,309 @@
+//! The half of a reactor that other threads share: the commands they send
+//! it (through a mailbox that wakes it only when it is not already going
+//! to look), the [`Driver`] its connections reach it through, and the
+//! public [`ReactorHandle`].
+
+use std::io;
+use std::sync::Arc;
+
+use mio::{Registry, Waker};
+
+use crate::clock::now_nanos;
+use crate::config::Config;
+use crate::conn::{Ask, Connection, Driver, NewConnParts, ReleaseHook};
+use crate::error::{Error, Result, TimeoutKind};
+use crate::handler::{guard_handler, Handler};
+use crate::protocol::connection::{ConnCore, ReadPhase};
+use crate::protocol::Role;
+use crate::stats::{Counters, Stats};
+use crate::sync::mailbox::{Mailbox, PushError};
+use crate::sync::{AtomicBool, AtomicUsize, Ordering};
+
+thread_local! {
+    /// The reactor (its shared half's address) this thread is running, or 0.
+    static CURRENT_REACTOR: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks the thread as running a reactor for as long as it lives.
+pub(super) struct RunningGuard(usize);
+
+impl RunningGuard {
+    pub(super) fn enter(reactor: &Arc<ReactorShared>) -> RunningGuard {
+        let prev = CURRENT_REACTOR.with(|c| c.replace(Arc::as_ptr(reactor) as usize));
+        RunningGuard(prev)
+    }
+}
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        CURRENT_REACTOR.with(|c| c.set(self.0));
+    }
+}
+
+/// What other threads ask of a reactor.
+pub(crate) enum Command {
+    /// Take over a connection, whose messages go to `handler`
+    /// (`handshaking`: it still has to run the server side of the
+    /// handshake).
+    Add {
+        conn: Connection,
+        handler: Arc<dyn Handler>,
+        handshaking: bool,
+    },
+    /// Read this connection: a caller that was reading it stopped at
+    /// something only the reactor may handle.
+    Read(Connection),
+    /// Write this connection's queue.
+    Flush(Connection),
+    /// Drop this connection's socket (already marked closed).
+    Close(Connection),
+    /// Close every connection gracefully, then stop.
+    Stop,
+}
+
+/// The part of a reactor other threads share.
+pub(crate) struct ReactorShared {
+    pub(super) mailbox: Mailbox<Command>,
+    pub(super) waker: Waker,
+    pub(super) registry: Registry,
+    pub(super) stopped: AtomicBool,
+    pub(super) connections: AtomicUsize,
+    pub(super) config: Arc<Config>,
+    pub(crate) stats: Counters,
+}
+
+impl Driver for ReactorShared {
+    fn ask(&self, conn: &Connection, what: Ask) -> io::Result<()> {
+        let conn = conn.clone();
+        self.push(match what {
+            Ask::Read => Command::Read(conn),
+            Ask::Flush => Command::Flush(conn),
+            Ask::Close => Command::Close(conn),
+        })
+        .map(|_| ())
+    }
+
+    fn is_current(&self) -> bool {
+        CURRENT_REACTOR.with(|c| c.get()) == self as *const ReactorShared as usize
+    }
+
+    fn stats(&self) -> &Counters {
+        &self.stats
+    }
+
+    fn registry(&self) -> &Registry {
+        &self.registry
+    }
+}
+
+impl ReactorShared {
+    /// Hands a command to the reactor. Once it has stopped, the command is
+    /// settled here instead (a connection handed over is closed), so no
+    /// connection is left in a mailbox no one reads.
+    pub(crate) fn push(&self, cmd: Command) -> io::Result<bool> {
+        match self.mailbox.push(cmd, &self.waker) {
+            Ok(woke) => Ok(woke),
+            Err(PushError::Notify(e)) => Err(e),
+            Err(PushError::Closed(cmd)) => {
+                settle_after_stop(cmd, &self.stats);
+                Err(io::ErrorKind::NotConnected.into())
+            }
+        }
+    }
+}
+
+/// A handle to a reactor, usable from any thread.
+#[derive(Clone)]
+pub struct ReactorHandle {
+    pub(crate) shared: Arc<ReactorShared>,
+}
+
+impl std::fmt::Debug for ReactorHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReactorHandle")
+            .field("connections", &self.connections())
+            .field("stopped", &self.is_stopped())
+            .finish()
+    }
+}
+
+impl ReactorHandle {
+    /// Hands the reactor a connection this program accepted itself. The
+    /// reactor runs the server side of the handshake, then calls
+    /// `handler.on_open` with the connection.
+    pub fn accept(&self, stream: std::net::TcpStream, handler: Arc<dyn Handler>) -> Result<()> {
+        self.accept_with_release(stream, handler, None)
+    }
+
+    pub(crate) fn accept_with_release(
+        &self,
+        stream: std::net::TcpStream,
+        handler: Arc<dyn Handler>,
+        release: Option<ReleaseHook>,
+    ) -> Result<()> {
+        let config = self.shared.config.clone();
+        if let Err(e) = stream.set_nonblocking(true) {
+            if let Some(r) = release {
+                r();
+            }
+            return Err(e.into());
+        }
+        let _ = stream.set_nodelay(true);
+        let peer = stream.peer_addr().ok();
+        let handshake = match config.handshake.server_for_peer(peer) {
+            Ok(h) => h,
+            Err(e) => {
+                if let Some(r) = release {
+                    r();
+                }
+                return Err(e);
+            }
+        };
+        let conn = Connection::new(NewConnParts {
+            id: crate::sync::next_conn_id(),
+            role: Role::Server,
+            stream: mio::net::TcpStream::from_std(stream),
+            sealer: None,
+            config,
+            driver: self.shared.clone(),
+            release,
+            core: ConnCore::new(
+                ReadPhase::Handshaking {
+                    handshake,
+                    out: Vec::new(),
+                },
+                self.shared.config.read_buffer_size,
+                &[],
+                self.shared.config.max_message_size,
+                self.shared.config.deadlines(),
+                now_nanos(),
+            ),
+        });
+        self.add(conn, handler, true)
+    }
+
+    /// Dials `addr` on the calling thread (connect, then the client side of
+    /// the handshake, each within its timeout) and hands the connection to
+    /// this reactor. Requests from the peer go to `handler`.
+    pub fn dial(
+        &self,
+        addr: std::net::SocketAddr,
+        handler: Arc<dyn Handler>,
+    ) -> Result<Connection> {
+        let config = self.shared.config.clone();
+        let (stream, session, leftover) = match crate::dial::dial(addr, &config) {
+            Ok(dialled) => dialled,
+            Err(e) => {
+                if matches!(
+                    e,
+                    Error::Handshake(_) | Error::Timeout(TimeoutKind::Handshake)
+                ) {
+                    Counters::inc(&self.shared.stats.handshakes_failed);
+                }
+                return Err(e);
+            }
+        };
+        let conn = Connection::new(NewConnParts {
+            id: crate::sync::next_conn_id(),
+            role: Role::Client,
+            stream: mio::net::TcpStream::from_std(stream),
+            sealer: Some(session.sealer),
+            core: ConnCore::new(
+                ReadPhase::Open {
+                    opener: session.opener,
+                },
+                config.read_buffer_size,
+                &leftover,
+                config.max_message_size,
+                config.deadlines(),
+                now_nanos(),
+            ),
+            config,
+            driver: self.shared.clone(),
+            release: None,
+        });
+        conn.set_peer_identity(session.peer_identity);
+        // Before the reactor has it: once it does, it may dispatch the
+        // peer's first messages, and on_open must come first.
+        if let Err(e) = guard_handler(|| handler.on_open(&conn)) {
+            conn.finish_close(&e);
+            return Err(e);
+        }
+        if let Err(e) = self.add(conn.clone(), handler.clone(), false) {
+            let _ = guard_handler(|| handler.on_close(&conn, &e));
+            return Err(e);
+        }
+        Ok(conn)
+    }
+
+    fn add(&self, conn: Connection, handler: Arc<dyn Handler>, handshaking: bool) -> Result<()> {
+        if self.is_stopped() {
+            conn.finish_close(&Error::Closed);
+            return Err(Error::Closed);
+        }
+        self.shared.connections.fetch_add(1, Ordering::Relaxed);
+        // Counted open from here, not from when the reactor takes it: a
+        // dialled connection is in use (callers read it themselves) at once.
+        Counters::inc(&self.shared.stats.connections_open);
+        Counters::inc(&self.shared.stats.connections_opened);
+        match self.shared.push(Command::Add {
+            conn,
+            handler,
+            handshaking,
+        }) {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => {
+                // Stopped meanwhile: the connection was closed (and
+                // uncounted) on the spot.
+                self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+                Err(Error::Closed)
+            }
+            // Queued; only the wake-up failed, and the reactor's next turn
+            // takes it.
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Asks the reactor to stop: it closes every connection gracefully
+    /// (queued output is flushed first) and then its loop returns.
+    pub fn stop(&self) {
+        let _ = self.shared.push(Command::Stop);
+    }
+
+    /// Whether the reactor has stopped.
+    pub fn is_stopped(&self) -> bool {
+        self.shared.stopped.load(Ordering::Acquire)
+    }
+
+    /// A snapshot of this reactor's counters.
+    pub fn stats(&self) -> Stats {
+        let mut stats = Stats::default();
+        self.add_stats(&mut stats);
+        stats
+    }
+
+    pub(crate) fn add_stats(&self, into: &mut Stats) {
+        self.shared.stats.add_to(into);
+    }
+
+    /// Connections the reactor holds (including ones being handed over).
+    pub fn connections(&self) -> usize {
+        self.shared.connections.load(Ordering::Relaxed)
+    }
+}
+
+/// What a command means once its reactor is gone: a connection handed over
+/// or to be closed is closed; nothing else needs doing.
+pub(super) fn settle_after_stop(cmd: Command, stats: &Counters) {
+    match cmd {
+        Command::Add { conn, .. } => {
+            stats.uncount_open();
+            conn.finish_close(&Error::Closed);
+        }
+        Command::Close(conn) => {
+            let reason = conn.close_reason().unwrap_or(Error::Closed);
+            conn.finish_close(&reason);
+        }
+        Command::Flush(_) | Command::Read(_) | Command::Stop => {}
+    }
+}
