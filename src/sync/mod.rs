@@ -22,9 +22,7 @@ pub mod signal;
 #[cfg(not(loom))]
 mod imp {
     pub use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
-    pub use std::sync::{
-        Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard,
-    };
+    pub use std::sync::{Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
     pub use std::thread::{current, park, Thread};
 
     /// Parks for at most `dur`. Spurious wake-ups are allowed, as with std.
