@@ -3,9 +3,11 @@
 //! `tests/fuzz_regressions.rs` (both pull this file in with `#[path]`), so a
 //! corpus file replays through exactly the same code in `cargo test`.
 //!
-//! Only the public API is used: `monte_rpc::protocol::*` and
-//! `monte_rpc::Error`. Every function panics on a broken invariant and
-//! returns normally on any input the library handles correctly.
+//! Only the public API is used (`monte_rpc::protocol::*`, `monte_rpc::Error`),
+//! plus the runtime's own connection core, `protocol::connection`, which is
+//! public (hidden from the docs) so that `connection_input` drives the real
+//! thing. Every function panics on a broken invariant and returns normally
+//! on any input the library handles correctly.
 
 // Each fuzz target uses one entry point; the rest is dead code there.
 #![allow(dead_code)]
@@ -13,12 +15,13 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use monte_rpc::protocol::connection::{ConnCore, Deadlines, Filled, ReadPhase};
 use monte_rpc::protocol::{
     frame_len, rekey, ClientHandshake, Decoded, FrameDecoder, Handshake, Opener, Profile, Role,
     Sealer, SeqAllocator, ServerHandshake, Session, FRAME_OVERHEAD, KEY_LEN, LENGTH_PREFIX_LEN,
     MIN_CIPHERTEXT_LEN, REKEY_INTERVAL,
 };
-use monte_rpc::{Error, HandshakeError};
+use monte_rpc::{Error, HandshakeError, TimeoutKind};
 
 /// Largest payload the fuzzed decoders accept.
 pub const MAX_PAYLOAD: usize = 64 * 1024;
@@ -604,10 +607,13 @@ pub fn in_memory_handshake(profile: Profile) -> (Session, Session) {
 
 /// The server side of a connection: receive buffer, decoder, opener and the
 /// requests it has in flight.
+/// The server's receiving side: the runtime's own connection core, fed
+/// the chunks as a socket would deliver them, with the frames it opens
+/// routed as the reactor routes them.
 struct ServerSide {
-    decoder: FrameDecoder,
-    opener: Opener,
-    buf: Vec<u8>,
+    core: ConnCore,
+    /// The time passed to the core, in nanoseconds.
+    now: u64,
     requests: SeqAllocator,
     requests_seen: Vec<u32>,
     responses: Vec<u32>,
@@ -615,58 +621,133 @@ struct ServerSide {
     error: Option<Error>,
 }
 
+/// A read source that hands out one chunk, then would block (a socket
+/// with nothing more queued).
+struct OneChunk<'a>(&'a [u8]);
+
+impl std::io::Read for OneChunk<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.0.is_empty() {
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        let n = buf.len().min(self.0.len());
+        buf[..n].copy_from_slice(&self.0[..n]);
+        self.0 = &self.0[n..];
+        Ok(n)
+    }
+}
+
+/// The deadlines the fuzzed core judges its peer by.
+const FUZZ_DEADLINES: Deadlines = Deadlines {
+    handshake: None,
+    read: Some(std::time::Duration::from_millis(1000)),
+    frame: Some(std::time::Duration::from_millis(50)),
+};
+
 impl ServerSide {
-    /// Takes in one read of `chunk` and handles every whole frame in it.
+    fn new(opener: Opener, slots: usize) -> Self {
+        ServerSide {
+            core: ConnCore::new(
+                ReadPhase::Open { opener },
+                1024,
+                &[],
+                MAX_PAYLOAD,
+                FUZZ_DEADLINES,
+                0,
+            ),
+            now: 0,
+            requests: SeqAllocator::new(Role::Server, slots),
+            requests_seen: Vec::new(),
+            responses: Vec::new(),
+            late: Vec::new(),
+            error: None,
+        }
+    }
+
+    /// Takes in one read of `chunk` and handles every whole frame, as the
+    /// reactor does: frames first, then the next read, until the source
+    /// would block.
     fn on_read(&mut self, chunk: &[u8]) {
         assert!(self.error.is_none(), "read after the stream ended");
-        self.buf.extend_from_slice(chunk);
-        assert!(self.buf.len() <= MAX_FRAME + chunk.len());
+        let mut source = OneChunk(chunk);
         loop {
-            let len = match self.decoder.decode(&self.buf) {
-                Ok(Decoded::NeedMore(need)) => {
-                    assert!(need > self.buf.len() && need <= MAX_FRAME);
-                    return;
-                }
-                Ok(Decoded::Frame(len)) => len,
-                Err(e) => {
-                    assert!(
-                        matches!(e, Error::FrameTooShort { .. } | Error::FrameTooLarge { .. }),
-                        "{e:?}"
-                    );
-                    assert_receive_error(&e);
-                    self.error = Some(e);
-                    return;
-                }
-            };
-            match self.opener.open_in_place(&mut self.buf[..len]) {
-                Ok((seq, payload)) => {
-                    assert_eq!(payload.len(), len - FRAME_OVERHEAD);
-                    if self.requests.space().is_ours(seq) {
-                        // A response: completes a pending request, or is a
-                        // late/unknown one and is dropped.
-                        if self.requests.release(seq) {
-                            assert!(!self.requests.is_pending(seq));
-                            self.responses.push(seq);
-                        } else {
-                            self.late.push(seq);
-                        }
-                    } else {
-                        assert!(seq == 0 || seq & 1 == 1, "client parity");
-                        self.requests_seen.push(seq);
+            loop {
+                let (seq, len) = match self.core.open_next(self.now) {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) => break,
+                    Err(e) => {
+                        assert!(
+                            matches!(
+                                e,
+                                Error::FrameTooShort { .. }
+                                    | Error::FrameTooLarge { .. }
+                                    | Error::Authentication
+                            ),
+                            "{e:?}"
+                        );
+                        assert_receive_error(&e);
+                        self.error = Some(e);
+                        return;
                     }
+                };
+                assert!((FRAME_OVERHEAD..=MAX_FRAME).contains(&len), "{len}");
+                assert_eq!(self.core.payload(len).len(), len - FRAME_OVERHEAD);
+                if self.requests.space().is_ours(seq) {
+                    // A response: completes a pending request, or is a
+                    // late/unknown one and is dropped.
+                    if self.requests.release(seq) {
+                        assert!(!self.requests.is_pending(seq));
+                        self.responses.push(seq);
+                    } else {
+                        self.late.push(seq);
+                    }
+                } else {
+                    assert!(seq == 0 || seq & 1 == 1, "client parity");
+                    self.requests_seen.push(seq);
                 }
-                Err(e) => {
-                    assert!(
-                        matches!(e, Error::Authentication | Error::FrameTooShort { .. }),
-                        "{e:?}"
-                    );
-                    assert!(self.opener.has_failed());
-                    self.error = Some(e);
-                    return;
+                self.core.consume(len);
+            }
+            // Never sized from a claimed length: at most one frame (or the
+            // initial size), doubled once while it grows.
+            assert!(
+                self.core.buffer_len() <= 2 * MAX_FRAME,
+                "{}",
+                self.core.buffer_len()
+            );
+            match self.core.fill(&mut source, self.now) {
+                Ok(Filled::Bytes { .. }) => {}
+                Ok(Filled::WouldBlock) => return,
+                Ok(Filled::Eof) => panic!("a chunk source never ends"),
+                Err(e) => panic!("read from memory failed: {e}"),
+            }
+        }
+    }
+
+    /// Time passes: the core's verdict on the peer must agree with what it
+    /// holds and when bytes last came.
+    fn tick(&mut self, elapsed_ms: u64) {
+        self.now += elapsed_ms * 1_000_000;
+        let read_limit = FUZZ_DEADLINES.read.unwrap().as_nanos() as u64;
+        let silent = self.now - self.core.last_read();
+        match self.core.expired(self.now, false) {
+            Some(TimeoutKind::Read) => assert!(silent >= read_limit),
+            Some(TimeoutKind::Frame) => {
+                assert!(silent < read_limit);
+                assert!(
+                    self.core.buffered() > 0,
+                    "a frame deadline with no partial frame"
+                );
+            }
+            Some(other) => panic!("an open connection expired with {other:?}"),
+            None => {
+                assert!(silent < read_limit);
+                if let Some(at) = self.core.next_deadline() {
+                    assert!(at > self.now, "a deadline in the past did not expire");
                 }
             }
-            self.buf.drain(..len);
         }
+        // Paused reading judges nothing but the handshake.
+        assert_eq!(self.core.expired(self.now, true), None);
     }
 }
 
@@ -699,16 +780,7 @@ pub fn connection_input(data: &[u8]) {
     let mut chunks = Chunker::new(&mut input);
 
     let (mut client, server) = in_memory_handshake(profile);
-    let mut side = ServerSide {
-        decoder: FrameDecoder::new(MAX_PAYLOAD),
-        opener: server.opener,
-        buf: Vec::new(),
-        requests: SeqAllocator::new(Role::Server, slots),
-        requests_seen: Vec::new(),
-        responses: Vec::new(),
-        late: Vec::new(),
-        error: None,
-    };
+    let mut side = ServerSide::new(server.opener, slots);
     // The server's requests in flight, as the test sees them.
     let mut pending: Vec<u32> = Vec::new();
     let mut expected: Vec<Expect> = Vec::new();
@@ -854,32 +926,31 @@ pub fn connection_input(data: &[u8]) {
             want.sort_by_key(|e| format!("{e:?}"));
             assert_eq!(seen, want, "routing differs from the prediction");
             // A whole frame is never left waiting in the buffer.
-            assert!(side.buf.is_empty());
+            assert_eq!(side.core.buffered(), 0);
         }
         for &seq in &pending {
             assert!(side.requests.is_pending(seq), "lost pending {seq}");
         }
+        if side.error.is_none() {
+            side.tick(u64::from(op / 9));
+        }
     }
 
     if let Some(e) = side.error.take() {
-        // The error ended the stream; an opener that failed stays failed.
-        if side.opener.has_failed() {
-            assert!(matches!(
-                e,
-                Error::Authentication | Error::FrameTooShort { .. }
-            ));
-            let mut frame = Vec::new();
-            client.sealer.seal_append(1, b"after", &mut frame).unwrap();
-            assert!(matches!(
-                side.opener.open_in_place(&mut frame),
-                Err(Error::ReceiveFailed)
-            ));
-        } else {
-            assert!(matches!(
-                e,
-                Error::FrameTooShort { .. } | Error::FrameTooLarge { .. }
-            ));
-        }
+        assert!(matches!(
+            e,
+            Error::Authentication | Error::FrameTooShort { .. } | Error::FrameTooLarge { .. }
+        ));
+        // The error ended the stream, for good: whatever comes next, the
+        // core opens no further frame (a failed opener stays failed, a bad
+        // prefix stays at the front).
+        let mut frame = Vec::new();
+        client.sealer.seal_append(1, b"after", &mut frame).unwrap();
+        let _ = side.core.fill(OneChunk(&frame), side.now);
+        assert!(
+            side.core.open_next(side.now).is_err(),
+            "opened a frame after {e:?}"
+        );
     }
 }
 

@@ -73,52 +73,64 @@ impl RecvBuf {
 // The open state is the steady state and holds the opener inline, so each
 // frame opens without an extra indirection; the handshake state is brief.
 #[allow(clippy::large_enum_variant)]
-pub(crate) enum ReadPhase {
+pub enum ReadPhase {
+    /// The handshake runs on the bytes received.
     Handshaking {
+        /// The handshake in progress.
         handshake: Box<dyn Handshake>,
         /// Handshake output, reused between steps.
         out: Vec<u8>,
     },
+    /// Frames are opened with the session's opener.
     Open {
+        /// Opens the peer's frames.
         opener: Opener,
     },
 }
 
 /// What a caller-thread reader stopped at and left to the reactor.
-pub(crate) enum Held {
+pub enum Held {
     /// A frame at the buffer's start, `len` bytes long and already opened
     /// in place, that is not a response: only the reactor runs handlers.
-    Frame { seq: u32, len: usize },
+    Frame {
+        /// Its sequence number.
+        seq: u32,
+        /// Its length on the wire.
+        len: usize,
+    },
     /// Reading or opening failed; the connection must close with this.
     Failed(Error),
 }
 
 /// The result of one read from the byte source.
-pub(crate) enum Filled {
+pub enum Filled {
     /// Bytes arrived. `drained`: fewer than asked for, so the socket's
     /// receive queue was empty when the read returned; the next bytes to
     /// arrive raise a new readiness edge, and a reader may stop here
     /// instead of paying for a read that would only say `WouldBlock`.
     Bytes {
+        /// The source had no more bytes for now.
         drained: bool,
     },
+    /// The source ended (the peer closed its side).
     Eof,
+    /// No bytes now.
     WouldBlock,
 }
 
 /// How long the peer may take, from `Config`; `None` disables one.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) struct Deadlines {
+pub struct Deadlines {
     /// From the core's creation to the end of the handshake.
-    pub(crate) handshake: Option<Duration>,
+    pub handshake: Option<Duration>,
     /// Between two reads that bring bytes, once open.
-    pub(crate) read: Option<Duration>,
+    pub read: Option<Duration>,
     /// From the first byte of a frame to its last.
-    pub(crate) frame: Option<Duration>,
+    pub frame: Option<Duration>,
 }
 
 /// The receiving side of one connection; see the module docs.
-pub(crate) struct ConnCore {
+pub struct ConnCore {
     pub(crate) phase: ReadPhase,
     pub(crate) rbuf: RecvBuf,
     /// The one owner of the frame limit: refuses a frame from its length
@@ -143,7 +155,7 @@ impl ConnCore {
     /// bytes when first needed and holds `leftover` (bytes read past a
     /// dialled handshake) from the start; frames above `max_message_size`
     /// are refused.
-    pub(crate) fn new(
+    pub fn new(
         phase: ReadPhase,
         buffer_size: usize,
         leftover: &[u8],
@@ -167,7 +179,7 @@ impl ConnCore {
     /// One read from `source` into the buffer's free space, at `now`. A
     /// buffer full of one partial frame grows as its bytes arrive, up to
     /// the largest frame, never to a length the peer merely claimed.
-    pub(crate) fn fill(&mut self, mut source: impl Read, now: u64) -> io::Result<Filled> {
+    pub fn fill(&mut self, mut source: impl Read, now: u64) -> io::Result<Filled> {
         let max_frame_len = self.decoder.max_frame_len();
         let rb = &mut self.rbuf;
         if rb.buf.is_empty() {
@@ -200,7 +212,7 @@ impl ConnCore {
     /// its sequence number and length, or `None` until more bytes arrive.
     /// Only in the open phase. A frame left partial at `now` starts the
     /// frame deadline (once per frame, not per read).
-    pub(crate) fn open_next(&mut self, now: u64) -> Result<Option<(u32, usize)>> {
+    pub fn open_next(&mut self, now: u64) -> Result<Option<(u32, usize)>> {
         let ReadPhase::Open { opener } = &mut self.phase else {
             return Ok(None);
         };
@@ -230,18 +242,18 @@ impl ConnCore {
 
     /// The plaintext of the opened frame of `len` bytes at the buffer's
     /// start.
-    pub(crate) fn payload(&self, len: usize) -> &[u8] {
+    pub fn payload(&self, len: usize) -> &[u8] {
         let start = self.rbuf.start;
         &self.rbuf.buf[start + LENGTH_PREFIX_LEN + SEQ_LEN..start + len - TAG_LEN]
     }
 
     /// Drops the frame of `len` bytes at the buffer's start.
-    pub(crate) fn consume(&mut self, len: usize) {
+    pub fn consume(&mut self, len: usize) {
         self.rbuf.start += len;
     }
 
     /// Gives the receive buffer's memory back if it holds no bytes.
-    pub(crate) fn release_buffer_if_empty(&mut self) {
+    pub fn release_buffer_if_empty(&mut self) {
         let rb = &mut self.rbuf;
         if rb.start == rb.end && self.held.is_none() {
             rb.buf = Vec::new();
@@ -250,7 +262,7 @@ impl ConnCore {
         }
     }
 
-    pub(crate) fn is_open(&self) -> bool {
+    pub fn is_open(&self) -> bool {
         matches!(self.phase, ReadPhase::Open { .. })
     }
 
@@ -258,7 +270,7 @@ impl ConnCore {
     /// `reading_paused` (this side stopped reading: its output is over
     /// budget, or it is closing) the silence is this side's, and only the
     /// handshake deadline applies.
-    pub(crate) fn expired(&self, now: u64, reading_paused: bool) -> Option<TimeoutKind> {
+    pub fn expired(&self, now: u64, reading_paused: bool) -> Option<TimeoutKind> {
         let past = |since: u64, limit: Option<Duration>| {
             limit.is_some_and(|t| now.saturating_sub(since) >= t.as_nanos() as u64)
         };
@@ -279,7 +291,7 @@ impl ConnCore {
 
     /// The earliest time at which [`expired`](Self::expired) may answer
     /// something (with reading not paused), for a driver that waits.
-    pub(crate) fn next_deadline(&self) -> Option<u64> {
+    pub fn next_deadline(&self) -> Option<u64> {
         let at = |since: u64, limit: Option<Duration>| {
             limit.map(|t| since.saturating_add(t.as_nanos() as u64))
         };
@@ -297,15 +309,26 @@ impl ConnCore {
 
     /// Reading resumes at `now` after a pause: the peer's deadlines count
     /// from here, not from before the pause, whose silence was this side's.
-    pub(crate) fn resume(&mut self, now: u64) {
+    pub fn resume(&mut self, now: u64) {
         self.last_read = self.last_read.max(now);
         if let Some(since) = &mut self.partial_since {
             *since = (*since).max(now);
         }
     }
 
+    /// Bytes received and not yet consumed.
+    pub fn buffered(&self) -> usize {
+        self.rbuf.end - self.rbuf.start
+    }
+
+    /// The receive buffer's size now: the memory a peer made this
+    /// connection hold for its input.
+    pub fn buffer_len(&self) -> usize {
+        self.rbuf.buf.len()
+    }
+
     /// When bytes last arrived.
-    pub(crate) fn last_read(&self) -> u64 {
+    pub fn last_read(&self) -> u64 {
         self.last_read
     }
 }

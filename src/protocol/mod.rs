@@ -1,6 +1,7 @@
 //! The sans-IO protocol core: handshake, key schedule, frame sealing and
 //! opening, frame delimiting, sequence numbers, and a connection's
-//! receiving side with its deadlines (`connection`, crate-internal).
+//! receiving side with its deadlines (`connection`, hidden: the runtime's
+//! and the fuzzer's, not API).
 //!
 //! Everything here is pure code over byte buffers: no sockets, no threads,
 //! no clock and no `unsafe`. Every byte-level rule of the wire specification
@@ -10,7 +11,10 @@
 
 mod auth;
 mod codec;
-pub(crate) mod connection;
+// Not API: public only so that fuzz/ and tests/fuzz_regressions.rs drive
+// the real connection core rather than a model of it.
+#[doc(hidden)]
+pub mod connection;
 mod frame;
 mod handshake;
 mod keys;
