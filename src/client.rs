@@ -161,9 +161,9 @@ impl Client {
 
     /// Picks a connection with nothing in progress, else the least loaded
     /// one, dialling a new one while under `max_conns` and all are busy.
-    /// How long a send may wait for a connection: its write timeout.
+    /// How long a send may wait for a connection: its send timeout.
     fn write_deadline(&self) -> Option<Instant> {
-        self.config.write_timeout.map(|t| Instant::now() + t)
+        self.config.send_timeout.map(|t| Instant::now() + t)
     }
 
     /// Picks a connection, waiting for another caller's dial no later than

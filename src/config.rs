@@ -56,9 +56,24 @@ pub struct Config {
     /// [`read_timeout`](Config::read_timeout) setter sets both; set this
     /// one after it for another value).
     pub frame_timeout: Option<Duration>,
-    /// How long queued output may make no progress before the connection
-    /// is closed. Default: 10 s.
+    /// How long queued output may make no progress (the peer takes none
+    /// of it) before the connection is closed with
+    /// [`TimeoutKind::Write`](crate::TimeoutKind::Write). It also ends a
+    /// connection whose reading is paused because its replies are over
+    /// `max_queued_bytes`. Default: 10 s (the
+    /// [`write_timeout`](Config::write_timeout) setter also sets
+    /// `send_timeout` and `drain_timeout`).
     pub write_timeout: Option<Duration>,
+    /// How long one `send`, `send_no_wait` or deferred `reply` call may
+    /// wait: for a connection (while another caller dials), for room in a
+    /// full queue, and (`send`) for its frame to be written. Past it the
+    /// call fails with [`TimeoutKind::Write`](crate::TimeoutKind::Write);
+    /// the connection stays open. Default: 10 s.
+    pub send_timeout: Option<Duration>,
+    /// How long a graceful close may take: queued output is flushed, the
+    /// write side shut, and the peer's end awaited; past it the socket is
+    /// dropped. Default: 10 s.
+    pub drain_timeout: Duration,
     /// How long a request waits for its response. Default: 30 s.
     pub request_timeout: Option<Duration>,
     /// Client: the most connections kept to the endpoint (default 4).
@@ -114,6 +129,8 @@ impl Default for Config {
             read_timeout: None,
             frame_timeout: None,
             write_timeout: Some(Duration::from_secs(10)),
+            send_timeout: Some(Duration::from_secs(10)),
+            drain_timeout: Duration::from_secs(10),
             request_timeout: Some(Duration::from_secs(30)),
             max_conns: 4,
             accept_wait: Duration::from_secs(1),
@@ -140,6 +157,8 @@ impl std::fmt::Debug for Config {
             .field("read_timeout", &self.read_timeout)
             .field("frame_timeout", &self.frame_timeout)
             .field("write_timeout", &self.write_timeout)
+            .field("send_timeout", &self.send_timeout)
+            .field("drain_timeout", &self.drain_timeout)
             .field("request_timeout", &self.request_timeout)
             .field("max_conns", &self.max_conns)
             .field("accept_wait", &self.accept_wait)
@@ -229,9 +248,34 @@ impl Config {
         /// Sets [`Config::frame_timeout`]; `None` disables it.
         frame_timeout: Option<Duration>
     );
+    /// Sets [`Config::write_timeout`], and with it
+    /// [`Config::send_timeout`] (to the same value) and
+    /// [`Config::drain_timeout`] (the same, or 5 s for `None`); set those
+    /// after it for other values. `None` disables the first two.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use monte_rpc::Config;
+    ///
+    /// let config = Config::server()
+    ///     .write_timeout(Some(Duration::from_secs(4)))
+    ///     .drain_timeout(Duration::from_secs(1));
+    /// assert_eq!(config.send_timeout, Some(Duration::from_secs(4)));
+    /// assert_eq!(config.drain_timeout, Duration::from_secs(1));
+    /// ```
+    pub fn write_timeout(mut self, value: Option<Duration>) -> Self {
+        self.write_timeout = value;
+        self.send_timeout = value;
+        self.drain_timeout = value.unwrap_or(Duration::from_secs(5));
+        self
+    }
     setter!(
-        /// Sets [`Config::write_timeout`]; `None` disables it.
-        write_timeout: Option<Duration>
+        /// Sets [`Config::send_timeout`]; `None` disables it.
+        send_timeout: Option<Duration>
+    );
+    setter!(
+        /// Sets [`Config::drain_timeout`].
+        drain_timeout: Duration
     );
     setter!(
         /// Sets [`Config::request_timeout`]; `None` disables it.

@@ -240,7 +240,7 @@ impl Connection {
 
     /// Queues a message that expects no reply and returns at once. When
     /// `max_queued_bytes` are already queued it waits for room, up to the
-    /// write timeout.
+    /// send timeout ([`Config::send_timeout`](crate::Config::send_timeout)).
     pub fn send_no_wait(&self, body: &[u8]) -> Result<()> {
         self.submit(0, body, Mode::Queue)
     }

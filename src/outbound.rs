@@ -152,7 +152,8 @@ pub(crate) struct OutboundQueue {
     closed: AtomicBool,
     /// `max_queued_bytes`.
     limit: usize,
-    write_timeout: Option<Duration>,
+    /// How long one call may wait on the queue.
+    send_timeout: Option<Duration>,
 }
 
 impl OutboundQueue {
@@ -182,7 +183,7 @@ impl OutboundQueue {
             cv: Condvar::new(),
             closed: AtomicBool::new(false),
             limit: config.max_queued_bytes,
-            write_timeout: config.write_timeout,
+            send_timeout: config.send_timeout,
         }
     }
 
@@ -211,7 +212,7 @@ impl OutboundQueue {
     }
 
     /// Seals `body` as frame `seq` and hands it on as `mode` says. Waits
-    /// for room (up to the write timeout) unless `mode` is one of the
+    /// for room (up to the send timeout) unless `mode` is one of the
     /// reactor thread's; `Direct { wait: true }` also waits until the frame
     /// is written.
     pub(crate) fn submit(
@@ -300,7 +301,7 @@ impl OutboundQueue {
         }
     }
 
-    /// One wait on the outbound condition variable, bounded by the write
+    /// One wait on the outbound condition variable, bounded by the send
     /// timeout (measured from the first wait of this call).
     fn wait_cv<'a>(
         &'a self,
@@ -308,7 +309,7 @@ impl OutboundQueue {
         deadline: &mut Option<Option<Instant>>,
     ) -> Result<MutexGuard<'a, Outbound>> {
         let deadline =
-            *deadline.get_or_insert_with(|| self.write_timeout.map(|t| Instant::now() + t));
+            *deadline.get_or_insert_with(|| self.send_timeout.map(|t| Instant::now() + t));
         g.waiters += 1;
         let g = match deadline {
             None => self.cv.wait(g).unwrap_or_else(|e| e.into_inner()),

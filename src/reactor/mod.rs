@@ -355,7 +355,7 @@ impl Reactor {
 
     /// How long a graceful close may take to flush and hear the peer's end.
     fn drain_time(&self) -> Duration {
-        self.config.write_timeout.unwrap_or(Duration::from_secs(5))
+        self.config.drain_timeout
     }
 
     fn begin_stop(&mut self) {
