@@ -15,7 +15,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use monte_rpc::protocol::connection::{ConnCore, Deadlines, Filled, ReadPhase};
+use monte_rpc::protocol::connection::{ConnCore, Deadlines, Filled, ReadPhase, Unpooled};
 use monte_rpc::protocol::{
     frame_len, rekey, ClientHandshake, Decoded, FrameDecoder, Handshake, Opener, Profile, Role,
     Sealer, SeqAllocator, ServerHandshake, Session, FRAME_OVERHEAD, KEY_LEN, LENGTH_PREFIX_LEN,
@@ -714,7 +714,7 @@ impl ServerSide {
                 "{}",
                 self.core.buffer_len()
             );
-            match self.core.fill(&mut source, self.now) {
+            match self.core.fill(&mut source, self.now, &Unpooled) {
                 Ok(Filled::Bytes { .. }) => {}
                 Ok(Filled::WouldBlock) => return,
                 Ok(Filled::Eof) => panic!("a chunk source never ends"),
@@ -946,7 +946,7 @@ pub fn connection_input(data: &[u8]) {
         // prefix stays at the front).
         let mut frame = Vec::new();
         client.sealer.seal_append(1, b"after", &mut frame).unwrap();
-        let _ = side.core.fill(OneChunk(&frame), side.now);
+        let _ = side.core.fill(OneChunk(&frame), side.now, &Unpooled);
         assert!(
             side.core.open_next(side.now).is_err(),
             "opened a frame after {e:?}"

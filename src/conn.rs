@@ -17,6 +17,7 @@ use crate::protocol::connection::ConnCore;
 use crate::protocol::{Role, Sealer, SeqSpace};
 use crate::read_side::{CallerReads, ReadOwner, ReadSide};
 use crate::stats::Counters;
+use crate::sync::buffers::BufferPool;
 use crate::sync::completion::CompletionTable;
 use std::sync::Arc;
 
@@ -41,6 +42,10 @@ pub(crate) trait Driver: Send + Sync {
     /// The epoll instance the reactor waits on, for interest changes made
     /// from other threads.
     fn registry(&self) -> &mio::Registry;
+    /// The receive buffers the reactor lends its connections.
+    fn recv_buffers(&self) -> &BufferPool;
+    /// The output buffers the reactor lends its connections.
+    fn send_buffers(&self) -> &BufferPool;
 }
 
 /// What a connection asks of its reactor.
@@ -368,7 +373,12 @@ impl Connection {
     /// connection costs little memory. They are made again on the next use
     /// (one allocation per idle period, none per message).
     pub(crate) fn release_idle_out_buffers(&self) {
-        self.shared.out.release_idle_buffers();
+        self.shared.out.release_idle_buffers(self);
+    }
+
+    /// The pool this connection's receive buffer comes from.
+    pub(crate) fn recv_buffers(&self) -> &BufferPool {
+        self.shared.driver.recv_buffers()
     }
 
     /// Reactor side: whether it waits for the socket to take more output.
@@ -432,6 +442,10 @@ impl QueueOwner for Connection {
         &self.shared.stream
     }
 
+    fn buffers(&self) -> &BufferPool {
+        self.shared.driver.send_buffers()
+    }
+
     fn stats(&self) -> &Counters {
         self.shared.driver.stats()
     }
@@ -450,6 +464,10 @@ impl QueueOwner for Connection {
 impl ReadOwner for Connection {
     fn stream(&self) -> &TcpStream {
         &self.shared.stream
+    }
+
+    fn buffers(&self) -> &BufferPool {
+        self.shared.driver.recv_buffers()
     }
 
     fn stats(&self) -> &Counters {

@@ -20,23 +20,28 @@ use mio::net::TcpStream;
 
 use crate::config::Config;
 use crate::error::{Error, Result, TimeoutKind};
+use crate::protocol::connection::Buffers;
 use crate::protocol::{frame_len, Sealer};
 use crate::stats::Counters;
+use crate::sync::buffers::BufferPool;
 use crate::sync::{lock, AtomicBool, Condvar, Mutex, MutexGuard, Ordering};
 
 /// Rounds a caller-thread writer makes before handing the rest of the queue
 /// to the reactor, so one caller never writes for everyone indefinitely.
 const CALLER_WRITE_ROUNDS: usize = 4;
 
-/// Capacity each of the two outbound buffers gets on first use, so that
-/// coalescing a handful of frames never grows them on the hot path. Idle
-/// connections give them back (see [`OutboundQueue::release_idle_buffers`]).
-const OUTBOUND_INITIAL: usize = 16 << 10;
+/// Capacity each of the two outbound buffers has (borrowed from the
+/// reactor's pool on first use), so that coalescing a handful of frames
+/// never grows them on the hot path. Idle connections give them back (see
+/// [`OutboundQueue::release_idle_buffers`]).
+pub(crate) const OUTBOUND_BUFFER: usize = 16 << 10;
 
 /// What the queue needs of the connection around it.
 pub(crate) trait QueueOwner {
     /// The socket frames are written to.
     fn stream(&self) -> &TcpStream;
+    /// The pool the queue's buffers are borrowed from and given back to.
+    fn buffers(&self) -> &BufferPool;
     /// The counters written frames and bytes are added to.
     fn stats(&self) -> &Counters;
     /// Hands the rest of the queue to the reactor.
@@ -241,7 +246,9 @@ impl OutboundQueue {
             return Err(Error::Closed);
         };
         if out.buf.capacity() == 0 {
-            out.buf.reserve(OUTBOUND_INITIAL.max(frame));
+            out.buf = owner.buffers().take().unwrap_or_default();
+            out.buf.clear();
+            out.buf.reserve(OUTBOUND_BUFFER.max(frame));
         }
         if let Err(e) = sealer.seal_append(seq, body, &mut out.buf) {
             if matches!(e, Error::CounterExhausted) {
@@ -458,12 +465,16 @@ impl OutboundQueue {
     /// Reactor side, for a connection that has been idle a while: gives
     /// back both buffers if they hold nothing. They are made again on the
     /// next use (one allocation per idle period, none per message).
-    pub(crate) fn release_idle_buffers(&self) {
+    pub(crate) fn release_idle_buffers(&self, owner: &impl QueueOwner) {
         let mut g = lock(&self.state);
         if g.pending() == 0 && !g.writing && !g.reactor_flushing {
-            g.buf = Vec::new();
-            g.spare = Vec::new();
+            let (mut buf, mut spare) = (mem::take(&mut g.buf), mem::take(&mut g.spare));
             g.head = 0;
+            drop(g);
+            buf.clear();
+            spare.clear();
+            owner.buffers().give(buf);
+            owner.buffers().give(spare);
         }
     }
 

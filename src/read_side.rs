@@ -20,6 +20,7 @@ use crate::clock::now_nanos;
 use crate::error::Error;
 use crate::protocol::connection::{ConnCore, Filled, Held};
 use crate::stats::Counters;
+use crate::sync::buffers::BufferPool;
 use crate::sync::completion::Poller;
 use crate::sync::read_turn::{ReadGuard, ReadTurn};
 use crate::sync::{lock, AtomicU64, Mutex, Ordering};
@@ -28,6 +29,8 @@ use crate::sync::{lock, AtomicU64, Mutex, Ordering};
 pub(crate) trait ReadOwner {
     /// The socket.
     fn stream(&self) -> &TcpStream;
+    /// The pool receive buffers are borrowed from and given back to.
+    fn buffers(&self) -> &BufferPool;
     /// The counters frames read are added to.
     fn stats(&self) -> &Counters;
     /// The reactor's epoll instance, for interest changes.
@@ -318,7 +321,7 @@ impl ReadSide {
                     }
                 }
                 Ok(None) if drained => break CallerRead::Drained,
-                Ok(None) => match inbound.fill(owner.stream(), now) {
+                Ok(None) => match inbound.fill(owner.stream(), now, owner.buffers()) {
                     Ok(Filled::Bytes { drained: d }) => {
                         read_any = true;
                         drained = d;
@@ -346,6 +349,10 @@ impl ReadSide {
         if frames > 0 {
             Counters::add(&stats.frames_in, frames);
             Counters::add(&stats.bytes_in, bytes);
+        }
+        if let CallerRead::Drained = outcome {
+            // Nothing unread: the buffer goes back to the reactor's pool.
+            inbound.lend_back(owner.buffers());
         }
         outcome
     }

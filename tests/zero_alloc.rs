@@ -40,6 +40,9 @@ static GLOBAL: Counting = Counting;
 
 const N: usize = 10_000;
 
+/// The count is process-wide: the tests of this file run one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn wait_until(what: &str, deadline: Duration, mut done: impl FnMut() -> bool) {
     let end = Instant::now() + deadline;
     while !done() {
@@ -52,6 +55,7 @@ fn wait_until(what: &str, deadline: Duration, mut done: impl FnMut() -> bool) {
 /// process: not on the caller, not on the client's or server's reactors.
 #[test]
 fn steady_state_calls_allocate_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let seen = Arc::new(AtomicU64::new(0));
     let counter = seen.clone();
     let reply = vec![7u8; 1400];
@@ -100,6 +104,67 @@ fn steady_state_calls_allocate_nothing() {
         "{allocs} allocations over {N} each of send, send_no_wait, request and reply (last of {} bytes)",
         LAST_SIZE.load(Ordering::Relaxed)
     );
+    client.shutdown();
+    server.shutdown();
+}
+
+/// Connections that idled long enough to give their buffers back (an idle
+/// connection holds none) borrow them again from their reactor's pools
+/// when traffic resumes: waking allocates nothing either.
+#[test]
+fn waking_after_idle_allocates_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let seen = Arc::new(AtomicU64::new(0));
+    let counter = seen.clone();
+    let reply = vec![7u8; 1400];
+    let server = Server::bind(
+        "127.0.0.1:0",
+        Config::server().workers(1),
+        move |ctx: &mut Context<'_>| {
+            counter.fetch_add(1, Ordering::Relaxed);
+            if ctx.expects_reply() {
+                ctx.reply(&reply).unwrap();
+            }
+        },
+    )
+    .unwrap();
+    let client = Client::new(
+        server.local_addr(),
+        Config::default().workers(1).max_conns(1),
+    )
+    .unwrap();
+    let payload = vec![1u8; 1400];
+    let mut response = Vec::with_capacity(4096);
+    let mut sent = 0u64;
+    let mut round = |n: usize, sent: &mut u64| {
+        for _ in 0..n {
+            client.send(&payload).unwrap();
+            client.send_no_wait(&payload).unwrap();
+            client.request(&payload, &mut response).unwrap();
+            *sent += 3;
+        }
+        let target = *sent;
+        wait_until(
+            "the server to count every message",
+            Duration::from_secs(20),
+            || seen.load(Ordering::Relaxed) >= target,
+        );
+    };
+    round(2_000, &mut sent);
+    for idle in 0..3 {
+        // Past the 1 s after which an idle connection gives its buffers
+        // back, and a sweep (at most 250 ms apart) to notice it.
+        std::thread::sleep(Duration::from_millis(1600));
+        let before = ALLOCS.load(Ordering::SeqCst);
+        round(100, &mut sent);
+        let allocs = ALLOCS.load(Ordering::SeqCst) - before;
+        assert_eq!(
+            allocs,
+            0,
+            "waking after idle period {idle}: {allocs} allocations (last of {} bytes)",
+            LAST_SIZE.load(Ordering::Relaxed)
+        );
+    }
     client.shutdown();
     server.shutdown();
 }

@@ -118,6 +118,28 @@ pub enum Filled {
     WouldBlock,
 }
 
+/// Where a core borrows its receive buffer from and gives it back to (the
+/// runtime's per-reactor pool), so that a connection holds one only while
+/// it has unread bytes.
+pub trait Buffers {
+    /// A buffer given back earlier, if there is one.
+    fn take(&self) -> Option<Vec<u8>>;
+    /// A buffer no longer needed.
+    fn give(&self, buf: Vec<u8>);
+}
+
+/// Buffers allocated when needed and freed when given back: for a core
+/// driven without a pool (tests, fuzzing).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Unpooled;
+
+impl Buffers for Unpooled {
+    fn take(&self) -> Option<Vec<u8>> {
+        None
+    }
+    fn give(&self, _buf: Vec<u8>) {}
+}
+
 /// How long the peer may take, from `Config`; `None` disables one.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Deadlines {
@@ -177,13 +199,27 @@ impl ConnCore {
     }
 
     /// One read from `source` into the buffer's free space, at `now`. A
-    /// buffer full of one partial frame grows as its bytes arrive, up to
-    /// the largest frame, never to a length the peer merely claimed.
-    pub fn fill(&mut self, mut source: impl Read, now: u64) -> io::Result<Filled> {
+    /// connection without a buffer borrows one from `buffers` (or makes
+    /// one). A buffer full of one partial frame grows as its bytes arrive,
+    /// up to the largest frame, never to a length the peer merely claimed.
+    pub fn fill(
+        &mut self,
+        mut source: impl Read,
+        now: u64,
+        buffers: &impl Buffers,
+    ) -> io::Result<Filled> {
         let max_frame_len = self.decoder.max_frame_len();
         let rb = &mut self.rbuf;
         if rb.buf.is_empty() {
-            rb.buf = vec![0; rb.size];
+            rb.buf = match buffers.take() {
+                Some(mut buf) => {
+                    // Lent at the pool's size, which is this buffer size:
+                    // no bytes to clear.
+                    buf.resize(rb.size, 0);
+                    buf
+                }
+                None => vec![0; rb.size],
+            };
         } else if rb.end == rb.buf.len() {
             if rb.start > 0 {
                 rb.compact();
@@ -253,6 +289,20 @@ impl ConnCore {
     }
 
     /// Gives the receive buffer's memory back if it holds no bytes.
+    /// Gives the receive buffer back to `buffers` if it holds no unread
+    /// bytes and is of the size it was lent at; a buffer grown for a large
+    /// frame stays (the next large frame needs it too) until the
+    /// connection idles ([`release_buffer_if_empty`](Self::release_buffer_if_empty)).
+    pub fn lend_back(&mut self, buffers: &impl Buffers) {
+        let rb = &mut self.rbuf;
+        if rb.start == rb.end && self.held.is_none() && rb.buf.len() == rb.size {
+            rb.start = 0;
+            rb.end = 0;
+            buffers.give(std::mem::take(&mut rb.buf));
+        }
+    }
+
+    /// Frees the receive buffer if it holds no unread bytes.
     pub fn release_buffer_if_empty(&mut self) {
         let rb = &mut self.rbuf;
         if rb.start == rb.end && self.held.is_none() {
@@ -396,7 +446,7 @@ mod tests {
                 out.push((seq, core.payload(len).to_vec()));
                 core.consume(len);
             }
-            match core.fill(&mut source, now).unwrap() {
+            match core.fill(&mut source, now, &Unpooled).unwrap() {
                 Filled::Bytes { .. } => {}
                 Filled::WouldBlock | Filled::Eof => return out,
             }
@@ -429,7 +479,7 @@ mod tests {
             data: &claimed.to_be_bytes(),
             chunk: 4,
         };
-        core.fill(&mut source, 0).unwrap();
+        core.fill(&mut source, 0, &Unpooled).unwrap();
         assert!(matches!(
             core.open_next(0),
             Err(Error::FrameTooLarge { .. })
@@ -504,6 +554,69 @@ mod tests {
         // Paused reading does not stop a handshake's clock.
         assert_eq!(core.expired(60 * MS, true), Some(TimeoutKind::Handshake));
         assert_eq!(core.next_deadline(), Some(60 * MS));
+    }
+
+    /// A pool that records what it lends and gets back.
+    #[derive(Default)]
+    struct Pool {
+        free: std::cell::RefCell<Vec<Vec<u8>>>,
+        given: std::cell::Cell<usize>,
+    }
+
+    impl Buffers for Pool {
+        fn take(&self) -> Option<Vec<u8>> {
+            self.free.borrow_mut().pop()
+        }
+        fn give(&self, buf: Vec<u8>) {
+            self.given.set(self.given.get() + 1);
+            self.free.borrow_mut().push(buf);
+        }
+    }
+
+    #[test]
+    fn the_buffer_is_held_only_while_bytes_are_unread() {
+        let pool = Pool::default();
+        pool.free.borrow_mut().push(vec![0xee; 64]);
+        let mut core = open_core(1024, 64);
+        let all = sealed(&[(1, b"one"), (3, b"two"), (5, &[1; 500])]);
+        let two_frames = crate::protocol::frame_len(3) * 2;
+        let (wire, big) = all.split_at(two_frames);
+        let cut = wire.len() - 5;
+        // A read that ends inside a frame: the buffer must stay.
+        let mut source = Chunks {
+            data: &wire[..cut],
+            chunk: 4096,
+        };
+        core.fill(&mut source, 0, &pool).unwrap();
+        assert_eq!(core.buffer_len(), 64, "the pool's buffer, not a new one");
+        while let Some((_, len)) = core.open_next(0).unwrap() {
+            core.consume(len);
+        }
+        core.lend_back(&pool);
+        assert_eq!(
+            pool.given.get(),
+            0,
+            "gave back a buffer holding a partial frame"
+        );
+        // The rest arrives; once everything is read, the buffer goes back.
+        let mut source = Chunks {
+            data: &wire[cut..],
+            chunk: 4096,
+        };
+        core.fill(&mut source, 0, &pool).unwrap();
+        let (seq, len) = core.open_next(0).unwrap().unwrap();
+        assert_eq!((seq, core.payload(len)), (3, &b"two"[..]));
+        core.consume(len);
+        core.lend_back(&pool);
+        assert_eq!(pool.given.get(), 1);
+        assert_eq!(core.buffer_len(), 0, "an idle core holds no buffer");
+        // A buffer grown for a large frame stays with the connection.
+        drain(&mut core, big, 4096, 0);
+        assert!(core.buffer_len() > 64);
+        core.lend_back(&pool);
+        assert_eq!(pool.given.get(), 1);
+        core.release_buffer_if_empty();
+        assert_eq!(core.buffer_len(), 0);
     }
 
     #[test]

@@ -48,6 +48,9 @@ impl Reactor {
             if read.is_err() || !self.conns.contains(key) {
                 break read;
             }
+            // Nothing unread: the buffer goes back to the pool until the
+            // next bytes come.
+            inbound.lend_back(&self.shared.recv_buffers);
             match conn.shared.read.core.release(inbound) {
                 Some(again) => inbound = again,
                 None => break Ok(()),
@@ -91,7 +94,7 @@ impl Reactor {
             if drained {
                 return Ok(());
             }
-            match inbound.fill(&conn.shared.stream, now)? {
+            match inbound.fill(&conn.shared.stream, now, &self.shared.recv_buffers)? {
                 Filled::Bytes { drained: d } => {
                     drained = d && bytes_only;
                     now = now_nanos();

@@ -97,10 +97,11 @@ impl Entry {
         // While reading is paused the silence is ours, and the write
         // timeout judges the peer.
         let paused = self.read_paused || self.draining.is_some();
-        let timeout = self
-            .conn
+        let conn = &self.conn;
+        let timeout = conn
             .with_idle_core(|core| {
                 if release {
+                    core.lend_back(conn.recv_buffers());
                     core.release_buffer_if_empty();
                 }
                 core.expired(now_nanos, paused)

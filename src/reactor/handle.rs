@@ -16,6 +16,7 @@ use crate::handler::{guard_handler, Handler};
 use crate::protocol::connection::{ConnCore, ReadPhase};
 use crate::protocol::Role;
 use crate::stats::{Counters, Stats};
+use crate::sync::buffers::BufferPool;
 use crate::sync::mailbox::{Mailbox, PushError};
 use crate::sync::{AtomicBool, AtomicUsize, Ordering};
 
@@ -66,6 +67,10 @@ pub(crate) struct ReactorShared {
     pub(super) mailbox: Mailbox<Command>,
     pub(super) waker: Waker,
     pub(super) registry: Registry,
+    /// Receive buffers lent to this reactor's connections.
+    pub(super) recv_buffers: BufferPool,
+    /// Output buffers lent to this reactor's connections.
+    pub(super) send_buffers: BufferPool,
     pub(super) stopped: AtomicBool,
     pub(super) connections: AtomicUsize,
     pub(super) config: Arc<Config>,
@@ -93,6 +98,14 @@ impl Driver for ReactorShared {
 
     fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    fn recv_buffers(&self) -> &BufferPool {
+        &self.recv_buffers
+    }
+
+    fn send_buffers(&self) -> &BufferPool {
+        &self.send_buffers
     }
 }
 

@@ -35,7 +35,9 @@ use crate::config::Config;
 use crate::conn::Connection;
 use crate::error::{Error, Result};
 use crate::handler::{guard_handler, Handler};
+use crate::outbound::OUTBOUND_BUFFER;
 use crate::stats::Counters;
+use crate::sync::buffers::BufferPool;
 use crate::sync::mailbox::Mailbox;
 use crate::sync::{AtomicBool, AtomicUsize, Ordering};
 
@@ -46,6 +48,10 @@ pub(crate) use handle::ReactorShared;
 use handle::{settle_after_stop, Command, RunningGuard};
 
 const WAKER: Token = Token(usize::MAX - 1);
+
+/// Buffers of each kind a reactor keeps for its connections to borrow
+/// once they gave them back; more are freed.
+const POOLED_BUFFERS: usize = 256;
 
 /// One event loop. Create it, give [`handle`](Reactor::handle)s to other
 /// threads, and drive it with [`run`](Reactor::run) or
@@ -136,6 +142,8 @@ impl Reactor {
                 mailbox: Mailbox::new(),
                 waker,
                 registry,
+                recv_buffers: BufferPool::new(config.read_buffer_size.max(64), POOLED_BUFFERS),
+                send_buffers: BufferPool::new(OUTBOUND_BUFFER, POOLED_BUFFERS),
                 stopped: AtomicBool::new(false),
                 connections: AtomicUsize::new(0),
                 config: config.clone(),

@@ -6,6 +6,8 @@
 //! copy. Nothing else in the crate touches an atomic or parks a thread
 //! directly.
 //!
+//! - [`buffers`]: the receive and output buffers a reactor lends its
+//!   connections while they use them.
 //! - [`completion`]: the per-connection table of request slots a caller
 //!   waits on, located by sequence number.
 //! - [`mailbox`]: commands from caller threads to a reactor, with the
@@ -14,6 +16,7 @@
 //!   reactor's or a waiting caller's.
 //! - [`signal`]: the one-way shutdown flag.
 
+pub mod buffers;
 pub mod completion;
 pub mod mailbox;
 pub mod read_turn;
