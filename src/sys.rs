@@ -11,6 +11,11 @@
 //! - [`epoll_modify`]: sets a registered socket's epoll interest to *no*
 //!   readiness at all, which mio cannot express: while a caller waits on
 //!   the socket, the reactor must not be woken for the same bytes.
+//! - [`return_free_memory`]: asks glibc's allocator to hand pages of freed
+//!   memory back to the OS. Buffers that connections return to the
+//!   reactors' pools stay where a burst of traffic put them, and glibc gives
+//!   back only what lies above the last block in use, so after a burst the
+//!   freed output buffers of thousands of connections would stay resident.
 //!
 //! The last two are Linux's (`ppoll`, `epoll_ctl`). Elsewhere the wait uses
 //! `poll` with a millisecond timeout, and the reactor keeps its interest:
@@ -137,4 +142,37 @@ pub(crate) fn epoll_modify(
         mio::Token(token),
         interest,
     )
+}
+
+/// Gives the pages of freed heap memory back to the OS (glibc's
+/// `malloc_trim`), after idle connections returned their buffers; see the
+/// module docs. A no-op with other C libraries, where the global allocator
+/// has its own policy.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub(crate) fn return_free_memory() {
+    // SAFETY: `malloc_trim` only releases memory the allocator holds free;
+    // it takes no pointer and is thread-safe (it locks each arena).
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// See the glibc version.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub(crate) fn return_free_memory() {}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn freed_memory_goes_back_to_the_os() {
+        // Many small blocks, all freed: a trim must succeed and leave the
+        // allocator working.
+        let blocks: Vec<Vec<u8>> = (0..256).map(|i| vec![i as u8; 16 << 10]).collect();
+        let kept = blocks[255].clone();
+        drop(blocks);
+        super::return_free_memory();
+        let again = vec![1u8; 16 << 10];
+        assert_eq!(kept[0], 255);
+        assert_eq!(again.len(), 16 << 10);
+    }
 }

@@ -75,11 +75,13 @@ impl Entry {
     /// (handshake, read, frame) are the core's, asked under the read turn
     /// (a caller holding the turn asks them itself). Gives the buffers of a
     /// connection idle for a while back.
+    /// Sets `released` if it gave buffers back.
     pub(super) fn sweep(
         &mut self,
         now: Instant,
         now_nanos: u64,
         write_timeout: Option<Duration>,
+        released: &mut bool,
     ) -> Option<Error> {
         if self.draining.is_some_and(|deadline| now >= deadline) {
             return Some(Error::Closed);
@@ -110,6 +112,7 @@ impl Entry {
         if release {
             self.conn.release_idle_out_buffers();
             self.buffers_released = true;
+            *released = true;
         }
         if let Some(kind) = timeout {
             return Some(Error::Timeout(kind));

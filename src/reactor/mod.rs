@@ -49,9 +49,12 @@ use handle::{settle_after_stop, Command, RunningGuard};
 
 const WAKER: Token = Token(usize::MAX - 1);
 
+/// How often at most a reactor asks the allocator to return freed memory.
+const TRIM_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Buffers of each kind a reactor keeps for its connections to borrow
 /// once they gave them back; more are freed.
-const POOLED_BUFFERS: usize = 256;
+const POOLED_BUFFERS: usize = 64;
 
 /// One event loop. Create it, give [`handle`](Reactor::handle)s to other
 /// threads, and drive it with [`run`](Reactor::run) or
@@ -89,6 +92,10 @@ pub struct Reactor {
     tick: Duration,
     next_sweep: Instant,
     stopping: bool,
+    /// Buffers were given back since the last trim of freed memory...
+    trim_pending: bool,
+    /// ...which may run again from then.
+    next_trim: Instant,
     /// What this turn's handlers were given: the busy-poll that follows
     /// (see [`Config::busy_poll`]) depends on it.
     served: Served,
@@ -160,6 +167,8 @@ impl Reactor {
             tick,
             next_sweep: Instant::now() + tick,
             stopping: false,
+            trim_pending: false,
+            next_trim: Instant::now(),
             served: Served::Nothing,
             busy_until: None,
             busy_interval: Duration::ZERO,
@@ -386,17 +395,28 @@ impl Reactor {
         let now = Instant::now();
         let now_nanos = now_nanos();
         let write_timeout = self.config.write_timeout;
+        let mut released = false;
         let expired: Vec<(usize, Error)> = self
             .conns
             .iter_mut()
             .filter_map(|(key, entry)| {
                 entry
-                    .sweep(now, now_nanos, write_timeout)
+                    .sweep(now, now_nanos, write_timeout, &mut released)
                     .map(|err| (key, err))
             })
             .collect();
         for (key, err) in expired {
             self.close(key, err);
+        }
+        // Connections went idle and gave their buffers back: once the
+        // burst is over (nothing given back for a sweep), the freed memory
+        // goes back to the OS, at most every few seconds.
+        if released {
+            self.trim_pending = true;
+        } else if self.trim_pending && now >= self.next_trim {
+            self.trim_pending = false;
+            self.next_trim = now + TRIM_INTERVAL;
+            crate::sys::return_free_memory();
         }
     }
 
