@@ -6,7 +6,9 @@
 use loom::sync::atomic::{AtomicUsize, Ordering};
 use loom::sync::{Arc, Condvar, Mutex};
 use loom::thread;
+use monte_rpc::protocol::connection::Buffers;
 use monte_rpc::protocol::Role;
+use monte_rpc::sync::buffers::BufferPool;
 use monte_rpc::sync::completion::CompletionTable;
 use monte_rpc::sync::mailbox::{Mailbox, Notify};
 use monte_rpc::sync::read_turn::{ReadGuard, ReadTurn};
@@ -336,5 +338,37 @@ fn read_turn_decliner_hands_the_event_on() {
         let side = turn.try_take().expect("nobody holds the turn at the end");
         assert!(!side.held, "the held frame was never dispatched");
         assert_eq!(side.read, 1, "an edge was lost: bytes left unread");
+    });
+}
+
+/// Model 8, buffer pool. Two connections of a reactor borrow a receive
+/// buffer and give it back while a third thread returns another, into a
+/// pool with room for one. Invariant: the pool never keeps more than its
+/// bound and never loses a buffer while it has room: afterwards it holds
+/// exactly one, lent by exactly one `take`.
+#[test]
+fn buffer_pool_keeps_its_bound_and_loses_nothing() {
+    model(|| {
+        let pool = Arc::new(BufferPool::new(8, 1));
+        pool.give(vec![1; 8]);
+        let threads: Vec<_> = (0..2)
+            .map(|_| {
+                let pool = pool.clone();
+                spawn(move || {
+                    if let Some(buf) = pool.take() {
+                        pool.give(buf);
+                    }
+                })
+            })
+            .chain(std::iter::once({
+                let pool = pool.clone();
+                spawn(move || pool.give(vec![2; 8]))
+            }))
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(pool.take().is_some(), "a buffer was lost");
+        assert!(pool.take().is_none(), "the pool kept more than its bound");
     });
 }
