@@ -15,7 +15,9 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use monte_rpc::protocol::connection::{ConnCore, Deadlines, Filled, ReadPhase, Unpooled};
+use monte_rpc::protocol::connection::{
+    ConnCore, Deadlines, Filled, Next, ReadPhase, Taker, Unpooled,
+};
 use monte_rpc::protocol::{
     frame_len, rekey, ClientHandshake, Decoded, FrameDecoder, Handshake, Opener, Profile, Role,
     Sealer, SeqAllocator, ServerHandshake, Session, FRAME_OVERHEAD, KEY_LEN, LENGTH_PREFIX_LEN,
@@ -672,9 +674,10 @@ impl ServerSide {
         let mut source = OneChunk(chunk);
         loop {
             loop {
-                let (seq, len) = match self.core.open_next(self.now) {
-                    Ok(Some(frame)) => frame,
-                    Ok(None) => break,
+                let (seq, len) = match self.core.next_frame(self.now, Taker::Reactor) {
+                    Ok(Next::Frame { seq, len }) => (seq, len),
+                    Ok(Next::NeedBytes) => break,
+                    Ok(Next::ReactorsTurn) => panic!("the reactor's turn, for the reactor"),
                     Err(e) => {
                         assert!(
                             matches!(

@@ -18,7 +18,7 @@ use mio::net::TcpStream;
 
 use crate::clock::now_nanos;
 use crate::error::Error;
-use crate::protocol::connection::{ConnCore, Filled, Held};
+use crate::protocol::connection::{ConnCore, Filled, Held, Next, Taker};
 use crate::stats::Counters;
 use crate::sync::buffers::BufferPool;
 use crate::sync::completion::Poller;
@@ -302,26 +302,28 @@ impl ReadSide {
         }
         let stats = owner.stats();
         let mut now = now_nanos();
-        let (mut frames, mut bytes, mut read_any, mut drained) = (0u64, 0u64, false, false);
+        let is_response = |seq| owner.is_response(seq);
+        let taker = Taker::Caller {
+            is_response: &is_response,
+        };
+        let (mut delivered, mut read_any, mut drained) = (0u64, false, false);
         let outcome = loop {
-            match inbound.open_next(now) {
-                Ok(Some((seq, len))) => {
-                    frames += 1;
-                    bytes += len as u64;
-                    if !owner.is_response(seq) {
-                        inbound.held = Some(Held::Frame { seq, len });
-                        break CallerRead::Reactor;
-                    }
+            // `next_frame` leaves a frame this caller may not take, or an
+            // error, as held for the reactor.
+            match inbound.next_frame(now, taker) {
+                Ok(Next::Frame { seq, len }) => {
                     if owner.deliver_response(seq, inbound.payload(len)) != Some(true) {
                         Counters::inc(&stats.responses_dropped);
                     }
                     inbound.consume(len);
-                    if frames == CALLER_READ_FRAMES {
+                    delivered += 1;
+                    if delivered == CALLER_READ_FRAMES {
                         break CallerRead::Reactor;
                     }
                 }
-                Ok(None) if drained => break CallerRead::Drained,
-                Ok(None) => match inbound.fill(owner.stream(), now, owner.buffers()) {
+                Ok(Next::ReactorsTurn) => break CallerRead::Reactor,
+                Ok(Next::NeedBytes) if drained => break CallerRead::Drained,
+                Ok(Next::NeedBytes) => match inbound.fill(owner.stream(), now, owner.buffers()) {
                     Ok(Filled::Bytes { drained: d }) => {
                         read_any = true;
                         drained = d;
@@ -337,12 +339,14 @@ impl ReadSide {
                         break CallerRead::Reactor;
                     }
                 },
+                // A caller's errors come back as the reactor's turn.
                 Err(e) => {
                     inbound.held = Some(Held::Failed(e));
                     break CallerRead::Reactor;
                 }
             }
         };
+        let (frames, bytes) = inbound.take_counts();
         if read_any {
             self.last_read.store(inbound.last_read(), Ordering::Relaxed);
         }

@@ -118,6 +118,39 @@ pub enum Filled {
     WouldBlock,
 }
 
+/// Who takes frames from the core, and so which frames it may take: the
+/// one rule that differs between the reactor and a waiting caller.
+#[derive(Clone, Copy)]
+pub enum Taker<'a> {
+    /// The reactor, which runs the handler: every frame, starting with one
+    /// a caller left.
+    Reactor,
+    /// A caller waiting for a response: only frames `is_response` accepts.
+    /// The first other frame, an error or the end of the stream is left to
+    /// the reactor.
+    Caller {
+        /// Whether a sequence number answers one of this side's requests.
+        is_response: &'a dyn Fn(u32) -> bool,
+    },
+}
+
+/// What [`ConnCore::next_frame`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    /// A frame of `len` bytes at the buffer's start, opened in place (see
+    /// [`ConnCore::payload`]); consume it when done.
+    Frame {
+        /// Its sequence number.
+        seq: u32,
+        /// Its length on the wire.
+        len: usize,
+    },
+    /// No complete frame: read more bytes.
+    NeedBytes,
+    /// (Callers only.) What comes next is the reactor's to handle.
+    ReactorsTurn,
+}
+
 /// Where a core borrows its receive buffer from and gives it back to (the
 /// runtime's per-reactor pool), so that a connection holds one only while
 /// it has unread bytes.
@@ -170,6 +203,9 @@ pub struct ConnCore {
     /// When the partial frame the buffer ends in was first seen, if it
     /// ends in one.
     partial_since: Option<u64>,
+    /// Frames opened and their wire bytes, since the driver last took the
+    /// counts ([`take_counts`](ConnCore::take_counts)).
+    opened: (u64, u64),
 }
 
 impl ConnCore {
@@ -195,7 +231,59 @@ impl ConnCore {
             started: now,
             last_read: now,
             partial_since: None,
+            opened: (0, 0),
         }
+    }
+
+    /// The next frame `taker` may take, at `now`: the one read loop both
+    /// drivers run (feed bytes with [`fill`](Self::fill) on
+    /// [`Next::NeedBytes`]). A frame a caller may not take stays opened in
+    /// place as [`Held`] for the reactor, which takes it first; so does a
+    /// failure a caller meets, while the reactor gets it as the error.
+    pub fn next_frame(&mut self, now: u64, taker: Taker<'_>) -> Result<Next> {
+        match taker {
+            Taker::Reactor => match self.held.take() {
+                Some(Held::Failed(e)) => Err(e),
+                Some(Held::Frame { seq, len }) => Ok(Next::Frame { seq, len }),
+                None => Ok(match self.open_counted(now)? {
+                    Some((seq, len)) => Next::Frame { seq, len },
+                    None => Next::NeedBytes,
+                }),
+            },
+            Taker::Caller { is_response } => {
+                if self.held.is_some() || self.eof || !self.is_open() {
+                    return Ok(Next::ReactorsTurn);
+                }
+                match self.open_counted(now) {
+                    Ok(Some((seq, len))) if is_response(seq) => Ok(Next::Frame { seq, len }),
+                    Ok(Some((seq, len))) => {
+                        self.held = Some(Held::Frame { seq, len });
+                        Ok(Next::ReactorsTurn)
+                    }
+                    Ok(None) => Ok(Next::NeedBytes),
+                    Err(e) => {
+                        self.held = Some(Held::Failed(e));
+                        Ok(Next::ReactorsTurn)
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`open_next`](Self::open_next), counting what it opens.
+    fn open_counted(&mut self, now: u64) -> Result<Option<(u32, usize)>> {
+        let opened = self.open_next(now)?;
+        if let Some((_, len)) = opened {
+            self.opened.0 += 1;
+            self.opened.1 += len as u64;
+        }
+        Ok(opened)
+    }
+
+    /// Frames opened and their wire bytes since the last call: the driver
+    /// adds them to its counters once per read, not once per frame.
+    pub fn take_counts(&mut self) -> (u64, u64) {
+        std::mem::take(&mut self.opened)
     }
 
     /// One read from `source` into the buffer's free space, at `now`. A
@@ -617,6 +705,70 @@ mod tests {
         assert_eq!(pool.given.get(), 1);
         core.release_buffer_if_empty();
         assert_eq!(core.buffer_len(), 0);
+    }
+
+    #[test]
+    fn a_caller_takes_responses_only_and_leaves_the_rest_to_the_reactor() {
+        let mut core = open_core(1024, 4096);
+        // Even sequence numbers answer this side's requests here.
+        let wire = sealed(&[(2, b"r1"), (4, b"r2"), (7, b"request"), (6, b"r3")]);
+        let mut source = Chunks {
+            data: &wire,
+            chunk: 4096,
+        };
+        core.fill(&mut source, 0, &Unpooled).unwrap();
+        let even = |seq: u32| seq % 2 == 0 && seq != 0;
+        let caller = Taker::Caller { is_response: &even };
+        let mut taken = Vec::new();
+        loop {
+            match core.next_frame(0, caller).unwrap() {
+                Next::Frame { seq, len } => {
+                    taken.push(seq);
+                    core.consume(len);
+                }
+                other => {
+                    assert_eq!(other, Next::ReactorsTurn);
+                    break;
+                }
+            }
+        }
+        assert_eq!(taken, [2, 4]);
+        // The caller stays out until the reactor took the held request.
+        assert_eq!(core.next_frame(0, caller).unwrap(), Next::ReactorsTurn);
+        let Next::Frame { seq, len } = core.next_frame(0, Taker::Reactor).unwrap() else {
+            panic!("the reactor did not get the held frame first");
+        };
+        assert_eq!((seq, core.payload(len)), (7, &b"request"[..]));
+        core.consume(len);
+        let Next::Frame { seq, len } = core.next_frame(0, caller).unwrap() else {
+            panic!("the caller was not let back in");
+        };
+        assert_eq!(seq, 6);
+        core.consume(len);
+        assert_eq!(core.next_frame(0, caller).unwrap(), Next::NeedBytes);
+        // Each frame counted once, by whoever opened it.
+        assert_eq!(core.take_counts().0, 4);
+        assert_eq!(core.take_counts(), (0, 0));
+    }
+
+    #[test]
+    fn a_callers_error_is_the_reactors_to_report() {
+        let mut core = open_core(1024, 64);
+        let mut wire = sealed(&[(2, b"ok")]);
+        let last = wire.len() - 1;
+        wire[last] ^= 1;
+        let mut source = Chunks {
+            data: &wire,
+            chunk: 4096,
+        };
+        core.fill(&mut source, 0, &Unpooled).unwrap();
+        let any = |_: u32| true;
+        let caller = Taker::Caller { is_response: &any };
+        assert_eq!(core.next_frame(0, caller).unwrap(), Next::ReactorsTurn);
+        assert!(matches!(
+            core.next_frame(0, Taker::Reactor),
+            Err(Error::Authentication)
+        ));
     }
 
     #[test]

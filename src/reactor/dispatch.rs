@@ -11,7 +11,7 @@ use crate::conn::Connection;
 use crate::error::{Error, HandshakeError, Result};
 use crate::handler::{guard_handler, Context, Handler};
 use crate::outbound::Flushed;
-use crate::protocol::connection::{ConnCore, Filled, Held, ReadPhase};
+use crate::protocol::connection::{ConnCore, Filled, Next, ReadPhase, Taker};
 use crate::protocol::Session;
 use crate::stats::Counters;
 
@@ -176,28 +176,13 @@ impl Reactor {
         // after each one: a peer that pipelines requests and never reads
         // the replies makes the server hold at most one reply past it.
         let mut within_budget = true;
-        match inbound.held.take() {
-            None => {}
-            Some(Held::Failed(e)) => return Err(e),
-            Some(Held::Frame { seq, len }) => {
-                // Counted in the stats by the caller that opened it.
-                let result = dispatch(conn, handler, seq, inbound.payload(len), stats);
-                inbound.consume(len);
-                dispatched = true;
-                let what = result?;
-                served = served.max(what);
-                within_budget = what != Served::Requests || !conn.over_budget();
-            }
-        }
-        let (mut frames, mut bytes) = (0u64, 0u64);
         let result = loop {
             if !within_budget {
                 break Ok(());
             }
-            match inbound.open_next(now) {
-                Ok(Some((seq, len))) => {
-                    frames += 1;
-                    bytes += len as u64;
+            match inbound.next_frame(now, Taker::Reactor) {
+                Ok(Next::Frame { seq, len }) => {
+                    dispatched = true;
                     let result = dispatch(conn, handler, seq, inbound.payload(len), stats);
                     inbound.consume(len);
                     match result {
@@ -208,10 +193,11 @@ impl Reactor {
                         Err(e) => break Err(e),
                     }
                 }
-                Ok(None) => break Ok(()),
+                Ok(Next::NeedBytes | Next::ReactorsTurn) => break Ok(()),
                 Err(e) => break Err(e),
             }
         };
+        let (frames, bytes) = inbound.take_counts();
         if frames > 0 {
             Counters::add(&stats.frames_in, frames);
             Counters::add(&stats.bytes_in, bytes);
@@ -222,7 +208,7 @@ impl Reactor {
             self.flush(key);
             return Ok(false);
         }
-        if frames > 0 || dispatched {
+        if dispatched {
             self.dirty.push(key);
         }
         Ok(true)
