@@ -20,7 +20,9 @@ use std::time::Duration;
 
 use crate::error::{Error, Result, TimeoutKind};
 use crate::protocol::TAG_LEN;
-use crate::protocol::{Decoded, FrameDecoder, Handshake, Opener, LENGTH_PREFIX_LEN, SEQ_LEN};
+use crate::protocol::{
+    Decoded, FrameDecoder, Handshake, Opener, Sealer, LENGTH_PREFIX_LEN, SEQ_LEN,
+};
 
 /// A connection's receive buffer: bytes `start..end` are received and not
 /// yet consumed. Made at its configured size on the first read, it grows
@@ -74,12 +76,11 @@ impl RecvBuf {
 // frame opens without an extra indirection; the handshake state is brief.
 #[allow(clippy::large_enum_variant)]
 pub enum ReadPhase {
-    /// The handshake runs on the bytes received.
+    /// The handshake runs on the bytes received (see
+    /// [`ConnCore::step_handshake`]).
     Handshaking {
         /// The handshake in progress.
         handshake: Box<dyn Handshake>,
-        /// Handshake output, reused between steps.
-        out: Vec<u8>,
     },
     /// Frames are opened with the session's opener.
     Open {
@@ -206,6 +207,18 @@ pub struct ConnCore {
     /// Frames opened and their wire bytes, since the driver last took the
     /// counts ([`take_counts`](ConnCore::take_counts)).
     opened: (u64, u64),
+    /// Handshake output owed to the peer, reused between steps.
+    handshake_out: Vec<u8>,
+}
+
+/// What the handshake gives the rest of the connection once it is done.
+#[derive(Debug)]
+pub struct Handshaken {
+    /// Seals what this side sends (the outbound queue's).
+    pub sealer: Sealer,
+    /// The long-term key the peer proved, if the handshake authenticated
+    /// one.
+    pub peer_identity: Option<[u8; 32]>,
 }
 
 impl ConnCore {
@@ -232,7 +245,38 @@ impl ConnCore {
             last_read: now,
             partial_since: None,
             opened: (0, 0),
+            handshake_out: Vec::new(),
         }
+    }
+
+    /// Runs the handshake on the bytes received, at the server's side of a
+    /// connection: returns the bytes to send the peer now (maybe none)
+    /// and, once the handshake is complete, what the rest of the
+    /// connection needs; the core is then open, and the frames that
+    /// followed the handshake wait in the buffer. An authenticated server
+    /// completes only once the client proved the key. Does nothing once
+    /// open.
+    pub fn step_handshake(&mut self) -> Result<(&[u8], Option<Handshaken>)> {
+        self.handshake_out.clear();
+        let ReadPhase::Handshaking { handshake } = &mut self.phase else {
+            return Ok((&self.handshake_out, None));
+        };
+        let rb = &mut self.rbuf;
+        if rb.end > rb.start {
+            let used = handshake.read_input(rb.unconsumed())?;
+            rb.start += used;
+        }
+        handshake.write_output(&mut self.handshake_out);
+        let done = handshake.take_session().map(|session| {
+            self.phase = ReadPhase::Open {
+                opener: session.opener,
+            };
+            Handshaken {
+                sealer: session.sealer,
+                peer_identity: session.peer_identity,
+            }
+        });
+        Ok((&self.handshake_out, done))
     }
 
     /// The next frame `taker` may take, at `now`: the one read loop both
@@ -472,313 +516,4 @@ impl ConnCore {
 }
 
 #[cfg(test)]
-mod tests {
-    //! The core alone: bytes from memory, time as plain numbers.
-
-    use super::*;
-    use crate::protocol::{Profile, Sealer, ServerHandshake};
-
-    const MS: u64 = 1_000_000;
-    const KEY: [u8; 32] = [7; 32];
-
-    /// A byte source that hands out at most `chunk` bytes a read, then
-    /// would block.
-    struct Chunks<'a> {
-        data: &'a [u8],
-        chunk: usize,
-    }
-
-    impl Read for Chunks<'_> {
-        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            if self.data.is_empty() {
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-            let n = self.chunk.min(buf.len()).min(self.data.len());
-            buf[..n].copy_from_slice(&self.data[..n]);
-            self.data = &self.data[n..];
-            Ok(n)
-        }
-    }
-
-    fn deadlines() -> Deadlines {
-        Deadlines {
-            handshake: Some(Duration::from_millis(50)),
-            read: Some(Duration::from_millis(1000)),
-            frame: Some(Duration::from_millis(100)),
-        }
-    }
-
-    fn open_core(max_message: usize, buffer: usize) -> ConnCore {
-        let phase = ReadPhase::Open {
-            opener: Opener::new(KEY, Profile::Secure),
-        };
-        ConnCore::new(phase, buffer, &[], max_message, deadlines(), 0)
-    }
-
-    fn sealed(frames: &[(u32, &[u8])]) -> Vec<u8> {
-        let mut sealer = Sealer::new(KEY, Profile::Secure);
-        let mut wire = Vec::new();
-        for (seq, body) in frames {
-            sealer.seal_append(*seq, body, &mut wire).unwrap();
-        }
-        wire
-    }
-
-    /// Feeds `wire` in reads of at most `chunk` bytes at time `now`, and
-    /// returns every frame opened, in order.
-    fn drain(core: &mut ConnCore, wire: &[u8], chunk: usize, now: u64) -> Vec<(u32, Vec<u8>)> {
-        let mut source = Chunks { data: wire, chunk };
-        let mut out = Vec::new();
-        loop {
-            while let Some((seq, len)) = core.open_next(now).unwrap() {
-                out.push((seq, core.payload(len).to_vec()));
-                core.consume(len);
-            }
-            match core.fill(&mut source, now, &Unpooled).unwrap() {
-                Filled::Bytes { .. } => {}
-                Filled::WouldBlock | Filled::Eof => return out,
-            }
-        }
-    }
-
-    #[test]
-    fn every_split_of_the_input_opens_the_same_frames() {
-        let big = vec![0xab; 300];
-        let frames: [(u32, &[u8]); 4] = [(1, b"one"), (0, b""), (3, &big), (5, b"last")];
-        let wire = sealed(&frames);
-        let expected: Vec<(u32, Vec<u8>)> = frames.iter().map(|(s, b)| (*s, b.to_vec())).collect();
-        for chunk in 1..=wire.len() {
-            // A buffer smaller than the largest frame: it must grow for it.
-            let mut core = open_core(1024, 64);
-            assert_eq!(
-                drain(&mut core, &wire, chunk, 0),
-                expected,
-                "reads of {chunk}"
-            );
-            assert!(core.expired(0, false).is_none());
-        }
-    }
-
-    #[test]
-    fn a_frame_over_the_limit_is_refused_from_its_prefix() {
-        let mut core = open_core(1024, 64);
-        let claimed = (1024 + crate::protocol::MIN_CIPHERTEXT_LEN + 1) as u32;
-        let mut source = Chunks {
-            data: &claimed.to_be_bytes(),
-            chunk: 4,
-        };
-        core.fill(&mut source, 0, &Unpooled).unwrap();
-        assert!(matches!(
-            core.open_next(0),
-            Err(Error::FrameTooLarge { .. })
-        ));
-    }
-
-    #[test]
-    fn a_claimed_length_never_grows_the_buffer() {
-        let mut core = open_core(1 << 20, 64);
-        let claimed = (1 << 20) as u32;
-        let mut partial = claimed.to_be_bytes().to_vec();
-        partial.extend_from_slice(&[0; 196]);
-        let got = drain(&mut core, &partial, 4096, 0);
-        assert!(got.is_empty());
-        // Grown as the 200 bytes came (doubling from 64), not to 1 MiB.
-        let len = core.rbuf.buf.len();
-        assert!((200..=400).contains(&len), "buffer of {len} bytes");
-    }
-
-    #[test]
-    fn a_trickled_frame_expires_at_the_frame_deadline() {
-        let mut core = open_core(1 << 20, 64);
-        let wire = sealed(&[(1, &[0x55; 200])]);
-        // The prefix at 0 ms, then a byte every 10 ms: each read is far
-        // inside the read deadline, so only the frame deadline can end it.
-        drain(&mut core, &wire[..4], 4, 0);
-        let mut t = 0;
-        for (i, byte) in wire[4..40].iter().enumerate() {
-            t = (i as u64 + 1) * 10 * MS;
-            assert!(drain(&mut core, std::slice::from_ref(byte), 1, t).is_empty());
-            let want = (t >= 100 * MS).then_some(TimeoutKind::Frame);
-            assert_eq!(core.expired(t, false), want, "at {} ms", t / MS);
-        }
-        assert_eq!(core.next_deadline(), Some(100 * MS));
-        // Completing the frame ends its deadline.
-        let rest = drain(&mut core, &wire[40..], 4096, t);
-        assert_eq!(rest.len(), 1);
-        assert_eq!(core.expired(t, false), None);
-    }
-
-    #[test]
-    fn silence_expires_at_the_read_deadline() {
-        let mut core = open_core(1024, 64);
-        drain(&mut core, &sealed(&[(1, b"hi")]), 4096, 300 * MS);
-        assert_eq!(core.expired(1299 * MS, false), None);
-        assert_eq!(core.expired(1300 * MS, false), Some(TimeoutKind::Read));
-        assert_eq!(core.next_deadline(), Some(1300 * MS));
-    }
-
-    #[test]
-    fn paused_reading_restarts_the_peer_deadlines() {
-        let mut core = open_core(1024, 64);
-        let wire = sealed(&[(1, b"hello")]);
-        drain(&mut core, &wire[..6], 6, 0);
-        // Paused (this side is not reading): nothing is the peer's fault.
-        assert_eq!(core.expired(5000 * MS, true), None);
-        core.resume(5000 * MS);
-        assert_eq!(core.expired(5099 * MS, false), None);
-        assert_eq!(core.expired(5100 * MS, false), Some(TimeoutKind::Frame));
-    }
-
-    #[test]
-    fn the_handshake_deadline_counts_from_creation() {
-        let handshake = Box::new(ServerHandshake::new(Profile::Secure).unwrap());
-        let phase = ReadPhase::Handshaking {
-            handshake,
-            out: Vec::new(),
-        };
-        let core = ConnCore::new(phase, 64, &[], 1024, deadlines(), 10 * MS);
-        assert_eq!(core.expired(59 * MS, false), None);
-        assert_eq!(core.expired(60 * MS, false), Some(TimeoutKind::Handshake));
-        // Paused reading does not stop a handshake's clock.
-        assert_eq!(core.expired(60 * MS, true), Some(TimeoutKind::Handshake));
-        assert_eq!(core.next_deadline(), Some(60 * MS));
-    }
-
-    /// A pool that records what it lends and gets back.
-    #[derive(Default)]
-    struct Pool {
-        free: std::cell::RefCell<Vec<Vec<u8>>>,
-        given: std::cell::Cell<usize>,
-    }
-
-    impl Buffers for Pool {
-        fn take(&self) -> Option<Vec<u8>> {
-            self.free.borrow_mut().pop()
-        }
-        fn give(&self, buf: Vec<u8>) {
-            self.given.set(self.given.get() + 1);
-            self.free.borrow_mut().push(buf);
-        }
-    }
-
-    #[test]
-    fn the_buffer_is_held_only_while_bytes_are_unread() {
-        let pool = Pool::default();
-        pool.free.borrow_mut().push(vec![0xee; 64]);
-        let mut core = open_core(1024, 64);
-        let all = sealed(&[(1, b"one"), (3, b"two"), (5, &[1; 500])]);
-        let two_frames = crate::protocol::frame_len(3) * 2;
-        let (wire, big) = all.split_at(two_frames);
-        let cut = wire.len() - 5;
-        // A read that ends inside a frame: the buffer must stay.
-        let mut source = Chunks {
-            data: &wire[..cut],
-            chunk: 4096,
-        };
-        core.fill(&mut source, 0, &pool).unwrap();
-        assert_eq!(core.buffer_len(), 64, "the pool's buffer, not a new one");
-        while let Some((_, len)) = core.open_next(0).unwrap() {
-            core.consume(len);
-        }
-        core.lend_back(&pool);
-        assert_eq!(
-            pool.given.get(),
-            0,
-            "gave back a buffer holding a partial frame"
-        );
-        // The rest arrives; once everything is read, the buffer goes back.
-        let mut source = Chunks {
-            data: &wire[cut..],
-            chunk: 4096,
-        };
-        core.fill(&mut source, 0, &pool).unwrap();
-        let (seq, len) = core.open_next(0).unwrap().unwrap();
-        assert_eq!((seq, core.payload(len)), (3, &b"two"[..]));
-        core.consume(len);
-        core.lend_back(&pool);
-        assert_eq!(pool.given.get(), 1);
-        assert_eq!(core.buffer_len(), 0, "an idle core holds no buffer");
-        // A buffer grown for a large frame stays with the connection.
-        drain(&mut core, big, 4096, 0);
-        assert!(core.buffer_len() > 64);
-        core.lend_back(&pool);
-        assert_eq!(pool.given.get(), 1);
-        core.release_buffer_if_empty();
-        assert_eq!(core.buffer_len(), 0);
-    }
-
-    #[test]
-    fn a_caller_takes_responses_only_and_leaves_the_rest_to_the_reactor() {
-        let mut core = open_core(1024, 4096);
-        // Even sequence numbers answer this side's requests here.
-        let wire = sealed(&[(2, b"r1"), (4, b"r2"), (7, b"request"), (6, b"r3")]);
-        let mut source = Chunks {
-            data: &wire,
-            chunk: 4096,
-        };
-        core.fill(&mut source, 0, &Unpooled).unwrap();
-        let even = |seq: u32| seq % 2 == 0 && seq != 0;
-        let caller = Taker::Caller { is_response: &even };
-        let mut taken = Vec::new();
-        loop {
-            match core.next_frame(0, caller).unwrap() {
-                Next::Frame { seq, len } => {
-                    taken.push(seq);
-                    core.consume(len);
-                }
-                other => {
-                    assert_eq!(other, Next::ReactorsTurn);
-                    break;
-                }
-            }
-        }
-        assert_eq!(taken, [2, 4]);
-        // The caller stays out until the reactor took the held request.
-        assert_eq!(core.next_frame(0, caller).unwrap(), Next::ReactorsTurn);
-        let Next::Frame { seq, len } = core.next_frame(0, Taker::Reactor).unwrap() else {
-            panic!("the reactor did not get the held frame first");
-        };
-        assert_eq!((seq, core.payload(len)), (7, &b"request"[..]));
-        core.consume(len);
-        let Next::Frame { seq, len } = core.next_frame(0, caller).unwrap() else {
-            panic!("the caller was not let back in");
-        };
-        assert_eq!(seq, 6);
-        core.consume(len);
-        assert_eq!(core.next_frame(0, caller).unwrap(), Next::NeedBytes);
-        // Each frame counted once, by whoever opened it.
-        assert_eq!(core.take_counts().0, 4);
-        assert_eq!(core.take_counts(), (0, 0));
-    }
-
-    #[test]
-    fn a_callers_error_is_the_reactors_to_report() {
-        let mut core = open_core(1024, 64);
-        let mut wire = sealed(&[(2, b"ok")]);
-        let last = wire.len() - 1;
-        wire[last] ^= 1;
-        let mut source = Chunks {
-            data: &wire,
-            chunk: 4096,
-        };
-        core.fill(&mut source, 0, &Unpooled).unwrap();
-        let any = |_: u32| true;
-        let caller = Taker::Caller { is_response: &any };
-        assert_eq!(core.next_frame(0, caller).unwrap(), Next::ReactorsTurn);
-        assert!(matches!(
-            core.next_frame(0, Taker::Reactor),
-            Err(Error::Authentication)
-        ));
-    }
-
-    #[test]
-    fn disabled_deadlines_never_expire() {
-        let phase = ReadPhase::Open {
-            opener: Opener::new(KEY, Profile::Secure),
-        };
-        let mut core = ConnCore::new(phase, 64, &[], 1024, Deadlines::default(), 0);
-        drain(&mut core, &sealed(&[(1, b"x")])[..3], 3, 0);
-        assert_eq!(core.expired(u64::MAX, false), None);
-        assert_eq!(core.next_deadline(), None);
-    }
-}
+mod tests;

@@ -11,8 +11,7 @@ use crate::conn::Connection;
 use crate::error::{Error, HandshakeError, Result};
 use crate::handler::{guard_handler, Context, Handler};
 use crate::outbound::Flushed;
-use crate::protocol::connection::{ConnCore, Filled, Next, ReadPhase, Taker};
-use crate::protocol::Session;
+use crate::protocol::connection::{ConnCore, Filled, Next, Taker};
 use crate::stats::Counters;
 
 use super::Reactor;
@@ -139,33 +138,19 @@ impl Reactor {
         inbound: &mut ConnCore,
         now: u64,
     ) -> Result<bool> {
-        if let ReadPhase::Handshaking { handshake, out } = &mut inbound.phase {
-            let rb = &mut inbound.rbuf;
-            if rb.end > rb.start {
-                let used = handshake.read_input(rb.unconsumed())?;
-                rb.start += used;
-            }
-            out.clear();
-            handshake.write_output(out);
+        if !inbound.is_open() {
+            let (out, done) = inbound.step_handshake()?;
             if !out.is_empty() {
                 write_handshake(conn, out)?;
             }
-            match handshake.take_session() {
-                Some(Session {
-                    sealer,
-                    opener,
-                    peer_identity,
-                    ..
-                }) => {
-                    conn.set_peer_identity(peer_identity);
-                    conn.install_sealer(sealer);
-                    inbound.phase = ReadPhase::Open { opener };
-                    self.conns[key].handshaking = false;
-                    let handler = self.conns[key].handler.clone();
-                    guard_handler(|| handler.on_open(conn))?;
-                }
-                None => return Ok(true),
-            }
+            let Some(done) = done else {
+                return Ok(true);
+            };
+            conn.set_peer_identity(done.peer_identity);
+            conn.install_sealer(done.sealer);
+            self.conns[key].handshaking = false;
+            let handler = self.conns[key].handler.clone();
+            guard_handler(|| handler.on_open(conn))?;
         }
         let stats = &self.shared.stats;
         let handler = &*self.conns[key].handler;

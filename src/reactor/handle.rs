@@ -181,10 +181,7 @@ impl ReactorHandle {
             driver: self.shared.clone(),
             release,
             core: ConnCore::new(
-                ReadPhase::Handshaking {
-                    handshake,
-                    out: Vec::new(),
-                },
+                ReadPhase::Handshaking { handshake },
                 self.shared.config.read_buffer_size,
                 &[],
                 self.shared.config.max_message_size,
