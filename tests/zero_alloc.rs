@@ -51,61 +51,95 @@ fn wait_until(what: &str, deadline: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
-/// After a warm-up, 10,000 of each call allocate nothing anywhere in the
-/// process: not on the caller, not on the client's or server's reactors.
-#[test]
-fn steady_state_calls_allocate_nothing() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let seen = Arc::new(AtomicU64::new(0));
-    let counter = seen.clone();
-    let reply = vec![7u8; 1400];
-    let server = Server::bind(
-        "127.0.0.1:0",
-        Config::server().workers(1),
-        move |ctx: &mut Context<'_>| {
-            counter.fetch_add(1, Ordering::Relaxed);
-            if ctx.expects_reply() {
-                ctx.reply(&reply).unwrap();
-            }
-        },
-    )
-    .unwrap();
-    let client = Client::new(
-        server.local_addr(),
-        Config::default().workers(1).max_conns(1),
-    )
-    .unwrap();
-    let payload = vec![1u8; 1400];
-    let mut response = Vec::with_capacity(4096);
+/// A server that counts every message and answers requests with 1400
+/// bytes, and a one-connection client to it, on one reactor each.
+struct Pair {
+    server: Server,
+    client: Client,
+    seen: Arc<AtomicU64>,
+    sent: u64,
+    payload: Vec<u8>,
+    response: Vec<u8>,
+}
 
-    let mut round = |n: usize, sent: &mut u64| {
-        for _ in 0..n {
-            client.send(&payload).unwrap();
-            client.send_no_wait(&payload).unwrap();
-            client.request(&payload, &mut response).unwrap();
-            assert_eq!(response.len(), 1400);
-            *sent += 3;
+impl Pair {
+    fn start() -> Pair {
+        let seen = Arc::new(AtomicU64::new(0));
+        let counter = seen.clone();
+        let reply = vec![7u8; 1400];
+        let server = Server::bind(
+            "127.0.0.1:0",
+            Config::server().workers(1),
+            move |ctx: &mut Context<'_>| {
+                counter.fetch_add(1, Ordering::Relaxed);
+                if ctx.expects_reply() {
+                    ctx.reply(&reply).unwrap();
+                }
+            },
+        )
+        .unwrap();
+        let client = Client::new(
+            server.local_addr(),
+            Config::default().workers(1).max_conns(1),
+        )
+        .unwrap();
+        Pair {
+            server,
+            client,
+            seen,
+            sent: 0,
+            payload: vec![1u8; 1400],
+            response: Vec::with_capacity(4096),
         }
-        let target = *sent;
+    }
+
+    /// `n` each of send, send_no_wait and request, then waits until the
+    /// server counted every message.
+    fn round(&mut self, n: usize) {
+        for _ in 0..n {
+            self.client.send(&self.payload).unwrap();
+            self.client.send_no_wait(&self.payload).unwrap();
+            self.client
+                .request(&self.payload, &mut self.response)
+                .unwrap();
+            assert_eq!(self.response.len(), 1400);
+            self.sent += 3;
+        }
+        let (target, seen) = (self.sent, &self.seen);
         wait_until(
             "the server to count every message",
             Duration::from_secs(20),
             || seen.load(Ordering::Relaxed) >= target,
         );
-    };
+    }
 
-    let mut sent = 0;
-    round(2_000, &mut sent);
-    let before = ALLOCS.load(Ordering::SeqCst);
-    round(N, &mut sent);
-    let allocs = ALLOCS.load(Ordering::SeqCst) - before;
+    /// Allocations anywhere in the process during `f`.
+    fn allocations(&mut self, f: impl FnOnce(&mut Pair)) -> u64 {
+        let before = ALLOCS.load(Ordering::SeqCst);
+        f(self);
+        ALLOCS.load(Ordering::SeqCst) - before
+    }
+
+    fn stop(self) {
+        self.client.shutdown();
+        self.server.shutdown();
+    }
+}
+
+/// After a warm-up, 10,000 of each call allocate nothing anywhere in the
+/// process: not on the caller, not on the client's or server's reactors.
+#[test]
+fn steady_state_calls_allocate_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut pair = Pair::start();
+    pair.round(2_000);
+    let allocs = pair.allocations(|p| p.round(N));
     assert_eq!(
         allocs, 0,
         "{allocs} allocations over {N} each of send, send_no_wait, request and reply (last of {} bytes)",
         LAST_SIZE.load(Ordering::Relaxed)
     );
-    client.shutdown();
-    server.shutdown();
+    pair.stop();
 }
 
 /// Connections that idled long enough to give their buffers back (an idle
@@ -114,50 +148,13 @@ fn steady_state_calls_allocate_nothing() {
 #[test]
 fn waking_after_idle_allocates_nothing() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let seen = Arc::new(AtomicU64::new(0));
-    let counter = seen.clone();
-    let reply = vec![7u8; 1400];
-    let server = Server::bind(
-        "127.0.0.1:0",
-        Config::server().workers(1),
-        move |ctx: &mut Context<'_>| {
-            counter.fetch_add(1, Ordering::Relaxed);
-            if ctx.expects_reply() {
-                ctx.reply(&reply).unwrap();
-            }
-        },
-    )
-    .unwrap();
-    let client = Client::new(
-        server.local_addr(),
-        Config::default().workers(1).max_conns(1),
-    )
-    .unwrap();
-    let payload = vec![1u8; 1400];
-    let mut response = Vec::with_capacity(4096);
-    let mut sent = 0u64;
-    let mut round = |n: usize, sent: &mut u64| {
-        for _ in 0..n {
-            client.send(&payload).unwrap();
-            client.send_no_wait(&payload).unwrap();
-            client.request(&payload, &mut response).unwrap();
-            *sent += 3;
-        }
-        let target = *sent;
-        wait_until(
-            "the server to count every message",
-            Duration::from_secs(20),
-            || seen.load(Ordering::Relaxed) >= target,
-        );
-    };
-    round(2_000, &mut sent);
+    let mut pair = Pair::start();
+    pair.round(2_000);
     for idle in 0..3 {
         // Past the 1 s after which an idle connection gives its buffers
         // back, and a sweep (at most 250 ms apart) to notice it.
         std::thread::sleep(Duration::from_millis(1600));
-        let before = ALLOCS.load(Ordering::SeqCst);
-        round(100, &mut sent);
-        let allocs = ALLOCS.load(Ordering::SeqCst) - before;
+        let allocs = pair.allocations(|p| p.round(100));
         assert_eq!(
             allocs,
             0,
@@ -165,6 +162,5 @@ fn waking_after_idle_allocates_nothing() {
             LAST_SIZE.load(Ordering::Relaxed)
         );
     }
-    client.shutdown();
-    server.shutdown();
+    pair.stop();
 }
