@@ -515,5 +515,9 @@ impl ConnCore {
     }
 }
 
+mod lifecycle;
+
+pub use lifecycle::{Advance, Lifecycle, Phase};
+
 #[cfg(test)]
 mod tests;

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use crate::clock::now_nanos;
 use crate::conn::Connection;
-use crate::error::{Error, HandshakeError, Result};
+use crate::error::Result;
 use crate::handler::{guard_handler, Context, Handler};
 use crate::outbound::Flushed;
 use crate::protocol::connection::{ConnCore, Filled, Next, Taker};
@@ -110,18 +110,12 @@ impl Reactor {
     /// close.
     pub(super) fn on_end_of_stream(&mut self, key: usize) -> Result<()> {
         let drain_time = self.drain_time();
-        let entry = &mut self.conns[key];
-        if entry.handshaking {
-            return Err(HandshakeError::PeerClosed.into());
+        if self.conns[key]
+            .life
+            .peer_finished(Instant::now(), drain_time)?
+        {
+            self.dirty.push(key);
         }
-        if entry.read_closed {
-            return Ok(());
-        }
-        entry.read_closed = true;
-        if entry.draining.is_none() {
-            entry.draining = Some(Instant::now() + drain_time);
-        }
-        self.dirty.push(key);
         Ok(())
     }
 
@@ -148,7 +142,7 @@ impl Reactor {
             };
             conn.set_peer_identity(done.peer_identity);
             conn.install_sealer(done.sealer);
-            self.conns[key].handshaking = false;
+            self.conns[key].life.opened();
             let handler = self.conns[key].handler.clone();
             guard_handler(|| handler.on_open(conn))?;
         }
@@ -263,22 +257,12 @@ impl Reactor {
         let Some(entry) = self.conns.get_mut(key) else {
             return;
         };
-        if entry.draining.is_none() {
-            return;
+        let conn = &entry.conn;
+        let step = entry.life.advance(|| conn.seal_off_if_drained());
+        if step.shut_write {
+            let _ = conn.shared.stream.shutdown(std::net::Shutdown::Write);
         }
-        if !entry.write_shut {
-            if !entry.conn.seal_off_if_drained() {
-                return;
-            }
-            entry.write_shut = true;
-            let _ = entry.conn.shared.stream.shutdown(std::net::Shutdown::Write);
-        }
-        if entry.read_closed || entry.handshaking {
-            let reason = if entry.local_close {
-                Error::Closed
-            } else {
-                Error::PeerClosed
-            };
+        if let Some(reason) = step.close {
             self.close(key, reason);
         }
     }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use crate::conn::Connection;
 use crate::error::{Error, TimeoutKind};
 use crate::handler::Handler;
+use crate::protocol::connection::{Lifecycle, Phase};
 
 /// How long a connection must see no byte in or out before its buffers are
 /// given back: long enough that a connection in use keeps them (no
@@ -20,28 +21,21 @@ pub(super) struct Entry {
     pub(super) conn: Connection,
     /// Gets the connection's messages and life events.
     pub(super) handler: Arc<dyn Handler>,
-    /// The server side of the handshake is still running.
-    pub(super) handshaking: bool,
+    /// Handshaking, open or draining (see [`Lifecycle`]).
+    pub(super) life: Lifecycle,
+    /// The reactor waits for the socket to take more output.
     pub(super) writable: bool,
-    /// The peer has shut its write side (end of stream was read).
-    pub(super) read_closed: bool,
     /// Reading is paused until queued output drains (backpressure).
     pub(super) read_paused: bool,
     /// Reading resumed after a pause: the core's deadlines restart at the
     /// next read (see [`ConnCore::resume`]).
     pub(super) resumed: bool,
-    /// This side began the close (its shutdown), so the end is orderly.
-    pub(super) local_close: bool,
     /// (bytes written, when that count was last seen to change)
     pub(super) write_watch: (u64, Instant),
     /// (bytes written, last read, when either last changed), and whether
     /// the buffers were given back since: the idle-release watch.
     pub(super) activity: (u64, u64, Instant),
     pub(super) buffers_released: bool,
-    /// Set while closing gracefully: output is flushed, then the write side
-    /// is shut, then the peer's end is awaited until this deadline.
-    pub(super) draining: Option<Instant>,
-    pub(super) write_shut: bool,
 }
 
 impl Entry {
@@ -55,17 +49,13 @@ impl Entry {
         Entry {
             conn,
             handler,
-            handshaking,
+            life: Lifecycle::new(handshaking),
             writable: false,
             resumed: false,
             write_watch: (0, now),
             activity: (0, 0, now),
             buffers_released: false,
-            draining: None,
-            write_shut: false,
-            read_closed: false,
             read_paused: false,
-            local_close: false,
         }
     }
 
@@ -83,7 +73,7 @@ impl Entry {
         write_timeout: Option<Duration>,
         released: &mut bool,
     ) -> Option<Error> {
-        if self.draining.is_some_and(|deadline| now >= deadline) {
+        if self.life.drain_expired(now) {
             return Some(Error::Closed);
         }
         let last_read = self.conn.shared.read.last_read();
@@ -98,7 +88,7 @@ impl Entry {
             && now.duration_since(self.activity.2) >= IDLE_RELEASE;
         // While reading is paused the silence is ours, and the write
         // timeout judges the peer.
-        let paused = self.read_paused || self.draining.is_some();
+        let paused = self.read_paused || self.life.phase() == Phase::Draining;
         let conn = &self.conn;
         let timeout = conn
             .with_idle_core(|core| {

@@ -383,9 +383,7 @@ impl Reactor {
         let deadline = Instant::now() + self.drain_time();
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for key in keys {
-            let entry = &mut self.conns[key];
-            entry.local_close = true;
-            entry.draining.get_or_insert(deadline);
+            self.conns[key].life.close_locally(deadline);
             self.flush(key);
         }
     }
@@ -427,13 +425,15 @@ impl Reactor {
             return;
         };
         self.shared.connections.fetch_sub(1, Ordering::Relaxed);
-        self.shared.stats.count_close(&err, entry.handshaking);
+        self.shared
+            .stats
+            .count_close(&err, entry.life.is_handshaking());
         let fd = entry.conn.shared.stream.as_raw_fd();
         let _ = self.shared.registry.deregister(&mut SourceFd(&fd));
         entry.conn.finish_close(&err);
         let handler = entry.handler.clone();
         let conn = entry.conn.clone();
-        let _ = guard_handler(|| match entry.handshaking {
+        let _ = guard_handler(|| match entry.life.is_handshaking() {
             false => handler.on_close(&conn, &err),
             true => handler.on_handshake_failed(conn.peer_addr(), &err),
         });
