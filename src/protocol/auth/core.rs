@@ -66,17 +66,25 @@ impl PskHandshake {
     }
 }
 
-impl Handshake for PskHandshake {
-    fn write_output(&mut self, out: &mut Vec<u8>) {
-        self.0.write_output(out)
-    }
-    fn read_input(&mut self, input: &[u8]) -> Result<usize> {
-        self.0.read_input(input)
-    }
-    fn take_session(&mut self) -> Option<Session> {
-        self.0.take_session()
-    }
+/// Both authenticated handshakes are the shared [`Core`] under a profile's
+/// name: their `Handshake` is the core's.
+macro_rules! handshake_is_the_core {
+    ($($name:ident),*) => {$(
+        impl Handshake for $name {
+            fn write_output(&mut self, out: &mut Vec<u8>) {
+                self.0.write_output(out)
+            }
+            fn read_input(&mut self, input: &[u8]) -> Result<usize> {
+                self.0.read_input(input)
+            }
+            fn take_session(&mut self) -> Option<Session> {
+                self.0.take_session()
+            }
+        }
+    )*};
 }
+
+handshake_is_the_core!(PskHandshake, IdentityHandshake);
 
 /// The `identity` profile's handshake (see the module documentation).
 pub struct IdentityHandshake(Core);
@@ -114,18 +122,6 @@ impl IdentityHandshake {
     /// accepted (`None` for an anonymous peer).
     pub fn peer_identity(&self) -> Option<&[u8; ED25519_PUBLIC_KEY_LEN]> {
         self.0.peer_identity.as_ref()
-    }
-}
-
-impl Handshake for IdentityHandshake {
-    fn write_output(&mut self, out: &mut Vec<u8>) {
-        self.0.write_output(out)
-    }
-    fn read_input(&mut self, input: &[u8]) -> Result<usize> {
-        self.0.read_input(input)
-    }
-    fn take_session(&mut self) -> Option<Session> {
-        self.0.take_session()
     }
 }
 
