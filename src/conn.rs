@@ -321,16 +321,15 @@ impl Connection {
 
     /// A reply made by a handler on this connection's reactor thread:
     /// queued without waiting for room (the reactor enforces the budget
-    /// between frames; see [`Connection::over_budget`]).
+    /// between frames; see `Lifecycle::within_budget`).
     pub(crate) fn queue_reply(&self, seq: u32, body: &[u8]) -> Result<()> {
         self.submit(seq, body, Mode::OnReactor)
     }
 
-    /// Whether more than `max_queued_bytes` wait to be written: the reactor
-    /// then dispatches no further frame of this connection until they
-    /// drain.
-    pub(crate) fn over_budget(&self) -> bool {
-        self.shared.out.over_budget()
+    /// Bytes waiting to be written: what the reactor holds against the
+    /// connection's outbound budget.
+    pub(crate) fn queued(&self) -> usize {
+        self.shared.out.queued()
     }
 
     /// Closes the connection at once: queued output is dropped and pending
@@ -364,8 +363,10 @@ impl Connection {
     }
 
     /// Reactor side: write what is queued, as far as the socket takes it.
-    pub(crate) fn flush_from_reactor(&self) -> Flushed {
-        self.shared.out.flush_from_reactor(self)
+    /// A thread already writing hands the queue back to the reactor when
+    /// done if more than `hand_back_past` bytes are queued.
+    pub(crate) fn flush_from_reactor(&self, hand_back_past: usize) -> Flushed {
+        self.shared.out.flush_from_reactor(self, hand_back_past)
     }
 
     /// Reactor side, for a connection that has been idle a while: gives

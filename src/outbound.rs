@@ -434,13 +434,19 @@ impl OutboundQueue {
     }
 
     /// Reactor side: write what is queued, as far as the socket takes it.
-    pub(crate) fn flush_from_reactor(&self, owner: &impl QueueOwner) -> Flushed {
+    /// A thread already writing hands the queue back when done if more
+    /// than `hand_back_past` bytes are queued.
+    pub(crate) fn flush_from_reactor(
+        &self,
+        owner: &impl QueueOwner,
+        hand_back_past: usize,
+    ) -> Flushed {
         let mut g = lock(&self.state);
         if g.closed.is_some() {
             return Flushed::Closed;
         }
         if g.writing {
-            if g.pending() > self.limit {
+            if g.pending() > hand_back_past {
                 // The reactor pauses reading on this: the writer hands the
                 // queue back when it is done, which resumes it.
                 g.reactor_waits = true;
@@ -478,11 +484,9 @@ impl OutboundQueue {
         }
     }
 
-    /// Whether more than `max_queued_bytes` wait to be written: the reactor
-    /// then dispatches no further frame of this connection until they
-    /// drain.
-    pub(crate) fn over_budget(&self) -> bool {
-        lock(&self.state).pending() > self.limit
+    /// Bytes waiting to be written.
+    pub(crate) fn queued(&self) -> usize {
+        lock(&self.state).pending()
     }
 
     /// Reactor side, graceful close: if nothing is queued, refuse further

@@ -517,7 +517,7 @@ impl ConnCore {
 
 mod lifecycle;
 
-pub use lifecycle::{Advance, Lifecycle, Phase};
+pub use lifecycle::{Advance, Expired, LifeLimits, Lifecycle, Output, Phase, Progress, ReadGate};
 
 #[cfg(test)]
 mod tests;

@@ -4,14 +4,13 @@
 //! it), flushes the queue, and advances a graceful close.
 
 use std::io::{self, Write};
-use std::time::Instant;
 
 use crate::clock::now_nanos;
 use crate::conn::Connection;
 use crate::error::Result;
 use crate::handler::{guard_handler, Context, Handler};
 use crate::outbound::Flushed;
-use crate::protocol::connection::{ConnCore, Filled, Next, Taker};
+use crate::protocol::connection::{ConnCore, Filled, Next, Output, ReadGate, Taker};
 use crate::stats::Counters;
 
 use super::Reactor;
@@ -39,7 +38,7 @@ impl Reactor {
             // A caller is reading it, and reads again before it lets go.
             return;
         };
-        if std::mem::take(&mut self.conns[key].resumed) {
+        if self.conns[key].life.take_resumed() {
             inbound.resume(now_nanos());
         }
         let result = loop {
@@ -74,7 +73,7 @@ impl Reactor {
         let mut now = now_nanos();
         let mut drained = false;
         loop {
-            if self.conns[key].read_paused {
+            if self.conns[key].life.read_paused() {
                 return Ok(());
             }
             if !self.process(key, conn, inbound, now)? {
@@ -82,7 +81,7 @@ impl Reactor {
                 // as the socket took them. Reading stays paused (the frames
                 // not yet dispatched stay in the buffer) until they drain;
                 // if the socket took enough, go on.
-                if !self.conns.contains(key) || self.conns[key].read_paused {
+                if !self.conns.contains(key) || self.conns[key].life.read_paused() {
                     return Ok(());
                 }
                 continue;
@@ -109,11 +108,7 @@ impl Reactor {
     /// shutdown). Replies to what it sent are still owed: flush them, then
     /// close.
     pub(super) fn on_end_of_stream(&mut self, key: usize) -> Result<()> {
-        let drain_time = self.drain_time();
-        if self.conns[key]
-            .life
-            .peer_finished(Instant::now(), drain_time)?
-        {
+        if self.conns[key].life.peer_finished(now_nanos())? {
             self.dirty.push(key);
         }
         Ok(())
@@ -147,13 +142,12 @@ impl Reactor {
             guard_handler(|| handler.on_open(conn))?;
         }
         let stats = &self.shared.stats;
-        let handler = &*self.conns[key].handler;
+        let entry = &self.conns[key];
+        let (handler, life) = (&*entry.handler, &entry.life);
         let mut dispatched = false;
         let mut served = Served::Nothing;
-        // Replies made here queue without waiting for room (this thread is
-        // the one that would drain the queue), so the budget is checked
-        // after each one: a peer that pipelines requests and never reads
-        // the replies makes the server hold at most one reply past it.
+        // The budget is checked after each reply (see
+        // `Lifecycle::within_budget`).
         let mut within_budget = true;
         let result = loop {
             if !within_budget {
@@ -167,7 +161,8 @@ impl Reactor {
                     match result {
                         Ok(what) => {
                             served = served.max(what);
-                            within_budget = what != Served::Requests || !conn.over_budget();
+                            within_budget =
+                                what != Served::Requests || life.within_budget(conn.queued());
                         }
                         Err(e) => break Err(e),
                     }
@@ -199,45 +194,27 @@ impl Reactor {
 
     pub(super) fn flush(&mut self, key: usize) {
         let entry = &mut self.conns[key];
-        let limit = self.config.max_queued_bytes;
-        match entry.conn.flush_from_reactor() {
-            Flushed::Blocked(queued) => {
-                if queued > limit && !entry.read_paused {
-                    // The peer sends requests faster than it reads the
-                    // replies: stop reading it until its replies drain, so
-                    // what it makes us queue stays bounded.
-                    entry.read_paused = true;
-                    Counters::inc(&self.shared.stats.reads_paused);
-                }
-                if !entry.writable {
-                    entry.writable = true;
-                    if let Err(e) = entry.conn.set_write_interest(true) {
-                        self.close(key, e.into());
-                        return;
-                    }
-                }
-            }
-            Flushed::Busy(queued) if queued > limit => {
-                // Another thread is writing a queue past the budget: pause
-                // as if blocked; that writer hands the queue back to this
-                // reactor when it is done (`reactor_waits`), and the flush
-                // that follows resumes reading.
-                if !entry.read_paused {
-                    entry.read_paused = true;
-                    Counters::inc(&self.shared.stats.reads_paused);
+        let output = match entry.conn.flush_from_reactor(entry.life.hand_back_past()) {
+            Flushed::Empty => Output::Drained,
+            Flushed::Blocked(queued) => Output::Blocked { queued },
+            Flushed::Busy(queued) => Output::Writing { queued },
+            Flushed::Closed => return self.after_io(key),
+        };
+        match entry.life.after_flush(output) {
+            ReadGate::Paused => Counters::inc(&self.shared.stats.reads_paused),
+            ReadGate::Resumed => self.resume.push(key),
+            ReadGate::Unchanged => {}
+        }
+        // Wait for the socket to take more only while it refused some.
+        let blocked = matches!(output, Output::Blocked { .. });
+        if entry.writable != blocked {
+            entry.writable = blocked;
+            if let Err(e) = entry.conn.set_write_interest(blocked) {
+                if blocked {
+                    self.close(key, e.into());
+                    return;
                 }
             }
-            Flushed::Empty | Flushed::Busy(_) => {
-                if entry.read_paused {
-                    entry.read_paused = false;
-                    self.resume.push(key);
-                }
-                if entry.writable {
-                    entry.writable = false;
-                    let _ = entry.conn.set_write_interest(false);
-                }
-            }
-            Flushed::Closed => {}
         }
         self.after_io(key);
     }

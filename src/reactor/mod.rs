@@ -276,7 +276,6 @@ impl Reactor {
         // announced no more, so resumed connections are read now.
         while let Some(key) = self.resume.pop() {
             if self.conns.contains(key) {
-                self.conns[key].resumed = true;
                 self.on_readable(key, false);
             }
         }
@@ -348,7 +347,7 @@ impl Reactor {
             conn.finish_close(&Error::Closed);
             return;
         }
-        let now = Instant::now();
+        let now = now_nanos();
         let entry = self.conns.vacant_entry();
         let key = entry.key();
         let fd = conn.shared.stream.as_raw_fd();
@@ -363,16 +362,11 @@ impl Reactor {
             return;
         }
         conn.shared.token.store(key, Ordering::Release);
-        entry.insert(Entry::new(conn, handler, handshaking, now));
+        entry.insert(Entry::new(conn, handler, handshaking, &self.config, now));
         // Server handshakes may owe output before any input (custom ones),
         // and bytes read past a dialled handshake must be processed: one
         // pass now.
         self.on_readable(key, false);
-    }
-
-    /// How long a graceful close may take to flush and hear the peer's end.
-    fn drain_time(&self) -> Duration {
-        self.config.drain_timeout
     }
 
     fn begin_stop(&mut self) {
@@ -380,10 +374,10 @@ impl Reactor {
             return;
         }
         self.stopping = true;
-        let deadline = Instant::now() + self.drain_time();
+        let now = now_nanos();
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for key in keys {
-            self.conns[key].life.close_locally(deadline);
+            self.conns[key].life.close_locally(now);
             self.flush(key);
         }
     }
@@ -392,16 +386,11 @@ impl Reactor {
     fn sweep(&mut self) {
         let now = Instant::now();
         let now_nanos = now_nanos();
-        let write_timeout = self.config.write_timeout;
         let mut released = false;
         let expired: Vec<(usize, Error)> = self
             .conns
             .iter_mut()
-            .filter_map(|(key, entry)| {
-                entry
-                    .sweep(now, now_nanos, write_timeout, &mut released)
-                    .map(|err| (key, err))
-            })
+            .filter_map(|(key, entry)| entry.sweep(now_nanos, &mut released).map(|err| (key, err)))
             .collect();
         for (key, err) in expired {
             self.close(key, err);

@@ -1,11 +1,18 @@
-//! A connection's life as its reactor drives it: handshaking, open,
-//! draining (a graceful close: flush what is queued, shut the write side,
-//! wait for the peer's end) and closed. No I/O and no clock: the reactor
-//! says what happened, with the time, and does what the answer says.
+//! A connection's life on its reactor's side, as a sans-IO state machine:
+//! its phase (handshaking, open, draining: a graceful close that flushes
+//! what is queued, shuts the write side and waits for the peer's end), the
+//! outbound budget that pauses reading, and the timers that judge this
+//! side's progress (write, drain) or give an idle connection's buffers
+//! back. No I/O and no clock: the reactor reports what happened, with the
+//! time in nanoseconds, and does what the answer says.
+//!
+//! The peer's deadlines (handshake, read, frame) belong to the receive
+//! side, [`ConnCore`](super::ConnCore), which a waiting caller may drive as
+//! well; this half only the reactor drives.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::error::{Error, HandshakeError, Result};
+use crate::error::{Error, HandshakeError, Result, TimeoutKind};
 
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,6 +24,69 @@ pub enum Phase {
     Open,
     /// Closing gracefully, until the deadline at the latest.
     Draining,
+}
+
+/// The limits a connection's life is held to, from `Config`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LifeLimits {
+    /// Output queued past this pauses reading the peer (`max_queued_bytes`).
+    pub max_queued: usize,
+    /// Queued output that makes no progress for this long closes the
+    /// connection (`write_timeout`); `None` waits forever.
+    pub write: Option<Duration>,
+    /// How long a graceful close may take (`drain_timeout`).
+    pub drain: Duration,
+    /// No byte in or out for this long gives the buffers back.
+    pub idle_release: Duration,
+}
+
+/// What the outbound queue reported after the reactor flushed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// Everything queued is written.
+    Drained,
+    /// The socket took what it could; this many bytes wait for it.
+    Blocked {
+        /// Bytes still queued.
+        queued: usize,
+    },
+    /// Another thread is writing the queue, which holds this many bytes.
+    Writing {
+        /// Bytes still queued.
+        queued: usize,
+    },
+}
+
+/// What a flush means for reading the peer ([`Lifecycle::after_flush`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadGate {
+    /// As it was.
+    Unchanged,
+    /// Stop reading: the peer makes this side queue more than its budget.
+    Paused,
+    /// Read again: the queue drained. Bytes that came meanwhile were
+    /// announced no more (edge-triggered): read now.
+    Resumed,
+}
+
+/// What the reactor observed of a connection, for its timers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// Bytes written so far.
+    pub written: u64,
+    /// Output waits to be written.
+    pub pending: bool,
+    /// When bytes last arrived (the receive side's clock).
+    pub last_read: u64,
+}
+
+/// What [`Lifecycle::handle_timeout`] decided.
+#[derive(Debug, Default)]
+pub struct Expired {
+    /// Close the connection with this.
+    pub close: Option<Error>,
+    /// Nothing moved for a while: give the buffers back.
+    pub release_buffers: bool,
 }
 
 /// What the reactor must do next in a graceful close
@@ -32,26 +102,44 @@ pub struct Advance {
 /// The state of one connection's life; see the module docs.
 #[derive(Debug)]
 pub struct Lifecycle {
+    limits: LifeLimits,
     handshaking: bool,
     /// Set while closing gracefully: the close ends by then at the latest.
-    drain_deadline: Option<Instant>,
+    drain_deadline: Option<u64>,
     /// The peer has shut its write side (its end of stream was read).
     peer_done: bool,
     /// This side has shut its write side.
     write_shut: bool,
     /// This side began the close (its shutdown), so the end is orderly.
     local: bool,
+    /// Reading is paused until queued output drains.
+    read_paused: bool,
+    /// Reading resumed since the receive side last heard of it.
+    resumed: bool,
+    /// Bytes written when last seen to change, and when.
+    write_watch: (u64, u64),
+    /// Bytes written and last read when either last changed, and when.
+    activity: (u64, u64, u64),
+    /// The buffers were given back since the last activity.
+    released: bool,
 }
 
 impl Lifecycle {
-    /// A connection handed to its reactor, still `handshaking` or open.
-    pub fn new(handshaking: bool) -> Self {
+    /// A connection handed to its reactor at `now`, still `handshaking` or
+    /// open.
+    pub fn new(handshaking: bool, limits: LifeLimits, now: u64) -> Self {
         Lifecycle {
+            limits,
             handshaking,
             drain_deadline: None,
             peer_done: false,
             write_shut: false,
             local: false,
+            read_paused: false,
+            resumed: false,
+            write_watch: (0, now),
+            activity: (0, 0, now),
+            released: false,
         }
     }
 
@@ -77,11 +165,73 @@ impl Lifecycle {
         self.handshaking = false;
     }
 
+    /// Whether the reactor may dispatch another frame after a handler's
+    /// reply left `queued` bytes queued. Replies made on the reactor queue
+    /// without waiting for room (its thread is the one that would drain
+    /// the queue), so the budget is checked after each: a peer that
+    /// pipelines requests and never reads makes this side hold at most one
+    /// reply past it.
+    pub fn within_budget(&self, queued: usize) -> bool {
+        queued <= self.limits.max_queued
+    }
+
+    /// The queued bytes past which a thread writing the queue hands it
+    /// back to the reactor when done: the reactor pauses reading until
+    /// then ([`Output::Writing`]).
+    pub fn hand_back_past(&self) -> usize {
+        self.limits.max_queued
+    }
+
+    /// The reactor flushed the queue: whether reading pauses (the peer
+    /// sends requests faster than it reads the replies) or resumes.
+    pub fn after_flush(&mut self, output: Output) -> ReadGate {
+        let over = |queued: usize| queued > self.limits.max_queued;
+        match output {
+            Output::Blocked { queued } | Output::Writing { queued } if over(queued) => {
+                if self.read_paused {
+                    ReadGate::Unchanged
+                } else {
+                    self.read_paused = true;
+                    ReadGate::Paused
+                }
+            }
+            // The socket is full, within budget: reading stays as it is
+            // until the writable edge flushes again.
+            Output::Blocked { .. } => ReadGate::Unchanged,
+            Output::Writing { .. } | Output::Drained => {
+                if self.read_paused {
+                    self.read_paused = false;
+                    self.resumed = true;
+                    ReadGate::Resumed
+                } else {
+                    ReadGate::Unchanged
+                }
+            }
+        }
+    }
+
+    /// Whether reading is paused for the outbound budget.
+    pub fn read_paused(&self) -> bool {
+        self.read_paused
+    }
+
+    /// Whether this side stopped reading (its budget, or its close): the
+    /// silence is then its own, not the peer's.
+    pub fn silence_is_ours(&self) -> bool {
+        self.read_paused || self.drain_deadline.is_some()
+    }
+
+    /// Whether reading resumed since the last call: the receive side's
+    /// deadlines then restart (see [`ConnCore::resume`](super::ConnCore::resume)).
+    pub fn take_resumed(&mut self) -> bool {
+        std::mem::take(&mut self.resumed)
+    }
+
     /// The peer's end of stream arrived at `now`. During the handshake that
     /// fails it; once open, replies to what the peer sent are still owed,
-    /// so the connection drains (for at most `drain`). Returns whether this
-    /// is news (the reactor then flushes).
-    pub fn peer_finished(&mut self, now: Instant, drain: Duration) -> Result<bool> {
+    /// so the connection drains. Returns whether this is news (the reactor
+    /// then flushes).
+    pub fn peer_finished(&mut self, now: u64) -> Result<bool> {
         if self.handshaking {
             return Err(HandshakeError::PeerClosed.into());
         }
@@ -89,15 +239,20 @@ impl Lifecycle {
             return Ok(false);
         }
         self.peer_done = true;
-        self.drain_deadline.get_or_insert(now + drain);
+        self.drain_from(now);
         Ok(true)
     }
 
-    /// This side closes gracefully, by `deadline` at the latest (a close
-    /// already under way keeps its own deadline).
-    pub fn close_locally(&mut self, deadline: Instant) {
+    /// This side closes gracefully from `now` (a close already under way
+    /// keeps its own deadline).
+    pub fn close_locally(&mut self, now: u64) {
         self.local = true;
-        self.drain_deadline.get_or_insert(deadline);
+        self.drain_from(now);
+    }
+
+    fn drain_from(&mut self, now: u64) {
+        let drain = self.limits.drain.as_nanos() as u64;
+        self.drain_deadline.get_or_insert(now.saturating_add(drain));
     }
 
     /// One step of a graceful close. `seal_off` refuses further output and
@@ -129,80 +284,42 @@ impl Lifecycle {
         step
     }
 
-    /// Whether a graceful close has run out of time at `now`.
-    pub fn drain_expired(&self, now: Instant) -> bool {
-        self.drain_deadline.is_some_and(|deadline| now >= deadline)
+    /// The timers at `now`, given what the reactor sees of the connection:
+    /// a graceful close out of time, queued output that made no progress
+    /// for the write timeout (a peer that stopped reading), and an idle
+    /// connection whose buffers can go back (once per idle spell).
+    pub fn handle_timeout(&mut self, now: u64, seen: Progress) -> Expired {
+        let mut out = Expired::default();
+        if self.drain_deadline.is_some_and(|deadline| now >= deadline) {
+            out.close = Some(Error::Closed);
+            return out;
+        }
+        let (written, last_read) = (seen.written, seen.last_read);
+        if (written, last_read) != (self.activity.0, self.activity.1) {
+            self.activity = (written, last_read, now);
+            self.released = false;
+        } else if !self.released
+            && now.saturating_sub(self.activity.2) >= nanos(self.limits.idle_release)
+        {
+            self.released = true;
+            out.release_buffers = true;
+        }
+        if !seen.pending || written != self.write_watch.0 {
+            self.write_watch = (written, now);
+        } else if self
+            .limits
+            .write
+            .is_some_and(|t| now.saturating_sub(self.write_watch.1) >= nanos(t))
+        {
+            out.close = Some(Error::Timeout(TimeoutKind::Write));
+        }
+        out
     }
+}
+
+fn nanos(d: Duration) -> u64 {
+    d.as_nanos().min(u64::MAX as u128) as u64
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const DRAIN: Duration = Duration::from_secs(5);
-
-    #[test]
-    fn the_peers_end_during_the_handshake_fails_it() {
-        let mut life = Lifecycle::new(true);
-        assert_eq!(life.phase(), Phase::Handshaking);
-        assert!(matches!(
-            life.peer_finished(Instant::now(), DRAIN),
-            Err(Error::Handshake(HandshakeError::PeerClosed))
-        ));
-    }
-
-    #[test]
-    fn the_peers_end_drains_then_closes_once_output_is_written() {
-        let now = Instant::now();
-        let mut life = Lifecycle::new(true);
-        life.opened();
-        assert_eq!(life.phase(), Phase::Open);
-        assert!(life.peer_finished(now, DRAIN).unwrap());
-        assert!(!life.peer_finished(now, DRAIN).unwrap(), "news only once");
-        assert_eq!(life.phase(), Phase::Draining);
-        // Output still queued: nothing yet.
-        let step = life.advance(|| false);
-        assert!(!step.shut_write && step.close.is_none(), "{step:?}");
-        // Written: shut the write side and close, the peer's end came.
-        let step = life.advance(|| true);
-        assert!(step.shut_write);
-        assert!(matches!(step.close, Some(Error::PeerClosed)));
-        assert!(!life.drain_expired(now + DRAIN - Duration::from_millis(1)));
-        assert!(life.drain_expired(now + DRAIN));
-    }
-
-    #[test]
-    fn a_local_close_waits_for_the_peers_end_after_shutting_its_own() {
-        let now = Instant::now();
-        let mut life = Lifecycle::new(false);
-        life.close_locally(now + DRAIN);
-        let step = life.advance(|| true);
-        assert!(step.shut_write && step.close.is_none(), "{step:?}");
-        // The write side is shut once; the seal-off is not asked again.
-        let step = life.advance(|| panic!("asked again"));
-        assert!(step.close.is_none(), "{step:?}");
-        assert!(life.peer_finished(now, DRAIN).unwrap());
-        let step = life.advance(|| panic!("asked again"));
-        assert!(!step.shut_write);
-        assert!(matches!(step.close, Some(Error::Closed)));
-        // The local deadline stands; the peer's end did not extend it.
-        assert!(life.drain_expired(now + DRAIN));
-    }
-
-    #[test]
-    fn a_connection_that_never_opened_closes_as_soon_as_it_is_flushed() {
-        let mut life = Lifecycle::new(true);
-        life.close_locally(Instant::now() + DRAIN);
-        let step = life.advance(|| true);
-        assert!(step.shut_write);
-        assert!(matches!(step.close, Some(Error::Closed)));
-    }
-
-    #[test]
-    fn an_open_connection_is_not_draining() {
-        let mut life = Lifecycle::new(false);
-        let step = life.advance(|| panic!("not closing"));
-        assert!(!step.shut_write && step.close.is_none(), "{step:?}");
-        assert!(!life.drain_expired(Instant::now() + Duration::from_secs(3600)));
-    }
-}
+mod tests;
