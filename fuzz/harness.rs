@@ -16,7 +16,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use monte_rpc::protocol::connection::{
-    ConnCore, Deadlines, Filled, Next, ReadPhase, Taker, Unpooled,
+    ConnCore, Deadlines, Filled, Limits, Next, ReadPhase, Taker, Unpooled,
 };
 use monte_rpc::protocol::{
     frame_len, rekey, ClientHandshake, Decoded, FrameDecoder, Handshake, Opener, Profile, Role,
@@ -651,10 +651,13 @@ impl ServerSide {
         ServerSide {
             core: ConnCore::new(
                 ReadPhase::Open { opener },
-                1024,
+                Role::Server,
+                Limits {
+                    buffer_size: 1024,
+                    max_message_size: MAX_PAYLOAD,
+                    deadlines: FUZZ_DEADLINES,
+                },
                 &[],
-                MAX_PAYLOAD,
-                FUZZ_DEADLINES,
                 0,
             ),
             now: 0,
@@ -674,8 +677,9 @@ impl ServerSide {
         let mut source = OneChunk(chunk);
         loop {
             loop {
-                let (seq, len) = match self.core.next_frame(self.now, Taker::Reactor) {
-                    Ok(Next::Frame { seq, len }) => (seq, len),
+                let (seq, len, response) = match self.core.next_frame(self.now, Taker::Reactor) {
+                    Ok(Next::Message { seq, len }) => (seq, len, false),
+                    Ok(Next::Response { seq, len }) => (seq, len, true),
                     Ok(Next::NeedBytes) => break,
                     Ok(Next::ReactorsTurn) => panic!("the reactor's turn, for the reactor"),
                     Err(e) => {
@@ -695,7 +699,10 @@ impl ServerSide {
                 };
                 assert!((FRAME_OVERHEAD..=MAX_FRAME).contains(&len), "{len}");
                 assert_eq!(self.core.payload(len).len(), len - FRAME_OVERHEAD);
-                if self.requests.space().is_ours(seq) {
+                // The core tells responses from messages by the same rule
+                // the request numbers are issued by.
+                assert_eq!(response, self.requests.space().is_ours(seq), "{seq}");
+                if response {
                     // A response: completes a pending request, or is a
                     // late/unknown one and is dropped.
                     if self.requests.release(seq) {

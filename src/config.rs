@@ -314,12 +314,17 @@ impl Config {
         busy_poll: Option<Duration>
     );
 
-    /// The deadlines a connection's core judges its peer by.
-    pub(crate) fn deadlines(&self) -> crate::protocol::connection::Deadlines {
-        crate::protocol::connection::Deadlines {
-            handshake: self.handshake_timeout,
-            read: self.read_timeout,
-            frame: self.frame_timeout,
+    /// What a connection's receive side is held to: its buffer, the frame
+    /// limit and the deadlines it judges the peer by.
+    pub(crate) fn core_limits(&self) -> crate::protocol::connection::Limits {
+        crate::protocol::connection::Limits {
+            buffer_size: self.read_buffer_size,
+            max_message_size: self.max_message_size,
+            deadlines: crate::protocol::connection::Deadlines {
+                handshake: self.handshake_timeout,
+                read: self.read_timeout,
+                frame: self.frame_timeout,
+            },
         }
     }
 

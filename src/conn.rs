@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::error::{Error, Result, TimeoutKind};
 use crate::outbound::{Flushed, Mode, OutboundQueue, QueueOwner};
 use crate::protocol::connection::ConnCore;
-use crate::protocol::{Role, Sealer, SeqSpace};
+use crate::protocol::{Role, Sealer};
 use crate::read_side::{CallerReads, ReadOwner, ReadSide};
 use crate::stats::Counters;
 use crate::sync::buffers::BufferPool;
@@ -77,8 +77,6 @@ pub(crate) struct ConnShared {
     /// request: most server-side connections never issue one, and the
     /// table is the largest per-connection structure.
     requests: std::sync::OnceLock<CompletionTable>,
-    /// Which requests are ours, by parity; known before the table exists.
-    space: SeqSpace,
     /// Calls in progress on this connection: the client pool's load metric.
     pub(crate) active_calls: AtomicUsize,
     /// The read side: read by the reactor, or by a caller waiting for a
@@ -120,7 +118,6 @@ pub(crate) struct NewConnParts {
 impl Connection {
     pub(crate) fn new(parts: NewConnParts) -> Connection {
         let peer_addr = parts.stream.peer_addr().ok();
-        let slots = parts.config.max_in_flight;
         let out = OutboundQueue::new(parts.sealer, &parts.config);
         Connection {
             shared: Arc::new(ConnShared {
@@ -129,7 +126,6 @@ impl Connection {
                 peer_addr,
                 peer_identity: std::sync::OnceLock::new(),
                 requests: std::sync::OnceLock::new(),
-                space: SeqSpace::new(parts.role, slots),
                 stream: parts.stream,
                 config: parts.config,
                 driver: parts.driver,
@@ -208,25 +204,14 @@ impl Connection {
             .map_or(0, CompletionTable::in_flight)
     }
 
-    /// Whether a frame numbered `seq` answers one of this side's requests
-    /// (rather than being the peer's request or message).
-    pub(crate) fn is_response(&self, seq: u32) -> bool {
-        self.shared.space.is_ours(seq)
-    }
-
-    /// Whether `seq` numbers one of this side's requests, so that a frame
-    /// carrying it is a response, and delivers it if one is waiting.
-    /// Returns `None` for a peer's request, else whether it was delivered.
-    pub(crate) fn deliver_response(&self, seq: u32, payload: &[u8]) -> Option<bool> {
-        if !self.shared.space.is_ours(seq) {
-            return None;
-        }
-        Some(
-            self.shared
-                .requests
-                .get()
-                .is_some_and(|table| table.complete(seq, payload)),
-        )
+    /// Delivers the response numbered `seq` to its request, if one still
+    /// waits for it: whether it did. A late or unknown response is dropped
+    /// and can never reach another request's slot.
+    pub(crate) fn deliver_response(&self, seq: u32, payload: &[u8]) -> bool {
+        self.shared
+            .requests
+            .get()
+            .is_some_and(|table| table.complete(seq, payload))
     }
 
     /// Calls in progress: frames being queued or written plus requests
@@ -489,11 +474,7 @@ impl ReadOwner for Connection {
         }
     }
 
-    fn is_response(&self, seq: u32) -> bool {
-        Connection::is_response(self, seq)
-    }
-
-    fn deliver_response(&self, seq: u32, payload: &[u8]) -> Option<bool> {
+    fn deliver_response(&self, seq: u32, payload: &[u8]) -> bool {
         Connection::deliver_response(self, seq, payload)
     }
 }

@@ -39,11 +39,8 @@ pub(crate) trait ReadOwner {
     fn token(&self) -> usize;
     /// Hands the reading to the reactor (something only it may handle).
     fn ask_reactor_to_read(&self);
-    /// Whether a frame numbered `seq` answers one of this side's requests.
-    fn is_response(&self, seq: u32) -> bool;
-    /// Delivers a response; `None` if `seq` is no response of ours, else
-    /// whether a request was waiting for it.
-    fn deliver_response(&self, seq: u32, payload: &[u8]) -> Option<bool>;
+    /// Delivers a response: whether a request was waiting for it.
+    fn deliver_response(&self, seq: u32, payload: &[u8]) -> bool;
 }
 
 /// Frames a caller reads in one go before handing the rest to the reactor.
@@ -302,17 +299,14 @@ impl ReadSide {
         }
         let stats = owner.stats();
         let mut now = now_nanos();
-        let is_response = |seq| owner.is_response(seq);
-        let taker = Taker::Caller {
-            is_response: &is_response,
-        };
         let (mut delivered, mut read_any, mut drained) = (0u64, false, false);
         let outcome = loop {
-            // `next_frame` leaves a frame this caller may not take, or an
-            // error, as held for the reactor.
-            match inbound.next_frame(now, taker) {
-                Ok(Next::Frame { seq, len }) => {
-                    if owner.deliver_response(seq, inbound.payload(len)) != Some(true) {
+            // `next_frame` leaves a message, or an error, as held for the
+            // reactor.
+            match inbound.next_frame(now, Taker::Caller) {
+                Ok(Next::Message { .. }) => unreachable!("a caller is given responses only"),
+                Ok(Next::Response { seq, len }) => {
+                    if !owner.deliver_response(seq, inbound.payload(len)) {
                         Counters::inc(&stats.responses_dropped);
                     }
                     inbound.consume(len);

@@ -6,9 +6,9 @@
 use std::io::{self, Read};
 
 use monte_rpc::protocol::connection::{
-    ConnCore, Deadlines, Filled, Next, ReadPhase, Taker, Unpooled,
+    ConnCore, Deadlines, Filled, Limits, Next, ReadPhase, Taker, Unpooled,
 };
-use monte_rpc::protocol::{Opener, Profile, Sealer};
+use monte_rpc::protocol::{Opener, Profile, Role, Sealer};
 use proptest::prelude::*;
 
 const KEY: [u8; 32] = [0x17; 32];
@@ -42,7 +42,12 @@ fn frames(wire: &[u8], sizes: &[usize], buffer: usize) -> (Vec<(u32, Vec<u8>)>, 
     let phase = ReadPhase::Open {
         opener: Opener::new(KEY, Profile::Secure),
     };
-    let mut core = ConnCore::new(phase, buffer, &[], MAX_MESSAGE, Deadlines::default(), 0);
+    let limits = Limits {
+        buffer_size: buffer,
+        max_message_size: MAX_MESSAGE,
+        deadlines: Deadlines::default(),
+    };
+    let mut core = ConnCore::new(phase, Role::Client, limits, &[], 0);
     let mut source = Reads {
         data: wire,
         sizes,
@@ -50,7 +55,9 @@ fn frames(wire: &[u8], sizes: &[usize], buffer: usize) -> (Vec<(u32, Vec<u8>)>, 
     };
     let mut out = Vec::new();
     loop {
-        while let Next::Frame { seq, len } = core.next_frame(0, Taker::Reactor).unwrap() {
+        while let Next::Message { seq, len } | Next::Response { seq, len } =
+            core.next_frame(0, Taker::Reactor).unwrap()
+        {
             out.push((seq, core.payload(len).to_vec()));
             core.consume(len);
         }

@@ -21,7 +21,7 @@ use std::time::Duration;
 use crate::error::{Error, Result, TimeoutKind};
 use crate::protocol::TAG_LEN;
 use crate::protocol::{
-    Decoded, FrameDecoder, Handshake, Opener, Sealer, LENGTH_PREFIX_LEN, SEQ_LEN,
+    Decoded, FrameDecoder, Handshake, Opener, Role, Sealer, SeqSpace, LENGTH_PREFIX_LEN, SEQ_LEN,
 };
 
 /// A connection's receive buffer: bytes `start..end` are received and not
@@ -91,9 +91,10 @@ pub enum ReadPhase {
 
 /// What a caller-thread reader stopped at and left to the reactor.
 pub enum Held {
-    /// A frame at the buffer's start, `len` bytes long and already opened
-    /// in place, that is not a response: only the reactor runs handlers.
-    Frame {
+    /// A message (a request or a one-way message) at the buffer's start,
+    /// `len` bytes long and already opened in place: only the reactor runs
+    /// handlers.
+    Message {
         /// Its sequence number.
         seq: u32,
         /// Its length on the wire.
@@ -121,26 +122,30 @@ pub enum Filled {
 
 /// Who takes frames from the core, and so which frames it may take: the
 /// one rule that differs between the reactor and a waiting caller.
-#[derive(Clone, Copy)]
-pub enum Taker<'a> {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Taker {
     /// The reactor, which runs the handler: every frame, starting with one
     /// a caller left.
     Reactor,
-    /// A caller waiting for a response: only frames `is_response` accepts.
-    /// The first other frame, an error or the end of the stream is left to
-    /// the reactor.
-    Caller {
-        /// Whether a sequence number answers one of this side's requests.
-        is_response: &'a dyn Fn(u32) -> bool,
-    },
+    /// A caller waiting for a response: responses only. The first message,
+    /// an error or the end of the stream is left to the reactor.
+    Caller,
 }
 
-/// What [`ConnCore::next_frame`] found.
+/// What [`ConnCore::next_frame`] found. A frame is opened in place at the
+/// buffer's start (see [`ConnCore::payload`]); consume it when done.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Next {
-    /// A frame of `len` bytes at the buffer's start, opened in place (see
-    /// [`ConnCore::payload`]); consume it when done.
-    Frame {
+    /// A request or one-way message from the peer, for the handler.
+    Message {
+        /// Its sequence number (0 for a one-way message).
+        seq: u32,
+        /// Its length on the wire.
+        len: usize,
+    },
+    /// A response to one of this side's requests (its sequence number is
+    /// one this side issues), for the request's completion slot.
+    Response {
         /// Its sequence number.
         seq: u32,
         /// Its length on the wire.
@@ -174,6 +179,17 @@ impl Buffers for Unpooled {
     fn give(&self, _buf: Vec<u8>) {}
 }
 
+/// What a core is held to, from `Config`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// The receive buffer's size, made when first needed.
+    pub buffer_size: usize,
+    /// Frames carrying more than this are refused from their length prefix.
+    pub max_message_size: usize,
+    /// How long the peer may take.
+    pub deadlines: Deadlines,
+}
+
 /// How long the peer may take, from `Config`; `None` disables one.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Deadlines {
@@ -197,6 +213,8 @@ pub struct ConnCore {
     pub(crate) eof: bool,
     pub(crate) held: Option<Held>,
     deadlines: Deadlines,
+    /// Tells responses (numbered by this side) from the peer's messages.
+    ours: SeqSpace,
     /// When the core was made: the handshake deadline counts from here.
     started: u64,
     /// When bytes last arrived.
@@ -222,25 +240,18 @@ pub struct Handshaken {
 }
 
 impl ConnCore {
-    /// A core in `phase`, whose receive buffer is made at `buffer_size`
-    /// bytes when first needed and holds `leftover` (bytes read past a
-    /// dialled handshake) from the start; frames above `max_message_size`
-    /// are refused.
-    pub fn new(
-        phase: ReadPhase,
-        buffer_size: usize,
-        leftover: &[u8],
-        max_message_size: usize,
-        deadlines: Deadlines,
-        now: u64,
-    ) -> Self {
+    /// The core of `role`'s side of a connection, in `phase`, made at
+    /// `now`; its receive buffer holds `leftover` (bytes read past a
+    /// dialled handshake) from the start.
+    pub fn new(phase: ReadPhase, role: Role, limits: Limits, leftover: &[u8], now: u64) -> Self {
         ConnCore {
             phase,
-            rbuf: RecvBuf::new(buffer_size, leftover),
-            decoder: FrameDecoder::new(max_message_size),
+            rbuf: RecvBuf::new(limits.buffer_size, leftover),
+            decoder: FrameDecoder::new(limits.max_message_size),
             eof: false,
             held: None,
-            deadlines,
+            deadlines: limits.deadlines,
+            ours: SeqSpace::new(role, 1),
             started: now,
             last_read: now,
             partial_since: None,
@@ -284,26 +295,28 @@ impl ConnCore {
     /// [`Next::NeedBytes`]). A frame a caller may not take stays opened in
     /// place as [`Held`] for the reactor, which takes it first; so does a
     /// failure a caller meets, while the reactor gets it as the error.
-    pub fn next_frame(&mut self, now: u64, taker: Taker<'_>) -> Result<Next> {
+    pub fn next_frame(&mut self, now: u64, taker: Taker) -> Result<Next> {
         match taker {
             Taker::Reactor => match self.held.take() {
                 Some(Held::Failed(e)) => Err(e),
-                Some(Held::Frame { seq, len }) => Ok(Next::Frame { seq, len }),
+                Some(Held::Message { seq, len }) => Ok(Next::Message { seq, len }),
                 None => Ok(match self.open_counted(now)? {
-                    Some((seq, len)) => Next::Frame { seq, len },
+                    Some((seq, len)) => self.classify(seq, len),
                     None => Next::NeedBytes,
                 }),
             },
-            Taker::Caller { is_response } => {
+            Taker::Caller => {
                 if self.held.is_some() || self.eof || !self.is_open() {
                     return Ok(Next::ReactorsTurn);
                 }
                 match self.open_counted(now) {
-                    Ok(Some((seq, len))) if is_response(seq) => Ok(Next::Frame { seq, len }),
-                    Ok(Some((seq, len))) => {
-                        self.held = Some(Held::Frame { seq, len });
-                        Ok(Next::ReactorsTurn)
-                    }
+                    Ok(Some((seq, len))) => match self.classify(seq, len) {
+                        Next::Message { seq, len } => {
+                            self.held = Some(Held::Message { seq, len });
+                            Ok(Next::ReactorsTurn)
+                        }
+                        response => Ok(response),
+                    },
                     Ok(None) => Ok(Next::NeedBytes),
                     Err(e) => {
                         self.held = Some(Held::Failed(e));
@@ -311,6 +324,16 @@ impl ConnCore {
                     }
                 }
             }
+        }
+    }
+
+    /// A response if this side issued `seq`, else a message for the
+    /// handler.
+    fn classify(&self, seq: u32, len: usize) -> Next {
+        if self.ours.is_ours(seq) {
+            Next::Response { seq, len }
+        } else {
+            Next::Message { seq, len }
         }
     }
 

@@ -154,9 +154,15 @@ impl Reactor {
                 break Ok(());
             }
             match inbound.next_frame(now, Taker::Reactor) {
-                Ok(Next::Frame { seq, len }) => {
+                Ok(Next::Response { seq, len }) => {
+                    if !conn.deliver_response(seq, inbound.payload(len)) {
+                        Counters::inc(&stats.responses_dropped);
+                    }
+                    inbound.consume(len);
+                }
+                Ok(Next::Message { seq, len }) => {
                     dispatched = true;
-                    let result = dispatch(conn, handler, seq, inbound.payload(len), stats);
+                    let result = dispatch(conn, handler, seq, inbound.payload(len));
                     inbound.consume(len);
                     match result {
                         Ok(what) => {
@@ -266,24 +272,9 @@ fn write_handshake(conn: &Connection, out: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Calls the handler for one message; a response to one of our requests
-/// goes to its completion slot instead. Says which it was, and whether the
-/// handler replied at once (a peer is waiting on this side).
-fn dispatch(
-    conn: &Connection,
-    handler: &dyn Handler,
-    seq: u32,
-    payload: &[u8],
-    stats: &Counters,
-) -> Result<Served> {
-    // A response to one of our requests? Unknown or late ones are dropped:
-    // they can never reach another request's slot.
-    if let Some(delivered) = conn.deliver_response(seq, payload) {
-        if !delivered {
-            Counters::inc(&stats.responses_dropped);
-        }
-        return Ok(Served::Nothing);
-    }
+/// Calls the handler for one message, and says whether it replied at once
+/// (a peer is waiting on this side).
+fn dispatch(conn: &Connection, handler: &dyn Handler, seq: u32, payload: &[u8]) -> Result<Served> {
     let mut ctx = Context {
         conn,
         seq,

@@ -182,10 +182,9 @@ impl ReactorHandle {
             release,
             core: ConnCore::new(
                 ReadPhase::Handshaking { handshake },
-                self.shared.config.read_buffer_size,
+                Role::Server,
+                self.shared.config.core_limits(),
                 &[],
-                self.shared.config.max_message_size,
-                self.shared.config.deadlines(),
                 now_nanos(),
             ),
         });
@@ -222,10 +221,9 @@ impl ReactorHandle {
                 ReadPhase::Open {
                     opener: session.opener,
                 },
-                config.read_buffer_size,
+                Role::Client,
+                config.core_limits(),
                 &leftover,
-                config.max_message_size,
-                config.deadlines(),
                 now_nanos(),
             ),
             config,

@@ -34,11 +34,27 @@ fn deadlines() -> Deadlines {
     }
 }
 
+fn limits(buffer_size: usize, max_message_size: usize, deadlines: Deadlines) -> Limits {
+    Limits {
+        buffer_size,
+        max_message_size,
+        deadlines,
+    }
+}
+
+/// An open core at the server's side: even sequence numbers are the
+/// responses to its requests.
 fn open_core(max_message: usize, buffer: usize) -> ConnCore {
     let phase = ReadPhase::Open {
         opener: Opener::new(KEY, Profile::Secure),
     };
-    ConnCore::new(phase, buffer, &[], max_message, deadlines(), 0)
+    ConnCore::new(
+        phase,
+        Role::Server,
+        limits(buffer, max_message, deadlines()),
+        &[],
+        0,
+    )
 }
 
 fn sealed(frames: &[(u32, &[u8])]) -> Vec<u8> {
@@ -159,7 +175,13 @@ fn paused_reading_restarts_the_peer_deadlines() {
 fn the_handshake_deadline_counts_from_creation() {
     let handshake = Box::new(ServerHandshake::new(Profile::Secure).unwrap());
     let phase = ReadPhase::Handshaking { handshake };
-    let core = ConnCore::new(phase, 64, &[], 1024, deadlines(), 10 * MS);
+    let core = ConnCore::new(
+        phase,
+        Role::Server,
+        limits(64, 1024, deadlines()),
+        &[],
+        10 * MS,
+    );
     assert_eq!(core.expired(59 * MS, false), None);
     assert_eq!(core.expired(60 * MS, false), Some(TimeoutKind::Handshake));
     // Paused reading does not stop a handshake's clock.
@@ -240,12 +262,11 @@ fn a_caller_takes_responses_only_and_leaves_the_rest_to_the_reactor() {
         chunk: 4096,
     };
     core.fill(&mut source, 0, &Unpooled).unwrap();
-    let even = |seq: u32| seq % 2 == 0 && seq != 0;
-    let caller = Taker::Caller { is_response: &even };
+    let caller = Taker::Caller;
     let mut taken = Vec::new();
     loop {
         match core.next_frame(0, caller).unwrap() {
-            Next::Frame { seq, len } => {
+            Next::Response { seq, len } => {
                 taken.push(seq);
                 core.consume(len);
             }
@@ -258,12 +279,12 @@ fn a_caller_takes_responses_only_and_leaves_the_rest_to_the_reactor() {
     assert_eq!(taken, [2, 4]);
     // The caller stays out until the reactor took the held request.
     assert_eq!(core.next_frame(0, caller).unwrap(), Next::ReactorsTurn);
-    let Next::Frame { seq, len } = core.next_frame(0, Taker::Reactor).unwrap() else {
-        panic!("the reactor did not get the held frame first");
+    let Next::Message { seq, len } = core.next_frame(0, Taker::Reactor).unwrap() else {
+        panic!("the reactor did not get the held message first");
     };
     assert_eq!((seq, core.payload(len)), (7, &b"request"[..]));
     core.consume(len);
-    let Next::Frame { seq, len } = core.next_frame(0, caller).unwrap() else {
+    let Next::Response { seq, len } = core.next_frame(0, caller).unwrap() else {
         panic!("the caller was not let back in");
     };
     assert_eq!(seq, 6);
@@ -285,9 +306,10 @@ fn a_callers_error_is_the_reactors_to_report() {
         chunk: 4096,
     };
     core.fill(&mut source, 0, &Unpooled).unwrap();
-    let any = |_: u32| true;
-    let caller = Taker::Caller { is_response: &any };
-    assert_eq!(core.next_frame(0, caller).unwrap(), Next::ReactorsTurn);
+    assert_eq!(
+        core.next_frame(0, Taker::Caller).unwrap(),
+        Next::ReactorsTurn
+    );
     assert!(matches!(
         core.next_frame(0, Taker::Reactor),
         Err(Error::Authentication)
@@ -331,10 +353,9 @@ fn handshake_pair(
 fn server_core(handshake: Box<dyn Handshake>) -> ConnCore {
     ConnCore::new(
         ReadPhase::Handshaking { handshake },
-        64,
+        Role::Server,
+        limits(64, 1024, deadlines()),
         &[],
-        1024,
-        deadlines(),
         0,
     )
 }
@@ -399,7 +420,8 @@ fn disabled_deadlines_never_expire() {
     let phase = ReadPhase::Open {
         opener: Opener::new(KEY, Profile::Secure),
     };
-    let mut core = ConnCore::new(phase, 64, &[], 1024, Deadlines::default(), 0);
+    let limits = limits(64, 1024, Deadlines::default());
+    let mut core = ConnCore::new(phase, Role::Server, limits, &[], 0);
     drain(&mut core, &sealed(&[(1, b"x")])[..3], 3, 0);
     assert_eq!(core.expired(u64::MAX, false), None);
     assert_eq!(core.next_deadline(), None);
