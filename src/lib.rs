@@ -38,8 +38,26 @@
 //!
 //! The authenticated handshakes and the profiles are re-exported here:
 //! [`Profile`], [`PskHandshake`], [`IdentityConfig`].
+//!
+//! # Blocking, and Unix only
+//!
+//! Every call blocks its thread until it is done or times out: there is no
+//! async API. Handlers run on the library's reactor threads, so a handler
+//! that must block hands its work to threads of its own (see [`Handler`]).
+//!
+//! The crate builds for Unix targets only: it waits on sockets with
+//! `poll(2)` through `libc`, works with raw file descriptors
+//! (`std::os::fd`) and mio's Unix extensions, and on Linux sets epoll
+//! interest itself. It is tested on Linux; other Unix systems take
+//! untested fallbacks. Elsewhere the build stops with a `compile_error!`.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
+
+#[cfg(not(unix))]
+compile_error!(
+    "monte-rpc supports Unix targets only: it waits on sockets with poll(2) through libc, \
+     and uses raw file descriptors (std::os::fd) and mio's Unix extensions"
+);
 
 mod client;
 mod clock;
