@@ -5,14 +5,14 @@
 //! lithdew/monte, with which its `monte` profile is byte-compatible.
 //!
 //! ```
-//! use monte_rpc::{Client, Config, Context, Server};
+//! use monte_rpc::{handler, Client, Config, Server};
 //!
 //! // A server that answers every request with its body reversed.
-//! let server = Server::bind("127.0.0.1:0", Config::server(), |ctx: &mut Context<'_>| {
+//! let server = Server::bind("127.0.0.1:0", Config::server(), handler(|ctx| {
 //!     let mut body = ctx.body().to_vec();
 //!     body.reverse();
 //!     let _ = ctx.reply(&body);
-//! })?;
+//! }))?;
 //!
 //! let client = Client::new(server.local_addr(), Config::default())?;
 //! let mut response = Vec::new();
@@ -86,7 +86,7 @@ pub use client::Client;
 pub use config::Config;
 pub use conn::Connection;
 pub use error::{Error, HandshakeError, Result, TimeoutKind};
-pub use handler::{Context, Handler, NoHandler};
+pub use handler::{handler, Context, Handler, NoHandler};
 pub use protocol::{IdentityConfig, Profile, PskHandshake};
 pub use reactor::{Reactor, ReactorHandle};
 pub use server::Server;

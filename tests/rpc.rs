@@ -620,3 +620,37 @@ fn on_open_comes_before_the_first_message() {
         server.shutdown();
     });
 }
+
+// `monte_rpc::handler` lets the compiler infer a handler closure's argument
+// type: none of these closures spells out `&mut Context<'_>`, which a bare
+// closure passed as `impl Handler` needs (E0282 without it).
+#[test]
+fn handler_closures_need_no_type_annotation() {
+    within(30, || {
+        let server = Server::bind(
+            "127.0.0.1:0",
+            server_config(),
+            monte_rpc::handler(|ctx| {
+                let body = reversed(ctx.body());
+                let _ = ctx.reply(&body);
+            }),
+        )
+        .unwrap();
+        let client = Client::with_handler(
+            server.local_addr(),
+            client_config(),
+            monte_rpc::handler(|_| {}),
+        )
+        .unwrap();
+        let mut resp = Vec::new();
+        client.request(b"inferred", &mut resp).unwrap();
+        assert_eq!(resp, b"derrefni");
+        // Where an `Arc<dyn Handler>` is wanted (ReactorHandle::accept, dial).
+        let shared: Arc<dyn Handler> = Arc::new(monte_rpc::handler(|ctx| {
+            let _ = ctx.reply(b"ok");
+        }));
+        drop(shared);
+        client.shutdown();
+        server.shutdown();
+    });
+}
