@@ -62,13 +62,56 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
-    /// A client for `addr` that ignores requests from the server. No
-    /// connection is made until the first call.
+    /// A client for `addr` that ignores requests from the server.
+    ///
+    /// `new` resolves `addr` at once, on the calling thread (a host name
+    /// goes to the system resolver, which may block), keeps the first
+    /// address it yields, and starts the client's reactor threads. It does
+    /// not connect: the first call ([`send`](Self::send),
+    /// [`send_no_wait`](Self::send_no_wait), [`request`](Self::request))
+    /// dials the first connection, on the caller's thread, and so does a
+    /// later call that finds every connection busy with fewer than
+    /// `max_conns` open, or none open (after the server closed them). The
+    /// address is never resolved again: if the name comes to point
+    /// elsewhere, make a new client.
+    ///
+    /// # Errors
+    ///
+    /// From `new`, only what resolving and starting threads can fail with:
+    /// [`Error::Io`] if `addr` does not resolve (a missing port, an unknown
+    /// name) or resolves to no address, or if a reactor cannot be started.
+    /// Whether anything listens at the address is not known yet.
+    ///
+    /// From the call that dials, the dial's failure: [`Error::Io`] if the
+    /// connect fails (refused, unreachable) on each of `dial_attempts`
+    /// tries, [`Error::Timeout`] with [`TimeoutKind::Dial`] if it takes
+    /// longer than `dial_timeout`, [`Error::Handshake`] or
+    /// [`TimeoutKind::Handshake`] if the handshake fails or takes longer
+    /// than `handshake_timeout`. The time spent dialling counts against a
+    /// request's timeout. Calls that waited for another caller's dial get
+    /// that dial's error rather than dialling again; the next call dials
+    /// afresh.
+    ///
+    /// ```
+    /// use monte_rpc::{Client, Config, Error};
+    ///
+    /// // Nothing listens on the port of a listener just closed: `new`
+    /// // succeeds all the same, and the first call reports the refusal.
+    /// let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    /// let client = Client::new(addr, Config::default().dial_attempts(1))?;
+    /// assert!(matches!(client.send(b"hello"), Err(Error::Io(_))));
+    ///
+    /// // A name that cannot resolve fails in `new` itself.
+    /// assert!(matches!(Client::new("127.0.0.1", Config::default()), Err(Error::Io(_))));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn new(addr: impl ToSocketAddrs, config: Config) -> Result<Client> {
         Self::with_handler(addr, config, NoHandler)
     }
 
-    /// A client whose `handler` answers requests the server sends it.
+    /// A client whose `handler` answers requests the server sends it. It
+    /// resolves `addr` and dials like [`new`](Self::new): the address at
+    /// once, the first connection on the first call.
     pub fn with_handler(
         addr: impl ToSocketAddrs,
         config: Config,

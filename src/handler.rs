@@ -11,7 +11,9 @@ use crate::error::{Error, Result};
 /// that must block should hand its work to its own threads and answer later
 /// with [`Connection::reply`].
 ///
-/// Closures `Fn(&mut Context)` are handlers too:
+/// Closures `Fn(&mut Context)` are handlers too. Passed straight to a
+/// function that takes `impl Handler`, such a closure needs its argument's
+/// type written out (see [`handler`] for why, and for a way around it):
 ///
 /// ```
 /// use monte_rpc::{Context, Handler};
@@ -53,6 +55,52 @@ where
     fn on_message(&self, ctx: &mut Context<'_>) {
         self(ctx)
     }
+}
+
+/// Makes a handler of a closure whose argument type the compiler infers:
+/// `handler(|ctx| ...)` instead of `|ctx: &mut Context<'_>| ...`.
+///
+/// [`Server::bind`](crate::Server::bind), [`Server::serve`](crate::Server::serve)
+/// and [`Client::with_handler`](crate::Client::with_handler) take
+/// `impl Handler`. The compiler infers a closure's argument types only from
+/// an `Fn` bound on the parameter the closure is passed to, and `Handler`
+/// is a trait of its own, so a bare `|ctx| ctx.body()` passed there fails
+/// with E0282, "type annotations needed". This function's parameter has the
+/// `Fn(&mut Context<'_>)` bound, so the closure's type is known; it returns
+/// the closure unchanged, which is a [`Handler`] through the blanket impl.
+///
+/// The bare closure, which does not build:
+///
+/// ```compile_fail,E0282
+/// use monte_rpc::{Config, Server};
+/// let server = Server::bind("127.0.0.1:0", Config::server(), |ctx| {
+///     let _ = ctx.reply(ctx.body());
+/// });
+/// ```
+///
+/// With `handler`:
+///
+/// ```
+/// use monte_rpc::{handler, Client, Config, Server};
+///
+/// let server = Server::bind("127.0.0.1:0", Config::server(), handler(|ctx| {
+///     let _ = ctx.reply(ctx.body());
+/// }))?;
+/// let client = Client::new(server.local_addr(), Config::default())?;
+/// let mut response = Vec::new();
+/// client.request(b"echo", &mut response)?;
+/// assert_eq!(response, b"echo");
+/// # Ok::<(), monte_rpc::Error>(())
+/// ```
+///
+/// Where an `Arc<dyn Handler>` is wanted (as by
+/// [`ReactorHandle::accept`](crate::ReactorHandle::accept)), wrap it:
+/// `Arc::new(handler(|ctx| ...))`.
+pub fn handler<F>(f: F) -> F
+where
+    F: Fn(&mut Context<'_>) + Send + Sync + 'static,
+{
+    f
 }
 
 /// A handler that ignores messages: the default on clients, which rarely

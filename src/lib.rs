@@ -5,14 +5,14 @@
 //! lithdew/monte, with which its `monte` profile is byte-compatible.
 //!
 //! ```
-//! use monte_rpc::{Client, Config, Context, Server};
+//! use monte_rpc::{handler, Client, Config, Server};
 //!
 //! // A server that answers every request with its body reversed.
-//! let server = Server::bind("127.0.0.1:0", Config::server(), |ctx: &mut Context<'_>| {
+//! let server = Server::bind("127.0.0.1:0", Config::server(), handler(|ctx| {
 //!     let mut body = ctx.body().to_vec();
 //!     body.reverse();
 //!     let _ = ctx.reply(&body);
-//! })?;
+//! }))?;
 //!
 //! let client = Client::new(server.local_addr(), Config::default())?;
 //! let mut response = Vec::new();
@@ -38,8 +38,26 @@
 //!
 //! The authenticated handshakes and the profiles are re-exported here:
 //! [`Profile`], [`PskHandshake`], [`IdentityConfig`].
+//!
+//! # Blocking, and Unix only
+//!
+//! Every call blocks its thread until it is done or times out: there is no
+//! async API. Handlers run on the library's reactor threads, so a handler
+//! that must block hands its work to threads of its own (see [`Handler`]).
+//!
+//! The crate builds for Unix targets only: it waits on sockets with
+//! `poll(2)` through `libc`, works with raw file descriptors
+//! (`std::os::fd`) and mio's Unix extensions, and on Linux sets epoll
+//! interest itself. It is tested on Linux; other Unix systems take
+//! untested fallbacks. Elsewhere the build stops with a `compile_error!`.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
+
+#[cfg(not(unix))]
+compile_error!(
+    "monte-rpc supports Unix targets only: it waits on sockets with poll(2) through libc, \
+     and uses raw file descriptors (std::os::fd) and mio's Unix extensions"
+);
 
 mod client;
 mod clock;
@@ -68,7 +86,7 @@ pub use client::Client;
 pub use config::Config;
 pub use conn::Connection;
 pub use error::{Error, HandshakeError, Result, TimeoutKind};
-pub use handler::{Context, Handler, NoHandler};
+pub use handler::{handler, Context, Handler, NoHandler};
 pub use protocol::{IdentityConfig, Profile, PskHandshake};
 pub use reactor::{Reactor, ReactorHandle};
 pub use server::Server;

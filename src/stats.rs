@@ -20,10 +20,59 @@ macro_rules! counters {
         /// assert_eq!(stats.connections_open, 0);
         /// # Ok::<(), monte_rpc::Error>(())
         /// ```
+        ///
+        /// # Exporting
+        ///
+        /// Two ways out, both listing every field under its own name, in
+        /// the order the fields are declared:
+        ///
+        /// - for logs, `Display`: one line of `name=value` pairs separated
+        ///   by single spaces (logfmt), such as `connections_open=2
+        ///   connections_opened=5 ... reads_paused=0`;
+        /// - for a metrics system (Prometheus, statsd, ...),
+        ///   [`fields`](Self::fields): every `(name, value)` pair, to feed
+        ///   to your exporter. Take a snapshot every scrape or interval.
+        ///
+        /// Two fields are gauges, values now: `connections_open` and
+        /// `requests_in_flight`. Every other field is a counter: it only
+        /// grows over the life of the client, server or reactor, so
+        /// rates come from the differences between snapshots.
+        ///
+        /// ```
+        /// use std::fmt::Write;
+        /// use monte_rpc::{handler, Config, Server};
+        ///
+        /// let server = Server::bind("127.0.0.1:0", Config::server(), handler(|_| {}))?;
+        /// let stats = server.stats();
+        ///
+        /// // A log line.
+        /// let line = stats.to_string();
+        /// assert!(line.starts_with("connections_open=0 connections_opened=0 "));
+        ///
+        /// // Prometheus' text format.
+        /// let mut page = String::new();
+        /// for (name, value) in stats.fields() {
+        ///     let (metric, kind) = match name {
+        ///         "connections_open" | "requests_in_flight" => (format!("monte_rpc_{name}"), "gauge"),
+        ///         _ => (format!("monte_rpc_{name}_total"), "counter"),
+        ///     };
+        ///     writeln!(page, "# TYPE {metric} {kind}\n{metric} {value}").unwrap();
+        /// }
+        /// assert!(page.contains("# TYPE monte_rpc_frames_in_total counter\nmonte_rpc_frames_in_total 0\n"));
+        /// # Ok::<(), monte_rpc::Error>(())
+        /// ```
         #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
         #[non_exhaustive]
         pub struct Stats {
             $($(#[$doc])* pub $name: u64,)*
+        }
+
+        impl Stats {
+            /// Every field as `(name, value)`, in declaration order; the
+            /// name is the field's own. See [Exporting](Self#exporting).
+            pub fn fields(&self) -> impl ExactSizeIterator<Item = (&'static str, u64)> {
+                [$((stringify!($name), self.$name)),*].into_iter()
+            }
         }
 
         #[derive(Debug, Default)]
@@ -92,6 +141,20 @@ counters! {
     /// Times a connection's reading and dispatch paused because its queued
     /// output passed `max_queued_bytes` (a peer not reading its replies).
     reads_paused,
+}
+
+/// One line of `name=value` pairs separated by single spaces, every field
+/// in declaration order: see [Exporting](Stats#exporting).
+impl std::fmt::Display for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (name, value)) in self.fields().enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            write!(f, "{name}={value}")?;
+        }
+        Ok(())
+    }
 }
 
 impl Counters {

@@ -620,3 +620,65 @@ fn on_open_comes_before_the_first_message() {
         server.shutdown();
     });
 }
+
+// `monte_rpc::handler` lets the compiler infer a handler closure's argument
+// type: none of these closures spells out `&mut Context<'_>`, which a bare
+// closure passed as `impl Handler` needs (E0282 without it).
+#[test]
+fn handler_closures_need_no_type_annotation() {
+    within(30, || {
+        let server = Server::bind(
+            "127.0.0.1:0",
+            server_config(),
+            monte_rpc::handler(|ctx| {
+                let body = reversed(ctx.body());
+                let _ = ctx.reply(&body);
+            }),
+        )
+        .unwrap();
+        let client = Client::with_handler(
+            server.local_addr(),
+            client_config(),
+            monte_rpc::handler(|_| {}),
+        )
+        .unwrap();
+        let mut resp = Vec::new();
+        client.request(b"inferred", &mut resp).unwrap();
+        assert_eq!(resp, b"derrefni");
+        // Where an `Arc<dyn Handler>` is wanted (ReactorHandle::accept, dial).
+        let shared: Arc<dyn Handler> = Arc::new(monte_rpc::handler(|ctx| {
+            let _ = ctx.reply(b"ok");
+        }));
+        drop(shared);
+        client.shutdown();
+        server.shutdown();
+    });
+}
+
+// `Client::new` resolves at once but connects on the first call: the server
+// sees no connection until then, and an address that cannot resolve fails
+// in `new` itself (the refused-dial case is `Client::new`'s doc example).
+#[test]
+fn client_new_resolves_at_once_and_dials_on_the_first_call() {
+    within(30, || {
+        assert!(matches!(
+            Client::new("127.0.0.1", client_config()),
+            Err(Error::Io(_))
+        ));
+        let server = Server::bind("127.0.0.1:0", server_config(), reverse_handler).unwrap();
+        let client = Client::new(server.local_addr(), client_config()).unwrap();
+        thread::sleep(Duration::from_millis(100));
+        assert_eq!(server.stats().connections_opened, 0);
+        assert_eq!(client.connections(), 0);
+        let mut resp = Vec::new();
+        client.request(b"first", &mut resp).unwrap();
+        assert_eq!(resp, b"tsrif");
+        assert_eq!(client.connections(), 1);
+        assert!(wait_until(Duration::from_secs(5), || server
+            .stats()
+            .connections_opened
+            == 1));
+        client.shutdown();
+        server.shutdown();
+    });
+}

@@ -126,3 +126,105 @@ fn failures_are_counted_by_reason() {
     assert_eq!(s.closed_protocol_error, 2, "{s:?}");
     server.shutdown();
 }
+
+/// The fields a `Stats` has, read from its `Debug` output (which derive
+/// writes from the struct itself): `(name, value)` in declaration order.
+fn debug_fields(stats: &Stats) -> Vec<(String, u64)> {
+    let debug = format!("{stats:?}");
+    let inner = debug
+        .strip_prefix("Stats { ")
+        .and_then(|d| d.strip_suffix(" }"))
+        .unwrap_or_else(|| panic!("unexpected Debug output: {debug}"));
+    inner
+        .split(", ")
+        .map(|pair| {
+            let (name, value) = pair.split_once(": ").expect("name: value");
+            (name.to_string(), value.parse().expect("a u64"))
+        })
+        .collect()
+}
+
+/// A snapshot whose fields hold distinct values, so that a name paired
+/// with another field's value would show.
+fn distinct_stats() -> Stats {
+    let mut s = Stats::default();
+    s.connections_open = 1;
+    s.connections_opened = 2;
+    s.connections_refused = 3;
+    s.closed_local = 4;
+    s.closed_by_peer = 5;
+    s.closed_handshake_timeout = 6;
+    s.closed_read_timeout = 7;
+    s.closed_write_timeout = 8;
+    s.closed_frame_timeout = 9;
+    s.closed_protocol_error = 10;
+    s.closed_other = 11;
+    s.handshakes_failed = 12;
+    s.frames_in = 13;
+    s.bytes_in = 14;
+    s.frames_out = 15;
+    s.bytes_out = 16;
+    s.frames_rejected_too_short = 17;
+    s.frames_rejected_too_large = 18;
+    s.frames_rejected_authentication = 19;
+    s.responses_dropped = 20;
+    s.requests_in_flight = 21;
+    s.requests_timed_out = 22;
+    s.reads_paused = u64::MAX;
+    s
+}
+
+/// `fields()` lists every field of the struct once, under its own name, with
+/// its own value, in declaration order: a field added to the struct but not
+/// to the list (or the other way) fails here.
+#[test]
+fn fields_list_every_field_once_with_its_value() {
+    let stats = distinct_stats();
+    let listed: Vec<(String, u64)> = stats
+        .fields()
+        .map(|(name, value)| (name.to_string(), value))
+        .collect();
+    assert_eq!(listed, debug_fields(&stats));
+    assert_eq!(stats.fields().len(), listed.len());
+    let mut names: Vec<&str> = stats.fields().map(|(name, _)| name).collect();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), listed.len(), "a name appears twice");
+    // The two gauges the export docs name are fields.
+    for gauge in ["connections_open", "requests_in_flight"] {
+        assert!(names.contains(&gauge), "{gauge}");
+    }
+}
+
+/// `Display` is one line of `name=value` pairs, every field once, in the
+/// order of `fields()`.
+#[test]
+fn display_is_one_line_of_name_value_pairs() {
+    let stats = distinct_stats();
+    let line = stats.to_string();
+    assert!(!line.contains('\n'), "{line}");
+    assert!(
+        line.starts_with("connections_open=1 connections_opened=2 "),
+        "{line}"
+    );
+    assert!(
+        line.ends_with(&format!(" reads_paused={}", u64::MAX)),
+        "{line}"
+    );
+    let pairs: Vec<(String, u64)> = line
+        .split(' ')
+        .map(|pair| {
+            let (name, value) = pair.split_once('=').expect("name=value");
+            (name.to_string(), value.parse().expect("a u64"))
+        })
+        .collect();
+    assert_eq!(pairs, debug_fields(&stats));
+    assert_eq!(
+        Stats::default().to_string(),
+        Stats::default()
+            .fields()
+            .map(|(name, _)| format!("{name}=0"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+}
