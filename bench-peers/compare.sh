@@ -1,0 +1,186 @@
+#!/usr/bin/env bash
+# Runs our loopback benchmark (examples/bench.rs) and the tokio + tokio-rustls
+# peer (bench-peers/) alternately, in two configurations (all cores, and
+# `taskset -c 0`), and prints one markdown table per configuration: the
+# medians over the rounds, the ratio peer/ours, and the CPU time per op.
+#
+#   bash bench-peers/compare.sh                   # 3 rounds of 2 s each
+#   SECS=0.3 ROUNDS=1 bash bench-peers/compare.sh # a quick check
+#
+# Settings (environment, or the equivalent flag):
+#   SECS=S        --secs S       seconds per benchmark, both sides (default 2)
+#   ROUNDS=N      --rounds N     rounds per configuration (default 3)
+#   CONFIGS=LIST  --configs LIST "all cpu0" (default), or one of them
+#   BASELINES=0   --no-baselines leave out our RawPingPong/RawStream rows
+#   NO_BUILD=1    --no-build     use the binaries already built
+#
+# Each round runs every benchmark as its own process, ours then the peer's,
+# benchmark by benchmark (our bench's --bench takes one name), so both sides
+# of a row ran back to back under the same background load.
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+
+SECS=${SECS:-2}
+ROUNDS=${ROUNDS:-3}
+CONFIGS=${CONFIGS:-"all cpu0"}
+BASELINES=${BASELINES:-1}
+NO_BUILD=${NO_BUILD:-0}
+
+usage() {
+  sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
+  exit "${1:-2}"
+}
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --secs) SECS=$2; shift 2 ;;
+    --rounds) ROUNDS=$2; shift 2 ;;
+    --configs) CONFIGS=$2; shift 2 ;;
+    --no-baselines) BASELINES=0; shift ;;
+    --no-build) NO_BUILD=1; shift ;;
+    -h | --help) usage 0 ;;
+    *) echo "compare.sh: unknown argument $1" >&2; usage ;;
+  esac
+done
+CONFIGS=${CONFIGS//,/ }
+for cfg in $CONFIGS; do
+  case "$cfg" in
+    all | cpu0) ;;
+    *) echo "compare.sh: unknown configuration $cfg (all, cpu0)" >&2; exit 2 ;;
+  esac
+done
+
+BENCHES="Send SendNoWait Request ParallelSend ParallelSendNoWait ParallelRequest"
+REFS=""
+[ "$BASELINES" = 1 ] && REFS="RawPingPong RawStream"
+
+target_dir() { # default target directory of the package in $1
+  local dir=${CARGO_TARGET_DIR:-$1/target}
+  case "$dir" in /*) ;; *) dir=$root/$dir ;; esac
+  echo "$dir"
+}
+ours=$(target_dir "$root")/release/examples/bench
+peer=$(target_dir "$root/bench-peers")/release/tokio-rustls-bench
+
+if [ "$NO_BUILD" != 1 ]; then
+  echo "==> building ours: cargo build --release --example bench" >&2
+  cargo build --release --example bench
+  echo "==> building the peer: cargo build --release --manifest-path bench-peers/Cargo.toml" >&2
+  cargo build --release --manifest-path bench-peers/Cargo.toml
+fi
+for bin in "$ours" "$peer"; do
+  [ -x "$bin" ] || { echo "compare.sh: $bin is missing (build it, or drop --no-build)" >&2; exit 1; }
+done
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/compare.XXXXXX")
+results=$work/results.tsv
+log=$work/stderr.log
+: >"$results"
+
+# run CONFIG IMPL NAME ROUND: one benchmark in one process; appends
+# "config impl name round cores ns/op ns-cpu/op" (ns-cpu/op: n/a if the line
+# has no such column) to the results.
+run() {
+  local cfg=$1 impl=$2 name=$3 round=$4 bin pin="" out=$work/out
+  [ "$impl" = ours ] && bin=$ours || bin=$peer
+  [ "$cfg" = cpu0 ] && pin="taskset -c 0"
+  echo "== $cfg round $round: $impl $name" >>"$log"
+  if ! $pin "$bin" --secs "$SECS" --bench "$name" >"$out" 2>>"$log"; then
+    echo "compare.sh: $impl $name ($cfg) failed; its output:" >&2
+    cat "$out" >&2
+    tail -n 20 "$log" >&2
+    exit 1
+  fi
+  awk -F'\t' -v cfg="$cfg" -v impl="$impl" -v name="$name" -v round="$round" '
+    {
+      label = $1
+      sub(/[ \t]+$/, "", label)
+      if (label !~ ("^Benchmark" name "-[0-9]+$")) next
+      cores = label
+      sub(/^.*-/, "", cores)
+      ns = ""; cpu = "n/a"
+      for (i = 2; i <= NF; i++) {
+        if ($i ~ / ns\/op$/) ns = $i + 0
+        else if ($i ~ / ns-cpu\/op$/) cpu = $i + 0
+      }
+      if (ns != "") { print cfg "\t" impl "\t" name "\t" round "\t" cores "\t" ns "\t" cpu; found = 1 }
+    }
+    END { if (!found) exit 1 }
+  ' "$out" >>"$results" || {
+    echo "compare.sh: no Benchmark$name line in $impl's output:" >&2
+    cat "$out" >&2
+    exit 1
+  }
+}
+
+for cfg in $CONFIGS; do
+  for round in $(seq 1 "$ROUNDS"); do
+    echo "==> $cfg: round $round of $ROUNDS (${SECS}s per benchmark)" >&2
+    for name in $BENCHES; do
+      run "$cfg" ours "$name" "$round"
+      run "$cfg" peer "$name" "$round"
+    done
+    for name in $REFS; do
+      run "$cfg" ours "$name" "$round"
+    done
+  done
+done
+
+echo
+awk -F'\t' -v configs="$CONFIGS" -v benches="$BENCHES $REFS" -v rounds="$ROUNDS" -v secs="$SECS" '
+  # The median of column `col` (6: ns/op, 7: ns-cpu/op) over the rounds
+  # of `key`; "n/a" if any round lacks it, "" if there are none.
+  function median(key, col,    n, i, j, v, a) {
+    n = count[key]
+    if (n == 0) return ""
+    for (i = 1; i <= n; i++) {
+      if (vals[key, col, i] == "n/a") return "n/a"
+      a[i] = vals[key, col, i] + 0
+    }
+    for (i = 2; i <= n; i++) {
+      v = a[i]
+      for (j = i - 1; j >= 1 && a[j] > v; j--) a[j + 1] = a[j]
+      a[j + 1] = v
+    }
+    if (n % 2) return a[(n + 1) / 2]
+    return (a[n / 2] + a[n / 2 + 1]) / 2
+  }
+  function fmt(x) {
+    if (x == "") return "-"
+    if (x == "n/a") return x
+    return sprintf("%.1f", x)
+  }
+  {
+    key = $1 SUBSEP $2 SUBSEP $3
+    n = ++count[key]
+    vals[key, 6, n] = $6
+    vals[key, 7, n] = $7
+    cores[$1] = $5
+  }
+  END {
+    nc = split(configs, cfgs, " ")
+    nb = split(benches, names, " ")
+    for (c = 1; c <= nc; c++) {
+      cfg = cfgs[c]
+      title = (cfg == "all") ? "all cores" : "taskset -c 0"
+      printf "### %s (%s cores seen by the benchmarks; medians of %s round(s) of %s s)\n\n", title, cores[cfg], rounds, secs
+      print "| benchmark | ours ns/op | peer ns/op | peer/ours | ours ns-cpu/op | peer ns-cpu/op |"
+      print "|---|--:|--:|--:|--:|--:|"
+      for (b = 1; b <= nb; b++) {
+        name = names[b]
+        ko = cfg SUBSEP "ours" SUBSEP name
+        kp = cfg SUBSEP "peer" SUBSEP name
+        ours_ns = median(ko, 6); peer_ns = median(kp, 6)
+        ratio = "-"
+        if (ours_ns != "" && peer_ns != "" && ours_ns > 0) ratio = sprintf("%.2f", peer_ns / ours_ns)
+        label = (count[kp] == 0) ? name " (ours, baseline)" : name
+        printf "| %s | %s | %s | %s | %s | %s |\n", label, fmt(ours_ns), fmt(peer_ns), ratio, fmt(median(ko, 7)), fmt(median(kp, 7))
+      }
+      print ""
+    }
+    print "peer/ours > 1: ours is faster. ns-cpu/op: the whole process'"'"'s user + sys time (getrusage) over the timed interval, per op."
+  }
+' "$results"
+echo "raw results: $results (stderr of the runs: $log)"
