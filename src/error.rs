@@ -26,8 +26,6 @@ pub enum TimeoutKind {
     Write,
     /// A request got no response within its request timeout.
     Request,
-    /// The server's connection cap stayed full for the whole accept wait.
-    AcceptWait,
 }
 
 impl fmt::Display for TimeoutKind {
@@ -39,7 +37,6 @@ impl fmt::Display for TimeoutKind {
             TimeoutKind::Frame => "frame",
             TimeoutKind::Write => "write",
             TimeoutKind::Request => "request",
-            TimeoutKind::AcceptWait => "accept wait",
         })
     }
 }
@@ -151,7 +148,10 @@ pub enum Error {
     Closed,
     /// The peer closed the connection.
     PeerClosed,
-    /// The server's connection cap was full for the whole accept wait.
+    /// The server refused the connection: its connection cap stayed full
+    /// for the whole accept wait (or too many connections already waited).
+    /// The server says so on the wire (see PROTOCOL.md), so the client's
+    /// dial fails with this rather than with a reset.
     ConnectionLimit,
     /// The connection's outbound queue already holds `max_queued_bytes`,
     /// and the call could not wait for room because it was made on the
@@ -210,7 +210,9 @@ impl fmt::Display for Error {
             Error::Timeout(kind) => write!(f, "{kind} timeout"),
             Error::Closed => f.write_str("closed"),
             Error::PeerClosed => f.write_str("peer closed the connection"),
-            Error::ConnectionLimit => f.write_str("server connection limit reached"),
+            Error::ConnectionLimit => {
+                f.write_str("the server refused the connection: its connection limit is reached")
+            }
             Error::HandlerPanicked => f.write_str("handler panicked"),
             Error::QueueFull => f.write_str("outbound queue full"),
             Error::OnReactorThread => {

@@ -2,7 +2,7 @@
 //! worker reactors that run handshakes and handlers.
 
 use std::collections::VecDeque;
-use std::io;
+use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -14,6 +14,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::config::Config;
 use crate::error::Result;
 use crate::handler::Handler;
+use crate::protocol::REFUSED_AT_CAP;
 use crate::sync::{lock, AtomicBool, AtomicUsize, Mutex, Ordering};
 use crate::workers::Workers;
 
@@ -224,7 +225,7 @@ impl Acceptor {
                     if self.waiting.len() >= self.max_waiting() {
                         // The wait queue is full too: refuse at once rather
                         // than hold descriptors without bound.
-                        self.limit.refused.fetch_add(1, Ordering::Relaxed);
+                        self.refuse(stream);
                         continue;
                     }
                     let deadline = Instant::now() + self.config.accept_wait;
@@ -265,9 +266,9 @@ impl Acceptor {
         let now = Instant::now();
         while let Some((_, deadline)) = self.waiting.front() {
             if *deadline <= now {
-                // Waited its whole accept wait: closed on drop.
-                self.waiting.pop_front();
-                self.limit.refused.fetch_add(1, Ordering::Relaxed);
+                // Waited its whole accept wait.
+                let (stream, _) = self.waiting.pop_front().expect("front exists");
+                self.refuse(stream);
                 continue;
             }
             if !self.limit.try_acquire() {
@@ -276,10 +277,30 @@ impl Acceptor {
             let (stream, _) = self.waiting.pop_front().expect("front exists");
             self.hand_over(stream);
         }
-        // Drop expired sockets further back too.
-        let before = self.waiting.len();
-        self.waiting.retain(|(_, d)| *d > now);
-        let expired = (before - self.waiting.len()) as u64;
-        self.limit.refused.fetch_add(expired, Ordering::Relaxed);
+        // Refuse expired connections further back too.
+        let mut i = 0;
+        while i < self.waiting.len() {
+            if self.waiting[i].1 <= now {
+                let (stream, _) = self.waiting.remove(i).expect("index in range");
+                self.refuse(stream);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Turns a connection away at the cap, telling the client so: the
+    /// refusal takes the place of the server's key ([`REFUSED_AT_CAP`]),
+    /// so the client's dial fails with `Error::ConnectionLimit`, not with a
+    /// reset. What the client already sent is read first: closing a
+    /// socket with unread input would reset the connection, and the reset
+    /// could overtake the refusal.
+    fn refuse(&self, stream: std::net::TcpStream) {
+        self.limit.refused.fetch_add(1, Ordering::Relaxed);
+        // A fresh non-blocking socket: 32 bytes fit in its send buffer.
+        let _ = (&stream).write(&REFUSED_AT_CAP);
+        let mut sink = [0u8; 256];
+        while matches!((&stream).read(&mut sink), Ok(n) if n > 0) {}
+        let _ = stream.shutdown(std::net::Shutdown::Write);
     }
 }

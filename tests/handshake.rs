@@ -439,7 +439,18 @@ fn server_rejects_low_order_client_key() {
     }
 }
 
-// Checks a low-order server key makes the client fail with LowOrderPublicKey (whole or split), yield no session, and refuse further input.
+/// Whether a client's result for the low-order server key `point` is the
+/// right failure: LowOrderPublicKey, except for the all-zero key, which is
+/// the refusal of a server at its cap (`REFUSED_AT_CAP`).
+fn from_server_is_low_order(point: &[u8; KEY_LEN], result: &monte_rpc::Result<usize>) -> bool {
+    if *point == monte_rpc::protocol::REFUSED_AT_CAP {
+        matches!(result, Err(Error::ConnectionLimit))
+    } else {
+        is_low_order(result)
+    }
+}
+
+// Checks a low-order server key makes the client fail with LowOrderPublicKey (whole or split; the all-zero key is the refusal at the cap, ConnectionLimit), yield no session, and refuse further input.
 #[test]
 fn client_rejects_low_order_server_key() {
     for profile in PROFILES {
@@ -451,7 +462,10 @@ fn client_rejects_low_order_server_key() {
                 assert_eq!(out.len(), KEY_LEN);
                 assert_eq!(client.read_input(&point[..cut]).unwrap(), cut, "{name}");
                 let r = client.read_input(&point[cut..]);
-                assert!(is_low_order(&r), "{profile:?} {name} cut {cut}: {r:?}");
+                assert!(
+                    from_server_is_low_order(&point, &r),
+                    "{profile:?} {name} cut {cut}: {r:?}"
+                );
                 assert!(client.take_session().is_none());
                 assert!(matches!(
                     client.read_input(&[1u8; 4]),
@@ -474,7 +488,7 @@ fn low_order_key_with_trailing_bytes() {
             assert!(is_low_order(&server.read_input(&buf)));
             let mut client = ClientHandshake::new(profile).unwrap();
             client.write_output(&mut Vec::new());
-            assert!(is_low_order(&client.read_input(&buf)));
+            assert!(from_server_is_low_order(&point, &client.read_input(&buf)));
         }
     }
 }
@@ -790,4 +804,46 @@ fn user_handshake_rejections() {
         Err(Error::Handshake(HandshakeError::Rejected(1)))
     ));
     assert!(client.take_session().is_none());
+}
+
+// A server at its connection cap sends 32 zero bytes in place of its key
+// (PROTOCOL.md): every built-in client handshake reports that as
+// Error::ConnectionLimit, however the bytes are split, while a server
+// handshake fed a zero key from a client still reports a low-order key.
+#[test]
+fn the_refusal_at_the_cap_is_a_connection_limit_for_every_client_handshake() {
+    use monte_rpc::protocol::{IdentityConfig, PskFactory, REFUSED_AT_CAP};
+    let factories: Vec<(&str, Box<dyn HandshakeFactory>)> = vec![
+        ("secure", Box::new(Profile::Secure)),
+        ("monte", Box::new(Profile::Monte)),
+        ("psk", Box::new(PskFactory::new([1; 32]))),
+        ("identity", Box::new(IdentityConfig::pinned([9; 32]))),
+    ];
+    for (name, factory) in &factories {
+        for cut in [KEY_LEN, 1, 31] {
+            let mut client = factory.client().unwrap();
+            let mut hello = Vec::new();
+            client.write_output(&mut hello);
+            assert_eq!(hello.len(), KEY_LEN, "{name}");
+            let (first, rest) = REFUSED_AT_CAP.split_at(cut);
+            let mut result = client.read_input(first);
+            if !rest.is_empty() {
+                assert!(matches!(result, Ok(n) if n == first.len()), "{name}");
+                result = client.read_input(rest);
+            }
+            assert!(
+                matches!(result, Err(Error::ConnectionLimit)),
+                "{name}, cut at {cut}: {result:?}"
+            );
+        }
+        let mut server = factory.server().unwrap();
+        let result = server.read_input(&REFUSED_AT_CAP);
+        assert!(
+            matches!(
+                result,
+                Err(Error::Handshake(HandshakeError::LowOrderPublicKey))
+            ),
+            "{name} server: {result:?}"
+        );
+    }
 }

@@ -225,7 +225,6 @@ fn parse_error(text: &str) -> Error {
             "Frame" => TimeoutKind::Frame,
             "Write" => TimeoutKind::Write,
             "Request" => TimeoutKind::Request,
-            "AcceptWait" => TimeoutKind::AcceptWait,
             _ => return unknown(),
         });
     }

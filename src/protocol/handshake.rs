@@ -188,6 +188,23 @@ impl Ephemeral {
     }
 }
 
+/// What a server at its connection cap sends in place of its public key
+/// before it closes the connection: 32 zero bytes. No server sends them
+/// as its key (zero is a low-order point, refused by every peer), so a
+/// client tells the refusal from a key, and an older client or the Go
+/// library fails the handshake on it as it would anyway.
+pub const REFUSED_AT_CAP: [u8; KEY_LEN] = [0; KEY_LEN];
+
+/// Why a client's key agreement with `server_key` failed: the server's
+/// refusal at its connection cap ([`REFUSED_AT_CAP`]), or a low-order key.
+pub(crate) fn client_agreement_failed(server_key: &[u8; KEY_LEN]) -> Error {
+    if *server_key == REFUSED_AT_CAP {
+        Error::ConnectionLimit
+    } else {
+        Error::Handshake(HandshakeError::LowOrderPublicKey)
+    }
+}
+
 /// Collects the peer's 32-byte public key across any number of reads.
 struct PeerKey {
     bytes: [u8; KEY_LEN],
@@ -264,7 +281,10 @@ impl Handshake for ClientHandshake {
         if self.peer.is_complete() {
             self.done = true;
             let ephemeral = self.ephemeral.take().expect("key pair used once");
-            let dh = zeroize::Zeroizing::new(ephemeral.agree(&self.peer.bytes)?);
+            let dh = ephemeral
+                .agree(&self.peer.bytes)
+                .map_err(|_| client_agreement_failed(&self.peer.bytes))?;
+            let dh = zeroize::Zeroizing::new(dh);
             let keys = derive_keys(self.profile, &dh, &self.public, &self.peer.bytes);
             self.session = Some(Session::from_keys(self.profile, Role::Client, &keys));
         }

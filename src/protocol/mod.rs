@@ -34,6 +34,8 @@ pub use frame::{
     frame_len, Opener, Sealer, FRAME_OVERHEAD, LENGTH_PREFIX_LEN, MAX_WIRE_PAYLOAD,
     MIN_CIPHERTEXT_LEN, SEQ_LEN, TAG_LEN,
 };
-pub use handshake::{ClientHandshake, Handshake, HandshakeFactory, Role, ServerHandshake, Session};
+pub use handshake::{
+    ClientHandshake, Handshake, HandshakeFactory, Role, ServerHandshake, Session, REFUSED_AT_CAP,
+};
 pub use keys::{derive_keys, rekey, DirectionalKeys, Profile, KEY_LEN, REKEY_INTERVAL};
 pub use seq::{SeqAllocator, SeqSpace, MAX_SLOTS};

@@ -12,7 +12,7 @@ use super::crypto::{check_identity, identity_key};
 use super::*;
 use crate::error::Result;
 use crate::protocol::frame::{Opener, Sealer, LENGTH_PREFIX_LEN, MIN_CIPHERTEXT_LEN};
-use crate::protocol::handshake::{Handshake, HandshakeFactory, Session};
+use crate::protocol::handshake::{client_agreement_failed, Handshake, HandshakeFactory, Session};
 use crate::protocol::keys::Profile;
 
 impl HandshakeFactory for IdentityConfig {
@@ -336,7 +336,10 @@ impl Core {
                 out
             },
         )
-        .map_err(|_| Error::Handshake(HandshakeError::LowOrderPublicKey))?;
+        .map_err(|_| match self.role {
+            Role::Client => client_agreement_failed(&self.peer),
+            Role::Server => Error::Handshake(HandshakeError::LowOrderPublicKey),
+        })?;
         let dh = zeroize::Zeroizing::new(dh);
         let (cp, sp) = self.publics();
         let keys = match &self.mode {
