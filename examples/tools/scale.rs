@@ -1,6 +1,10 @@
 //! The scale benchmark: many concurrent connections to one server on
 //! loopback, with the server and the clients in separate processes.
 //!
+//! A tool, not a showcase (those are `examples/server.rs`, `client.rs` and
+//! `embed.rs`): it lives in `examples/tools/` and is built and run as an
+//! example, `cargo run --release --example scale`.
+//!
 //! ```text
 //! cargo run --release --example scale -- [--conns N] [--dialers K] [--secs S]
 //!     [--threads T] [--size B] [--settle-ms M] [--profile secure|monte]
@@ -37,7 +41,7 @@
 //! ends a run that overstays its budget. `--conns 200 --secs 1` is a quick
 //! run, about 4 s.
 
-#[path = "common/flags.rs"]
+#[path = "../common/flags.rs"]
 mod flags;
 use flags::Flags;
 

@@ -1,6 +1,10 @@
 //! A loopback benchmark of the client and server in one process, printed in
 //! Go's benchmark format so it compares with the Go library's numbers.
 //!
+//! A tool, not a showcase (those are `examples/server.rs`, `client.rs` and
+//! `embed.rs`): it lives in `examples/tools/` and is built and run as an
+//! example, `cargo run --release --example bench`.
+//!
 //! ```text
 //! cargo run --release --example bench [-- --secs S --bench NAME \
 //!     --profile secure|monte|psk|identity --size N --json PATH]
@@ -32,7 +36,7 @@
 //! `SendNoWait` benchmarks stop the clock only once the server has received
 //! every message, so nothing queued goes unmeasured.
 
-#[path = "common/flags.rs"]
+#[path = "../common/flags.rs"]
 mod flags;
 use flags::Flags;
 use rand::{rngs::SmallRng, RngCore, SeedableRng};

@@ -3,6 +3,10 @@
 //! client through it with many caller threads doing mixed sends, queued
 //! sends and requests of random sizes, every reply checked.
 //!
+//! A tool, not a showcase (those are `examples/server.rs`, `client.rs` and
+//! `embed.rs`): it lives in `examples/tools/` and is built and run as an
+//! example, `cargo run --release --example soak`.
+//!
 //! ```text
 //! cargo run --release --example soak -- [--secs N] [--threads T] [--conns C]
 //!     [--max-size B] [--kill-every-ms M] [--report-every-s R] [--final-msgs F]
@@ -17,7 +21,7 @@
 //! `soak ok` or `soak FAILED`; a failed check exits with 1, a run that
 //! overstays `secs + 60` s is ended by a watchdog with 3.
 
-#[path = "common/flags.rs"]
+#[path = "../common/flags.rs"]
 mod flags;
 use flags::Flags;
 use rand::{rngs::SmallRng, Rng as _, RngCore, SeedableRng};
@@ -518,5 +522,5 @@ fn main() {
 
 // The fault modes other than `Pass` are used by the tests only.
 #[allow(dead_code)]
-#[path = "../tests/common/proxy.rs"]
+#[path = "../../tests/common/proxy.rs"]
 mod proxy;
