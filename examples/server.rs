@@ -4,12 +4,10 @@
 //!
 //! ```text
 //! cargo run --release --example server -- --addr 127.0.0.1:4444 \
-//!     [--profile secure|monte] [--max-conns N] [--handshake-timeout-ms N] \
-//!     [--read-timeout-ms N] [--frame-timeout-ms N] [--write-timeout-ms N] \
-//!     [--accept-wait-ms N] [--max-message-size N] [--max-queued-bytes N] [--max-in-flight N] \
-//!     [--workers N] [--duration-s N] [--events] [--control] \
+//!     [--profile secure|monte] [--max-conns N] [--read-timeout-ms N] ... \
 //!     [--psk HEX | --identity FILE [--allow HEX[,HEX...]]]
 //! cargo run --release --example server -- --gen-identity FILE
+//! cargo run --release --example server -- --help   # every flag, with its default
 //! ```
 //!
 //! Authentication (see PROTOCOL.md and SECURITY.md): `--psk` takes 64 hex
@@ -31,9 +29,10 @@
 //! and requests). They, and the big reply, are in
 //! `examples/tools/server_test_hooks.rs`, which documents their lines.
 
-#[path = "common/flags.rs"]
-mod flags;
-use flags::Flags;
+#[path = "common/args.rs"]
+mod args;
+use args::Wire;
+use clap::Parser;
 #[path = "tools/server_test_hooks.rs"]
 mod test_hooks;
 use test_hooks::{big_reply_size, emit, Tracker};
@@ -46,7 +45,7 @@ use std::time::{Duration, Instant};
 
 use monte_rpc::protocol::{
     generate_identity_pkcs8, identity_public_key, Ed25519KeyPair, HandshakeFactory, IdentityConfig,
-    Profile, PskHandshake,
+    PskHandshake,
 };
 use monte_rpc::{Config, Connection, Context, Error, Handler, HandshakeError, Server};
 
@@ -137,47 +136,108 @@ impl Handler for Reverser {
     }
 }
 
+/// A reversing echo server: replies to every request with its body
+/// reversed. Serves until SIGINT or SIGTERM (or for --duration-s seconds),
+/// then prints `served requests=N messages=N conns=N errors=N`.
+#[derive(Parser)]
+#[command(name = "server")]
 struct Args {
-    addr: String,
-    profile: Profile,
-    max_conns: Option<usize>,
-    handshake_timeout_ms: Option<u64>,
-    read_timeout_ms: Option<u64>,
+    /// The address to listen on (port 0: any free port)
+    #[arg(
+        long,
+        value_name = "HOST:PORT",
+        required_unless_present = "gen_identity"
+    )]
+    addr: Option<String>,
+    /// The wire profile when no authentication is asked for (--psk,
+    /// --identity)
+    #[arg(
+        long,
+        value_enum,
+        ignore_case = true,
+        default_value = "secure",
+        conflicts_with_all = ["psk", "identity"]
+    )]
+    profile: Wire,
+    /// The most connections handled at once, handshakes included
+    #[arg(long, value_name = "N", default_value_t = Config::server().max_conns)]
+    max_conns: usize,
+    /// How long a handshake may take, in milliseconds
+    #[arg(long, value_name = "N", default_value_t = default_ms(Config::server().handshake_timeout))]
+    handshake_timeout_ms: u64,
+    /// How long a connection may receive nothing before it is closed, in
+    /// milliseconds
+    #[arg(long, value_name = "N", default_value_t = default_ms(Config::server().read_timeout))]
+    read_timeout_ms: u64,
+    /// How long a frame may take from its first byte to its last, in
+    /// milliseconds [default: the read timeout]
+    #[arg(long, value_name = "N")]
     frame_timeout_ms: Option<u64>,
-    write_timeout_ms: Option<u64>,
-    accept_wait_ms: Option<u64>,
-    max_message_size: Option<usize>,
-    max_queued_bytes: Option<usize>,
-    max_in_flight: Option<usize>,
-    workers: Option<usize>,
+    /// How long queued output may make no progress before the connection is
+    /// closed, in milliseconds (also the send and drain timeouts)
+    #[arg(long, value_name = "N", default_value_t = default_ms(Config::server().write_timeout))]
+    write_timeout_ms: u64,
+    /// How long a connection over --max-conns waits for a place before it
+    /// is closed, in milliseconds
+    #[arg(long, value_name = "N", default_value_t = default_ms(Some(Config::server().accept_wait)))]
+    accept_wait_ms: u64,
+    /// The largest message accepted or sent, in bytes
+    #[arg(long, value_name = "N", default_value_t = Config::server().max_message_size)]
+    max_message_size: usize,
+    /// The most bytes queued for one connection; past it the peer is not
+    /// read until its replies drain
+    #[arg(long, value_name = "N", default_value_t = Config::server().max_queued_bytes)]
+    max_queued_bytes: usize,
+    /// Requests that may await a response on one connection at once
+    #[arg(long, value_name = "N", default_value_t = Config::server().max_in_flight)]
+    max_in_flight: usize,
+    /// Reactor threads (by default one per available core)
+    #[arg(long, value_name = "N", default_value_t = Config::server().workers)]
+    workers: usize,
+    /// Serve this many seconds, then shut down [default: until SIGINT or
+    /// SIGTERM]
+    #[arg(long, value_name = "N")]
     duration_s: Option<u64>,
+    /// Print a line per connection opened, closed or failed in its
+    /// handshake (for tests/hostile_external.rs)
+    #[arg(long)]
     events: bool,
+    /// Take `stats`, `flood` and `request` commands on stdin and stop when
+    /// it ends (for tests/hostile_external.rs)
+    #[arg(long)]
     control: bool,
-    profile_set: bool,
+    /// Authenticate with this pre-shared key, shared with the clients (64
+    /// hex characters)
+    #[arg(long, value_name = "HEX", value_parser = args::key, conflicts_with = "identity")]
     psk: Option<[u8; 32]>,
+    /// Prove this PKCS#8 Ed25519 key file to the clients, which pin its
+    /// public key (see --gen-identity)
+    #[arg(long, value_name = "FILE")]
     identity: Option<String>,
+    /// With --identity, also require clients to prove one of these public
+    /// keys (64 hex characters each)
+    #[arg(
+        long,
+        value_name = "HEX[,HEX...]",
+        value_parser = args::key,
+        value_delimiter = ',',
+        requires = "identity"
+    )]
     allow: Option<Vec<[u8; 32]>>,
+    /// Write a new identity file, print its public key in hex and exit
+    #[arg(long, value_name = "FILE")]
     gen_identity: Option<String>,
 }
 
-fn usage(msg: &str) -> ! {
-    eprintln!("server: {msg}");
-    eprintln!(
-        "usage: server --addr HOST:PORT [--profile secure|monte] [--max-conns N] \
-         [--handshake-timeout-ms N] [--read-timeout-ms N] [--frame-timeout-ms N] \
-         [--write-timeout-ms N] [--accept-wait-ms N] [--max-message-size N] [--max-queued-bytes N] \
-         [--max-in-flight N] [--workers N] [--duration-s N] [--events] [--control]"
-    );
-    eprintln!("       [--psk HEX | --identity FILE [--allow HEX[,HEX...]]] | --gen-identity FILE");
-    exit(2);
+/// A timeout of the library's server defaults in milliseconds, for
+/// `--help`.
+fn default_ms(timeout: Option<Duration>) -> u64 {
+    timeout.map_or(0, |t| t.as_millis() as u64)
 }
 
-fn parse_profile(value: &str) -> Profile {
-    match value.to_ascii_lowercase().as_str() {
-        "secure" => Profile::Secure,
-        "monte" => Profile::Monte,
-        _ => usage(&format!("--profile: expected secure or monte, got {value}")),
-    }
+/// A flag's milliseconds as a duration.
+fn ms(millis: u64) -> Duration {
+    Duration::from_millis(millis)
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -240,112 +300,32 @@ fn gen_identity(path: &str) -> ! {
     exit(0);
 }
 
-fn parse_args() -> Args {
-    let mut args = Args {
-        addr: String::new(),
-        profile: Profile::Secure,
-        max_conns: None,
-        handshake_timeout_ms: None,
-        read_timeout_ms: None,
-        frame_timeout_ms: None,
-        write_timeout_ms: None,
-        accept_wait_ms: None,
-        max_message_size: None,
-        max_queued_bytes: None,
-        max_in_flight: None,
-        workers: None,
-        duration_s: None,
-        events: false,
-        control: false,
-        profile_set: false,
-        psk: None,
-        identity: None,
-        allow: None,
-        gen_identity: None,
-    };
-    let mut flags = Flags::from_env(usage);
-    while let Some((flag, value)) = flags.next_flag(&["--events", "--control"]) {
-        match flag.as_str() {
-            "--events" => args.events = true,
-            "--control" => args.control = true,
-            "--addr" => args.addr = value,
-            "--profile" => {
-                args.profile = parse_profile(&value);
-                args.profile_set = true;
-            }
-            "--psk" => args.psk = Some(flags.key(&flag, &value)),
-            "--identity" => args.identity = Some(value),
-            "--allow" => args.allow = Some(value.split(',').map(|k| flags.key(&flag, k)).collect()),
-            "--gen-identity" => args.gen_identity = Some(value),
-            "--max-conns" => args.max_conns = Some(flags.num(&flag, &value)),
-            "--handshake-timeout-ms" => args.handshake_timeout_ms = Some(flags.num(&flag, &value)),
-            "--read-timeout-ms" => args.read_timeout_ms = Some(flags.num(&flag, &value)),
-            "--frame-timeout-ms" => args.frame_timeout_ms = Some(flags.num(&flag, &value)),
-            "--write-timeout-ms" => args.write_timeout_ms = Some(flags.num(&flag, &value)),
-            "--accept-wait-ms" => args.accept_wait_ms = Some(flags.num(&flag, &value)),
-            "--max-message-size" => args.max_message_size = Some(flags.num(&flag, &value)),
-            "--max-queued-bytes" => args.max_queued_bytes = Some(flags.num(&flag, &value)),
-            "--max-in-flight" => args.max_in_flight = Some(flags.num(&flag, &value)),
-            "--workers" => args.workers = Some(flags.num(&flag, &value)),
-            "--duration-s" => args.duration_s = Some(flags.num(&flag, &value)),
-            _ => usage(&format!("unknown flag {flag}")),
-        }
-    }
+fn main() {
+    let args = Args::parse();
     if let Some(path) = &args.gen_identity {
         gen_identity(path);
     }
-    if args.addr.is_empty() {
-        usage("--addr is required");
-    }
-    if args.psk.is_some() && args.identity.is_some() {
-        usage("--psk and --identity are exclusive");
-    }
-    if args.allow.is_some() && args.identity.is_none() {
-        usage("--allow needs --identity");
-    }
-    if args.profile_set && (args.psk.is_some() || args.identity.is_some()) {
-        usage("--profile cannot be combined with --psk or --identity");
-    }
-    args
-}
-
-fn main() {
-    let args = parse_args();
+    let addr = args.addr.as_deref().expect("clap requires --addr");
     install_signal_handlers();
 
-    let mut config = Config::server().profile(args.profile);
+    let mut config = Config::server()
+        .profile(args.profile.into())
+        .max_conns(args.max_conns)
+        .handshake_timeout(Some(ms(args.handshake_timeout_ms)))
+        // Also sets the frame timeout, unless --frame-timeout-ms does below.
+        .read_timeout(Some(ms(args.read_timeout_ms)))
+        // Also sets the send and drain timeouts.
+        .write_timeout(Some(ms(args.write_timeout_ms)))
+        .accept_wait(ms(args.accept_wait_ms))
+        .max_message_size(args.max_message_size)
+        .max_queued_bytes(args.max_queued_bytes)
+        .max_in_flight(args.max_in_flight)
+        .workers(args.workers);
+    if let Some(millis) = args.frame_timeout_ms {
+        config = config.frame_timeout(Some(ms(millis)));
+    }
     if let Some(handshake) = auth_handshake(&args) {
         config = config.handshake(handshake);
-    }
-    if let Some(n) = args.max_conns {
-        config = config.max_conns(n);
-    }
-    if let Some(ms) = args.handshake_timeout_ms {
-        config = config.handshake_timeout(Some(Duration::from_millis(ms)));
-    }
-    if let Some(ms) = args.read_timeout_ms {
-        config = config.read_timeout(Some(Duration::from_millis(ms)));
-    }
-    if let Some(ms) = args.frame_timeout_ms {
-        config = config.frame_timeout(Some(Duration::from_millis(ms)));
-    }
-    if let Some(ms) = args.write_timeout_ms {
-        config = config.write_timeout(Some(Duration::from_millis(ms)));
-    }
-    if let Some(ms) = args.accept_wait_ms {
-        config = config.accept_wait(Duration::from_millis(ms));
-    }
-    if let Some(n) = args.max_message_size {
-        config = config.max_message_size(n);
-    }
-    if let Some(n) = args.max_queued_bytes {
-        config = config.max_queued_bytes(n);
-    }
-    if let Some(n) = args.max_in_flight {
-        config = config.max_in_flight(n);
-    }
-    if let Some(n) = args.workers {
-        config = config.workers(n);
     }
 
     let stats = Arc::new(Stats::default());
@@ -355,10 +335,10 @@ fn main() {
         stats: stats.clone(),
         tracker: tracker.clone(),
     };
-    let server = match Server::bind(args.addr.as_str(), config, handler) {
+    let server = match Server::bind(addr, config, handler) {
         Ok(s) => Arc::new(s),
         Err(e) => {
-            eprintln!("server: bind {}: {e}", args.addr);
+            eprintln!("server: bind {addr}: {e}");
             exit(1);
         }
     };
