@@ -36,6 +36,20 @@
 //! reactor threads) during the timed loop, divided by the iterations. The
 //! `SendNoWait` benchmarks stop the clock only once the server has received
 //! every message, so nothing queued goes unmeasured.
+//!
+//! One line per benchmark, in the Go tool's order with one column added
+//! last:
+//!
+//! ```text
+//! BenchmarkNAME-CORES  ITERATIONS  NS ns/op  MB MB/s  B B/op  N allocs/op  CPU ns-cpu/op
+//! ```
+//!
+//! `ns-cpu/op` is the whole process's CPU time (user plus system, every
+//! thread: callers, reactors, the server; from `getrusage(RUSAGE_SELF)`)
+//! over the same timed interval as `ns/op`, divided by the iterations.
+//! Above `ns/op`, more than one core worked per op; below it, cores were
+//! idle part of the time. The baselines divide both by frames. `--json`
+//! writes the same figures (`cpu_ns_per_op`).
 
 #[path = "../common/args.rs"]
 mod args;
@@ -101,6 +115,26 @@ unsafe impl GlobalAlloc for CountingAlloc {
 
 #[global_allocator]
 static GLOBAL: CountingAlloc = CountingAlloc;
+
+// ---------------------------------------------------------------------------
+// CPU time
+
+/// The CPU time (user plus system) every thread of this process has used
+/// so far, exited ones included: `getrusage(RUSAGE_SELF)`.
+fn process_cpu() -> Duration {
+    // SAFETY: `rusage` is plain C data (integers and timevals), for which
+    // all zeroes is a valid value.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is a valid, writable `rusage` that outlives the
+    // call, which only writes to it.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return Duration::ZERO;
+    }
+    let tv = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+    };
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
 
 fn alloc_snapshot() -> (u64, u64) {
     (
@@ -219,6 +253,8 @@ type Op<'a> = dyn Fn(&mut Vec<u8>) -> Result<(), Error> + Sync + 'a;
 struct Measured {
     iterations: u64,
     elapsed: Duration,
+    /// The whole process's CPU time over `elapsed`.
+    cpu: Duration,
     allocs: u64,
     bytes: u64,
 }
@@ -260,6 +296,7 @@ fn measure(
         let mut response = Vec::new();
         let mut iterations = 0u64;
         let (a0, b0) = alloc_snapshot();
+        let cpu0 = process_cpu();
         let start = Instant::now();
         loop {
             op(&mut response).map_err(|e| e.to_string())?;
@@ -270,10 +307,12 @@ fn measure(
         }
         finish()?;
         let elapsed = start.elapsed();
+        let cpu = process_cpu().saturating_sub(cpu0);
         let (a1, b1) = alloc_snapshot();
         return Ok(Measured {
             iterations,
             elapsed,
+            cpu,
             allocs: a1 - a0,
             bytes: b1 - b0,
         });
@@ -311,6 +350,7 @@ fn measure(
             std::thread::yield_now();
         }
         let (a0, b0) = alloc_snapshot();
+        let cpu0 = process_cpu();
         let start = Instant::now();
         go.store(true, Ordering::Release);
         while start.elapsed() < dur && !stop.load(Ordering::Relaxed) {
@@ -326,10 +366,12 @@ fn measure(
         }
         finish()?;
         let elapsed = start.elapsed();
+        let cpu = process_cpu().saturating_sub(cpu0);
         let (a1, b1) = alloc_snapshot();
         Ok(Measured {
             iterations: total.load(Ordering::SeqCst),
             elapsed,
+            cpu,
             allocs: a1 - a0,
             bytes: b1 - b0,
         })
@@ -528,6 +570,9 @@ struct Report {
     mb_per_s: f64,
     bytes_per_op: u64,
     allocs_per_op: u64,
+    /// The whole process's CPU time (user plus system, every thread) per
+    /// op, over the same interval as `ns_per_op`.
+    cpu_ns_per_op: f64,
 }
 
 /// Tuning knobs for experiments: MONTE_SPIN, MONTE_WORKERS and
@@ -587,6 +632,7 @@ fn run_bench(
             mb_per_s: payload.len() as f64 * frames as f64 / secs / 1e6,
             bytes_per_op: (m.bytes as f64 / frames as f64).round() as u64,
             allocs_per_op: (m.allocs as f64 / frames as f64).round() as u64,
+            cpu_ns_per_op: m.cpu.as_nanos() as f64 / frames as f64,
         });
     }
     let config = client_config(handshake.clone(), args.size);
@@ -665,6 +711,7 @@ fn run_bench(
         mb_per_s,
         bytes_per_op: (m.bytes as f64 / iterations as f64).round() as u64,
         allocs_per_op: (m.allocs as f64 / iterations as f64).round() as u64,
+        cpu_ns_per_op: m.cpu.as_nanos() as f64 / iterations as f64,
     })
 }
 
@@ -713,13 +760,14 @@ fn write_json(path: &str, reports: &[Report]) -> std::io::Result<()> {
     for (i, r) in reports.iter().enumerate() {
         out.push_str(&format!(
             "  {{\"name\": {}, \"iterations\": {}, \"ns_per_op\": {}, \"mb_per_s\": {}, \
-             \"bytes_per_op\": {}, \"allocs_per_op\": {}}}{}\n",
+             \"bytes_per_op\": {}, \"allocs_per_op\": {}, \"cpu_ns_per_op\": {}}}{}\n",
             json_string(&r.name),
             r.iterations,
             json_number(r.ns_per_op),
             json_number(r.mb_per_s),
             r.bytes_per_op,
             r.allocs_per_op,
+            json_number(r.cpu_ns_per_op),
             if i + 1 < reports.len() { "," } else { "" }
         ));
     }
@@ -776,13 +824,14 @@ fn main() {
         match run_bench(bench, addr, &args, &client_handshake, &payload, callers) {
             Ok(r) => {
                 println!(
-                    "{:<32}\t{:>10}\t{:>12.1} ns/op\t{:>10.2} MB/s\t{:>8} B/op\t{:>6} allocs/op",
+                    "{:<32}\t{:>10}\t{:>12.1} ns/op\t{:>10.2} MB/s\t{:>8} B/op\t{:>6} allocs/op\t{:>10.1} ns-cpu/op",
                     format!("Benchmark{}-{cores}", r.name),
                     r.iterations,
                     r.ns_per_op,
                     r.mb_per_s,
                     r.bytes_per_op,
-                    r.allocs_per_op
+                    r.allocs_per_op,
+                    r.cpu_ns_per_op
                 );
                 reports.push(r);
             }
