@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs our loopback benchmark (examples/bench.rs) and the tokio + tokio-rustls
+# Runs our loopback benchmark (examples/tools/bench.rs) and the tokio + tokio-rustls
 # peer (bench-peers/) alternately, in two configurations (all cores, and
 # `taskset -c 0`), and prints one markdown table per configuration: the
 # medians over the rounds, the ratio peer/ours, and the CPU time per op.

@@ -1,7 +1,8 @@
 //! Criterion versions of the Go library's six benchmarks, plus the
 //! handshake: loopback, 1400-byte payloads, a server that replies to
-//! requests with an empty body. `examples/bench.rs` prints the same six in
-//! the Go tool's format; this gives criterion's statistics and reports.
+//! requests with an empty body. `examples/tools/bench.rs` prints the same
+//! six in the Go tool's format; this gives criterion's statistics and
+//! reports.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

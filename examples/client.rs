@@ -4,6 +4,7 @@
 //! cargo run --release --example client -- --addr 127.0.0.1:4444 \
 //!     [--profile secure|monte] [--n N] [--size S] [--threads T] \
 //!     [--psk HEX | --pin HEX [--identity FILE]]
+//! cargo run --release --example client -- --help   # every flag, with its default
 //! ```
 //!
 //! Authentication (see PROTOCOL.md and SECURITY.md): `--psk` takes the
@@ -17,9 +18,10 @@
 //! `send`. Prints `ok requests=2N sends=N nowait=N` on success; on any
 //! error prints it to stderr and exits 1.
 
-#[path = "common/flags.rs"]
-mod flags;
-use flags::Flags;
+#[path = "common/args.rs"]
+mod args;
+use args::Wire;
+use clap::Parser;
 use rand::{rngs::SmallRng, RngCore, SeedableRng};
 
 use std::process::exit;
@@ -27,9 +29,7 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
-use monte_rpc::protocol::{
-    Ed25519KeyPair, HandshakeFactory, IdentityConfig, Profile, PskHandshake,
-};
+use monte_rpc::protocol::{Ed25519KeyPair, HandshakeFactory, IdentityConfig, PskHandshake};
 use monte_rpc::{Client, Config};
 
 fn seed() -> u64 {
@@ -39,25 +39,44 @@ fn seed() -> u64 {
     nanos ^ (u64::from(std::process::id()) << 32)
 }
 
+/// Exercises the reversing echo server of the `server` example: N
+/// sequential requests, N more over T threads, N `send_no_wait` and N
+/// `send`, checking every reply. Prints `ok requests=2N sends=N nowait=N`.
+#[derive(Parser)]
+#[command(name = "client")]
 struct Args {
+    /// The server's address
+    #[arg(long, value_name = "HOST:PORT")]
     addr: String,
-    profile: Profile,
+    /// The wire profile when no authentication is asked for (--psk, --pin)
+    #[arg(
+        long,
+        value_enum,
+        ignore_case = true,
+        default_value = "secure",
+        conflicts_with_all = ["psk", "pin", "identity"]
+    )]
+    profile: Wire,
+    /// Calls of each kind
+    #[arg(long, value_name = "N", default_value_t = 1000)]
     n: usize,
+    /// Message size in bytes
+    #[arg(long, value_name = "S", default_value_t = 1400)]
     size: usize,
+    /// Threads sharing the client for the parallel requests (0 counts as 1)
+    #[arg(long, value_name = "T", default_value_t = 8)]
     threads: usize,
-    profile_set: bool,
+    /// Authenticate with the server's pre-shared key (64 hex characters)
+    #[arg(long, value_name = "HEX", value_parser = args::key, conflicts_with_all = ["pin", "identity"])]
     psk: Option<[u8; 32]>,
+    /// Accept only the server proving this Ed25519 public key (64 hex
+    /// characters, from `server --gen-identity`)
+    #[arg(long, value_name = "HEX", value_parser = args::key)]
     pin: Option<[u8; 32]>,
+    /// With --pin, prove this PKCS#8 Ed25519 key file, for a server that
+    /// requires client identities (`server --allow`)
+    #[arg(long, value_name = "FILE", requires = "pin")]
     identity: Option<String>,
-}
-
-fn usage(msg: &str) -> ! {
-    eprintln!("client: {msg}");
-    eprintln!(
-        "usage: client --addr HOST:PORT [--profile secure|monte] [--n N] [--size S] [--threads T]"
-    );
-    eprintln!("       [--psk HEX | --pin HEX [--identity FILE]]");
-    exit(2);
 }
 
 /// The handshake the authentication flags select, or `None` for `--profile`.
@@ -65,12 +84,10 @@ fn auth_handshake(args: &Args) -> Result<Option<Arc<dyn HandshakeFactory>>, Stri
     if let Some(psk) = args.psk {
         return Ok(Some(Arc::new(PskHandshake::factory(psk))));
     }
-    if args.pin.is_none() && args.identity.is_none() {
-        return Ok(None);
-    }
+    // An identity client that pins no server authenticates nobody, so
+    // --identity requires --pin.
     if args.pin.is_none() {
-        // An identity client that pins no server authenticates nobody.
-        return Err("--identity needs --pin HEX (the server's public key)".to_string());
+        return Ok(None);
     }
     let mut config = IdentityConfig {
         pinned_server: args.pin,
@@ -83,55 +100,6 @@ fn auth_handshake(args: &Args) -> Result<Option<Arc<dyn HandshakeFactory>>, Stri
         config = config.with_identity(Arc::new(key));
     }
     Ok(Some(Arc::new(config)))
-}
-
-fn parse_args() -> Args {
-    let mut args = Args {
-        addr: String::new(),
-        profile: Profile::Secure,
-        n: 1000,
-        size: 1400,
-        threads: 8,
-        profile_set: false,
-        psk: None,
-        pin: None,
-        identity: None,
-    };
-    let mut flags = Flags::from_env(usage);
-    while let Some((flag, value)) = flags.next_flag(&[]) {
-        match flag.as_str() {
-            "--addr" => args.addr = value,
-            "--profile" => {
-                args.profile = match value.to_ascii_lowercase().as_str() {
-                    "secure" => Profile::Secure,
-                    "monte" => Profile::Monte,
-                    _ => usage(&format!("--profile: expected secure or monte, got {value}")),
-                };
-                args.profile_set = true;
-            }
-            "--psk" => args.psk = Some(flags.key(&flag, &value)),
-            "--pin" => args.pin = Some(flags.key(&flag, &value)),
-            "--identity" => args.identity = Some(value),
-            "--n" => args.n = flags.num(&flag, &value),
-            "--size" => args.size = flags.num(&flag, &value),
-            "--threads" => args.threads = flags.num(&flag, &value),
-            _ => usage(&format!("unknown flag {flag}")),
-        }
-    }
-    if args.addr.is_empty() {
-        usage("--addr is required");
-    }
-    args.threads = args.threads.max(1);
-    if args.psk.is_some() && (args.pin.is_some() || args.identity.is_some()) {
-        usage("--psk and --pin/--identity are exclusive");
-    }
-    if args.profile_set && (args.psk.is_some() || args.pin.is_some() || args.identity.is_some()) {
-        usage("--profile cannot be combined with --psk, --pin or --identity");
-    }
-    if args.identity.is_some() && args.pin.is_none() {
-        eprintln!("client: warning: --identity without --pin does not authenticate the server");
-    }
-    args
 }
 
 /// One request with a fresh random body; checks the reply is its reverse.
@@ -157,7 +125,7 @@ fn checked_request(
 }
 
 fn run(args: &Args) -> Result<(), String> {
-    let mut config = Config::default().profile(args.profile);
+    let mut config = Config::default().profile(args.profile.into());
     if let Some(handshake) = auth_handshake(args)? {
         config = config.handshake(handshake);
     }
@@ -219,7 +187,8 @@ fn run(args: &Args) -> Result<(), String> {
 }
 
 fn main() {
-    let args = parse_args();
+    let mut args = Args::parse();
+    args.threads = args.threads.max(1);
     match run(&args) {
         Ok(()) => println!(
             "ok requests={} sends={} nowait={}",

@@ -2,16 +2,34 @@
 //! event loop with `poll_once`, your code accepts the connections and hands
 //! them over, and you stop it when you are done.
 //!
-//! `cargo run --release --example embed`
+//! ```text
+//! cargo run --release --example embed [-- --addr 127.0.0.1:0 --requests 100]
+//! ```
 
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use clap::Parser;
 use monte_rpc::{Client, Config, Context, Reactor};
 
+/// A server of your own that accepts connections and hands them to a
+/// monte-rpc reactor its thread drives; a client makes requests to it.
+#[derive(Parser)]
+#[command(name = "embed")]
+struct Args {
+    /// The address your server listens on (port 0: any free port)
+    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:0")]
+    addr: String,
+    /// Requests the client makes, each checked
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    requests: u32,
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+
     // One reactor, driven by a thread this program owns.
     let mut reactor = Reactor::new(Config::server())?;
     let handle = reactor.handle();
@@ -26,7 +44,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
 
     // Your own accept loop, handing each connection to the reactor.
-    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let listener = TcpListener::bind(args.addr.as_str())?;
     let addr = listener.local_addr()?;
     let accept_handle = handle.clone();
     let counter = served.clone();
@@ -49,7 +67,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // An ordinary client talks to it.
     let client = Client::new(addr, Config::default())?;
     let mut response = Vec::new();
-    for i in 0..100u32 {
+    for i in 0..args.requests {
         let body = i.to_be_bytes();
         client.request(&body, &mut response)?;
         assert_eq!(response, [body[3], body[2], body[1], body[0]]);

@@ -1,17 +1,13 @@
 //! A reversing echo server: replies to every request with its body reversed
 //! byte for byte, and counts what it saw. One request is special, for the
-//! hostile-peer tests that make it answer large: a body of
-//! `monte-rpc-test big reply:` followed by a 4-byte big-endian size `N` gets
-//! a reply of `N` bytes (at most the maximum message size).
+//! hostile-peer tests that make it answer large (see the test hooks below).
 //!
 //! ```text
 //! cargo run --release --example server -- --addr 127.0.0.1:4444 \
-//!     [--profile secure|monte] [--max-conns N] [--handshake-timeout-ms N] \
-//!     [--read-timeout-ms N] [--frame-timeout-ms N] [--write-timeout-ms N] \
-//!     [--accept-wait-ms N] [--max-message-size N] [--max-queued-bytes N] [--max-in-flight N] \
-//!     [--workers N] [--duration-s N] [--events] [--control] \
+//!     [--profile secure|monte] [--max-conns N] [--read-timeout-ms N] ... \
 //!     [--psk HEX | --identity FILE [--allow HEX[,HEX...]]]
 //! cargo run --release --example server -- --gen-identity FILE
+//! cargo run --release --example server -- --help   # every flag, with its default
 //! ```
 //!
 //! Authentication (see PROTOCOL.md and SECURITY.md): `--psk` takes 64 hex
@@ -27,44 +23,29 @@
 //! the connections that ended with an error, failed handshakes included.
 //!
 //! Diagnostics, for operators and for `tests/hostile_external.rs`, which
-//! attacks this binary from another process. Each is one line on stdout,
-//! with the free-form part (a reason, an error) last:
-//!
-//! - `--events`: `listening ADDR` once, then `open peer=ADDR id=N`,
-//!   `close peer=ADDR id=N messages=N reason=ERROR` and
-//!   `handshake_failed peer=ADDR reason=ERROR` for every connection
-//!   (`ERROR` is the library's `Error` in `Debug` form).
-//! - `--control`: reads commands on stdin, one a line, and stops serving
-//!   when stdin ends:
-//!   - `stats ID`: prints `stats id=ID handled=N` (connections held now,
-//!     handshakes included), then every counter of the server's `Stats` as
-//!     `name=N`, then this program's `requests= messages= conns= errors=`;
-//!   - `flood PEER SIZE`: sends `SIZE`-byte messages with `send_no_wait`
-//!     to the open connection from `PEER` until a send fails (or 10 s
-//!     pass), then prints `flood peer=PEER sent=BYTES took_us=N
-//!     result=ERROR|none`;
-//!   - `request ID PEER TIMEOUT_MS HEX`: sends the body `HEX` as a request
-//!     to `PEER` with that timeout, then prints `request id=ID took_us=N
-//!     ok=HEX` or `request id=ID took_us=N err=ERROR`.
-//!
-//!   An unknown `PEER` gives `error=unknown peer` in place of the outcome.
+//! attacks this binary from another process: `--events` prints a line per
+//! connection opened, closed (with its reason) or failed in its handshake,
+//! and `--control` takes commands on stdin (counters, server-side floods
+//! and requests). They, and the big reply, are in
+//! `examples/tools/server_test_hooks.rs`, which documents their lines.
 
-#[path = "common/flags.rs"]
-mod flags;
-use flags::Flags;
+#[path = "common/args.rs"]
+mod args;
+use args::Wire;
+use clap::Parser;
+#[path = "tools/server_test_hooks.rs"]
+mod test_hooks;
+use test_hooks::{big_reply_size, emit, Tracker};
 
-use std::collections::HashMap;
-use std::fmt;
-use std::io::{BufRead, Write};
 use std::net::SocketAddr;
 use std::process::exit;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use monte_rpc::protocol::{
     generate_identity_pkcs8, identity_public_key, Ed25519KeyPair, HandshakeFactory, IdentityConfig,
-    Profile, PskHandshake,
+    PskHandshake,
 };
 use monte_rpc::{Config, Connection, Context, Error, Handler, HandshakeError, Server};
 
@@ -100,15 +81,6 @@ struct Stats {
     messages: AtomicU64,
     conns: AtomicU64,
     errors: AtomicU64,
-}
-
-/// A request body asking for a large reply (see the module doc).
-const BIG_REPLY: &[u8] = b"monte-rpc-test big reply:";
-
-/// The reply size a request asks for with [`BIG_REPLY`], if it does.
-fn big_reply_size(body: &[u8]) -> Option<usize> {
-    let size = body.strip_prefix(BIG_REPLY)?;
-    Some(u32::from_be_bytes(size.try_into().ok()?) as usize)
 }
 
 struct Reverser {
@@ -158,271 +130,114 @@ impl Handler for Reverser {
         if !matches!(error, Error::Handshake(HandshakeError::PeerClosed)) {
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
         }
-        if self.tracker.as_ref().is_some_and(|t| t.events) {
-            emit(format_args!(
-                "handshake_failed peer={} reason={error:?}",
-                Peer(peer)
-            ));
+        if let Some(tracker) = &self.tracker {
+            tracker.handshake_failed(peer, error);
         }
     }
 }
 
-/// Prints one diagnostic line on stdout. A reader that went away must not
-/// take a reactor thread down with it, so write errors are ignored.
-fn emit(line: fmt::Arguments<'_>) {
-    let _ = writeln!(std::io::stdout().lock(), "{line}");
-}
-
-/// A peer address, or `-` when the socket no longer knows it.
-struct Peer(Option<SocketAddr>);
-
-impl fmt::Display for Peer {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0 {
-            Some(addr) => write!(f, "{addr}"),
-            None => f.write_str("-"),
-        }
-    }
-}
-
-/// Per-connection bookkeeping for `--events` and `--control` (the plain
-/// server has none): messages per connection for the close line, and the
-/// open connections' handles for the commands that call a peer.
-struct Tracker {
-    events: bool,
-    open: Mutex<HashMap<u64, Tracked>>,
-}
-
-struct Tracked {
-    peer: Option<SocketAddr>,
-    messages: u64,
-    conn: Connection,
-}
-
-impl Tracker {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Tracked>> {
-        self.open.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn open(&self, conn: &Connection) {
-        let tracked = Tracked {
-            peer: conn.peer_addr(),
-            messages: 0,
-            conn: conn.clone(),
-        };
-        self.lock().insert(conn.id(), tracked);
-        if self.events {
-            emit(format_args!(
-                "open peer={} id={}",
-                Peer(conn.peer_addr()),
-                conn.id()
-            ));
-        }
-    }
-
-    fn message(&self, conn: &Connection) {
-        if let Some(tracked) = self.lock().get_mut(&conn.id()) {
-            tracked.messages += 1;
-        }
-    }
-
-    fn close(&self, conn: &Connection, reason: &Error) {
-        let tracked = self.lock().remove(&conn.id());
-        if self.events {
-            let messages = tracked.map_or(0, |t| t.messages);
-            emit(format_args!(
-                "close peer={} id={} messages={messages} reason={reason:?}",
-                Peer(conn.peer_addr()),
-                conn.id()
-            ));
-        }
-    }
-
-    /// The open connection from `peer`.
-    fn find(&self, peer: SocketAddr) -> Option<Connection> {
-        self.lock()
-            .values()
-            .find(|t| t.peer == Some(peer))
-            .map(|t| t.conn.clone())
-    }
-}
-
-/// Serves the `--control` commands on stdin until it ends, then stops the
-/// server (so a server whose controller died does not linger).
-fn control(server: Arc<Server>, stats: Arc<Stats>, tracker: Arc<Tracker>) {
-    for line in std::io::stdin().lock().lines() {
-        let Ok(line) = line else { break };
-        let words: Vec<&str> = line.split_whitespace().collect();
-        match words[..] {
-            ["stats", id] => emit_stats(id, &server, &stats),
-            ["flood", peer, size] => match (peer.parse(), size.parse()) {
-                (Ok(peer), Ok(size)) => flood(&tracker, peer, size),
-                _ => eprintln!("server: bad command {line:?}"),
-            },
-            ["request", id, peer, timeout_ms, body] => {
-                match (peer.parse(), timeout_ms.parse(), unhex(body)) {
-                    (Ok(peer), Ok(ms), Some(body)) => {
-                        request(&tracker, id, peer, Duration::from_millis(ms), body)
-                    }
-                    _ => eprintln!("server: bad command {line:?}"),
-                }
-            }
-            [] => {}
-            _ => eprintln!("server: unknown command {line:?}"),
-        }
-    }
-    STOP.store(true, Ordering::SeqCst);
-}
-
-fn emit_stats(id: &str, server: &Server, stats: &Stats) {
-    // Connections first: a close is counted before its place is given
-    // back, so every close behind this figure is in the counters below.
-    let handled = server.connections();
-    let s = server.stats();
-    emit(format_args!(
-        "stats id={id} handled={handled} connections_open={} connections_opened={} \
-         connections_refused={} closed_local={} closed_by_peer={} closed_handshake_timeout={} \
-         closed_read_timeout={} closed_write_timeout={} closed_frame_timeout={} \
-         closed_protocol_error={} closed_other={} reads_paused={} handshakes_failed={} frames_in={} bytes_in={} frames_out={} bytes_out={} \
-         frames_rejected_too_short={} frames_rejected_too_large={} \
-         frames_rejected_authentication={} responses_dropped={} requests_in_flight={} \
-         requests_timed_out={} requests={} messages={} conns={} errors={}",
-        s.connections_open,
-        s.connections_opened,
-        s.connections_refused,
-        s.closed_local,
-        s.closed_by_peer,
-        s.closed_handshake_timeout,
-        s.closed_read_timeout,
-        s.closed_write_timeout,
-        s.closed_frame_timeout,
-        s.closed_protocol_error,
-        s.closed_other,
-        s.reads_paused,
-        s.handshakes_failed,
-        s.frames_in,
-        s.bytes_in,
-        s.frames_out,
-        s.bytes_out,
-        s.frames_rejected_too_short,
-        s.frames_rejected_too_large,
-        s.frames_rejected_authentication,
-        s.responses_dropped,
-        s.requests_in_flight,
-        s.requests_timed_out,
-        stats.requests.load(Ordering::Relaxed),
-        stats.messages.load(Ordering::Relaxed),
-        stats.conns.load(Ordering::Relaxed),
-        stats.errors.load(Ordering::Relaxed),
-    ));
-}
-
-/// Floods `peer` on a thread of its own: the calls may wait for room in
-/// the connection's queue, and the commands after this one must not.
-fn flood(tracker: &Tracker, peer: SocketAddr, size: usize) {
-    let Some(conn) = tracker.find(peer) else {
-        emit(format_args!("flood peer={peer} error=unknown peer"));
-        return;
-    };
-    std::thread::spawn(move || {
-        let body = vec![0u8; size];
-        let start = Instant::now();
-        let mut sent = 0u64;
-        let result = loop {
-            if start.elapsed() > Duration::from_secs(10) {
-                break None;
-            }
-            match conn.send_no_wait(&body) {
-                Ok(()) => sent += size as u64,
-                Err(e) => break Some(e),
-            }
-        };
-        let took = start.elapsed().as_micros();
-        match result {
-            Some(e) => emit(format_args!(
-                "flood peer={peer} sent={sent} took_us={took} result={e:?}"
-            )),
-            None => emit(format_args!(
-                "flood peer={peer} sent={sent} took_us={took} result=none"
-            )),
-        }
-    });
-}
-
-/// Sends a request to `peer` on a thread of its own, since it waits for
-/// the answer.
-fn request(tracker: &Tracker, id: &str, peer: SocketAddr, timeout: Duration, body: Vec<u8>) {
-    let Some(conn) = tracker.find(peer) else {
-        emit(format_args!("request id={id} error=unknown peer"));
-        return;
-    };
-    let id = id.to_string();
-    std::thread::spawn(move || {
-        let start = Instant::now();
-        let mut resp = Vec::new();
-        let result = conn.request_timeout(&body, &mut resp, Some(timeout));
-        let took = start.elapsed().as_micros();
-        match result {
-            Ok(()) => emit(format_args!(
-                "request id={id} took_us={took} ok={}",
-                hex(&resp)
-            )),
-            Err(e) => emit(format_args!("request id={id} took_us={took} err={e:?}")),
-        }
-    });
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 || !s.is_ascii() {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
-        .collect()
-}
-
+/// A reversing echo server: replies to every request with its body
+/// reversed. Serves until SIGINT or SIGTERM (or for --duration-s seconds),
+/// then prints `served requests=N messages=N conns=N errors=N`.
+#[derive(Parser)]
+#[command(name = "server")]
 struct Args {
-    addr: String,
-    profile: Profile,
-    max_conns: Option<usize>,
-    handshake_timeout_ms: Option<u64>,
-    read_timeout_ms: Option<u64>,
+    /// The address to listen on (port 0: any free port)
+    #[arg(
+        long,
+        value_name = "HOST:PORT",
+        required_unless_present = "gen_identity"
+    )]
+    addr: Option<String>,
+    /// The wire profile when no authentication is asked for (--psk,
+    /// --identity)
+    #[arg(
+        long,
+        value_enum,
+        ignore_case = true,
+        default_value = "secure",
+        conflicts_with_all = ["psk", "identity"]
+    )]
+    profile: Wire,
+    /// The most connections handled at once, handshakes included
+    #[arg(long, value_name = "N", default_value_t = Config::server().max_conns)]
+    max_conns: usize,
+    /// How long a handshake may take, in milliseconds
+    #[arg(long, value_name = "N", default_value_t = default_ms(Config::server().handshake_timeout))]
+    handshake_timeout_ms: u64,
+    /// How long a connection may receive nothing before it is closed, in
+    /// milliseconds
+    #[arg(long, value_name = "N", default_value_t = default_ms(Config::server().read_timeout))]
+    read_timeout_ms: u64,
+    /// How long a frame may take from its first byte to its last, in
+    /// milliseconds [default: the read timeout]
+    #[arg(long, value_name = "N")]
     frame_timeout_ms: Option<u64>,
-    write_timeout_ms: Option<u64>,
-    accept_wait_ms: Option<u64>,
-    max_message_size: Option<usize>,
-    max_queued_bytes: Option<usize>,
-    max_in_flight: Option<usize>,
-    workers: Option<usize>,
+    /// How long queued output may make no progress before the connection is
+    /// closed, in milliseconds (also the send and drain timeouts)
+    #[arg(long, value_name = "N", default_value_t = default_ms(Config::server().write_timeout))]
+    write_timeout_ms: u64,
+    /// How long a connection over --max-conns waits for a place before it
+    /// is closed, in milliseconds
+    #[arg(long, value_name = "N", default_value_t = default_ms(Some(Config::server().accept_wait)))]
+    accept_wait_ms: u64,
+    /// The largest message accepted or sent, in bytes
+    #[arg(long, value_name = "N", default_value_t = Config::server().max_message_size)]
+    max_message_size: usize,
+    /// The most bytes queued for one connection; past it the peer is not
+    /// read until its replies drain
+    #[arg(long, value_name = "N", default_value_t = Config::server().max_queued_bytes)]
+    max_queued_bytes: usize,
+    /// Requests that may await a response on one connection at once
+    #[arg(long, value_name = "N", default_value_t = Config::server().max_in_flight)]
+    max_in_flight: usize,
+    /// Reactor threads (by default one per available core)
+    #[arg(long, value_name = "N", default_value_t = Config::server().workers)]
+    workers: usize,
+    /// Serve this many seconds, then shut down [default: until SIGINT or
+    /// SIGTERM]
+    #[arg(long, value_name = "N")]
     duration_s: Option<u64>,
+    /// Print a line per connection opened, closed or failed in its
+    /// handshake (for tests/hostile_external.rs)
+    #[arg(long)]
     events: bool,
+    /// Take `stats`, `flood` and `request` commands on stdin and stop when
+    /// it ends (for tests/hostile_external.rs)
+    #[arg(long)]
     control: bool,
-    profile_set: bool,
+    /// Authenticate with this pre-shared key, shared with the clients (64
+    /// hex characters)
+    #[arg(long, value_name = "HEX", value_parser = args::key, conflicts_with = "identity")]
     psk: Option<[u8; 32]>,
+    /// Prove this PKCS#8 Ed25519 key file to the clients, which pin its
+    /// public key (see --gen-identity)
+    #[arg(long, value_name = "FILE")]
     identity: Option<String>,
+    /// With --identity, also require clients to prove one of these public
+    /// keys (64 hex characters each)
+    #[arg(
+        long,
+        value_name = "HEX[,HEX...]",
+        value_parser = args::key,
+        value_delimiter = ',',
+        requires = "identity"
+    )]
     allow: Option<Vec<[u8; 32]>>,
+    /// Write a new identity file, print its public key in hex and exit
+    #[arg(long, value_name = "FILE")]
     gen_identity: Option<String>,
 }
 
-fn usage(msg: &str) -> ! {
-    eprintln!("server: {msg}");
-    eprintln!(
-        "usage: server --addr HOST:PORT [--profile secure|monte] [--max-conns N] \
-         [--handshake-timeout-ms N] [--read-timeout-ms N] [--frame-timeout-ms N] \
-         [--write-timeout-ms N] [--accept-wait-ms N] [--max-message-size N] [--max-queued-bytes N] \
-         [--max-in-flight N] [--workers N] [--duration-s N] [--events] [--control]"
-    );
-    eprintln!("       [--psk HEX | --identity FILE [--allow HEX[,HEX...]]] | --gen-identity FILE");
-    exit(2);
+/// A timeout of the library's server defaults in milliseconds, for
+/// `--help`.
+fn default_ms(timeout: Option<Duration>) -> u64 {
+    timeout.map_or(0, |t| t.as_millis() as u64)
 }
 
-fn parse_profile(value: &str) -> Profile {
-    match value.to_ascii_lowercase().as_str() {
-        "secure" => Profile::Secure,
-        "monte" => Profile::Monte,
-        _ => usage(&format!("--profile: expected secure or monte, got {value}")),
-    }
+/// A flag's milliseconds as a duration.
+fn ms(millis: u64) -> Duration {
+    Duration::from_millis(millis)
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -485,130 +300,45 @@ fn gen_identity(path: &str) -> ! {
     exit(0);
 }
 
-fn parse_args() -> Args {
-    let mut args = Args {
-        addr: String::new(),
-        profile: Profile::Secure,
-        max_conns: None,
-        handshake_timeout_ms: None,
-        read_timeout_ms: None,
-        frame_timeout_ms: None,
-        write_timeout_ms: None,
-        accept_wait_ms: None,
-        max_message_size: None,
-        max_queued_bytes: None,
-        max_in_flight: None,
-        workers: None,
-        duration_s: None,
-        events: false,
-        control: false,
-        profile_set: false,
-        psk: None,
-        identity: None,
-        allow: None,
-        gen_identity: None,
-    };
-    let mut flags = Flags::from_env(usage);
-    while let Some((flag, value)) = flags.next_flag(&["--events", "--control"]) {
-        match flag.as_str() {
-            "--events" => args.events = true,
-            "--control" => args.control = true,
-            "--addr" => args.addr = value,
-            "--profile" => {
-                args.profile = parse_profile(&value);
-                args.profile_set = true;
-            }
-            "--psk" => args.psk = Some(flags.key(&flag, &value)),
-            "--identity" => args.identity = Some(value),
-            "--allow" => args.allow = Some(value.split(',').map(|k| flags.key(&flag, k)).collect()),
-            "--gen-identity" => args.gen_identity = Some(value),
-            "--max-conns" => args.max_conns = Some(flags.num(&flag, &value)),
-            "--handshake-timeout-ms" => args.handshake_timeout_ms = Some(flags.num(&flag, &value)),
-            "--read-timeout-ms" => args.read_timeout_ms = Some(flags.num(&flag, &value)),
-            "--frame-timeout-ms" => args.frame_timeout_ms = Some(flags.num(&flag, &value)),
-            "--write-timeout-ms" => args.write_timeout_ms = Some(flags.num(&flag, &value)),
-            "--accept-wait-ms" => args.accept_wait_ms = Some(flags.num(&flag, &value)),
-            "--max-message-size" => args.max_message_size = Some(flags.num(&flag, &value)),
-            "--max-queued-bytes" => args.max_queued_bytes = Some(flags.num(&flag, &value)),
-            "--max-in-flight" => args.max_in_flight = Some(flags.num(&flag, &value)),
-            "--workers" => args.workers = Some(flags.num(&flag, &value)),
-            "--duration-s" => args.duration_s = Some(flags.num(&flag, &value)),
-            _ => usage(&format!("unknown flag {flag}")),
-        }
-    }
+fn main() {
+    let args = Args::parse();
     if let Some(path) = &args.gen_identity {
         gen_identity(path);
     }
-    if args.addr.is_empty() {
-        usage("--addr is required");
-    }
-    if args.psk.is_some() && args.identity.is_some() {
-        usage("--psk and --identity are exclusive");
-    }
-    if args.allow.is_some() && args.identity.is_none() {
-        usage("--allow needs --identity");
-    }
-    if args.profile_set && (args.psk.is_some() || args.identity.is_some()) {
-        usage("--profile cannot be combined with --psk or --identity");
-    }
-    args
-}
-
-fn main() {
-    let args = parse_args();
+    let addr = args.addr.as_deref().expect("clap requires --addr");
     install_signal_handlers();
 
-    let mut config = Config::server().profile(args.profile);
+    let mut config = Config::server()
+        .profile(args.profile.into())
+        .max_conns(args.max_conns)
+        .handshake_timeout(Some(ms(args.handshake_timeout_ms)))
+        // Also sets the frame timeout, unless --frame-timeout-ms does below.
+        .read_timeout(Some(ms(args.read_timeout_ms)))
+        // Also sets the send and drain timeouts.
+        .write_timeout(Some(ms(args.write_timeout_ms)))
+        .accept_wait(ms(args.accept_wait_ms))
+        .max_message_size(args.max_message_size)
+        .max_queued_bytes(args.max_queued_bytes)
+        .max_in_flight(args.max_in_flight)
+        .workers(args.workers);
+    if let Some(millis) = args.frame_timeout_ms {
+        config = config.frame_timeout(Some(ms(millis)));
+    }
     if let Some(handshake) = auth_handshake(&args) {
         config = config.handshake(handshake);
     }
-    if let Some(n) = args.max_conns {
-        config = config.max_conns(n);
-    }
-    if let Some(ms) = args.handshake_timeout_ms {
-        config = config.handshake_timeout(Some(Duration::from_millis(ms)));
-    }
-    if let Some(ms) = args.read_timeout_ms {
-        config = config.read_timeout(Some(Duration::from_millis(ms)));
-    }
-    if let Some(ms) = args.frame_timeout_ms {
-        config = config.frame_timeout(Some(Duration::from_millis(ms)));
-    }
-    if let Some(ms) = args.write_timeout_ms {
-        config = config.write_timeout(Some(Duration::from_millis(ms)));
-    }
-    if let Some(ms) = args.accept_wait_ms {
-        config = config.accept_wait(Duration::from_millis(ms));
-    }
-    if let Some(n) = args.max_message_size {
-        config = config.max_message_size(n);
-    }
-    if let Some(n) = args.max_queued_bytes {
-        config = config.max_queued_bytes(n);
-    }
-    if let Some(n) = args.max_in_flight {
-        config = config.max_in_flight(n);
-    }
-    if let Some(n) = args.workers {
-        config = config.workers(n);
-    }
 
     let stats = Arc::new(Stats::default());
-    let tracker = (args.events || args.control).then(|| {
-        Arc::new(Tracker {
-            events: args.events,
-            open: Mutex::new(HashMap::new()),
-        })
-    });
+    let tracker = (args.events || args.control).then(|| Arc::new(Tracker::new(args.events)));
     let handler = Reverser {
         max_reply: config.max_message_size,
         stats: stats.clone(),
         tracker: tracker.clone(),
     };
-    let server = match Server::bind(args.addr.as_str(), config, handler) {
+    let server = match Server::bind(addr, config, handler) {
         Ok(s) => Arc::new(s),
         Err(e) => {
-            eprintln!("server: bind {}: {e}", args.addr);
+            eprintln!("server: bind {addr}: {e}");
             exit(1);
         }
     };
@@ -618,7 +348,7 @@ fn main() {
     }
     if let (true, Some(tracker)) = (args.control, tracker) {
         let (server, stats) = (server.clone(), stats.clone());
-        std::thread::spawn(move || control(server, stats, tracker));
+        std::thread::spawn(move || test_hooks::control(server, stats, tracker));
     }
 
     let deadline = args

@@ -1,4 +1,4 @@
-//! The peer in the same run: `examples/bench.rs`'s six client benchmarks
+//! The peer in the same run: `examples/tools/bench.rs`'s six client benchmarks
 //! over tokio + tokio-rustls, printed in the same Go-style format plus a
 //! CPU column.
 //!
@@ -26,7 +26,7 @@
 //!   available core (client and server share it). `Send`, `SendNoWait` and
 //!   `Request` use one caller and one connection; the `Parallel*` ones
 //!   cores × 4 callers (`MONTE_CALLERS`) over 4 connections
-//!   (`MONTE_MAX_CONNS`), as examples/bench.rs does with its `Client`.
+//!   (`MONTE_MAX_CONNS`), as examples/tools/bench.rs does with its `Client`.
 //!
 //! Each benchmark runs a ~0.3 s warm-up, then `--secs` seconds. B/op and
 //! allocs/op count every allocation in the process during the timed
@@ -59,7 +59,7 @@ use tokio_rustls::rustls::{
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 // ---------------------------------------------------------------------------
-// Allocation counting (as in examples/bench.rs)
+// Allocation counting (as in examples/tools/bench.rs)
 
 struct CountingAlloc;
 
@@ -126,7 +126,7 @@ fn cpu_time() -> Duration {
 // ---------------------------------------------------------------------------
 // Arguments
 
-/// examples/bench.rs's six client benchmarks over tokio + tokio-rustls
+/// examples/tools/bench.rs's six client benchmarks over tokio + tokio-rustls
 /// (TLS 1.3, AES-256-GCM, X25519, ring), in Go's benchmark format plus a
 /// CPU column.
 #[derive(Parser)]
@@ -918,7 +918,7 @@ fn main() {
             }
         }
     }
-    // In the canonical order, like examples/bench.rs.
+    // In the canonical order, like examples/tools/bench.rs.
     let selected: Vec<&Bench> = BENCHES
         .iter()
         .filter(|b| selected.is_empty() || selected.iter().any(|s| s.name == b.name))

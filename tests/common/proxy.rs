@@ -1,7 +1,7 @@
 //! A fault-injecting TCP proxy for loopback tests: forwards between a
 //! client and the real server and, on command, cuts a connection mid-frame,
 //! delays, resets, stalls or black-holes it. Shared by `tests/faults.rs`
-//! and `examples/soak.rs` (included with `#[path]`).
+//! and `examples/tools/soak.rs` (included with `#[path]`).
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};

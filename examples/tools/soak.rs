@@ -3,10 +3,15 @@
 //! client through it with many caller threads doing mixed sends, queued
 //! sends and requests of random sizes, every reply checked.
 //!
+//! A tool, not a showcase (those are `examples/server.rs`, `client.rs` and
+//! `embed.rs`): it lives in `examples/tools/` and is built and run as an
+//! example, `cargo run --release --example soak`.
+//!
 //! ```text
 //! cargo run --release --example soak -- [--secs N] [--threads T] [--conns C]
 //!     [--max-size B] [--kill-every-ms M] [--report-every-s R] [--final-msgs F]
 //!     [--seed S]
+//! cargo run --release --example soak -- --help   # every flag, with its default
 //! ```
 //!
 //! Every R seconds it prints one line: elapsed time, calls/s, errors by
@@ -17,9 +22,7 @@
 //! `soak ok` or `soak FAILED`; a failed check exits with 1, a run that
 //! overstays `secs + 60` s is ended by a watchdog with 3.
 
-#[path = "common/flags.rs"]
-mod flags;
-use flags::Flags;
+use clap::Parser;
 use rand::{rngs::SmallRng, Rng as _, RngCore, SeedableRng};
 
 use std::collections::BTreeMap;
@@ -39,53 +42,44 @@ const TAG_SEND: u8 = b'S';
 const TAG_NO_WAIT: u8 = b'N';
 const TAG_FINAL: u8 = b'F';
 
+/// A soak run: mixed calls through a proxy that kills random connections,
+/// every reply checked, memory watched. Ends with `soak ok` (exit 0) or
+/// `soak FAILED` (exit 1).
+#[derive(Parser)]
+#[command(name = "soak")]
 struct Args {
+    /// Seconds of mixed calls under connection kills
+    #[arg(long, value_name = "N", default_value_t = 60)]
     secs: u64,
+    /// Caller threads sharing the client (0 counts as 1)
+    #[arg(long, value_name = "T", default_value_t = 16)]
     threads: usize,
+    /// The client's connections (0 counts as 1)
+    #[arg(long, value_name = "C", default_value_t = 4)]
     conns: usize,
+    /// The largest random body, in bytes
+    #[arg(long, value_name = "B", default_value_t = 64 << 10)]
     max_size: usize,
+    /// Milliseconds between connection kills (0: none)
+    #[arg(long, value_name = "M", default_value_t = 500)]
     kill_every_ms: u64,
+    /// Seconds between report lines (0 counts as 1)
+    #[arg(long, value_name = "R", default_value_t = 60)]
     report_every_s: u64,
+    /// Queued messages sent after the kills stop, all of which must arrive
+    #[arg(long, value_name = "F", default_value_t = 20_000)]
     final_msgs: u64,
+    /// Seed of the random bodies, sizes, call kinds and kills
+    #[arg(long, value_name = "S", default_value_t = 0x50a6_2024)]
     seed: u64,
 }
 
 fn parse_args() -> Args {
-    let mut args = Args {
-        secs: 60,
-        threads: 16,
-        conns: 4,
-        max_size: 64 << 10,
-        kill_every_ms: 500,
-        report_every_s: 60,
-        final_msgs: 20_000,
-        seed: 0x50a6_2024,
-    };
-    let mut flags = Flags::from_env(usage);
-    while let Some((flag, value)) = flags.next_flag(&[]) {
-        let n: u64 = flags.num(&flag, &value);
-        match flag.as_str() {
-            "--secs" => args.secs = n,
-            "--threads" => args.threads = n.max(1) as usize,
-            "--conns" => args.conns = n.max(1) as usize,
-            "--max-size" => args.max_size = n as usize,
-            "--kill-every-ms" => args.kill_every_ms = n,
-            "--report-every-s" => args.report_every_s = n.max(1),
-            "--final-msgs" => args.final_msgs = n,
-            "--seed" => args.seed = n,
-            _ => usage(&format!("unknown flag {flag}")),
-        }
-    }
+    let mut args = Args::parse();
+    args.threads = args.threads.max(1);
+    args.conns = args.conns.max(1);
+    args.report_every_s = args.report_every_s.max(1);
     args
-}
-
-fn usage(why: &str) -> ! {
-    eprintln!("soak: {why}");
-    eprintln!(
-        "usage: soak [--secs N] [--threads T] [--conns C] [--max-size B] \
-         [--kill-every-ms M] [--report-every-s R] [--final-msgs F] [--seed S]"
-    );
-    std::process::exit(2)
 }
 
 /// Resident memory in MiB, from /proc/self/statm (pages of 4096 bytes).
@@ -518,5 +512,5 @@ fn main() {
 
 // The fault modes other than `Pass` are used by the tests only.
 #[allow(dead_code)]
-#[path = "../tests/common/proxy.rs"]
+#[path = "../../tests/common/proxy.rs"]
 mod proxy;

@@ -1,10 +1,15 @@
 //! The scale benchmark: many concurrent connections to one server on
 //! loopback, with the server and the clients in separate processes.
 //!
+//! A tool, not a showcase (those are `examples/server.rs`, `client.rs` and
+//! `embed.rs`): it lives in `examples/tools/` and is built and run as an
+//! example, `cargo run --release --example scale`.
+//!
 //! ```text
 //! cargo run --release --example scale -- [--conns N] [--dialers K] [--secs S]
 //!     [--threads T] [--size B] [--settle-ms M] [--profile secure|monte]
 //!     [--read-buffer R]
+//! cargo run --release --example scale -- --help   # every flag, with its default
 //! ```
 //!
 //! The process starts the server role as a child of itself
@@ -37,9 +42,10 @@
 //! ends a run that overstays its budget. `--conns 200 --secs 1` is a quick
 //! run, about 4 s.
 
-#[path = "common/flags.rs"]
-mod flags;
-use flags::Flags;
+#[path = "../common/args.rs"]
+mod args;
+use args::Wire;
+use clap::{Parser, ValueEnum};
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{exit, Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -49,85 +55,74 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use monte_rpc::protocol::Profile;
 use monte_rpc::{Config, Connection, Context, Handler, NoHandler, Reactor, Server};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Res<T> = Result<T, BoxError>;
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// Which side of the benchmark this process is.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Role {
+    /// The benchmark: starts the server role as its child, dials, measures
     Client,
+    /// The child: serves, answering `stats` and `quit` on stdin
     Server,
 }
 
+/// The scale benchmark: N connections to one server on loopback, the server
+/// in a child process. Measures handshakes per second, memory per idle
+/// connection on both sides and request throughput over all N.
+#[derive(Parser)]
+#[command(name = "scale")]
 struct Args {
+    /// The side this process plays: the parent starts `--role server`
+    /// itself
+    #[arg(long, value_enum, default_value = "client", hide = true)]
     role: Role,
+    /// Connections (N; 0 counts as 1)
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
     conns: usize,
+    /// Threads dialling at once (K; 0 counts as 1)
+    #[arg(long, value_name = "K", default_value_t = 64)]
     dialers: usize,
+    /// Seconds of requests over all the connections (S, fractions allowed)
+    #[arg(long, value_name = "S", value_parser = args::positive_secs, default_value_t = 5.0)]
     secs: f64,
+    /// Threads making requests, one at a time each (T; 0 counts as 1)
+    #[arg(long, value_name = "T", default_value_t = 8)]
     threads: usize,
+    /// Request size in bytes (B); replies are empty
+    #[arg(long, value_name = "B", default_value_t = 1400)]
     size: usize,
+    /// Milliseconds the connections idle before memory is measured (M), so
+    /// they have given their buffers back
+    #[arg(long, value_name = "M", default_value_t = 2000)]
     settle_ms: u64,
-    profile: Profile,
-    profile_name: String,
+    /// The wire profile of both sides
+    #[arg(long, value_enum, ignore_case = true, default_value = "secure")]
+    profile: Wire,
+    /// Both sides' receive buffer size in bytes (R) [default: the
+    /// library's]
+    #[arg(long, value_name = "R")]
     read_buffer: Option<usize>,
 }
 
-fn usage(msg: &str) -> ! {
-    eprintln!("scale: {msg}");
-    eprintln!(
-        "usage: scale [--conns N] [--dialers K] [--secs S] [--threads T] [--size B] \
-         [--settle-ms M] [--profile secure|monte] [--read-buffer R]"
-    );
-    exit(2);
+impl Args {
+    /// The profile's name, as `--profile` takes it.
+    fn profile_name(&self) -> String {
+        self.profile
+            .to_possible_value()
+            .expect("every profile has a name")
+            .get_name()
+            .to_string()
+    }
 }
 
 fn parse_args() -> Args {
-    let mut args = Args {
-        role: Role::Client,
-        conns: 10_000,
-        dialers: 64,
-        secs: 5.0,
-        threads: 8,
-        size: 1400,
-        settle_ms: 2000,
-        profile: Profile::Secure,
-        profile_name: "secure".into(),
-        read_buffer: None,
-    };
-    let mut flags = Flags::from_env(usage);
-    while let Some((flag, value)) = flags.next_flag(&[]) {
-        match flag.as_str() {
-            "--role" => {
-                args.role = match value.as_str() {
-                    "client" => Role::Client,
-                    "server" => Role::Server,
-                    _ => usage(&format!("--role: expected client or server, got {value}")),
-                }
-            }
-            "--conns" => args.conns = flags.num::<usize>(&flag, &value).max(1),
-            "--dialers" => args.dialers = flags.num::<usize>(&flag, &value).max(1),
-            "--secs" => {
-                args.secs = Some(flags.num::<f64>(&flag, &value))
-                    .filter(|s| s.is_finite() && *s > 0.0)
-                    .unwrap_or_else(|| usage(&format!("--secs: not a positive number: {value}")))
-            }
-            "--threads" => args.threads = flags.num::<usize>(&flag, &value).max(1),
-            "--size" => args.size = flags.num(&flag, &value),
-            "--settle-ms" => args.settle_ms = flags.num(&flag, &value),
-            "--read-buffer" => args.read_buffer = Some(flags.num(&flag, &value)),
-            "--profile" => {
-                args.profile = match value.to_ascii_lowercase().as_str() {
-                    "secure" => Profile::Secure,
-                    "monte" => Profile::Monte,
-                    _ => usage(&format!("--profile: expected secure or monte, got {value}")),
-                };
-                args.profile_name = value.to_ascii_lowercase();
-            }
-            _ => usage(&format!("unknown flag {flag}")),
-        }
-    }
+    let mut args = Args::parse();
+    args.conns = args.conns.max(1);
+    args.dialers = args.dialers.max(1);
+    args.threads = args.threads.max(1);
     args
 }
 
@@ -246,7 +241,7 @@ fn run_server(args: &Args) -> Res<()> {
     // The cap counts handshakes too, so leave room for the dialers' burst.
     let config = with_read_buffer(
         Config::server()
-            .profile(args.profile)
+            .profile(args.profile.into())
             .max_conns(args.conns + args.dialers + 16),
         args,
     );
@@ -319,7 +314,7 @@ impl ServerProcess {
             .args(["--role", "server"])
             .args(["--conns", &args.conns.to_string()])
             .args(["--dialers", &args.dialers.to_string()])
-            .args(["--profile", &args.profile_name])
+            .args(["--profile", &args.profile_name()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -443,7 +438,9 @@ fn run_client(args: &Args) -> Res<()> {
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
     eprintln!(
         "scale: server pid {} on {addr}; {n} connections, {} dialers, profile {}",
-        server.pid, args.dialers, args.profile_name
+        server.pid,
+        args.dialers,
+        args.profile_name()
     );
 
     // Generous, so that a loaded machine does not trip it, but a hang ends.
@@ -475,7 +472,7 @@ fn run_client(args: &Args) -> Res<()> {
     // own. A `Client` pool dials one connection at a time and only while
     // its connections are busy, so it cannot hold N idle connections with
     // K dials at once; `ReactorHandle::dial` can, on the dialer's thread.
-    let client_config = with_read_buffer(Config::default().profile(args.profile), args);
+    let client_config = with_read_buffer(Config::default().profile(args.profile.into()), args);
     let mut handles = Vec::new();
     let mut reactor_threads = Vec::new();
     for i in 0..cores {
@@ -540,7 +537,7 @@ fn client_phases(
         "scale: {n} connections to one server on loopback, profile {}, {read_buffer}, \
          {cores} cores; server process {server_threads} threads, client process \
          {client_threads} threads before dialling",
-        args.profile_name
+        args.profile_name()
     );
 
     // Phase 1: dial.
