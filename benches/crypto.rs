@@ -7,8 +7,9 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use monte_rpc::protocol::wire::frame_len;
 use monte_rpc::protocol::{
-    derive_keys, frame_len, ClientHandshake, Handshake, Opener, Profile, PskHandshake, Sealer,
+    derive_keys, ClientHandshake, Handshake, Opener, Profile, PskHandshake, Sealer,
     ServerHandshake, Session, KEY_LEN,
 };
 

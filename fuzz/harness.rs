@@ -18,10 +18,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use monte_rpc::protocol::connection::{
     ConnCore, Deadlines, Filled, Limits, Next, ReadPhase, Taker, Unpooled,
 };
-use monte_rpc::protocol::{
-    frame_len, rekey, ClientHandshake, Decoded, FrameDecoder, Handshake, Opener, Profile, Role,
-    Sealer, SeqAllocator, ServerHandshake, Session, FRAME_OVERHEAD, KEY_LEN, LENGTH_PREFIX_LEN,
+use monte_rpc::protocol::wire::{
+    frame_len, rekey, Decoded, FrameDecoder, SeqAllocator, FRAME_OVERHEAD, LENGTH_PREFIX_LEN,
     MIN_CIPHERTEXT_LEN, REKEY_INTERVAL,
+};
+use monte_rpc::protocol::{
+    ClientHandshake, Handshake, Opener, Profile, Role, Sealer, ServerHandshake, Session, KEY_LEN,
+    REFUSED_AT_CAP,
 };
 use monte_rpc::{Error, HandshakeError, TimeoutKind};
 
@@ -415,9 +418,15 @@ fn drive_handshake<H: Handshake>(
                 }
             }
             Err(e) => {
-                // Only a complete, low-order peer key fails.
+                // Only a complete, low-order peer key fails; a client
+                // reads the all-zero one as the refusal at the cap.
+                let refusal = role == Role::Client && peer[..KEY_LEN] == REFUSED_AT_CAP;
                 assert!(
-                    matches!(e, Error::Handshake(HandshakeError::LowOrderPublicKey)),
+                    if refusal {
+                        matches!(e, Error::ConnectionLimit)
+                    } else {
+                        matches!(e, Error::Handshake(HandshakeError::LowOrderPublicKey))
+                    },
                     "{e:?}"
                 );
                 assert!(received >= KEY_LEN);

@@ -16,13 +16,16 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use monte_rpc::protocol::wire::{
+    derive_identity_keys, derive_psk_keys, identity_payload, identity_transcript,
+    is_small_order_ed25519, role_label, Decoded, FrameDecoder, FLAG_CLIENT_IDENTITY_REQUIRED,
+    PSK_CLIENT_CONFIRM, PSK_CONFIRM,
+};
 use monte_rpc::protocol::{
-    derive_identity_keys, derive_keys, derive_psk_keys, identity_payload, identity_public_key,
-    identity_transcript, is_small_order_ed25519, role_label, ClientHandshake, Decoded,
-    Ed25519KeyPair, FrameDecoder, Handshake, HandshakeFactory, IdentityConfig, IdentityHandshake,
-    Opener, Profile, PskHandshake, Role, Sealer, ServerHandshake, Session,
-    FLAG_CLIENT_IDENTITY_REQUIRED, KEY_LEN, PSK_CLIENT_CONFIRM, PSK_CONFIRM, REJECT_BAD_SIGNATURE,
-    REJECT_MALFORMED, REJECT_MISSING_IDENTITY, REJECT_ROLE, REJECT_UNKNOWN_KEY, REJECT_WRONG_PSK,
+    derive_keys, identity_public_key, ClientHandshake, Ed25519KeyPair, Handshake, HandshakeFactory,
+    IdentityConfig, IdentityHandshake, Opener, Profile, PskHandshake, Role, Sealer,
+    ServerHandshake, Session, KEY_LEN, REJECT_BAD_SIGNATURE, REJECT_MALFORMED,
+    REJECT_MISSING_IDENTITY, REJECT_ROLE, REJECT_UNKNOWN_KEY, REJECT_WRONG_PSK,
 };
 use monte_rpc::{Client, Config, Connection, Context, Error, Handler, HandshakeError, Server};
 use ring::agreement::{self, EphemeralPrivateKey, X25519};

@@ -2,10 +2,11 @@
 //! never a panic, counters never wrap, the rekey schedule stays in sync, and
 //! property tests for round trips and for garbage input.
 
-use monte_rpc::protocol::{
-    frame_len, rekey, Decoded, FrameDecoder, Opener, Profile, Sealer, FRAME_OVERHEAD, KEY_LEN,
-    LENGTH_PREFIX_LEN, MAX_WIRE_PAYLOAD, MIN_CIPHERTEXT_LEN, REKEY_INTERVAL, TAG_LEN,
+use monte_rpc::protocol::wire::{
+    frame_len, rekey, Decoded, FrameDecoder, FRAME_OVERHEAD, LENGTH_PREFIX_LEN, MAX_WIRE_PAYLOAD,
+    MIN_CIPHERTEXT_LEN, REKEY_INTERVAL, TAG_LEN,
 };
+use monte_rpc::protocol::{Opener, Profile, Sealer, KEY_LEN};
 use monte_rpc::Error;
 use proptest::prelude::*;
 

@@ -12,7 +12,8 @@ mod harness;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use monte_rpc::protocol::{ClientHandshake, Profile, Sealer, KEY_LEN, REKEY_INTERVAL};
+use monte_rpc::protocol::wire::REKEY_INTERVAL;
+use monte_rpc::protocol::{ClientHandshake, Profile, Sealer, KEY_LEN};
 
 const TARGETS: [&str; 5] = [
     "frame_decode",

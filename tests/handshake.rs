@@ -5,9 +5,10 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use monte_rpc::protocol::wire::{Decoded, FrameDecoder};
 use monte_rpc::protocol::{
-    derive_keys, ClientHandshake, Decoded, FrameDecoder, Handshake, HandshakeFactory, Profile,
-    Role, ServerHandshake, Session, KEY_LEN,
+    derive_keys, ClientHandshake, Handshake, HandshakeFactory, Profile, Role, ServerHandshake,
+    Session, KEY_LEN,
 };
 use monte_rpc::{Error, HandshakeError};
 

@@ -14,7 +14,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use monte_rpc::protocol::{ClientHandshake, Decoded, FrameDecoder, Handshake, Profile};
+use monte_rpc::protocol::wire::{Decoded, FrameDecoder};
+use monte_rpc::protocol::{ClientHandshake, Handshake, Profile};
 use monte_rpc::{Client, Config, Context, Error, Server, TimeoutKind};
 
 static SERIAL: Mutex<()> = Mutex::new(());

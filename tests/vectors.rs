@@ -3,9 +3,8 @@
 //! opened, the Go library's whole byte streams, and the rekey step.
 //! A mismatch prints the expected and the actual hex.
 
-use monte_rpc::protocol::{
-    derive_keys, rekey, Decoded, FrameDecoder, Opener, Profile, Sealer, REKEY_INTERVAL,
-};
+use monte_rpc::protocol::wire::{rekey, Decoded, FrameDecoder, REKEY_INTERVAL};
+use monte_rpc::protocol::{derive_keys, Opener, Profile, Sealer};
 use serde_json::Value;
 
 fn load(name: &str) -> Value {

@@ -65,9 +65,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use monte_rpc::protocol::wire::{frame_len, FRAME_OVERHEAD};
 use monte_rpc::protocol::{
-    frame_len, generate_identity_pkcs8, identity_public_key, Ed25519KeyPair, HandshakeFactory,
-    IdentityConfig, Profile, PskHandshake, Sealer, FRAME_OVERHEAD,
+    generate_identity_pkcs8, identity_public_key, Ed25519KeyPair, HandshakeFactory, IdentityConfig,
+    Profile, PskHandshake, Sealer,
 };
 use monte_rpc::{Client, Config, Context, Error, NoHandler, Reactor, Server};
 use std::sync::Arc;

@@ -22,7 +22,7 @@ pub enum Decoded {
 /// Delimits frames and enforces the maximum message size.
 ///
 /// ```
-/// use monte_rpc::protocol::{Decoded, FrameDecoder};
+/// use monte_rpc::protocol::wire::{Decoded, FrameDecoder};
 /// let decoder = FrameDecoder::new(1024);
 /// assert_eq!(decoder.decode(&[0, 0]).unwrap(), Decoded::NeedMore(4));
 /// assert_eq!(decoder.decode(&[0, 0, 0, 20]).unwrap(), Decoded::NeedMore(24));

@@ -19,10 +19,9 @@ use std::io::{self, Read};
 use std::time::Duration;
 
 use crate::error::{Error, Result, TimeoutKind};
+use crate::protocol::wire::{Decoded, FrameDecoder, SeqSpace, LENGTH_PREFIX_LEN, SEQ_LEN};
 use crate::protocol::TAG_LEN;
-use crate::protocol::{
-    Decoded, FrameDecoder, Handshake, Opener, Role, Sealer, SeqSpace, LENGTH_PREFIX_LEN, SEQ_LEN,
-};
+use crate::protocol::{Handshake, Opener, Role, Sealer};
 
 /// A connection's receive buffer: bytes `start..end` are received and not
 /// yet consumed. Made at its configured size on the first read, it grows

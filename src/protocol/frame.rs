@@ -101,7 +101,8 @@ fn aead_key(key: &[u8; KEY_LEN]) -> LessSafeKey {
 /// Seals outgoing frames for one direction.
 ///
 /// ```
-/// use monte_rpc::protocol::{Opener, Profile, Sealer, frame_len};
+/// use monte_rpc::protocol::wire::frame_len;
+/// use monte_rpc::protocol::{Opener, Profile, Sealer};
 /// let mut sealer = Sealer::new([9; 32], Profile::Secure);
 /// let mut opener = Opener::new([9; 32], Profile::Secure);
 /// let mut wire = vec![0u8; frame_len(5)];

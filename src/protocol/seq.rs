@@ -19,7 +19,7 @@ pub const MAX_SLOTS: usize = 1 << 16;
 /// The layout of one side's request numbers.
 ///
 /// ```
-/// use monte_rpc::protocol::{Role, SeqSpace};
+/// use monte_rpc::protocol::{wire::SeqSpace, Role};
 /// let client = SeqSpace::new(Role::Client, 64);
 /// let seq = client.encode(5, 3);
 /// assert_eq!(seq % 2, 1);
@@ -100,7 +100,7 @@ impl SeqSpace {
 /// one serves single-threaded drivers and states the rules in plain code.
 ///
 /// ```
-/// use monte_rpc::protocol::{Role, SeqAllocator};
+/// use monte_rpc::protocol::{wire::SeqAllocator, Role};
 /// let mut seqs = SeqAllocator::new(Role::Server, 2);
 /// let a = seqs.alloc().unwrap();
 /// let b = seqs.alloc().unwrap();

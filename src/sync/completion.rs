@@ -33,7 +33,8 @@ use super::{current, fence, park, park_timeout, spin_hint, yield_now};
 use super::{AtomicBool, AtomicU64, AtomicUsize};
 use super::{Ordering, Thread, UnsafeCell};
 use crate::error::{Error, TimeoutKind};
-use crate::protocol::{Role, SeqSpace};
+use crate::protocol::wire::SeqSpace;
+use crate::protocol::Role;
 
 /// Busy-spin rounds before a waiter starts yielding instead.
 const BUSY_SPINS: u32 = 32;

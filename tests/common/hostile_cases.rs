@@ -29,10 +29,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use monte_rpc::protocol::{
-    ClientHandshake, Decoded, FrameDecoder, Handshake, Opener, Profile, PskHandshake, Sealer,
-    MIN_CIPHERTEXT_LEN,
-};
+use monte_rpc::protocol::wire::{Decoded, FrameDecoder, MIN_CIPHERTEXT_LEN};
+use monte_rpc::protocol::{ClientHandshake, Handshake, Opener, Profile, PskHandshake, Sealer};
 use monte_rpc::{Client, Config, Error, HandshakeError, Stats, TimeoutKind};
 
 use crate::common::{reversed, wait_until};

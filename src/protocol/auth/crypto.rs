@@ -26,7 +26,8 @@ fn blake2b_256(key: &[u8], parts: &[&[u8]]) -> [u8; KEY_LEN] {
 /// || sp)` with the labels `monte-rpc v1 psk c2s` and `monte-rpc v1 psk s2c`.
 ///
 /// ```
-/// use monte_rpc::protocol::{derive_keys, derive_psk_keys, Profile};
+/// use monte_rpc::protocol::wire::derive_psk_keys;
+/// use monte_rpc::protocol::{derive_keys, Profile};
 /// let a = derive_psk_keys(&[1; 32], &[7; 32], &[2; 32], &[3; 32]);
 /// let b = derive_psk_keys(&[9; 32], &[7; 32], &[2; 32], &[3; 32]);
 /// assert_ne!(a.client_to_server, b.client_to_server);
