@@ -78,7 +78,7 @@ pub struct Config {
     pub request_timeout: Option<Duration>,
     /// Client: the most connections kept to the endpoint (default 4).
     /// Server: the most connections handled at once, handshakes included
-    /// (default 1024).
+    /// (default 1024, from [`Config::server`]).
     pub max_conns: usize,
     /// Server: how long a connection over the cap waits for a place before
     /// it is closed. Default: 1 s.
@@ -113,6 +113,8 @@ pub struct Config {
     /// long. Responses do not start it: the waiting callers read those
     /// themselves. `None` never busy-polls. Default: 50 µs.
     pub busy_poll: Option<Duration>,
+    /// Made from [`Config::server`]: the defaults a server needs.
+    server_defaults: bool,
 }
 
 impl Default for Config {
@@ -140,6 +142,7 @@ impl Default for Config {
             recv_buffer_size: None,
             spin: 2000,
             busy_poll: Some(Duration::from_micros(50)),
+            server_defaults: false,
         }
     }
 }
@@ -180,13 +183,23 @@ macro_rules! setter {
 
 impl Config {
     /// The defaults for a server: as [`Default`], but with a 60 s read
-    /// (and frame) timeout and a cap of 1024 connections.
+    /// (and frame) timeout and a cap of 1024 connections. A [`Server`]
+    /// takes only a configuration made from this (see
+    /// [`Server::bind`](crate::Server::bind)), so that it cannot end up
+    /// with a client's defaults (a cap of 4 connections and no read
+    /// timeout) unnoticed.
     pub fn server() -> Self {
         Config {
             max_conns: 1024,
+            server_defaults: true,
             ..Config::default()
         }
         .read_timeout(Some(Duration::from_secs(60)))
+    }
+
+    /// Whether this configuration was made from [`Config::server`].
+    pub(crate) fn has_server_defaults(&self) -> bool {
+        self.server_defaults
     }
 
     /// Uses the specification's handshake with `profile`.

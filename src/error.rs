@@ -153,6 +153,10 @@ pub enum Error {
     /// The server says so on the wire (see PROTOCOL.md), so the client's
     /// dial fails with this rather than with a reset.
     ConnectionLimit,
+    /// A configuration that does not fit its use: the message says which
+    /// and what to do instead (a [`Server`](crate::Server) given a client's
+    /// configuration).
+    InvalidConfig(&'static str),
     /// The connection's outbound queue already holds `max_queued_bytes`,
     /// and the call could not wait for room because it was made on the
     /// connection's own reactor thread (from a handler).
@@ -213,6 +217,7 @@ impl fmt::Display for Error {
             Error::ConnectionLimit => {
                 f.write_str("the server refused the connection: its connection limit is reached")
             }
+            Error::InvalidConfig(why) => write!(f, "invalid configuration: {why}"),
             Error::HandlerPanicked => f.write_str("handler panicked"),
             Error::QueueFull => f.write_str("outbound queue full"),
             Error::OnReactorThread => {

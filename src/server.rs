@@ -12,7 +12,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::Config;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::handler::Handler;
 use crate::protocol::REFUSED_AT_CAP;
 use crate::sync::{lock, AtomicBool, AtomicUsize, Mutex, Ordering};
@@ -75,7 +75,23 @@ impl std::fmt::Debug for Server {
 
 impl Server {
     /// Binds `addr` (port 0 picks a free port) and serves `handler`.
+    ///
+    /// `config` must be made from [`Config::server`] (with any setters
+    /// applied): a [`Config::default`] holds a client's defaults, a cap of
+    /// 4 connections and no read timeout, and is refused with
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) rather than
+    /// served with them.
+    ///
+    /// ```
+    /// use monte_rpc::{handler, Config, Error, Server};
+    ///
+    /// let refused = Server::bind("127.0.0.1:0", Config::default(), handler(|_| {}));
+    /// assert!(matches!(refused, Err(Error::InvalidConfig(_))));
+    /// let server = Server::bind("127.0.0.1:0", Config::server().max_conns(64), handler(|_| {}))?;
+    /// # Ok::<(), Error>(())
+    /// ```
     pub fn bind(addr: impl ToSocketAddrs, config: Config, handler: impl Handler) -> Result<Server> {
+        check_server_config(&config)?;
         let addr = addr
             .to_socket_addrs()?
             .next()
@@ -87,8 +103,10 @@ impl Server {
         Self::serve(socket.into(), config, handler)
     }
 
-    /// Serves `handler` on a listener the caller bound.
+    /// Serves `handler` on a listener the caller bound. `config` must be
+    /// made from [`Config::server`], as for [`bind`](Self::bind).
     pub fn serve(listener: TcpListener, config: Config, handler: impl Handler) -> Result<Server> {
+        check_server_config(&config)?;
         listener.set_nonblocking(true)?;
         let local_addr = listener.local_addr()?;
         let mut listener = mio::net::TcpListener::from_std(listener);
@@ -159,6 +177,19 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+/// Refuses a configuration not made from [`Config::server`].
+fn check_server_config(config: &Config) -> Result<()> {
+    if config.has_server_defaults() {
+        Ok(())
+    } else {
+        Err(Error::InvalidConfig(
+            "a Server needs a configuration made from Config::server() (a cap of 1024 \
+             connections and a 60 s read timeout); Config::default() holds a client's \
+             defaults (a cap of 4 connections, no read timeout)",
+        ))
     }
 }
 

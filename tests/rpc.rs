@@ -680,3 +680,31 @@ fn client_new_resolves_at_once_and_dials_on_the_first_call() {
         server.shutdown();
     });
 }
+
+// A Server given Config::default() (a client's defaults: a cap of 4
+// connections, no read timeout) refuses it at bind and says why, instead
+// of silently serving 4 connections; Config::server() with setters is
+// served, and so is `serve` on a caller's listener with the same rule.
+#[test]
+fn a_server_refuses_a_clients_configuration() {
+    let refused = Server::bind("127.0.0.1:0", Config::default(), reverse_handler);
+    match refused {
+        Err(e @ Error::InvalidConfig(_)) => {
+            let message = e.to_string();
+            assert!(message.contains("Config::server()"), "{message}");
+        }
+        other => panic!("bound with a client's configuration: {other:?}"),
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    assert!(matches!(
+        Server::serve(listener, Config::default().max_conns(100), reverse_handler),
+        Err(Error::InvalidConfig(_))
+    ));
+    let server = Server::bind(
+        "127.0.0.1:0",
+        Config::server().max_conns(8),
+        reverse_handler,
+    )
+    .unwrap();
+    server.shutdown();
+}
