@@ -183,7 +183,7 @@ macro_rules! setter {
 
 impl Config {
     /// The defaults for a server: as [`Default`], but with a 60 s read
-    /// (and frame) timeout and a cap of 1024 connections. A [`Server`]
+    /// (and frame) timeout and a cap of 1024 connections. A [`Server`](crate::Server)
     /// takes only a configuration made from this (see
     /// [`Server::bind`](crate::Server::bind)), so that it cannot end up
     /// with a client's defaults (a cap of 4 connections and no read

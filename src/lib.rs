@@ -65,6 +65,7 @@ mod config;
 mod conn;
 mod dial;
 mod error;
+mod events;
 mod handler;
 mod outbound;
 pub mod protocol;

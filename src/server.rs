@@ -328,6 +328,7 @@ impl Acceptor {
     /// could overtake the refusal.
     fn refuse(&self, stream: std::net::TcpStream) {
         self.limit.refused.fetch_add(1, Ordering::Relaxed);
+        crate::events::refused_at_cap(stream.peer_addr().ok(), self.limit.max);
         // A fresh non-blocking socket: 32 bytes fit in its send buffer.
         let _ = (&stream).write(&REFUSED_AT_CAP);
         let mut sink = [0u8; 256];

@@ -138,6 +138,7 @@ impl Reactor {
             conn.set_peer_identity(done.peer_identity);
             conn.install_sealer(done.sealer);
             self.conns[key].life.opened();
+            crate::events::opened(conn.id(), conn.role(), conn.peer_addr());
             let handler = self.conns[key].handler.clone();
             guard_handler(|| handler.on_open(conn))?;
         }
@@ -207,7 +208,15 @@ impl Reactor {
             Flushed::Closed => return self.after_io(key),
         };
         match entry.life.after_flush(output) {
-            ReadGate::Paused => Counters::inc(&self.shared.stats.reads_paused),
+            ReadGate::Paused => {
+                Counters::inc(&self.shared.stats.reads_paused);
+                let conn = &entry.conn;
+                crate::events::reading_paused(
+                    conn.id(),
+                    conn.peer_addr(),
+                    self.config.max_queued_bytes,
+                );
+            }
             ReadGate::Resumed => self.resume.push(key),
             ReadGate::Unchanged => {}
         }

@@ -209,6 +209,7 @@ impl ReactorHandle {
                 ) {
                     Counters::inc(&self.shared.stats.handshakes_failed);
                 }
+                crate::events::dial_failed(addr, &e);
                 return Err(e);
             }
         };
@@ -231,6 +232,7 @@ impl ReactorHandle {
             release: None,
         });
         conn.set_peer_identity(session.peer_identity);
+        crate::events::opened(conn.id(), Role::Client, Some(addr));
         // Before the reactor has it: once it does, it may dispatch the
         // peer's first messages, and on_open must come first.
         if let Err(e) = guard_handler(|| handler.on_open(&conn)) {

@@ -420,6 +420,13 @@ impl Reactor {
         let fd = entry.conn.shared.stream.as_raw_fd();
         let _ = self.shared.registry.deregister(&mut SourceFd(&fd));
         entry.conn.finish_close(&err);
+        let conn = &entry.conn;
+        crate::events::closed(
+            conn.id(),
+            conn.peer_addr(),
+            &err,
+            entry.life.is_handshaking(),
+        );
         let handler = entry.handler.clone();
         let conn = entry.conn.clone();
         let _ = guard_handler(|| match entry.life.is_handshaking() {
