@@ -5,7 +5,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::error::TimeoutKind;
+use crate::error::{DialPhase, TimeoutKind};
 
 use crate::config::Config;
 use crate::conn::Connection;
@@ -82,24 +82,28 @@ impl Client {
     /// name) or resolves to no address, or if a reactor cannot be started.
     /// Whether anything listens at the address is not known yet.
     ///
-    /// From the call that dials, the dial's failure: [`Error::Io`] if the
-    /// connect fails (refused, unreachable) on each of `dial_attempts`
-    /// tries, [`Error::Timeout`] with [`TimeoutKind::Dial`] if it takes
-    /// longer than `dial_timeout`, [`Error::Handshake`] or
-    /// [`TimeoutKind::Handshake`] if the handshake fails or takes longer
+    /// From the call that dials, the dial's failure, an [`Error::Dial`]
+    /// that names the address and the phase, with the cause as its
+    /// `source`: in [`DialPhase::Connect`], [`Error::Io`] if the connect
+    /// fails (refused, unreachable) on each of `dial_attempts` tries, or
+    /// [`Error::Timeout`] with [`TimeoutKind::Dial`] if it takes longer
+    /// than `dial_timeout`; in [`DialPhase::Handshake`], [`Error::Handshake`]
+    /// or [`TimeoutKind::Handshake`] if the handshake fails or takes longer
     /// than `handshake_timeout`. The time spent dialling counts against a
     /// request's timeout. Calls that waited for another caller's dial get
     /// that dial's error rather than dialling again; the next call dials
     /// afresh.
     ///
     /// ```
-    /// use monte_rpc::{Client, Config, Error};
+    /// use monte_rpc::{Client, Config, DialPhase, Error};
     ///
     /// // Nothing listens on the port of a listener just closed: `new`
     /// // succeeds all the same, and the first call reports the refusal.
     /// let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     /// let client = Client::new(addr, Config::default().dial_attempts(1))?;
-    /// assert!(matches!(client.send(b"hello"), Err(Error::Io(_))));
+    /// let e = client.send(b"hello").unwrap_err();
+    /// assert!(matches!(e, Error::Dial { phase: DialPhase::Connect, .. }));
+    /// assert!(matches!(e.root_cause(), Error::Io(_)));
     ///
     /// // A name that cannot resolve fails in `new` itself.
     /// assert!(matches!(Client::new("127.0.0.1", Config::default()), Err(Error::Io(_))));
@@ -280,7 +284,9 @@ impl Client {
                 return Ok(Waited::Dialled(conn));
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
-                return Err(Error::Timeout(TimeoutKind::Dial));
+                return Err(
+                    Error::Timeout(TimeoutKind::Dial).dialling(self.addr, DialPhase::Queued)
+                );
             }
             std::thread::sleep(Duration::from_millis(1));
         }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use crate::config::Config;
-use crate::error::{Error, HandshakeError, Result, TimeoutKind};
+use crate::error::{DialPhase, Error, HandshakeError, Result, TimeoutKind};
 use crate::protocol::Session;
 
 /// Applies the configured socket options to a new socket.
@@ -43,20 +43,24 @@ fn connect_once(addr: SocketAddr, config: &Config) -> Result<Socket> {
 
 /// Connects (retrying up to `dial_attempts` times) and runs the client
 /// handshake. Returns the socket, the session, and any bytes the peer sent
-/// after its handshake that were already read.
+/// after its handshake that were already read. Every error is an
+/// [`Error::Dial`] that names `addr` and the phase that failed.
 pub(crate) fn dial(addr: SocketAddr, config: &Config) -> Result<(TcpStream, Session, Vec<u8>)> {
     let attempts = config.dial_attempts.max(1);
     let mut last = Error::Closed;
     for attempt in 0..attempts {
         match connect_once(addr, config) {
-            Ok(socket) => return handshake(socket.into(), config),
+            Ok(socket) => {
+                return handshake(socket.into(), config)
+                    .map_err(|e| e.dialling(addr, DialPhase::Handshake))
+            }
             Err(e) => last = e,
         }
         if attempt + 1 < attempts {
             std::thread::sleep(Duration::from_millis(10 << attempt.min(6)));
         }
     }
-    Err(last)
+    Err(last.dialling(addr, DialPhase::Connect))
 }
 
 /// Runs the client side of the configured handshake on a blocking socket.

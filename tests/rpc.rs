@@ -274,7 +274,7 @@ fn server_connection_cap() {
         let elapsed = start.elapsed();
         assert!(
             matches!(
-                result,
+                result.as_ref().map_err(Error::root_cause),
                 Err(Error::Handshake(_) | Error::Timeout(_) | Error::PeerClosed | Error::Io(_))
             ),
             "third client over the cap got {result:?}"

@@ -11,7 +11,7 @@ use mio::{Registry, Waker};
 use crate::clock::now_nanos;
 use crate::config::Config;
 use crate::conn::{Ask, Connection, Driver, NewConnParts, ReleaseHook};
-use crate::error::{Error, Result, TimeoutKind};
+use crate::error::{DialPhase, Error, Result};
 use crate::handler::{guard_handler, Handler};
 use crate::protocol::connection::{ConnCore, ReadPhase};
 use crate::protocol::Role;
@@ -194,6 +194,13 @@ impl ReactorHandle {
     /// Dials `addr` on the calling thread (connect, then the client side of
     /// the handshake, each within its timeout) and hands the connection to
     /// this reactor. Requests from the peer go to `handler`.
+    ///
+    /// # Errors
+    ///
+    /// A failed dial is [`Error::Dial`], which names `addr`, the phase
+    /// (connect or handshake) and the cause. Past the dial,
+    /// [`Error::Closed`] if the reactor has stopped, or
+    /// [`Error::HandlerPanicked`] if `handler.on_open` panicked.
     pub fn dial(
         &self,
         addr: std::net::SocketAddr,
@@ -205,7 +212,10 @@ impl ReactorHandle {
             Err(e) => {
                 if matches!(
                     e,
-                    Error::Handshake(_) | Error::Timeout(TimeoutKind::Handshake)
+                    Error::Dial {
+                        phase: DialPhase::Handshake,
+                        ..
+                    }
                 ) {
                     Counters::inc(&self.shared.stats.handshakes_failed);
                 }
