@@ -5,6 +5,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::dial::CallDeadline;
 use crate::error::{DialPhase, TimeoutKind};
 
 use crate::config::Config;
@@ -75,6 +76,26 @@ impl Client {
     /// address is never resolved again: if the name comes to point
     /// elsewhere, make a new client.
     ///
+    /// # How long a dial may take
+    ///
+    /// A dial is part of the call that makes it, and ends by that call's
+    /// deadline: the request timeout for [`request`](Self::request) (or
+    /// the timeout given to [`request_timeout`](Self::request_timeout)),
+    /// the send timeout ([`Config::send_timeout`]) for
+    /// [`send`](Self::send) and [`send_no_wait`](Self::send_no_wait),
+    /// counted from the call's start. Within it, each of the
+    /// `dial_attempts` connect attempts gets at most `dial_timeout`, the
+    /// pauses between attempts (10, 20, 40 ms, ...) are skipped when they
+    /// would leave no time for another, and the handshake gets at most
+    /// `handshake_timeout`. A call that waits for another call's dial
+    /// waits no longer than its own deadline either. So with the defaults
+    /// (5 s connect timeout, 3 attempts) a request with a 1 s timeout to an
+    /// endpoint that never answers a connect fails after 1 s, not 15.
+    ///
+    /// A deadline shorter than a connect and a handshake (a round trip or
+    /// two, plus the key exchange) leaves the client unable to connect:
+    /// give the calls that may dial the time it takes.
+    ///
     /// # Errors
     ///
     /// From `new`, only what resolving and starting threads can fail with:
@@ -89,10 +110,13 @@ impl Client {
     /// [`Error::Timeout`] with [`TimeoutKind::Dial`] if it takes longer
     /// than `dial_timeout`; in [`DialPhase::Handshake`], [`Error::Handshake`]
     /// or [`TimeoutKind::Handshake`] if the handshake fails or takes longer
-    /// than `handshake_timeout`. The time spent dialling counts against a
-    /// request's timeout. Calls that waited for another caller's dial get
-    /// that dial's error rather than dialling again; the next call dials
-    /// afresh.
+    /// than `handshake_timeout`. When the call's own deadline ends the dial
+    /// first, the cause is the call's timeout: [`TimeoutKind::Request`] for
+    /// a request, [`TimeoutKind::Write`] for a send (the kind a send timeout
+    /// reports everywhere), in the phase it cut short
+    /// ([`DialPhase::Queued`] if the call was waiting for another call's
+    /// dial). Calls that waited for another caller's dial get that dial's
+    /// error rather than dialling again; the next call dials afresh.
     ///
     /// ```
     /// use monte_rpc::{Client, Config, DialPhase, Error};
@@ -156,25 +180,54 @@ impl Client {
 
     /// Sends a message that expects no reply, and returns once it is
     /// written to the socket.
+    ///
+    /// On an open connection it waits for room in a full queue and for its
+    /// frame to be written, up to the send timeout
+    /// ([`Config::send_timeout`]; then [`Error::Timeout`] with
+    /// [`TimeoutKind::Write`]). A call that must dial first (see
+    /// [`new`](Self::new)) spends at most the send timeout, from its start,
+    /// on the dial; the write that follows is bounded by the send timeout
+    /// of its own, and on a fresh connection rarely waits at all. A dial
+    /// the send timeout ends fails with [`Error::Dial`] whose cause is
+    /// [`TimeoutKind::Write`].
     pub fn send(&self, body: &[u8]) -> Result<()> {
         let _call = self.signal.enter().ok_or(Error::Closed)?;
         self.pick(self.write_deadline())?.send(body)
     }
 
-    /// Queues a message that expects no reply, and returns at once (or
-    /// waits for room in a full queue, up to the write timeout).
+    /// Queues a message that expects no reply, and returns once it is
+    /// queued: at once on an open connection with room in its queue, else
+    /// after waiting for room, up to the send timeout
+    /// ([`Config::send_timeout`]).
+    ///
+    /// It needs a connection to queue on: a call that must dial first (see
+    /// [`new`](Self::new)) waits for the dial, or for another call's, no
+    /// longer than the send timeout from its start, and a dial the send
+    /// timeout ends fails with [`Error::Dial`] whose cause is
+    /// [`TimeoutKind::Write`]. The send timeout is the most this call
+    /// waits for a connection.
     pub fn send_no_wait(&self, body: &[u8]) -> Result<()> {
         let _call = self.signal.enter().ok_or(Error::Closed)?;
         self.pick(self.write_deadline())?.send_no_wait(body)
     }
 
     /// Sends a request and puts its response into `response`, reusing its
-    /// capacity, within the configured request timeout.
+    /// capacity, within the configured request timeout
+    /// ([`Config::request_timeout`]).
+    ///
+    /// The timeout covers the whole call: finding a connection, dialling
+    /// one if it must (see [`new`](Self::new)) and waiting for another
+    /// call's dial included. Past it the call fails with [`Error::Timeout`]
+    /// with [`TimeoutKind::Request`], or, if it ran out during a dial, with
+    /// [`Error::Dial`] whose cause is that timeout.
     pub fn request(&self, body: &[u8], response: &mut Vec<u8>) -> Result<()> {
         self.request_timeout(body, response, self.config.request_timeout)
     }
 
-    /// [`request`](Self::request) with its own timeout (`None`: no limit).
+    /// [`request`](Self::request) with its own timeout (`None`: no limit),
+    /// which covers the whole call, a dial included, as the configured one
+    /// does for `request`. With `None`, a dial is bounded only by
+    /// `dial_attempts`, `dial_timeout` and `handshake_timeout`.
     pub fn request_timeout(
         &self,
         body: &[u8],
@@ -183,39 +236,38 @@ impl Client {
     ) -> Result<()> {
         let _call = self.signal.enter().ok_or(Error::Closed)?;
         // The deadline covers finding a connection too (which may dial).
-        let deadline = timeout.map(|t| Instant::now() + t);
+        let deadline = CallDeadline::after(timeout, TimeoutKind::Request);
         let conn = self.pick(deadline)?;
         let left = match deadline {
             None => None,
-            Some(d) => match d.checked_duration_since(Instant::now()) {
+            Some(d) => match d.at.checked_duration_since(Instant::now()) {
                 Some(left) if !left.is_zero() => Some(left),
-                _ => return Err(Error::Timeout(crate::TimeoutKind::Request)),
+                _ => return Err(Error::Timeout(TimeoutKind::Request)),
             },
         };
         let sent_at = crate::clock::now_nanos();
         let result = conn.request_timeout(body, response, left);
-        if let Err(Error::Timeout(crate::TimeoutKind::Request)) = &result {
+        if let Err(Error::Timeout(TimeoutKind::Request)) = &result {
             if conn.silent_since(sent_at) {
                 // Not a byte from the server for the whole timeout: the
                 // connection is as good as gone (a peer or path that
                 // vanished without a FIN). Closing it lets the pool dial
                 // afresh instead of choosing it again.
-                conn.fail(Error::Timeout(crate::TimeoutKind::Request));
+                conn.fail(Error::Timeout(TimeoutKind::Request));
             }
         }
         result
     }
 
-    /// Picks a connection with nothing in progress, else the least loaded
-    /// one, dialling a new one while under `max_conns` and all are busy.
     /// How long a send may wait for a connection: its send timeout.
-    fn write_deadline(&self) -> Option<Instant> {
-        self.config.send_timeout.map(|t| Instant::now() + t)
+    fn write_deadline(&self) -> Option<CallDeadline> {
+        CallDeadline::after(self.config.send_timeout, TimeoutKind::Write)
     }
 
-    /// Picks a connection, waiting for another caller's dial no later than
-    /// `deadline` (then [`Error::Timeout`] with [`TimeoutKind::Dial`]).
-    fn pick(&self, deadline: Option<Instant>) -> Result<Connection> {
+    /// Picks a connection with nothing in progress, else the least loaded
+    /// one, dialling a new one while under `max_conns` and all are busy.
+    /// The dial, or the wait for another caller's, ends by `deadline`.
+    fn pick(&self, deadline: Option<CallDeadline>) -> Result<Connection> {
         if let Some(conn) = self.choose(false) {
             return Ok(conn);
         }
@@ -249,7 +301,11 @@ impl Client {
         if let Some(conn) = self.choose(false) {
             return Ok(conn);
         }
-        match self.workers.pick().dial(self.addr, self.handler.clone()) {
+        match self
+            .workers
+            .pick()
+            .dial_within(self.addr, self.handler.clone(), deadline)
+        {
             Ok(conn) => {
                 if self.signal.is_closed() {
                     conn.close();
@@ -271,7 +327,7 @@ impl Client {
     /// Waits for the dial another caller is making: polls (the wait is
     /// rare and short) for its connection or for the dial lock, until
     /// `deadline`.
-    fn wait_for_dial(&self, deadline: Option<Instant>) -> Result<Waited<'_>> {
+    fn wait_for_dial(&self, deadline: Option<CallDeadline>) -> Result<Waited<'_>> {
         loop {
             match self.dial_lock.try_lock() {
                 Ok(guard) => return Ok(Waited::Lock(guard)),
@@ -283,10 +339,8 @@ impl Client {
             if let Some(conn) = self.choose(true) {
                 return Ok(Waited::Dialled(conn));
             }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                return Err(
-                    Error::Timeout(TimeoutKind::Dial).dialling(self.addr, DialPhase::Queued)
-                );
+            if let Some(d) = deadline.filter(|d| Instant::now() >= d.at) {
+                return Err(Error::Timeout(d.kind).dialling(self.addr, DialPhase::Queued));
             }
             std::thread::sleep(Duration::from_millis(1));
         }

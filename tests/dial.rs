@@ -1,8 +1,12 @@
-//! Dialling: dial errors name the address and the phase.
+//! Dialling: every call's deadline covers the dial (connect attempts, the
+//! pauses between them and the handshake), and dial errors name the
+//! address and the phase.
 //!
-//! The endpoints are loopback listeners that misbehave on purpose. Every
-//! call runs under [`common::within`], so a regression fails the test
-//! instead of hanging it.
+//! The endpoints are loopback listeners that misbehave on purpose: one
+//! whose accept backlog is full (connects hang), one that accepts and says
+//! nothing, one that accepts and hangs up. Every call runs under
+//! [`common::within`], so a regression fails the test instead of hanging
+//! it.
 
 mod common;
 
@@ -10,14 +14,168 @@ use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, SockAddr, Socket, Type};
 
 use common::within;
-use monte_rpc::{Client, Config, DialPhase, Error};
+use monte_rpc::{Client, Config, DialPhase, Error, TimeoutKind};
 
 /// The settings these tests dial with: the defaults for everything about
-/// dialling (5 s connect timeout, 3 attempts, 5 s handshake timeout).
+/// dialling (5 s connect timeout, 3 attempts, 5 s handshake timeout), so
+/// that a dial the call's deadline does not end takes 15 s or more.
 fn config() -> Config {
     Config::default().workers(1)
+}
+
+/// A listener with a backlog of 0 that never accepts, filled with raw
+/// connects until one of them hangs: on Linux a SYN to a full accept queue
+/// is dropped, so a connect to it blocks until its own timeout. Returns the
+/// address and what must stay alive for the backlog to stay full.
+fn full_backlog() -> (SocketAddr, Socket, Vec<Socket>) {
+    let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    listener.bind(&SockAddr::from(any)).unwrap();
+    listener.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..64 {
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        match s.connect_timeout(&SockAddr::from(addr), Duration::from_millis(200)) {
+            Ok(()) => fillers.push(s),
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                return (addr, listener, fillers);
+            }
+            Err(e) => panic!("filling the backlog: {e}"),
+        }
+    }
+    panic!("the backlog of {addr} never filled");
+}
+
+/// A listener that accepts every connection and holds it without a word:
+/// the client's connect succeeds and its handshake waits.
+fn mute_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming() {
+            match stream {
+                Ok(s) => held.push(s),
+                Err(_) => return,
+            }
+        }
+    });
+    addr
+}
+
+/// Runs `call` on the client, failing the test if it takes more than 5 s
+/// (the old code took 15), and returns its error and how long it took.
+fn timed(
+    client: &Arc<Client>,
+    call: impl FnOnce(&Client) -> monte_rpc::Result<()> + Send + 'static,
+) -> (Error, Duration) {
+    let client = client.clone();
+    within(5, move || {
+        let start = Instant::now();
+        let result = call(&client);
+        (result.expect_err("the call succeeded"), start.elapsed())
+    })
+}
+
+/// Whether `e` is a dial of `addr` that `kind`'s deadline ended in `phase`.
+fn cut_short(e: &Error, addr: SocketAddr, phase: DialPhase, kind: TimeoutKind) -> bool {
+    matches!(e, Error::Dial { addr: a, phase: p, .. } if *a == addr && *p == phase)
+        && e.timeout_kind() == Some(kind)
+}
+
+const BOUND: Duration = Duration::from_millis(1500);
+
+#[test]
+fn a_request_to_a_full_backlog_fails_by_its_own_deadline() {
+    let (addr, _listener, _fillers) = full_backlog();
+    let client = Arc::new(Client::new(addr, config()).unwrap());
+    let (e, took) = timed(&client, |c| {
+        c.request_timeout(b"ping", &mut Vec::new(), Some(Duration::from_secs(1)))
+    });
+    assert!(took < BOUND, "took {took:?}: {e}");
+    assert!(took >= Duration::from_millis(900), "took {took:?}: {e}");
+    assert!(
+        cut_short(&e, addr, DialPhase::Connect, TimeoutKind::Request),
+        "{e:?}"
+    );
+    assert_eq!(
+        e.to_string(),
+        format!("dialling {addr}: connect: request timeout")
+    );
+}
+
+#[test]
+fn send_and_send_no_wait_to_a_full_backlog_fail_by_the_send_timeout() {
+    let (addr, _listener, _fillers) = full_backlog();
+    let config = config().send_timeout(Some(Duration::from_secs(1)));
+    let client = Arc::new(Client::new(addr, config).unwrap());
+    let (e, took) = timed(&client, |c| c.send_no_wait(b"hello"));
+    assert!(took < BOUND, "send_no_wait took {took:?}: {e}");
+    assert!(
+        cut_short(&e, addr, DialPhase::Connect, TimeoutKind::Write),
+        "{e:?}"
+    );
+    let (e, took) = timed(&client, |c| c.send(b"hello"));
+    assert!(took < BOUND, "send took {took:?}: {e}");
+    assert_eq!(e.timeout_kind(), Some(TimeoutKind::Write), "{e:?}");
+}
+
+#[test]
+fn a_request_whose_handshake_stalls_fails_by_its_own_deadline() {
+    let addr = mute_server();
+    let client = Arc::new(Client::new(addr, config()).unwrap());
+    let (e, took) = timed(&client, |c| {
+        c.request_timeout(b"ping", &mut Vec::new(), Some(Duration::from_secs(1)))
+    });
+    assert!(took < BOUND, "took {took:?}: {e}");
+    assert!(
+        cut_short(&e, addr, DialPhase::Handshake, TimeoutKind::Request),
+        "{e:?}"
+    );
+}
+
+/// The dial's own timeouts still apply within a longer call deadline, and
+/// are reported as theirs.
+#[test]
+fn the_dials_own_timeouts_still_apply_within_the_calls() {
+    let (addr, _listener, _fillers) = full_backlog();
+    let config = config()
+        .dial_timeout(Some(Duration::from_millis(200)))
+        .dial_attempts(2);
+    let client = Arc::new(Client::new(addr, config).unwrap());
+    let (e, took) = timed(&client, |c| {
+        c.request_timeout(b"ping", &mut Vec::new(), Some(Duration::from_secs(3)))
+    });
+    // Two attempts of 200 ms and a 10 ms pause.
+    assert!(took < Duration::from_millis(1000), "took {took:?}: {e}");
+    assert!(
+        cut_short(&e, addr, DialPhase::Connect, TimeoutKind::Dial),
+        "{e:?}"
+    );
+
+    let addr = mute_server();
+    let config = Config::default()
+        .workers(1)
+        .handshake_timeout(Some(Duration::from_millis(200)));
+    let client = Arc::new(Client::new(addr, config).unwrap());
+    let (e, took) = timed(&client, |c| {
+        c.request_timeout(b"ping", &mut Vec::new(), Some(Duration::from_secs(3)))
+    });
+    assert!(took < Duration::from_millis(1000), "took {took:?}: {e}");
+    assert!(
+        cut_short(&e, addr, DialPhase::Handshake, TimeoutKind::Handshake),
+        "{e:?}"
+    );
+    assert_eq!(
+        e.to_string(),
+        format!("dialling {addr}: handshake: handshake timeout")
+    );
 }
 
 /// A listener that accepts every connection and closes it at once, and

@@ -11,6 +11,7 @@ use mio::{Registry, Waker};
 use crate::clock::now_nanos;
 use crate::config::Config;
 use crate::conn::{Ask, Connection, Driver, NewConnParts, ReleaseHook};
+use crate::dial::CallDeadline;
 use crate::error::{DialPhase, Error, Result};
 use crate::handler::{guard_handler, Handler};
 use crate::protocol::connection::{ConnCore, ReadPhase};
@@ -206,8 +207,19 @@ impl ReactorHandle {
         addr: std::net::SocketAddr,
         handler: Arc<dyn Handler>,
     ) -> Result<Connection> {
+        self.dial_within(addr, handler, None)
+    }
+
+    /// [`dial`](Self::dial), ended by the deadline of the call that dials
+    /// (see [`crate::dial::dial`]).
+    pub(crate) fn dial_within(
+        &self,
+        addr: std::net::SocketAddr,
+        handler: Arc<dyn Handler>,
+        call: Option<CallDeadline>,
+    ) -> Result<Connection> {
         let config = self.shared.config.clone();
-        let (stream, session, leftover) = match crate::dial::dial(addr, &config) {
+        let (stream, session, leftover) = match crate::dial::dial(addr, &config, call) {
             Ok(dialled) => dialled,
             Err(e) => {
                 if matches!(
