@@ -37,9 +37,9 @@ pub struct Client {
     pool: RwLock<Vec<Connection>>,
     /// Serialises dialling, so a burst of callers grows the pool one
     /// connection at a time instead of dialling past `max_conns`. Holds the
-    /// last failed dial, so callers that queued behind it fail with it
-    /// instead of each dialling again in turn.
-    dial_lock: Mutex<Option<(Instant, Error)>>,
+    /// last failed dial, so callers that queued behind it, and calls during
+    /// the backoff after it, fail with it instead of each dialling again.
+    dial_lock: Mutex<DialState>,
     signal: ShutdownSignal,
 }
 
@@ -47,10 +47,54 @@ pub struct Client {
 /// closes the connections under them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
+/// What the last dials left, under the dial lock.
+#[derive(Default)]
+struct DialState {
+    /// The last dial, if it failed.
+    failed: Option<FailedDial>,
+    /// Dials failed in a row, 0 after one that succeeds: each doubles the
+    /// backoff.
+    failures: u32,
+}
+
+/// A failed dial, and the backoff after it.
+struct FailedDial {
+    /// When it failed.
+    at: Instant,
+    /// Until when calls fail with its error instead of dialling.
+    until: Instant,
+    error: Error,
+}
+
+impl DialState {
+    /// Records a failed dial and starts the backoff after it:
+    /// `config.dial_backoff`, doubled for each earlier failure in a row, at
+    /// most `config.dial_backoff_max`.
+    fn failed(&mut self, error: Error, config: &Config) {
+        self.failures = self.failures.saturating_add(1);
+        let doublings = (self.failures - 1).min(30);
+        let backoff = config
+            .dial_backoff
+            .saturating_mul(1 << doublings)
+            .min(config.dial_backoff_max);
+        let at = Instant::now();
+        self.failed = Some(FailedDial {
+            at,
+            until: at.checked_add(backoff).unwrap_or(at),
+            error,
+        });
+    }
+
+    /// Records a dial that succeeded: the backoff starts afresh.
+    fn succeeded(&mut self) {
+        *self = DialState::default();
+    }
+}
+
 /// What waiting for another caller's dial gave.
 enum Waited<'a> {
     Dialled(Connection),
-    Lock(crate::sync::MutexGuard<'a, Option<(Instant, Error)>>),
+    Lock(crate::sync::MutexGuard<'a, DialState>),
 }
 
 impl std::fmt::Debug for Client {
@@ -116,7 +160,15 @@ impl Client {
     /// reports everywhere), in the phase it cut short
     /// ([`DialPhase::Queued`] if the call was waiting for another call's
     /// dial). Calls that waited for another caller's dial get that dial's
-    /// error rather than dialling again; the next call dials afresh.
+    /// error rather than dialling again.
+    ///
+    /// After a failed dial the client backs off: for
+    /// [`dial_backoff`](Config::dial_backoff) (100 ms by default, doubling
+    /// with each dial that fails in a row up to
+    /// [`dial_backoff_max`](Config::dial_backoff_max), 2 s), a call that
+    /// would dial fails at once with that dial's error instead; a call that
+    /// finds a connection open uses it. The first call after the backoff
+    /// dials again, and a dial that succeeds ends the doubling.
     ///
     /// ```
     /// use monte_rpc::{Client, Config, DialPhase, Error};
@@ -155,7 +207,7 @@ impl Client {
             handler: Arc::new(handler),
             workers,
             pool: RwLock::new(Vec::new()),
-            dial_lock: Mutex::new(None),
+            dial_lock: Mutex::new(DialState::default()),
             signal: ShutdownSignal::new(),
             config,
         })
@@ -274,8 +326,8 @@ impl Client {
         // All busy (or none) and room for more. One caller dials at a time;
         // the others use the least loaded connection meanwhile, or wait for
         // the dial if there is none.
-        let mut dialling = match self.dial_lock.try_lock() {
-            Ok(guard) => guard,
+        let (mut dialling, queued_at) = match self.dial_lock.try_lock() {
+            Ok(guard) => (guard, None),
             Err(_) => match self.choose(true) {
                 Some(conn) => return Ok(conn),
                 None => {
@@ -285,21 +337,24 @@ impl Client {
                         Waited::Lock(guard) => guard,
                     };
                     // The dial this caller queued behind: its connection,
-                    // or its failure, without a dial of our own.
+                    // or (below) its failure, without a dial of our own.
                     if let Some(conn) = self.choose(true) {
                         return Ok(conn);
                     }
-                    if let Some((at, e)) = &*guard {
-                        if *at >= queued_at {
-                            return Err(e.clone());
-                        }
-                    }
-                    guard
+                    (guard, Some(queued_at))
                 }
             },
         };
         if let Some(conn) = self.choose(false) {
             return Ok(conn);
+        }
+        if let Some(failed) = &dialling.failed {
+            // Backing off after a failed dial, or queued behind that very
+            // dial: no dial of our own. A busy connection if there is one,
+            // else that dial's error.
+            if Instant::now() < failed.until || queued_at.is_some_and(|q| failed.at >= q) {
+                return self.choose(true).ok_or_else(|| failed.error.clone());
+            }
         }
         match self
             .workers
@@ -311,14 +366,14 @@ impl Client {
                     conn.close();
                     return Err(Error::Closed);
                 }
-                *dialling = None;
+                dialling.succeeded();
                 // Joined to the pool before the dial lock is released, so
                 // the next dialler sees it and stays within `max_conns`.
                 write(&self.pool).push(conn.clone());
                 Ok(conn)
             }
             Err(e) => {
-                *dialling = Some((Instant::now(), e.clone()));
+                dialling.failed(e.clone(), &self.config);
                 self.choose(true).ok_or(e)
             }
         }

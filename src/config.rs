@@ -92,6 +92,17 @@ pub struct Config {
     /// then 20, 40, ... (each attempt within `dial_timeout`, all of them
     /// within the calling operation's deadline). Default: 3.
     pub dial_attempts: usize,
+    /// Client: how long, after a dial fails, calls that would dial fail at
+    /// once with that dial's error instead (a call that finds a
+    /// connection open still uses it). It doubles with each dial that
+    /// fails in a row, up to `dial_backoff_max`, and starts afresh after
+    /// one that succeeds; the first call after it dials again. So an
+    /// endpoint that is down costs one dial per backoff, not one per call.
+    /// Zero disables it: every call that needs a connection dials (calls
+    /// that queued behind a dial still share its result). Default: 100 ms.
+    pub dial_backoff: Duration,
+    /// Client: the longest `dial_backoff` grows to. Default: 2 s.
+    pub dial_backoff_max: Duration,
     /// Server: the listen backlog. Default: 1024.
     pub backlog: i32,
     /// `SO_SNDBUF`, if set. Default: the system's.
@@ -142,6 +153,8 @@ impl Default for Config {
             max_conns: 4,
             accept_wait: Duration::from_secs(1),
             dial_attempts: 3,
+            dial_backoff: Duration::from_millis(100),
+            dial_backoff_max: Duration::from_secs(2),
             backlog: 1024,
             send_buffer_size: None,
             recv_buffer_size: None,
@@ -169,6 +182,8 @@ impl std::fmt::Debug for Config {
             .field("request_timeout", &self.request_timeout)
             .field("max_conns", &self.max_conns)
             .field("accept_wait", &self.accept_wait)
+            .field("dial_backoff", &self.dial_backoff)
+            .field("dial_backoff_max", &self.dial_backoff_max)
             .field("spin", &self.spin)
             .field("busy_poll", &self.busy_poll)
             .finish_non_exhaustive()
@@ -299,6 +314,14 @@ impl Config {
     setter!(
         /// Sets [`Config::dial_attempts`].
         dial_attempts: usize
+    );
+    setter!(
+        /// Sets [`Config::dial_backoff`]; zero disables it.
+        dial_backoff: Duration
+    );
+    setter!(
+        /// Sets [`Config::dial_backoff_max`].
+        dial_backoff_max: Duration
     );
     setter!(
         /// Sets [`Config::backlog`].

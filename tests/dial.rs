@@ -1,6 +1,7 @@
 //! Dialling: every call's deadline covers the dial (connect attempts, the
-//! pauses between them and the handshake), and dial errors name the
-//! address and the phase.
+//! pauses between them and the handshake), a client that just failed to
+//! dial backs off instead of dialling again per call, and dial errors name
+//! the address and the phase.
 //!
 //! The endpoints are loopback listeners that misbehave on purpose: one
 //! whose accept backlog is full (connects hang), one that accepts and says
@@ -11,7 +12,7 @@
 mod common;
 
 use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -19,7 +20,9 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, SockAddr, Socket, Type};
 
 use common::within;
-use monte_rpc::{Client, Config, DialPhase, Error, TimeoutKind};
+use monte_rpc::{
+    handler, Client, Config, DialPhase, Error, Handler, Reactor, ReactorHandle, TimeoutKind,
+};
 
 /// The settings these tests dial with: the defaults for everything about
 /// dialling (5 s connect timeout, 3 attempts, 5 s handshake timeout), so
@@ -257,4 +260,138 @@ fn a_failed_handshake_names_the_address_and_the_phase() {
     );
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
     assert_eq!(stats.handshakes_failed, 1);
+}
+
+#[test]
+fn a_client_that_failed_to_dial_backs_off_instead_of_dialling_per_call() {
+    let (addr, accepted) = hang_up_server();
+    let config = config()
+        .dial_attempts(1)
+        .dial_backoff(Duration::from_millis(300));
+    let client = Client::new(addr, config).unwrap();
+    within(10, move || {
+        let first = client.send(b"hello").expect_err("the dial succeeded");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        // Within the backoff, each call fails at once with the dial's
+        // error, and none dials.
+        let start = Instant::now();
+        let errors: Vec<Error> = (0..20)
+            .map(|_| client.send(b"hello").expect_err("a call succeeded"))
+            .collect();
+        let took = start.elapsed();
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "calls dialled");
+        assert!(took < Duration::from_millis(100), "20 calls took {took:?}");
+        for e in errors {
+            assert_eq!(e.to_string(), first.to_string());
+        }
+        // After it, the next call dials again.
+        thread::sleep(Duration::from_millis(350));
+        let _ = client.send(b"hello").expect_err("the dial succeeded");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    });
+}
+
+#[test]
+fn calls_after_a_refused_dial_cost_less_than_one_dial() {
+    let addr = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    // Three refused attempts, 10 and 20 ms apart: one dial takes 30 ms.
+    let client = Client::new(addr, config()).unwrap();
+    within(10, move || {
+        let start = Instant::now();
+        let first = client.request(b"ping", &mut Vec::new()).unwrap_err();
+        let dial = start.elapsed();
+        assert!(dial >= Duration::from_millis(30), "the dial took {dial:?}");
+        let start = Instant::now();
+        for _ in 0..50 {
+            let e = client.request(b"ping", &mut Vec::new()).unwrap_err();
+            assert_eq!(e.to_string(), first.to_string());
+        }
+        let calls = start.elapsed();
+        assert!(calls < dial, "50 calls took {calls:?}, one dial {dial:?}");
+    });
+}
+
+/// An endpoint that serves or hangs up, as the test says.
+struct Switchboard {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    serve: Arc<AtomicBool>,
+    reactor: ReactorHandle,
+}
+
+/// A listener that counts the connections it accepts and, while `serve`
+/// is set, hands them to a reactor that answers requests (else hangs up).
+fn switchboard() -> Switchboard {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let reactor = Reactor::new(Config::server().workers(1)).unwrap();
+    let handle = reactor.handle();
+    thread::spawn(move || reactor.run());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let serve = Arc::new(AtomicBool::new(false));
+    let (count, serving, to) = (accepted.clone(), serve.clone(), handle.clone());
+    thread::spawn(move || {
+        let answer: Arc<dyn Handler> = Arc::new(handler(|ctx| {
+            let _ = ctx.reply(b"pong");
+        }));
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            count.fetch_add(1, Ordering::SeqCst);
+            if serving.load(Ordering::SeqCst) {
+                let _ = to.accept(stream, answer.clone());
+            }
+        }
+    });
+    Switchboard {
+        addr,
+        accepted,
+        serve,
+        reactor: handle,
+    }
+}
+
+#[test]
+fn the_backoff_doubles_and_starts_afresh_after_a_dial_that_succeeds() {
+    let board = switchboard();
+    let config = config()
+        .dial_attempts(1)
+        .dial_backoff(Duration::from_millis(300))
+        .request_timeout(Some(Duration::from_secs(3)));
+    let client = Client::new(board.addr, config).unwrap();
+    within(20, move || {
+        let dials = || board.accepted.load(Ordering::SeqCst);
+        let request = || client.request(b"ping", &mut Vec::new());
+        assert!(request().is_err());
+        assert_eq!(dials(), 1);
+        // 350 ms on: past the first backoff (300 ms), so it dials, fails,
+        // and the backoff doubles to 600 ms.
+        thread::sleep(Duration::from_millis(350));
+        assert!(request().is_err());
+        assert_eq!(dials(), 2);
+        // 350 ms on: within the doubled backoff.
+        thread::sleep(Duration::from_millis(350));
+        assert!(request().is_err());
+        assert_eq!(dials(), 2, "dialled within the doubled backoff");
+        // Past it, with the endpoint serving: the dial succeeds.
+        board.serve.store(true, Ordering::SeqCst);
+        thread::sleep(Duration::from_millis(300));
+        request().unwrap();
+        assert_eq!(dials(), 3);
+        // The endpoint goes: its reactor closes the connection and the
+        // listener hangs up on new ones.
+        board.serve.store(false, Ordering::SeqCst);
+        board.reactor.stop();
+        assert!(common::wait_until(Duration::from_secs(5), || client
+            .connections()
+            == 0));
+        assert!(request().is_err());
+        assert_eq!(dials(), 4);
+        // The success ended the doubling: 350 ms is past the backoff again.
+        thread::sleep(Duration::from_millis(350));
+        assert!(request().is_err());
+        assert_eq!(dials(), 5, "the backoff did not start afresh");
+    });
 }
