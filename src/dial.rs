@@ -10,7 +10,7 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use crate::config::Config;
 use crate::error::{DialPhase, Error, HandshakeError, Result, TimeoutKind};
-use crate::protocol::Session;
+use crate::protocol::{FrameDecoder, Session};
 
 /// Applies the configured socket options to a new socket.
 pub(crate) fn tune(socket: &Socket, config: &Config) -> io::Result<()> {
@@ -148,6 +148,8 @@ pub(crate) fn handshake(
     let mut out = Vec::new();
     let mut input = Vec::new();
     let mut chunk = [0u8; 4096];
+    // The peer's first bytes, to name a peer that speaks something else.
+    let mut first = PeerSample::default();
     let session = loop {
         out.clear();
         hs.write_output(&mut out);
@@ -173,6 +175,7 @@ pub(crate) fn handshake(
             }
             Err(e) => return Err(e.into()),
         };
+        first.add(&chunk[..n]);
         input.extend_from_slice(&chunk[..n]);
         let used = hs.read_input(&input)?;
         input.drain(..used);
@@ -180,5 +183,50 @@ pub(crate) fn handshake(
     stream.set_read_timeout(None)?;
     stream.set_write_timeout(None)?;
     stream.set_nonblocking(true)?;
+    if input.is_empty() {
+        // What arrived right behind the handshake, if anything: a peer
+        // that answers in its own protocol usually sends it at once.
+        match stream.read(&mut chunk) {
+            Ok(n) => input.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    check_first_frame(&input, config, &first)?;
     Ok((stream, session, input))
+}
+
+/// Up to 16 of the first bytes a peer sent.
+#[derive(Default)]
+struct PeerSample {
+    bytes: [u8; 16],
+    len: usize,
+}
+
+impl PeerSample {
+    fn add(&mut self, data: &[u8]) {
+        let n = data.len().min(self.bytes.len() - self.len);
+        self.bytes[self.len..self.len + n].copy_from_slice(&data[..n]);
+        self.len += n;
+    }
+}
+
+/// Checks that what the peer sent right after its handshake, if anything,
+/// starts a frame this side accepts. The `secure` and `monte` handshakes
+/// take any 32 bytes for the server's key, so a peer that speaks another
+/// protocol (an HTTP server answering a request it cannot parse) passes
+/// them, and shows only here: its reply goes on as text, whose first four
+/// bytes read as a length prefix of hundreds of megabytes.
+fn check_first_frame(input: &[u8], config: &Config, first: &PeerSample) -> Result<()> {
+    match FrameDecoder::new(config.max_message_size).decode(input) {
+        Err(Error::FrameTooLarge { .. } | Error::FrameTooShort { .. }) => {
+            Err(HandshakeError::NotThisProtocol {
+                sent: first.bytes,
+                sent_len: first.len as u8,
+            }
+            .into())
+        }
+        _ => Ok(()),
+    }
 }

@@ -67,6 +67,20 @@ pub enum HandshakeError {
     /// any server: pin one (`IdentityConfig::pinned`) or opt out explicitly
     /// (`IdentityConfig::unpinned_client`, `allow_unpinned_server`).
     NoPinnedServer,
+    /// What the peer sent right after the handshake does not start a frame
+    /// this side accepts (its length prefix is below the minimum or above
+    /// the maximum): the peer most likely speaks another protocol, such as
+    /// an HTTP server answering a request it cannot parse. The `secure`
+    /// and `monte` handshakes take any 32 bytes for the server's key, so
+    /// such a peer gets past them and shows here, on the client. (A peer of
+    /// this protocol whose first message is above this side's
+    /// `max_message_size` reads the same.)
+    NotThisProtocol {
+        /// The first bytes the peer sent, up to 16.
+        sent: [u8; 16],
+        /// How many of `sent` the peer sent.
+        sent_len: u8,
+    },
 }
 
 impl fmt::Display for HandshakeError {
@@ -79,6 +93,15 @@ impl fmt::Display for HandshakeError {
             HandshakeError::PeerClosed => f.write_str("peer closed during the handshake"),
             HandshakeError::AlreadyFinished => f.write_str("handshake already finished"),
             HandshakeError::Rejected(code) => write!(f, "handshake rejected (code {code})"),
+            HandshakeError::NotThisProtocol { sent, sent_len } => {
+                let sent = &sent[..usize::from(*sent_len).min(sent.len())];
+                write!(
+                    f,
+                    "the peer does not speak this protocol: it sent \"{}\"..., and what \
+                     followed the handshake is not a frame within the size limit",
+                    sent.escape_ascii()
+                )
+            }
             HandshakeError::NoPinnedServer => f.write_str(
                 "identity client without a pinned server key: pin one with \
                  IdentityConfig::pinned, or accept any server explicitly with \

@@ -1,16 +1,18 @@
 //! Dialling: every call's deadline covers the dial (connect attempts, the
 //! pauses between them and the handshake), a client that just failed to
 //! dial backs off instead of dialling again per call, and dial errors name
-//! the address and the phase.
+//! the address and the phase, and say so when the peer speaks another
+//! protocol.
 //!
 //! The endpoints are loopback listeners that misbehave on purpose: one
 //! whose accept backlog is full (connects hang), one that accepts and says
-//! nothing, one that accepts and hangs up. Every call runs under
-//! [`common::within`], so a regression fails the test instead of hanging
-//! it.
+//! nothing, one that accepts and hangs up, one that answers like an HTTP
+//! server. Every call runs under [`common::within`], so a regression fails
+//! the test instead of hanging it.
 
 mod common;
 
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -21,7 +23,8 @@ use socket2::{Domain, SockAddr, Socket, Type};
 
 use common::within;
 use monte_rpc::{
-    handler, Client, Config, DialPhase, Error, Handler, Reactor, ReactorHandle, TimeoutKind,
+    handler, Client, Config, DialPhase, Error, Handler, HandshakeError, Profile, Reactor,
+    ReactorHandle, TimeoutKind,
 };
 
 /// The settings these tests dial with: the defaults for everything about
@@ -394,4 +397,56 @@ fn the_backoff_doubles_and_starts_afresh_after_a_dial_that_succeeds() {
         assert!(request().is_err());
         assert_eq!(dials(), 5, "the backoff did not start afresh");
     });
+}
+
+/// A listener that answers every connection like an HTTP server given a
+/// request it cannot parse: a `400 Bad Request`, then it hangs up.
+fn http_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { return };
+            let mut request = [0u8; 64];
+            let _ = s.read(&mut request);
+            let _ = s.write_all(
+                b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n\
+                  Connection: close\r\n\r\n400 Bad Request",
+            );
+        }
+    });
+    addr
+}
+
+#[test]
+fn an_http_server_is_a_handshake_failure_not_a_frame_error() {
+    for profile in [Profile::Secure, Profile::Monte] {
+        let addr = http_server();
+        let config = config().dial_attempts(1).profile(profile);
+        let client = Arc::new(Client::new(addr, config).unwrap());
+        let (e, _) = timed(&client, |c| {
+            c.request_timeout(b"ping", &mut Vec::new(), Some(Duration::from_secs(2)))
+        });
+        // Before: "frame of 1949127801 bytes exceeds the maximum of
+        // 1048596", the first frame's "length" being "t-Ty".
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "dialling {addr}: handshake: the peer does not speak this protocol: it sent \
+                 \"HTTP/1.1 400 Bad\"..., and what followed the handshake is not a frame \
+                 within the size limit"
+            ),
+            "{profile:?}"
+        );
+        assert!(
+            matches!(
+                e.root_cause(),
+                Error::Handshake(HandshakeError::NotThisProtocol { sent, sent_len: 16 })
+                    if sent == b"HTTP/1.1 400 Bad"
+            ),
+            "{e:?}"
+        );
+        assert_eq!(client.stats().handshakes_failed, 1);
+        assert_eq!(client.connections(), 0);
+    }
 }
