@@ -155,10 +155,26 @@ pub enum Error {
     Handshake(HandshakeError),
     /// A frame's length prefix is above the configured maximum. Detected
     /// from the 4-byte prefix alone, before anything is sized for it.
+    ///
+    /// Both lengths are ciphertext lengths, as the prefix counts them: a
+    /// message plus 20 bytes of sequence number and tag. So `max` is
+    /// `max_message_size + 20`, and the message says both.
+    ///
+    /// ```
+    /// use monte_rpc::Error;
+    ///
+    /// let e = Error::FrameTooLarge { len: 1949127801, max: (1 << 20) + 20 };
+    /// assert_eq!(
+    ///     e.to_string(),
+    ///     "frame length prefix of 1949127801 bytes exceeds the limit of 1048596 \
+    ///      (max_message_size 1048576 plus 20 bytes of sequence number and tag)"
+    /// );
+    /// ```
     FrameTooLarge {
         /// The ciphertext length the prefix claimed.
         len: usize,
-        /// The largest ciphertext length this side accepts.
+        /// The largest ciphertext length this side accepts:
+        /// `max_message_size` plus 20.
         max: usize,
     },
     /// A frame's length prefix is below 20 bytes (sequence number plus tag),
@@ -317,7 +333,15 @@ impl fmt::Display for Error {
         match self {
             Error::Handshake(e) => write!(f, "handshake failed: {e}"),
             Error::FrameTooLarge { len, max } => {
-                write!(f, "frame of {len} bytes exceeds the maximum of {max}")
+                // `max` counts the sequence number and the tag, so it is not
+                // the configured message size: say both.
+                let overhead = crate::protocol::MIN_CIPHERTEXT_LEN;
+                write!(
+                    f,
+                    "frame length prefix of {len} bytes exceeds the limit of {max} \
+                     (max_message_size {} plus {overhead} bytes of sequence number and tag)",
+                    max.saturating_sub(overhead)
+                )
             }
             Error::FrameTooShort { len } => {
                 write!(f, "frame of {len} bytes is below the minimum of 20")
