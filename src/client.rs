@@ -5,7 +5,8 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::error::TimeoutKind;
+use crate::dial::CallDeadline;
+use crate::error::{DialPhase, TimeoutKind};
 
 use crate::config::Config;
 use crate::conn::Connection;
@@ -36,9 +37,9 @@ pub struct Client {
     pool: RwLock<Vec<Connection>>,
     /// Serialises dialling, so a burst of callers grows the pool one
     /// connection at a time instead of dialling past `max_conns`. Holds the
-    /// last failed dial, so callers that queued behind it fail with it
-    /// instead of each dialling again in turn.
-    dial_lock: Mutex<Option<(Instant, Error)>>,
+    /// last failed dial, so callers that queued behind it, and calls during
+    /// the backoff after it, fail with it instead of each dialling again.
+    dial_lock: Mutex<DialState>,
     signal: ShutdownSignal,
 }
 
@@ -46,10 +47,54 @@ pub struct Client {
 /// closes the connections under them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
+/// What the last dials left, under the dial lock.
+#[derive(Default)]
+struct DialState {
+    /// The last dial, if it failed.
+    failed: Option<FailedDial>,
+    /// Dials failed in a row, 0 after one that succeeds: each doubles the
+    /// backoff.
+    failures: u32,
+}
+
+/// A failed dial, and the backoff after it.
+struct FailedDial {
+    /// When it failed.
+    at: Instant,
+    /// Until when calls fail with its error instead of dialling.
+    until: Instant,
+    error: Error,
+}
+
+impl DialState {
+    /// Records a failed dial and starts the backoff after it:
+    /// `config.dial_backoff`, doubled for each earlier failure in a row, at
+    /// most `config.dial_backoff_max`.
+    fn failed(&mut self, error: Error, config: &Config) {
+        self.failures = self.failures.saturating_add(1);
+        let doublings = (self.failures - 1).min(30);
+        let backoff = config
+            .dial_backoff
+            .saturating_mul(1 << doublings)
+            .min(config.dial_backoff_max);
+        let at = Instant::now();
+        self.failed = Some(FailedDial {
+            at,
+            until: at.checked_add(backoff).unwrap_or(at),
+            error,
+        });
+    }
+
+    /// Records a dial that succeeded: the backoff starts afresh.
+    fn succeeded(&mut self) {
+        *self = DialState::default();
+    }
+}
+
 /// What waiting for another caller's dial gave.
 enum Waited<'a> {
     Dialled(Connection),
-    Lock(crate::sync::MutexGuard<'a, Option<(Instant, Error)>>),
+    Lock(crate::sync::MutexGuard<'a, DialState>),
 }
 
 impl std::fmt::Debug for Client {
@@ -75,6 +120,26 @@ impl Client {
     /// address is never resolved again: if the name comes to point
     /// elsewhere, make a new client.
     ///
+    /// # How long a dial may take
+    ///
+    /// A dial is part of the call that makes it, and ends by that call's
+    /// deadline: the request timeout for [`request`](Self::request) (or
+    /// the timeout given to [`request_timeout`](Self::request_timeout)),
+    /// the send timeout ([`Config::send_timeout`]) for
+    /// [`send`](Self::send) and [`send_no_wait`](Self::send_no_wait),
+    /// counted from the call's start. Within it, each of the
+    /// `dial_attempts` connect attempts gets at most `dial_timeout`, the
+    /// pauses between attempts (10, 20, 40 ms, ...) are skipped when they
+    /// would leave no time for another, and the handshake gets at most
+    /// `handshake_timeout`. A call that waits for another call's dial
+    /// waits no longer than its own deadline either. So with the defaults
+    /// (5 s connect timeout, 3 attempts) a request with a 1 s timeout to an
+    /// endpoint that never answers a connect fails after 1 s, not 15.
+    ///
+    /// A deadline shorter than a connect and a handshake (a round trip or
+    /// two, plus the key exchange) leaves the client unable to connect:
+    /// give the calls that may dial the time it takes.
+    ///
     /// # Errors
     ///
     /// From `new`, only what resolving and starting threads can fail with:
@@ -82,24 +147,39 @@ impl Client {
     /// name) or resolves to no address, or if a reactor cannot be started.
     /// Whether anything listens at the address is not known yet.
     ///
-    /// From the call that dials, the dial's failure: [`Error::Io`] if the
-    /// connect fails (refused, unreachable) on each of `dial_attempts`
-    /// tries, [`Error::Timeout`] with [`TimeoutKind::Dial`] if it takes
-    /// longer than `dial_timeout`, [`Error::Handshake`] or
-    /// [`TimeoutKind::Handshake`] if the handshake fails or takes longer
-    /// than `handshake_timeout`. The time spent dialling counts against a
-    /// request's timeout. Calls that waited for another caller's dial get
-    /// that dial's error rather than dialling again; the next call dials
-    /// afresh.
+    /// From the call that dials, the dial's failure, an [`Error::Dial`]
+    /// that names the address and the phase, with the cause as its
+    /// `source`: in [`DialPhase::Connect`], [`Error::Io`] if the connect
+    /// fails (refused, unreachable) on each of `dial_attempts` tries, or
+    /// [`Error::Timeout`] with [`TimeoutKind::Dial`] if it takes longer
+    /// than `dial_timeout`; in [`DialPhase::Handshake`], [`Error::Handshake`]
+    /// or [`TimeoutKind::Handshake`] if the handshake fails or takes longer
+    /// than `handshake_timeout`. When the call's own deadline ends the dial
+    /// first, the cause is the call's timeout: [`TimeoutKind::Request`] for
+    /// a request, [`TimeoutKind::Write`] for a send (the kind a send timeout
+    /// reports everywhere), in the phase it cut short
+    /// ([`DialPhase::Queued`] if the call was waiting for another call's
+    /// dial). Calls that waited for another caller's dial get that dial's
+    /// error rather than dialling again.
+    ///
+    /// After a failed dial the client backs off: for
+    /// [`dial_backoff`](Config::dial_backoff) (100 ms by default, doubling
+    /// with each dial that fails in a row up to
+    /// [`dial_backoff_max`](Config::dial_backoff_max), 2 s), a call that
+    /// would dial fails at once with that dial's error instead; a call that
+    /// finds a connection open uses it. The first call after the backoff
+    /// dials again, and a dial that succeeds ends the doubling.
     ///
     /// ```
-    /// use monte_rpc::{Client, Config, Error};
+    /// use monte_rpc::{Client, Config, DialPhase, Error};
     ///
     /// // Nothing listens on the port of a listener just closed: `new`
     /// // succeeds all the same, and the first call reports the refusal.
     /// let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     /// let client = Client::new(addr, Config::default().dial_attempts(1))?;
-    /// assert!(matches!(client.send(b"hello"), Err(Error::Io(_))));
+    /// let e = client.send(b"hello").unwrap_err();
+    /// assert!(matches!(e, Error::Dial { phase: DialPhase::Connect, .. }));
+    /// assert!(matches!(e.root_cause(), Error::Io(_)));
     ///
     /// // A name that cannot resolve fails in `new` itself.
     /// assert!(matches!(Client::new("127.0.0.1", Config::default()), Err(Error::Io(_))));
@@ -127,7 +207,7 @@ impl Client {
             handler: Arc::new(handler),
             workers,
             pool: RwLock::new(Vec::new()),
-            dial_lock: Mutex::new(None),
+            dial_lock: Mutex::new(DialState::default()),
             signal: ShutdownSignal::new(),
             config,
         })
@@ -152,25 +232,54 @@ impl Client {
 
     /// Sends a message that expects no reply, and returns once it is
     /// written to the socket.
+    ///
+    /// On an open connection it waits for room in a full queue and for its
+    /// frame to be written, up to the send timeout
+    /// ([`Config::send_timeout`]; then [`Error::Timeout`] with
+    /// [`TimeoutKind::Write`]). A call that must dial first (see
+    /// [`new`](Self::new)) spends at most the send timeout, from its start,
+    /// on the dial; the write that follows is bounded by the send timeout
+    /// of its own, and on a fresh connection rarely waits at all. A dial
+    /// the send timeout ends fails with [`Error::Dial`] whose cause is
+    /// [`TimeoutKind::Write`].
     pub fn send(&self, body: &[u8]) -> Result<()> {
         let _call = self.signal.enter().ok_or(Error::Closed)?;
         self.pick(self.write_deadline())?.send(body)
     }
 
-    /// Queues a message that expects no reply, and returns at once (or
-    /// waits for room in a full queue, up to the write timeout).
+    /// Queues a message that expects no reply, and returns once it is
+    /// queued: at once on an open connection with room in its queue, else
+    /// after waiting for room, up to the send timeout
+    /// ([`Config::send_timeout`]).
+    ///
+    /// It needs a connection to queue on: a call that must dial first (see
+    /// [`new`](Self::new)) waits for the dial, or for another call's, no
+    /// longer than the send timeout from its start, and a dial the send
+    /// timeout ends fails with [`Error::Dial`] whose cause is
+    /// [`TimeoutKind::Write`]. The send timeout is the most this call
+    /// waits for a connection.
     pub fn send_no_wait(&self, body: &[u8]) -> Result<()> {
         let _call = self.signal.enter().ok_or(Error::Closed)?;
         self.pick(self.write_deadline())?.send_no_wait(body)
     }
 
     /// Sends a request and puts its response into `response`, reusing its
-    /// capacity, within the configured request timeout.
+    /// capacity, within the configured request timeout
+    /// ([`Config::request_timeout`]).
+    ///
+    /// The timeout covers the whole call: finding a connection, dialling
+    /// one if it must (see [`new`](Self::new)) and waiting for another
+    /// call's dial included. Past it the call fails with [`Error::Timeout`]
+    /// with [`TimeoutKind::Request`], or, if it ran out during a dial, with
+    /// [`Error::Dial`] whose cause is that timeout.
     pub fn request(&self, body: &[u8], response: &mut Vec<u8>) -> Result<()> {
         self.request_timeout(body, response, self.config.request_timeout)
     }
 
-    /// [`request`](Self::request) with its own timeout (`None`: no limit).
+    /// [`request`](Self::request) with its own timeout (`None`: no limit),
+    /// which covers the whole call, a dial included, as the configured one
+    /// does for `request`. With `None`, a dial is bounded only by
+    /// `dial_attempts`, `dial_timeout` and `handshake_timeout`.
     pub fn request_timeout(
         &self,
         body: &[u8],
@@ -179,47 +288,46 @@ impl Client {
     ) -> Result<()> {
         let _call = self.signal.enter().ok_or(Error::Closed)?;
         // The deadline covers finding a connection too (which may dial).
-        let deadline = timeout.map(|t| Instant::now() + t);
+        let deadline = CallDeadline::after(timeout, TimeoutKind::Request);
         let conn = self.pick(deadline)?;
         let left = match deadline {
             None => None,
-            Some(d) => match d.checked_duration_since(Instant::now()) {
+            Some(d) => match d.at.checked_duration_since(Instant::now()) {
                 Some(left) if !left.is_zero() => Some(left),
-                _ => return Err(Error::Timeout(crate::TimeoutKind::Request)),
+                _ => return Err(Error::Timeout(TimeoutKind::Request)),
             },
         };
         let sent_at = crate::clock::now_nanos();
         let result = conn.request_timeout(body, response, left);
-        if let Err(Error::Timeout(crate::TimeoutKind::Request)) = &result {
+        if let Err(Error::Timeout(TimeoutKind::Request)) = &result {
             if conn.silent_since(sent_at) {
                 // Not a byte from the server for the whole timeout: the
                 // connection is as good as gone (a peer or path that
                 // vanished without a FIN). Closing it lets the pool dial
                 // afresh instead of choosing it again.
-                conn.fail(Error::Timeout(crate::TimeoutKind::Request));
+                conn.fail(Error::Timeout(TimeoutKind::Request));
             }
         }
         result
     }
 
-    /// Picks a connection with nothing in progress, else the least loaded
-    /// one, dialling a new one while under `max_conns` and all are busy.
     /// How long a send may wait for a connection: its send timeout.
-    fn write_deadline(&self) -> Option<Instant> {
-        self.config.send_timeout.map(|t| Instant::now() + t)
+    fn write_deadline(&self) -> Option<CallDeadline> {
+        CallDeadline::after(self.config.send_timeout, TimeoutKind::Write)
     }
 
-    /// Picks a connection, waiting for another caller's dial no later than
-    /// `deadline` (then [`Error::Timeout`] with [`TimeoutKind::Dial`]).
-    fn pick(&self, deadline: Option<Instant>) -> Result<Connection> {
+    /// Picks a connection with nothing in progress, else the least loaded
+    /// one, dialling a new one while under `max_conns` and all are busy.
+    /// The dial, or the wait for another caller's, ends by `deadline`.
+    fn pick(&self, deadline: Option<CallDeadline>) -> Result<Connection> {
         if let Some(conn) = self.choose(false) {
             return Ok(conn);
         }
         // All busy (or none) and room for more. One caller dials at a time;
         // the others use the least loaded connection meanwhile, or wait for
         // the dial if there is none.
-        let mut dialling = match self.dial_lock.try_lock() {
-            Ok(guard) => guard,
+        let (mut dialling, queued_at) = match self.dial_lock.try_lock() {
+            Ok(guard) => (guard, None),
             Err(_) => match self.choose(true) {
                 Some(conn) => return Ok(conn),
                 None => {
@@ -229,36 +337,43 @@ impl Client {
                         Waited::Lock(guard) => guard,
                     };
                     // The dial this caller queued behind: its connection,
-                    // or its failure, without a dial of our own.
+                    // or (below) its failure, without a dial of our own.
                     if let Some(conn) = self.choose(true) {
                         return Ok(conn);
                     }
-                    if let Some((at, e)) = &*guard {
-                        if *at >= queued_at {
-                            return Err(e.clone());
-                        }
-                    }
-                    guard
+                    (guard, Some(queued_at))
                 }
             },
         };
         if let Some(conn) = self.choose(false) {
             return Ok(conn);
         }
-        match self.workers.pick().dial(self.addr, self.handler.clone()) {
+        if let Some(failed) = &dialling.failed {
+            // Backing off after a failed dial, or queued behind that very
+            // dial: no dial of our own. A busy connection if there is one,
+            // else that dial's error.
+            if Instant::now() < failed.until || queued_at.is_some_and(|q| failed.at >= q) {
+                return self.choose(true).ok_or_else(|| failed.error.clone());
+            }
+        }
+        match self
+            .workers
+            .pick()
+            .dial_within(self.addr, self.handler.clone(), deadline)
+        {
             Ok(conn) => {
                 if self.signal.is_closed() {
                     conn.close();
                     return Err(Error::Closed);
                 }
-                *dialling = None;
+                dialling.succeeded();
                 // Joined to the pool before the dial lock is released, so
                 // the next dialler sees it and stays within `max_conns`.
                 write(&self.pool).push(conn.clone());
                 Ok(conn)
             }
             Err(e) => {
-                *dialling = Some((Instant::now(), e.clone()));
+                dialling.failed(e.clone(), &self.config);
                 self.choose(true).ok_or(e)
             }
         }
@@ -267,7 +382,7 @@ impl Client {
     /// Waits for the dial another caller is making: polls (the wait is
     /// rare and short) for its connection or for the dial lock, until
     /// `deadline`.
-    fn wait_for_dial(&self, deadline: Option<Instant>) -> Result<Waited<'_>> {
+    fn wait_for_dial(&self, deadline: Option<CallDeadline>) -> Result<Waited<'_>> {
         loop {
             match self.dial_lock.try_lock() {
                 Ok(guard) => return Ok(Waited::Lock(guard)),
@@ -279,8 +394,8 @@ impl Client {
             if let Some(conn) = self.choose(true) {
                 return Ok(Waited::Dialled(conn));
             }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                return Err(Error::Timeout(TimeoutKind::Dial));
+            if let Some(d) = deadline.filter(|d| Instant::now() >= d.at) {
+                return Err(Error::Timeout(d.kind).dialling(self.addr, DialPhase::Queued));
             }
             std::thread::sleep(Duration::from_millis(1));
         }

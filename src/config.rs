@@ -42,9 +42,12 @@ pub struct Config {
     /// Requests that may await a response on one connection at once.
     /// Default: 256.
     pub max_in_flight: usize,
-    /// TCP connect timeout. Default: 5 s.
+    /// TCP connect timeout, for each of `dial_attempts` attempts. A
+    /// client's dial also ends by the deadline of the call that makes it
+    /// (see [`Client::new`](crate::Client::new)). Default: 5 s.
     pub dial_timeout: Option<Duration>,
-    /// How long a handshake may take. Default: 5 s.
+    /// How long a handshake may take. A client's handshake also ends by the
+    /// deadline of the call that dials. Default: 5 s.
     pub handshake_timeout: Option<Duration>,
     /// How long a connection may receive nothing before it is closed.
     /// Default: disabled for clients, 60 s for servers.
@@ -65,10 +68,12 @@ pub struct Config {
     /// `send_timeout` and `drain_timeout`).
     pub write_timeout: Option<Duration>,
     /// How long one `send`, `send_no_wait` or deferred `reply` call may
-    /// wait: for a connection (while another caller dials), for room in a
-    /// full queue, and (`send`) for its frame to be written. Past it the
-    /// call fails with [`TimeoutKind::Write`](crate::TimeoutKind::Write);
-    /// the connection stays open. Default: 10 s.
+    /// wait: for a connection (its own dial, or another caller's), for
+    /// room in a full queue, and (`send`) for its frame to be written. Past
+    /// it the call fails with
+    /// [`TimeoutKind::Write`](crate::TimeoutKind::Write) (as the cause of
+    /// an [`Error::Dial`](crate::Error::Dial) if it ran out while
+    /// dialling); the connection stays open. Default: 10 s.
     pub send_timeout: Option<Duration>,
     /// How long a graceful close may take: queued output is flushed, the
     /// write side shut, and the peer's end awaited; past it the socket is
@@ -83,8 +88,21 @@ pub struct Config {
     /// Server: how long a connection over the cap waits for a place before
     /// it is closed. Default: 1 s.
     pub accept_wait: Duration,
-    /// Client: connect attempts per dial before giving up. Default: 3.
+    /// Client: connect attempts per dial before giving up, 10 ms apart,
+    /// then 20, 40, ... (each attempt within `dial_timeout`, all of them
+    /// within the calling operation's deadline). Default: 3.
     pub dial_attempts: usize,
+    /// Client: how long, after a dial fails, calls that would dial fail at
+    /// once with that dial's error instead (a call that finds a
+    /// connection open still uses it). It doubles with each dial that
+    /// fails in a row, up to `dial_backoff_max`, and starts afresh after
+    /// one that succeeds; the first call after it dials again. So an
+    /// endpoint that is down costs one dial per backoff, not one per call.
+    /// Zero disables it: every call that needs a connection dials (calls
+    /// that queued behind a dial still share its result). Default: 100 ms.
+    pub dial_backoff: Duration,
+    /// Client: the longest `dial_backoff` grows to. Default: 2 s.
+    pub dial_backoff_max: Duration,
     /// Server: the listen backlog. Default: 1024.
     pub backlog: i32,
     /// `SO_SNDBUF`, if set. Default: the system's.
@@ -137,6 +155,8 @@ impl Default for Config {
             max_conns: 4,
             accept_wait: Duration::from_secs(1),
             dial_attempts: 3,
+            dial_backoff: Duration::from_millis(100),
+            dial_backoff_max: Duration::from_secs(2),
             backlog: 1024,
             send_buffer_size: None,
             recv_buffer_size: None,
@@ -165,6 +185,8 @@ impl std::fmt::Debug for Config {
             .field("request_timeout", &self.request_timeout)
             .field("max_conns", &self.max_conns)
             .field("accept_wait", &self.accept_wait)
+            .field("dial_backoff", &self.dial_backoff)
+            .field("dial_backoff_max", &self.dial_backoff_max)
             .field("spin", &self.spin)
             .field("busy_poll", &self.busy_poll)
             .finish_non_exhaustive()
@@ -305,6 +327,14 @@ impl Config {
     setter!(
         /// Sets [`Config::dial_attempts`].
         dial_attempts: usize
+    );
+    setter!(
+        /// Sets [`Config::dial_backoff`]; zero disables it.
+        dial_backoff: Duration
+    );
+    setter!(
+        /// Sets [`Config::dial_backoff_max`].
+        dial_backoff_max: Duration
     );
     setter!(
         /// Sets [`Config::backlog`].

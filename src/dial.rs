@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use crate::config::Config;
-use crate::error::{Error, HandshakeError, Result, TimeoutKind};
-use crate::protocol::Session;
+use crate::error::{DialPhase, Error, HandshakeError, Result, TimeoutKind};
+use crate::protocol::{FrameDecoder, Session};
 
 /// Applies the configured socket options to a new socket.
 pub(crate) fn tune(socket: &Socket, config: &Config) -> io::Result<()> {
@@ -24,18 +24,71 @@ pub(crate) fn tune(socket: &Socket, config: &Config) -> io::Result<()> {
     Ok(())
 }
 
-fn connect_once(addr: SocketAddr, config: &Config) -> Result<Socket> {
+/// The deadline of the call that dials, and the timeout that call fails
+/// with when its deadline, rather than one of the dial's own timeouts,
+/// ends the dial: [`TimeoutKind::Request`] for a request,
+/// [`TimeoutKind::Write`] for a send.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CallDeadline {
+    pub(crate) at: Instant,
+    pub(crate) kind: TimeoutKind,
+}
+
+impl CallDeadline {
+    /// The deadline `timeout` from now, if there is one (a timeout too long
+    /// to add to the clock is none).
+    pub(crate) fn after(timeout: Option<Duration>, kind: TimeoutKind) -> Option<CallDeadline> {
+        let at = Instant::now().checked_add(timeout?)?;
+        Some(CallDeadline { at, kind })
+    }
+
+    fn passed(&self) -> bool {
+        Instant::now() >= self.at
+    }
+}
+
+/// When one step of a dial must end and the timeout it fails with then:
+/// the step's own timeout (`own`, reported as `own_kind`) from now, or the
+/// call's deadline if that comes first.
+fn step_deadline(
+    own: Option<Duration>,
+    own_kind: TimeoutKind,
+    call: Option<CallDeadline>,
+) -> Option<CallDeadline> {
+    let own = CallDeadline::after(own, own_kind);
+    match (own, call) {
+        (Some(own), Some(call)) if call.at < own.at => Some(call),
+        (Some(own), _) => Some(own),
+        (None, call) => call,
+    }
+}
+
+/// The time left before `until`, or the timeout it fails with if none is.
+fn time_left(until: Option<CallDeadline>) -> Result<Option<Duration>> {
+    match until {
+        None => Ok(None),
+        Some(d) => match d.at.checked_duration_since(Instant::now()) {
+            Some(left) if !left.is_zero() => Ok(Some(left)),
+            _ => Err(Error::Timeout(d.kind)),
+        },
+    }
+}
+
+/// One connect attempt, within `dial_timeout` and the call's deadline.
+fn connect_once(addr: SocketAddr, config: &Config, call: Option<CallDeadline>) -> Result<Socket> {
+    let until = step_deadline(config.dial_timeout, TimeoutKind::Dial, call);
+    let left = time_left(until)?;
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     tune(&socket, config)?;
     let target = SockAddr::from(addr);
-    let connected = match config.dial_timeout {
-        Some(t) => socket.connect_timeout(&target, t.max(Duration::from_micros(1))),
+    let connected = match left {
+        Some(left) => socket.connect_timeout(&target, left),
         None => socket.connect(&target),
     };
     match connected {
         Ok(()) => Ok(socket),
         Err(e) if e.kind() == io::ErrorKind::TimedOut || e.kind() == io::ErrorKind::WouldBlock => {
-            Err(Error::Timeout(TimeoutKind::Dial))
+            Err(Error::Timeout(until.map_or(TimeoutKind::Dial, |d| d.kind)))
         }
         Err(e) => Err(e.into()),
     }
@@ -43,46 +96,60 @@ fn connect_once(addr: SocketAddr, config: &Config) -> Result<Socket> {
 
 /// Connects (retrying up to `dial_attempts` times) and runs the client
 /// handshake. Returns the socket, the session, and any bytes the peer sent
-/// after its handshake that were already read.
-pub(crate) fn dial(addr: SocketAddr, config: &Config) -> Result<(TcpStream, Session, Vec<u8>)> {
+/// after its handshake that were already read. Every error is an
+/// [`Error::Dial`] that names `addr` and the phase that failed.
+///
+/// The whole dial ends by `call`'s deadline, if it has one: each connect
+/// attempt gets at most `dial_timeout` and the time left, the pauses
+/// between attempts are skipped when no time would be left after them (the
+/// last attempt's error is the dial's then), and the handshake gets at most
+/// `handshake_timeout` and the time left. When the call's deadline is what
+/// ends a step, the cause is [`Error::Timeout`] with `call.kind`.
+pub(crate) fn dial(
+    addr: SocketAddr,
+    config: &Config,
+    call: Option<CallDeadline>,
+) -> Result<(TcpStream, Session, Vec<u8>)> {
     let attempts = config.dial_attempts.max(1);
     let mut last = Error::Closed;
     for attempt in 0..attempts {
-        match connect_once(addr, config) {
-            Ok(socket) => return handshake(socket.into(), config),
+        if attempt > 0 {
+            let pause = Duration::from_millis(10 << (attempt - 1).min(6));
+            if call.is_some_and(|c| Instant::now() + pause >= c.at) {
+                break;
+            }
+            std::thread::sleep(pause);
+        }
+        match connect_once(addr, config, call) {
+            Ok(socket) => {
+                return handshake(socket.into(), config, call)
+                    .map_err(|e| e.dialling(addr, DialPhase::Handshake))
+            }
             Err(e) => last = e,
         }
-        if attempt + 1 < attempts {
-            std::thread::sleep(Duration::from_millis(10 << attempt.min(6)));
+        if call.is_some_and(|c| c.passed()) {
+            break;
         }
     }
-    Err(last)
+    Err(last.dialling(addr, DialPhase::Connect))
 }
 
-/// Runs the client side of the configured handshake on a blocking socket.
+/// Runs the client side of the configured handshake on a blocking socket,
+/// within `handshake_timeout` and the call's deadline.
 pub(crate) fn handshake(
     mut stream: TcpStream,
     config: &Config,
+    call: Option<CallDeadline>,
 ) -> Result<(TcpStream, Session, Vec<u8>)> {
-    let deadline = config.handshake_timeout.map(|t| Instant::now() + t);
-    let timed_out = || Error::Timeout(TimeoutKind::Handshake);
-    let remaining = || -> Result<Option<Duration>> {
-        match deadline {
-            None => Ok(None),
-            Some(d) => {
-                let left = d.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    Err(timed_out())
-                } else {
-                    Ok(Some(left))
-                }
-            }
-        }
-    };
+    let until = step_deadline(config.handshake_timeout, TimeoutKind::Handshake, call);
+    let timed_out = || Error::Timeout(until.map_or(TimeoutKind::Handshake, |d| d.kind));
+    let remaining = || time_left(until);
     let mut hs = config.handshake.client()?;
     let mut out = Vec::new();
     let mut input = Vec::new();
     let mut chunk = [0u8; 4096];
+    // The peer's first bytes, to name a peer that speaks something else.
+    let mut first = PeerSample::default();
     let session = loop {
         out.clear();
         hs.write_output(&mut out);
@@ -108,6 +175,7 @@ pub(crate) fn handshake(
             }
             Err(e) => return Err(e.into()),
         };
+        first.add(&chunk[..n]);
         input.extend_from_slice(&chunk[..n]);
         let used = hs.read_input(&input)?;
         input.drain(..used);
@@ -115,5 +183,50 @@ pub(crate) fn handshake(
     stream.set_read_timeout(None)?;
     stream.set_write_timeout(None)?;
     stream.set_nonblocking(true)?;
+    if input.is_empty() {
+        // What arrived right behind the handshake, if anything: a peer
+        // that answers in its own protocol usually sends it at once.
+        match stream.read(&mut chunk) {
+            Ok(n) => input.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    check_first_frame(&input, config, &first)?;
     Ok((stream, session, input))
+}
+
+/// Up to 16 of the first bytes a peer sent.
+#[derive(Default)]
+struct PeerSample {
+    bytes: [u8; 16],
+    len: usize,
+}
+
+impl PeerSample {
+    fn add(&mut self, data: &[u8]) {
+        let n = data.len().min(self.bytes.len() - self.len);
+        self.bytes[self.len..self.len + n].copy_from_slice(&data[..n]);
+        self.len += n;
+    }
+}
+
+/// Checks that what the peer sent right after its handshake, if anything,
+/// starts a frame this side accepts. The `secure` and `monte` handshakes
+/// take any 32 bytes for the server's key, so a peer that speaks another
+/// protocol (an HTTP server answering a request it cannot parse) passes
+/// them, and shows only here: its reply goes on as text, whose first four
+/// bytes read as a length prefix of hundreds of megabytes.
+fn check_first_frame(input: &[u8], config: &Config, first: &PeerSample) -> Result<()> {
+    match FrameDecoder::new(config.max_message_size).decode(input) {
+        Err(Error::FrameTooLarge { .. } | Error::FrameTooShort { .. }) => {
+            Err(HandshakeError::NotThisProtocol {
+                sent: first.bytes,
+                sent_len: first.len as u8,
+            }
+            .into())
+        }
+        _ => Ok(()),
+    }
 }

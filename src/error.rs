@@ -3,10 +3,13 @@
 //! Every failure a caller can see is a variant of [`Error`], and each variant
 //! names one cause, so a caller can tell a timeout from a closed connection
 //! from a peer that sent garbage without parsing strings. Handshake failures
-//! carry a [`HandshakeError`] that says which step failed.
+//! carry a [`HandshakeError`] that says which step failed. A failed dial is
+//! [`Error::Dial`]: the address, the [`DialPhase`] and the error underneath,
+//! which [`Error::root_cause`] reaches.
 
 use std::fmt;
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 /// Which deadline ran out, carried by [`Error::Timeout`].
@@ -61,6 +64,20 @@ pub enum HandshakeError {
     /// any server: pin one (`IdentityConfig::pinned`) or opt out explicitly
     /// (`IdentityConfig::unpinned_client`, `allow_unpinned_server`).
     NoPinnedServer,
+    /// What the peer sent right after the handshake does not start a frame
+    /// this side accepts (its length prefix is below the minimum or above
+    /// the maximum): the peer most likely speaks another protocol, such as
+    /// an HTTP server answering a request it cannot parse. The `secure`
+    /// and `monte` handshakes take any 32 bytes for the server's key, so
+    /// such a peer gets past them and shows here, on the client. (A peer of
+    /// this protocol whose first message is above this side's
+    /// `max_message_size` reads the same.)
+    NotThisProtocol {
+        /// The first bytes the peer sent, up to 16.
+        sent: [u8; 16],
+        /// How many of `sent` the peer sent.
+        sent_len: u8,
+    },
 }
 
 impl fmt::Display for HandshakeError {
@@ -73,12 +90,43 @@ impl fmt::Display for HandshakeError {
             HandshakeError::PeerClosed => f.write_str("peer closed during the handshake"),
             HandshakeError::AlreadyFinished => f.write_str("handshake already finished"),
             HandshakeError::Rejected(code) => write!(f, "handshake rejected (code {code})"),
+            HandshakeError::NotThisProtocol { sent, sent_len } => {
+                let sent = &sent[..usize::from(*sent_len).min(sent.len())];
+                write!(
+                    f,
+                    "the peer does not speak this protocol: it sent \"{}\"..., and what \
+                     followed the handshake is not a frame within the size limit",
+                    sent.escape_ascii()
+                )
+            }
             HandshakeError::NoPinnedServer => f.write_str(
                 "identity client without a pinned server key: pin one with \
                  IdentityConfig::pinned, or accept any server explicitly with \
                  IdentityConfig::unpinned_client / allow_unpinned_server",
             ),
         }
+    }
+}
+
+/// What a dial was doing when it failed, carried by [`Error::Dial`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DialPhase {
+    /// The TCP connect (every attempt, and the pauses between them).
+    Connect,
+    /// The client side of the handshake, on a connected socket.
+    Handshake,
+    /// Waiting for the dial another call to the same client was making.
+    Queued,
+}
+
+impl fmt::Display for DialPhase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DialPhase::Connect => "connect",
+            DialPhase::Handshake => "handshake",
+            DialPhase::Queued => "waiting for another call's dial",
+        })
     }
 }
 
@@ -91,7 +139,8 @@ impl fmt::Display for HandshakeError {
 /// use monte_rpc::{Error, TimeoutKind};
 ///
 /// fn retryable(e: &Error) -> bool {
-///     matches!(e, Error::Timeout(TimeoutKind::Request) | Error::Closed)
+///     // `root_cause` looks through the context a failed dial adds.
+///     matches!(e.root_cause(), Error::Timeout(TimeoutKind::Request) | Error::Closed)
 /// }
 /// assert!(retryable(&Error::Closed));
 /// assert!(!retryable(&Error::Authentication));
@@ -103,10 +152,26 @@ pub enum Error {
     Handshake(HandshakeError),
     /// A frame's length prefix is above the configured maximum. Detected
     /// from the 4-byte prefix alone, before anything is sized for it.
+    ///
+    /// Both lengths are ciphertext lengths, as the prefix counts them: a
+    /// message plus 20 bytes of sequence number and tag. So `max` is
+    /// `max_message_size + 20`, and the message says both.
+    ///
+    /// ```
+    /// use monte_rpc::Error;
+    ///
+    /// let e = Error::FrameTooLarge { len: 1949127801, max: (1 << 20) + 20 };
+    /// assert_eq!(
+    ///     e.to_string(),
+    ///     "frame length prefix of 1949127801 bytes exceeds the limit of 1048596 \
+    ///      (max_message_size 1048576 plus 20 bytes of sequence number and tag)"
+    /// );
+    /// ```
     FrameTooLarge {
         /// The ciphertext length the prefix claimed.
         len: usize,
-        /// The largest ciphertext length this side accepts.
+        /// The largest ciphertext length this side accepts:
+        /// `max_message_size` plus 20.
         max: usize,
     },
     /// A frame's length prefix is below 20 bytes (sequence number plus tag),
@@ -170,13 +235,91 @@ pub enum Error {
     HandlerPanicked,
     /// An operating-system I/O error.
     Io(Arc<io::Error>),
+    /// Dialling `addr` failed in `phase`; `source` says how. It is what
+    /// each phase can fail with: in [`DialPhase::Connect`], [`Error::Io`]
+    /// (a refusal, an unreachable network) or [`Error::Timeout`]; in
+    /// [`DialPhase::Handshake`], [`Error::Handshake`], [`Error::Io`],
+    /// [`Error::Timeout`] or what a custom handshake returns; in
+    /// [`DialPhase::Queued`], [`Error::Timeout`]. The timeout is the
+    /// dial's own ([`TimeoutKind::Dial`], [`TimeoutKind::Handshake`]) or,
+    /// when the call's deadline ran out first, the call's
+    /// ([`TimeoutKind::Request`] for a request, [`TimeoutKind::Write`] for
+    /// a send). [`root_cause`](Error::root_cause) and
+    /// [`io_kind`](Error::io_kind) look through to `source`.
+    ///
+    /// ```
+    /// use monte_rpc::{Client, Config, DialPhase, Error};
+    ///
+    /// let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    /// let client = Client::new(addr, Config::default().dial_attempts(1))?;
+    /// let e = client.send(b"hello").unwrap_err();
+    /// assert!(matches!(e, Error::Dial { phase: DialPhase::Connect, .. }));
+    /// assert_eq!(e.io_kind(), std::io::ErrorKind::ConnectionRefused);
+    /// // "dialling 127.0.0.1:PORT: connect: Connection refused (os error 111)"
+    /// assert!(e.to_string().starts_with(&format!("dialling {addr}: connect: ")));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    Dial {
+        /// The address dialled.
+        addr: SocketAddr,
+        /// What the dial was doing.
+        phase: DialPhase,
+        /// Why it failed. Never an [`Error::Dial`] itself.
+        source: Arc<Error>,
+    },
 }
 
 impl Error {
+    /// The error underneath the context: for [`Error::Dial`] its `source`,
+    /// for anything else the error itself. Match on it to tell causes
+    /// apart whatever was being done (a timeout from a refusal, say).
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use monte_rpc::{DialPhase, Error, TimeoutKind};
+    ///
+    /// let e = Error::Dial {
+    ///     addr: "127.0.0.1:5000".parse().unwrap(),
+    ///     phase: DialPhase::Connect,
+    ///     source: Arc::new(Error::Timeout(TimeoutKind::Request)),
+    /// };
+    /// assert!(matches!(e.root_cause(), Error::Timeout(TimeoutKind::Request)));
+    /// assert_eq!(e.to_string(), "dialling 127.0.0.1:5000: connect: request timeout");
+    /// ```
+    pub fn root_cause(&self) -> &Error {
+        match self {
+            Error::Dial { source, .. } => source.root_cause(),
+            e => e,
+        }
+    }
+
+    /// Which deadline ran out, if this is a timeout (also under the
+    /// context of a failed dial).
+    pub fn timeout_kind(&self) -> Option<TimeoutKind> {
+        match self.root_cause() {
+            Error::Timeout(kind) => Some(*kind),
+            _ => None,
+        }
+    }
+
+    /// Wraps `self` as a failed dial of `addr` in `phase`, unless it
+    /// already is one.
+    pub(crate) fn dialling(self, addr: SocketAddr, phase: DialPhase) -> Error {
+        match self {
+            e @ Error::Dial { .. } => e,
+            e => Error::Dial {
+                addr,
+                phase,
+                source: Arc::new(e),
+            },
+        }
+    }
+
     /// The `io::ErrorKind` closest to this error, for callers that speak
     /// `std::io`.
     pub fn io_kind(&self) -> io::ErrorKind {
         match self {
+            Error::Dial { source, .. } => source.io_kind(),
             Error::Io(e) => e.kind(),
             Error::Timeout(_) => io::ErrorKind::TimedOut,
             Error::Closed => io::ErrorKind::NotConnected,
@@ -194,7 +337,15 @@ impl fmt::Display for Error {
         match self {
             Error::Handshake(e) => write!(f, "handshake failed: {e}"),
             Error::FrameTooLarge { len, max } => {
-                write!(f, "frame of {len} bytes exceeds the maximum of {max}")
+                // `max` counts the sequence number and the tag, so it is not
+                // the configured message size: say both.
+                let overhead = crate::protocol::MIN_CIPHERTEXT_LEN;
+                write!(
+                    f,
+                    "frame length prefix of {len} bytes exceeds the limit of {max} \
+                     (max_message_size {} plus {overhead} bytes of sequence number and tag)",
+                    max.saturating_sub(overhead)
+                )
             }
             Error::FrameTooShort { len } => {
                 write!(f, "frame of {len} bytes is below the minimum of 20")
@@ -224,6 +375,20 @@ impl fmt::Display for Error {
                 f.write_str("a waiting call was made on a reactor thread, which it would block")
             }
             Error::Io(e) => write!(f, "i/o error: {e}"),
+            Error::Dial {
+                addr,
+                phase,
+                source,
+            } => {
+                write!(f, "dialling {addr}: {phase}: ")?;
+                // The phase already says what failed: no "i/o error" or
+                // "handshake failed" in front of the cause.
+                match &**source {
+                    Error::Io(e) => write!(f, "{e}"),
+                    Error::Handshake(e) => write!(f, "{e}"),
+                    e => write!(f, "{e}"),
+                }
+            }
         }
     }
 }
@@ -232,6 +397,7 @@ impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Error::Io(e) => Some(&**e),
+            Error::Dial { source, .. } => Some(&**source),
             _ => None,
         }
     }

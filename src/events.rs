@@ -84,10 +84,10 @@ pub(crate) fn reading_paused(id: u64, peer: Option<SocketAddr>, budget: usize) {
     let _ = (id, peer, budget);
 }
 
-/// Dialling `addr` failed.
-pub(crate) fn dial_failed(addr: SocketAddr, error: &Error) {
+/// A dial failed; the error names the address and the phase.
+pub(crate) fn dial_failed(error: &Error) {
     #[cfg(feature = "log")]
-    log::info!(target: "monte_rpc", "dialling {addr} failed: {error}");
+    log::info!(target: "monte_rpc", "dial failed: {error}");
     #[cfg(not(feature = "log"))]
-    let _ = (addr, error);
+    let _ = error;
 }

@@ -55,8 +55,10 @@ fn unhex32(s: &str) -> [u8; 32] {
     v.try_into().unwrap()
 }
 
+/// Whether `e` is the rejection `code`, raised by a handshake directly or
+/// (through `Client`) as the cause of a failed dial.
 fn rejected(code: u32) -> impl Fn(&Error) -> bool {
-    move |e| matches!(e, Error::Handshake(HandshakeError::Rejected(c)) if *c == code)
+    move |e| matches!(e.root_cause(), Error::Handshake(HandshakeError::Rejected(c)) if *c == code)
 }
 
 const PSK: [u8; KEY_LEN] = [0x5c; KEY_LEN];
@@ -923,7 +925,12 @@ fn small_order_client_keys_are_rejected() {
 // Checks an identity client config without a pin (a server's config reused, or the default) fails closed: creating the client handshake is an error that says a pin is required, directly and through the factory.
 #[test]
 fn identity_client_without_pin_fails_closed() {
-    let no_pin = |e: &Error| matches!(e, Error::Handshake(HandshakeError::NoPinnedServer));
+    let no_pin = |e: &Error| {
+        matches!(
+            e.root_cause(),
+            Error::Handshake(HandshakeError::NoPinnedServer)
+        )
+    };
     for cfg in [
         IdentityConfig::server(keypair(1)),
         IdentityConfig::default(),
@@ -1449,7 +1456,7 @@ fn man_in_the_middle() {
                 eprintln!("{name}: client error: {err:?}");
                 match name {
                     "psk" => assert!(rejected(REJECT_WRONG_PSK)(&err), "{err:?}"),
-                    _ => assert!(matches!(err, Error::Authentication), "{err:?}"),
+                    _ => assert!(matches!(err.root_cause(), Error::Authentication), "{err:?}"),
                 }
                 proxy.join().unwrap();
                 assert!(seen.is_empty(), "{name}: the proxy read {seen:?}");

@@ -116,7 +116,7 @@ fn connections_tell_the_logger_what_happened_to_them() {
         assert!(
             logged(
                 log::Level::Info,
-                &["dialling", &closed_port.to_string(), "failed"]
+                &["dial failed: dialling", &closed_port.to_string(), "connect"]
             ),
             "{}",
             dump()

@@ -236,7 +236,7 @@ fn server_shutdown_with_request_in_flight() {
             Ok(()) => assert_eq!(resp, b"late"),
             Err(e) => assert!(
                 matches!(
-                    e,
+                    e.root_cause(),
                     Error::Closed
                         | Error::PeerClosed
                         | Error::Timeout(TimeoutKind::Request)

@@ -95,7 +95,7 @@ fn rss_mib() -> f64 {
 
 /// The variant name of an error.
 fn kind(e: &Error) -> &'static str {
-    match e {
+    match e.root_cause() {
         Error::Handshake(_) => "Handshake",
         Error::FrameTooLarge { .. } => "FrameTooLarge",
         Error::FrameTooShort { .. } => "FrameTooShort",
@@ -119,7 +119,7 @@ fn kind(e: &Error) -> &'static str {
 /// authenticate, say) is a failure: the proxy never alters bytes.
 fn explained(e: &Error) -> bool {
     matches!(
-        e,
+        e.root_cause(),
         Error::Timeout(_) | Error::Closed | Error::PeerClosed | Error::Io(_) | Error::Handshake(_)
     )
 }

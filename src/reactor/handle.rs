@@ -11,7 +11,8 @@ use mio::{Registry, Waker};
 use crate::clock::now_nanos;
 use crate::config::Config;
 use crate::conn::{Ask, Connection, Driver, NewConnParts, ReleaseHook};
-use crate::error::{Error, Result, TimeoutKind};
+use crate::dial::CallDeadline;
+use crate::error::{DialPhase, Error, Result};
 use crate::handler::{guard_handler, Handler};
 use crate::protocol::connection::{ConnCore, ReadPhase};
 use crate::protocol::Role;
@@ -194,22 +195,47 @@ impl ReactorHandle {
     /// Dials `addr` on the calling thread (connect, then the client side of
     /// the handshake, each within its timeout) and hands the connection to
     /// this reactor. Requests from the peer go to `handler`.
+    ///
+    /// # Errors
+    ///
+    /// A failed dial is [`Error::Dial`], which names `addr`, the phase
+    /// (connect or handshake) and the cause. Past the dial,
+    /// [`Error::Closed`] if the reactor has stopped, or
+    /// [`Error::HandlerPanicked`] if `handler.on_open` panicked.
     pub fn dial(
         &self,
         addr: std::net::SocketAddr,
         handler: Arc<dyn Handler>,
     ) -> Result<Connection> {
+        self.dial_within(addr, handler, None)
+    }
+
+    /// [`dial`](Self::dial), ended by the deadline of the call that dials
+    /// (see [`crate::dial::dial`]).
+    pub(crate) fn dial_within(
+        &self,
+        addr: std::net::SocketAddr,
+        handler: Arc<dyn Handler>,
+        call: Option<CallDeadline>,
+    ) -> Result<Connection> {
         let config = self.shared.config.clone();
-        let (stream, session, leftover) = match crate::dial::dial(addr, &config) {
+        let (stream, session, leftover) = match crate::dial::dial(addr, &config, call) {
             Ok(dialled) => dialled,
             Err(e) => {
-                if matches!(
-                    e,
-                    Error::Handshake(_) | Error::Timeout(TimeoutKind::Handshake)
-                ) {
+                // A refusal at the server's cap is no failed handshake.
+                let refused = matches!(e.root_cause(), Error::ConnectionLimit);
+                if !refused
+                    && matches!(
+                        e,
+                        Error::Dial {
+                            phase: DialPhase::Handshake,
+                            ..
+                        }
+                    )
+                {
                     Counters::inc(&self.shared.stats.handshakes_failed);
                 }
-                crate::events::dial_failed(addr, &e);
+                crate::events::dial_failed(&e);
                 return Err(e);
             }
         };

@@ -1,0 +1,452 @@
+//! Dialling: every call's deadline covers the dial (connect attempts, the
+//! pauses between them and the handshake), a client that just failed to
+//! dial backs off instead of dialling again per call, and dial errors name
+//! the address and the phase, and say so when the peer speaks another
+//! protocol.
+//!
+//! The endpoints are loopback listeners that misbehave on purpose: one
+//! whose accept backlog is full (connects hang), one that accepts and says
+//! nothing, one that accepts and hangs up, one that answers like an HTTP
+//! server. Every call runs under [`common::within`], so a regression fails
+//! the test instead of hanging it.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, SockAddr, Socket, Type};
+
+use common::within;
+use monte_rpc::{
+    handler, Client, Config, DialPhase, Error, Handler, HandshakeError, Profile, Reactor,
+    ReactorHandle, TimeoutKind,
+};
+
+/// The settings these tests dial with: the defaults for everything about
+/// dialling (5 s connect timeout, 3 attempts, 5 s handshake timeout), so
+/// that a dial the call's deadline does not end takes 15 s or more.
+fn config() -> Config {
+    Config::default().workers(1)
+}
+
+/// A listener with a backlog of 0 that never accepts, filled with raw
+/// connects until one of them hangs: on Linux a SYN to a full accept queue
+/// is dropped, so a connect to it blocks until its own timeout. Returns the
+/// address and what must stay alive for the backlog to stay full.
+fn full_backlog() -> (SocketAddr, Socket, Vec<Socket>) {
+    let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    listener.bind(&SockAddr::from(any)).unwrap();
+    listener.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..64 {
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        match s.connect_timeout(&SockAddr::from(addr), Duration::from_millis(200)) {
+            Ok(()) => fillers.push(s),
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                return (addr, listener, fillers);
+            }
+            Err(e) => panic!("filling the backlog: {e}"),
+        }
+    }
+    panic!("the backlog of {addr} never filled");
+}
+
+/// A listener that accepts every connection and holds it without a word:
+/// the client's connect succeeds and its handshake waits.
+fn mute_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming() {
+            match stream {
+                Ok(s) => held.push(s),
+                Err(_) => return,
+            }
+        }
+    });
+    addr
+}
+
+/// Runs `call` on the client, failing the test if it takes more than 5 s
+/// (the old code took 15), and returns its error and how long it took.
+fn timed(
+    client: &Arc<Client>,
+    call: impl FnOnce(&Client) -> monte_rpc::Result<()> + Send + 'static,
+) -> (Error, Duration) {
+    let client = client.clone();
+    within(5, move || {
+        let start = Instant::now();
+        let result = call(&client);
+        (result.expect_err("the call succeeded"), start.elapsed())
+    })
+}
+
+/// Whether `e` is a dial of `addr` that `kind`'s deadline ended in `phase`.
+fn cut_short(e: &Error, addr: SocketAddr, phase: DialPhase, kind: TimeoutKind) -> bool {
+    matches!(e, Error::Dial { addr: a, phase: p, .. } if *a == addr && *p == phase)
+        && e.timeout_kind() == Some(kind)
+}
+
+const BOUND: Duration = Duration::from_millis(1500);
+
+#[test]
+fn a_request_to_a_full_backlog_fails_by_its_own_deadline() {
+    let (addr, _listener, _fillers) = full_backlog();
+    let client = Arc::new(Client::new(addr, config()).unwrap());
+    let (e, took) = timed(&client, |c| {
+        c.request_timeout(b"ping", &mut Vec::new(), Some(Duration::from_secs(1)))
+    });
+    assert!(took < BOUND, "took {took:?}: {e}");
+    assert!(took >= Duration::from_millis(900), "took {took:?}: {e}");
+    assert!(
+        cut_short(&e, addr, DialPhase::Connect, TimeoutKind::Request),
+        "{e:?}"
+    );
+    assert_eq!(
+        e.to_string(),
+        format!("dialling {addr}: connect: request timeout")
+    );
+}
+
+#[test]
+fn send_and_send_no_wait_to_a_full_backlog_fail_by_the_send_timeout() {
+    let (addr, _listener, _fillers) = full_backlog();
+    let config = config().send_timeout(Some(Duration::from_secs(1)));
+    let client = Arc::new(Client::new(addr, config).unwrap());
+    let (e, took) = timed(&client, |c| c.send_no_wait(b"hello"));
+    assert!(took < BOUND, "send_no_wait took {took:?}: {e}");
+    assert!(
+        cut_short(&e, addr, DialPhase::Connect, TimeoutKind::Write),
+        "{e:?}"
+    );
+    let (e, took) = timed(&client, |c| c.send(b"hello"));
+    assert!(took < BOUND, "send took {took:?}: {e}");
+    assert_eq!(e.timeout_kind(), Some(TimeoutKind::Write), "{e:?}");
+}
+
+#[test]
+fn a_request_whose_handshake_stalls_fails_by_its_own_deadline() {
+    let addr = mute_server();
+    let client = Arc::new(Client::new(addr, config()).unwrap());
+    let (e, took) = timed(&client, |c| {
+        c.request_timeout(b"ping", &mut Vec::new(), Some(Duration::from_secs(1)))
+    });
+    assert!(took < BOUND, "took {took:?}: {e}");
+    assert!(
+        cut_short(&e, addr, DialPhase::Handshake, TimeoutKind::Request),
+        "{e:?}"
+    );
+}
+
+/// The dial's own timeouts still apply within a longer call deadline, and
+/// are reported as theirs.
+#[test]
+fn the_dials_own_timeouts_still_apply_within_the_calls() {
+    let (addr, _listener, _fillers) = full_backlog();
+    let config = config()
+        .dial_timeout(Some(Duration::from_millis(200)))
+        .dial_attempts(2);
+    let client = Arc::new(Client::new(addr, config).unwrap());
+    let (e, took) = timed(&client, |c| {
+        c.request_timeout(b"ping", &mut Vec::new(), Some(Duration::from_secs(3)))
+    });
+    // Two attempts of 200 ms and a 10 ms pause.
+    assert!(took < Duration::from_millis(1000), "took {took:?}: {e}");
+    assert!(
+        cut_short(&e, addr, DialPhase::Connect, TimeoutKind::Dial),
+        "{e:?}"
+    );
+
+    let addr = mute_server();
+    let config = Config::default()
+        .workers(1)
+        .handshake_timeout(Some(Duration::from_millis(200)));
+    let client = Arc::new(Client::new(addr, config).unwrap());
+    let (e, took) = timed(&client, |c| {
+        c.request_timeout(b"ping", &mut Vec::new(), Some(Duration::from_secs(3)))
+    });
+    assert!(took < Duration::from_millis(1000), "took {took:?}: {e}");
+    assert!(
+        cut_short(&e, addr, DialPhase::Handshake, TimeoutKind::Handshake),
+        "{e:?}"
+    );
+    assert_eq!(
+        e.to_string(),
+        format!("dialling {addr}: handshake: handshake timeout")
+    );
+}
+
+/// A listener that accepts every connection and closes it at once, and
+/// counts them: each one is one dial by the client.
+fn hang_up_server() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            match stream {
+                Ok(s) => {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    drop(s);
+                }
+                Err(_) => return,
+            }
+        }
+    });
+    (addr, accepted)
+}
+
+#[test]
+fn a_refused_dial_names_the_address_and_the_phase() {
+    let addr = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let client = Client::new(addr, config().dial_attempts(1)).unwrap();
+    let e = within(5, move || {
+        client.send(b"hello").expect_err("nothing listens")
+    });
+    let text = e.to_string();
+    // "dialling 127.0.0.1:PORT: connect: Connection refused (os error 111)"
+    assert!(
+        text.starts_with(&format!("dialling {addr}: connect: ")),
+        "{text}"
+    );
+    assert!(!text.contains("i/o error"), "{text}");
+    assert!(
+        matches!(
+            &e,
+            Error::Dial { addr: a, phase: DialPhase::Connect, .. } if *a == addr
+        ),
+        "{e:?}"
+    );
+    assert!(matches!(e.root_cause(), Error::Io(_)), "{e:?}");
+    assert_eq!(e.io_kind(), std::io::ErrorKind::ConnectionRefused, "{e:?}");
+    // The cause is chained for `std::error::Error` reporters too.
+    let source = std::error::Error::source(&e).expect("a source");
+    assert!(source.to_string().contains("refused"), "{source}");
+}
+
+#[test]
+fn a_failed_handshake_names_the_address_and_the_phase() {
+    let (addr, accepted) = hang_up_server();
+    let client = Client::new(addr, config().dial_attempts(1)).unwrap();
+    let (e, stats) = within(5, move || {
+        let e = client.send(b"hello").expect_err("the peer hung up");
+        (e, client.stats())
+    });
+    let text = e.to_string();
+    // "dialling 127.0.0.1:PORT: handshake: peer closed during the handshake"
+    // (or the reset the peer's close may turn into).
+    assert!(
+        text.starts_with(&format!("dialling {addr}: handshake: ")),
+        "{text}"
+    );
+    assert!(
+        matches!(
+            e,
+            Error::Dial {
+                phase: DialPhase::Handshake,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    assert_eq!(stats.handshakes_failed, 1);
+}
+
+#[test]
+fn a_client_that_failed_to_dial_backs_off_instead_of_dialling_per_call() {
+    let (addr, accepted) = hang_up_server();
+    let config = config()
+        .dial_attempts(1)
+        .dial_backoff(Duration::from_millis(300));
+    let client = Client::new(addr, config).unwrap();
+    within(10, move || {
+        let first = client.send(b"hello").expect_err("the dial succeeded");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        // Within the backoff, each call fails at once with the dial's
+        // error, and none dials.
+        let start = Instant::now();
+        let errors: Vec<Error> = (0..20)
+            .map(|_| client.send(b"hello").expect_err("a call succeeded"))
+            .collect();
+        let took = start.elapsed();
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "calls dialled");
+        assert!(took < Duration::from_millis(100), "20 calls took {took:?}");
+        for e in errors {
+            assert_eq!(e.to_string(), first.to_string());
+        }
+        // After it, the next call dials again.
+        thread::sleep(Duration::from_millis(350));
+        let _ = client.send(b"hello").expect_err("the dial succeeded");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    });
+}
+
+#[test]
+fn calls_after_a_refused_dial_cost_less_than_one_dial() {
+    let addr = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    // Three refused attempts, 10 and 20 ms apart: one dial takes 30 ms.
+    let client = Client::new(addr, config()).unwrap();
+    within(10, move || {
+        let start = Instant::now();
+        let first = client.request(b"ping", &mut Vec::new()).unwrap_err();
+        let dial = start.elapsed();
+        assert!(dial >= Duration::from_millis(30), "the dial took {dial:?}");
+        let start = Instant::now();
+        for _ in 0..50 {
+            let e = client.request(b"ping", &mut Vec::new()).unwrap_err();
+            assert_eq!(e.to_string(), first.to_string());
+        }
+        let calls = start.elapsed();
+        assert!(calls < dial, "50 calls took {calls:?}, one dial {dial:?}");
+    });
+}
+
+/// An endpoint that serves or hangs up, as the test says.
+struct Switchboard {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    serve: Arc<AtomicBool>,
+    reactor: ReactorHandle,
+}
+
+/// A listener that counts the connections it accepts and, while `serve`
+/// is set, hands them to a reactor that answers requests (else hangs up).
+fn switchboard() -> Switchboard {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let reactor = Reactor::new(Config::server().workers(1)).unwrap();
+    let handle = reactor.handle();
+    thread::spawn(move || reactor.run());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let serve = Arc::new(AtomicBool::new(false));
+    let (count, serving, to) = (accepted.clone(), serve.clone(), handle.clone());
+    thread::spawn(move || {
+        let answer: Arc<dyn Handler> = Arc::new(handler(|ctx| {
+            let _ = ctx.reply(b"pong");
+        }));
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            count.fetch_add(1, Ordering::SeqCst);
+            if serving.load(Ordering::SeqCst) {
+                let _ = to.accept(stream, answer.clone());
+            }
+        }
+    });
+    Switchboard {
+        addr,
+        accepted,
+        serve,
+        reactor: handle,
+    }
+}
+
+#[test]
+fn the_backoff_doubles_and_starts_afresh_after_a_dial_that_succeeds() {
+    let board = switchboard();
+    let config = config()
+        .dial_attempts(1)
+        .dial_backoff(Duration::from_millis(300))
+        .request_timeout(Some(Duration::from_secs(3)));
+    let client = Client::new(board.addr, config).unwrap();
+    within(20, move || {
+        let dials = || board.accepted.load(Ordering::SeqCst);
+        let request = || client.request(b"ping", &mut Vec::new());
+        assert!(request().is_err());
+        assert_eq!(dials(), 1);
+        // 350 ms on: past the first backoff (300 ms), so it dials, fails,
+        // and the backoff doubles to 600 ms.
+        thread::sleep(Duration::from_millis(350));
+        assert!(request().is_err());
+        assert_eq!(dials(), 2);
+        // 350 ms on: within the doubled backoff.
+        thread::sleep(Duration::from_millis(350));
+        assert!(request().is_err());
+        assert_eq!(dials(), 2, "dialled within the doubled backoff");
+        // Past it, with the endpoint serving: the dial succeeds.
+        board.serve.store(true, Ordering::SeqCst);
+        thread::sleep(Duration::from_millis(300));
+        request().unwrap();
+        assert_eq!(dials(), 3);
+        // The endpoint goes: its reactor closes the connection and the
+        // listener hangs up on new ones.
+        board.serve.store(false, Ordering::SeqCst);
+        board.reactor.stop();
+        assert!(common::wait_until(Duration::from_secs(5), || client
+            .connections()
+            == 0));
+        assert!(request().is_err());
+        assert_eq!(dials(), 4);
+        // The success ended the doubling: 350 ms is past the backoff again.
+        thread::sleep(Duration::from_millis(350));
+        assert!(request().is_err());
+        assert_eq!(dials(), 5, "the backoff did not start afresh");
+    });
+}
+
+/// A listener that answers every connection like an HTTP server given a
+/// request it cannot parse: a `400 Bad Request`, then it hangs up.
+fn http_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { return };
+            let mut request = [0u8; 64];
+            let _ = s.read(&mut request);
+            let _ = s.write_all(
+                b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n\
+                  Connection: close\r\n\r\n400 Bad Request",
+            );
+        }
+    });
+    addr
+}
+
+#[test]
+fn an_http_server_is_a_handshake_failure_not_a_frame_error() {
+    for profile in [Profile::Secure, Profile::Monte] {
+        let addr = http_server();
+        let config = config().dial_attempts(1).profile(profile);
+        let client = Arc::new(Client::new(addr, config).unwrap());
+        let (e, _) = timed(&client, |c| {
+            c.request_timeout(b"ping", &mut Vec::new(), Some(Duration::from_secs(2)))
+        });
+        // Before: "frame of 1949127801 bytes exceeds the maximum of
+        // 1048596", the first frame's "length" being "t-Ty".
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "dialling {addr}: handshake: the peer does not speak this protocol: it sent \
+                 \"HTTP/1.1 400 Bad\"..., and what followed the handshake is not a frame \
+                 within the size limit"
+            ),
+            "{profile:?}"
+        );
+        assert!(
+            matches!(
+                e.root_cause(),
+                Error::Handshake(HandshakeError::NotThisProtocol { sent, sent_len: 16 })
+                    if sent == b"HTTP/1.1 400 Bad"
+            ),
+            "{e:?}"
+        );
+        assert_eq!(client.stats().handshakes_failed, 1);
+        assert_eq!(client.connections(), 0);
+    }
+}

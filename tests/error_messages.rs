@@ -1,0 +1,50 @@
+//! Error messages say what the numbers in them are: a frame over the limit
+//! is reported with the configured message size the limit comes from.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::thread;
+
+use monte_rpc::protocol::{Handshake, Profile, ServerHandshake};
+use monte_rpc::{Client, Config, Error};
+
+/// A peer that runs the server side of the handshake properly, waits for
+/// the client's first frame, then answers with text, whose first four bytes
+/// ("t-Ty") read as a length prefix of 1949127801.
+#[test]
+fn a_frame_too_large_names_the_configured_message_size() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut hs = ServerHandshake::new(Profile::Secure).unwrap();
+        let mut key = [0u8; 32];
+        stream.read_exact(&mut key).unwrap();
+        assert_eq!(hs.read_input(&key).unwrap(), 32);
+        let mut out = Vec::new();
+        hs.write_output(&mut out);
+        stream.write_all(&out).unwrap();
+        let mut request = [0u8; 64];
+        let _ = stream.read(&mut request).unwrap();
+        stream.write_all(b"t-Type: text/plain\r\n\r\n").unwrap();
+        let _ = stream.read(&mut request);
+    });
+    let max_message_size = 1 << 20;
+    let config = Config::default()
+        .workers(1)
+        .max_message_size(max_message_size);
+    let client = Client::new(addr, config).unwrap();
+    let e = common::within(5, move || {
+        client.request(b"ping", &mut Vec::new()).unwrap_err()
+    });
+    assert!(matches!(e, Error::FrameTooLarge { .. }), "{e:?}");
+    let text = e.to_string();
+    assert!(text.contains("1949127801"), "{text}");
+    assert!(
+        text.contains(&format!("max_message_size {max_message_size}")),
+        "{text}"
+    );
+    server.join().unwrap();
+}
