@@ -129,10 +129,15 @@ impl Reactor {
     ) -> Result<bool> {
         if !inbound.is_open() {
             let (out, done) = inbound.step_handshake()?;
-            if !out.is_empty() {
+            let sent = !out.is_empty();
+            if sent {
                 write_handshake(conn, out)?;
             }
             let Some(done) = done else {
+                if sent {
+                    // Our part is out; the client's proof is awaited.
+                    self.conns[key].life.awaiting_proof();
+                }
                 return Ok(true);
             };
             conn.set_peer_identity(done.peer_identity);

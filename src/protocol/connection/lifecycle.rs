@@ -1,5 +1,5 @@
 //! A connection's life on its reactor's side, as a sans-IO state machine:
-//! its phase (handshaking, open, draining: a graceful close that flushes
+//! its phase (handshaking, confirming, open, draining: a graceful close that flushes
 //! what is queued, shuts the write side and waits for the peer's end), the
 //! outbound budget that pauses reading, and the timers that judge this
 //! side's progress (write, drain) or give an idle connection's buffers
@@ -14,12 +14,18 @@ use std::time::Duration;
 
 use crate::error::{Error, HandshakeError, Result, TimeoutKind};
 
-/// Where a connection is in its life.
+/// Where a connection is in its life. Closed is its end: the reactor
+/// then removes it, with the reason (from [`Lifecycle::advance`],
+/// [`Lifecycle::handle_timeout`], the receive side or the socket).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
-    /// The server side of the handshake runs (in an authenticated profile,
-    /// until the client proved the key).
+    /// The server side of the handshake runs: the client's key is awaited.
     Handshaking,
+    /// (Authenticated profiles.) This side sent its part of the handshake
+    /// and waits for the client's proof (its key confirmation or identity
+    /// frame); a peer without the key stays here until the handshake
+    /// deadline.
+    Confirming,
     /// Frames flow both ways.
     Open,
     /// Closing gracefully, until the deadline at the latest.
@@ -104,6 +110,9 @@ pub struct Advance {
 pub struct Lifecycle {
     limits: LifeLimits,
     handshaking: bool,
+    /// This side's part of the handshake is sent; the peer's proof is
+    /// awaited.
+    confirming: bool,
     /// Set while closing gracefully: the close ends by then at the latest.
     drain_deadline: Option<u64>,
     /// The peer has shut its write side (its end of stream was read).
@@ -131,6 +140,7 @@ impl Lifecycle {
         Lifecycle {
             limits,
             handshaking,
+            confirming: false,
             drain_deadline: None,
             peer_done: false,
             write_shut: false,
@@ -147,6 +157,8 @@ impl Lifecycle {
     pub fn phase(&self) -> Phase {
         if self.drain_deadline.is_some() {
             Phase::Draining
+        } else if self.handshaking && self.confirming {
+            Phase::Confirming
         } else if self.handshaking {
             Phase::Handshaking
         } else {
@@ -160,9 +172,16 @@ impl Lifecycle {
         self.handshaking
     }
 
+    /// This side sent its part of the handshake and the handshake goes on:
+    /// the peer's proof is awaited.
+    pub fn awaiting_proof(&mut self) {
+        self.confirming = self.handshaking;
+    }
+
     /// The handshake completed: the connection is open.
     pub fn opened(&mut self) {
         self.handshaking = false;
+        self.confirming = false;
     }
 
     /// Whether the reactor may dispatch another frame after a handler's

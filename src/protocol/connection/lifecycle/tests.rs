@@ -28,6 +28,25 @@ fn seen(written: u64, pending: bool, last_read: u64) -> Progress {
 }
 
 #[test]
+fn an_authenticated_handshake_confirms_before_it_opens() {
+    let mut life = life(true);
+    assert_eq!(life.phase(), Phase::Handshaking);
+    life.awaiting_proof();
+    assert_eq!(life.phase(), Phase::Confirming);
+    assert!(life.is_handshaking());
+    // The peer's end while confirming fails the handshake too.
+    assert!(matches!(
+        life.peer_finished(0),
+        Err(Error::Handshake(HandshakeError::PeerClosed))
+    ));
+    life.opened();
+    assert_eq!(life.phase(), Phase::Open);
+    // Once open, a late call changes nothing.
+    life.awaiting_proof();
+    assert_eq!(life.phase(), Phase::Open);
+}
+
+#[test]
 fn the_peers_end_during_the_handshake_fails_it() {
     let mut life = life(true);
     assert_eq!(life.phase(), Phase::Handshaking);
