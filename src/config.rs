@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::protocol::{HandshakeFactory, Profile};
+use crate::waiting::Waiting;
 
 /// Settings shared by [`Client`](crate::Client), [`Server`](crate::Server)
 /// and an embedded [`Reactor`](crate::Reactor).
@@ -109,28 +110,10 @@ pub struct Config {
     pub send_buffer_size: Option<usize>,
     /// `SO_RCVBUF`, if set. Default: the system's.
     pub recv_buffer_size: Option<usize>,
-    /// Rounds a caller waits actively for a response before it blocks:
-    /// each round it reads the connection itself if bytes are there (see
-    /// [`Connection::request`](crate::Connection::request)), then yields
-    /// the core (the first few rounds busy-spin instead, for one caller per
-    /// two cores, when it is the connection's only request), at most 200 µs
-    /// in all and never past the request's deadline. Waking a blocked
-    /// thread costs more than many round trips on virtual machines; the
-    /// price is up to 200 µs of a core per call whose answer is slower than
-    /// that. 0 blocks at once. Default: 2000.
-    pub spin: u32,
-    /// How long a reactor keeps polling instead of sleeping in epoll after
-    /// a turn in which its handlers got messages, so that the peer's next
-    /// ones find it awake: waking a thread asleep on another core costs
-    /// tens of microseconds on virtual machines (several loopback round
-    /// trips), and the sender pays part of it. After answering requests it
-    /// polls back to back, yielding the core between polls (the peer waits
-    /// for the answers). After one-way messages only, it sleeps about 20 µs
-    /// (plus the OS timer slack) between polls and reads each batch at
-    /// once; a request reaching one of its connections then may wait that
-    /// long. Responses do not start it: the waiting callers read those
-    /// themselves. `None` never busy-polls. Default: 50 µs.
-    pub busy_poll: Option<Duration>,
+    /// How callers and reactors wait: spin where another core can make
+    /// the awaited progress meanwhile, block where not (see [`Waiting`]:
+    /// the rule, and what each thread does). Default: [`Waiting::Auto`].
+    pub waiting: Waiting,
     /// Made from [`Config::server`]: the defaults a server needs.
     server_defaults: bool,
 }
@@ -160,8 +143,7 @@ impl Default for Config {
             backlog: 1024,
             send_buffer_size: None,
             recv_buffer_size: None,
-            spin: 2000,
-            busy_poll: Some(Duration::from_micros(50)),
+            waiting: Waiting::Auto,
             server_defaults: false,
         }
     }
@@ -187,8 +169,7 @@ impl std::fmt::Debug for Config {
             .field("accept_wait", &self.accept_wait)
             .field("dial_backoff", &self.dial_backoff)
             .field("dial_backoff_max", &self.dial_backoff_max)
-            .field("spin", &self.spin)
-            .field("busy_poll", &self.busy_poll)
+            .field("waiting", &self.waiting)
             .finish_non_exhaustive()
     }
 }
@@ -349,12 +330,8 @@ impl Config {
         recv_buffer_size: Option<usize>
     );
     setter!(
-        /// Sets [`Config::spin`].
-        spin: u32
-    );
-    setter!(
-        /// Sets [`Config::busy_poll`]; `None` disables it.
-        busy_poll: Option<Duration>
+        /// Sets [`Config::waiting`].
+        waiting: Waiting
     );
 
     /// What a connection's receive side is held to: its buffer, the frame

@@ -277,7 +277,7 @@ impl Connection {
                 Err(e)
             }
             Ok(()) => match pending.wait_polling(
-                self.shared.config.spin,
+                self.shared.config.waiting.caller_spin(),
                 deadline,
                 &mut CallerReads::new(&self.shared.read, self),
             ) {

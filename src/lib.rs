@@ -81,6 +81,7 @@ pub mod sync;
 #[cfg(not(loom))]
 mod sync;
 mod sys;
+mod waiting;
 mod workers;
 
 pub use client::Client;
@@ -92,3 +93,4 @@ pub use protocol::{IdentityConfig, Profile, PskHandshake};
 pub use reactor::{Reactor, ReactorHandle};
 pub use server::Server;
 pub use stats::Stats;
+pub use waiting::Waiting;

@@ -70,7 +70,7 @@ use monte_rpc::protocol::{
     generate_identity_pkcs8, identity_public_key, Ed25519KeyPair, HandshakeFactory, IdentityConfig,
     Profile, PskHandshake, Sealer,
 };
-use monte_rpc::{Client, Config, Context, Error, NoHandler, Reactor, Server};
+use monte_rpc::{Client, Config, Context, Error, NoHandler, Reactor, Server, Waiting};
 use std::sync::Arc;
 
 // ---------------------------------------------------------------------------
@@ -576,20 +576,24 @@ struct Report {
     cpu_ns_per_op: f64,
 }
 
-/// Tuning knobs for experiments: MONTE_SPIN, MONTE_WORKERS and
-/// MONTE_BUSY_POLL_US (0: off) override the defaults of both sides.
+/// Tuning knobs for experiments: MONTE_WAITING (`auto`, `block`, or a
+/// spin time in µs), MONTE_MAX_CONNS and MONTE_WORKERS override the
+/// defaults of both sides.
 fn tuned(mut config: Config) -> Config {
-    if let Some(us) = std::env::var("MONTE_BUSY_POLL_US")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        config = config.busy_poll((us > 0).then(|| Duration::from_micros(us)));
-    }
-    if let Some(spin) = std::env::var("MONTE_SPIN")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        config = config.spin(spin);
+    if let Ok(waiting) = std::env::var("MONTE_WAITING") {
+        config = config.waiting(match waiting.as_str() {
+            "auto" => Waiting::Auto,
+            "block" => Waiting::Block,
+            us => match us.parse() {
+                Ok(us) => Waiting::Spin(Duration::from_micros(us)),
+                Err(_) => {
+                    eprintln!(
+                        "bench: MONTE_WAITING={us}: expected auto, block or a spin time in µs"
+                    );
+                    exit(2);
+                }
+            },
+        });
     }
     if let Some(m) = std::env::var("MONTE_MAX_CONNS")
         .ok()

@@ -40,6 +40,7 @@ use crate::stats::Counters;
 use crate::sync::buffers::BufferPool;
 use crate::sync::mailbox::Mailbox;
 use crate::sync::{AtomicBool, AtomicUsize, Ordering};
+use crate::waiting::MESSAGE_POLL_INTERVAL;
 
 use dispatch::Served;
 use entry::Entry;
@@ -97,7 +98,7 @@ pub struct Reactor {
     /// ...which may run again from then.
     next_trim: Instant,
     /// What this turn's handlers were given: the busy-poll that follows
-    /// (see [`Config::busy_poll`]) depends on it.
+    /// (see [`Waiting`](crate::Waiting)) depends on it.
     served: Served,
     /// Poll without sleeping until then...
     busy_until: Option<Instant>,
@@ -105,14 +106,6 @@ pub struct Reactor {
     busy_interval: Duration,
     last_poll: Instant,
 }
-
-/// How far apart a reactor polls while busy after one-way messages, asleep
-/// in between (plus the OS timer slack: 50 µs by default on Linux). The
-/// reactor never sleeps in epoll while messages stream in, so their senders
-/// pay no cross-core wake-up, and each poll reads a batch (the README's
-/// figures compare this with sleeping in epoll and with polling back to
-/// back).
-const MESSAGE_POLL_INTERVAL: Duration = Duration::from_micros(20);
 
 impl std::fmt::Debug for Reactor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -260,16 +253,19 @@ impl Reactor {
         match std::mem::replace(&mut self.served, Served::Nothing) {
             Served::Nothing => {}
             served => {
+                // How long to stay awake, and how: see `Waiting`.
                 let now = Instant::now();
+                let waiting = self.config.waiting;
                 let tight = served == Served::Requests
                     || (self.busy_until.is_some_and(|until| now < until)
                         && self.busy_interval.is_zero());
-                self.busy_interval = if tight {
-                    Duration::ZERO
+                let (interval, time) = if tight {
+                    (Duration::ZERO, waiting.reactor_after_requests())
                 } else {
-                    MESSAGE_POLL_INTERVAL
+                    (MESSAGE_POLL_INTERVAL, waiting.reactor_after_messages())
                 };
-                self.busy_until = self.config.busy_poll.map(|d| now + d);
+                self.busy_interval = interval;
+                self.busy_until = time.map(|d| now + d);
             }
         }
         // Edge-triggered: bytes that arrived while reading was paused are

@@ -39,8 +39,8 @@ use crate::protocol::Role;
 /// Busy-spin rounds before a waiter starts yielding instead.
 const BUSY_SPINS: u32 = 32;
 
-/// The longest a waiter spins and yields before it parks.
-const MAX_SPIN_TIME: std::time::Duration = std::time::Duration::from_micros(200);
+/// The spin time of [`PendingRequest::wait`] (the models' wait).
+const MODEL_SPIN_TIME: std::time::Duration = std::time::Duration::from_micros(200);
 
 const FREE: u64 = 0;
 const RESERVED: u64 = 1;
@@ -311,21 +311,23 @@ impl<'a> Pending<'a> {
     // The runtime always waits with a poller; the loom models do not.
     #[cfg_attr(not(loom), allow(dead_code))]
     pub fn wait(self, spins: u32, deadline: Option<Instant>) -> Result<Vec<u8>, (Error, Vec<u8>)> {
-        self.wait_polling(spins, deadline, &mut ())
+        self.wait_polling((spins, MODEL_SPIN_TIME), deadline, &mut ())
     }
 
-    /// [`wait`](Self::wait), calling `poller.poll` on every spin round
-    /// and trying `poller.block` before each park: the caller reads the
-    /// connection itself while it waits, so the response needs no other
-    /// thread to wake for it.
+    /// [`wait`](Self::wait), spinning at most `spin.0` rounds and `spin.1`
+    /// of time (the machine's [`Waiting`](crate::Waiting)), calling
+    /// `poller.poll` on every spin round and trying `poller.block` before
+    /// each park: the caller reads the connection itself while it waits,
+    /// so the response needs no other thread to wake for it.
     pub fn wait_polling(
         mut self,
-        spins: u32,
+        spin: (u32, std::time::Duration),
         deadline: Option<Instant>,
         poller: &mut dyn Poller,
     ) -> Result<Vec<u8>, (Error, Vec<u8>)> {
-        if spins > 0 {
-            if let Some(answer) = self.wait_actively(spins, deadline, poller) {
+        let (spins, spin_time) = spin;
+        if spins > 0 && !spin_time.is_zero() {
+            if let Some(answer) = self.wait_actively(spins, spin_time, deadline, poller) {
                 return answer;
             }
         }
@@ -357,8 +359,8 @@ impl<'a> Pending<'a> {
         }
     }
 
-    /// Waits without sleeping, for at most `spins` rounds and
-    /// [`MAX_SPIN_TIME`] (never past `deadline`), calling `poller.poll` on
+    /// Waits without sleeping, for at most `spins` rounds and `spin_time`
+    /// (never past `deadline`), calling `poller.poll` on
     /// every round (the caller reads the socket itself), and returns the
     /// answer if it came. A sleeping waiter costs a futex wake-up, and on a
     /// virtual machine whose idle cores halt, a cross-core wake-up costs
@@ -374,13 +376,14 @@ impl<'a> Pending<'a> {
     fn wait_actively(
         &mut self,
         spins: u32,
+        spin_time: std::time::Duration,
         deadline: Option<Instant>,
         poller: &mut dyn Poller,
     ) -> Option<Answer> {
         let alone = self.table.in_flight() <= 1;
         let permit = super::SpinPermit::acquire(if alone { spins } else { 0 });
         let busy_rounds = if permit.is_some() { BUSY_SPINS } else { 0 };
-        let mut until = Instant::now() + MAX_SPIN_TIME;
+        let mut until = Instant::now() + spin_time;
         if let Some(deadline) = deadline {
             until = until.min(deadline);
         }

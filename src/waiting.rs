@@ -1,0 +1,155 @@
+//! How threads wait for another thread or the peer: spin (stay on the
+//! core and poll) for a while, or block at once and be woken.
+//!
+//! The rule: spinning pays only while another core can make the awaited
+//! progress meanwhile. Waking a thread that sleeps costs a futex or epoll
+//! wake-up, and on a virtual machine whose idle cores halt, a wake-up
+//! across cores costs tens of microseconds: several loopback round trips.
+//! A caller that spins on one core while the peer's reply is produced on
+//! another skips that cost. But when this process may run on one core only
+//! (`taskset -c 0`, a one-CPU container), the thread that would make the
+//! progress (the reactor, the peer) needs that very core, and every round
+//! of spinning delays it: a waiter then blocks at once and lets the kernel
+//! wake it.
+//!
+//! [`Waiting::Auto`], the default, applies the rule with the cores
+//! `std::thread::available_parallelism` reports (the process's CPU
+//! affinity and cgroup quota), once per process. With more than one:
+//!
+//! - a caller waiting for its response spins up to 200 µs (its first
+//!   rounds busy, while at most one caller per two cores does, the rest
+//!   yielding the core each round so that threads beyond the cores still
+//!   run) before it blocks on the socket;
+//! - a reactor that served requests polls back to back for a quarter of
+//!   that (50 µs), yielding between polls, before it sleeps in epoll.
+//!
+//! With one core, callers block at once and a reactor that served
+//! requests sleeps in epoll at once. Either way (but under
+//! [`Waiting::Block`]), a reactor that received only one-way messages
+//! sleeps about 20 µs between polls, for a quarter of the spin time and at
+//! least 50 µs, instead of sleeping in epoll: that is batching, not
+//! spinning (it holds no core while it sleeps), and lets a sender write
+//! many messages per reactor wake-up.
+
+use std::time::Duration;
+
+/// How threads wait; see the module docs for the rule. Set with
+/// [`Config::waiting`](crate::Config::waiting).
+///
+/// ```
+/// use std::time::Duration;
+/// use monte_rpc::{Config, Waiting};
+///
+/// // Never spin: for a machine shared with other busy processes.
+/// let config = Config::default().waiting(Waiting::Block);
+/// assert_eq!(config.waiting.spin_time(), Duration::ZERO);
+/// // Spin up to 1 ms whatever the machine.
+/// let config = Config::default().waiting(Waiting::Spin(Duration::from_millis(1)));
+/// assert_eq!(config.waiting.spin_time(), Duration::from_millis(1));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Waiting {
+    /// Spin for [`Waiting::DEFAULT_SPIN`] if this process may run on more
+    /// than one core, else block at once. The default.
+    #[default]
+    Auto,
+    /// Spin for up to this long (callers; reactors poll a quarter of it),
+    /// whatever the machine.
+    Spin(Duration),
+    /// Never spin: callers block at once, reactors sleep in epoll (or,
+    /// after one-way messages, between polls).
+    Block,
+}
+
+/// Rounds a waiting caller may spin: bounded by time, not by count.
+const UNBOUNDED_ROUNDS: u32 = u32::MAX;
+
+/// How far apart a reactor polls after one-way messages, asleep in between
+/// (plus the OS timer slack: 50 µs by default on Linux).
+pub(crate) const MESSAGE_POLL_INTERVAL: Duration = Duration::from_micros(20);
+
+/// The shortest time a reactor keeps polling after one-way messages.
+const MIN_MESSAGE_POLLING: Duration = Duration::from_micros(50);
+
+impl Waiting {
+    /// The spin time [`Waiting::Auto`] uses where spinning pays.
+    pub const DEFAULT_SPIN: Duration = Duration::from_micros(200);
+
+    /// How long a waiting caller spins on this machine; zero: it blocks
+    /// at once.
+    pub fn spin_time(self) -> Duration {
+        match self {
+            Waiting::Auto if cores() > 1 => Waiting::DEFAULT_SPIN,
+            Waiting::Auto | Waiting::Block => Duration::ZERO,
+            Waiting::Spin(time) => time,
+        }
+    }
+
+    /// The spin rounds and time a caller waiting for a response gets.
+    pub(crate) fn caller_spin(self) -> (u32, Duration) {
+        let time = self.spin_time();
+        if time.is_zero() {
+            (0, Duration::ZERO)
+        } else {
+            (UNBOUNDED_ROUNDS, time)
+        }
+    }
+
+    /// How long a reactor keeps polling after a turn that served requests
+    /// (back to back, yielding the core between polls); `None`: it does
+    /// not.
+    pub(crate) fn reactor_after_requests(self) -> Option<Duration> {
+        let time = self.spin_time() / 4;
+        (!time.is_zero()).then_some(time)
+    }
+
+    /// How long a reactor keeps polling, asleep for
+    /// [`MESSAGE_POLL_INTERVAL`] between polls, after a turn that received
+    /// one-way messages; `None` under [`Waiting::Block`].
+    pub(crate) fn reactor_after_messages(self) -> Option<Duration> {
+        match self {
+            Waiting::Block => None,
+            _ => Some((self.spin_time() / 4).max(MIN_MESSAGE_POLLING)),
+        }
+    }
+}
+
+/// The cores this process may run on, counted once.
+fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_never_spins_and_spin_always_does() {
+        assert_eq!(Waiting::Block.caller_spin(), (0, Duration::ZERO));
+        assert_eq!(Waiting::Block.reactor_after_requests(), None);
+        assert_eq!(Waiting::Block.reactor_after_messages(), None);
+        let spin = Waiting::Spin(Duration::from_micros(400));
+        assert_eq!(
+            spin.caller_spin(),
+            (UNBOUNDED_ROUNDS, Duration::from_micros(400))
+        );
+        assert_eq!(
+            spin.reactor_after_requests(),
+            Some(Duration::from_micros(100))
+        );
+        assert_eq!(
+            spin.reactor_after_messages(),
+            Some(Duration::from_micros(100))
+        );
+    }
+
+    #[test]
+    fn auto_spins_only_with_more_than_one_core() {
+        let spins = cores() > 1;
+        assert_eq!(Waiting::Auto.spin_time().is_zero(), !spins);
+        assert_eq!(Waiting::Auto.reactor_after_requests().is_some(), spins);
+        // Batching after messages holds no core: on either way.
+        assert!(Waiting::Auto.reactor_after_messages().unwrap() >= MIN_MESSAGE_POLLING);
+    }
+}
