@@ -1061,14 +1061,20 @@ pub fn handshake_auth(data: &[u8]) {
                 consumed += used;
             }
             Err(e) => {
+                // A client reads an all-zero server key as the refusal
+                // at the server's cap (PROTOCOL.md).
+                let refusal = role == Role::Client
+                    && matches!(e, Error::ConnectionLimit)
+                    && peer[..KEY_LEN] == REFUSED_AT_CAP;
                 assert!(
-                    matches!(
-                        e,
-                        Error::Handshake(_)
-                            | Error::Authentication
-                            | Error::FrameTooShort { .. }
-                            | Error::FrameTooLarge { .. }
-                    ),
+                    refusal
+                        || matches!(
+                            e,
+                            Error::Handshake(_)
+                                | Error::Authentication
+                                | Error::FrameTooShort { .. }
+                                | Error::FrameTooLarge { .. }
+                        ),
                     "undocumented handshake error: {e:?}"
                 );
                 break;

@@ -365,8 +365,20 @@ fn write_seed_corpus() {
 }
 
 // ---------------------------------------------------------------------------
-// Crashes found by fuzzing (none so far). Each holds the crashing input in
+// Crashes found by fuzzing. Each holds the crashing input in
 // hex and stays `#[ignore = "fuzz crash: ..."]` until src/ is fixed.
+
+/// Found by `handshake_auth` in CI's 20 s run the day the refusal at the
+/// cap was added; a bug in the target's oracle, not in src/: a client fed
+/// an all-zero server key reports `ConnectionLimit` (PROTOCOL.md), which
+/// the oracle did not yet allow. Before the fix it panicked with
+/// "undocumented handshake error: ConnectionLimit".
+#[test]
+fn handshake_auth_refusal_at_the_cap() {
+    harness::handshake_auth(&hex(
+        "02000000000000000000000000000000000000000000000000000000000000000000000000000000000000002d01",
+    ));
+}
 
 /// Found by `connection_input` in its first runs; a bug in the target's own
 /// model, not in src/: raw bytes left a partial frame in the server's
