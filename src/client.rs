@@ -5,7 +5,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::dial::CallDeadline;
+use crate::clock::CallDeadline;
 use crate::error::{DialPhase, TimeoutKind};
 
 use crate::config::Config;
@@ -233,18 +233,16 @@ impl Client {
     /// Sends a message that expects no reply, and returns once it is
     /// written to the socket.
     ///
-    /// On an open connection it waits for room in a full queue and for its
-    /// frame to be written, up to the send timeout
+    /// It waits for a connection (dialling one if it must, see
+    /// [`new`](Self::new)), for room in a full queue and for its frame to
+    /// be written, all within the send timeout from the call's start
     /// ([`Config::send_timeout`]; then [`Error::Timeout`] with
-    /// [`TimeoutKind::Write`]). A call that must dial first (see
-    /// [`new`](Self::new)) spends at most the send timeout, from its start,
-    /// on the dial; the write that follows is bounded by the send timeout
-    /// of its own, and on a fresh connection rarely waits at all. A dial
-    /// the send timeout ends fails with [`Error::Dial`] whose cause is
-    /// [`TimeoutKind::Write`].
+    /// [`TimeoutKind::Write`]). A dial the send timeout ends fails with
+    /// [`Error::Dial`] whose cause is [`TimeoutKind::Write`].
     pub fn send(&self, body: &[u8]) -> Result<()> {
         let _call = self.signal.enter().ok_or(Error::Closed)?;
-        self.pick(self.write_deadline())?.send(body)
+        let deadline = self.write_deadline();
+        self.pick(deadline)?.send_by(body, deadline)
     }
 
     /// Queues a message that expects no reply, and returns once it is
@@ -256,11 +254,12 @@ impl Client {
     /// [`new`](Self::new)) waits for the dial, or for another call's, no
     /// longer than the send timeout from its start, and a dial the send
     /// timeout ends fails with [`Error::Dial`] whose cause is
-    /// [`TimeoutKind::Write`]. The send timeout is the most this call
-    /// waits for a connection.
+    /// [`TimeoutKind::Write`]. The send timeout from the call's start bounds
+    /// the whole call: the dial and the wait for room together.
     pub fn send_no_wait(&self, body: &[u8]) -> Result<()> {
         let _call = self.signal.enter().ok_or(Error::Closed)?;
-        self.pick(self.write_deadline())?.send_no_wait(body)
+        let deadline = self.write_deadline();
+        self.pick(deadline)?.send_no_wait_by(body, deadline)
     }
 
     /// Sends a request and puts its response into `response`, reusing its

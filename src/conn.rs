@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 
+use crate::clock::CallDeadline;
 use crate::config::Config;
 use crate::error::{Error, Result, TimeoutKind};
 use crate::outbound::{Flushed, Mode, OutboundQueue, QueueOwner};
@@ -225,14 +226,26 @@ impl Connection {
     /// own reactor thread, it returns once the frame is queued, since only
     /// that thread can write it; a full queue is then [`Error::QueueFull`].)
     pub fn send(&self, body: &[u8]) -> Result<()> {
-        self.submit(0, body, Mode::Direct { wait: true })
+        self.submit(0, body, Mode::Direct { wait: true }, None)
+    }
+
+    /// [`send`](Self::send) within the deadline of a call that began
+    /// earlier (a client's send that had to dial first).
+    pub(crate) fn send_by(&self, body: &[u8], by: Option<CallDeadline>) -> Result<()> {
+        self.submit(0, body, Mode::Direct { wait: true }, by)
     }
 
     /// Queues a message that expects no reply and returns at once. When
     /// `max_queued_bytes` are already queued it waits for room, up to the
     /// send timeout ([`Config::send_timeout`](crate::Config::send_timeout)).
     pub fn send_no_wait(&self, body: &[u8]) -> Result<()> {
-        self.submit(0, body, Mode::Queue)
+        self.submit(0, body, Mode::Queue, None)
+    }
+
+    /// [`send_no_wait`](Self::send_no_wait) within the deadline of a call
+    /// that began earlier.
+    pub(crate) fn send_no_wait_by(&self, body: &[u8], by: Option<CallDeadline>) -> Result<()> {
+        self.submit(0, body, Mode::Queue, by)
     }
 
     /// Sends a request and puts the response into `response`, reusing its
@@ -271,7 +284,15 @@ impl Connection {
         };
         let stats = self.shared.driver.stats();
         Counters::inc(&stats.requests_in_flight);
-        let result = match self.submit(pending.seq(), body, Mode::Direct { wait: false }) {
+        let result = match self.submit(
+            pending.seq(),
+            body,
+            Mode::Direct { wait: false },
+            deadline.map(|at| CallDeadline {
+                at,
+                kind: TimeoutKind::Request,
+            }),
+        ) {
             Err(e) => {
                 *response = pending.cancel();
                 Err(e)
@@ -301,14 +322,14 @@ impl Connection {
     /// Answers the peer's request `seq` from any thread (a handler that
     /// deferred its reply). Queued like [`send_no_wait`](Self::send_no_wait).
     pub fn reply(&self, seq: u32, body: &[u8]) -> Result<()> {
-        self.submit(seq, body, Mode::Queue)
+        self.submit(seq, body, Mode::Queue, None)
     }
 
     /// A reply made by a handler on this connection's reactor thread:
     /// queued without waiting for room (the reactor enforces the budget
     /// between frames; see `Lifecycle::within_budget`).
     pub(crate) fn queue_reply(&self, seq: u32, body: &[u8]) -> Result<()> {
-        self.submit(seq, body, Mode::OnReactor)
+        self.submit(seq, body, Mode::OnReactor, None)
     }
 
     /// Bytes waiting to be written: what the reactor holds against the
@@ -323,7 +344,7 @@ impl Connection {
         self.fail(Error::Closed);
     }
 
-    fn submit(&self, seq: u32, body: &[u8], mode: Mode) -> Result<()> {
+    fn submit(&self, seq: u32, body: &[u8], mode: Mode, by: Option<CallDeadline>) -> Result<()> {
         let sh = &*self.shared;
         let max = sh.config.max_message_size;
         if body.len() > max {
@@ -342,7 +363,7 @@ impl Connection {
             mode
         };
         sh.active_calls.fetch_add(1, Ordering::Relaxed);
-        let result = sh.out.submit(self, seq, body, mode);
+        let result = sh.out.submit(self, seq, body, mode, by);
         sh.active_calls.fetch_sub(1, Ordering::Relaxed);
         result
     }

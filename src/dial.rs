@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
+use crate::clock::CallDeadline;
 use crate::config::Config;
 use crate::error::{DialPhase, Error, HandshakeError, Result, TimeoutKind};
 use crate::protocol::{FrameDecoder, Session};
@@ -22,29 +23,6 @@ pub(crate) fn tune(socket: &Socket, config: &Config) -> io::Result<()> {
         socket.set_recv_buffer_size(n)?;
     }
     Ok(())
-}
-
-/// The deadline of the call that dials, and the timeout that call fails
-/// with when its deadline, rather than one of the dial's own timeouts,
-/// ends the dial: [`TimeoutKind::Request`] for a request,
-/// [`TimeoutKind::Write`] for a send.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct CallDeadline {
-    pub(crate) at: Instant,
-    pub(crate) kind: TimeoutKind,
-}
-
-impl CallDeadline {
-    /// The deadline `timeout` from now, if there is one (a timeout too long
-    /// to add to the clock is none).
-    pub(crate) fn after(timeout: Option<Duration>, kind: TimeoutKind) -> Option<CallDeadline> {
-        let at = Instant::now().checked_add(timeout?)?;
-        Some(CallDeadline { at, kind })
-    }
-
-    fn passed(&self) -> bool {
-        Instant::now() >= self.at
-    }
 }
 
 /// When one step of a dial must end and the timeout it fails with then:

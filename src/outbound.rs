@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 
+use crate::clock::CallDeadline;
 use crate::config::Config;
 use crate::error::{Error, Result, TimeoutKind};
 use crate::protocol::connection::Buffers;
@@ -227,7 +228,11 @@ impl OutboundQueue {
         seq: u32,
         body: &[u8],
         mode: Mode,
+        by: Option<CallDeadline>,
     ) -> Result<()> {
+        // One deadline for every wait of this call (room, then the
+        // write): the call's own, or the send timeout from the first wait.
+        let mut deadline = by.map(Some);
         let mut g = lock(&self.state);
         let frame = frame_len(body.len());
         match mode {
@@ -237,7 +242,7 @@ impl OutboundQueue {
                     return Err(Error::QueueFull);
                 }
             }
-            _ => g = self.wait_for_room(g, frame)?,
+            _ => g = self.wait_for_room(g, frame, &mut deadline)?,
         }
         if let Some(e) = &g.closed {
             return Err(e.clone());
@@ -276,7 +281,7 @@ impl OutboundQueue {
                     g = self.write_out(owner, g, CALLER_WRITE_ROUNDS, false);
                 }
                 if wait {
-                    self.wait_written(g, end)
+                    self.wait_written(g, end, &mut deadline)
                 } else {
                     Ok(())
                 }
@@ -288,16 +293,20 @@ impl OutboundQueue {
         &'a self,
         mut g: MutexGuard<'a, Outbound>,
         frame: usize,
+        deadline: &mut Option<Option<CallDeadline>>,
     ) -> Result<MutexGuard<'a, Outbound>> {
-        let mut deadline = None;
         while g.closed.is_none() && g.pending() > 0 && g.pending() + frame > self.limit {
-            g = self.wait_cv(g, &mut deadline)?;
+            g = self.wait_cv(g, deadline)?;
         }
         Ok(g)
     }
 
-    fn wait_written<'a>(&'a self, mut g: MutexGuard<'a, Outbound>, end: u64) -> Result<()> {
-        let mut deadline = None;
+    fn wait_written<'a>(
+        &'a self,
+        mut g: MutexGuard<'a, Outbound>,
+        end: u64,
+        deadline: &mut Option<Option<CallDeadline>>,
+    ) -> Result<()> {
         loop {
             if g.written_total >= end {
                 return Ok(());
@@ -305,30 +314,31 @@ impl OutboundQueue {
             if let Some(e) = &g.closed {
                 return Err(e.clone());
             }
-            g = self.wait_cv(g, &mut deadline)?;
+            g = self.wait_cv(g, deadline)?;
         }
     }
 
-    /// One wait on the outbound condition variable, bounded by the send
-    /// timeout (measured from the first wait of this call).
+    /// One wait on the outbound condition variable, bounded by the call's
+    /// deadline (decided at its first wait, if the call brought none: the
+    /// send timeout from then).
     fn wait_cv<'a>(
         &'a self,
         mut g: MutexGuard<'a, Outbound>,
-        deadline: &mut Option<Option<Instant>>,
+        deadline: &mut Option<Option<CallDeadline>>,
     ) -> Result<MutexGuard<'a, Outbound>> {
-        let deadline =
-            *deadline.get_or_insert_with(|| self.send_timeout.map(|t| Instant::now() + t));
+        let deadline = *deadline
+            .get_or_insert_with(|| CallDeadline::after(self.send_timeout, TimeoutKind::Write));
         g.waiters += 1;
         let g = match deadline {
             None => self.cv.wait(g).unwrap_or_else(|e| e.into_inner()),
             Some(d) => {
                 let now = Instant::now();
-                if now >= d {
+                if now >= d.at {
                     g.waiters -= 1;
-                    return Err(Error::Timeout(TimeoutKind::Write));
+                    return Err(Error::Timeout(d.kind));
                 }
                 self.cv
-                    .wait_timeout(g, d - now)
+                    .wait_timeout(g, d.at - now)
                     .unwrap_or_else(|e| e.into_inner())
                     .0
             }

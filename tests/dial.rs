@@ -450,3 +450,70 @@ fn an_http_server_is_a_handshake_failure_not_a_frame_error() {
         assert_eq!(client.connections(), 0);
     }
 }
+
+/// A relay in front of `upstream` that holds each connection for `delay`
+/// before it connects upstream, passes the client's 32-byte key and every
+/// byte back, and then reads nothing more from the client: the client's
+/// handshake takes `delay`, and its first large write then blocks.
+fn slow_then_deaf_relay(upstream: SocketAddr, delay: Duration) -> SocketAddr {
+    let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    // Accepted sockets inherit a small receive buffer: the writes block
+    // after a few tens of KiB.
+    listener.set_recv_buffer_size(16 << 10).unwrap();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    listener.bind(&SockAddr::from(any)).unwrap();
+    listener.listen(8).unwrap();
+    let addr = listener.local_addr().unwrap().as_socket().unwrap();
+    thread::spawn(move || {
+        let mut held = Vec::new();
+        while let Ok((client, _)) = listener.accept() {
+            let mut client: std::net::TcpStream = client.into();
+            thread::sleep(delay);
+            let Ok(mut server) = std::net::TcpStream::connect(upstream) else {
+                return;
+            };
+            let mut key = [0u8; 32];
+            if client.read_exact(&mut key).is_err() || server.write_all(&key).is_err() {
+                return;
+            }
+            let mut back = client.try_clone().unwrap();
+            let mut from_server = server.try_clone().unwrap();
+            thread::spawn(move || std::io::copy(&mut from_server, &mut back));
+            held.push((client, server));
+        }
+    });
+    addr
+}
+
+// A send that must dial spends its send timeout on the dial and the write
+// together: a handshake that takes 600 ms leaves 400 ms of a 1 s send
+// timeout for a write the peer never reads. Before, the write got a send
+// timeout of its own and the call took 1.6 s.
+#[test]
+fn a_send_that_dials_ends_by_its_send_timeout_write_included() {
+    // A short drain, so that shutting down does not wait out the held
+    // connection.
+    let server = monte_rpc::Server::bind(
+        "127.0.0.1:0",
+        Config::server()
+            .workers(1)
+            .write_timeout(Some(Duration::from_millis(500))),
+        handler(|_| {}),
+    )
+    .unwrap();
+    let relay = slow_then_deaf_relay(server.local_addr(), Duration::from_millis(600));
+    // The write timeout setter sets the send and drain timeouts with it:
+    // dropping the client then gives up its unsent 4 MiB after 1 s.
+    let config = config()
+        .write_timeout(Some(Duration::from_secs(1)))
+        .max_message_size(8 << 20)
+        .send_buffer_size(Some(16 << 10));
+    let client = Arc::new(Client::new(relay, config).unwrap());
+    let (e, took) = timed(&client, |c| c.send(&vec![7u8; 4 << 20]));
+    assert_eq!(e.timeout_kind(), Some(TimeoutKind::Write), "{e}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(1300),
+        "took {took:?}"
+    );
+    server.shutdown();
+}

@@ -9,9 +9,9 @@ use std::sync::Arc;
 use mio::{Registry, Waker};
 
 use crate::clock::now_nanos;
+use crate::clock::CallDeadline;
 use crate::config::Config;
 use crate::conn::{Ask, Connection, Driver, NewConnParts, ReleaseHook};
-use crate::dial::CallDeadline;
 use crate::error::{DialPhase, Error, Result};
 use crate::handler::{guard_handler, Handler};
 use crate::protocol::connection::{ConnCore, ReadPhase};
