@@ -449,6 +449,10 @@ impl QueueOwner for Connection {
         &self.shared.stream
     }
 
+    fn peer_addr(&self) -> Option<std::net::SocketAddr> {
+        self.shared.peer_addr
+    }
+
     fn buffers(&self) -> &BufferPool {
         self.shared.driver.send_buffers()
     }
@@ -471,6 +475,10 @@ impl QueueOwner for Connection {
 impl ReadOwner for Connection {
     fn stream(&self) -> &TcpStream {
         &self.shared.stream
+    }
+
+    fn peer_addr(&self) -> Option<std::net::SocketAddr> {
+        self.shared.peer_addr
     }
 
     fn buffers(&self) -> &BufferPool {

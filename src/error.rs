@@ -403,6 +403,68 @@ impl std::error::Error for Error {
     }
 }
 
+/// What a connection was doing when its socket failed.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum SocketOp {
+    Reading,
+    Writing,
+}
+
+/// A socket error on a connection, with what was being done and to whom:
+/// an [`Error::Io`] of the same kind whose message says so, and whose
+/// `source()` is the system's error. A write the peer cut short also
+/// points at the likeliest reason a peer of this library closes: a frame
+/// over its `max_message_size`.
+pub(crate) fn socket_error(op: SocketOp, peer: Option<SocketAddr>, e: io::Error) -> Error {
+    let kind = e.kind();
+    Error::Io(Arc::new(io::Error::new(
+        kind,
+        SocketFailure {
+            op,
+            peer,
+            source: e,
+        },
+    )))
+}
+
+#[derive(Debug)]
+struct SocketFailure {
+    op: SocketOp,
+    peer: Option<SocketAddr>,
+    source: io::Error,
+}
+
+impl fmt::Display for SocketFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = match self.op {
+            SocketOp::Reading => "reading from",
+            SocketOp::Writing => "writing to",
+        };
+        match self.peer {
+            Some(peer) => write!(f, "{what} {peer}: {}", self.source)?,
+            None => write!(f, "{what} the peer: {}", self.source)?,
+        }
+        let cut_short = matches!(
+            self.source.kind(),
+            io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+        );
+        if cut_short && matches!(self.op, SocketOp::Writing) {
+            f.write_str(
+                " (the peer closed the connection; a monte-rpc peer does so when a \
+                 frame exceeds its max_message_size, and counts it in its \
+                 frames_rejected_too_large)",
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for SocketFailure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
 impl From<io::Error> for Error {
     fn from(e: io::Error) -> Self {
         Error::Io(Arc::new(e))

@@ -20,7 +20,7 @@ use mio::net::TcpStream;
 
 use crate::clock::CallDeadline;
 use crate::config::Config;
-use crate::error::{Error, Result, TimeoutKind};
+use crate::error::{socket_error, Error, Result, SocketOp, TimeoutKind};
 use crate::protocol::connection::Buffers;
 use crate::protocol::wire::frame_len;
 use crate::protocol::Sealer;
@@ -42,6 +42,9 @@ pub(crate) const OUTBOUND_BUFFER: usize = 16 << 10;
 pub(crate) trait QueueOwner {
     /// The socket frames are written to.
     fn stream(&self) -> &TcpStream;
+    /// The peer's address, as known when the connection was made (the
+    /// socket may no longer say once it failed).
+    fn peer_addr(&self) -> Option<std::net::SocketAddr>;
     /// The pool the queue's buffers are borrowed from and given back to.
     fn buffers(&self) -> &BufferPool;
     /// The counters written frames and bytes are added to.
@@ -415,7 +418,7 @@ impl OutboundQueue {
                 WriteOutcome::Failed(e) => {
                     data.clear();
                     g.spare = data;
-                    failure = Some(Error::from(e));
+                    failure = Some(socket_error(SocketOp::Writing, owner.peer_addr(), e));
                     break;
                 }
             }

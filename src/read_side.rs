@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use mio::net::TcpStream;
 
 use crate::clock::now_nanos;
-use crate::error::Error;
+use crate::error::{socket_error, Error, SocketOp};
 use crate::protocol::connection::{ConnCore, Filled, Held, Next, Taker};
 use crate::stats::Counters;
 use crate::sync::buffers::BufferPool;
@@ -29,6 +29,8 @@ use crate::sync::{lock, AtomicU64, Mutex, Ordering};
 pub(crate) trait ReadOwner {
     /// The socket.
     fn stream(&self) -> &TcpStream;
+    /// The peer's address, as known when the connection was made.
+    fn peer_addr(&self) -> Option<std::net::SocketAddr>;
     /// The pool receive buffers are borrowed from and given back to.
     fn buffers(&self) -> &BufferPool;
     /// The counters frames read are added to.
@@ -329,7 +331,8 @@ impl ReadSide {
                         break CallerRead::Reactor;
                     }
                     Err(e) => {
-                        inbound.held = Some(Held::Failed(e.into()));
+                        let failed = socket_error(SocketOp::Reading, owner.peer_addr(), e);
+                        inbound.held = Some(Held::Failed(failed));
                         break CallerRead::Reactor;
                     }
                 },

@@ -48,3 +48,39 @@ fn a_frame_too_large_names_the_configured_message_size() {
     );
     server.join().unwrap();
 }
+
+// A message the client allows but the server's max_message_size refuses:
+// the server closes the connection, and the sender's error says it was
+// writing to that server, and why a monte-rpc peer closes like that,
+// instead of a bare "Broken pipe".
+#[test]
+fn a_message_the_peer_refuses_points_at_its_limit() {
+    common::within(30, || {
+        let server = monte_rpc::Server::bind(
+            "127.0.0.1:0",
+            Config::server().max_message_size(1 << 20),
+            monte_rpc::handler(|ctx| {
+                let _ = ctx.reply(b"");
+            }),
+        )
+        .unwrap();
+        let addr = server.local_addr();
+        let client = Client::new(addr, Config::default().max_message_size(16 << 20)).unwrap();
+        let big = vec![1u8; 10 << 20];
+        let error = client.send(&big).expect_err("the server took 10 MiB");
+        let message = error.to_string();
+        assert!(matches!(error.root_cause(), Error::Io(_)), "{error:?}");
+        assert!(message.contains(&addr.to_string()), "{message}");
+        assert!(
+            message.contains("max_message_size") || message.contains("reading from"),
+            "{message}"
+        );
+        eprintln!("{message}");
+        assert!(
+            server.stats().frames_rejected_too_large >= 1,
+            "{:?}",
+            server.stats()
+        );
+        server.shutdown();
+    });
+}

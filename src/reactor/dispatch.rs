@@ -7,7 +7,7 @@ use std::io::{self, Write};
 
 use crate::clock::now_nanos;
 use crate::conn::Connection;
-use crate::error::Result;
+use crate::error::{socket_error, Result, SocketOp};
 use crate::handler::{guard_handler, Context, Handler};
 use crate::outbound::Flushed;
 use crate::protocol::connection::{ConnCore, Filled, Next, Output, ReadGate, Taker};
@@ -92,7 +92,10 @@ impl Reactor {
             if drained {
                 return Ok(());
             }
-            match inbound.fill(&conn.shared.stream, now, &self.shared.recv_buffers)? {
+            let filled = inbound.fill(&conn.shared.stream, now, &self.shared.recv_buffers);
+            let filled =
+                filled.map_err(|e| socket_error(SocketOp::Reading, conn.peer_addr(), e))?;
+            match filled {
                 Filled::Bytes { drained: d } => {
                     drained = d && bytes_only;
                     now = now_nanos();
