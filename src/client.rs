@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::clock::CallDeadline;
-use crate::error::{DialPhase, TimeoutKind};
+use crate::error::{CallOp, DialPhase, TimeoutKind};
 
 use crate::config::Config;
 use crate::conn::Connection;
@@ -236,13 +236,17 @@ impl Client {
     /// It waits for a connection (dialling one if it must, see
     /// [`new`](Self::new)), for room in a full queue and for its frame to
     /// be written, all within the send timeout from the call's start
-    /// ([`Config::send_timeout`]; then [`Error::Timeout`] with
-    /// [`TimeoutKind::Write`]). A dial the send timeout ends fails with
-    /// [`Error::Dial`] whose cause is [`TimeoutKind::Write`].
+    /// ([`Config::send_timeout`]; then a [`TimeoutKind::Write`] timeout).
+    /// A dial the send timeout ends fails with [`Error::Dial`] whose cause
+    /// is that timeout; any other failure comes as [`Error::Call`] naming
+    /// this call and the server (see [`Error::root_cause`]).
     pub fn send(&self, body: &[u8]) -> Result<()> {
-        let _call = self.signal.enter().ok_or(Error::Closed)?;
-        let deadline = self.write_deadline();
-        self.pick(deadline)?.send_by(body, deadline)
+        let call = || {
+            let _call = self.signal.enter().ok_or(Error::Closed)?;
+            let deadline = self.write_deadline();
+            self.pick(deadline)?.send_by(body, deadline)
+        };
+        call().map_err(|e| e.calling(CallOp::Send, Some(self.addr)))
     }
 
     /// Queues a message that expects no reply, and returns once it is
@@ -257,9 +261,12 @@ impl Client {
     /// [`TimeoutKind::Write`]. The send timeout from the call's start bounds
     /// the whole call: the dial and the wait for room together.
     pub fn send_no_wait(&self, body: &[u8]) -> Result<()> {
-        let _call = self.signal.enter().ok_or(Error::Closed)?;
-        let deadline = self.write_deadline();
-        self.pick(deadline)?.send_no_wait_by(body, deadline)
+        let call = || {
+            let _call = self.signal.enter().ok_or(Error::Closed)?;
+            let deadline = self.write_deadline();
+            self.pick(deadline)?.send_no_wait_by(body, deadline)
+        };
+        call().map_err(|e| e.calling(CallOp::SendNoWait, Some(self.addr)))
     }
 
     /// Sends a request and puts its response into `response`, reusing its
@@ -268,9 +275,10 @@ impl Client {
     ///
     /// The timeout covers the whole call: finding a connection, dialling
     /// one if it must (see [`new`](Self::new)) and waiting for another
-    /// call's dial included. Past it the call fails with [`Error::Timeout`]
-    /// with [`TimeoutKind::Request`], or, if it ran out during a dial, with
-    /// [`Error::Dial`] whose cause is that timeout.
+    /// call's dial included. Past it the call fails with a
+    /// [`TimeoutKind::Request`] timeout ([`Error::timeout_kind`]): as
+    /// [`Error::Dial`] if it ran out during a dial, else as [`Error::Call`]
+    /// naming this call and the server.
     pub fn request(&self, body: &[u8], response: &mut Vec<u8>) -> Result<()> {
         self.request_timeout(body, response, self.config.request_timeout)
     }
@@ -280,6 +288,16 @@ impl Client {
     /// does for `request`. With `None`, a dial is bounded only by
     /// `dial_attempts`, `dial_timeout` and `handshake_timeout`.
     pub fn request_timeout(
+        &self,
+        body: &[u8],
+        response: &mut Vec<u8>,
+        timeout: Option<Duration>,
+    ) -> Result<()> {
+        self.request_bare(body, response, timeout)
+            .map_err(|e| e.calling(CallOp::Request, Some(self.addr)))
+    }
+
+    fn request_bare(
         &self,
         body: &[u8],
         response: &mut Vec<u8>,
@@ -297,7 +315,7 @@ impl Client {
             },
         };
         let sent_at = crate::clock::now_nanos();
-        let result = conn.request_timeout(body, response, left);
+        let result = conn.request_bare(body, response, left);
         if let Err(Error::Timeout(TimeoutKind::Request)) = &result {
             if conn.silent_since(sent_at) {
                 // Not a byte from the server for the whole timeout: the
@@ -417,7 +435,8 @@ impl Client {
         (any || full || load == 0).then(|| conn.clone())
     }
 
-    /// Shuts down gracefully: new calls fail with [`Error::Closed`]; calls
+    /// Shuts down gracefully: new calls fail with [`Error::Closed`] (in
+    /// the call's context, [`Error::Call`]); calls
     /// already under way get up to one second to finish (so a request in
     /// flight gets its response and a frame being queued is queued); then
     /// every queued frame is written, connections are half-closed and

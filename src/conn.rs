@@ -12,7 +12,7 @@ use mio::net::TcpStream;
 
 use crate::clock::CallDeadline;
 use crate::config::Config;
-use crate::error::{Error, Result, TimeoutKind};
+use crate::error::{CallOp, Error, Result, TimeoutKind};
 use crate::outbound::{Flushed, Mode, OutboundQueue, QueueOwner};
 use crate::protocol::connection::ConnCore;
 use crate::protocol::{Role, Sealer};
@@ -227,6 +227,7 @@ impl Connection {
     /// that thread can write it; a full queue is then [`Error::QueueFull`].)
     pub fn send(&self, body: &[u8]) -> Result<()> {
         self.submit(0, body, Mode::Direct { wait: true }, None)
+            .map_err(|e| e.calling(CallOp::Send, self.peer_addr()))
     }
 
     /// [`send`](Self::send) within the deadline of a call that began
@@ -240,6 +241,7 @@ impl Connection {
     /// send timeout ([`Config::send_timeout`](crate::Config::send_timeout)).
     pub fn send_no_wait(&self, body: &[u8]) -> Result<()> {
         self.submit(0, body, Mode::Queue, None)
+            .map_err(|e| e.calling(CallOp::SendNoWait, self.peer_addr()))
     }
 
     /// [`send_no_wait`](Self::send_no_wait) within the deadline of a call
@@ -260,6 +262,18 @@ impl Connection {
     /// [`request`](Self::request) with its own timeout (`None`: wait until
     /// the response or the connection's end).
     pub fn request_timeout(
+        &self,
+        body: &[u8],
+        response: &mut Vec<u8>,
+        timeout: Option<Duration>,
+    ) -> Result<()> {
+        self.request_bare(body, response, timeout)
+            .map_err(|e| e.calling(CallOp::Request, self.peer_addr()))
+    }
+
+    /// [`request_timeout`](Self::request_timeout) without the call's
+    /// context on its error, for a caller that adds its own.
+    pub(crate) fn request_bare(
         &self,
         body: &[u8],
         response: &mut Vec<u8>,
@@ -323,6 +337,7 @@ impl Connection {
     /// deferred its reply). Queued like [`send_no_wait`](Self::send_no_wait).
     pub fn reply(&self, seq: u32, body: &[u8]) -> Result<()> {
         self.submit(seq, body, Mode::Queue, None)
+            .map_err(|e| e.calling(CallOp::Reply, self.peer_addr()))
     }
 
     /// A reply made by a handler on this connection's reactor thread:

@@ -130,16 +130,43 @@ impl fmt::Display for DialPhase {
     }
 }
 
+/// The call that failed, carried by [`Error::Call`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum CallOp {
+    /// `send`.
+    Send,
+    /// `send_no_wait`.
+    SendNoWait,
+    /// `request` or `request_timeout`.
+    Request,
+    /// `reply` (a handler's, or a deferred one).
+    Reply,
+}
+
+impl fmt::Display for CallOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CallOp::Send => "send",
+            CallOp::SendNoWait => "send_no_wait",
+            CallOp::Request => "request",
+            CallOp::Reply => "reply",
+        })
+    }
+}
+
 /// Everything that can go wrong in monte-rpc.
 ///
 /// Errors are cheap to clone, so one connection failure can be handed to
-/// every request that was waiting on that connection.
+/// every request that was waiting on that connection. The errors of calls
+/// come in context: [`Error::Call`] (which call, to whom) or
+/// [`Error::Dial`] (which address, which phase), around the cause.
 ///
 /// ```
 /// use monte_rpc::{Error, TimeoutKind};
 ///
 /// fn retryable(e: &Error) -> bool {
-///     // `root_cause` looks through the context a failed dial adds.
+///     // `root_cause` looks through the context a call or a dial adds.
 ///     matches!(e.root_cause(), Error::Timeout(TimeoutKind::Request) | Error::Closed)
 /// }
 /// assert!(retryable(&Error::Closed));
@@ -267,6 +294,34 @@ pub enum Error {
         /// Why it failed. Never an [`Error::Dial`] itself.
         source: Arc<Error>,
     },
+    /// A call on a client or a connection failed: which call, to whom,
+    /// and why. Every error of `send`, `send_no_wait`, `request` and
+    /// `reply` comes in this context, except a failed dial, which is
+    /// [`Error::Dial`] (naming the address and the phase). Match on
+    /// [`root_cause`](Error::root_cause), or ask
+    /// [`timeout_kind`](Error::timeout_kind) and
+    /// [`io_kind`](Error::io_kind), to tell the causes apart.
+    ///
+    /// ```
+    /// use monte_rpc::{handler, CallOp, Client, Config, Error, Server};
+    ///
+    /// let server = Server::bind("127.0.0.1:0", Config::server(), handler(|_| {}))?;
+    /// let client = Client::new(server.local_addr(), Config::default())?;
+    /// let e = client.send(&vec![0; 2 << 20]).unwrap_err(); // over 1 MiB
+    /// assert!(matches!(e, Error::Call { op: CallOp::Send, .. }));
+    /// assert!(matches!(e.root_cause(), Error::MessageTooLarge { .. }));
+    /// // "send to 127.0.0.1:PORT: message of 2097152 bytes exceeds ..."
+    /// assert!(e.to_string().starts_with(&format!("send to {}: ", server.local_addr())));
+    /// # Ok::<(), Error>(())
+    /// ```
+    Call {
+        /// The call.
+        op: CallOp,
+        /// The peer, if known.
+        peer: Option<SocketAddr>,
+        /// Why it failed. Never an [`Error::Call`] or [`Error::Dial`].
+        source: Arc<Error>,
+    },
 }
 
 impl Error {
@@ -288,7 +343,7 @@ impl Error {
     /// ```
     pub fn root_cause(&self) -> &Error {
         match self {
-            Error::Dial { source, .. } => source.root_cause(),
+            Error::Dial { source, .. } | Error::Call { source, .. } => source.root_cause(),
             e => e,
         }
     }
@@ -299,6 +354,19 @@ impl Error {
         match self.root_cause() {
             Error::Timeout(kind) => Some(*kind),
             _ => None,
+        }
+    }
+
+    /// Puts `self` in the context of the call `op` to `peer`, unless it
+    /// already has one (a failed dial, or an inner call's context).
+    pub(crate) fn calling(self, op: CallOp, peer: Option<SocketAddr>) -> Error {
+        match self {
+            e @ (Error::Dial { .. } | Error::Call { .. }) => e,
+            e => Error::Call {
+                op,
+                peer,
+                source: Arc::new(e),
+            },
         }
     }
 
@@ -319,7 +387,7 @@ impl Error {
     /// `std::io`.
     pub fn io_kind(&self) -> io::ErrorKind {
         match self {
-            Error::Dial { source, .. } => source.io_kind(),
+            Error::Dial { source, .. } | Error::Call { source, .. } => source.io_kind(),
             Error::Io(e) => e.kind(),
             Error::Timeout(_) => io::ErrorKind::TimedOut,
             Error::Closed => io::ErrorKind::NotConnected,
@@ -389,6 +457,17 @@ impl fmt::Display for Error {
                     e => write!(f, "{e}"),
                 }
             }
+            Error::Call { op, peer, source } => {
+                match peer {
+                    Some(peer) => write!(f, "{op} to {peer}: ")?,
+                    None => write!(f, "{op}: ")?,
+                }
+                match &**source {
+                    // The socket error says what it was doing and to whom.
+                    Error::Io(e) => write!(f, "{e}"),
+                    e => write!(f, "{e}"),
+                }
+            }
         }
     }
 }
@@ -397,7 +476,7 @@ impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Error::Io(e) => Some(&**e),
-            Error::Dial { source, .. } => Some(&**source),
+            Error::Dial { source, .. } | Error::Call { source, .. } => Some(&**source),
             _ => None,
         }
     }

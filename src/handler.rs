@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 
 use crate::conn::Connection;
-use crate::error::{Error, Result};
+use crate::error::{CallOp, Error, Result};
 
 /// Handles messages and requests that arrive from the peer, and hears about
 /// connections opening and closing. Called on a reactor thread: a handler
@@ -152,7 +152,9 @@ impl<'a> Context<'a> {
             return Ok(());
         }
         self.replied = true;
-        self.conn.queue_reply(self.seq, body)
+        self.conn
+            .queue_reply(self.seq, body)
+            .map_err(|e| e.calling(CallOp::Reply, self.conn.peer_addr()))
     }
 
     /// Whether [`reply`](Self::reply) was called.

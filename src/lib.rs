@@ -87,7 +87,7 @@ mod workers;
 pub use client::Client;
 pub use config::Config;
 pub use conn::Connection;
-pub use error::{DialPhase, Error, HandshakeError, Result, TimeoutKind};
+pub use error::{CallOp, DialPhase, Error, HandshakeError, Result, TimeoutKind};
 pub use handler::{handler, Context, Handler, NoHandler};
 pub use protocol::{IdentityConfig, Profile, PskHandshake};
 pub use reactor::{Reactor, ReactorHandle};

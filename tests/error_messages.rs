@@ -39,7 +39,10 @@ fn a_frame_too_large_names_the_configured_message_size() {
     let e = common::within(5, move || {
         client.request(b"ping", &mut Vec::new()).unwrap_err()
     });
-    assert!(matches!(e, Error::FrameTooLarge { .. }), "{e:?}");
+    assert!(
+        matches!(e.root_cause(), Error::FrameTooLarge { .. }),
+        "{e:?}"
+    );
     let text = e.to_string();
     assert!(text.contains("1949127801"), "{text}");
     assert!(
@@ -81,6 +84,39 @@ fn a_message_the_peer_refuses_points_at_its_limit() {
             "{:?}",
             server.stats()
         );
+        server.shutdown();
+    });
+}
+
+// Every error of a call names the call and the peer: a request that times
+// out, a send after shutdown, a reply on a connection that closed.
+#[test]
+fn call_errors_name_the_call_and_the_peer() {
+    common::within(30, || {
+        let server = monte_rpc::Server::bind(
+            "127.0.0.1:0",
+            Config::server(),
+            monte_rpc::handler(|_| {}), // never answers
+        )
+        .unwrap();
+        let addr = server.local_addr();
+        let client = Client::new(
+            addr,
+            Config::default().request_timeout(Some(std::time::Duration::from_millis(100))),
+        )
+        .unwrap();
+        let e = client.request(b"hello?", &mut Vec::new()).unwrap_err();
+        assert!(
+            matches!(e, Error::Call { op: monte_rpc::CallOp::Request, peer: Some(p), .. } if p == addr),
+            "{e:?}"
+        );
+        assert_eq!(e.to_string(), format!("request to {addr}: request timeout"));
+        assert_eq!(e.timeout_kind(), Some(monte_rpc::TimeoutKind::Request));
+
+        client.shutdown();
+        let e = client.send(b"late").unwrap_err();
+        assert_eq!(e.to_string(), format!("send to {addr}: closed"));
+        assert!(matches!(e.root_cause(), Error::Closed), "{e:?}");
         server.shutdown();
     });
 }

@@ -48,10 +48,16 @@ fn handler_calls_on_its_own_reactor_do_not_block_it() {
         let mut resp = Vec::new();
         client.request(b"go", &mut resp).unwrap();
         assert_eq!(resp, b"done");
-        assert!(matches!(
-            outcome.lock().unwrap().take(),
-            Some(Err(Error::OnReactorThread))
-        ));
+        let outcome = outcome.lock().unwrap().take();
+        assert!(
+            matches!(
+                outcome
+                    .as_ref()
+                    .map(|r| r.as_ref().map_err(Error::root_cause)),
+                Some(Err(Error::OnReactorThread))
+            ),
+            "{outcome:?}"
+        );
         assert!(
             wait_until(Duration::from_secs(5), || pushed.load(Ordering::Relaxed)
                 == 200),

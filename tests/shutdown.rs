@@ -185,7 +185,10 @@ fn client_shutdown_under_load() {
         // Checked last so that the delivery checks above always run.
         for (t, tally) in tallies.iter().enumerate() {
             assert!(
-                matches!(tally.error, Some(Error::Closed | Error::Timeout(_))),
+                matches!(
+                    tally.error.as_ref().map(Error::root_cause),
+                    Some(Error::Closed | Error::Timeout(_))
+                ),
                 "thread {t}: an error after shutdown must be Closed or a timeout: {tally:?}"
             );
         }

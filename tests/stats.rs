@@ -57,7 +57,10 @@ fn traffic_is_counted_on_both_sides() {
     // A request the server never answers: it times out, and since not a
     // byte came back meanwhile, the client drops that silent connection.
     assert!(matches!(
-        client.request(b"ignore me", &mut resp),
+        client
+            .request(b"ignore me", &mut resp)
+            .as_ref()
+            .map_err(Error::root_cause),
         Err(Error::Timeout(TimeoutKind::Request))
     ));
     eventually("the client to drop the silent connection", || {

@@ -61,7 +61,7 @@ fn send_timeout_fails_the_call_and_leaves_the_connection_open() {
     let client = Client::new(addr, config).unwrap();
     let (err, took) = flood(&client);
     assert!(
-        matches!(err, Error::Timeout(TimeoutKind::Write)),
+        matches!(err.root_cause(), Error::Timeout(TimeoutKind::Write)),
         "the full queue gave {err:?}"
     );
     assert!(
@@ -74,7 +74,10 @@ fn send_timeout_fails_the_call_and_leaves_the_connection_open() {
     // A second call waits its own send timeout again.
     let start = Instant::now();
     let err = client.send_no_wait(&[0; 64 << 10]).unwrap_err();
-    assert!(matches!(err, Error::Timeout(TimeoutKind::Write)), "{err:?}");
+    assert!(
+        matches!(err.root_cause(), Error::Timeout(TimeoutKind::Write)),
+        "{err:?}"
+    );
     assert!(start.elapsed() >= Duration::from_millis(250));
     client.shutdown();
     server.join().unwrap();
@@ -92,7 +95,7 @@ fn write_timeout_closes_a_connection_whose_output_is_stuck() {
     // closed at the write timeout.
     let (err, took) = flood(&client);
     assert!(
-        matches!(err, Error::Timeout(TimeoutKind::Write)),
+        matches!(err.root_cause(), Error::Timeout(TimeoutKind::Write)),
         "the stuck connection gave {err:?}"
     );
     assert!(took < Duration::from_secs(3), "failed after {took:?}");

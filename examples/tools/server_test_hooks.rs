@@ -241,7 +241,8 @@ fn flood(tracker: &Tracker, peer: SocketAddr, size: usize) {
         let took = start.elapsed().as_micros();
         match result {
             Some(e) => emit(format_args!(
-                "flood peer={peer} sent={sent} took_us={took} result={e:?}"
+                "flood peer={peer} sent={sent} took_us={took} result={:?}",
+                e.root_cause()
             )),
             None => emit(format_args!(
                 "flood peer={peer} sent={sent} took_us={took} result=none"
@@ -268,7 +269,11 @@ fn request(tracker: &Tracker, id: &str, peer: SocketAddr, timeout: Duration, bod
                 "request id={id} took_us={took} ok={}",
                 hex(&resp)
             )),
-            Err(e) => emit(format_args!("request id={id} took_us={took} err={e:?}")),
+            // The cause, as the tests parse it (the call's context is theirs).
+            Err(e) => emit(format_args!(
+                "request id={id} took_us={took} err={:?}",
+                e.root_cause()
+            )),
         }
     });
 }

@@ -1315,7 +1315,7 @@ fn flood_round(t: &dyn Target, n: usize) {
         let f = log.take_flood(raw.local).expect("flood outcome");
         assert!(
             matches!(
-                f.result,
+                f.result.as_ref().map(Error::root_cause),
                 Some(Error::Timeout(TimeoutKind::Write) | Error::Closed)
             ),
             "flood to {} ended with {:?} after {:?} and {} bytes",
@@ -1659,7 +1659,10 @@ fn late_round(
         .take_answer(timed, Duration::from_secs(3))
         .unwrap_or_else(|| panic!("round {round}: the first request never ended"));
     assert!(
-        matches!(result, Err(Error::Timeout(TimeoutKind::Request))),
+        matches!(
+            result.as_ref().map_err(Error::root_cause),
+            Err(Error::Timeout(TimeoutKind::Request))
+        ),
         "round {round}: {result:?}"
     );
     assert!(
