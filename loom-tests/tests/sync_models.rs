@@ -372,3 +372,93 @@ fn buffer_pool_keeps_its_bound_and_loses_nothing() {
         assert!(pool.take().is_none(), "the pool kept more than its bound");
     });
 }
+
+/// Drives `poll` to completion on this model thread: a waker that unparks
+/// it, and a park whenever the poll is pending. A lost wake-up leaves the
+/// thread parked for ever, which loom reports.
+fn block_on_poll<T>(mut poll: impl FnMut(&mut std::task::Context<'_>) -> std::task::Poll<T>) -> T {
+    struct Unpark(thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.unpark();
+        }
+        fn wake_by_ref(self: &std::sync::Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = std::task::Waker::from(std::sync::Arc::new(Unpark(thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    loop {
+        match poll(&mut cx) {
+            std::task::Poll::Ready(value) => return value,
+            std::task::Poll::Pending => thread::park(),
+        }
+    }
+}
+
+/// Model 9, a completion slot awaited by a future. A response races the
+/// future's polls, and the future's waker changes between its first poll
+/// and the next (a task moved to another worker). Invariant: the waker
+/// registered last is woken (no lost wake-up: the model would deadlock),
+/// and the answer is read exactly once, intact. The future is polled on a
+/// thread of its own, which only ever parks in `block_on_poll`, so every
+/// unpark it gets is a waker's.
+#[test]
+fn response_races_a_polling_future_whose_waker_changes() {
+    model(|| {
+        let table = Arc::new(CompletionTable::new(Role::Client, 1));
+        let task = {
+            let table = table.clone();
+            spawn(move || {
+                let mut pending = table.begin_for_task(Vec::new()).unwrap();
+                let seq = pending.seq();
+                let responder = {
+                    let table = table.clone();
+                    spawn(move || assert!(table.complete(seq, b"pong")))
+                };
+                // A first poll with a waker that does nothing and is then
+                // dropped.
+                struct Noop;
+                impl std::task::Wake for Noop {
+                    fn wake(self: std::sync::Arc<Self>) {}
+                }
+                let noop = std::task::Waker::from(std::sync::Arc::new(Noop));
+                let first = pending.poll_answer(&mut std::task::Context::from_waker(&noop));
+                let answer = match first {
+                    std::task::Poll::Ready(answer) => answer,
+                    std::task::Poll::Pending => block_on_poll(|cx| pending.poll_answer(cx)),
+                };
+                assert_eq!(answer.unwrap(), b"pong");
+                responder
+            })
+        };
+        let responder = task.join().unwrap();
+        responder.join().unwrap();
+        assert_eq!(table.in_flight(), 0);
+    });
+}
+
+/// Model 10, a future's request failed by the connection's close.
+/// Invariant: the close wakes the future (no lost wake-up), which gets
+/// the close's error.
+#[test]
+fn close_wakes_a_polling_future() {
+    model(|| {
+        let table = Arc::new(CompletionTable::new(Role::Client, 1));
+        let task = {
+            let table = table.clone();
+            spawn(move || {
+                let mut pending = table.begin_for_task(Vec::new()).unwrap();
+                let closer = {
+                    let table = table.clone();
+                    spawn(move || table.close(&Error::PeerClosed))
+                };
+                let answer = block_on_poll(|cx| pending.poll_answer(cx));
+                assert!(matches!(answer, Err((Error::PeerClosed, _))));
+                closer
+            })
+        };
+        let closer = task.join().unwrap();
+        closer.join().unwrap();
+    });
+}

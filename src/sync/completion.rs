@@ -29,6 +29,7 @@
 
 use std::time::Instant;
 
+use super::atomic_waker::AtomicWaker;
 use super::{current, fence, park, park_timeout, spin_hint, yield_now};
 use super::{AtomicBool, AtomicU64, AtomicUsize};
 use super::{Ordering, Thread, UnsafeCell};
@@ -68,6 +69,11 @@ struct Slot {
     result: UnsafeCell<Option<Error>>,
     /// The thread to unpark when the slot is filled.
     waiter: UnsafeCell<Option<Thread>>,
+    /// The task to wake when the slot is filled, for a waiter that is a
+    /// future rather than a thread ([`Pending::poll_answer`]): registered
+    /// anew at every poll, hence an [`AtomicWaker`] rather than a cell
+    /// owned by state.
+    task: AtomicWaker,
 }
 
 // SAFETY: the cells are only touched by the single owner the state word
@@ -143,6 +149,7 @@ impl CompletionTable {
                 buf: UnsafeCell::new(Vec::new()),
                 result: UnsafeCell::new(None),
                 waiter: UnsafeCell::new(None),
+                task: AtomicWaker::new(),
             })
             .collect();
         CompletionTable {
@@ -169,6 +176,23 @@ impl CompletionTable {
     /// [`Error::SequenceExhausted`] when every slot is taken,
     /// [`Error::Closed`] after [`close`](Self::close).
     pub fn begin(&self, buf: Vec<u8>) -> Result<Pending<'_>, (Error, Vec<u8>)> {
+        self.begin_for(buf, Some(current()))
+    }
+
+    /// [`begin`](Self::begin) for a waiter that is a future, which waits
+    /// with [`Pending::poll_answer`]: no thread is unparked when the slot
+    /// is filled (the thread that began the request is just some worker of
+    /// an executor), only the task's waker is woken.
+    #[cfg_attr(not(loom), allow(dead_code))]
+    pub fn begin_for_task(&self, buf: Vec<u8>) -> Result<Pending<'_>, (Error, Vec<u8>)> {
+        self.begin_for(buf, None)
+    }
+
+    fn begin_for(
+        &self,
+        buf: Vec<u8>,
+        thread: Option<Thread>,
+    ) -> Result<Pending<'_>, (Error, Vec<u8>)> {
         if self.is_closed() {
             return Err((Error::Closed, buf));
         }
@@ -197,7 +221,7 @@ impl CompletionTable {
             // SAFETY: RESERVED makes this thread the cells' only owner.
             slot.buf.with_mut(|p| unsafe { *p = buf });
             slot.result.with_mut(|p| unsafe { *p = None });
-            slot.waiter.with_mut(|p| unsafe { *p = Some(current()) });
+            slot.waiter.with_mut(|p| unsafe { *p = thread });
             self.in_flight.fetch_add(1, Ordering::Relaxed);
             slot.state
                 .store(pack(generation, WAITING), Ordering::SeqCst);
@@ -287,6 +311,7 @@ impl CompletionTable {
         if let Some(thread) = waiter {
             thread.unpark();
         }
+        slot.task.wake();
         true
     }
 }
@@ -413,6 +438,27 @@ impl<'a> Pending<'a> {
         answered.then(|| self.take_answer())
     }
 
+    /// Polls for the answer, for a waiter that is a future: ready once the
+    /// slot is filled; otherwise `cx`'s waker is registered, and the
+    /// responder (or the close that fails the request) wakes it. Dropping
+    /// the `Pending` before it is ready cancels the request, as for a
+    /// thread. Not to be polled again once it returned ready.
+    // The async API builds on this; for now the loom models use it.
+    #[cfg_attr(not(loom), allow(dead_code))]
+    pub fn poll_answer(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Answer> {
+        debug_assert!(!self.done, "polled after it was ready");
+        if self.is_done() {
+            return std::task::Poll::Ready(self.take_answer());
+        }
+        self.slot().task.register(cx.waker());
+        // A fill that came between the check above and the registration
+        // found no waker to wake: look again.
+        if self.is_done() {
+            return std::task::Poll::Ready(self.take_answer());
+        }
+        std::task::Poll::Pending
+    }
+
     /// Abandons the request and takes the buffer back. A response that
     /// arrives later is dropped.
     pub fn cancel(mut self) -> Vec<u8> {
@@ -464,6 +510,8 @@ impl<'a> Pending<'a> {
         // SAFETY: the caller owns the cells in RESERVED and DONE.
         let buf = slot.buf.with_mut(|p| unsafe { std::mem::take(&mut *p) });
         let result = slot.result.with_mut(|p| unsafe { (*p).take() });
+        // A task's waker is not kept past its request.
+        drop(slot.task.take());
         let next = self.table.space.next_generation(self.generation);
         self.done = true;
         self.table.in_flight.fetch_sub(1, Ordering::Relaxed);

@@ -6,6 +6,8 @@
 //! copy. Nothing else in the crate touches an atomic or parks a thread
 //! directly.
 //!
+//! - [`atomic_waker`]: one task's waker, replaced at every poll and woken
+//!   from any thread (the completion slots' way to wake a future).
 //! - [`buffers`]: the receive and output buffers a reactor lends its
 //!   connections while they use them.
 //! - [`completion`]: the per-connection table of request slots a caller
@@ -16,6 +18,7 @@
 //!   reactor's or a waiting caller's.
 //! - [`signal`]: the one-way shutdown flag.
 
+pub mod atomic_waker;
 pub mod buffers;
 pub mod completion;
 pub mod mailbox;
