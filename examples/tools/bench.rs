@@ -209,8 +209,9 @@ fn handshakes(mode: Mode) -> (Arc<dyn HandshakeFactory>, Arc<dyn HandshakeFactor
 #[command(
     name = "bench",
     after_long_help = "Environment, for experiments: MONTE_CALLERS sets the parallel \
-                       benchmarks' callers; MONTE_WORKERS, MONTE_SPIN, MONTE_BUSY_POLL_US \
-                       (0: off) and MONTE_MAX_CONNS override those settings of both sides."
+                       benchmarks' callers; MONTE_WORKERS, MONTE_WAITING (auto, block, \
+                       or a spin time in µs) and MONTE_MAX_CONNS override those settings \
+                       of both sides."
 )]
 struct Args {
     /// Seconds each benchmark is timed, after a 0.3 s warm-up
