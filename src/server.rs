@@ -19,6 +19,11 @@ use crate::sync::{lock, AtomicBool, AtomicUsize, Mutex, Ordering};
 use crate::workers::Workers;
 
 const LISTENER: Token = Token(0);
+
+/// The most a refused connection's input is read before it is closed:
+/// a client's first flight (its key, a handshake frame, a few pipelined
+/// requests), not whatever a flooding peer keeps sending.
+const REFUSAL_DRAIN: usize = 4 << 10;
 const WAKE: Token = Token(1);
 
 /// The connection cap shared by the acceptor and every connection.
@@ -331,8 +336,16 @@ impl Acceptor {
         crate::events::refused_at_cap(stream.peer_addr().ok(), self.limit.max);
         // A fresh non-blocking socket: 32 bytes fit in its send buffer.
         let _ = (&stream).write(&REFUSED_AT_CAP);
+        // At most REFUSAL_DRAIN bytes: a peer that keeps streaming must not
+        // hold the acceptor, the one thread that admits every connection.
         let mut sink = [0u8; 256];
-        while matches!((&stream).read(&mut sink), Ok(n) if n > 0) {}
+        let mut drained = 0;
+        while drained < REFUSAL_DRAIN {
+            match (&stream).read(&mut sink) {
+                Ok(n) if n > 0 => drained += n,
+                _ => break,
+            }
+        }
         let _ = stream.shutdown(std::net::Shutdown::Write);
     }
 }

@@ -717,3 +717,56 @@ fn a_server_refuses_a_clients_configuration() {
     .unwrap();
     server.shutdown();
 }
+
+// A peer refused at the cap that keeps streaming bytes cannot hold the
+// acceptor: the refusal reads a bounded amount of its input, so a place
+// that frees up is given to the next client at once.
+#[test]
+fn a_refused_peer_that_floods_does_not_hold_the_acceptor() {
+    within(30, || {
+        let server = Server::bind(
+            "127.0.0.1:0",
+            server_config()
+                .max_conns(1)
+                .accept_wait(Duration::from_millis(100)),
+            reverse_handler,
+        )
+        .unwrap();
+        let addr = server.local_addr();
+        let first = Client::new(addr, client_config().max_conns(1)).unwrap();
+        let mut resp = Vec::new();
+        first.request(b"a", &mut resp).unwrap();
+        // Over the cap, writing as fast as loopback takes it.
+        let stop = Arc::new(AtomicBool::new(false));
+        let flood = {
+            let stop = stop.clone();
+            let mut raw = TcpStream::connect(addr).unwrap();
+            thread::spawn(move || {
+                let chunk = vec![0x5a; 64 << 10];
+                while !stop.load(Ordering::Relaxed) && raw.write_all(&chunk).is_ok() {}
+            })
+        };
+        thread::sleep(Duration::from_millis(300)); // refused by now
+        drop(first);
+        assert!(
+            wait_until(Duration::from_secs(5), || server.connections() == 0),
+            "the first client's place never came back"
+        );
+        let next = Client::new(
+            addr,
+            client_config()
+                .dial_attempts(1)
+                .request_timeout(Some(Duration::from_secs(2))),
+        )
+        .unwrap();
+        let result = next.request(b"next", &mut resp);
+        stop.store(true, Ordering::Relaxed);
+        assert!(
+            result.is_ok(),
+            "the next client was not admitted: {result:?}"
+        );
+        assert_eq!(resp, b"txen");
+        let _ = flood.join();
+        server.shutdown();
+    });
+}
