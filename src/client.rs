@@ -6,14 +6,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::clock::CallDeadline;
-use crate::error::{CallOp, DialPhase, TimeoutKind};
-
 use crate::config::Config;
-use crate::conn::Connection;
-use crate::error::{Error, Result};
+use crate::error::{CallOp, Error, Result, TimeoutKind};
 use crate::handler::{Handler, NoHandler};
-use crate::sync::signal::ShutdownSignal;
-use crate::sync::{read, write, Mutex, RwLock};
+use crate::pool::Pool;
 use crate::workers::Workers;
 
 /// A client for one endpoint. `Send + Sync`: share it between threads with
@@ -28,79 +24,19 @@ use crate::workers::Workers;
 /// client.shutdown();
 /// ```
 pub struct Client {
-    addr: SocketAddr,
-    config: Config,
-    handler: Arc<dyn Handler>,
-    workers: Workers,
-    /// Read by every call, written only when a connection joins or
-    /// leaves: callers choosing a connection never wait on each other.
-    pool: RwLock<Vec<Connection>>,
-    /// Serialises dialling, so a burst of callers grows the pool one
-    /// connection at a time instead of dialling past `max_conns`. Holds the
-    /// last failed dial, so callers that queued behind it, and calls during
-    /// the backoff after it, fail with it instead of each dialling again.
-    dial_lock: Mutex<DialState>,
-    signal: ShutdownSignal,
+    /// The connections and their dialling, shared with the thread that
+    /// dials for async calls.
+    pub(crate) pool: Arc<Pool>,
 }
 
 /// How long `shutdown` lets calls already under way finish before it
 /// closes the connections under them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
-/// What the last dials left, under the dial lock.
-#[derive(Default)]
-struct DialState {
-    /// The last dial, if it failed.
-    failed: Option<FailedDial>,
-    /// Dials failed in a row, 0 after one that succeeds: each doubles the
-    /// backoff.
-    failures: u32,
-}
-
-/// A failed dial, and the backoff after it.
-struct FailedDial {
-    /// When it failed.
-    at: Instant,
-    /// Until when calls fail with its error instead of dialling.
-    until: Instant,
-    error: Error,
-}
-
-impl DialState {
-    /// Records a failed dial and starts the backoff after it:
-    /// `config.dial_backoff`, doubled for each earlier failure in a row, at
-    /// most `config.dial_backoff_max`.
-    fn failed(&mut self, error: Error, config: &Config) {
-        self.failures = self.failures.saturating_add(1);
-        let doublings = (self.failures - 1).min(30);
-        let backoff = config
-            .dial_backoff
-            .saturating_mul(1 << doublings)
-            .min(config.dial_backoff_max);
-        let at = Instant::now();
-        self.failed = Some(FailedDial {
-            at,
-            until: at.checked_add(backoff).unwrap_or(at),
-            error,
-        });
-    }
-
-    /// Records a dial that succeeded: the backoff starts afresh.
-    fn succeeded(&mut self) {
-        *self = DialState::default();
-    }
-}
-
-/// What waiting for another caller's dial gave.
-enum Waited<'a> {
-    Dialled(Connection),
-    Lock(crate::sync::MutexGuard<'a, DialState>),
-}
-
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
-            .field("addr", &self.addr)
+            .field("addr", &self.pool.addr)
             .field("connections", &self.connections())
             .finish_non_exhaustive()
     }
@@ -149,16 +85,16 @@ impl Client {
     ///
     /// From the call that dials, the dial's failure, an [`Error::Dial`]
     /// that names the address and the phase, with the cause as its
-    /// `source`: in [`DialPhase::Connect`], [`Error::Io`] if the connect
+    /// `source`: in [`DialPhase::Connect`](crate::DialPhase::Connect), [`Error::Io`] if the connect
     /// fails (refused, unreachable) on each of `dial_attempts` tries, or
     /// [`Error::Timeout`] with [`TimeoutKind::Dial`] if it takes longer
-    /// than `dial_timeout`; in [`DialPhase::Handshake`], [`Error::Handshake`]
+    /// than `dial_timeout`; in [`DialPhase::Handshake`](crate::DialPhase::Handshake), [`Error::Handshake`]
     /// or [`TimeoutKind::Handshake`] if the handshake fails or takes longer
     /// than `handshake_timeout`. When the call's own deadline ends the dial
     /// first, the cause is the call's timeout: [`TimeoutKind::Request`] for
     /// a request, [`TimeoutKind::Write`] for a send (the kind a send timeout
     /// reports everywhere), in the phase it cut short
-    /// ([`DialPhase::Queued`] if the call was waiting for another call's
+    /// ([`DialPhase::Queued`](crate::DialPhase::Queued) if the call was waiting for another call's
     /// dial). Calls that waited for another caller's dial get that dial's
     /// error rather than dialling again.
     ///
@@ -203,31 +139,25 @@ impl Client {
             .ok_or_else(|| Error::from(std::io::Error::other("address resolved to nothing")))?;
         let workers = Workers::spawn(&config, "monte-rpc-client")?;
         Ok(Client {
-            addr,
-            handler: Arc::new(handler),
-            workers,
-            pool: RwLock::new(Vec::new()),
-            dial_lock: Mutex::new(DialState::default()),
-            signal: ShutdownSignal::new(),
-            config,
+            pool: Arc::new(Pool::new(addr, config, Arc::new(handler), workers)),
         })
     }
 
     /// The endpoint.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.pool.addr
     }
 
     /// A snapshot of the client's counters, over all its reactors.
     pub fn stats(&self) -> crate::Stats {
         let mut stats = crate::Stats::default();
-        self.workers.add_stats(&mut stats);
+        self.pool.workers.add_stats(&mut stats);
         stats
     }
 
     /// Open connections in the pool.
     pub fn connections(&self) -> usize {
-        read(&self.pool).iter().filter(|c| !c.is_closed()).count()
+        self.pool.open()
     }
 
     /// Sends a message that expects no reply, and returns once it is
@@ -242,11 +172,11 @@ impl Client {
     /// this call and the server (see [`Error::root_cause`]).
     pub fn send(&self, body: &[u8]) -> Result<()> {
         let call = || {
-            let _call = self.signal.enter().ok_or(Error::Closed)?;
+            let _call = self.pool.signal.enter().ok_or(Error::Closed)?;
             let deadline = self.write_deadline();
-            self.pick(deadline)?.send_by(body, deadline)
+            self.pool.pick(deadline)?.send_by(body, deadline)
         };
-        call().map_err(|e| e.calling(CallOp::Send, Some(self.addr)))
+        call().map_err(|e| e.calling(CallOp::Send, Some(self.pool.addr)))
     }
 
     /// Queues a message that expects no reply, and returns once it is
@@ -262,11 +192,11 @@ impl Client {
     /// the whole call: the dial and the wait for room together.
     pub fn send_no_wait(&self, body: &[u8]) -> Result<()> {
         let call = || {
-            let _call = self.signal.enter().ok_or(Error::Closed)?;
+            let _call = self.pool.signal.enter().ok_or(Error::Closed)?;
             let deadline = self.write_deadline();
-            self.pick(deadline)?.send_no_wait_by(body, deadline)
+            self.pool.pick(deadline)?.send_no_wait_by(body, deadline)
         };
-        call().map_err(|e| e.calling(CallOp::SendNoWait, Some(self.addr)))
+        call().map_err(|e| e.calling(CallOp::SendNoWait, Some(self.pool.addr)))
     }
 
     /// Sends a request and puts its response into `response`, reusing its
@@ -280,7 +210,7 @@ impl Client {
     /// [`Error::Dial`] if it ran out during a dial, else as [`Error::Call`]
     /// naming this call and the server.
     pub fn request(&self, body: &[u8], response: &mut Vec<u8>) -> Result<()> {
-        self.request_timeout(body, response, self.config.request_timeout)
+        self.request_timeout(body, response, self.pool.config.request_timeout)
     }
 
     /// [`request`](Self::request) with its own timeout (`None`: no limit),
@@ -294,7 +224,7 @@ impl Client {
         timeout: Option<Duration>,
     ) -> Result<()> {
         self.request_bare(body, response, timeout)
-            .map_err(|e| e.calling(CallOp::Request, Some(self.addr)))
+            .map_err(|e| e.calling(CallOp::Request, Some(self.pool.addr)))
     }
 
     fn request_bare(
@@ -303,10 +233,10 @@ impl Client {
         response: &mut Vec<u8>,
         timeout: Option<Duration>,
     ) -> Result<()> {
-        let _call = self.signal.enter().ok_or(Error::Closed)?;
+        let _call = self.pool.signal.enter().ok_or(Error::Closed)?;
         // The deadline covers finding a connection too (which may dial).
         let deadline = CallDeadline::after(timeout, TimeoutKind::Request);
-        let conn = self.pick(deadline)?;
+        let conn = self.pool.pick(deadline)?;
         let left = match deadline {
             None => None,
             Some(d) => match d.at.checked_duration_since(Instant::now()) {
@@ -330,109 +260,7 @@ impl Client {
 
     /// How long a send may wait for a connection: its send timeout.
     fn write_deadline(&self) -> Option<CallDeadline> {
-        CallDeadline::after(self.config.send_timeout, TimeoutKind::Write)
-    }
-
-    /// Picks a connection with nothing in progress, else the least loaded
-    /// one, dialling a new one while under `max_conns` and all are busy.
-    /// The dial, or the wait for another caller's, ends by `deadline`.
-    fn pick(&self, deadline: Option<CallDeadline>) -> Result<Connection> {
-        if let Some(conn) = self.choose(false) {
-            return Ok(conn);
-        }
-        // All busy (or none) and room for more. One caller dials at a time;
-        // the others use the least loaded connection meanwhile, or wait for
-        // the dial if there is none.
-        let (mut dialling, queued_at) = match self.dial_lock.try_lock() {
-            Ok(guard) => (guard, None),
-            Err(_) => match self.choose(true) {
-                Some(conn) => return Ok(conn),
-                None => {
-                    let queued_at = Instant::now();
-                    let guard = match self.wait_for_dial(deadline)? {
-                        Waited::Dialled(conn) => return Ok(conn),
-                        Waited::Lock(guard) => guard,
-                    };
-                    // The dial this caller queued behind: its connection,
-                    // or (below) its failure, without a dial of our own.
-                    if let Some(conn) = self.choose(true) {
-                        return Ok(conn);
-                    }
-                    (guard, Some(queued_at))
-                }
-            },
-        };
-        if let Some(conn) = self.choose(false) {
-            return Ok(conn);
-        }
-        if let Some(failed) = &dialling.failed {
-            // Backing off after a failed dial, or queued behind that very
-            // dial: no dial of our own. A busy connection if there is one,
-            // else that dial's error.
-            if Instant::now() < failed.until || queued_at.is_some_and(|q| failed.at >= q) {
-                return self.choose(true).ok_or_else(|| failed.error.clone());
-            }
-        }
-        match self
-            .workers
-            .pick()
-            .dial_within(self.addr, self.handler.clone(), deadline)
-        {
-            Ok(conn) => {
-                if self.signal.is_closed() {
-                    conn.close();
-                    return Err(Error::Closed);
-                }
-                dialling.succeeded();
-                // Joined to the pool before the dial lock is released, so
-                // the next dialler sees it and stays within `max_conns`.
-                write(&self.pool).push(conn.clone());
-                Ok(conn)
-            }
-            Err(e) => {
-                dialling.failed(e.clone(), &self.config);
-                self.choose(true).ok_or(e)
-            }
-        }
-    }
-
-    /// Waits for the dial another caller is making: polls (the wait is
-    /// rare and short) for its connection or for the dial lock, until
-    /// `deadline`.
-    fn wait_for_dial(&self, deadline: Option<CallDeadline>) -> Result<Waited<'_>> {
-        loop {
-            match self.dial_lock.try_lock() {
-                Ok(guard) => return Ok(Waited::Lock(guard)),
-                Err(std::sync::TryLockError::Poisoned(p)) => {
-                    return Ok(Waited::Lock(p.into_inner()))
-                }
-                Err(std::sync::TryLockError::WouldBlock) => {}
-            }
-            if let Some(conn) = self.choose(true) {
-                return Ok(Waited::Dialled(conn));
-            }
-            if let Some(d) = deadline.filter(|d| Instant::now() >= d.at) {
-                return Err(Error::Timeout(d.kind).dialling(self.addr, DialPhase::Queued));
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-
-    /// The least loaded open connection, dropping closed ones from the
-    /// pool. Unless `any`, only if it is idle or the pool is full.
-    fn choose(&self, any: bool) -> Option<Connection> {
-        let pool = read(&self.pool);
-        if pool.iter().any(|c| c.is_closed()) {
-            drop(pool);
-            write(&self.pool).retain(|c| !c.is_closed());
-            return self.choose(any);
-        }
-        let full = pool.len() >= self.config.max_conns.max(1);
-        let (conn, load) = pool
-            .iter()
-            .map(|c| (c, c.load()))
-            .min_by_key(|&(_, load)| load)?;
-        (any || full || load == 0).then(|| conn.clone())
+        CallDeadline::after(self.pool.config.send_timeout, TimeoutKind::Write)
     }
 
     /// Shuts down gracefully: new calls fail with [`Error::Closed`] (in
@@ -442,13 +270,12 @@ impl Client {
     /// every queued frame is written, connections are half-closed and
     /// drained, anything still pending fails, and every thread is joined.
     pub fn shutdown(&self) {
-        self.signal.close();
+        self.pool.signal.close();
         let grace = Instant::now() + SHUTDOWN_GRACE;
-        while self.signal.calls_inside() > 0 && Instant::now() < grace {
+        while self.pool.signal.calls_inside() > 0 && Instant::now() < grace {
             std::thread::sleep(Duration::from_millis(1));
         }
-        self.workers.stop_and_join();
-        write(&self.pool).clear();
+        self.pool.close();
     }
 }
 

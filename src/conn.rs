@@ -20,6 +20,7 @@ use crate::read_side::{CallerReads, ReadOwner, ReadSide};
 use crate::stats::Counters;
 use crate::sync::buffers::BufferPool;
 use crate::sync::completion::CompletionTable;
+use crate::sync::timers::Timers;
 use std::sync::Arc;
 
 use crate::sync::{lock, AtomicUsize, Mutex, Ordering};
@@ -47,6 +48,10 @@ pub(crate) trait Driver: Send + Sync {
     fn recv_buffers(&self) -> &BufferPool;
     /// The output buffers the reactor lends its connections.
     fn send_buffers(&self) -> &BufferPool;
+    /// The deadlines of async calls, which the reactor fires.
+    fn timers(&self) -> &Timers;
+    /// Wakes the reactor (a deadline came before its planned wake-up).
+    fn wake(&self);
 }
 
 /// What a connection asks of its reactor.
@@ -283,10 +288,7 @@ impl Connection {
             return Err(Error::OnReactorThread);
         }
         let deadline = timeout.map(|t| Instant::now() + t);
-        let sh = &*self.shared;
-        let table = sh
-            .requests
-            .get_or_init(|| CompletionTable::new(sh.role, sh.config.max_in_flight));
+        let table = self.requests();
         // A close that ran before the table existed could not fail it: the
         // send below sees the closed queue and withdraws the request.
         let pending = match table.begin(mem::take(response)) {
@@ -361,6 +363,17 @@ impl Connection {
 
     fn submit(&self, seq: u32, body: &[u8], mode: Mode, by: Option<CallDeadline>) -> Result<()> {
         let sh = &*self.shared;
+        let mode = self.checked_mode(body, mode)?;
+        sh.active_calls.fetch_add(1, Ordering::Relaxed);
+        let result = sh.out.submit(self, seq, body, mode, by);
+        sh.active_calls.fetch_sub(1, Ordering::Relaxed);
+        result
+    }
+
+    /// Refuses a body over `max_message_size`, and picks how a frame asked
+    /// to go out as `mode` is queued from the calling thread.
+    pub(crate) fn checked_mode(&self, body: &[u8], mode: Mode) -> Result<Mode> {
+        let sh = &*self.shared;
         let max = sh.config.max_message_size;
         if body.len() > max {
             return Err(Error::MessageTooLarge {
@@ -368,7 +381,7 @@ impl Connection {
                 max,
             });
         }
-        let mode = if mode != Mode::OnReactor && sh.driver.is_current() {
+        Ok(if mode != Mode::OnReactor && sh.driver.is_current() {
             // A handler sending on a connection of its own reactor: only
             // this thread can drain the queue, so waiting (for room, or for
             // the write) would wait for itself. Queue it; it goes out on
@@ -376,11 +389,29 @@ impl Connection {
             Mode::ReactorQueue
         } else {
             mode
-        };
-        sh.active_calls.fetch_add(1, Ordering::Relaxed);
-        let result = sh.out.submit(self, seq, body, mode, by);
-        sh.active_calls.fetch_sub(1, Ordering::Relaxed);
-        result
+        })
+    }
+
+    /// The outbound queue, for the async calls.
+    pub(crate) fn outbound(&self) -> &OutboundQueue {
+        &self.shared.out
+    }
+
+    /// This side's completion table, made on the first request.
+    pub(crate) fn requests(&self) -> &CompletionTable {
+        let sh = &*self.shared;
+        sh.requests
+            .get_or_init(|| CompletionTable::new(sh.role, sh.config.max_in_flight))
+    }
+
+    /// The reactor driving this connection.
+    pub(crate) fn driver(&self) -> &dyn Driver {
+        &*self.shared.driver
+    }
+
+    /// The configuration the connection was made with.
+    pub(crate) fn config(&self) -> &Config {
+        &self.shared.config
     }
 
     /// Reactor side: write what is queued, as far as the socket takes it.

@@ -33,17 +33,45 @@
 //! - [`Reactor`]: one edge-triggered mio loop per worker thread, which
 //!   moves bytes between sockets and the core. Embed it to run on threads
 //!   of your own.
-//! - [`Client`], [`Server`], [`Connection`], [`Handler`]: the blocking
-//!   public API.
+//! - [`Client`], [`Server`], [`Connection`], [`Handler`]: the public API,
+//!   blocking and async.
 //!
 //! The authenticated handshakes and the profiles are re-exported here:
 //! [`Profile`], [`PskHandshake`], [`IdentityConfig`].
 //!
-//! # Blocking, and Unix only
+//! # Blocking or async, and Unix only
 //!
-//! Every call blocks its thread until it is done or times out: there is no
-//! async API. Handlers run on the library's reactor threads, so a handler
-//! that must block hands its work to threads of its own (see [`Handler`]).
+//! Each call comes in two forms. The blocking one (`request`, `send`,
+//! `send_no_wait`) blocks its thread until it is done or times out. The
+//! async one (`request_async`, `send_async`, `send_no_wait_async`, and
+//! `reply_async` on a [`Connection`]) returns a future that any executor
+//! can await (tokio, smol, `futures::executor::block_on`): it runs on the
+//! same reactors, never blocks the thread that polls it, keeps its
+//! deadline with no executor timer, allocates nothing per call in steady
+//! state, and cancels its call when dropped.
+//!
+//! ```no_run
+//! use monte_rpc::{Client, Config};
+//!
+//! # async fn run() -> monte_rpc::Result<()> {
+//! let client = Client::new("127.0.0.1:4444", Config::default())?;
+//! let mut response = Vec::new();
+//! client.request_async(b"ping", &mut response).await?;
+//! // Many in flight at once, on one task.
+//! let (mut a, mut b) = (Vec::new(), Vec::new());
+//! let (ra, rb) = futures::join!(
+//!     client.request_async(b"one", &mut a),
+//!     client.request_async(b"two", &mut b),
+//! );
+//! ra?;
+//! rb?;
+//! # Ok(()) }
+//! ```
+//!
+//! Handlers run on the library's reactor threads, so a handler that must
+//! block, or await, hands its work to threads or tasks of its own and
+//! replies later through its [`Connection`] (see [`Handler`] and
+//! `examples/async_server.rs`).
 //!
 //! The crate builds for Unix targets only: it waits on sockets with
 //! `poll(2)` through `libc`, works with raw file descriptors
@@ -59,6 +87,8 @@ compile_error!(
      and uses raw file descriptors (std::os::fd) and mio's Unix extensions"
 );
 
+mod async_call;
+mod async_client;
 mod client;
 mod clock;
 mod config;
@@ -68,6 +98,7 @@ mod error;
 mod events;
 mod handler;
 mod outbound;
+mod pool;
 pub mod protocol;
 mod reactor;
 mod read_side;
@@ -84,6 +115,8 @@ mod sys;
 mod waiting;
 mod workers;
 
+pub use async_call::{RequestFuture, SendFuture};
+pub use async_client::ClientFuture;
 pub use client::Client;
 pub use config::Config;
 pub use conn::Connection;

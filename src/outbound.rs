@@ -14,9 +14,11 @@
 
 use std::io::{self, Write};
 use std::mem;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
+use slab::Slab;
 
 use crate::clock::CallDeadline;
 use crate::config::Config;
@@ -74,6 +76,10 @@ struct Outbound {
     bytes_counted: u64,
     written_total: u64,
     waiters: usize,
+    /// The async calls waiting on the queue, as the threads in `waiters`
+    /// wait on the condition variable: woken together with them. Entries
+    /// are reused, so steady traffic allocates nothing here.
+    tasks: Slab<Option<Waker>>,
     closed: Option<Error>,
     /// The reactor is closing the connection gracefully and waits for the
     /// queue to drain: a caller-thread writer that empties it must tell
@@ -89,7 +95,39 @@ impl Outbound {
     fn pending(&self) -> usize {
         self.buf.len() - self.head
     }
+
+    /// Whether a frame of `frame` bytes must wait for room: only while
+    /// something is queued, so a frame larger than the budget still goes
+    /// out alone.
+    fn lacks_room(&self, frame: usize, limit: usize) -> bool {
+        self.closed.is_none() && self.pending() > 0 && self.pending() + frame > limit
+    }
+
+    /// Puts `wait`'s task on the list to wake at the queue's next change.
+    fn register(&mut self, wait: &mut QueueWait, waker: &Waker) {
+        match wait.0 {
+            Some(key) => {
+                let entry = &mut self.tasks[key];
+                if !entry.as_ref().is_some_and(|w| w.will_wake(waker)) {
+                    *entry = Some(waker.clone());
+                }
+            }
+            None => wait.0 = Some(self.tasks.insert(Some(waker.clone()))),
+        }
+    }
+
+    fn unregister(&mut self, wait: &mut QueueWait) {
+        if let Some(key) = wait.0.take() {
+            self.tasks.remove(key);
+        }
+    }
 }
+
+/// An async call's place on the queue's list of tasks to wake (room made,
+/// bytes written, the queue closed); empty until it first has to wait.
+/// Given back with [`OutboundQueue::forget`] when the call ends.
+#[derive(Debug, Default)]
+pub(crate) struct QueueWait(Option<usize>);
 
 /// How a frame is handed to the outbound queue.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -186,6 +224,7 @@ impl OutboundQueue {
                 bytes_counted: 0,
                 written_total: 0,
                 waiters: 0,
+                tasks: Slab::new(),
                 closed: None,
                 draining: false,
                 reactor_waits: false,
@@ -216,9 +255,7 @@ impl OutboundQueue {
             g.closed = Some(error.clone());
             self.closed.store(true, Ordering::Release);
         }
-        if g.waiters > 0 {
-            self.cv.notify_all();
-        }
+        self.notify(&mut g);
     }
 
     /// Seals `body` as frame `seq` and hands it on as `mode` says. Waits
@@ -241,15 +278,126 @@ impl OutboundQueue {
         match mode {
             Mode::OnReactor => {}
             Mode::ReactorQueue => {
-                if g.closed.is_none() && g.pending() > 0 && g.pending() + frame > self.limit {
+                if g.lacks_room(frame, self.limit) {
                     return Err(Error::QueueFull);
                 }
             }
             _ => g = self.wait_for_room(g, frame, &mut deadline)?,
         }
+        match self.enqueue(owner, g, seq, body, mode)? {
+            (Some(g), end) if mode == (Mode::Direct { wait: true }) => {
+                self.wait_written(g, end, &mut deadline)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// [`submit`](Self::submit) for an async call: never blocks. Pending
+    /// (with the task on the list to wake) while the queue has no room;
+    /// once the frame is queued, ready with the point the call must see
+    /// written before it is done (`Direct { wait: true }`), if not already.
+    /// The caller keeps its own deadline.
+    pub(crate) fn poll_submit(
+        &self,
+        owner: &impl QueueOwner,
+        seq: u32,
+        body: &[u8],
+        mode: Mode,
+        wait: &mut QueueWait,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Option<u64>>> {
+        let mut g = lock(&self.state);
+        let frame = frame_len(body.len());
+        let must_wait = g.lacks_room(frame, self.limit);
+        match mode {
+            Mode::OnReactor => {}
+            Mode::ReactorQueue if must_wait => {
+                g.unregister(wait);
+                return Poll::Ready(Err(Error::QueueFull));
+            }
+            _ if must_wait => {
+                g.register(wait, cx.waker());
+                return Poll::Pending;
+            }
+            _ => {}
+        }
+        g.unregister(wait);
+        Poll::Ready(match self.enqueue(owner, g, seq, body, mode) {
+            Err(e) => Err(e),
+            Ok((Some(g), end)) if mode == (Mode::Direct { wait: true }) => {
+                if g.written_total >= end {
+                    Ok(None)
+                } else if let Some(e) = &g.closed {
+                    Err(e.clone())
+                } else {
+                    Ok(Some(end))
+                }
+            }
+            Ok(_) => Ok(None),
+        })
+    }
+
+    /// An async call's wait for its frame to be written, up to `end` of
+    /// everything queued ([`poll_submit`](Self::poll_submit)).
+    pub(crate) fn poll_written(
+        &self,
+        end: u64,
+        wait: &mut QueueWait,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<()>> {
+        let mut g = lock(&self.state);
+        if g.written_total >= end {
+            g.unregister(wait);
+            return Poll::Ready(Ok(()));
+        }
+        if let Some(e) = g.closed.clone() {
+            g.unregister(wait);
+            return Poll::Ready(Err(e));
+        }
+        g.register(wait, cx.waker());
+        Poll::Pending
+    }
+
+    /// An async call ended (or was dropped) while on the list of tasks to
+    /// wake: takes it off.
+    pub(crate) fn forget(&self, wait: &mut QueueWait) {
+        if wait.0.is_some() {
+            let mut g = lock(&self.state);
+            g.unregister(wait);
+        }
+    }
+
+    /// Wakes everyone waiting on the queue: threads and tasks. Woken under
+    /// the lock, so a task's entry cannot be taken off meanwhile; only the
+    /// slow paths (a full queue, a blocked socket) have tasks here.
+    fn notify(&self, g: &mut Outbound) {
+        if g.waiters > 0 {
+            self.cv.notify_all();
+        }
+        for (_, task) in g.tasks.iter_mut() {
+            if let Some(waker) = task.take() {
+                waker.wake();
+            }
+        }
+    }
+
+    /// Seals `body` as frame `seq`, appends it, and hands the queue on as
+    /// `mode` says: to the reactor, or written now by this thread if no
+    /// one is writing. Returns the lock if it still holds it
+    /// (`Mode::Direct`) and how far the queue must be written to include
+    /// this frame.
+    fn enqueue<'a>(
+        &'a self,
+        owner: &impl QueueOwner,
+        mut g: MutexGuard<'a, Outbound>,
+        seq: u32,
+        body: &[u8],
+        mode: Mode,
+    ) -> Result<(Option<MutexGuard<'a, Outbound>>, u64)> {
         if let Some(e) = &g.closed {
             return Err(e.clone());
         }
+        let frame = frame_len(body.len());
         let out = &mut *g;
         let Some(sealer) = out.sealer.as_mut() else {
             return Err(Error::Closed);
@@ -270,24 +418,21 @@ impl OutboundQueue {
         g.frames_queued += 1;
         let end = g.queued_total;
         match mode {
-            Mode::OnReactor => Ok(()),
+            Mode::OnReactor => Ok((Some(g), end)),
             Mode::Queue | Mode::ReactorQueue => {
                 if !g.writing && !g.reactor_flushing {
                     g.reactor_flushing = true;
                     drop(g);
                     owner.ask_reactor_to_flush();
+                    return Ok((None, end));
                 }
-                Ok(())
+                Ok((Some(g), end))
             }
-            Mode::Direct { wait } => {
+            Mode::Direct { .. } => {
                 if !g.writing && !g.reactor_flushing {
                     g = self.write_out(owner, g, CALLER_WRITE_ROUNDS, false);
                 }
-                if wait {
-                    self.wait_written(g, end, &mut deadline)
-                } else {
-                    Ok(())
-                }
+                Ok((Some(g), end))
             }
         }
     }
@@ -298,7 +443,7 @@ impl OutboundQueue {
         frame: usize,
         deadline: &mut Option<Option<CallDeadline>>,
     ) -> Result<MutexGuard<'a, Outbound>> {
-        while g.closed.is_none() && g.pending() > 0 && g.pending() + frame > self.limit {
+        while g.lacks_room(frame, self.limit) {
             g = self.wait_cv(g, deadline)?;
         }
         Ok(g)
@@ -424,9 +569,7 @@ impl OutboundQueue {
             }
         }
         g.writing = false;
-        if g.waiters > 0 {
-            self.cv.notify_all();
-        }
+        self.notify(&mut g);
         if !on_reactor
             && (g.draining || mem::take(&mut g.reactor_waits))
             && g.pending() == 0
@@ -514,9 +657,7 @@ impl OutboundQueue {
         if g.pending() == 0 && !g.writing {
             g.closed = Some(Error::Closed);
             self.closed.store(true, Ordering::Release);
-            if g.waiters > 0 {
-                self.cv.notify_all();
-            }
+            self.notify(&mut g);
             return true;
         }
         false

@@ -24,10 +24,10 @@ fn readme_top() -> String {
 }
 
 #[test]
-fn readme_says_up_front_the_api_is_blocking_and_unix_only() {
+fn readme_says_up_front_blocking_or_async_and_unix_only() {
     let top = readme_top();
-    assert!(top.contains("The API is blocking"), "{top}");
-    assert!(top.contains("there is no async API"), "{top}");
+    assert!(top.contains("Blocking or async calls"), "{top}");
+    assert!(top.contains("request_async"), "{top}");
     assert!(top.contains("Unix-only"), "{top}");
 }
 

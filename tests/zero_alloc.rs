@@ -1,6 +1,7 @@
 //! Zero heap allocations per `send`, `send_no_wait`, `request` and handler
 //! `reply` in steady state, counted on every thread (callers and reactors)
-//! by a counting global allocator.
+//! by a counting global allocator; the async path as well as the blocking
+//! one.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -60,6 +61,8 @@ struct Pair {
     sent: u64,
     payload: Vec<u8>,
     response: Vec<u8>,
+    /// The async rounds' response buffers.
+    responses: [Vec<u8>; 5],
 }
 
 impl Pair {
@@ -90,6 +93,7 @@ impl Pair {
             sent: 0,
             payload: vec![1u8; 1400],
             response: Vec::with_capacity(4096),
+            responses: std::array::from_fn(|_| Vec::with_capacity(4096)),
         }
     }
 
@@ -162,5 +166,63 @@ fn waking_after_idle_allocates_nothing() {
             LAST_SIZE.load(Ordering::Relaxed)
         );
     }
+    pair.stop();
+}
+
+impl Pair {
+    /// [`round`](Pair::round) through the async API, on an executor with no
+    /// timer of its own: per iteration a send, a queued send, four
+    /// requests in flight at once on the one connection, and one request
+    /// cancelled by dropping it after its first poll.
+    fn async_round(&mut self, n: usize) {
+        let (client, payload, responses) = (&self.client, &self.payload, &mut self.responses);
+        let sent = futures::executor::block_on(async {
+            let mut sent = 0;
+            for _ in 0..n {
+                client.send_async(payload).await.unwrap();
+                client.send_no_wait_async(payload).await.unwrap();
+                let [a, b, c, d, e] = &mut *responses;
+                let (ra, rb, rc, rd) = futures::join!(
+                    client.request_async(payload, a),
+                    client.request_async(payload, b),
+                    client.request_async(payload, c),
+                    client.request_async(payload, d),
+                );
+                for r in [ra, rb, rc, rd] {
+                    r.unwrap();
+                }
+                assert_eq!(a.len(), 1400);
+                let mut cancelled = std::pin::pin!(client.request_async(payload, e));
+                let _ = futures::poll!(cancelled.as_mut());
+                sent += 7;
+            }
+            sent
+        });
+        self.sent += sent;
+        let (target, seen) = (self.sent, &self.seen);
+        wait_until(
+            "the server to count every message",
+            Duration::from_secs(20),
+            || seen.load(Ordering::Relaxed) >= target,
+        );
+    }
+}
+
+/// The async path allocates nothing per call in steady state either:
+/// futures, completion slots' wakers, the reactor's timers for their
+/// deadlines, and a cancelled request's slot.
+#[test]
+fn steady_state_async_calls_allocate_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut pair = Pair::start();
+    pair.async_round(1_000);
+    let allocs = pair.allocations(|p| p.async_round(N / 4));
+    assert_eq!(
+        allocs,
+        0,
+        "{allocs} allocations over {} async rounds (last of {} bytes)",
+        N / 4,
+        LAST_SIZE.load(Ordering::Relaxed)
+    );
     pair.stop();
 }

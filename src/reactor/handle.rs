@@ -19,6 +19,7 @@ use crate::protocol::Role;
 use crate::stats::{Counters, Stats};
 use crate::sync::buffers::BufferPool;
 use crate::sync::mailbox::{Mailbox, PushError};
+use crate::sync::timers::Timers;
 use crate::sync::{AtomicBool, AtomicUsize, Ordering};
 
 thread_local! {
@@ -76,6 +77,8 @@ pub(crate) struct ReactorShared {
     pub(super) connections: AtomicUsize,
     pub(super) config: Arc<Config>,
     pub(crate) stats: Counters,
+    /// The deadlines of async calls on this reactor's connections.
+    pub(super) timers: Timers,
 }
 
 impl Driver for ReactorShared {
@@ -107,6 +110,15 @@ impl Driver for ReactorShared {
 
     fn send_buffers(&self) -> &BufferPool {
         &self.send_buffers
+    }
+
+    fn timers(&self) -> &Timers {
+        &self.timers
+    }
+
+    fn wake(&self) {
+        // A failed wake-up leaves the reactor to its next sweep.
+        let _ = self.waker.wake();
     }
 }
 
@@ -298,6 +310,11 @@ impl ReactorHandle {
             // takes it.
             Err(_) => Ok(()),
         }
+    }
+
+    /// The reactor as its connections see it (its timers, its wake-up).
+    pub(crate) fn driver(&self) -> &dyn Driver {
+        &*self.shared
     }
 
     /// Asks the reactor to stop: it closes every connection gracefully

@@ -39,6 +39,7 @@ use crate::outbound::OUTBOUND_BUFFER;
 use crate::stats::Counters;
 use crate::sync::buffers::BufferPool;
 use crate::sync::mailbox::Mailbox;
+use crate::sync::timers::Timers;
 use crate::sync::{AtomicBool, AtomicUsize, Ordering};
 use crate::waiting::MESSAGE_POLL_INTERVAL;
 
@@ -148,6 +149,7 @@ impl Reactor {
                 connections: AtomicUsize::new(0),
                 config: config.clone(),
                 stats: Counters::default(),
+                timers: Timers::new(),
             }),
             conns: Slab::new(),
             commands: Vec::new(),
@@ -216,7 +218,14 @@ impl Reactor {
             if !self.shared.mailbox.prepare_sleep() {
                 wait = Duration::ZERO;
             }
+            // An async call's deadline may come before the next sweep.
+            let now_ns = now_nanos();
+            let until = now_ns.saturating_add(wait.as_nanos().min(u64::MAX as u128) as u64);
+            if let Some(at) = self.shared.timers.sleeping_until(until) {
+                wait = wait.min(Duration::from_nanos(at.saturating_sub(now_ns)));
+            }
             let polled = self.poll.poll(&mut self.events, Some(wait));
+            self.shared.timers.awake();
             self.shared.mailbox.awake();
             polled
         };
@@ -275,6 +284,7 @@ impl Reactor {
                 self.on_readable(key, false);
             }
         }
+        self.shared.timers.fire(now_nanos());
         if Instant::now() >= self.next_sweep {
             self.sweep();
             self.next_sweep = Instant::now() + self.tick;

@@ -27,6 +27,7 @@
 
 #![allow(unsafe_code)]
 
+use std::mem;
 use std::time::Instant;
 
 use super::atomic_waker::AtomicWaker;
@@ -133,6 +134,17 @@ impl Poller for () {
 #[must_use = "a pending request holds its slot until waited on or cancelled"]
 pub struct Pending<'a> {
     table: &'a CompletionTable,
+    ticket: Ticket,
+}
+
+/// A request's claim on its slot without a borrow of the table, for a
+/// future that owns its connection (and so the table), which it cannot
+/// also borrow. Every operation takes the table the ticket came from.
+/// Unlike [`Pending`], it does not cancel itself when dropped: its owner
+/// cancels it or takes its answer.
+#[must_use = "a ticket holds its slot until answered or cancelled"]
+#[derive(Debug)]
+pub struct Ticket {
     index: usize,
     generation: u32,
     done: bool,
@@ -183,7 +195,6 @@ impl CompletionTable {
     /// with [`Pending::poll_answer`]: no thread is unparked when the slot
     /// is filled (the thread that began the request is just some worker of
     /// an executor), only the task's waker is woken.
-    #[cfg_attr(not(loom), allow(dead_code))]
     pub fn begin_for_task(&self, buf: Vec<u8>) -> Result<Pending<'_>, (Error, Vec<u8>)> {
         self.begin_for(buf, None)
     }
@@ -234,12 +245,14 @@ impl CompletionTable {
             fence(Ordering::SeqCst);
             let mut pending = Pending {
                 table: self,
-                index,
-                generation,
-                done: false,
+                ticket: Ticket {
+                    index,
+                    generation,
+                    done: false,
+                },
             };
             if self.closed.load(Ordering::SeqCst) {
-                if let Some(buf) = pending.try_cancel() {
+                if let Some(buf) = pending.ticket.try_cancel(self) {
                     return Err((Error::Closed, buf));
                 }
                 // The sweep got there first; `wait` returns its error.
@@ -319,15 +332,24 @@ impl CompletionTable {
 impl<'a> Pending<'a> {
     /// The request's sequence number, to put on the wire.
     pub fn seq(&self) -> u32 {
-        self.table.space.encode(self.index, self.generation)
+        self.ticket.seq(self.table)
     }
 
-    fn slot(&self) -> &'a Slot {
-        &self.table.slots[self.index]
+    /// The claim without the borrow, for an owner that keeps the table
+    /// by other means (see [`Ticket`]).
+    pub fn into_ticket(mut self) -> Ticket {
+        let ticket = Ticket {
+            index: self.ticket.index,
+            generation: self.ticket.generation,
+            done: false,
+        };
+        // This `Pending` no longer owns the slot: its drop must not cancel.
+        self.ticket.done = true;
+        ticket
     }
 
     fn is_done(&self) -> bool {
-        state_of(self.slot().state.load(Ordering::Acquire)) == DONE
+        self.ticket.is_done(self.table)
     }
 
     /// Waits for the response (or failure), spinning `spins` times before
@@ -358,7 +380,7 @@ impl<'a> Pending<'a> {
         }
         loop {
             if self.is_done() {
-                return self.finish();
+                return self.ticket.take_answer(self.table);
             }
             match deadline {
                 None => {
@@ -369,7 +391,7 @@ impl<'a> Pending<'a> {
                 Some(deadline) => {
                     let now = Instant::now();
                     if now >= deadline {
-                        if let Some(buf) = self.try_cancel() {
+                        if let Some(buf) = self.ticket.try_cancel(self.table) {
                             return Err((Error::Timeout(TimeoutKind::Request), buf));
                         }
                         // A responder is filling the slot right now; it
@@ -435,39 +457,105 @@ impl<'a> Pending<'a> {
         poller.stop_spinning();
         // Taken here, not by the caller: the slot is this waiter's only
         // once it saw DONE.
-        answered.then(|| self.take_answer())
+        answered.then(|| self.ticket.take_answer(self.table))
     }
 
-    /// Polls for the answer, for a waiter that is a future: ready once the
-    /// slot is filled; otherwise `cx`'s waker is registered, and the
-    /// responder (or the close that fails the request) wakes it. Dropping
-    /// the `Pending` before it is ready cancels the request, as for a
-    /// thread. Not to be polled again once it returned ready.
-    // The async API builds on this; for now the loom models use it.
+    /// See [`Ticket::poll_answer`]. (The async API holds tickets; the
+    /// loom models poll through this.)
     #[cfg_attr(not(loom), allow(dead_code))]
     pub fn poll_answer(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Answer> {
-        debug_assert!(!self.done, "polled after it was ready");
-        if self.is_done() {
-            return std::task::Poll::Ready(self.take_answer());
-        }
-        self.slot().task.register(cx.waker());
-        // A fill that came between the check above and the registration
-        // found no waker to wake: look again.
-        if self.is_done() {
-            return std::task::Poll::Ready(self.take_answer());
-        }
-        std::task::Poll::Pending
+        self.ticket.poll_answer(self.table, cx)
     }
 
     /// Abandons the request and takes the buffer back. A response that
     /// arrives later is dropped.
     pub fn cancel(mut self) -> Vec<u8> {
+        let ticket = mem::replace(&mut self.ticket, Ticket::spent());
+        ticket.cancel(self.table)
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if !self.ticket.done {
+            // Dropped without waiting (a panic or an early return): free the
+            // slot so it is not leaked.
+            let ticket = mem::replace(&mut self.ticket, Ticket::spent());
+            drop(ticket.cancel(self.table));
+        }
+    }
+}
+
+impl Ticket {
+    /// A ticket that holds nothing (what a `Pending` keeps once it gave
+    /// its claim away).
+    fn spent() -> Ticket {
+        Ticket {
+            index: 0,
+            generation: 0,
+            done: true,
+        }
+    }
+
+    /// The request's sequence number, to put on the wire.
+    pub fn seq(&self, table: &CompletionTable) -> u32 {
+        table.space.encode(self.index, self.generation)
+    }
+
+    fn slot<'t>(&self, table: &'t CompletionTable) -> &'t Slot {
+        &table.slots[self.index]
+    }
+
+    fn is_done(&self, table: &CompletionTable) -> bool {
+        state_of(self.slot(table).state.load(Ordering::Acquire)) == DONE
+    }
+
+    /// Polls for the answer, for a waiter that is a future: ready once the
+    /// slot is filled; otherwise `cx`'s waker is registered, and the
+    /// responder (or the close that fails the request) wakes it. Not to be
+    /// polled again once it returned ready.
+    pub fn poll_answer(
+        &mut self,
+        table: &CompletionTable,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Answer> {
+        debug_assert!(!self.done, "polled after it was ready");
+        if self.is_done(table) {
+            return std::task::Poll::Ready(self.take_answer(table));
+        }
+        self.slot(table).task.register(cx.waker());
+        // A fill that came between the check above and the registration
+        // found no waker to wake: look again.
+        if self.is_done(table) {
+            return std::task::Poll::Ready(self.take_answer(table));
+        }
+        std::task::Poll::Pending
+    }
+
+    /// Gives up on the request at its deadline, for a waiter that is a
+    /// future: a request timeout with the buffer back, unless a responder
+    /// already claimed the slot (its answer, then, which came in time).
+    pub fn time_out(mut self, table: &CompletionTable) -> Answer {
         loop {
-            if let Some(buf) = self.try_cancel() {
+            if let Some(buf) = self.try_cancel(table) {
+                return Err((Error::Timeout(TimeoutKind::Request), buf));
+            }
+            if self.is_done(table) {
+                return self.take_answer(table);
+            }
+            spin_hint();
+        }
+    }
+
+    /// Abandons the request and takes the buffer back. A response that
+    /// arrives later is dropped.
+    pub fn cancel(mut self, table: &CompletionTable) -> Vec<u8> {
+        loop {
+            if let Some(buf) = self.try_cancel(table) {
                 return buf;
             }
-            if self.is_done() {
-                return match self.finish() {
+            if self.is_done(table) {
+                return match self.take_answer(table) {
                     Ok(buf) | Err((_, buf)) => buf,
                 };
             }
@@ -476,9 +564,9 @@ impl<'a> Pending<'a> {
     }
 
     /// Takes the slot back from WAITING, if no responder has claimed it.
-    fn try_cancel(&mut self) -> Option<Vec<u8>> {
-        let slot = self.slot();
-        slot.state
+    fn try_cancel(&mut self, table: &CompletionTable) -> Option<Vec<u8>> {
+        self.slot(table)
+            .state
             .compare_exchange(
                 pack(self.generation, WAITING),
                 pack(self.generation, RESERVED),
@@ -486,17 +574,13 @@ impl<'a> Pending<'a> {
                 Ordering::Relaxed,
             )
             .ok()?;
-        let (buf, _) = self.release();
+        let (buf, _) = self.release(table);
         Some(buf)
     }
 
-    fn finish(mut self) -> Result<Vec<u8>, (Error, Vec<u8>)> {
-        self.take_answer()
-    }
-
     /// Takes the answer of a DONE slot (the slot is freed).
-    fn take_answer(&mut self) -> Result<Vec<u8>, (Error, Vec<u8>)> {
-        let (buf, result) = self.release();
+    fn take_answer(&mut self, table: &CompletionTable) -> Result<Vec<u8>, (Error, Vec<u8>)> {
+        let (buf, result) = self.release(table);
         match result {
             None => Ok(buf),
             Some(e) => Err((e, buf)),
@@ -505,34 +589,26 @@ impl<'a> Pending<'a> {
 
     /// Empties the cells and frees the slot for its next generation. Only
     /// called by the owner (state RESERVED or DONE).
-    fn release(&mut self) -> (Vec<u8>, Option<Error>) {
-        let slot = self.slot();
+    fn release(&mut self, table: &CompletionTable) -> (Vec<u8>, Option<Error>) {
+        let slot = self.slot(table);
         // SAFETY: the caller owns the cells in RESERVED and DONE.
         let buf = slot.buf.with_mut(|p| unsafe { std::mem::take(&mut *p) });
         let result = slot.result.with_mut(|p| unsafe { (*p).take() });
         // A task's waker is not kept past its request.
         drop(slot.task.take());
-        let next = self.table.space.next_generation(self.generation);
+        let next = table.space.next_generation(self.generation);
         self.done = true;
-        self.table.in_flight.fetch_sub(1, Ordering::Relaxed);
+        table.in_flight.fetch_sub(1, Ordering::Relaxed);
         slot.state.store(pack(next, FREE), Ordering::Release);
         (buf, result)
     }
 }
 
-impl Drop for Pending<'_> {
+impl Drop for Ticket {
     fn drop(&mut self) {
-        if !self.done {
-            // Dropped without waiting (a panic or an early return): free the
-            // slot so it is not leaked.
-            let pending = Pending {
-                table: self.table,
-                index: self.index,
-                generation: self.generation,
-                done: false,
-            };
-            self.done = true;
-            drop(pending.cancel());
-        }
+        debug_assert!(
+            self.done || std::thread::panicking(),
+            "a ticket was dropped while its request was in flight: its slot leaks"
+        );
     }
 }

@@ -17,6 +17,8 @@
 //! - [`read_turn`]: whose turn it is to read a connection's socket, the
 //!   reactor's or a waiting caller's.
 //! - [`signal`]: the one-way shutdown flag.
+//! - [`timers`]: the deadlines of waiters that are futures, which their
+//!   reactor wakes when they pass.
 
 pub mod atomic_waker;
 pub mod buffers;
@@ -24,6 +26,7 @@ pub mod completion;
 pub mod mailbox;
 pub mod read_turn;
 pub mod signal;
+pub mod timers;
 
 #[cfg(not(loom))]
 mod imp {

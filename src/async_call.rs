@@ -1,0 +1,467 @@
+//! The async API's futures: a request, a send, a queued message or a reply
+//! on one connection, awaited from any executor.
+//!
+//! They run on the same reactors as the blocking calls and never block the
+//! thread that polls them: a request waits in its completion slot for the
+//! reactor to fill it and wake the task
+//! ([`Ticket::poll_answer`](crate::sync::completion::Ticket::poll_answer)),
+//! a frame waits for room or for its write on the outbound queue's list of
+//! tasks, and a deadline is kept by the connection's reactor
+//! ([`Timers`](crate::sync::timers::Timers)), so no executor timer is
+//! involved. A future does nothing until first polled (its deadline starts
+//! then) and cancels its call when dropped: a request frees its slot (a
+//! late response is dropped and can never reach another request), and a
+//! frame not yet queued is never sent. Each call allocates nothing in
+//! steady state.
+
+use std::future::Future;
+use std::mem;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use crate::clock::now_nanos;
+use crate::conn::{Connection, Driver};
+use crate::error::{CallOp, Error, Result, TimeoutKind};
+use crate::outbound::{Mode, QueueWait};
+use crate::stats::Counters;
+use crate::sync::completion::{Answer, Ticket};
+use crate::sync::timers::TimerKey;
+use crate::sync::Ordering;
+
+/// The async calls of a connection (here rather than in `conn.rs`, which
+/// the futures build on).
+impl Connection {
+    /// [`request`](Self::request) for async code: a future that resolves
+    /// once the response is in `response` (its capacity reused), within
+    /// the configured request timeout from its first poll (or its own:
+    /// [`RequestFuture::timeout`]). It never blocks the thread that polls
+    /// it, works under any executor, and allocates nothing per call in
+    /// steady state. Dropping it cancels the request: the slot is freed,
+    /// `response` is left empty with its capacity, and a late response is
+    /// dropped.
+    ///
+    /// ```no_run
+    /// # async fn run(conn: monte_rpc::Connection) -> monte_rpc::Result<()> {
+    /// let mut response = Vec::new();
+    /// conn.request_async(b"ping", &mut response).await?;
+    /// conn.request_async(b"again", &mut response)
+    ///     .timeout(Some(std::time::Duration::from_millis(50)))
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn request_async<'a>(
+        &'a self,
+        body: &'a [u8],
+        response: &'a mut Vec<u8>,
+    ) -> RequestFuture<'a> {
+        RequestFuture::new(self.clone(), body, response)
+    }
+
+    /// [`send`](Self::send) for async code: resolves once the frame is
+    /// written to the socket, within the send timeout from the first poll.
+    /// Dropped before its frame is queued, it sends nothing.
+    pub fn send_async<'a>(&'a self, body: &'a [u8]) -> SendFuture<'a> {
+        SendFuture::new(self.clone(), 0, body, CallOp::Send)
+    }
+
+    /// [`send_no_wait`](Self::send_no_wait) for async code: resolves once
+    /// the frame is queued, waiting for room (without blocking the thread)
+    /// while `max_queued_bytes` are queued, up to the send timeout.
+    pub fn send_no_wait_async<'a>(&'a self, body: &'a [u8]) -> SendFuture<'a> {
+        SendFuture::new(self.clone(), 0, body, CallOp::SendNoWait)
+    }
+
+    /// [`reply`](Self::reply) for async code: a deferred reply to the
+    /// peer's request `seq`, queued like
+    /// [`send_no_wait_async`](Self::send_no_wait_async).
+    pub fn reply_async<'a>(&'a self, seq: u32, body: &'a [u8]) -> SendFuture<'a> {
+        SendFuture::new(self.clone(), seq, body, CallOp::Reply)
+    }
+}
+
+/// An async call's deadline, and its timer on the connection's reactor
+/// while the call waits.
+#[derive(Debug)]
+pub(crate) struct Deadline {
+    timeout: Option<Duration>,
+    kind: TimeoutKind,
+    /// When it passes ([`now_nanos`]), from the first poll on.
+    at: Option<u64>,
+    timer: Option<TimerKey>,
+}
+
+impl Deadline {
+    pub(crate) fn new(timeout: Option<Duration>, kind: TimeoutKind) -> Self {
+        Deadline {
+            timeout,
+            kind,
+            at: None,
+            timer: None,
+        }
+    }
+
+    /// What is left of it (`None`: no deadline), zero once passed.
+    pub(crate) fn left(&self) -> Option<Duration> {
+        self.at
+            .map(|at| Duration::from_nanos(at.saturating_sub(now_nanos())))
+    }
+
+    /// The call begins: its timeout runs from now.
+    pub(crate) fn start(&mut self) {
+        self.at = self
+            .timeout
+            .map(|t| now_nanos().saturating_add(t.as_nanos().min(u64::MAX as u128) as u64));
+    }
+
+    pub(crate) fn passed(&self) -> bool {
+        self.at.is_some_and(|at| now_nanos() >= at)
+    }
+
+    /// The call waits: the reactor wakes `cx`'s task when the deadline
+    /// passes.
+    pub(crate) fn arm(&mut self, driver: &dyn Driver, cx: &Context<'_>) {
+        let Some(at) = self.at else { return };
+        let timers = driver.timers();
+        match self.timer {
+            Some(key) => timers.update(key, cx.waker()),
+            None => {
+                let (key, wake_reactor) = timers.insert(at, cx.waker());
+                self.timer = Some(key);
+                if wake_reactor {
+                    driver.wake();
+                }
+            }
+        }
+    }
+
+    pub(crate) fn disarm(&mut self, driver: &dyn Driver) {
+        if let Some(key) = self.timer.take() {
+            driver.timers().remove(key);
+        }
+    }
+}
+
+enum RequestStage {
+    /// Not polled yet.
+    Start,
+    /// Holds a slot; its frame waits for room in the queue.
+    Queuing(Ticket),
+    /// The frame is queued or written; the response is awaited.
+    Awaiting(Ticket),
+    /// Resolved (or dropped).
+    Done,
+}
+
+/// A request in flight, from
+/// [`Connection::request_async`](crate::Connection::request_async): resolves
+/// once the response is in the caller's buffer, or with the call's error.
+///
+/// Dropping it cancels the request: its slot is freed at once, the
+/// caller's buffer is given back (empty), and a response that arrives
+/// later is dropped.
+#[must_use = "futures do nothing unless polled"]
+pub struct RequestFuture<'a> {
+    /// Its own handle (a reference count), so the future needs no borrow
+    /// of the connection and its slot's ticket no borrow of the table.
+    conn: Connection,
+    body: &'a [u8],
+    response: &'a mut Vec<u8>,
+    mode: Mode,
+    stage: RequestStage,
+    deadline: Deadline,
+    queued: QueueWait,
+    /// Counted in the reactor's requests in flight.
+    counted: bool,
+}
+
+impl std::fmt::Debug for RequestFuture<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let stage = match self.stage {
+            RequestStage::Start => "start",
+            RequestStage::Queuing(_) => "queuing",
+            RequestStage::Awaiting(_) => "awaiting",
+            RequestStage::Done => "done",
+        };
+        f.debug_struct("RequestFuture")
+            .field("conn", &self.conn.id())
+            .field("stage", &stage)
+            .field("timeout", &self.deadline.timeout)
+            .finish()
+    }
+}
+
+impl<'a> RequestFuture<'a> {
+    pub(crate) fn new(conn: Connection, body: &'a [u8], response: &'a mut Vec<u8>) -> Self {
+        let deadline = Deadline::new(conn.config().request_timeout, TimeoutKind::Request);
+        RequestFuture {
+            conn,
+            body,
+            response,
+            mode: Mode::Direct { wait: false },
+            stage: RequestStage::Start,
+            deadline,
+            queued: QueueWait::default(),
+            counted: false,
+        }
+    }
+
+    /// Its own timeout in place of the configured
+    /// [`request_timeout`](crate::Config::request_timeout) (`None`: wait
+    /// until the response or the connection's end), from the first poll.
+    pub fn timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.deadline.timeout = timeout;
+        self
+    }
+
+    fn step(&mut self, cx: &mut Context<'_>) -> Poll<Answer> {
+        let conn = &self.conn;
+        let table = conn.requests();
+        loop {
+            match mem::replace(&mut self.stage, RequestStage::Done) {
+                RequestStage::Start => {
+                    self.deadline.start();
+                    let buf = mem::take(self.response);
+                    self.mode = match conn.checked_mode(self.body, self.mode) {
+                        Ok(mode) => mode,
+                        Err(e) => return Poll::Ready(Err((e, buf))),
+                    };
+                    let ticket = table.begin_for_task(buf)?.into_ticket();
+                    Counters::inc(&conn.driver().stats().requests_in_flight);
+                    self.counted = true;
+                    self.stage = RequestStage::Queuing(ticket);
+                }
+                RequestStage::Queuing(ticket) => {
+                    let out = conn.outbound();
+                    let seq = ticket.seq(table);
+                    match out.poll_submit(conn, seq, self.body, self.mode, &mut self.queued, cx) {
+                        Poll::Ready(Ok(_)) => self.stage = RequestStage::Awaiting(ticket),
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err((e, ticket.cancel(table)))),
+                        Poll::Pending if self.deadline.passed() => {
+                            return Poll::Ready(ticket.time_out(table))
+                        }
+                        Poll::Pending => {
+                            self.deadline.arm(conn.driver(), cx);
+                            self.stage = RequestStage::Queuing(ticket);
+                            return Poll::Pending;
+                        }
+                    }
+                }
+                RequestStage::Awaiting(mut ticket) => match ticket.poll_answer(table, cx) {
+                    Poll::Ready(answer) => return Poll::Ready(answer),
+                    Poll::Pending if self.deadline.passed() => {
+                        return Poll::Ready(ticket.time_out(table))
+                    }
+                    Poll::Pending => {
+                        self.deadline.arm(conn.driver(), cx);
+                        self.stage = RequestStage::Awaiting(ticket);
+                        return Poll::Pending;
+                    }
+                },
+                RequestStage::Done => panic!("RequestFuture polled after it resolved"),
+            }
+        }
+    }
+
+    /// Leaves every list the call is on.
+    fn end(&mut self) {
+        self.deadline.disarm(self.conn.driver());
+        self.conn.outbound().forget(&mut self.queued);
+        if mem::take(&mut self.counted) {
+            Counters::dec(&self.conn.driver().stats().requests_in_flight);
+        }
+    }
+}
+
+impl Future for RequestFuture<'_> {
+    type Output = Result<()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        let this = self.get_mut();
+        let answer = ready!(this.step(cx));
+        this.end();
+        Poll::Ready(match answer {
+            Ok(buf) => {
+                *this.response = buf;
+                Ok(())
+            }
+            Err((e, buf)) => {
+                *this.response = buf;
+                if matches!(e, Error::Timeout(TimeoutKind::Request)) {
+                    Counters::inc(&this.conn.driver().stats().requests_timed_out);
+                }
+                Err(e.calling(CallOp::Request, this.conn.peer_addr()))
+            }
+        })
+    }
+}
+
+impl Drop for RequestFuture<'_> {
+    fn drop(&mut self) {
+        match mem::replace(&mut self.stage, RequestStage::Done) {
+            RequestStage::Queuing(ticket) | RequestStage::Awaiting(ticket) => {
+                let mut buf = ticket.cancel(self.conn.requests());
+                buf.clear();
+                *self.response = buf;
+                self.end();
+            }
+            RequestStage::Start => self.response.clear(),
+            RequestStage::Done => {}
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum SendStage {
+    Start,
+    /// Waits for room in the queue.
+    Queuing,
+    /// Queued; waits until the queue is written up to here.
+    Writing(u64),
+    Done,
+}
+
+/// A frame on its way out, from
+/// [`Connection::send_async`](crate::Connection::send_async),
+/// [`send_no_wait_async`](crate::Connection::send_no_wait_async) or
+/// [`reply_async`](crate::Connection::reply_async): resolves once the frame
+/// is written (`send_async`) or queued (the others), within the send
+/// timeout from the first poll ([`Config::send_timeout`](crate::Config::send_timeout)).
+///
+/// Dropping it before the frame is queued means the frame is never sent;
+/// once queued, it is written whether or not the future is still there.
+#[must_use = "futures do nothing unless polled"]
+pub struct SendFuture<'a> {
+    conn: Connection,
+    body: &'a [u8],
+    seq: u32,
+    op: CallOp,
+    mode: Mode,
+    stage: SendStage,
+    deadline: Deadline,
+    queued: QueueWait,
+    /// Counted in the connection's calls in progress (the client pool's
+    /// load).
+    counted: bool,
+}
+
+impl std::fmt::Debug for SendFuture<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let stage = match self.stage {
+            SendStage::Start => "start",
+            SendStage::Queuing => "queuing",
+            SendStage::Writing(_) => "writing",
+            SendStage::Done => "done",
+        };
+        f.debug_struct("SendFuture")
+            .field("conn", &self.conn.id())
+            .field("op", &self.op)
+            .field("stage", &stage)
+            .finish()
+    }
+}
+
+impl<'a> SendFuture<'a> {
+    pub(crate) fn new(conn: Connection, seq: u32, body: &'a [u8], op: CallOp) -> Self {
+        let mode = match op {
+            CallOp::Send => Mode::Direct { wait: true },
+            _ => Mode::Queue,
+        };
+        let deadline = Deadline::new(conn.config().send_timeout, TimeoutKind::Write);
+        SendFuture {
+            conn,
+            body,
+            seq,
+            op,
+            mode,
+            stage: SendStage::Start,
+            deadline,
+            queued: QueueWait::default(),
+            counted: false,
+        }
+    }
+
+    /// Its own timeout in place of the send timeout, from the first poll.
+    pub(crate) fn timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.deadline.timeout = timeout;
+        self
+    }
+
+    fn step(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        let conn = &self.conn;
+        let out = conn.outbound();
+        loop {
+            let waiting = match self.stage {
+                SendStage::Start => {
+                    self.deadline.start();
+                    self.mode = conn.checked_mode(self.body, self.mode)?;
+                    conn.shared.active_calls.fetch_add(1, Ordering::Relaxed);
+                    self.counted = true;
+                    self.stage = SendStage::Queuing;
+                    continue;
+                }
+                SendStage::Queuing => {
+                    match out.poll_submit(
+                        conn,
+                        self.seq,
+                        self.body,
+                        self.mode,
+                        &mut self.queued,
+                        cx,
+                    ) {
+                        Poll::Ready(Ok(None)) => return Poll::Ready(Ok(())),
+                        Poll::Ready(Ok(Some(end))) => {
+                            self.stage = SendStage::Writing(end);
+                            continue;
+                        }
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Pending => Poll::Pending,
+                    }
+                }
+                SendStage::Writing(end) => out.poll_written(end, &mut self.queued, cx),
+                SendStage::Done => panic!("SendFuture polled after it resolved"),
+            };
+            return match waiting {
+                Poll::Ready(result) => Poll::Ready(result),
+                Poll::Pending if self.deadline.passed() => {
+                    Poll::Ready(Err(Error::Timeout(self.deadline.kind)))
+                }
+                Poll::Pending => {
+                    self.deadline.arm(conn.driver(), cx);
+                    Poll::Pending
+                }
+            };
+        }
+    }
+
+    fn end(&mut self) {
+        self.stage = SendStage::Done;
+        self.deadline.disarm(self.conn.driver());
+        self.conn.outbound().forget(&mut self.queued);
+        if mem::take(&mut self.counted) {
+            self.conn
+                .shared
+                .active_calls
+                .fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Future for SendFuture<'_> {
+    type Output = Result<()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        let this = self.get_mut();
+        let result = ready!(this.step(cx));
+        this.end();
+        Poll::Ready(result.map_err(|e| e.calling(this.op, this.conn.peer_addr())))
+    }
+}
+
+impl Drop for SendFuture<'_> {
+    fn drop(&mut self) {
+        if !matches!(self.stage, SendStage::Start | SendStage::Done) {
+            self.end();
+        }
+    }
+}

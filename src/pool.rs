@@ -1,0 +1,352 @@
+//! A client's connections: choosing one for a call, and dialling more
+//! while all are busy and fewer than `max_conns` are open, one dial at a
+//! time, with a backoff after a failed one. A blocking call dials on its
+//! own thread; an async call never blocks, so a dial it needs runs on a
+//! thread the pool starts for it (and joins), and async calls with no
+//! connection to use wait for that dial on a list of tasks to wake.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use slab::Slab;
+
+use crate::clock::CallDeadline;
+use crate::config::Config;
+use crate::conn::Connection;
+use crate::error::{DialPhase, Error, Result};
+use crate::handler::Handler;
+use crate::sync::signal::ShutdownSignal;
+use crate::sync::{lock, read, write, Mutex, RwLock};
+use crate::workers::Workers;
+
+/// The pool; shared with the thread of an async call's dial.
+pub(crate) struct Pool {
+    pub(crate) addr: SocketAddr,
+    pub(crate) config: Config,
+    handler: Arc<dyn Handler>,
+    pub(crate) workers: Workers,
+    /// Read by every call, written only when a connection joins or
+    /// leaves: callers choosing a connection never wait on each other.
+    conns: RwLock<Vec<Connection>>,
+    /// Serialises dialling, so a burst of callers grows the pool one
+    /// connection at a time instead of dialling past `max_conns`. Holds the
+    /// last failed dial, so callers that queued behind it, and calls during
+    /// the backoff after it, fail with it instead of each dialling again.
+    dial_lock: Mutex<DialState>,
+    /// The dial made for async calls, and the calls waiting for it.
+    async_dial: Mutex<AsyncDial>,
+    pub(crate) signal: ShutdownSignal,
+}
+
+/// The dial made on behalf of async calls.
+#[derive(Default)]
+struct AsyncDial {
+    /// Its thread, joined by the next dial or by shutdown.
+    thread: Option<std::thread::JoinHandle<()>>,
+    running: bool,
+    /// Async calls with no connection to use, woken when a dial ends
+    /// (whoever made it). Entries are reused.
+    waiters: Slab<Option<Waker>>,
+}
+
+/// An async call's place on the list of calls waiting for a dial; given
+/// back with [`Pool::forget`].
+#[derive(Debug, Default)]
+pub(crate) struct DialWait(Option<usize>);
+
+/// What the last dials left, under the dial lock.
+#[derive(Default)]
+struct DialState {
+    /// The last dial, if it failed.
+    failed: Option<FailedDial>,
+    /// Dials failed in a row, 0 after one that succeeds: each doubles the
+    /// backoff.
+    failures: u32,
+}
+
+/// A failed dial, and the backoff after it.
+struct FailedDial {
+    /// When it failed.
+    at: Instant,
+    /// Until when calls fail with its error instead of dialling.
+    until: Instant,
+    error: Error,
+}
+
+impl DialState {
+    /// Records a failed dial and starts the backoff after it:
+    /// `config.dial_backoff`, doubled for each earlier failure in a row, at
+    /// most `config.dial_backoff_max`.
+    fn failed(&mut self, error: Error, config: &Config) {
+        self.failures = self.failures.saturating_add(1);
+        let doublings = (self.failures - 1).min(30);
+        let backoff = config
+            .dial_backoff
+            .saturating_mul(1 << doublings)
+            .min(config.dial_backoff_max);
+        let at = Instant::now();
+        self.failed = Some(FailedDial {
+            at,
+            until: at.checked_add(backoff).unwrap_or(at),
+            error,
+        });
+    }
+
+    /// Records a dial that succeeded: the backoff starts afresh.
+    fn succeeded(&mut self) {
+        *self = DialState::default();
+    }
+}
+
+/// What waiting for another caller's dial gave.
+enum Waited<'a> {
+    Dialled(Connection),
+    Lock(crate::sync::MutexGuard<'a, DialState>),
+}
+
+impl Pool {
+    pub(crate) fn new(
+        addr: SocketAddr,
+        config: Config,
+        handler: Arc<dyn Handler>,
+        workers: Workers,
+    ) -> Pool {
+        Pool {
+            addr,
+            config,
+            handler,
+            workers,
+            conns: RwLock::new(Vec::new()),
+            dial_lock: Mutex::new(DialState::default()),
+            async_dial: Mutex::new(AsyncDial::default()),
+            signal: ShutdownSignal::new(),
+        }
+    }
+
+    /// Open connections.
+    pub(crate) fn open(&self) -> usize {
+        read(&self.conns).iter().filter(|c| !c.is_closed()).count()
+    }
+
+    /// Picks a connection with nothing in progress, else the least loaded
+    /// one, dialling a new one while under `max_conns` and all are busy.
+    /// The dial, or the wait for another caller's, ends by `deadline`.
+    pub(crate) fn pick(&self, deadline: Option<CallDeadline>) -> Result<Connection> {
+        if let Some(conn) = self.choose(false) {
+            return Ok(conn);
+        }
+        // All busy (or none) and room for more. One caller dials at a time;
+        // the others use the least loaded connection meanwhile, or wait for
+        // the dial if there is none.
+        let (mut dialling, queued_at) = match self.dial_lock.try_lock() {
+            Ok(guard) => (guard, None),
+            Err(_) => match self.choose(true) {
+                Some(conn) => return Ok(conn),
+                None => {
+                    let queued_at = Instant::now();
+                    let guard = match self.wait_for_dial(deadline)? {
+                        Waited::Dialled(conn) => return Ok(conn),
+                        Waited::Lock(guard) => guard,
+                    };
+                    // The dial this caller queued behind: its connection,
+                    // or (below) its failure, without a dial of our own.
+                    if let Some(conn) = self.choose(true) {
+                        return Ok(conn);
+                    }
+                    (guard, Some(queued_at))
+                }
+            },
+        };
+        if let Some(conn) = self.choose(false) {
+            return Ok(conn);
+        }
+        if let Some(failed) = &dialling.failed {
+            // Backing off after a failed dial, or queued behind that very
+            // dial: no dial of our own. A busy connection if there is one,
+            // else that dial's error.
+            if Instant::now() < failed.until || queued_at.is_some_and(|q| failed.at >= q) {
+                return self.choose(true).ok_or_else(|| failed.error.clone());
+            }
+        }
+        let dialled = self
+            .workers
+            .pick()
+            .dial_within(self.addr, self.handler.clone(), deadline);
+        let result = match dialled {
+            Ok(conn) if self.signal.is_closed() => {
+                conn.close();
+                Err(Error::Closed)
+            }
+            Ok(conn) => {
+                dialling.succeeded();
+                // Joined to the pool before the dial lock is released, so
+                // the next dialler sees it and stays within `max_conns`.
+                write(&self.conns).push(conn.clone());
+                Ok(conn)
+            }
+            Err(e) => {
+                dialling.failed(e.clone(), &self.config);
+                self.choose(true).ok_or(e)
+            }
+        };
+        // Async calls waiting for a connection look again, with the dial
+        // lock free.
+        drop(dialling);
+        self.wake_dial_waiters();
+        result
+    }
+
+    /// Waits for the dial another caller is making: polls (the wait is
+    /// rare and short) for its connection or for the dial lock, until
+    /// `deadline`.
+    fn wait_for_dial(&self, deadline: Option<CallDeadline>) -> Result<Waited<'_>> {
+        loop {
+            match self.dial_lock.try_lock() {
+                Ok(guard) => return Ok(Waited::Lock(guard)),
+                Err(std::sync::TryLockError::Poisoned(p)) => {
+                    return Ok(Waited::Lock(p.into_inner()))
+                }
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
+            if let Some(conn) = self.choose(true) {
+                return Ok(Waited::Dialled(conn));
+            }
+            if let Some(d) = deadline.filter(|d| Instant::now() >= d.at) {
+                return Err(Error::Timeout(d.kind).dialling(self.addr, DialPhase::Queued));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// The least loaded open connection, dropping closed ones from the
+    /// pool. Unless `any`, only if it is idle or the pool is full.
+    pub(crate) fn choose(&self, any: bool) -> Option<Connection> {
+        let pool = read(&self.conns);
+        if pool.iter().any(|c| c.is_closed()) {
+            drop(pool);
+            write(&self.conns).retain(|c| !c.is_closed());
+            return self.choose(any);
+        }
+        let full = pool.len() >= self.config.max_conns.max(1);
+        let (conn, load) = pool
+            .iter()
+            .map(|c| (c, c.load()))
+            .min_by_key(|&(_, load)| load)?;
+        (any || full || load == 0).then(|| conn.clone())
+    }
+
+    /// [`pick`](Self::pick) for an async call, which must not block: an
+    /// idle connection, else a busy one while a dial for more runs on a
+    /// thread of the pool's, else (none open) pending until a dial ends.
+    /// A dial's failure fails the calls that waited since `since`, and
+    /// during the backoff after it, the calls that find no connection.
+    pub(crate) fn poll_pick(
+        self: &Arc<Self>,
+        since: Instant,
+        wait: &mut DialWait,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Connection>> {
+        if let Some(conn) = self.choose(false) {
+            self.forget(wait);
+            return Poll::Ready(Ok(conn));
+        }
+        let mut dial = lock(&self.async_dial);
+        if self.signal.is_closed() {
+            Self::unregister(&mut dial, wait);
+            return Poll::Ready(Err(Error::Closed));
+        }
+        // Under the lock a dial's end wakes its waiters under: a dial that
+        // ended before this look left its connection in the pool.
+        let busy = self.choose(true);
+        if !dial.running {
+            match self.dial_lock.try_lock() {
+                Ok(state) => {
+                    let failed = state
+                        .failed
+                        .as_ref()
+                        .filter(|failed| Instant::now() < failed.until || failed.at >= since);
+                    if let Some(failed) = failed {
+                        Self::unregister(&mut dial, wait);
+                        return Poll::Ready(busy.ok_or_else(|| failed.error.clone()));
+                    }
+                    drop(state);
+                    if let Err(e) = self.start_async_dial(&mut dial) {
+                        Self::unregister(&mut dial, wait);
+                        return Poll::Ready(busy.ok_or(e));
+                    }
+                }
+                // A blocking call is dialling; its end wakes us.
+                Err(std::sync::TryLockError::WouldBlock) => {}
+                Err(std::sync::TryLockError::Poisoned(_)) => {}
+            }
+        }
+        if let Some(conn) = busy {
+            Self::unregister(&mut dial, wait);
+            return Poll::Ready(Ok(conn));
+        }
+        match wait.0 {
+            Some(key) => dial.waiters[key] = Some(cx.waker().clone()),
+            None => wait.0 = Some(dial.waiters.insert(Some(cx.waker().clone()))),
+        }
+        Poll::Pending
+    }
+
+    /// Starts the dial for async calls on a thread of its own (the last
+    /// one's, finished, is joined first).
+    fn start_async_dial(self: &Arc<Self>, dial: &mut AsyncDial) -> Result<()> {
+        if let Some(done) = dial.thread.take() {
+            let _ = done.join();
+        }
+        let pool = self.clone();
+        let thread = std::thread::Builder::new()
+            .name("monte-rpc-dial".into())
+            .spawn(move || {
+                // Bounded by the dial's own timeouts; the calls waiting for
+                // it keep their deadlines.
+                let _ = pool.pick(None);
+                lock(&pool.async_dial).running = false;
+                pool.wake_dial_waiters();
+            })?;
+        dial.thread = Some(thread);
+        dial.running = true;
+        Ok(())
+    }
+
+    fn wake_dial_waiters(&self) {
+        let mut dial = lock(&self.async_dial);
+        for (_, waiter) in dial.waiters.iter_mut() {
+            if let Some(waker) = waiter.take() {
+                waker.wake();
+            }
+        }
+    }
+
+    fn unregister(dial: &mut AsyncDial, wait: &mut DialWait) {
+        if let Some(key) = wait.0.take() {
+            dial.waiters.remove(key);
+        }
+    }
+
+    /// An async call stopped waiting for a dial (it ended or was dropped).
+    pub(crate) fn forget(&self, wait: &mut DialWait) {
+        if wait.0.is_some() {
+            Self::unregister(&mut lock(&self.async_dial), wait);
+        }
+    }
+
+    /// Shutdown's last steps, once calls had their grace: joins the async
+    /// calls' dial (bounded by the dial timeouts), stops the reactors
+    /// (which fails whatever still waits on a connection), wakes async
+    /// calls still waiting for a dial, and empties the pool.
+    pub(crate) fn close(&self) {
+        let thread = lock(&self.async_dial).thread.take();
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
+        self.workers.stop_and_join();
+        self.wake_dial_waiters();
+        write(&self.conns).clear();
+    }
+}

@@ -1,0 +1,487 @@
+//! The async API under three executors: tokio's multi-thread and
+//! current-thread runtimes and `futures::executor::block_on` (no timer at
+//! all). Many futures at once, drop-cancellation under load, deadlines
+//! kept with no executor timer, and shutdown while futures are pending.
+
+mod common;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{wait_until, within};
+use monte_rpc::{Client, Config, Connection, Context, Error, Server, TimeoutKind};
+
+/// A server that echoes every request's body, and counts one-way
+/// messages.
+fn echo_server(config: Config) -> (Server, Arc<AtomicU64>) {
+    let messages = Arc::new(AtomicU64::new(0));
+    let seen = messages.clone();
+    let server = Server::bind("127.0.0.1:0", config, move |ctx: &mut Context<'_>| {
+        if ctx.expects_reply() {
+            let body = ctx.body().to_vec();
+            let _ = ctx.reply(&body);
+        } else {
+            seen.fetch_add(1, Ordering::Relaxed);
+        }
+    })
+    .unwrap();
+    (server, messages)
+}
+
+/// A server that answers each request after `delay` (its replies made
+/// from a thread of its own, through the connection), or never if `None`.
+fn slow_server(delay: Option<Duration>) -> Server {
+    let (tx, rx) = mpsc::channel::<(Connection, u32, Vec<u8>, Instant)>();
+    let tx = Mutex::new(tx);
+    std::thread::spawn(move || {
+        while let Ok((conn, seq, body, due)) = rx.recv() {
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            let _ = conn.reply(seq, &body);
+        }
+    });
+    Server::bind(
+        "127.0.0.1:0",
+        Config::server(),
+        move |ctx: &mut Context<'_>| {
+            if let Some(delay) = delay {
+                let job = (
+                    ctx.conn().clone(),
+                    ctx.seq(),
+                    ctx.body().to_vec(),
+                    Instant::now() + delay,
+                );
+                let _ = tx.lock().unwrap().send(job);
+            }
+        },
+    )
+    .unwrap()
+}
+
+fn multi_thread() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn current_thread() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn assert_send<T: Send>(_: &T) {}
+
+/// Every future of the API is `Send`, so it can be spawned on a
+/// multi-thread executor.
+#[test]
+fn futures_are_send() {
+    let (server, _) = echo_server(Config::server());
+    let client = Client::new(server.local_addr(), Config::default()).unwrap();
+    let mut response = Vec::new();
+    assert_send(&client.request_async(b"x", &mut response));
+    assert_send(&client.send_async(b"x"));
+    assert_send(&client.send_no_wait_async(b"x"));
+    client.shutdown();
+    server.shutdown();
+}
+
+/// `block_on` has no timer and no reactor of its own: the calls still
+/// complete, the first one dialling without blocking the polling thread.
+#[test]
+fn calls_complete_under_block_on() {
+    within(30, || {
+        let (server, messages) = echo_server(Config::server());
+        let client = Client::new(server.local_addr(), Config::default()).unwrap();
+        futures::executor::block_on(async {
+            let mut response = Vec::new();
+            for i in 0..200u32 {
+                let body = i.to_be_bytes();
+                client.request_async(&body, &mut response).await.unwrap();
+                assert_eq!(response, body);
+            }
+            for _ in 0..100 {
+                client.send_async(b"sent").await.unwrap();
+                client.send_no_wait_async(b"queued").await.unwrap();
+            }
+        });
+        assert!(wait_until(Duration::from_secs(5), || messages
+            .load(Ordering::Relaxed)
+            == 200));
+        client.shutdown();
+        server.shutdown();
+    });
+}
+
+/// Many tasks with requests in flight at once on few connections: each
+/// gets its own response.
+fn many_concurrent(runtime: tokio::runtime::Runtime, tasks: u32, per_task: u32) {
+    let (server, _) = echo_server(Config::server());
+    let client =
+        Arc::new(Client::new(server.local_addr(), Config::default().max_conns(2)).unwrap());
+    runtime.block_on(async {
+        let mut handles = Vec::new();
+        for t in 0..tasks {
+            let client = client.clone();
+            handles.push(tokio::spawn(async move {
+                let mut response = Vec::new();
+                for i in 0..per_task {
+                    let body = [t.to_be_bytes(), i.to_be_bytes()].concat();
+                    client.request_async(&body, &mut response).await.unwrap();
+                    assert_eq!(response, body);
+                }
+            }));
+        }
+        for h in handles {
+            h.await.unwrap();
+        }
+    });
+    let stats = client.stats();
+    assert_eq!(stats.requests_in_flight, 0, "{stats}");
+    client.shutdown();
+    server.shutdown();
+}
+
+#[test]
+fn many_concurrent_futures_multi_thread() {
+    within(60, || many_concurrent(multi_thread(), 64, 200));
+}
+
+#[test]
+fn many_concurrent_futures_current_thread() {
+    within(60, || many_concurrent(current_thread(), 64, 200));
+}
+
+/// Requests dropped before their responses, among requests that wait for
+/// theirs: every completed request gets its own body back (a late
+/// response never reaches a later request), and every slot comes back.
+fn drop_cancellation_under_load(runtime: tokio::runtime::Runtime) {
+    let server = slow_server(Some(Duration::from_millis(2)));
+    let client =
+        Arc::new(Client::new(server.local_addr(), Config::default().max_conns(1)).unwrap());
+    let completed = Arc::new(AtomicUsize::new(0));
+    let cancelled = Arc::new(AtomicUsize::new(0));
+    runtime.block_on(async {
+        let mut handles = Vec::new();
+        for t in 0..16u32 {
+            let (client, completed, cancelled) =
+                (client.clone(), completed.clone(), cancelled.clone());
+            handles.push(tokio::spawn(async move {
+                let mut response = Vec::with_capacity(64);
+                for i in 0..100u32 {
+                    let body = [t.to_be_bytes(), i.to_be_bytes()].concat();
+                    if (t + i) % 3 == 0 {
+                        // Dropped while its response is 2 ms away.
+                        let call = client.request_async(&body, &mut response);
+                        let raced = tokio::time::timeout(Duration::from_micros(300), call).await;
+                        if raced.is_err() {
+                            cancelled.fetch_add(1, Ordering::Relaxed);
+                            assert!(response.is_empty(), "a cancelled request leaves it empty");
+                            assert!(response.capacity() >= 64, "and keeps its capacity");
+                        }
+                    } else {
+                        client.request_async(&body, &mut response).await.unwrap();
+                        assert_eq!(
+                            response, body,
+                            "task {t} request {i} got another's response"
+                        );
+                        completed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        for h in handles {
+            h.await.unwrap();
+        }
+    });
+    assert!(
+        cancelled.load(Ordering::Relaxed) > 100,
+        "too few were cancelled to test anything"
+    );
+    assert!(completed.load(Ordering::Relaxed) >= 1000);
+    let stats = client.stats();
+    assert_eq!(stats.requests_in_flight, 0, "{stats}");
+    client.shutdown();
+    server.shutdown();
+}
+
+#[test]
+fn drop_cancellation_under_load_multi_thread() {
+    within(60, || drop_cancellation_under_load(multi_thread()));
+}
+
+#[test]
+fn drop_cancellation_under_load_current_thread() {
+    within(60, || drop_cancellation_under_load(current_thread()));
+}
+
+/// A cancelled request's slot is free at once: with one slot, the next
+/// request gets it and its own response, not the late one.
+#[test]
+fn a_late_response_never_reaches_the_next_request() {
+    within(30, || {
+        let server = slow_server(Some(Duration::from_millis(100)));
+        let client = Client::new(server.local_addr(), Config::default().max_in_flight(1)).unwrap();
+        futures::executor::block_on(async {
+            let mut response = Vec::new();
+            // Dial first, so the cancelled request is really in flight.
+            client.send_async(b"").await.unwrap();
+            {
+                let mut first = Box::pin(client.request_async(b"first", &mut response));
+                assert!(futures::poll!(first.as_mut()).is_pending());
+            }
+            client
+                .request_async(b"second", &mut response)
+                .await
+                .unwrap();
+            assert_eq!(response, b"second");
+        });
+        client.shutdown();
+        server.shutdown();
+    });
+}
+
+/// The request timeout holds under an executor with no timer: the
+/// connection's reactor wakes the future.
+#[test]
+fn request_deadline_without_an_executor_timer() {
+    within(30, || {
+        let server = slow_server(None);
+        let client = Client::new(
+            server.local_addr(),
+            Config::default().request_timeout(Some(Duration::from_secs(1))),
+        )
+        .unwrap();
+        futures::executor::block_on(async {
+            let mut response = Vec::new();
+            client.send_async(b"").await.unwrap(); // dialled
+            for timeout in [Duration::from_millis(150), Duration::from_millis(40)] {
+                let started = Instant::now();
+                let e = client
+                    .request_async(b"never answered", &mut response)
+                    .timeout(Some(timeout))
+                    .await
+                    .unwrap_err();
+                let took = started.elapsed();
+                assert_eq!(e.timeout_kind(), Some(TimeoutKind::Request), "{e}");
+                assert!(took >= timeout, "{took:?} < {timeout:?}");
+                assert!(took < timeout + Duration::from_millis(500), "{took:?}");
+            }
+            // The configured timeout, on the connection's own future.
+            let started = Instant::now();
+            let e = client
+                .request_async(b"never answered", &mut response)
+                .await
+                .unwrap_err();
+            assert_eq!(e.timeout_kind(), Some(TimeoutKind::Request), "{e}");
+            assert!(started.elapsed() >= Duration::from_secs(1));
+            assert!(started.elapsed() < Duration::from_millis(1800));
+        });
+        assert_eq!(client.stats().requests_timed_out, 3);
+        client.shutdown();
+        server.shutdown();
+    });
+}
+
+/// A peer that stops reading fills the queue: `send_no_wait_async` waits
+/// for room without blocking its thread, and fails at the send timeout.
+#[test]
+fn waiting_for_room_ends_at_the_send_timeout() {
+    within(30, || {
+        // A listener that accepts at the TCP level and never reads: the
+        // handshake never completes, so use a server whose handler blocks
+        // the reactor instead: its socket buffers fill.
+        let (gate_tx, gate_rx) = mpsc::channel::<()>();
+        let gate = Mutex::new(gate_rx);
+        let server = Server::bind(
+            "127.0.0.1:0",
+            Config::server().workers(1),
+            move |_ctx: &mut Context<'_>| {
+                let _ = gate.lock().unwrap().recv_timeout(Duration::from_secs(10));
+            },
+        )
+        .unwrap();
+        let client = Client::new(
+            server.local_addr(),
+            Config::default()
+                .max_queued_bytes(64 << 10)
+                .send_timeout(Some(Duration::from_millis(300))),
+        )
+        .unwrap();
+        let body = vec![7u8; 16 << 10];
+        let outcome = futures::executor::block_on(async {
+            let started = Instant::now();
+            loop {
+                if let Err(e) = client.send_no_wait_async(&body).await {
+                    return (e, started.elapsed());
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "never filled up"
+                );
+            }
+        });
+        let (e, _) = outcome;
+        assert_eq!(e.timeout_kind(), Some(TimeoutKind::Write), "{e}");
+        drop(gate_tx);
+        client.shutdown();
+        server.shutdown();
+    });
+}
+
+/// Shutdown with futures pending on several executors' tasks: every one
+/// resolves with `Closed`, none hangs.
+#[test]
+fn shutdown_resolves_pending_futures() {
+    within(30, || {
+        let server = slow_server(None);
+        let client = Arc::new(
+            Client::new(
+                server.local_addr(),
+                Config::default().request_timeout(None).max_conns(2),
+            )
+            .unwrap(),
+        );
+        let runtime = multi_thread();
+        let mut handles = Vec::new();
+        for _ in 0..32 {
+            let client = client.clone();
+            handles.push(runtime.spawn(async move {
+                let mut response = Vec::new();
+                client.request_async(b"never answered", &mut response).await
+            }));
+        }
+        assert!(wait_until(Duration::from_secs(10), || client
+            .stats()
+            .requests_in_flight
+            == 32));
+        let shut = client.clone();
+        let shutting = std::thread::spawn(move || shut.shutdown());
+        for h in handles {
+            let e = runtime.block_on(h).unwrap().unwrap_err();
+            assert!(matches!(e.root_cause(), Error::Closed), "{e}");
+        }
+        shutting.join().unwrap();
+        server.shutdown();
+    });
+}
+
+/// With nothing listening, a first async call fails with the dial's error,
+/// and calls during the backoff fail at once with the same.
+#[test]
+fn a_failed_async_dial_fails_the_calls_waiting_for_it() {
+    within(30, || {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let client = Client::new(addr, Config::default().dial_attempts(1)).unwrap();
+        futures::executor::block_on(async {
+            let mut response = Vec::new();
+            let e = client.request_async(b"x", &mut response).await.unwrap_err();
+            assert!(matches!(e, Error::Dial { .. }), "{e}");
+            let started = Instant::now();
+            let again = client.send_async(b"x").await.unwrap_err();
+            assert!(matches!(again, Error::Dial { .. }), "{again}");
+            assert!(started.elapsed() < Duration::from_millis(50));
+        });
+        client.shutdown();
+    });
+}
+
+/// A connection's own futures, from a handler's `Connection` on the
+/// server side: requests to the client, answered by the client's handler.
+#[test]
+fn a_servers_connection_requests_the_client() {
+    within(30, || {
+        let (conn_tx, conn_rx) = mpsc::channel::<Connection>();
+        let conn_tx = Mutex::new(conn_tx);
+        let server = Server::bind(
+            "127.0.0.1:0",
+            Config::server(),
+            move |ctx: &mut Context<'_>| {
+                let _ = conn_tx.lock().unwrap().send(ctx.conn().clone());
+                let _ = ctx.reply(b"ok");
+            },
+        )
+        .unwrap();
+        let client = Client::with_handler(
+            server.local_addr(),
+            Config::default(),
+            |ctx: &mut Context<'_>| {
+                let mut body = ctx.body().to_vec();
+                body.reverse();
+                let _ = ctx.reply(&body);
+            },
+        )
+        .unwrap();
+        let mut response = Vec::new();
+        client.request(b"hello", &mut response).unwrap();
+        let conn = conn_rx.recv().unwrap();
+        current_thread().block_on(async {
+            let mut handles = Vec::new();
+            for i in 0..8u32 {
+                let conn = conn.clone();
+                handles.push(tokio::spawn(async move {
+                    let mut response = Vec::new();
+                    for j in 0..100u32 {
+                        let body = [i.to_be_bytes(), j.to_be_bytes()].concat();
+                        conn.request_async(&body, &mut response).await.unwrap();
+                        let mut reversed = body.clone();
+                        reversed.reverse();
+                        assert_eq!(response, reversed);
+                    }
+                    conn.send_no_wait_async(b"done").await.unwrap();
+                }));
+            }
+            for h in handles {
+                h.await.unwrap();
+            }
+        });
+        assert_eq!(conn.in_flight(), 0);
+        client.shutdown();
+        server.shutdown();
+    });
+}
+
+/// Drives `fut` to completion while counting how many times it was
+/// polled (a future that spins on its waker would be polled thousands of
+/// times for a slow answer).
+#[test]
+fn a_waiting_future_is_not_polled_in_a_loop() {
+    within(30, || {
+        let server = slow_server(Some(Duration::from_millis(200)));
+        let client = Client::new(server.local_addr(), Config::default()).unwrap();
+        futures::executor::block_on(async {
+            client.send_async(b"").await.unwrap();
+            let mut response = Vec::new();
+            let polls = AtomicUsize::new(0);
+            let call = client.request_async(b"slow", &mut response);
+            CountPolls(Box::pin(call), &polls).await.unwrap();
+            assert!(
+                polls.load(Ordering::Relaxed) <= 5,
+                "polled {} times",
+                polls.load(Ordering::Relaxed)
+            );
+        });
+        client.shutdown();
+        server.shutdown();
+    });
+}
+
+struct CountPolls<'a, F>(std::pin::Pin<Box<F>>, &'a AtomicUsize);
+
+impl<F: Future> Future for CountPolls<'_, F> {
+    type Output = F::Output;
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        self.1.fetch_add(1, Ordering::Relaxed);
+        self.0.as_mut().poll(cx)
+    }
+}
