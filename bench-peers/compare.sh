@@ -53,6 +53,7 @@ for cfg in $CONFIGS; do
 done
 
 BENCHES="Send SendNoWait Request ParallelSend ParallelSendNoWait ParallelRequest"
+BENCHES="$BENCHES AsyncRequest AsyncParallelRequest"
 REFS=""
 [ "$BASELINES" = 1 ] && REFS="RawPingPong RawStream"
 

@@ -1,4 +1,4 @@
-//! The peer in the same run: `examples/tools/bench.rs`'s six client benchmarks
+//! The peer in the same run: `examples/tools/bench.rs`'s eight client benchmarks
 //! over tokio + tokio-rustls, printed in the same Go-style format plus a
 //! CPU column.
 //!
@@ -27,6 +27,9 @@
 //!   `Request` use one caller and one connection; the `Parallel*` ones
 //!   cores × 4 callers (`MONTE_CALLERS`) over 4 connections
 //!   (`MONTE_MAX_CONNS`), as examples/tools/bench.rs does with its `Client`.
+//!   `AsyncRequest` is `Request` again (every call here is a task), and
+//!   `AsyncParallelRequest` 8 caller tasks on one connection, the
+//!   counterparts of ours of those names.
 //!
 //! Each benchmark runs a ~0.3 s warm-up, then `--secs` seconds. B/op and
 //! allocs/op count every allocation in the process during the timed
@@ -599,38 +602,66 @@ struct Bench {
     name: &'static str,
     kind: Kind,
     parallel: bool,
+    /// Connections and caller tasks, when fixed by the scenario rather
+    /// than by `--conns` and `--callers`.
+    fixed: Option<(usize, usize)>,
 }
 
-const BENCHES: [Bench; 6] = [
+/// Requests in flight in `AsyncParallelRequest`, on one connection: as
+/// examples/tools/bench.rs's scenario of that name.
+const ASYNC_IN_FLIGHT: usize = 8;
+
+const BENCHES: [Bench; 8] = [
     Bench {
         name: "Send",
         kind: Kind::Send,
         parallel: false,
+        fixed: None,
     },
     Bench {
         name: "SendNoWait",
         kind: Kind::SendNoWait,
         parallel: false,
+        fixed: None,
     },
     Bench {
         name: "Request",
         kind: Kind::Request,
         parallel: false,
+        fixed: None,
     },
     Bench {
         name: "ParallelSend",
         kind: Kind::Send,
         parallel: true,
+        fixed: None,
     },
     Bench {
         name: "ParallelSendNoWait",
         kind: Kind::SendNoWait,
         parallel: true,
+        fixed: None,
     },
     Bench {
         name: "ParallelRequest",
         kind: Kind::Request,
         parallel: true,
+        fixed: None,
+    },
+    // Our async scenarios' counterparts. Every call here is a task on the
+    // runtime already, so `AsyncRequest` is `Request` under the name ours
+    // uses, and `AsyncParallelRequest` is 8 caller tasks on one connection.
+    Bench {
+        name: "AsyncRequest",
+        kind: Kind::Request,
+        parallel: false,
+        fixed: None,
+    },
+    Bench {
+        name: "AsyncParallelRequest",
+        kind: Kind::Request,
+        parallel: true,
+        fixed: Some((1, ASYNC_IN_FLIGHT)),
     },
 ];
 
@@ -815,10 +846,10 @@ struct Report {
 }
 
 async fn run_bench(bench: &Bench, setup: &Setup, payload: &Arc<[u8]>) -> Result<Report, String> {
-    let (n_conns, callers) = if bench.parallel {
-        (setup.conns, setup.callers)
-    } else {
-        (1, 0)
+    let (n_conns, callers) = match (bench.fixed, bench.parallel) {
+        (Some(fixed), _) => fixed,
+        (None, true) => (setup.conns, setup.callers),
+        (None, false) => (1, 0),
     };
     let mut conns = Vec::with_capacity(n_conns);
     for _ in 0..n_conns {

@@ -393,6 +393,8 @@ enum Kind {
     Send,
     SendNoWait,
     Request,
+    /// `request_async`, awaited on one current-thread tokio runtime.
+    AsyncRequest,
     Handshake,
     RawPingPong,
     RawStream,
@@ -408,7 +410,7 @@ struct Bench {
     about: &'static str,
 }
 
-const BENCHES: [Bench; 11] = [
+const BENCHES: [Bench; 13] = [
     Bench {
         name: "Send",
         kind: Kind::Send,
@@ -444,6 +446,19 @@ const BENCHES: [Bench; 11] = [
         kind: Kind::Request,
         parallel: true,
         about: "Request from available cores x 4 callers sharing one client",
+    },
+    Bench {
+        name: "AsyncRequest",
+        kind: Kind::AsyncRequest,
+        parallel: false,
+        about: "one task: `request_async` awaited in turn on a current-thread tokio runtime",
+    },
+    Bench {
+        name: "AsyncParallelRequest",
+        kind: Kind::AsyncRequest,
+        parallel: true,
+        about: "8 `request_async` futures in flight on one connection, one current-thread \
+                tokio runtime",
     },
     Bench {
         name: "Handshake",
@@ -789,6 +804,20 @@ fn run_bench(
     let config = client_config(handshake.clone(), args.size);
     let dur = Duration::from_secs_f64(args.secs);
     let threads = if bench.parallel { callers } else { 0 };
+    if bench.kind == Kind::AsyncRequest {
+        let in_flight = if bench.parallel { ASYNC_IN_FLIGHT } else { 1 };
+        let config = if bench.parallel {
+            config.max_conns(1)
+        } else {
+            config
+        };
+        let client = Client::new(addr, config).map_err(|e| format!("client: {e}"))?;
+        measure_async(&client, payload, in_flight, WARMUP)?;
+        eprintln!("running {} ({}s)...", bench.name, args.secs);
+        let m = measure_async(&client, payload, in_flight, dur)?;
+        client.shutdown();
+        return Ok(report(bench, payload, &m));
+    }
 
     let client = Client::new(addr, config.clone()).map_err(|e| format!("client: {e}"))?;
     let send = |_: &mut Vec<u8>| {
@@ -848,6 +877,10 @@ fn run_bench(
     // Leave no messages in flight for the next benchmark.
     wait_server_drained()?;
 
+    Ok(report(bench, payload, &m))
+}
+
+fn report(bench: &Bench, payload: &[u8], m: &Measured) -> Report {
     let iterations = m.iterations.max(1);
     let secs = m.elapsed.as_secs_f64();
     let mb_per_s = if bench.kind == Kind::Handshake || secs == 0.0 {
@@ -855,7 +888,7 @@ fn run_bench(
     } else {
         (payload.len() as f64 * m.iterations as f64) / secs / 1e6
     };
-    Ok(Report {
+    Report {
         name: bench.name.to_string(),
         iterations: m.iterations,
         ns_per_op: m.elapsed.as_nanos() as f64 / iterations as f64,
@@ -863,6 +896,55 @@ fn run_bench(
         bytes_per_op: (m.bytes as f64 / iterations as f64).round() as u64,
         allocs_per_op: (m.allocs as f64 / iterations as f64).round() as u64,
         cpu_ns_per_op: m.cpu.as_nanos() as f64 / iterations as f64,
+    }
+}
+
+/// Requests in flight in `AsyncParallelRequest`: the issue's comparison
+/// point with tokio-rustls (8 on one connection).
+const ASYNC_IN_FLIGHT: usize = 8;
+
+/// `in_flight` futures, each awaiting `request_async` in turn, joined on
+/// one current-thread tokio runtime on this thread, for `dur`.
+fn measure_async(
+    client: &Client,
+    payload: &[u8],
+    in_flight: usize,
+    dur: Duration,
+) -> BenchResult<Measured> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .map_err(|e| format!("runtime: {e}"))?;
+    let stop = AtomicBool::new(false);
+    let total = AtomicU64::new(0);
+    let (a0, b0) = alloc_snapshot();
+    let cpu0 = process_cpu();
+    let start = Instant::now();
+    let one = || async {
+        let mut response = Vec::new();
+        let mut n = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            client.request_async(payload, &mut response).await?;
+            n += 1;
+            if start.elapsed() >= dur {
+                stop.store(true, Ordering::Relaxed);
+            }
+        }
+        total.fetch_add(n, Ordering::Relaxed);
+        Ok::<(), Error>(())
+    };
+    let results = runtime.block_on(futures::future::join_all((0..in_flight).map(|_| one())));
+    let elapsed = start.elapsed();
+    let cpu = process_cpu().saturating_sub(cpu0);
+    let (a1, b1) = alloc_snapshot();
+    for r in results {
+        r.map_err(|e| e.to_string())?;
+    }
+    Ok(Measured {
+        iterations: total.load(Ordering::Relaxed),
+        elapsed,
+        cpu,
+        allocs: a1 - a0,
+        bytes: b1 - b0,
     })
 }
 
