@@ -227,6 +227,13 @@ impl<'a> RequestFuture<'a> {
                         Err(e) => return Poll::Ready(Err((e, buf))),
                     };
                     let ticket = table.begin_for_task(buf)?.into_ticket();
+                    if table.in_flight() > 1 && self.mode == (Mode::Direct { wait: false }) {
+                        // Other requests are in flight: their responses
+                        // keep the reactor turning, and it writes every
+                        // frame queued meanwhile in one go. A lone request
+                        // writes itself (no hop to the reactor).
+                        self.mode = Mode::Queue;
+                    }
                     Counters::inc(&conn.driver().stats().requests_in_flight);
                     self.counted = true;
                     self.stage = RequestStage::Queuing(ticket);
