@@ -294,7 +294,9 @@ impl Pool {
     }
 
     /// Starts the dial for async calls on a thread of its own (the last
-    /// one's, finished, is joined first).
+    /// one's, finished, is joined first: it ended its last locked step
+    /// before `running` was seen false, so the join cannot wait on this
+    /// lock).
     fn start_async_dial(self: &Arc<Self>, dial: &mut AsyncDial) -> Result<()> {
         if let Some(done) = dial.thread.take() {
             let _ = done.join();
@@ -306,8 +308,11 @@ impl Pool {
                 // Bounded by the dial's own timeouts; the calls waiting for
                 // it keep their deadlines.
                 let _ = pool.pick(None);
-                lock(&pool.async_dial).running = false;
-                pool.wake_dial_waiters();
+                // One locked step, after which this thread needs no lock:
+                // the next dial joins it under the lock.
+                let mut dial = lock(&pool.async_dial);
+                dial.running = false;
+                Self::wake_all(&mut dial);
             })?;
         dial.thread = Some(thread);
         dial.running = true;
@@ -315,7 +320,10 @@ impl Pool {
     }
 
     fn wake_dial_waiters(&self) {
-        let mut dial = lock(&self.async_dial);
+        Self::wake_all(&mut lock(&self.async_dial));
+    }
+
+    fn wake_all(dial: &mut AsyncDial) {
         for (_, waiter) in dial.waiters.iter_mut() {
             if let Some(waker) = waiter.take() {
                 waker.wake();

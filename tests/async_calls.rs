@@ -371,7 +371,8 @@ fn shutdown_resolves_pending_futures() {
 }
 
 /// With nothing listening, a first async call fails with the dial's error,
-/// and calls during the backoff fail at once with the same.
+/// calls during the backoff fail at once with the same, and a call after
+/// it dials again.
 #[test]
 fn a_failed_async_dial_fails_the_calls_waiting_for_it() {
     within(30, || {
@@ -388,6 +389,11 @@ fn a_failed_async_dial_fails_the_calls_waiting_for_it() {
             let again = client.send_async(b"x").await.unwrap_err();
             assert!(matches!(again, Error::Dial { .. }), "{again}");
             assert!(started.elapsed() < Duration::from_millis(50));
+            // Past the backoff (100 ms), a call dials again, on a new
+            // thread that first joins the last dial's.
+            std::thread::sleep(Duration::from_millis(150));
+            let third = client.send_no_wait_async(b"x").await.unwrap_err();
+            assert!(matches!(third, Error::Dial { .. }), "{third}");
         });
         client.shutdown();
     });

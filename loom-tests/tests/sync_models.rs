@@ -462,3 +462,74 @@ fn close_wakes_a_polling_future() {
         closer.join().unwrap();
     });
 }
+
+fn noop_waker() -> std::task::Waker {
+    struct Noop;
+    impl std::task::Wake for Noop {
+        fn wake(self: std::sync::Arc<Self>) {}
+    }
+    std::task::Waker::from(std::sync::Arc::new(Noop))
+}
+
+/// Model 11, an async call's deadline registered while its reactor goes
+/// to sleep until a later time. Invariant: the reactor sees the deadline
+/// before it sleeps (it then sleeps no later than the deadline), or the
+/// registration tells its caller to wake the reactor: a deadline is never
+/// missed by a sleeping reactor.
+#[test]
+fn a_deadline_registered_as_the_reactor_sleeps_is_never_missed() {
+    use monte_rpc::sync::timers::Timers;
+    model(|| {
+        let timers = Arc::new(Timers::new());
+        let registrar = {
+            let timers = timers.clone();
+            spawn(move || {
+                let (key, wake_reactor) = timers.insert(50, &noop_waker());
+                timers.remove(key);
+                wake_reactor
+            })
+        };
+        // The reactor: about to sleep until 100.
+        let sleeps_until = timers.sleeping_until(100).map_or(100, |at| at.min(100));
+        let woken = registrar.join().unwrap();
+        assert!(
+            sleeps_until <= 50 || woken,
+            "the reactor sleeps until {sleeps_until} past a deadline at 50, unwoken"
+        );
+    });
+}
+
+/// Model 12, a future's request timing out as its response arrives.
+/// Invariant: the future gets either the response or the timeout, never
+/// both or neither; the slot is free afterwards, and a response that
+/// comes after the timeout is dropped (it can never fill the slot's next
+/// request).
+#[test]
+fn a_timeout_races_the_response() {
+    model(|| {
+        let table = Arc::new(CompletionTable::new(Role::Client, 1));
+        let pending = table.begin_for_task(Vec::new()).unwrap();
+        let seq = pending.seq();
+        let ticket = pending.into_ticket();
+        let responder = {
+            let table = table.clone();
+            spawn(move || table.complete(seq, b"pong"))
+        };
+        let answer = ticket.time_out(&table);
+        let delivered = responder.join().unwrap();
+        match answer {
+            Ok(response) => {
+                assert!(delivered);
+                assert_eq!(response, b"pong");
+            }
+            Err((Error::Timeout(_), _)) => {
+                assert!(!delivered, "a response filled a timed-out slot")
+            }
+            Err((e, _)) => panic!("unexpected {e}"),
+        }
+        assert_eq!(table.in_flight(), 0);
+        let next = table.begin_for_task(Vec::new()).unwrap();
+        assert!(!table.complete(seq, b"late"));
+        drop(next.cancel());
+    });
+}

@@ -20,7 +20,7 @@ use std::task::Waker;
 
 use slab::Slab;
 
-use super::{lock, AtomicU64, Mutex, Ordering};
+use super::{fence, lock, AtomicU64, Mutex, Ordering};
 
 /// No deadline.
 const NEVER: u64 = u64::MAX;
@@ -85,6 +85,8 @@ impl Timers {
             self.earliest.fetch_min(at, Ordering::SeqCst);
             key
         };
+        // Pairs with the fence in `sleeping_until` (see the module docs).
+        fence(Ordering::SeqCst);
         let sleeping_until = self.sleeping_until.load(Ordering::SeqCst);
         (TimerKey(key), sleeping_until != 0 && at < sleeping_until)
     }
@@ -122,6 +124,11 @@ impl Timers {
     /// deadline, read after the announcement (see the module docs).
     pub fn sleeping_until(&self, at: u64) -> Option<u64> {
         self.sleeping_until.store(at.max(1), Ordering::SeqCst);
+        // Store, fence, load here; fetch_min, fence, load in `insert`: the
+        // fences order the pairs, so one side sees the other's store.
+        // (SeqCst accesses alone do not give this in loom's model; the
+        // fences do, everywhere.)
+        fence(Ordering::SeqCst);
         self.earliest()
     }
 
