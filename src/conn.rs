@@ -19,7 +19,7 @@ use crate::protocol::{Role, Sealer};
 use crate::read_side::{CallerReads, ReadOwner, ReadSide};
 use crate::stats::Counters;
 use crate::sync::buffers::BufferPool;
-use crate::sync::completion::CompletionTable;
+use crate::sync::completion::{CompletionTable, Delivered};
 use crate::sync::timers::Timers;
 use std::sync::Arc;
 
@@ -213,11 +213,11 @@ impl Connection {
     /// Delivers the response numbered `seq` to its request, if one still
     /// waits for it: whether it did. A late or unknown response is dropped
     /// and can never reach another request's slot.
-    pub(crate) fn deliver_response(&self, seq: u32, payload: &[u8]) -> bool {
+    pub(crate) fn deliver_response(&self, seq: u32, payload: &[u8]) -> Delivered {
         self.shared
             .requests
             .get()
-            .is_some_and(|table| table.complete(seq, payload))
+            .map_or(Delivered::Dropped, |table| table.deliver(seq, payload))
     }
 
     /// Calls in progress: frames being queued or written plus requests
@@ -550,6 +550,6 @@ impl ReadOwner for Connection {
     }
 
     fn deliver_response(&self, seq: u32, payload: &[u8]) -> bool {
-        Connection::deliver_response(self, seq, payload)
+        Connection::deliver_response(self, seq, payload) != Delivered::Dropped
     }
 }

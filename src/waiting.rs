@@ -20,8 +20,10 @@
 //!   rounds busy, while at most one caller per two cores does, the rest
 //!   yielding the core each round so that threads beyond the cores still
 //!   run) before it blocks on the socket;
-//! - a reactor that served requests polls back to back for a quarter of
-//!   that (50 µs), yielding between polls, before it sleeps in epoll.
+//! - a reactor that served requests, or handed responses to futures
+//!   (whose next request is its to read, since no caller reads for a
+//!   future), polls back to back for a quarter of that (50 µs), yielding
+//!   between polls, before it sleeps in epoll.
 //!
 //! With one core, callers block at once and a reactor that served
 //! requests sleeps in epoll at once. Either way (but under
@@ -96,8 +98,8 @@ impl Waiting {
     }
 
     /// How long a reactor keeps polling after a turn that served requests
-    /// (back to back, yielding the core between polls); `None`: it does
-    /// not.
+    /// or handed responses to futures (back to back, yielding the core
+    /// between polls); `None`: it does not.
     pub(crate) fn reactor_after_requests(self) -> Option<Duration> {
         let time = self.spin_time() / 4;
         (!time.is_zero()).then_some(time)

@@ -12,17 +12,24 @@ use crate::handler::{guard_handler, Context, Handler};
 use crate::outbound::Flushed;
 use crate::protocol::connection::{ConnCore, Filled, Next, Output, ReadGate, Taker};
 use crate::stats::Counters;
+use crate::sync::completion::Delivered;
 
 use super::Reactor;
 
 /// What a reactor's handlers were given in one turn.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 pub(super) enum Served {
-    /// Nothing (or only responses, which the waiting callers read).
+    /// Nothing (or only responses to waiting threads, which mostly read
+    /// their responses themselves).
     Nothing,
     /// One-way messages: more are likely to follow, and nobody waits on
     /// them, so they are best read in batches.
     Messages,
+    /// Responses handed to async callers (futures): nobody reads the
+    /// next one but this reactor, and the executor's next request is
+    /// likely to follow at once, so its response is best caught awake,
+    /// as a peer's next request is.
+    TaskResponses,
     /// Requests, answered at once: the peer waits for the answers, and its
     /// next request is likely to follow at once.
     Requests,
@@ -164,8 +171,10 @@ impl Reactor {
             }
             match inbound.next_frame(now, Taker::Reactor) {
                 Ok(Next::Response { seq, len }) => {
-                    if !conn.deliver_response(seq, inbound.payload(len)) {
-                        Counters::inc(&stats.responses_dropped);
+                    match conn.deliver_response(seq, inbound.payload(len)) {
+                        Delivered::Dropped => Counters::inc(&stats.responses_dropped),
+                        Delivered::ToThread => {}
+                        Delivered::ToTask => served = served.max(Served::TaskResponses),
                     }
                     inbound.consume(len);
                 }

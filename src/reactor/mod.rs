@@ -265,7 +265,7 @@ impl Reactor {
                 // How long to stay awake, and how: see `Waiting`.
                 let now = Instant::now();
                 let waiting = self.config.waiting;
-                let tight = served == Served::Requests
+                let tight = served >= Served::TaskResponses
                     || (self.busy_until.is_some_and(|until| now < until)
                         && self.busy_interval.is_zero());
                 let (interval, time) = if tight {

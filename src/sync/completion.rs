@@ -102,6 +102,17 @@ impl std::fmt::Debug for CompletionTable {
     }
 }
 
+/// Whom a response (or a failure) went to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivered {
+    /// Nobody: an unknown, late or foreign sequence number.
+    Dropped,
+    /// A thread waiting in [`Pending::wait_polling`] (unparked).
+    ToThread,
+    /// A future polling with [`Ticket::poll_answer`] (its waker woken).
+    ToTask,
+}
+
 /// A request's outcome: the response in the caller's buffer, or the error
 /// with the buffer handed back.
 pub type Answer = Result<Vec<u8>, (Error, Vec<u8>)>;
@@ -266,13 +277,20 @@ impl CompletionTable {
     /// generation, copies `payload` into its buffer and wakes its caller.
     /// Returns `false` (and touches nothing) for an unknown, late or
     /// foreign sequence number.
+    // The runtime asks whom it woke (`deliver`); the loom models use this.
+    #[cfg_attr(not(loom), allow(dead_code))]
     pub fn complete(&self, seq: u32, payload: &[u8]) -> bool {
+        self.deliver(seq, payload) != Delivered::Dropped
+    }
+
+    /// [`complete`](Self::complete), saying whom the response woke.
+    pub fn deliver(&self, seq: u32, payload: &[u8]) -> Delivered {
         match self.space.decode(seq) {
             Some((index, generation)) => self.fill(index, generation, |buf, _| {
                 buf.clear();
                 buf.extend_from_slice(payload);
             }),
-            None => false,
+            None => Delivered::Dropped,
         }
     }
 
@@ -289,7 +307,8 @@ impl CompletionTable {
                 }
                 if self.fill(index, generation_of(word), |_, result| {
                     *result = Some(error.clone())
-                }) {
+                }) != Delivered::Dropped
+                {
                     break;
                 }
             }
@@ -301,7 +320,7 @@ impl CompletionTable {
         index: usize,
         generation: u32,
         write: impl FnOnce(&mut Vec<u8>, &mut Option<Error>),
-    ) -> bool {
+    ) -> Delivered {
         let slot = &self.slots[index];
         if slot
             .state
@@ -313,7 +332,7 @@ impl CompletionTable {
             )
             .is_err()
         {
-            return false;
+            return Delivered::Dropped;
         }
         // SAFETY: FILLING makes this thread the cells' only owner.
         let waiter = slot.buf.with_mut(|b| {
@@ -321,11 +340,15 @@ impl CompletionTable {
             slot.waiter.with_mut(|w| unsafe { (*w).clone() })
         });
         slot.state.store(pack(generation, DONE), Ordering::Release);
-        if let Some(thread) = waiter {
-            thread.unpark();
-        }
+        let delivered = match waiter {
+            Some(thread) => {
+                thread.unpark();
+                Delivered::ToThread
+            }
+            None => Delivered::ToTask,
+        };
         slot.task.wake();
-        true
+        delivered
     }
 }
 
