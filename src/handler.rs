@@ -9,7 +9,24 @@ use crate::error::{CallOp, Error, Result};
 /// Handles messages and requests that arrive from the peer, and hears about
 /// connections opening and closing. Called on a reactor thread: a handler
 /// that must block should hand its work to its own threads and answer later
-/// with [`Connection::reply`].
+/// with [`Connection::reply`], and one that must await hands it to a task
+/// that answers with [`Connection::reply_async`]:
+///
+/// ```no_run
+/// use monte_rpc::{Config, Context, Server};
+///
+/// let runtime = tokio::runtime::Runtime::new()?;
+/// let tasks = runtime.handle().clone();
+/// let server = Server::bind("127.0.0.1:0", Config::server(), move |ctx: &mut Context<'_>| {
+///     let (conn, seq, body) = (ctx.conn().clone(), ctx.seq(), ctx.body().to_vec());
+///     tasks.spawn(async move {
+///         // ... await whatever the answer needs ...
+///         let _ = conn.reply_async(seq, &body).await;
+///     });
+/// })?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
 ///
 /// Closures `Fn(&mut Context)` are handlers too. Passed straight to a
 /// function that takes `impl Handler`, such a closure needs its argument's

@@ -260,26 +260,29 @@ impl Pool {
         // Under the lock a dial's end wakes its waiters under: a dial that
         // ended before this look left its connection in the pool.
         let busy = self.choose(true);
-        if !dial.running {
+        let state = if dial.running {
+            None
+        } else {
             match self.dial_lock.try_lock() {
-                Ok(state) => {
-                    let failed = state
-                        .failed
-                        .as_ref()
-                        .filter(|failed| Instant::now() < failed.until || failed.at >= since);
-                    if let Some(failed) = failed {
-                        Self::unregister(&mut dial, wait);
-                        return Poll::Ready(busy.ok_or_else(|| failed.error.clone()));
-                    }
-                    drop(state);
-                    if let Err(e) = self.start_async_dial(&mut dial) {
-                        Self::unregister(&mut dial, wait);
-                        return Poll::Ready(busy.ok_or(e));
-                    }
-                }
+                Ok(state) => Some(state),
+                Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
                 // A blocking call is dialling; its end wakes us.
-                Err(std::sync::TryLockError::WouldBlock) => {}
-                Err(std::sync::TryLockError::Poisoned(_)) => {}
+                Err(std::sync::TryLockError::WouldBlock) => None,
+            }
+        };
+        if let Some(state) = state {
+            let failed = state
+                .failed
+                .as_ref()
+                .filter(|failed| Instant::now() < failed.until || failed.at >= since);
+            if let Some(failed) = failed {
+                Self::unregister(&mut dial, wait);
+                return Poll::Ready(busy.ok_or_else(|| failed.error.clone()));
+            }
+            drop(state);
+            if let Err(e) = self.start_async_dial(&mut dial) {
+                Self::unregister(&mut dial, wait);
+                return Poll::Ready(busy.ok_or(e));
             }
         }
         if let Some(conn) = busy {

@@ -288,13 +288,13 @@ fn request_deadline_without_an_executor_timer() {
 }
 
 /// A peer that stops reading fills the queue: `send_no_wait_async` waits
-/// for room without blocking its thread, and fails at the send timeout.
+/// for room without blocking its thread (another task on the same thread
+/// runs meanwhile), and fails at the send timeout.
 #[test]
 fn waiting_for_room_ends_at_the_send_timeout() {
     within(30, || {
-        // A listener that accepts at the TCP level and never reads: the
-        // handshake never completes, so use a server whose handler blocks
-        // the reactor instead: its socket buffers fill.
+        // A server whose handler blocks its one reactor: it stops reading,
+        // and the socket buffers between us fill.
         let (gate_tx, gate_rx) = mpsc::channel::<()>();
         let gate = Mutex::new(gate_rx);
         let server = Server::bind(
@@ -313,19 +313,39 @@ fn waiting_for_room_ends_at_the_send_timeout() {
         )
         .unwrap();
         let body = vec![7u8; 16 << 10];
-        let outcome = futures::executor::block_on(async {
+        // On one thread, beside a task that ticks every millisecond: the
+        // ticks go on while the send waits for room (the wait does not
+        // hold the thread).
+        let ticks = Arc::new(AtomicU64::new(0));
+        let (e, waited, ticked) = current_thread().block_on(async {
+            let ticker = {
+                let ticks = ticks.clone();
+                tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                        ticks.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            };
             let started = Instant::now();
-            loop {
+            let outcome = loop {
+                let (at, ticked) = (Instant::now(), ticks.load(Ordering::Relaxed));
                 if let Err(e) = client.send_no_wait_async(&body).await {
-                    return (e, started.elapsed());
+                    break (e, at.elapsed(), ticks.load(Ordering::Relaxed) - ticked);
                 }
                 assert!(
                     started.elapsed() < Duration::from_secs(10),
                     "never filled up"
                 );
-            }
+            };
+            ticker.abort();
+            outcome
         });
-        let (e, _) = outcome;
+        assert!(waited >= Duration::from_millis(300), "{waited:?}");
+        assert!(
+            ticked >= 50,
+            "only {ticked} ticks in the {waited:?} the send waited"
+        );
         assert_eq!(e.timeout_kind(), Some(TimeoutKind::Write), "{e}");
         drop(gate_tx);
         client.shutdown();
