@@ -770,3 +770,59 @@ fn a_refused_peer_that_floods_does_not_hold_the_acceptor() {
         server.shutdown();
     });
 }
+
+// With its one place taken and its wait queue full (256 sockets waiting
+// for a place), a server refuses the next connection at once, on the wire
+// (the client's dial fails with `ConnectionLimit` in well under the accept
+// wait), and holds no more descriptors for it.
+#[test]
+fn a_full_wait_queue_refuses_at_once() {
+    within(60, || {
+        let server = Server::bind(
+            "127.0.0.1:0",
+            server_config()
+                .max_conns(1)
+                .accept_wait(Duration::from_secs(20)),
+            reverse_handler,
+        )
+        .unwrap();
+        let addr = server.local_addr();
+        let first = Client::new(addr, client_config().max_conns(1)).unwrap();
+        let mut resp = Vec::new();
+        first.request(b"a", &mut resp).unwrap();
+        // The wait queue's size: four times the cap, at least 256.
+        let waiting: Vec<TcpStream> = (0..256)
+            .map(|_| TcpStream::connect(addr).unwrap())
+            .collect();
+        let refused_before = server.stats().connections_refused;
+        let started = Instant::now();
+        let next = Client::new(
+            addr,
+            client_config()
+                .dial_attempts(1)
+                .request_timeout(Some(Duration::from_secs(10))),
+        )
+        .unwrap();
+        let e = next.request(b"next", &mut resp).unwrap_err();
+        let took = started.elapsed();
+        assert!(matches!(e.root_cause(), Error::ConnectionLimit), "{e}");
+        assert!(
+            took < Duration::from_secs(5),
+            "refused after {took:?}, not at once"
+        );
+        assert!(server.stats().connections_refused > refused_before);
+        // The waiting sockets got no refusal: they still wait for a place.
+        let mut probe = [0u8; 1];
+        let quiet = &waiting[0];
+        quiet
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        assert!(matches!(
+            (&*quiet).read(&mut probe),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut
+        ));
+        drop(waiting);
+        drop(first);
+        server.shutdown();
+    });
+}
