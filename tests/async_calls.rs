@@ -511,3 +511,60 @@ impl<F: Future> Future for CountPolls<'_, F> {
         self.0.as_mut().poll(cx)
     }
 }
+
+/// A server's shutdown resolves the futures pending on its connections
+/// (here, requests to a client that never answers) with `Closed`.
+#[test]
+fn server_shutdown_resolves_its_connections_futures() {
+    within(30, || {
+        let (conn_tx, conn_rx) = mpsc::channel::<Connection>();
+        let conn_tx = Mutex::new(conn_tx);
+        let server = Arc::new(
+            Server::bind(
+                "127.0.0.1:0",
+                Config::server().request_timeout(None),
+                move |ctx: &mut Context<'_>| {
+                    let _ = conn_tx.lock().unwrap().send(ctx.conn().clone());
+                    let _ = ctx.reply(b"ok");
+                },
+            )
+            .unwrap(),
+        );
+        // The client's handler never answers the server's requests.
+        let client = Client::with_handler(
+            server.local_addr(),
+            Config::default(),
+            |_: &mut Context<'_>| {},
+        )
+        .unwrap();
+        let mut response = Vec::new();
+        client.request(b"hello", &mut response).unwrap();
+        let conn = conn_rx.recv().unwrap();
+        let runtime = current_thread();
+        let pending: Vec<_> = (0..8)
+            .map(|_| {
+                let conn = conn.clone();
+                runtime.spawn(async move {
+                    let mut response = Vec::new();
+                    conn.request_async(b"unanswered", &mut response).await
+                })
+            })
+            .collect();
+        runtime.block_on(async {
+            while conn.in_flight() < 8 {
+                tokio::task::yield_now().await;
+            }
+        });
+        let shut = server.clone();
+        let shutting = std::thread::spawn(move || shut.shutdown());
+        for task in pending {
+            let e = runtime.block_on(task).unwrap().unwrap_err();
+            assert!(
+                matches!(e.root_cause(), Error::Closed | Error::PeerClosed),
+                "{e}"
+            );
+        }
+        shutting.join().unwrap();
+        client.shutdown();
+    });
+}
