@@ -168,8 +168,12 @@ impl ReadSide {
         }
         self.callers_waiting(owner, 1);
         let mut reactor_needed = false;
+        // The first pass decodes only what is buffered: `ppoll` says
+        // whether the socket has bytes, so a read that would find none
+        // (the common case: the request was just written) is skipped.
+        let mut readable = false;
         loop {
-            if let CallerRead::Reactor = self.read_responses(owner, &mut inbound) {
+            if let CallerRead::Reactor = self.read_responses(owner, &mut inbound, readable) {
                 reactor_needed = true;
                 break;
             }
@@ -195,7 +199,7 @@ impl ReadSide {
                     _ => break,
                 },
             };
-            crate::sys::wait_readable(owner.stream(), timeout);
+            readable = crate::sys::wait_readable(owner.stream(), timeout);
         }
         // Readable events go back to the reactor before the turn does:
         // bytes that arrived after this caller's last read are then either
@@ -259,7 +263,7 @@ impl ReadSide {
     /// readiness events came meanwhile), or hands the reading to the
     /// reactor.
     fn read_with_turn<'a>(&'a self, owner: &impl ReadOwner, mut inbound: ReadGuard<'a, ConnCore>) {
-        match self.read_responses(owner, &mut inbound) {
+        match self.read_responses(owner, &mut inbound, true) {
             CallerRead::Reactor => {
                 drop(inbound);
                 owner.ask_reactor_to_read();
@@ -273,7 +277,7 @@ impl ReadSide {
     fn give_back<'a>(&'a self, owner: &impl ReadOwner, mut inbound: ReadGuard<'a, ConnCore>) {
         while let Some(again) = self.core.release(inbound) {
             inbound = again;
-            if let CallerRead::Reactor = self.read_responses(owner, &mut inbound) {
+            if let CallerRead::Reactor = self.read_responses(owner, &mut inbound, true) {
                 drop(inbound);
                 owner.ask_reactor_to_read();
                 return;
@@ -283,11 +287,13 @@ impl ReadSide {
 
     /// Reads and delivers responses until the socket would block, at most
     /// [`CALLER_READ_FRAMES`] of them (so a peer flooding the connection
-    /// cannot pin a caller past its deadline).
+    /// cannot pin a caller past its deadline). Without `read_socket`, only
+    /// what is already buffered: the caller polls the socket next.
     fn read_responses(
         &self,
         owner: &impl ReadOwner,
         inbound: &mut ReadGuard<'_, ConnCore>,
+        read_socket: bool,
     ) -> CallerRead {
         if inbound.held.is_some() || inbound.eof || !inbound.is_open() {
             // The reactor's to read (it was told, or is in the handshake).
@@ -301,7 +307,7 @@ impl ReadSide {
         }
         let stats = owner.stats();
         let mut now = now_nanos();
-        let (mut delivered, mut read_any, mut drained) = (0u64, false, false);
+        let (mut delivered, mut read_any, mut drained) = (0u64, false, !read_socket);
         let outcome = loop {
             // `next_frame` leaves a message, or an error, as held for the
             // reactor.
