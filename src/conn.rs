@@ -300,6 +300,8 @@ impl Connection {
         };
         let stats = self.shared.driver.stats();
         Counters::inc(&stats.requests_in_flight);
+        let mut reads = CallerReads::new(&self.shared.read, self);
+        reads.quiet_reactor();
         let result = match self.submit(
             pending.seq(),
             body,
@@ -316,7 +318,7 @@ impl Connection {
             Ok(()) => match pending.wait_polling(
                 self.shared.config.waiting.caller_spin(),
                 deadline,
-                &mut CallerReads::new(&self.shared.read, self),
+                &mut reads,
             ) {
                 Ok(buf) => {
                     *response = buf;
@@ -331,6 +333,7 @@ impl Connection {
                 }
             },
         };
+        drop(reads);
         Counters::dec(&stats.requests_in_flight);
         result
     }

@@ -92,25 +92,49 @@ impl<'a, O: ReadOwner> CallerReads<'a, O> {
             quiet: false,
         }
     }
-}
 
-impl<O: ReadOwner> Poller for CallerReads<'_, O> {
-    fn poll(&mut self) {
+    /// Takes readable events away from the reactor now, before the
+    /// request is written: a response that lands before this caller starts
+    /// waiting must not wake the reactor, which would read it and then
+    /// have to wake this caller (two thread switches instead of none).
+    /// Given back when the caller stops spinning, cannot wait on the
+    /// socket, or is dropped.
+    pub(crate) fn quiet_reactor(&mut self) {
         if !self.quiet {
             self.quiet = true;
             self.side.callers_waiting(self.owner, 1);
         }
-        self.side.read_while_waiting(self.owner);
     }
 
-    fn stop_spinning(&mut self) {
+    fn wake_reactor_again(&mut self) {
         if std::mem::take(&mut self.quiet) {
             self.side.callers_waiting(self.owner, -1);
         }
     }
+}
+
+impl<O: ReadOwner> Poller for CallerReads<'_, O> {
+    fn poll(&mut self) {
+        self.quiet_reactor();
+        self.side.read_while_waiting(self.owner);
+    }
+
+    fn stop_spinning(&mut self) {
+        self.wake_reactor_again();
+    }
 
     fn block(&mut self, done: &dyn Fn() -> bool, deadline: Option<Instant>) -> bool {
-        self.side.wait_on_socket(self.owner, done, deadline)
+        let waited = self.side.wait_on_socket(self.owner, done, deadline);
+        // Before a park (or another round), the reactor must hear of the
+        // socket again: a parked caller reads nothing.
+        self.wake_reactor_again();
+        waited
+    }
+}
+
+impl<O: ReadOwner> Drop for CallerReads<'_, O> {
+    fn drop(&mut self) {
+        self.wake_reactor_again();
     }
 }
 
