@@ -225,7 +225,10 @@ impl ReadSide {
             };
             readable = crate::sys::wait_readable(owner.stream(), timeout);
         }
-        // Readable events go back to the reactor before the turn does:
+        // Readable events go back to the reactor before the turn does
+        // (unless the caller quieted it before writing its request: then
+        // they come back as `block` ends, and epoll reports at once any
+        // bytes already there, so none are lost):
         // bytes that arrived after this caller's last read are then either
         // announced (epoll reports them as the interest comes back, the
         // reactor finds the turn held and raises WANTED) or read by the
