@@ -28,7 +28,7 @@ macro_rules! counters {
         ///
         /// - for logs, `Display`: one line of `name=value` pairs separated
         ///   by single spaces (logfmt), such as `connections_open=2
-        ///   connections_opened=5 ... reads_paused=0`;
+        ///   connections_opened=5 ... reactor_wakeups=0`;
         /// - for a metrics system (Prometheus, statsd, ...),
         ///   [`fields`](Self::fields): every `(name, value)` pair, to feed
         ///   to your exporter. Take a snapshot every scrape or interval.
@@ -141,6 +141,11 @@ counters! {
     /// Times a connection's reading and dispatch paused because its queued
     /// output passed `max_queued_bytes` (a peer not reading its replies).
     reads_paused,
+    /// Times a reactor asleep in epoll was woken by a socket's readiness or
+    /// a command (a queued frame, a new connection, ...), not by a timer.
+    /// Each costs a thread wake-up; a caller blocked in `request` reads
+    /// its own response, so round trips add none on the calling side.
+    reactor_wakeups,
 }
 
 /// One line of `name=value` pairs separated by single spaces, every field

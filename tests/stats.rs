@@ -6,7 +6,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use monte_rpc::protocol::{ClientHandshake, Handshake, Profile};
-use monte_rpc::{Client, Config, Context, Error, Server, Stats, TimeoutKind};
+use monte_rpc::{Client, Config, Context, Error, Server, Stats, TimeoutKind, Waiting};
 
 fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -173,7 +173,8 @@ fn distinct_stats() -> Stats {
     s.responses_dropped = 20;
     s.requests_in_flight = 21;
     s.requests_timed_out = 22;
-    s.reads_paused = u64::MAX;
+    s.reads_paused = 23;
+    s.reactor_wakeups = u64::MAX;
     s
 }
 
@@ -211,7 +212,7 @@ fn display_is_one_line_of_name_value_pairs() {
         "{line}"
     );
     assert!(
-        line.ends_with(&format!(" reads_paused={}", u64::MAX)),
+        line.ends_with(&format!(" reactor_wakeups={}", u64::MAX)),
         "{line}"
     );
     let pairs: Vec<(String, u64)> = line
@@ -229,5 +230,67 @@ fn display_is_one_line_of_name_value_pairs() {
             .map(|(name, _)| format!("{name}=0"))
             .collect::<Vec<_>>()
             .join(" ")
+    );
+}
+
+/// Confines the calling thread, and so every thread it starts from now on,
+/// to the first core it may run on: a one-core machine for what it starts.
+fn confine_to_one_core() {
+    // SAFETY: `set` is a plain bit set that both calls only read and
+    // write within its size, passed with that size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        let size = std::mem::size_of::<libc::cpu_set_t>();
+        assert_eq!(libc::sched_getaffinity(0, size, &mut set), 0);
+        let first = (0..libc::CPU_SETSIZE as usize)
+            .find(|&cpu| libc::CPU_ISSET(cpu, &set))
+            .expect("a core this thread may run on");
+        libc::CPU_ZERO(&mut set);
+        libc::CPU_SET(first, &mut set);
+        assert_eq!(libc::sched_setaffinity(0, size, &set), 0);
+    }
+}
+
+/// `reactor_wakeups` counts the reactor's wake-ups for bytes or commands,
+/// and a caller blocked in `request` reads its own response: its reactor
+/// hears nothing of it, even on one core, where the server's reply is
+/// written (and would wake a listening reactor) before the caller's own
+/// write has returned.
+#[test]
+fn blocking_requests_do_not_wake_the_client_reactor() {
+    const REQUESTS: u64 = 300;
+    confine_to_one_core();
+    let server = Server::bind(
+        "127.0.0.1:0",
+        Config::server().waiting(Waiting::Block),
+        |ctx: &mut Context<'_>| {
+            let _ = ctx.reply(b"");
+        },
+    )
+    .unwrap();
+    let client = Client::new(
+        server.local_addr(),
+        Config::default().max_conns(1).waiting(Waiting::Block),
+    )
+    .unwrap();
+    let mut resp = Vec::new();
+    // The dial and handshake wake the reactor; they are not counted below.
+    client.request(b"first", &mut resp).unwrap();
+    let (client_before, server_before) = (client.stats(), server.stats());
+    for _ in 0..REQUESTS {
+        client.request(b"ping", &mut resp).unwrap();
+    }
+    let client_woken = client.stats().reactor_wakeups - client_before.reactor_wakeups;
+    let server_woken = server.stats().reactor_wakeups - server_before.reactor_wakeups;
+    // The server's reactor reads every request: it sleeps between them.
+    assert!(
+        server_woken >= REQUESTS / 2,
+        "the server's reactor was woken {server_woken} times for {REQUESTS} requests"
+    );
+    // A stray timer or scheduling quirk may wake the client's reactor now
+    // and then; a reactor that heard of every response, once per request.
+    assert!(
+        client_woken <= REQUESTS / 20,
+        "the client's reactor was woken {client_woken} times for {REQUESTS} requests"
     );
 }

@@ -227,6 +227,9 @@ impl Reactor {
             let polled = self.poll.poll(&mut self.events, Some(wait));
             self.shared.timers.awake();
             self.shared.mailbox.awake();
+            if !wait.is_zero() && !self.events.is_empty() {
+                Counters::inc(&self.shared.stats.reactor_wakeups);
+            }
             polled
         };
         match polled {
