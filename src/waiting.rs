@@ -14,7 +14,12 @@
 //!
 //! [`Waiting::Auto`], the default, applies the rule with the cores
 //! `std::thread::available_parallelism` reports (the process's CPU
-//! affinity and cgroup quota), once per process. With more than one:
+//! affinity and cgroup quota), once per process, and with what spinning
+//! threads' yields show: when the cores are held by threads that never
+//! yield (other processes' busy loops, or this process's own CPU-bound
+//! threads), a yield gives the core away for a whole time slice, and
+//! spinning turns off for a second (see `sync::contention`). With more
+//! than one core, and their yields coming back promptly:
 //!
 //! - a caller waiting for its response spins up to 200 µs (its first
 //!   rounds busy, while at most one caller per two cores does, the rest
@@ -25,8 +30,9 @@
 //!   future), polls back to back for a quarter of that (50 µs), yielding
 //!   between polls, before it sleeps in epoll.
 //!
-//! With one core, callers block at once and a reactor that served
-//! requests sleeps in epoll at once. Either way (but under
+//! With one core, or while busy threads hold the cores, callers block at
+//! once and a reactor that served requests sleeps in epoll at once. Either
+//! way (but under
 //! [`Waiting::Block`]), a reactor that received only one-way messages
 //! sleeps about 20 µs between polls, for a quarter of the spin time and at
 //! least 50 µs, instead of sleeping in epoll: that is batching, not
@@ -52,7 +58,8 @@ use std::time::Duration;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Waiting {
     /// Spin for [`Waiting::DEFAULT_SPIN`] if this process may run on more
-    /// than one core, else block at once. The default.
+    /// than one core and no threads that never yield have lately held
+    /// them, else block at once. The default.
     #[default]
     Auto,
     /// Spin for up to this long (callers; reactors poll a quarter of it),
@@ -77,11 +84,13 @@ impl Waiting {
     /// The spin time [`Waiting::Auto`] uses where spinning pays.
     pub const DEFAULT_SPIN: Duration = Duration::from_micros(200);
 
-    /// How long a waiting caller spins on this machine; zero: it blocks
-    /// at once.
+    /// How long a waiting caller spins on this machine, as it is loaded
+    /// now; zero: it blocks at once.
     pub fn spin_time(self) -> Duration {
         match self {
-            Waiting::Auto if cores() > 1 => Waiting::DEFAULT_SPIN,
+            Waiting::Auto if cores() > 1 && !crate::sync::contention::contended() => {
+                Waiting::DEFAULT_SPIN
+            }
             Waiting::Auto | Waiting::Block => Duration::ZERO,
             Waiting::Spin(time) => time,
         }

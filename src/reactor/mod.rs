@@ -206,7 +206,7 @@ impl Reactor {
             // polls); after one-way messages, asleep between polls, but
             // not in epoll: bytes arriving meanwhile cost their sender no
             // wake-up, and the next poll reads them as one batch.
-            crate::sync::yield_now();
+            crate::sync::contention::yield_now();
             let next = self.last_poll + self.busy_interval;
             let now = Instant::now();
             if now < next {

@@ -31,7 +31,7 @@ use std::mem;
 use std::time::Instant;
 
 use super::atomic_waker::AtomicWaker;
-use super::{current, fence, park, park_timeout, spin_hint, yield_now};
+use super::{current, fence, park, park_timeout, spin_hint};
 use super::{AtomicBool, AtomicU64, AtomicUsize};
 use super::{Ordering, Thread, UnsafeCell};
 use crate::error::{Error, TimeoutKind};
@@ -473,7 +473,7 @@ impl<'a> Pending<'a> {
             } else if Instant::now() >= until {
                 break;
             } else {
-                yield_now();
+                super::contention::yield_now();
             }
         }
         drop(permit);

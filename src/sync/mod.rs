@@ -12,6 +12,8 @@
 //!   connections while they use them.
 //! - [`completion`]: the per-connection table of request slots a caller
 //!   waits on, located by sequence number.
+//! - [`contention`]: whether threads that never yield hold the cores, from
+//!   how long spinning threads' yields take (spinning is off while they do).
 //! - [`mailbox`]: commands from caller threads to a reactor, with the
 //!   wake-up skipped when the reactor is already going to look.
 //! - [`read_turn`]: whose turn it is to read a connection's socket, the
@@ -23,6 +25,7 @@
 pub mod atomic_waker;
 pub mod buffers;
 pub mod completion;
+pub mod contention;
 pub mod mailbox;
 pub mod read_turn;
 pub mod signal;
