@@ -31,7 +31,9 @@
 //! and a race between two threads updating it only delays a decision.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::clock::now_nanos;
 
 /// A yield that took longer than this gave the core to a time slice of
 /// other work, not to a thread that polls and yields back.
@@ -139,12 +141,6 @@ impl Detector {
 }
 
 static DETECTOR: Detector = Detector::new();
-
-/// Nanoseconds since the first call, for the process-wide detector.
-fn now_nanos() -> u64 {
-    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
-}
 
 /// Gives the core to another thread, as a spinning waiter does between
 /// polls, and notes how long that took.
