@@ -77,6 +77,7 @@ pub struct Detector {
 }
 
 impl Detector {
+    /// A detector that has seen no late yield.
     pub const fn new() -> Self {
         Detector {
             window_start: AtomicU64::new(0),
