@@ -18,8 +18,9 @@
 //! threads' yields show: when the cores are held by threads that never
 //! yield (other processes' busy loops, or this process's own CPU-bound
 //! threads), a yield gives the core away for a whole time slice, and
-//! spinning turns off for a second (see `sync::contention`). With more
-//! than one core, and their yields coming back promptly:
+//! spinning turns off for a second, or longer (up to 8 s) while the cores
+//! stay held (see `sync::contention`). With more than one core, and their
+//! yields coming back promptly:
 //!
 //! - a caller waiting for its response spins up to 200 µs (its first
 //!   rounds busy, while at most one caller per two cores does, the rest

@@ -11,7 +11,8 @@
 //! with two busy loops beside it, a request took 3.8 ms spinning against
 //! 37 µs blocking, and with one busy loop, 51 µs against 20.
 //!
-//! So [`yield_now`] times every spinning yield, and when the yields that
+//! So [`yield_now`] times the yields of waiting threads (callers spinning
+//! for a response, reactors polling between turns), and when the yields that
 //! came back after more than [`LATE_YIELD`] cover [`LOST_IN_WINDOW`] of
 //! one [`WINDOW`] (half of it), spinning is off ([`contended`]) for
 //! [`HOLD`], after which it is tried again (and if the cores are held
@@ -94,6 +95,15 @@ impl Detector {
         if took <= LATE_YIELD {
             return;
         }
+        let until = self.contended_until.load(Relaxed);
+        if now < until {
+            // Spinning is off already; nothing counts toward the next
+            // decision until it is back. (Also repairs the flag, should
+            // a `contended` that saw the previous hold expire have
+            // cleared it after this hold began.)
+            self.contended.store(true, Relaxed);
+            return;
+        }
         let began = now.saturating_sub(took.as_nanos().min(u64::MAX as u128) as u64);
         let last_end = self.last_late_end.fetch_max(now, Relaxed);
         let lost = now
@@ -111,10 +121,6 @@ impl Detector {
             self.late_in_window.fetch_add(lost, Relaxed) + lost
         };
         if in_window >= LOST_IN_WINDOW.as_nanos() as u64 {
-            let until = self.contended_until.load(Relaxed);
-            if now < until {
-                return;
-            }
             let first = HOLD.as_nanos() as u64;
             let hold = if until > 0 && now - until < first {
                 (self.hold.load(Relaxed) * 2).clamp(first, MAX_HOLD.as_nanos() as u64)
@@ -219,6 +225,18 @@ mod tests {
         let later = at + d.hold.load(Relaxed) + hold(2);
         starve(&d, later);
         assert_eq!(d.hold.load(Relaxed), hold(1));
+    }
+
+    #[test]
+    fn a_late_yield_during_a_hold_repairs_a_flag_cleared_by_a_race() {
+        let d = Detector::new();
+        let at = starve(&d, 1_000 * MS);
+        // A `contended` that read the flag before this hold began, and saw
+        // the previous one expired, clears it after the hold began.
+        d.contended.store(false, Relaxed);
+        assert!(!d.contended(|| at + MS));
+        d.note_yield(LATE, at + 3 * MS);
+        assert!(d.contended(|| at + 4 * MS));
     }
 
     #[test]
