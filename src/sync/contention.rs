@@ -7,25 +7,23 @@
 //! back within microseconds. But a core busy with a thread that never
 //! yields goes to it for a whole scheduler time slice (most of a
 //! millisecond or more), and a spinner then pays a slice per yield where a
-//! blocked waiter would have been woken, and run, at once: on a 2-core VM
-//! with two busy loops beside it, a request took 3.8 ms spinning against
-//! 37 µs blocking, and with one busy loop, 51 µs against 20.
+//! blocked waiter would have been woken, and run, at once: a request can
+//! take a hundred times longer spinning than blocking (README, "Waiting").
 //!
 //! So [`yield_now`] times the yields of waiting threads (callers spinning
-//! for a response, reactors polling between turns), and when the yields that
-//! came back after more than [`LATE_YIELD`] cover [`LOST_IN_WINDOW`] of
-//! one [`WINDOW`] (half of it), spinning is off ([`contended`]) for
-//! [`HOLD`], after which it is tried again (and if the cores are held
-//! still, off for twice as long, up to [`MAX_HOLD`]). Late yields that overlap (the
-//! whole machine paused, as a VM's cores are now and then, and every
-//! spinner with it) count once, by the wall time they cover, and none
-//! counts for more than [`MAX_PER_YIELD`]. Measured on
-//! that VM over 50 ms windows: one or two busy loops beside it left
-//! spinners starved for 52-54 ms of some window; without them, requests
-//! from 8 callers and 4 reactors sharing the 2 cores at most 10 ms. Threads
-//! of this process that seal and write without pause (callers streaming
-//! one-way messages) count as busy neighbours too (25-37 ms), rightly:
-//! they do not yield either.
+//! for a response, reactors polling between turns), and when the yields
+//! that came back after more than [`LATE_YIELD`] cover [`LOST_IN_WINDOW`]
+//! of one [`WINDOW`] (half of it), spinning is off ([`contended`]) for
+//! [`HOLD`], after which it is tried again (and if the cores are still
+//! held, off for twice as long, up to [`MAX_HOLD`]). Late yields that
+//! overlap (the whole machine paused, as a VM's cores are now and then,
+//! and every spinner with it) count once, by the wall time they cover, and
+//! none counts for more than [`MAX_PER_YIELD`]. A busy neighbour starves
+//! the spinners for nearly the whole window; spinners among themselves,
+//! however many share the cores, for a small part of it (the README has
+//! the figures the thresholds come from). Threads of this process that
+//! seal and write without pause (callers streaming one-way messages) count
+//! as busy neighbours too, rightly: they do not yield either.
 //!
 //! A heuristic only, never part of a correctness protocol: its state is
 //! plain std atomics even under loom (statics need const constructors),
