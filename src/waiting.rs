@@ -42,6 +42,8 @@
 
 use std::time::Duration;
 
+use crate::sync::cores;
+
 /// How threads wait; see the module docs for the rule. Set with
 /// [`Config::waiting`](crate::Config::waiting).
 ///
@@ -124,12 +126,6 @@ impl Waiting {
             _ => Some((self.spin_time() / 4).max(MIN_MESSAGE_POLLING)),
         }
     }
-}
-
-/// The cores this process may run on, counted once.
-fn cores() -> usize {
-    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 #[cfg(test)]

@@ -106,6 +106,13 @@ pub use imp::*;
 #[derive(Debug)]
 pub struct SpinPermit(());
 
+/// The cores this process may run on (its CPU affinity and cgroup quota,
+/// as `std::thread::available_parallelism` reports them), counted once.
+pub fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 static SPINNERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 impl SpinPermit {
@@ -116,10 +123,7 @@ impl SpinPermit {
         if spins == 0 {
             return None;
         }
-        static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-        let max = *MAX.get_or_init(|| {
-            std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
-        });
+        let max = (cores() / 2).max(1);
         if SPINNERS.fetch_add(1, Relaxed) < max {
             Some(SpinPermit(()))
         } else {
