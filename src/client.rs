@@ -9,7 +9,7 @@ use crate::clock::CallDeadline;
 use crate::config::Config;
 use crate::error::{CallOp, Error, Result, TimeoutKind};
 use crate::handler::{Handler, NoHandler};
-use crate::pool::Pool;
+use crate::pool::{CallKind, Pool};
 use crate::workers::Workers;
 
 /// A client for one endpoint. `Send + Sync`: share it between threads with
@@ -174,7 +174,9 @@ impl Client {
         let call = || {
             let _call = self.pool.signal.enter().ok_or(Error::Closed)?;
             let deadline = self.write_deadline();
-            self.pool.pick(deadline)?.send_by(body, deadline)
+            self.pool
+                .pick(deadline, CallKind::Send)?
+                .send_by(body, deadline)
         };
         call().map_err(|e| e.calling(CallOp::Send, Some(self.pool.addr)))
     }
@@ -194,7 +196,9 @@ impl Client {
         let call = || {
             let _call = self.pool.signal.enter().ok_or(Error::Closed)?;
             let deadline = self.write_deadline();
-            self.pool.pick(deadline)?.send_no_wait_by(body, deadline)
+            self.pool
+                .pick(deadline, CallKind::Send)?
+                .send_no_wait_by(body, deadline)
         };
         call().map_err(|e| e.calling(CallOp::SendNoWait, Some(self.pool.addr)))
     }
@@ -236,7 +240,7 @@ impl Client {
         let _call = self.pool.signal.enter().ok_or(Error::Closed)?;
         // The deadline covers finding a connection too (which may dial).
         let deadline = CallDeadline::after(timeout, TimeoutKind::Request);
-        let conn = self.pool.pick(deadline)?;
+        let conn = self.pool.pick(deadline, CallKind::Request)?;
         let left = match deadline {
             None => None,
             Some(d) => match d.at.checked_duration_since(Instant::now()) {
@@ -246,6 +250,9 @@ impl Client {
         };
         let sent_at = crate::clock::now_nanos();
         let result = conn.request_bare(body, response, left);
+        if result.is_ok() {
+            conn.note_answer(sent_at);
+        }
         if let Err(Error::Timeout(TimeoutKind::Request)) = &result {
             if conn.silent_since(sent_at) {
                 // Not a byte from the server for the whole timeout: the

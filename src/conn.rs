@@ -23,7 +23,7 @@ use crate::sync::completion::{CompletionTable, Delivered};
 use crate::sync::timers::Timers;
 use std::sync::Arc;
 
-use crate::sync::{lock, AtomicUsize, Mutex, Ordering};
+use crate::sync::{lock, AtomicU64, AtomicUsize, Mutex, Ordering};
 
 /// Called once when a connection closes (the server's connection cap).
 pub(crate) type ReleaseHook = Box<dyn Fn() + Send + Sync>;
@@ -85,6 +85,10 @@ pub(crate) struct ConnShared {
     requests: std::sync::OnceLock<CompletionTable>,
     /// Calls in progress on this connection: the client pool's load metric.
     pub(crate) active_calls: AtomicUsize,
+    /// How long the last request answered on this connection waited for
+    /// its answer, in nanoseconds (0 before the first): the client pool
+    /// shares only connections that answer fast.
+    last_answer_time: AtomicU64,
     /// The read side: read by the reactor, or by a caller waiting for a
     /// response.
     pub(crate) read: ReadSide,
@@ -137,6 +141,7 @@ impl Connection {
                 driver: parts.driver,
                 token: AtomicUsize::new(usize::MAX),
                 active_calls: AtomicUsize::new(0),
+                last_answer_time: AtomicU64::new(0),
                 read: ReadSide::new(parts.core),
                 out,
                 release: Mutex::new(parts.release),
@@ -194,6 +199,23 @@ impl Connection {
     /// Why the connection closed, once it has.
     pub fn close_reason(&self) -> Option<Error> {
         self.shared.out.close_reason()
+    }
+
+    /// When bytes last came from the peer ([`now_nanos`]).
+    pub(crate) fn last_read(&self) -> u64 {
+        self.shared.read.last_read()
+    }
+
+    /// How long the last request answered here waited, in nanoseconds (0
+    /// before the first answer).
+    pub(crate) fn last_answer_time(&self) -> u64 {
+        self.shared.last_answer_time.load(Ordering::Relaxed)
+    }
+
+    /// A request sent at `sent_at` ([`now_nanos`]) was answered now.
+    pub(crate) fn note_answer(&self, sent_at: u64) {
+        let took = crate::clock::now_nanos().saturating_sub(sent_at);
+        self.shared.last_answer_time.store(took, Ordering::Relaxed);
     }
 
     /// Whether nothing has arrived from the peer since `since`

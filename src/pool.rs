@@ -1,6 +1,10 @@
 //! A client's connections: choosing one for a call, and dialling more
 //! while all are busy and fewer than `max_conns` are open, one dial at a
-//! time, with a backoff after a failed one. A blocking call dials on its
+//! time, with a backoff after a failed one. A request may share a
+//! connection that has requests in flight while that connection keeps
+//! answering (see [`SHARED_REQUESTS`]): its frames then ride the same reads
+//! and writes as theirs, where a connection of its own costs its reactor a
+//! wake-up. A blocking call dials on its
 //! own thread; an async call never blocks, so a dial it needs runs on a
 //! thread the pool starts for it (and joins), and async calls with no
 //! connection to use wait for that dial on a list of tasks to wake.
@@ -12,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use slab::Slab;
 
-use crate::clock::CallDeadline;
+use crate::clock::{now_nanos, CallDeadline};
 use crate::config::Config;
 use crate::conn::Connection;
 use crate::error::{DialPhase, Error, Result};
@@ -20,6 +24,39 @@ use crate::handler::Handler;
 use crate::sync::signal::ShutdownSignal;
 use crate::sync::{lock, read, write, Mutex, RwLock};
 use crate::workers::Workers;
+
+/// The requests in flight a connection may carry before a request prefers
+/// another connection (an idle one, or a new one while under `max_conns`),
+/// as long as its requests are answered fast: its last one within
+/// [`FAST_ANSWER`], and bytes came from it within [`SILENT_AFTER`].
+/// Sharing puts several callers' frames in one read and one write of the
+/// connection's reactors. A connection whose handler is slow, or whose
+/// requests are held or lost, is not shared, so requests spread over
+/// connections, and the server's reactors, as before.
+const SHARED_REQUESTS: usize = 8;
+
+/// See [`SHARED_REQUESTS`]: about a scheduler's time slice. Answers that
+/// come later than that are slow for a reason of the server's (its handler,
+/// a held request), not because many callers share a few cores (requests
+/// when the client starts, with callers queued behind its first dials,
+/// take up to a few hundred microseconds here), and on another connection
+/// the server could work on them side by side.
+const FAST_ANSWER: Duration = Duration::from_millis(1);
+
+/// See [`SHARED_REQUESTS`]: a connection with requests in flight and
+/// nothing from the peer for this long is not answering them. Longer than
+/// a scheduler's time slice, so that the pauses of a loaded machine (many
+/// callers on few cores) do not count.
+const SILENT_AFTER: Duration = Duration::from_millis(5);
+
+/// What a call will use the connection it picks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CallKind {
+    /// A send: wants a connection with nothing in progress (its own write).
+    Send,
+    /// A request: may share a connection that keeps answering.
+    Request,
+}
 
 /// The pool; shared with the thread of an async call's dial.
 pub(crate) struct Pool {
@@ -130,11 +167,16 @@ impl Pool {
         read(&self.conns).iter().filter(|c| !c.is_closed()).count()
     }
 
-    /// Picks a connection with nothing in progress, else the least loaded
-    /// one, dialling a new one while under `max_conns` and all are busy.
-    /// The dial, or the wait for another caller's, ends by `deadline`.
-    pub(crate) fn pick(&self, deadline: Option<CallDeadline>) -> Result<Connection> {
-        if let Some(conn) = self.choose(false) {
+    /// Picks a connection with nothing in progress (for a request, or one
+    /// it may share: [`SHARED_REQUESTS`]), else the least loaded one,
+    /// dialling a new one while under `max_conns` and all are busy. The
+    /// dial, or the wait for another caller's, ends by `deadline`.
+    pub(crate) fn pick(
+        &self,
+        deadline: Option<CallDeadline>,
+        kind: CallKind,
+    ) -> Result<Connection> {
+        if let Some(conn) = self.choose_for(kind) {
             return Ok(conn);
         }
         // All busy (or none) and room for more. One caller dials at a time;
@@ -159,7 +201,7 @@ impl Pool {
                 }
             },
         };
-        if let Some(conn) = self.choose(false) {
+        if let Some(conn) = self.choose_for(kind) {
             return Ok(conn);
         }
         if let Some(failed) = &dialling.failed {
@@ -237,6 +279,37 @@ impl Pool {
         (any || full || load == 0).then(|| conn.clone())
     }
 
+    /// [`choose`](Self::choose) without `any`, but a request also takes
+    /// a busy connection it may share ([`SHARED_REQUESTS`]), once the pool
+    /// holds a connection per reactor of the client (`config.workers`, at
+    /// most `max_conns`): as many as spread the work over the cores, and
+    /// no more than answer fast.
+    fn choose_for(&self, kind: CallKind) -> Option<Connection> {
+        if kind == CallKind::Send {
+            return self.choose(false);
+        }
+        let pool = read(&self.conns);
+        let spread = self.config.max_conns.max(1).min(self.config.workers.max(1));
+        if pool.len() >= spread {
+            let now = now_nanos();
+            let shared = pool
+                .iter()
+                .map(|c| (c, c.load()))
+                .filter(|&(c, load)| {
+                    load < SHARED_REQUESTS
+                        && c.last_answer_time() < FAST_ANSWER.as_nanos() as u64
+                        && now.saturating_sub(c.last_read()) < SILENT_AFTER.as_nanos() as u64
+                        && !c.is_closed()
+                })
+                .min_by_key(|&(_, load)| load);
+            if let Some((conn, _)) = shared {
+                return Some(conn.clone());
+            }
+        }
+        drop(pool);
+        self.choose(false)
+    }
+
     /// [`pick`](Self::pick) for an async call, which must not block: an
     /// idle connection, else a busy one while a dial for more runs on a
     /// thread of the pool's, else (none open) pending until a dial ends.
@@ -310,7 +383,7 @@ impl Pool {
             .spawn(move || {
                 // Bounded by the dial's own timeouts; the calls waiting for
                 // it keep their deadlines.
-                let _ = pool.pick(None);
+                let _ = pool.pick(None, CallKind::Send);
                 // One locked step, after which this thread needs no lock:
                 // the next dial joins it under the lock.
                 let mut dial = lock(&pool.async_dial);

@@ -92,6 +92,27 @@ fn many_threads_share_a_small_pool() {
     });
 }
 
+/// Runs `callers` threads of `requests` echoed requests each on `client`, and
+/// joins them.
+fn echo_callers(client: &Arc<Client>, callers: usize, requests: usize) {
+    let threads: Vec<_> = (0..callers)
+        .map(|t| {
+            let client = client.clone();
+            thread::spawn(move || {
+                let mut resp = Vec::new();
+                for i in 0..requests {
+                    let body = format!("{t}:{i}");
+                    client.request(body.as_bytes(), &mut resp).expect("request");
+                    assert_eq!(resp, body.as_bytes());
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+}
+
 // With a slow handler and 8 concurrent callers, the pool grows past one
 // connection but never beyond max_conns (3).
 #[test]
@@ -122,22 +143,7 @@ fn pool_grows_to_max_conns_and_no_further() {
                 max
             })
         };
-        let callers: Vec<_> = (0..8)
-            .map(|t| {
-                let client = client.clone();
-                thread::spawn(move || {
-                    let mut resp = Vec::new();
-                    for i in 0..15 {
-                        let body = format!("{t}:{i}");
-                        client.request(body.as_bytes(), &mut resp).expect("request");
-                        assert_eq!(resp, body.as_bytes());
-                    }
-                })
-            })
-            .collect();
-        for c in callers {
-            c.join().unwrap();
-        }
+        echo_callers(&client, 8, 15);
         done.store(true, Ordering::SeqCst);
         let max_seen = monitor.join().unwrap();
         let n = client.connections();
@@ -172,8 +178,11 @@ fn pending_request_makes_its_connection_busy() {
             },
         )
         .unwrap();
-        let client =
-            Arc::new(Client::new(server.local_addr(), client_config().max_conns(4)).unwrap());
+        // One reactor: the pool may share a connection from the first one
+        // on, as long as it answers.
+        let client = Arc::new(
+            Client::new(server.local_addr(), client_config().max_conns(4).workers(1)).unwrap(),
+        );
         let a = {
             let client = client.clone();
             thread::spawn(move || {
@@ -186,6 +195,9 @@ fn pending_request_makes_its_connection_busy() {
             .unwrap()
             .len()
             == 1));
+        // Held past the time after which a silent connection counts as not
+        // answering (5 ms).
+        thread::sleep(Duration::from_millis(20));
         let mut resp = Vec::new();
         client.request(b"b", &mut resp).unwrap();
         let conns = client.connections();
@@ -196,6 +208,32 @@ fn pending_request_makes_its_connection_busy() {
         assert_eq!(
             conns, 2,
             "the second caller should not share the connection with a pending request"
+        );
+        client.shutdown();
+        server.shutdown();
+    });
+}
+
+// Requests answered fast share a connection rather than each taking one of
+// its own: 4 callers with a client of one reactor and room for 4 connections
+// keep to fewer than 4 (without sharing, every caller busy at once takes its
+// own, and the pool grows to 4).
+#[test]
+fn fast_answered_requests_share_a_connection() {
+    within(30, || {
+        let server = Server::bind("127.0.0.1:0", server_config(), |ctx: &mut Context<'_>| {
+            let body = ctx.body().to_vec();
+            let _ = ctx.reply(&body);
+        })
+        .unwrap();
+        let client = Arc::new(
+            Client::new(server.local_addr(), client_config().max_conns(4).workers(1)).unwrap(),
+        );
+        echo_callers(&client, 4, 2000);
+        let n = client.connections();
+        assert!(
+            n < 4,
+            "4 callers of fast requests took {n} connections: none shared"
         );
         client.shutdown();
         server.shutdown();
