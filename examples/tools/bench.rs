@@ -25,7 +25,9 @@
 //! - `RawPingPong`: a bare loopback TCP ping-pong with the same message
 //!   sizes as `Request` (a frame out, an empty-reply frame back), no
 //!   crypto, run with both threads on one core and unpinned: the better of
-//!   the two is the limit (a `#` line after the table gives both);
+//!   the two is the limit (a `#` line after the table gives both, and,
+//!   with two CPUs, a third: each thread on its own core, spinning on a
+//!   non-blocking socket, the cross-core round trip without wake-ups);
 //! - `RawStream`: pre-built frames written in 16 KiB and in 64 KiB batches
 //!   to a reader that discards them, per frame, the better of the two;
 //! - `Seal`: AES-256-GCM sealing of one frame on one core;
@@ -559,11 +561,22 @@ fn run_baseline(kind: Kind, args: &Args, payload: &[u8]) -> BenchResult<(Measure
             // Both threads on one core (a wake-up costs no cross-core IPI),
             // then unpinned; the limit is the better of the two. The
             // process's own affinity (taskset) still bounds both.
-            let same_core = ping_pong(payload, dur, Some(current_cpu()))?;
-            let unpinned = ping_pong(payload, dur, None)?;
+            let same_core = ping_pong(payload, dur, Placement::SameCore(current_cpu()))?;
+            let unpinned = ping_pong(payload, dur, Placement::Unpinned)?;
             let ns = |m: &Measured| m.elapsed.as_nanos() as f64 / m.iterations.max(1) as f64;
+            // Not a candidate for the limit (it burns two cores), but what
+            // a round trip between two cores costs at best: where it is
+            // slower than the same-core one, a design that runs the two
+            // ends on two threads loses to one that runs both on one.
+            let apart = match two_cpus() {
+                Some((a, b)) => {
+                    let m = ping_pong(payload, dur, Placement::SpinningApart(a, b))?;
+                    format!(", {:.0} ns/op spinning on two cores", ns(&m))
+                }
+                None => String::new(),
+            };
             note(format!(
-                "RawPingPong: {:.0} ns/op with both threads on one core, {:.0} ns/op unpinned",
+                "RawPingPong: {:.0} ns/op with both threads on one core, {:.0} ns/op unpinned{apart}",
                 ns(&same_core),
                 ns(&unpinned)
             ));
@@ -633,38 +646,108 @@ fn note(line: String) {
 
 /// A bare TCP ping-pong with `Request`'s sizes, both threads on `cpu` if
 /// given.
-fn ping_pong(payload: &[u8], dur: Duration, cpu: Option<usize>) -> BenchResult<Measured> {
+/// Where `ping_pong`'s two threads run, and how they wait.
+#[derive(Clone, Copy)]
+enum Placement {
+    /// Both on this CPU, blocking: a wake-up costs no cross-core IPI.
+    SameCore(usize),
+    /// As the process may run (taskset bounds it), blocking.
+    Unpinned,
+    /// One thread on each of these two CPUs, each polling its non-blocking
+    /// socket without pause: the best a design that spins across cores
+    /// can do, with no wake-up at all.
+    SpinningApart(usize, usize),
+}
+
+/// Reads `buf` full from a non-blocking socket, polling without pause.
+fn read_spinning(mut s: &TcpStream, buf: &mut [u8]) -> std::io::Result<()> {
+    let mut got = 0;
+    while got < buf.len() {
+        match s.read(&mut buf[got..]) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::hint::spin_loop(),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Writes all of `buf` to a non-blocking socket, polling without pause.
+fn write_spinning(mut s: &TcpStream, buf: &[u8]) -> std::io::Result<()> {
+    let mut put = 0;
+    while put < buf.len() {
+        match s.write(&buf[put..]) {
+            Ok(n) => put += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::hint::spin_loop(),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Two CPUs this process may run on, if it may run on two.
+fn two_cpus() -> Option<(usize, usize)> {
+    let set = affinity();
+    // SAFETY: `set` is a valid bit set; CPU_ISSET only reads it.
+    let mut cpus = (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) });
+    Some((cpus.next()?, cpus.next()?))
+}
+
+fn ping_pong(payload: &[u8], dur: Duration, placement: Placement) -> BenchResult<Measured> {
     let io = |e: std::io::Error| e.to_string();
     let listener = TcpListener::bind("127.0.0.1:0").map_err(io)?;
     let addr = listener.local_addr().map_err(io)?;
     let out_len = frame_len(payload.len());
+    let (mine, echo_cpu, spinning) = match placement {
+        Placement::SameCore(cpu) => (Some(cpu), Some(cpu), false),
+        Placement::Unpinned => (None, None, false),
+        Placement::SpinningApart(a, b) => (Some(a), Some(b), true),
+    };
     let echo = std::thread::spawn(move || -> std::io::Result<()> {
-        if let Some(cpu) = cpu {
+        if let Some(cpu) = echo_cpu {
             pin_thread(cpu);
         }
         let (mut s, _) = listener.accept()?;
         s.set_nodelay(true)?;
+        s.set_nonblocking(spinning)?;
         let mut frame = vec![0u8; out_len];
         let reply = [0u8; FRAME_OVERHEAD];
-        while s.read_exact(&mut frame).is_ok() {
-            s.write_all(&reply)?;
+        loop {
+            let got = if spinning {
+                read_spinning(&s, &mut frame)
+            } else {
+                s.read_exact(&mut frame)
+            };
+            if got.is_err() {
+                return Ok(());
+            }
+            if spinning {
+                write_spinning(&s, &reply)?;
+            } else {
+                s.write_all(&reply)?;
+            }
         }
-        Ok(())
     });
-    // Unpinned means as the process may run (taskset bounds it still).
     let before = affinity();
-    if let Some(cpu) = cpu {
+    if let Some(cpu) = mine {
         pin_thread(cpu);
     }
     let result = (|| {
         let stream = TcpStream::connect(addr).map_err(io)?;
         stream.set_nodelay(true).map_err(io)?;
+        stream.set_nonblocking(spinning).map_err(io)?;
         let frame = vec![1u8; out_len];
         let op = |_: &mut Vec<u8>| {
             let mut s = &stream;
             let mut reply = [0u8; FRAME_OVERHEAD];
-            s.write_all(&frame)?;
-            s.read_exact(&mut reply)?;
+            if spinning {
+                write_spinning(s, &frame)?;
+                read_spinning(s, &mut reply)?;
+            } else {
+                s.write_all(&frame)?;
+                s.read_exact(&mut reply)?;
+            }
             Ok(())
         };
         measure(0, WARMUP, &op, &|| Ok(()))?;
