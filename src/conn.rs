@@ -85,10 +85,11 @@ pub(crate) struct ConnShared {
     requests: std::sync::OnceLock<CompletionTable>,
     /// Calls in progress on this connection: the client pool's load metric.
     pub(crate) active_calls: AtomicUsize,
-    /// How long the last request answered on this connection waited for
-    /// its answer, in nanoseconds (0 before the first): the client pool
-    /// shares only connections that answer fast.
-    last_answer_time: AtomicU64,
+    /// How long requests answered on this connection waited for their
+    /// answers, in nanoseconds, a moving average (1/8 per answer; 0 before
+    /// the first): the client pool shares only connections that answer
+    /// fast.
+    answer_time: AtomicU64,
     /// The read side: read by the reactor, or by a caller waiting for a
     /// response.
     pub(crate) read: ReadSide,
@@ -141,7 +142,7 @@ impl Connection {
                 driver: parts.driver,
                 token: AtomicUsize::new(usize::MAX),
                 active_calls: AtomicUsize::new(0),
-                last_answer_time: AtomicU64::new(0),
+                answer_time: AtomicU64::new(0),
                 read: ReadSide::new(parts.core),
                 out,
                 release: Mutex::new(parts.release),
@@ -206,16 +207,25 @@ impl Connection {
         self.shared.read.last_read()
     }
 
-    /// How long the last request answered here waited, in nanoseconds (0
-    /// before the first answer).
-    pub(crate) fn last_answer_time(&self) -> u64 {
-        self.shared.last_answer_time.load(Ordering::Relaxed)
+    /// How long requests answered here waited, in nanoseconds: a moving
+    /// average, so that one stall (a dial's handshake taking the cores) does
+    /// not make a connection slow, while a slow handler does within a few
+    /// answers.
+    pub(crate) fn answer_time(&self) -> u64 {
+        self.shared.answer_time.load(Ordering::Relaxed)
     }
 
-    /// A request sent at `sent_at` ([`now_nanos`]) was answered now.
+    /// A request sent at `sent_at` ([`now_nanos`]) was answered now. (Racing
+    /// callers may lose each other's update: an average of most answers.)
     pub(crate) fn note_answer(&self, sent_at: u64) {
         let took = crate::clock::now_nanos().saturating_sub(sent_at);
-        self.shared.last_answer_time.store(took, Ordering::Relaxed);
+        let average = self.answer_time();
+        let next = if took >= average {
+            average + (took - average) / 8
+        } else {
+            average - (average - took) / 8
+        };
+        self.shared.answer_time.store(next, Ordering::Relaxed);
     }
 
     /// Whether nothing has arrived from the peer since `since`

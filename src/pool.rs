@@ -27,8 +27,8 @@ use crate::workers::Workers;
 
 /// The requests in flight a connection may carry before a request prefers
 /// another connection (an idle one, or a new one while under `max_conns`),
-/// as long as its requests are answered fast: its last one within
-/// [`FAST_ANSWER`], and bytes came from it within [`SILENT_AFTER`].
+/// as long as its requests are answered fast: within [`FAST_ANSWER`] on
+/// average, and bytes came from it within [`SILENT_AFTER`].
 /// Sharing puts several callers' frames in one read and one write of the
 /// connection's reactors. A connection whose handler is slow, or whose
 /// requests are held or lost, is not shared, so requests spread over
@@ -297,7 +297,7 @@ impl Pool {
                 .map(|c| (c, c.load()))
                 .filter(|&(c, load)| {
                     load < SHARED_REQUESTS
-                        && c.last_answer_time() < FAST_ANSWER.as_nanos() as u64
+                        && c.answer_time() < FAST_ANSWER.as_nanos() as u64
                         && now.saturating_sub(c.last_read()) < SILENT_AFTER.as_nanos() as u64
                         && !c.is_closed()
                 })
