@@ -14,7 +14,7 @@ use crate::client::Client;
 use crate::clock::now_nanos;
 use crate::conn::Connection;
 use crate::error::{CallOp, DialPhase, Error, Result, TimeoutKind};
-use crate::pool::DialWait;
+use crate::pool::{CallKind, DialWait};
 use crate::reactor::ReactorHandle;
 use crate::sync::signal::CallGuard;
 
@@ -186,7 +186,11 @@ impl<'a> ClientFuture<'a> {
                         self.deadline.start();
                     }
                     let since = *self.since.get_or_insert_with(Instant::now);
-                    let conn = match pool.poll_pick(since, &mut self.wait, cx) {
+                    let kind = match call {
+                        Call::Request(_) => CallKind::Request,
+                        Call::Send => CallKind::Send,
+                    };
+                    let conn = match pool.poll_pick(since, &mut self.wait, cx, kind) {
                         Poll::Ready(conn) => conn?,
                         Poll::Pending if self.deadline.passed() => {
                             let kind = self.deadline_kind();
@@ -222,6 +226,9 @@ impl<'a> ClientFuture<'a> {
                         return Poll::Pending;
                     }
                     Poll::Ready(result) => {
+                        if result.is_ok() {
+                            conn.note_answer(sent_at);
+                        }
                         if let Err(e) = &result {
                             if matches!(e.root_cause(), Error::Timeout(TimeoutKind::Request))
                                 && conn.silent_since(sent_at)

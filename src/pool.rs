@@ -311,7 +311,7 @@ impl Pool {
     }
 
     /// [`pick`](Self::pick) for an async call, which must not block: an
-    /// idle connection, else a busy one while a dial for more runs on a
+    /// idle connection (for a request, or one it may share), else a busy one while a dial for more runs on a
     /// thread of the pool's, else (none open) pending until a dial ends.
     /// A dial's failure fails the calls that waited since `since`, and
     /// during the backoff after it, the calls that find no connection.
@@ -320,8 +320,9 @@ impl Pool {
         since: Instant,
         wait: &mut DialWait,
         cx: &mut Context<'_>,
+        kind: CallKind,
     ) -> Poll<Result<Connection>> {
-        if let Some(conn) = self.choose(false) {
+        if let Some(conn) = self.choose_for(kind) {
             self.forget(wait);
             return Poll::Ready(Ok(conn));
         }

@@ -156,6 +156,44 @@ fn many_concurrent_futures_current_thread() {
     within(60, || many_concurrent(current_thread(), 64, 200));
 }
 
+/// Async requests answered fast share a connection as blocking ones do:
+/// 8 tasks with a client of one reactor and room for 4 connections keep to
+/// fewer than 4 (without sharing, 8 requests in flight at once take all 4).
+#[test]
+fn fast_answered_async_requests_share_a_connection() {
+    within(60, || {
+        let (server, _) = echo_server(Config::server());
+        let client = Arc::new(
+            Client::new(
+                server.local_addr(),
+                Config::default().max_conns(4).workers(1),
+            )
+            .unwrap(),
+        );
+        current_thread().block_on(async {
+            let mut handles = Vec::new();
+            for t in 0..8u32 {
+                let client = client.clone();
+                handles.push(tokio::spawn(async move {
+                    let mut response = Vec::new();
+                    for i in 0..500u32 {
+                        let body = [t.to_be_bytes(), i.to_be_bytes()].concat();
+                        client.request_async(&body, &mut response).await.unwrap();
+                        assert_eq!(response, body);
+                    }
+                }));
+            }
+            for h in handles {
+                h.await.unwrap();
+            }
+        });
+        let n = client.connections();
+        assert!(n < 4, "8 tasks of fast requests took {n} connections");
+        client.shutdown();
+        server.shutdown();
+    });
+}
+
 /// Requests dropped before their responses, among requests that wait for
 /// theirs: every completed request gets its own body back (a late
 /// response never reaches a later request), and every slot comes back.
