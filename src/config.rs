@@ -85,9 +85,10 @@ pub struct Config {
     /// Client: the most connections kept to the endpoint (default 4). A
     /// call takes an idle one, or dials while all are busy; but once there
     /// is a connection per [`workers`](Self::workers), a request shares a
-    /// busy one (up to 8 requests in flight) while that one answers within
-    /// 1 ms and has not been silent for 5 ms: fewer reactor wake-ups per
-    /// request, while a slow handler still spreads requests over more.
+    /// busy one (with about 8 requests in flight at most) while that one's
+    /// answers take under 1 ms on average and it has not been quiet for
+    /// 2 ms: fewer reactor wake-ups per request, while a slow handler or a
+    /// stalled connection still spreads requests over more.
     /// Server: the most connections handled at once, handshakes included
     /// (default 1024, from [`Config::server`]).
     pub max_conns: usize,

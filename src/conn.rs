@@ -90,6 +90,10 @@ pub(crate) struct ConnShared {
     /// the first): the client pool shares only connections that answer
     /// fast.
     answer_time: AtomicU64,
+    /// When the client pool last gave this connection, idle, to a request,
+    /// or dialled it ([`now_nanos`]): with the last read, whether it is
+    /// stalled.
+    taken_at: AtomicU64,
     /// The read side: read by the reactor, or by a caller waiting for a
     /// response.
     pub(crate) read: ReadSide,
@@ -143,6 +147,7 @@ impl Connection {
                 token: AtomicUsize::new(usize::MAX),
                 active_calls: AtomicUsize::new(0),
                 answer_time: AtomicU64::new(0),
+                taken_at: AtomicU64::new(0),
                 read: ReadSide::new(parts.core),
                 out,
                 release: Mutex::new(parts.release),
@@ -215,17 +220,29 @@ impl Connection {
         self.shared.answer_time.load(Ordering::Relaxed)
     }
 
-    /// A request sent at `sent_at` ([`now_nanos`]) was answered now. (Racing
-    /// callers may lose each other's update: an average of most answers.)
+    /// A request sent at `sent_at` ([`now_nanos`]) was answered now.
     pub(crate) fn note_answer(&self, sent_at: u64) {
         let took = crate::clock::now_nanos().saturating_sub(sent_at);
-        let average = self.answer_time();
-        let next = if took >= average {
-            average + (took - average) / 8
-        } else {
-            average - (average - took) / 8
-        };
-        self.shared.answer_time.store(next, Ordering::Relaxed);
+        let _ =
+            self.shared
+                .answer_time
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |average| {
+                    Some(if took >= average {
+                        average + (took - average) / 8
+                    } else {
+                        average - (average - took) / 8
+                    })
+                });
+    }
+
+    /// When the client pool last gave this connection, idle, to a request.
+    pub(crate) fn taken_at(&self) -> u64 {
+        self.shared.taken_at.load(Ordering::Relaxed)
+    }
+
+    /// The client pool gives this connection, idle, to a request at `now`.
+    pub(crate) fn set_taken_at(&self, now: u64) {
+        self.shared.taken_at.store(now, Ordering::Relaxed);
     }
 
     /// Whether nothing has arrived from the peer since `since`

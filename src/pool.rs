@@ -25,36 +25,63 @@ use crate::sync::signal::ShutdownSignal;
 use crate::sync::{lock, read, write, Mutex, RwLock};
 use crate::workers::Workers;
 
-/// The requests in flight a connection may carry before a request prefers
-/// another connection (an idle one, or a new one while under `max_conns`),
-/// as long as its requests are answered fast: within [`FAST_ANSWER`] on
-/// average, and bytes came from it within [`SILENT_AFTER`].
-/// Sharing puts several callers' frames in one read and one write of the
-/// connection's reactors. A connection whose handler is slow, or whose
-/// requests are held or lost, is not shared, so requests spread over
-/// connections, and the server's reactors, as before.
+/// About the most requests in flight a connection may carry before a
+/// request prefers another connection (an idle one, or a new one while
+/// under `max_conns`); callers choosing at once may each see room, so the
+/// bound is soft. Sharing puts several callers' frames in one read and one
+/// write of the connection's reactors, where a connection each costs a
+/// reactor wake-up per request. A busy connection is shared only while its
+/// answers come fast ([`FAST_ANSWER`]) and keep coming ([`SILENT_AFTER`]);
+/// see [`may_share`].
 const SHARED_REQUESTS: usize = 8;
 
-/// See [`SHARED_REQUESTS`]: about a scheduler's time slice. Answers that
-/// come later than that are slow for a reason of the server's (its handler,
-/// a held request), not because many callers share a few cores (requests
-/// when the client starts, with callers queued behind its first dials,
-/// take up to a few hundred microseconds here), and on another connection
-/// the server could work on them side by side.
+/// See [`SHARED_REQUESTS`]: the most a connection's answers may take on
+/// average (as their callers saw them, from the request's write to the
+/// caller's return; a moving average over answers, 0 on a new connection)
+/// for it to be shared. About a scheduler's time slice: answers slower than
+/// that come from a slow handler, whose requests the server could work on
+/// side by side on other connections (a 20 ms handler is slow at its first
+/// answer, a 2 ms one within about six), not from many callers sharing a
+/// few cores.
 const FAST_ANSWER: Duration = Duration::from_millis(1);
 
-/// See [`SHARED_REQUESTS`]: a connection with requests in flight and
-/// nothing from the peer for this long is not answering them. Longer than
-/// a scheduler's time slice, so that the pauses of a loaded machine (many
-/// callers on few cores) do not count.
-const SILENT_AFTER: Duration = Duration::from_millis(5);
+/// See [`SHARED_REQUESTS`]: a busy connection from which nothing came for
+/// this long (since its last bytes, or since the pool gave it, idle, to a
+/// request) counts as stalled, a handler stuck or a peer gone, and is not
+/// shared: requests joining it would wait for the stall. Longer than the
+/// pauses of a loaded machine (a millisecond seen here, with 8 callers and
+/// 4 reactors on 2 cores), so that those do not spread requests.
+const SILENT_AFTER: Duration = Duration::from_millis(2);
+
+/// What the pool knows of a connection when a request looks for one.
+#[derive(Debug, Clone, Copy)]
+struct ShareView {
+    /// Calls in progress on it.
+    load: usize,
+    /// Its answers' average time, in nanoseconds.
+    answer_time: u64,
+    /// Nanoseconds since bytes last came from it, or since the pool last
+    /// gave it, idle, to a request, whichever was later.
+    quiet_for: u64,
+}
+
+/// Whether a request may use a connection in this state without dialling
+/// first: an idle one always; a busy one while it carries fewer than
+/// [`SHARED_REQUESTS`], answers within [`FAST_ANSWER`] on average, and has
+/// not been quiet for [`SILENT_AFTER`].
+fn may_share(view: ShareView) -> bool {
+    view.load == 0
+        || (view.load < SHARED_REQUESTS
+            && view.answer_time < FAST_ANSWER.as_nanos() as u64
+            && view.quiet_for < SILENT_AFTER.as_nanos() as u64)
+}
 
 /// What a call will use the connection it picks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum CallKind {
     /// A send: wants a connection with nothing in progress (its own write).
     Send,
-    /// A request: may share a connection that keeps answering.
+    /// A request: may share a busy connection ([`may_share`]).
     Request,
 }
 
@@ -223,6 +250,7 @@ impl Pool {
             }
             Ok(conn) => {
                 dialling.succeeded();
+                conn.set_taken_at(now_nanos());
                 // Joined to the pool before the dial lock is released, so
                 // the next dialler sees it and stays within `max_conns`.
                 write(&self.conns).push(conn.clone());
@@ -280,39 +308,54 @@ impl Pool {
     }
 
     /// [`choose`](Self::choose) without `any`, but a request also takes
-    /// a busy connection it may share ([`SHARED_REQUESTS`]), once the pool
-    /// holds a connection per reactor of the client (`config.workers`, at
-    /// most `max_conns`): as many as spread the work over the cores, and
-    /// no more than answer fast.
+    /// a busy connection it may share ([`may_share`]), once the pool holds
+    /// an open connection per reactor of the client (`config.workers`, at
+    /// most `max_conns`): as many as spread the work over the cores, and no
+    /// more while those answer fast (the first `spread` connections are
+    /// preferred).
     fn choose_for(&self, kind: CallKind) -> Option<Connection> {
         if kind == CallKind::Send {
             return self.choose(false);
         }
         let pool = read(&self.conns);
         let spread = self.config.max_conns.max(1).min(self.config.workers.max(1));
-        if pool.len() >= spread {
+        // Closed connections are dropped by `choose`, below.
+        if pool.len() >= spread && !pool.iter().any(|c| c.is_closed()) {
             let now = now_nanos();
+            let view = |c: &Connection| ShareView {
+                load: c.load(),
+                answer_time: c.answer_time(),
+                quiet_for: now.saturating_sub(c.last_read().max(c.taken_at())),
+            };
+            // The least loaded of the first `spread` that may be shared,
+            // else of the rest: connections dialled past `spread` (while
+            // the first were slow or stalled, or when the client started)
+            // then fall idle again, and requests keep packed.
             let shared = pool
                 .iter()
-                .map(|c| (c, c.load()))
-                .filter(|&(c, load)| {
-                    load < SHARED_REQUESTS
-                        && c.answer_time() < FAST_ANSWER.as_nanos() as u64
-                        && now.saturating_sub(c.last_read()) < SILENT_AFTER.as_nanos() as u64
-                        && !c.is_closed()
-                })
-                .min_by_key(|&(_, load)| load);
-            if let Some((conn, _)) = shared {
+                .enumerate()
+                .map(|(i, c)| (c, view(c), i >= spread))
+                .filter(|&(_, v, _)| may_share(v))
+                .min_by_key(|&(_, v, extra)| (extra, v.load));
+            if let Some((conn, v, _)) = shared {
+                if v.load == 0 {
+                    conn.set_taken_at(now);
+                }
                 return Some(conn.clone());
             }
         }
         drop(pool);
-        self.choose(false)
+        let conn = self.choose(false)?;
+        if conn.load() == 0 {
+            conn.set_taken_at(now_nanos());
+        }
+        Some(conn)
     }
 
     /// [`pick`](Self::pick) for an async call, which must not block: an
-    /// idle connection (for a request, or one it may share), else a busy one while a dial for more runs on a
-    /// thread of the pool's, else (none open) pending until a dial ends.
+    /// idle connection (for a request, or one it may share), else a busy
+    /// one while a dial for more runs on a thread of the pool's, else (none
+    /// open) pending until a dial ends.
     /// A dial's failure fails the calls that waited since `since`, and
     /// during the backoff after it, the calls that find no connection.
     pub(crate) fn poll_pick(
@@ -433,5 +476,37 @@ impl Pool {
         self.workers.stop_and_join();
         self.wake_dial_waiters();
         write(&self.conns).clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    fn view(load: usize, answer_time: u64, quiet_for: u64) -> ShareView {
+        ShareView {
+            load,
+            answer_time,
+            quiet_for,
+        }
+    }
+
+    #[test]
+    fn an_idle_connection_is_always_taken() {
+        assert!(may_share(view(0, 50 * MS, 10_000 * MS)));
+    }
+
+    #[test]
+    fn a_busy_connection_is_shared_while_it_answers_fast_and_keeps_answering() {
+        assert!(may_share(view(1, 0, 0)));
+        assert!(may_share(view(SHARED_REQUESTS - 1, MS / 10, MS)));
+        // Full.
+        assert!(!may_share(view(SHARED_REQUESTS, 0, 0)));
+        // A slow handler.
+        assert!(!may_share(view(1, 2 * MS, 0)));
+        // Stalled: nothing since its last answer, or since it was taken.
+        assert!(!may_share(view(1, 0, 3 * MS)));
     }
 }

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{wait_until, within};
+use common::{runs_until_below, wait_until, within};
 use monte_rpc::{Client, Config, Connection, Context, Error, Server, TimeoutKind};
 
 /// A server that echoes every request's body, and counts one-way
@@ -119,10 +119,9 @@ fn calls_complete_under_block_on() {
 
 /// Many tasks with requests in flight at once on few connections: each
 /// gets its own response.
-fn many_concurrent(runtime: tokio::runtime::Runtime, tasks: u32, per_task: u32) {
-    let (server, _) = echo_server(Config::server());
-    let client =
-        Arc::new(Client::new(server.local_addr(), Config::default().max_conns(2)).unwrap());
+/// Runs `tasks` tasks of `per_task` echoed `request_async`s each on
+/// `runtime`, and waits for them.
+fn echo_tasks(runtime: &tokio::runtime::Runtime, client: &Arc<Client>, tasks: u32, per_task: u32) {
     runtime.block_on(async {
         let mut handles = Vec::new();
         for t in 0..tasks {
@@ -140,6 +139,13 @@ fn many_concurrent(runtime: tokio::runtime::Runtime, tasks: u32, per_task: u32) 
             h.await.unwrap();
         }
     });
+}
+
+fn many_concurrent(runtime: tokio::runtime::Runtime, tasks: u32, per_task: u32) {
+    let (server, _) = echo_server(Config::server());
+    let client =
+        Arc::new(Client::new(server.local_addr(), Config::default().max_conns(2)).unwrap());
+    echo_tasks(&runtime, &client, tasks, per_task);
     let stats = client.stats();
     assert_eq!(stats.requests_in_flight, 0, "{stats}");
     client.shutdown();
@@ -159,37 +165,31 @@ fn many_concurrent_futures_current_thread() {
 /// Async requests answered fast share a connection as blocking ones do:
 /// 8 tasks with a client of one reactor and room for 4 connections keep to
 /// fewer than 4 (without sharing, 8 requests in flight at once take all 4).
+/// A pause of the machine longer than the pool's stall threshold (2 ms)
+/// costs a dial, so a run may grow the pool; of 3 runs, one must keep
+/// below 4.
 #[test]
 fn fast_answered_async_requests_share_a_connection() {
     within(60, || {
         let (server, _) = echo_server(Config::server());
-        let client = Arc::new(
-            Client::new(
-                server.local_addr(),
-                Config::default().max_conns(4).workers(1),
-            )
-            .unwrap(),
-        );
-        current_thread().block_on(async {
-            let mut handles = Vec::new();
-            for t in 0..8u32 {
-                let client = client.clone();
-                handles.push(tokio::spawn(async move {
-                    let mut response = Vec::new();
-                    for i in 0..500u32 {
-                        let body = [t.to_be_bytes(), i.to_be_bytes()].concat();
-                        client.request_async(&body, &mut response).await.unwrap();
-                        assert_eq!(response, body);
-                    }
-                }));
-            }
-            for h in handles {
-                h.await.unwrap();
-            }
+        let runtime = current_thread();
+        let runs = runs_until_below(4, 3, || {
+            let client = Arc::new(
+                Client::new(
+                    server.local_addr(),
+                    Config::default().max_conns(4).workers(1),
+                )
+                .unwrap(),
+            );
+            echo_tasks(&runtime, &client, 8, 300);
+            let n = client.connections();
+            client.shutdown();
+            n
         });
-        let n = client.connections();
-        assert!(n < 4, "8 tasks of fast requests took {n} connections");
-        client.shutdown();
+        assert!(
+            runs.iter().any(|&n| n < 4),
+            "8 tasks of fast requests took these connections in each run: {runs:?}"
+        );
         server.shutdown();
     });
 }

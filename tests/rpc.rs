@@ -2,7 +2,7 @@
 //! pooling, server-initiated requests, limits, timeouts, profiles and sizes.
 
 mod common;
-use common::{client_config, reversed, server_config, wait_until, within};
+use common::{client_config, reversed, runs_until_below, server_config, wait_until, within};
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -157,8 +157,9 @@ fn pool_grows_to_max_conns_and_no_further() {
     });
 }
 
-// A connection whose request still awaits its response is busy: another
-// caller gets a new connection instead of queueing behind it.
+// A connection whose request still awaits its response, with nothing from
+// the server for a while, is stalled: another caller gets a new connection
+// instead of queueing behind it.
 #[test]
 
 fn pending_request_makes_its_connection_busy() {
@@ -195,8 +196,8 @@ fn pending_request_makes_its_connection_busy() {
             .unwrap()
             .len()
             == 1));
-        // Held past the time after which a silent connection counts as not
-        // answering (5 ms).
+        // Held past the time after which a busy connection that nothing came
+        // from counts as stalled (2 ms), and is not shared.
         thread::sleep(Duration::from_millis(20));
         let mut resp = Vec::new();
         client.request(b"b", &mut resp).unwrap();
@@ -215,27 +216,33 @@ fn pending_request_makes_its_connection_busy() {
 }
 
 // Requests answered fast share a connection rather than each taking one of
-// its own: 4 callers with a client of one reactor and room for 4 connections
-// keep to fewer than 4 (without sharing, every caller busy at once takes its
-// own, and the pool grows to 4).
+// its own: 8 callers with a client of one reactor and room for 4 connections
+// keep to fewer than 4 (without sharing, callers that find every connection
+// busy dial, and the pool grows to 4). A pause of the machine longer than the
+// pool's stall threshold (2 ms: a busy neighbour's time slice, other tests
+// running beside this one) makes a connection count as stalled and costs a
+// dial, so a run may grow the pool; of 3 runs, one must keep below 4.
 #[test]
 fn fast_answered_requests_share_a_connection() {
-    within(30, || {
+    within(60, || {
         let server = Server::bind("127.0.0.1:0", server_config(), |ctx: &mut Context<'_>| {
             let body = ctx.body().to_vec();
             let _ = ctx.reply(&body);
         })
         .unwrap();
-        let client = Arc::new(
-            Client::new(server.local_addr(), client_config().max_conns(4).workers(1)).unwrap(),
-        );
-        echo_callers(&client, 4, 2000);
-        let n = client.connections();
+        let runs = runs_until_below(4, 3, || {
+            let client = Arc::new(
+                Client::new(server.local_addr(), client_config().max_conns(4).workers(1)).unwrap(),
+            );
+            echo_callers(&client, 8, 300);
+            let n = client.connections();
+            client.shutdown();
+            n
+        });
         assert!(
-            n < 4,
-            "4 callers of fast requests took {n} connections: none shared"
+            runs.iter().any(|&n| n < 4),
+            "8 callers of fast requests took these connections in each run: {runs:?}"
         );
-        client.shutdown();
         server.shutdown();
     });
 }
