@@ -78,7 +78,9 @@ done
 work=$(mktemp -d "${TMPDIR:-/tmp}/compare.XXXXXX")
 results=$work/results.tsv
 log=$work/stderr.log
+notes=$work/notes.txt
 : >"$results"
+: >"$notes"
 
 # run CONFIG IMPL NAME ROUND: one benchmark in one process; appends
 # "config impl name round cores ns/op ns-cpu/op" (ns-cpu/op: n/a if the line
@@ -114,6 +116,9 @@ run() {
     cat "$out" >&2
     exit 1
   }
+  # The baselines' variants (RawPingPong on one core, unpinned and
+  # spinning on two; RawStream's write sizes), printed after the tables.
+  grep '^# Raw' "$out" | sed "s/^# /$cfg, round $round: /" >>"$notes" || true
 }
 
 for cfg in $CONFIGS; do
@@ -184,4 +189,10 @@ awk -F'\t' -v configs="$CONFIGS" -v benches="$BENCHES $REFS" -v rounds="$ROUNDS"
     print "peer/ours > 1: ours is faster. ns-cpu/op: the whole process'"'"'s user + sys time (getrusage) over the timed interval, per op."
   }
 ' "$results"
+if [ -s "$notes" ]; then
+  echo
+  echo "The baselines' variants, per round (the limit rows take the better):"
+  echo
+  sed 's/^/    /' "$notes"
+fi
 echo "raw results: $results (stderr of the runs: $log)"
