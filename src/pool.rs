@@ -4,10 +4,10 @@
 //! connection that has requests in flight while that connection keeps
 //! answering (see [`SHARED_REQUESTS`]): its frames then ride the same reads
 //! and writes as theirs, where a connection of its own costs its reactor a
-//! wake-up. A blocking call dials on its
-//! own thread; an async call never blocks, so a dial it needs runs on a
-//! thread the pool starts for it (and joins), and async calls with no
-//! connection to use wait for that dial on a list of tasks to wake.
+//! wake-up. A blocking call dials on its own thread; an async call never
+//! blocks, so a dial it needs runs on a thread the pool starts for it (and
+//! joins), and async calls with no connection to use wait for that dial on
+//! a list of tasks to wake.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -49,8 +49,8 @@ const FAST_ANSWER: Duration = Duration::from_millis(1);
 /// this long (since its last bytes, or since the pool gave it, idle, to a
 /// request) counts as stalled, a handler stuck or a peer gone, and is not
 /// shared: requests joining it would wait for the stall. Longer than the
-/// pauses of a loaded machine (a millisecond seen here, with 8 callers and
-/// 4 reactors on 2 cores), so that those do not spread requests.
+/// pauses of a loaded machine (many callers and reactors on few cores; the
+/// README has the figures), so that those do not spread requests.
 const SILENT_AFTER: Duration = Duration::from_millis(2);
 
 /// What the pool knows of a connection when a request looks for one.
