@@ -317,11 +317,11 @@ impl Pool {
         if kind == CallKind::Send {
             return self.choose(false);
         }
+        let now = now_nanos();
         let pool = read(&self.conns);
         let spread = self.config.max_conns.max(1).min(self.config.workers.max(1));
         // Closed connections are dropped by `choose`, below.
-        if pool.len() >= spread && !pool.iter().any(|c| c.is_closed()) {
-            let now = now_nanos();
+        let shared = if pool.len() >= spread && !pool.iter().any(|c| c.is_closed()) {
             let view = |c: &Connection| ShareView {
                 load: c.load(),
                 answer_time: c.answer_time(),
@@ -331,23 +331,22 @@ impl Pool {
             // else of the rest: connections dialled past `spread` (while
             // the first were slow or stalled, or when the client started)
             // then fall idle again, and requests keep packed.
-            let shared = pool
-                .iter()
+            pool.iter()
                 .enumerate()
                 .map(|(i, c)| (c, view(c), i >= spread))
                 .filter(|&(_, v, _)| may_share(v))
-                .min_by_key(|&(_, v, extra)| (extra, v.load));
-            if let Some((conn, v, _)) = shared {
-                if v.load == 0 {
-                    conn.set_taken_at(now);
-                }
-                return Some(conn.clone());
-            }
-        }
+                .min_by_key(|&(_, v, extra)| (extra, v.load))
+                .map(|(c, _, _)| c.clone())
+        } else {
+            None
+        };
         drop(pool);
-        let conn = self.choose(false)?;
+        let conn = match shared {
+            Some(conn) => conn,
+            None => self.choose(false)?,
+        };
         if conn.load() == 0 {
-            conn.set_taken_at(now_nanos());
+            conn.set_taken_at(now);
         }
         Some(conn)
     }

@@ -161,8 +161,7 @@ fn pool_grows_to_max_conns_and_no_further() {
 // the server for a while, is stalled: another caller gets a new connection
 // instead of queueing behind it.
 #[test]
-
-fn pending_request_makes_its_connection_busy() {
+fn a_stalled_connection_is_not_shared() {
     within(15, || {
         let held: Arc<Mutex<Vec<(Connection, u32)>>> = Arc::default();
         let hold = held.clone();
