@@ -116,7 +116,7 @@ fn handshake(c: &mut Criterion) {
     group.finish();
 }
 
-/// Creating a server handshake: what the acceptor pays per accepted socket
+/// Creating a server handshake: what a reactor pays per accepted socket
 /// before any byte has arrived.
 fn server_handshake_new(c: &mut Criterion) {
     let mut group = c.benchmark_group("server_handshake_new");

@@ -1,53 +1,118 @@
-//! The server: an acceptor thread that enforces the connection cap, and
-//! worker reactors that run handshakes and handlers.
+//! The server: worker reactors that accept, run handshakes and handlers
+//! (see [`crate::reactor`]'s listener), under a connection cap whose
+//! overflow waits in a waiting room of its own thread.
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use mio::{Events, Interest, Poll, Token, Waker};
+use mio::{Events, Poll, Token, Waker};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::Config;
+use crate::conn::ReleaseHook;
 use crate::error::{Error, Result};
 use crate::handler::Handler;
 use crate::protocol::REFUSED_AT_CAP;
+use crate::reactor::Gate;
 use crate::sync::{lock, AtomicBool, AtomicUsize, Mutex, Ordering};
 use crate::workers::Workers;
-
-const LISTENER: Token = Token(0);
 
 /// The most a refused connection's input is read before it is closed:
 /// a client's first flight (its key, a handshake frame, a few pipelined
 /// requests), not whatever a flooding peer keeps sending.
 const REFUSAL_DRAIN: usize = 4 << 10;
-const WAKE: Token = Token(1);
+const WAKE: Token = Token(0);
 
-/// The connection cap shared by the acceptor and every connection.
+/// The connection cap, shared by the reactors that accept, the waiting
+/// room and every connection (which gives its place back on close).
 struct Limit {
     active: AtomicUsize,
     max: usize,
+    /// Wakes the waiting room.
     waker: Waker,
     stop: AtomicBool,
     /// Connections closed at the cap after the accept wait.
     refused: crate::sync::AtomicU64,
+    /// Accepted over the cap, not yet seen by the waiting room.
+    arrivals: Mutex<Vec<std::net::TcpStream>>,
+    /// Connections in the waiting room or on their way there: while any
+    /// wait, a new connection queues behind them rather than take a place
+    /// that frees up.
+    waiting: AtomicUsize,
+    config: Config,
 }
 
 impl Limit {
     fn try_acquire(&self) -> bool {
         self.active
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
                 (n < self.max).then_some(n + 1)
             })
             .is_ok()
     }
 
+    /// Gives a place back; wakes the waiting room only if someone waits
+    /// there. (A connection that starts waiting after this check wakes
+    /// the room itself, which then finds the place free.)
     fn release(&self) {
-        self.active.fetch_sub(1, Ordering::AcqRel);
-        let _ = self.waker.wake();
+        self.active.fetch_sub(1, Ordering::SeqCst);
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            let _ = self.waker.wake();
+        }
+    }
+
+    /// The hook a connection gives its place back with.
+    fn release_hook(self: &Arc<Self>) -> ReleaseHook {
+        let limit = self.clone();
+        Box::new(move || limit.release())
+    }
+}
+
+/// What becomes of an accepted connection: admitted under the cap and
+/// placed on a reactor, or sent to the waiting room.
+struct Admission {
+    limit: Arc<Limit>,
+    workers: Arc<Workers>,
+    handler: Arc<dyn Handler>,
+}
+
+impl Admission {
+    /// Hands an admitted connection (its place taken) to the reactor with
+    /// the fewest connections (see [`Workers::least_loaded`]).
+    fn place(&self, stream: std::net::TcpStream) {
+        let _ = crate::dial::tune(&socket2::SockRef::from(&stream), &self.limit.config);
+        let release = self.limit.release_hook();
+        match self.workers.least_loaded() {
+            Some(reactor) => {
+                // A refusal (the reactor stopped meanwhile) has closed the
+                // connection and given its place back.
+                let _ = reactor.accept_with_release(stream, self.handler.clone(), Some(release));
+            }
+            None => release(),
+        }
+    }
+}
+
+impl Gate for Admission {
+    fn take(&self, stream: std::net::TcpStream) {
+        let limit = &self.limit;
+        if limit.stop.load(Ordering::Acquire) {
+            // Shutting down: closed unread, as the backlog will be.
+            return;
+        }
+        if limit.waiting.load(Ordering::SeqCst) == 0 && limit.try_acquire() {
+            self.place(stream);
+            return;
+        }
+        let mut arrivals = lock(&limit.arrivals);
+        arrivals.push(stream);
+        limit.waiting.fetch_add(1, Ordering::SeqCst);
+        drop(arrivals);
+        let _ = limit.waker.wake();
     }
 }
 
@@ -66,7 +131,7 @@ pub struct Server {
     local_addr: SocketAddr,
     workers: Arc<Workers>,
     limit: Arc<Limit>,
-    acceptor: Mutex<Option<JoinHandle<()>>>,
+    waiting_room: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Server {
@@ -114,37 +179,50 @@ impl Server {
         check_server_config(&config)?;
         listener.set_nonblocking(true)?;
         let local_addr = listener.local_addr()?;
-        let mut listener = mio::net::TcpListener::from_std(listener);
+        let listener = mio::net::TcpListener::from_std(listener);
         let poll = Poll::new()?;
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
         let limit = Arc::new(Limit {
             active: AtomicUsize::new(0),
             max: config.max_conns.max(1),
             waker: Waker::new(poll.registry(), WAKE)?,
             stop: AtomicBool::new(false),
             refused: crate::sync::AtomicU64::new(0),
+            arrivals: Mutex::new(Vec::new()),
+            waiting: AtomicUsize::new(0),
+            config: config.clone(),
         });
         let workers = Arc::new(Workers::spawn(&config, "monte-rpc-server")?);
-        let acceptor = Acceptor {
-            poll,
-            listener,
-            waiting: VecDeque::new(),
-            retry_accept: None,
+        let admission = Arc::new(Admission {
             limit: limit.clone(),
             workers: workers.clone(),
             handler: Arc::new(handler),
-            config,
+        });
+        let room = WaitingRoom {
+            poll,
+            waiting: VecDeque::new(),
+            limit: limit.clone(),
+            admission: admission.clone(),
         };
         let thread = std::thread::Builder::new()
-            .name("monte-rpc-accept".into())
-            .spawn(move || acceptor.run())?;
-        Ok(Server {
+            .name("monte-rpc-wait".into())
+            .spawn(move || room.run());
+        let server = Server {
             local_addr,
             workers,
             limit,
-            acceptor: Mutex::new(Some(thread)),
-        })
+            waiting_room: Mutex::new(thread.ok()),
+        };
+        if lock(&server.waiting_room).is_none() {
+            return Err(
+                io::Error::other("could not start the server's waiting-room thread").into(),
+            );
+        }
+        let listener = Arc::new(listener);
+        for reactor in server.workers.handles() {
+            // On an error `server` shuts down as it is dropped.
+            reactor.listen(listener.clone(), admission.clone())?;
+        }
+        Ok(server)
     }
 
     /// The bound address.
@@ -165,14 +243,14 @@ impl Server {
         self.limit.active.load(Ordering::Acquire)
     }
 
-    /// Shuts down gracefully: stops accepting, lets running handlers
+    /// Shuts down gracefully: stops admitting, lets running handlers
     /// finish, flushes queued output, closes every connection (failing
     /// requests still pending on them with [`Error::Closed`](crate::Error::Closed))
     /// and joins every thread before it returns.
     pub fn shutdown(&self) {
         self.limit.stop.store(true, Ordering::Release);
         let _ = self.limit.waker.wake();
-        if let Some(t) = lock(&self.acceptor).take() {
+        if let Some(t) = lock(&self.waiting_room).take() {
             let _ = t.join();
         }
         self.workers.stop_and_join();
@@ -198,32 +276,25 @@ fn check_server_config(config: &Config) -> Result<()> {
     }
 }
 
-struct Acceptor {
+/// Connections accepted over the cap wait here, each for at most the
+/// accept wait, for a place; the room admits them in order of arrival as
+/// places free up, and turns away whoever waited the whole wait.
+struct WaitingRoom {
     poll: Poll,
-    listener: mio::net::TcpListener,
-    /// Accepted over the cap, waiting for a place until their deadline.
     waiting: VecDeque<(std::net::TcpStream, Instant)>,
-    /// When to try accepting again after an error such as EMFILE.
-    retry_accept: Option<Instant>,
     limit: Arc<Limit>,
-    workers: Arc<Workers>,
-    handler: Arc<dyn Handler>,
-    config: Config,
+    admission: Arc<Admission>,
 }
 
-impl Acceptor {
+impl WaitingRoom {
     fn run(mut self) {
-        let mut events = Events::with_capacity(64);
+        let mut events = Events::with_capacity(8);
         loop {
             let now = Instant::now();
             let timeout = self
                 .waiting
                 .front()
-                .map(|(_, deadline)| *deadline)
-                .into_iter()
-                .chain(self.retry_accept)
-                .min()
-                .map(|at| at.saturating_duration_since(now));
+                .map(|(_, deadline)| deadline.saturating_duration_since(now));
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     return;
@@ -232,8 +303,7 @@ impl Acceptor {
             if self.limit.stop.load(Ordering::Acquire) {
                 return;
             }
-            self.retry_accept = None;
-            self.accept_all();
+            self.take_arrivals();
             self.admit_waiting();
         }
     }
@@ -246,56 +316,18 @@ impl Acceptor {
         (self.limit.max * 4).max(256)
     }
 
-    fn accept_all(&mut self) {
-        loop {
-            match self.listener.accept() {
-                Ok((stream, _)) => {
-                    // mio hands back a non-blocking socket; the reactor
-                    // takes it as a std stream.
-                    let stream = std::net::TcpStream::from(std::os::fd::OwnedFd::from(stream));
-                    let _ = crate::dial::tune(&socket2::SockRef::from(&stream), &self.config);
-                    if self.waiting.is_empty() && self.limit.try_acquire() {
-                        self.hand_over(stream);
-                        continue;
-                    }
-                    if self.waiting.len() >= self.max_waiting() {
-                        // The wait queue is full too: refuse at once rather
-                        // than hold descriptors without bound.
-                        self.refuse(stream);
-                        continue;
-                    }
-                    let deadline = Instant::now() + self.config.accept_wait;
-                    self.waiting.push_back((stream, deadline));
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                // One connection that died before it was accepted: the rest
-                // of the backlog is still there, and an edge-triggered
-                // listener would not announce it again.
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::Interrupted
-                            | io::ErrorKind::ConnectionAborted
-                            | io::ErrorKind::ConnectionReset
-                    ) => {}
-                // Out of descriptors (or similar): come back shortly rather
-                // than spin; the poll timeout brings the acceptor back.
-                Err(_) => {
-                    self.retry_accept = Some(Instant::now() + Duration::from_millis(50));
-                    return;
-                }
+    fn take_arrivals(&mut self) {
+        let arrivals = std::mem::take(&mut *lock(&self.limit.arrivals));
+        let deadline = Instant::now() + self.limit.config.accept_wait;
+        for stream in arrivals {
+            if self.waiting.len() >= self.max_waiting() {
+                // The room is full too: refuse at once rather than hold
+                // descriptors without bound.
+                self.refuse(stream);
+            } else {
+                self.waiting.push_back((stream, deadline));
             }
         }
-    }
-
-    /// Gives an admitted connection (its place already taken) to a worker.
-    fn hand_over(&self, stream: std::net::TcpStream) {
-        let limit = self.limit.clone();
-        let _ = self.workers.pick().accept_with_release(
-            stream,
-            self.handler.clone(),
-            Some(Box::new(move || limit.release())),
-        );
     }
 
     fn admit_waiting(&mut self) {
@@ -311,7 +343,8 @@ impl Acceptor {
                 break;
             }
             let (stream, _) = self.waiting.pop_front().expect("front exists");
-            self.hand_over(stream);
+            self.limit.waiting.fetch_sub(1, Ordering::SeqCst);
+            self.admission.place(stream);
         }
         // Refuse expired connections further back too.
         let mut i = 0;
@@ -332,12 +365,14 @@ impl Acceptor {
     /// socket with unread input would reset the connection, and the reset
     /// could overtake the refusal.
     fn refuse(&self, stream: std::net::TcpStream) {
+        self.limit.waiting.fetch_sub(1, Ordering::SeqCst);
         self.limit.refused.fetch_add(1, Ordering::Relaxed);
         crate::events::refused_at_cap(stream.peer_addr().ok(), self.limit.max);
         // A fresh non-blocking socket: 32 bytes fit in its send buffer.
         let _ = (&stream).write(&REFUSED_AT_CAP);
         // At most REFUSAL_DRAIN bytes: a peer that keeps streaming must not
-        // hold the acceptor, the one thread that admits every connection.
+        // hold the waiting room, the one thread that admits waiting
+        // connections.
         let mut sink = [0u8; 256];
         let mut drained = 0;
         while drained < REFUSAL_DRAIN {

@@ -11,13 +11,16 @@
 //! - [`epoll_modify`]: sets a registered socket's epoll interest to *no*
 //!   readiness at all, which mio cannot express: while a caller waits on
 //!   the socket, the reactor must not be woken for the same bytes.
+//! - [`epoll_add_exclusive`]: registers a listener that several reactors
+//!   watch with `EPOLLEXCLUSIVE`, which mio cannot express: a new
+//!   connection then wakes one sleeping reactor instead of every one.
 //! - [`return_free_memory`]: asks glibc's allocator to hand pages of freed
 //!   memory back to the OS. Buffers that connections return to the
 //!   reactors' pools stay where a burst of traffic put them, and glibc gives
 //!   back only what lies above the last block in use, so after a burst the
 //!   freed output buffers of thousands of connections would stay resident.
 //!
-//! The last two are Linux's (`ppoll`, `epoll_ctl`). Elsewhere the wait uses
+//! `ppoll` and `epoll_ctl` are Linux's. Elsewhere the wait uses
 //! `poll` with a millisecond timeout, and the reactor keeps its interest:
 //! it is then woken for nothing, which costs time but loses no event (the
 //! read turn decides who reads). Only the Linux versions are tested.
@@ -144,6 +147,54 @@ pub(crate) fn epoll_modify(
     )
 }
 
+/// Registers `fd` (a listening socket) in the epoll instance `epoll` under
+/// `token`: readable, edge-triggered and exclusive, so that of the epoll
+/// instances watching it, one that sleeps is woken per event. Returns
+/// `false` where the kernel refuses the flag (before Linux 4.5): the
+/// caller registers plainly then.
+#[cfg(target_os = "linux")]
+pub(crate) fn epoll_add_exclusive(
+    epoll: &mio::Registry,
+    fd: &impl AsRawFd,
+    token: usize,
+) -> std::io::Result<bool> {
+    let mut event = libc::epoll_event {
+        events: (libc::EPOLLIN | libc::EPOLLET | libc::EPOLLEXCLUSIVE) as u32,
+        u64: token as u64,
+    };
+    // SAFETY: both descriptors are open for the duration of the call (the
+    // caller borrows their owners), and `event` is a valid, initialised
+    // `epoll_event` the kernel only reads.
+    let rc = unsafe {
+        libc::epoll_ctl(
+            epoll.as_raw_fd(),
+            libc::EPOLL_CTL_ADD,
+            fd.as_raw_fd(),
+            &mut event,
+        )
+    };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EINVAL) {
+        Ok(false)
+    } else {
+        Err(err)
+    }
+}
+
+/// Without epoll there is no exclusive registration: the caller registers
+/// through mio, and every reactor is woken per event.
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn epoll_add_exclusive(
+    _registry: &mio::Registry,
+    _fd: &impl AsRawFd,
+    _token: usize,
+) -> std::io::Result<bool> {
+    Ok(false)
+}
+
 /// Gives the pages of freed heap memory back to the OS (glibc's
 /// `malloc_trim`), after idle connections returned their buffers; see the
 /// module docs. A no-op with other C libraries, where the global allocator
@@ -174,5 +225,43 @@ mod tests {
         let again = vec![1u8; 16 << 10];
         assert_eq!(kept[0], 255);
         assert_eq!(again.len(), 16 << 10);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn an_exclusive_listener_wakes_one_sleeping_poll() {
+        use std::time::Duration;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let mut polls: Vec<mio::Poll> = (0..2).map(|_| mio::Poll::new().unwrap()).collect();
+        for p in &polls {
+            assert!(super::epoll_add_exclusive(p.registry(), &listener, 7).unwrap());
+        }
+        // Both instances asleep in epoll_wait when the connection lands.
+        let addr = listener.local_addr().unwrap();
+        let woken = std::thread::scope(|s| {
+            let waits: Vec<_> = polls
+                .iter_mut()
+                .map(|p| {
+                    s.spawn(move || {
+                        let mut events = mio::Events::with_capacity(4);
+                        p.poll(&mut events, Some(Duration::from_millis(300)))
+                            .unwrap();
+                        events
+                            .iter()
+                            .any(|e| e.token() == mio::Token(7) && e.is_readable())
+                    })
+                })
+                .collect();
+            std::thread::sleep(Duration::from_millis(100));
+            let _client = std::net::TcpStream::connect(addr).unwrap();
+            waits
+                .into_iter()
+                .map(|w| w.join().unwrap())
+                .filter(|&w| w)
+                .count()
+        });
+        assert_eq!(woken, 1, "one of the two sleeping polls is woken");
+        assert!(listener.accept().is_ok());
     }
 }

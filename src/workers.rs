@@ -1,6 +1,7 @@
 //! A set of reactor threads owned by a [`Client`](crate::Client) or
-//! [`Server`](crate::Server): spawned together, chosen round-robin, stopped
-//! and joined together.
+//! [`Server`](crate::Server): spawned together, chosen round-robin (a
+//! client's dials) or by load (a server's connections), stopped and joined
+//! together.
 
 use std::thread::JoinHandle;
 
@@ -42,6 +43,24 @@ impl Workers {
     pub(crate) fn pick(&self) -> &ReactorHandle {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
         &self.handles[i]
+    }
+
+    /// Every reactor, in order.
+    pub(crate) fn handles(&self) -> &[ReactorHandle] {
+        &self.handles
+    }
+
+    /// The running reactor with the fewest connections; on a tie, the one
+    /// running on this thread (a reactor that accepted the connection), or
+    /// the first. A handful of long-lived connections opened one after
+    /// another spread over the reactors this way, while a reactor that
+    /// accepts keeps what it accepts as long as it holds no more than the
+    /// others, and a connection costs no hop to another thread.
+    pub(crate) fn least_loaded(&self) -> Option<&ReactorHandle> {
+        self.handles
+            .iter()
+            .filter(|h| !h.is_stopped())
+            .min_by_key(|h| (h.connections(), !h.driver().is_current()))
     }
 
     /// Adds every reactor's counters into `into`.

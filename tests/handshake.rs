@@ -205,7 +205,7 @@ fn empty_reads_before_completion_consume_nothing() {
     }
 }
 
-// Checks a fresh server handshake is inert until the client's key is in: no output, no session, no ephemeral key yet (it is generated lazily, not on the acceptor thread), across empty reads and a partial key; then the handshake completes with a fresh server key each time, and a session carries no peer identity.
+// Checks a fresh server handshake is inert until the client's key is in: no output, no session, no ephemeral key yet (it is generated lazily, not as the connection is accepted), across empty reads and a partial key; then the handshake completes with a fresh server key each time, and a session carries no peer identity.
 #[test]
 fn server_key_is_generated_lazily() {
     for profile in PROFILES {

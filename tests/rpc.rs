@@ -763,10 +763,10 @@ fn a_server_refuses_a_clients_configuration() {
 }
 
 // A peer refused at the cap that keeps streaming bytes cannot hold the
-// acceptor: the refusal reads a bounded amount of its input, so a place
+// waiting room: the refusal reads a bounded amount of its input, so a place
 // that frees up is given to the next client at once.
 #[test]
-fn a_refused_peer_that_floods_does_not_hold_the_acceptor() {
+fn a_refused_peer_that_floods_does_not_hold_the_waiting_room() {
     within(30, || {
         let server = Server::bind(
             "127.0.0.1:0",

@@ -270,7 +270,7 @@ fn drop_joins_every_thread() {
         client.request(b"x", &mut resp).unwrap();
         client.send_no_wait(b"y").unwrap();
         let during = monte_threads();
-        // 2 client workers, 2 server workers and the acceptor.
+        // 2 client workers, 2 server workers and the waiting room.
         assert_eq!(
             during.len(),
             before.len() + 5,

@@ -62,6 +62,9 @@ pub(crate) enum Command {
     Close(Connection),
     /// Close every connection gracefully, then stop.
     Stop,
+    /// Accept from this listener too, already registered (see
+    /// [`super::listen`]).
+    Listen(super::listen::Listener),
 }
 
 /// The part of a reactor other threads share.
@@ -317,6 +320,25 @@ impl ReactorHandle {
         &*self.shared
     }
 
+    /// Has the reactor accept from a listener it shares with others, and
+    /// hand what it accepts to `gate`. The
+    /// listener is registered here, so an error shows now; the reactor
+    /// takes it over at its next turn (and then accepts what already
+    /// waits, so no edge announced before is lost).
+    pub(crate) fn listen(
+        &self,
+        listener: Arc<mio::net::TcpListener>,
+        gate: Arc<dyn super::listen::Gate>,
+    ) -> Result<()> {
+        let listener = super::listen::Listener::register(listener, gate, &self.shared.registry)?;
+        match self.shared.push(Command::Listen(listener)) {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => Err(Error::Closed),
+            // Queued; only the wake-up failed.
+            Err(_) => Ok(()),
+        }
+    }
+
     /// Asks the reactor to stop: it closes every connection gracefully
     /// (queued output is flushed first) and then its loop returns.
     pub fn stop(&self) {
@@ -357,6 +379,6 @@ pub(super) fn settle_after_stop(cmd: Command, stats: &Counters) {
             let reason = conn.close_reason().unwrap_or(Error::Closed);
             conn.finish_close(&reason);
         }
-        Command::Flush(_) | Command::Read(_) | Command::Stop => {}
+        Command::Flush(_) | Command::Read(_) | Command::Stop | Command::Listen(_) => {}
     }
 }

@@ -20,6 +20,7 @@
 mod dispatch;
 mod entry;
 mod handle;
+mod listen;
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -48,6 +49,7 @@ use entry::Entry;
 pub use handle::ReactorHandle;
 pub(crate) use handle::ReactorShared;
 use handle::{settle_after_stop, Command, RunningGuard};
+pub(crate) use listen::Gate;
 
 const WAKER: Token = Token(usize::MAX - 1);
 
@@ -106,6 +108,8 @@ pub struct Reactor {
     /// ...this long apart (zero: back to back).
     busy_interval: Duration,
     last_poll: Instant,
+    /// The listener this reactor accepts from, if it serves one.
+    listener: Option<listen::Listener>,
 }
 
 impl std::fmt::Debug for Reactor {
@@ -168,6 +172,7 @@ impl Reactor {
             busy_until: None,
             busy_interval: Duration::ZERO,
             last_poll: Instant::now(),
+            listener: None,
         })
     }
 
@@ -197,6 +202,9 @@ impl Reactor {
         let mut wait = self.next_sweep.saturating_duration_since(now);
         if let Some(t) = timeout {
             wait = wait.min(t);
+        }
+        if let Some(at) = self.listener.as_ref().and_then(|l| l.paused_until()) {
+            wait = wait.min(at.saturating_duration_since(now));
         }
         let busy = self.busy_until.is_some_and(|until| now < until);
         let polled = if busy {
@@ -244,6 +252,10 @@ impl Reactor {
             if token == WAKER {
                 continue;
             }
+            if token == listen::LISTENER {
+                self.accept_all();
+                continue;
+            }
             let key = token.0;
             if !self.conns.contains(key) {
                 continue;
@@ -261,6 +273,14 @@ impl Reactor {
             }
         }
         self.events = events;
+        if self
+            .listener
+            .as_ref()
+            .and_then(|l| l.paused_until())
+            .is_some_and(|at| Instant::now() >= at)
+        {
+            self.accept_all();
+        }
         self.flush_dirty();
         match std::mem::replace(&mut self.served, Served::Nothing) {
             Served::Nothing => {}
@@ -336,9 +356,27 @@ impl Reactor {
                     }
                 }
                 Command::Stop => self.begin_stop(),
+                Command::Listen(listening) => self.listen(listening),
             }
         }
         self.commands = commands;
+    }
+
+    /// Starts accepting from a listener registered for this reactor, and
+    /// takes what already waits.
+    fn listen(&mut self, listener: listen::Listener) {
+        if self.stopping || self.listener.is_some() {
+            listener.deregister(&self.shared.registry);
+            return;
+        }
+        self.listener = Some(listener);
+        self.accept_all();
+    }
+
+    fn accept_all(&mut self) {
+        if let Some(listener) = &mut self.listener {
+            listener.accept_all(Instant::now());
+        }
     }
 
     fn key_of(&self, conn: &Connection) -> Option<usize> {
@@ -383,6 +421,9 @@ impl Reactor {
             return;
         }
         self.stopping = true;
+        if let Some(listener) = self.listener.take() {
+            listener.deregister(&self.shared.registry);
+        }
         let now = now_nanos();
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for key in keys {

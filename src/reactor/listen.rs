@@ -1,0 +1,110 @@
+//! Accepting inside the reactors: one listener that every reactor of a
+//! server watches, so a new connection is accepted by a reactor that is
+//! awake, with no hop through a thread of its own.
+//!
+//! Each reactor registers the listener edge-triggered, and drains it until
+//! `WouldBlock` when it is announced. On Linux the registration is
+//! exclusive (`EPOLLEXCLUSIVE`): a new connection wakes one sleeping
+//! reactor, not all of them, and is queued for the busy ones, which race
+//! for it at their next poll (the losers' `accept` returns `WouldBlock`).
+//! What becomes of an accepted connection is the [`Gate`]'s to decide
+//! (the server's cap, and where the connection runs).
+
+use std::io;
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::unix::SourceFd;
+use mio::{Interest, Registry, Token};
+
+/// How long the reactors stop accepting after an error that a retry at
+/// once would only repeat, such as running out of descriptors.
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
+
+/// The listener's token in every reactor's poll.
+pub(super) const LISTENER: Token = Token(usize::MAX - 2);
+
+/// Takes every connection a reactor accepts: the server's connection cap,
+/// which admits it and places it on a reactor, or keeps it waiting.
+pub(crate) trait Gate: Send + Sync {
+    /// Called on the accepting reactor's thread, with a non-blocking
+    /// socket.
+    fn take(&self, stream: TcpStream);
+}
+
+/// One reactor's registration of a shared listener, and its pause after
+/// an accept error.
+pub(crate) struct Listener {
+    listener: Arc<mio::net::TcpListener>,
+    gate: Arc<dyn Gate>,
+    paused_until: Option<Instant>,
+}
+
+impl Listener {
+    /// Registers the listener in a reactor's `registry`: exclusively on
+    /// Linux where the kernel allows it, plainly elsewhere.
+    pub(super) fn register(
+        listener: Arc<mio::net::TcpListener>,
+        gate: Arc<dyn Gate>,
+        registry: &Registry,
+    ) -> io::Result<Listener> {
+        let fd = listener.as_raw_fd();
+        if !crate::sys::epoll_add_exclusive(registry, &fd, LISTENER.0)? {
+            registry.register(&mut SourceFd(&fd), LISTENER, Interest::READABLE)?;
+        }
+        Ok(Listener {
+            listener,
+            gate,
+            paused_until: None,
+        })
+    }
+
+    pub(super) fn deregister(&self, registry: &Registry) {
+        let fd = self.listener.as_raw_fd();
+        let _ = registry.deregister(&mut SourceFd(&fd));
+    }
+
+    /// When accepting resumes after an error, if it is paused.
+    pub(super) fn paused_until(&self) -> Option<Instant> {
+        self.paused_until
+    }
+
+    /// Accepts until the backlog is empty (the edge-triggered contract),
+    /// handing every connection to the gate.
+    pub(super) fn accept_all(&mut self, now: Instant) {
+        if let Some(until) = self.paused_until {
+            if now < until {
+                return;
+            }
+            self.paused_until = None;
+        }
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    // Non-blocking already (mio accepts with SOCK_NONBLOCK).
+                    self.gate
+                        .take(TcpStream::from(std::os::fd::OwnedFd::from(stream)));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                // One connection that died before it was accepted: the rest
+                // of the backlog is still there, and no further edge would
+                // announce it.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::Interrupted
+                            | io::ErrorKind::ConnectionAborted
+                            | io::ErrorKind::ConnectionReset
+                    ) => {}
+                // Out of descriptors (or similar): the backlog stays; come
+                // back shortly rather than spin.
+                Err(_) => {
+                    self.paused_until = Some(now + ACCEPT_RETRY);
+                    return;
+                }
+            }
+        }
+    }
+}

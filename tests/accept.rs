@@ -1,0 +1,121 @@
+//! How a server's reactors accept: whichever is awake accepts, and each
+//! connection goes to the reactor that holds the fewest.
+
+mod common;
+use common::{client_config, server_config, wait_until, within};
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use monte_rpc::{Client, Connection, Context, Handler, Server};
+
+/// What the server's handler saw.
+#[derive(Default)]
+struct Seen {
+    opened_on: Mutex<HashMap<String, usize>>,
+    holding: AtomicBool,
+    go_on: Mutex<Option<mpsc::Receiver<()>>>,
+}
+
+/// Echoes, records which server thread opened each connection, and holds
+/// a request whose body is `hold` until told to go on.
+#[derive(Clone, Default)]
+struct Recorder(Arc<Seen>);
+
+impl std::ops::Deref for Recorder {
+    type Target = Seen;
+    fn deref(&self) -> &Seen {
+        &self.0
+    }
+}
+
+impl Handler for Recorder {
+    fn on_message(&self, ctx: &mut Context<'_>) {
+        if ctx.body() == b"hold" {
+            let go_on = self.go_on.lock().unwrap().take().expect("one hold");
+            self.holding.store(true, Ordering::SeqCst);
+            let _ = go_on.recv_timeout(Duration::from_secs(10));
+        }
+        let body = ctx.body().to_vec();
+        let _ = ctx.reply(&body);
+    }
+
+    fn on_open(&self, _conn: &Connection) {
+        let name = thread::current().name().unwrap_or("?").to_string();
+        *self.opened_on.lock().unwrap().entry(name).or_default() += 1;
+    }
+}
+
+/// A client of one connection, with a request answered on it.
+fn connected_client(server: &Server) -> Client {
+    let client = Client::new(server.local_addr(), client_config().max_conns(1)).unwrap();
+    let mut resp = Vec::new();
+    client.request(b"hello", &mut resp).unwrap();
+    assert_eq!(resp, b"hello");
+    client
+}
+
+// Four connections opened one after another on a server of two reactors
+// end up two on each: a reactor that accepts a connection while it holds
+// more than another gives the connection to that one.
+#[test]
+fn connections_opened_one_after_another_spread_over_the_reactors() {
+    within(30, || {
+        let recorder = Recorder::default();
+        let server = Server::bind("127.0.0.1:0", server_config(), recorder.clone()).unwrap();
+        let clients: Vec<Client> = (0..4).map(|_| connected_client(&server)).collect();
+        let opened = recorder.opened_on.lock().unwrap().clone();
+        let mut counts: Vec<usize> = opened.values().copied().collect();
+        counts.sort();
+        assert_eq!(counts, [2, 2], "connections per server thread: {opened:?}");
+        drop(clients);
+        server.shutdown();
+    });
+}
+
+// A reactor stuck in a handler does not hold up a new connection while
+// another reactor is free: the free one accepts it and, holding no more
+// than the stuck one, keeps it and runs its handshake. (Dealt out in turn
+// by a thread of its own, the third connection went to the stuck reactor,
+// and its handshake waited for the handler.)
+#[test]
+fn a_reactor_stuck_in_a_handler_does_not_hold_up_new_connections() {
+    within(30, || {
+        let recorder = Recorder::default();
+        let (go_on, release) = mpsc::channel();
+        *recorder.go_on.lock().unwrap() = Some(release);
+        let server = Server::bind("127.0.0.1:0", server_config(), recorder.clone()).unwrap();
+        // One connection on each reactor.
+        let first = Arc::new(connected_client(&server));
+        let _second = connected_client(&server);
+        let held = {
+            let first = first.clone();
+            thread::spawn(move || {
+                let mut resp = Vec::new();
+                first.request(b"hold", &mut resp).map(|()| resp)
+            })
+        };
+        assert!(wait_until(Duration::from_secs(5), || recorder
+            .holding
+            .load(Ordering::SeqCst)));
+        // Within a second, while the handler still holds its reactor.
+        let third = Client::new(
+            server.local_addr(),
+            client_config()
+                .max_conns(1)
+                .handshake_timeout(Some(Duration::from_secs(1))),
+        )
+        .unwrap();
+        let mut resp = Vec::new();
+        let answered = third.request(b"third", &mut resp);
+        go_on.send(()).unwrap();
+        assert_eq!(held.join().unwrap().unwrap(), b"hold");
+        answered.expect("the third connection, while one reactor is stuck");
+        assert_eq!(resp, b"third");
+        server.shutdown();
+    });
+}
