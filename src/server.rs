@@ -235,6 +235,7 @@ impl Server {
         let mut stats = crate::Stats::default();
         self.workers.add_stats(&mut stats);
         stats.connections_refused += self.limit.refused.load(Ordering::Relaxed);
+        stats.connections_waiting += self.limit.waiting.load(Ordering::Relaxed) as u64;
         stats
     }
 

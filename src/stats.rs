@@ -33,8 +33,8 @@ macro_rules! counters {
         ///   [`fields`](Self::fields): every `(name, value)` pair, to feed
         ///   to your exporter. Take a snapshot every scrape or interval.
         ///
-        /// Two fields are gauges, values now: `connections_open` and
-        /// `requests_in_flight`. Every other field is a counter: it only
+        /// Three fields are gauges, values now: `connections_open`,
+        /// `connections_waiting` and `requests_in_flight`. Every other field is a counter: it only
         /// grows over the life of the client, server or reactor, so
         /// rates come from the differences between snapshots.
         ///
@@ -53,7 +53,9 @@ macro_rules! counters {
         /// let mut page = String::new();
         /// for (name, value) in stats.fields() {
         ///     let (metric, kind) = match name {
-        ///         "connections_open" | "requests_in_flight" => (format!("monte_rpc_{name}"), "gauge"),
+        ///         "connections_open" | "connections_waiting" | "requests_in_flight" => {
+        ///             (format!("monte_rpc_{name}"), "gauge")
+        ///         }
         ///         _ => (format!("monte_rpc_{name}_total"), "counter"),
         ///     };
         ///     writeln!(page, "# TYPE {metric} {kind}\n{metric} {value}").unwrap();
@@ -97,6 +99,9 @@ counters! {
     /// Server: connections closed because the cap stayed full for the
     /// whole accept wait.
     connections_refused,
+    /// Server: connections accepted over the cap, waiting for a place now
+    /// (at most the accept wait each).
+    connections_waiting,
     /// Connections closed in an orderly way by this side.
     closed_local,
     /// Connections the peer closed.

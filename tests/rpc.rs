@@ -838,6 +838,12 @@ fn a_full_wait_queue_refuses_at_once() {
         let waiting: Vec<TcpStream> = (0..256)
             .map(|_| TcpStream::connect(addr).unwrap())
             .collect();
+        // All of them in the queue first: two reactors accept at once, so
+        // a connection right behind could overtake the last of them.
+        assert!(wait_until(Duration::from_secs(10), || server
+            .stats()
+            .connections_waiting
+            == 256));
         let refused_before = server.stats().connections_refused;
         let started = Instant::now();
         let next = Client::new(

@@ -269,13 +269,13 @@ fn drop_joins_every_thread() {
         let mut resp = Vec::new();
         client.request(b"x", &mut resp).unwrap();
         client.send_no_wait(b"y").unwrap();
-        let during = monte_threads();
-        // 2 client workers, 2 server workers and the waiting room.
-        assert_eq!(
-            during.len(),
-            before.len() + 5,
-            "threads while running: {during:?}"
-        );
+        // 2 client workers, 2 server workers and the waiting room. A
+        // thread takes its name once it first runs, and nothing above
+        // needs the waiting room or every reactor to have run yet.
+        let running = wait_until(Duration::from_secs(5), || {
+            monte_threads().len() == before.len() + 5
+        });
+        assert!(running, "threads while running: {:?}", monte_threads());
         drop(client);
         drop(server);
         assert!(

@@ -173,7 +173,8 @@ fn distinct_stats() -> Stats {
     s.responses_dropped = 20;
     s.requests_in_flight = 21;
     s.requests_timed_out = 22;
-    s.reads_paused = 23;
+    s.connections_waiting = 23;
+    s.reads_paused = 24;
     s.reactor_wakeups = u64::MAX;
     s
 }
