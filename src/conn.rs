@@ -123,6 +123,8 @@ pub(crate) struct NewConnParts {
     pub(crate) id: u64,
     pub(crate) role: Role,
     pub(crate) stream: TcpStream,
+    /// Known to whoever made the socket: no `getpeername` here.
+    pub(crate) peer_addr: Option<SocketAddr>,
     pub(crate) sealer: Option<Sealer>,
     pub(crate) config: Arc<Config>,
     pub(crate) driver: Arc<dyn Driver>,
@@ -132,7 +134,7 @@ pub(crate) struct NewConnParts {
 
 impl Connection {
     pub(crate) fn new(parts: NewConnParts) -> Connection {
-        let peer_addr = parts.stream.peer_addr().ok();
+        let peer_addr = parts.peer_addr;
         let out = OutboundQueue::new(parts.sealer, &parts.config);
         Connection {
             shared: Arc::new(ConnShared {

@@ -1,6 +1,10 @@
 //! Dialling: the TCP connect and the client side of the handshake, run on
-//! the calling thread with blocking sockets and their own timeouts, so that
-//! a reactor never blocks on a slow endpoint.
+//! the calling thread, so that a reactor never blocks on a slow endpoint.
+//!
+//! The socket is non-blocking from its creation, as the reactor wants it,
+//! and every wait is a `ppoll` bounded by the time left: no switching the
+//! socket between blocking and not, and no socket timeouts set and reset
+//! around each step (a system call each, a dozen per dial).
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -55,20 +59,24 @@ fn time_left(until: Option<CallDeadline>) -> Result<Option<Duration>> {
 /// One connect attempt, within `dial_timeout` and the call's deadline.
 fn connect_once(addr: SocketAddr, config: &Config, call: Option<CallDeadline>) -> Result<Socket> {
     let until = step_deadline(config.dial_timeout, TimeoutKind::Dial, call);
-    let left = time_left(until)?;
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    time_left(until)?;
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
     tune(&socket, config)?;
-    let target = SockAddr::from(addr);
-    let connected = match left {
-        Some(left) => socket.connect_timeout(&target, left),
-        None => socket.connect(&target),
-    };
-    match connected {
-        Ok(()) => Ok(socket),
-        Err(e) if e.kind() == io::ErrorKind::TimedOut || e.kind() == io::ErrorKind::WouldBlock => {
-            Err(Error::Timeout(until.map_or(TimeoutKind::Dial, |d| d.kind)))
-        }
-        Err(e) => Err(e.into()),
+    match socket.connect(&SockAddr::from(addr)) {
+        Ok(()) => return Ok(socket),
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+        Err(e) => return Err(e.into()),
+    }
+    // In progress: writable once connected, or once it failed.
+    while !crate::sys::wait_writable(&socket, time_left(until)?) {}
+    match socket.take_error()? {
+        None => Ok(socket),
+        Some(e) => Err(e.into()),
     }
 }
 
@@ -112,15 +120,14 @@ pub(crate) fn dial(
     Err(last.dialling(addr, DialPhase::Connect))
 }
 
-/// Runs the client side of the configured handshake on a blocking socket,
-/// within `handshake_timeout` and the call's deadline.
+/// Runs the client side of the configured handshake on a non-blocking
+/// socket, within `handshake_timeout` and the call's deadline.
 pub(crate) fn handshake(
     mut stream: TcpStream,
     config: &Config,
     call: Option<CallDeadline>,
 ) -> Result<(TcpStream, Session, Vec<u8>)> {
     let until = step_deadline(config.handshake_timeout, TimeoutKind::Handshake, call);
-    let timed_out = || Error::Timeout(until.map_or(TimeoutKind::Handshake, |d| d.kind));
     let remaining = || time_left(until);
     let mut hs = config.handshake.client()?;
     let mut out = Vec::new();
@@ -131,25 +138,37 @@ pub(crate) fn handshake(
     let session = loop {
         out.clear();
         hs.write_output(&mut out);
-        if !out.is_empty() {
-            stream.set_write_timeout(remaining()?)?;
-            stream.write_all(&out).map_err(|e| match e.kind() {
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => timed_out(),
-                _ => e.into(),
-            })?;
+        let mut written = 0;
+        while written < out.len() {
+            match stream.write(&out[written..]) {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if !crate::sys::wait_writable(&stream, remaining()?) {
+                        remaining()?;
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         if let Some(session) = hs.take_session() {
             break session;
         }
-        stream.set_read_timeout(remaining()?)?;
+        // The peer's answer takes a moment to come: wait first, then read.
+        if !crate::sys::wait_readable(&stream, remaining()?) {
+            // Timed out, or interrupted: the deadline says which.
+            remaining()?;
+            continue;
+        }
         let n = match stream.read(&mut chunk) {
             Ok(0) => return Err(HandshakeError::PeerClosed.into()),
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e)
-                if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut =>
+                if e.kind() == io::ErrorKind::Interrupted
+                    || e.kind() == io::ErrorKind::WouldBlock =>
             {
-                return Err(timed_out())
+                continue
             }
             Err(e) => return Err(e.into()),
         };
@@ -158,9 +177,6 @@ pub(crate) fn handshake(
         let used = hs.read_input(&input)?;
         input.drain(..used);
     };
-    stream.set_read_timeout(None)?;
-    stream.set_write_timeout(None)?;
-    stream.set_nonblocking(true)?;
     if input.is_empty() {
         // What arrived right behind the handshake, if anything: a peer
         // that answers in its own protocol usually sends it at once.

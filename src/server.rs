@@ -83,14 +83,13 @@ struct Admission {
 impl Admission {
     /// Hands an admitted connection (its place taken) to the reactor with
     /// the fewest connections (see [`Workers::least_loaded`]).
-    fn place(&self, stream: std::net::TcpStream) {
-        let _ = crate::dial::tune(&socket2::SockRef::from(&stream), &self.limit.config);
+    fn place(&self, stream: std::net::TcpStream, peer: Option<SocketAddr>) {
         let release = self.limit.release_hook();
         match self.workers.least_loaded() {
             Some(reactor) => {
                 // A refusal (the reactor stopped meanwhile) has closed the
                 // connection and given its place back.
-                let _ = reactor.accept_with_release(stream, self.handler.clone(), Some(release));
+                let _ = reactor.adopt(stream, peer, self.handler.clone(), Some(release));
             }
             None => release(),
         }
@@ -98,14 +97,14 @@ impl Admission {
 }
 
 impl Gate for Admission {
-    fn take(&self, stream: std::net::TcpStream) {
+    fn take(&self, stream: std::net::TcpStream, peer: SocketAddr) {
         let limit = &self.limit;
         if limit.stop.load(Ordering::Acquire) {
             // Shutting down: closed unread, as the backlog will be.
             return;
         }
         if limit.waiting.load(Ordering::SeqCst) == 0 && limit.try_acquire() {
-            self.place(stream);
+            self.place(stream, Some(peer));
             return;
         }
         let mut arrivals = lock(&limit.arrivals);
@@ -345,7 +344,8 @@ impl WaitingRoom {
             }
             let (stream, _) = self.waiting.pop_front().expect("front exists");
             self.limit.waiting.fetch_sub(1, Ordering::SeqCst);
-            self.admission.place(stream);
+            let peer = stream.peer_addr().ok();
+            self.admission.place(stream, peer);
         }
         // Refuse expired connections further back too.
         let mut i = 0;

@@ -7,7 +7,10 @@
 //!   `recv` takes the socket lock, and contends with the kernel delivering
 //!   the very response being waited for.
 //! - [`wait_readable`]: blocks until the socket is readable, so the kernel
-//!   wakes the waiting caller directly when its response lands.
+//!   wakes the waiting caller directly when its response lands; and
+//!   [`wait_writable`], with which a dial waits on a non-blocking socket
+//!   (its connect, its handshake) without switching the socket between
+//!   blocking and not, and setting timeouts on it, a system call each.
 //! - [`epoll_modify`]: sets a registered socket's epoll interest to *no*
 //!   readiness at all, which mio cannot express: while a caller waits on
 //!   the socket, the reactor must not be woken for the same bytes.
@@ -47,11 +50,30 @@ pub(crate) fn readable_now(socket: &impl AsRawFd) -> bool {
 /// Blocks until `socket` is readable (bytes, end of stream or an error
 /// waiting) or `timeout` passes (`None`: no limit). Returns whether it is
 /// readable; an interrupted wait returns `false` and the caller looks again.
-#[cfg(target_os = "linux")]
 pub(crate) fn wait_readable(socket: &impl AsRawFd, timeout: Option<std::time::Duration>) -> bool {
+    wait_for(socket, READABLE, timeout)
+}
+
+/// Blocks until `socket` is writable (or has an error, such as a failed
+/// connect) or `timeout` passes, as [`wait_readable`] does.
+pub(crate) fn wait_writable(socket: &impl AsRawFd, timeout: Option<std::time::Duration>) -> bool {
+    wait_for(socket, libc::POLLOUT, timeout)
+}
+
+#[cfg(target_os = "linux")]
+const READABLE: libc::c_short = libc::POLLIN | libc::POLLRDHUP;
+#[cfg(not(target_os = "linux"))]
+const READABLE: libc::c_short = libc::POLLIN;
+
+#[cfg(target_os = "linux")]
+fn wait_for(
+    socket: &impl AsRawFd,
+    events: libc::c_short,
+    timeout: Option<std::time::Duration>,
+) -> bool {
     let mut fds = libc::pollfd {
         fd: socket.as_raw_fd(),
-        events: libc::POLLIN | libc::POLLRDHUP,
+        events,
         revents: 0,
     };
     let spec = timeout.map(|t| libc::timespec {
@@ -108,13 +130,17 @@ pub(crate) fn epoll_modify(
     }
 }
 
-/// [`wait_readable`] where `ppoll` is missing: `poll`, its timeout rounded
-/// up to whole milliseconds.
+/// [`wait_for`] where `ppoll` is missing: `poll`, its timeout rounded up
+/// to whole milliseconds.
 #[cfg(not(target_os = "linux"))]
-pub(crate) fn wait_readable(socket: &impl AsRawFd, timeout: Option<std::time::Duration>) -> bool {
+fn wait_for(
+    socket: &impl AsRawFd,
+    events: libc::c_short,
+    timeout: Option<std::time::Duration>,
+) -> bool {
     let mut fds = libc::pollfd {
         fd: socket.as_raw_fd(),
-        events: libc::POLLIN,
+        events,
         revents: 0,
     };
     let ms = timeout.map_or(-1, |t| {

@@ -161,24 +161,25 @@ impl ReactorHandle {
     /// reactor runs the server side of the handshake, then calls
     /// `handler.on_open` with the connection.
     pub fn accept(&self, stream: std::net::TcpStream, handler: Arc<dyn Handler>) -> Result<()> {
-        self.accept_with_release(stream, handler, None)
+        if let Err(e) = stream.set_nonblocking(true) {
+            return Err(e.into());
+        }
+        let peer = stream.peer_addr().ok();
+        self.adopt(stream, peer, handler, None)
     }
 
-    pub(crate) fn accept_with_release(
+    /// [`accept`](Self::accept) for a non-blocking socket whose peer is
+    /// known (a server's accept returns it), with the hook that gives its
+    /// place under the server's cap back.
+    pub(crate) fn adopt(
         &self,
         stream: std::net::TcpStream,
+        peer: Option<std::net::SocketAddr>,
         handler: Arc<dyn Handler>,
         release: Option<ReleaseHook>,
     ) -> Result<()> {
         let config = self.shared.config.clone();
-        if let Err(e) = stream.set_nonblocking(true) {
-            if let Some(r) = release {
-                r();
-            }
-            return Err(e.into());
-        }
-        let _ = stream.set_nodelay(true);
-        let peer = stream.peer_addr().ok();
+        let _ = crate::dial::tune(&socket2::SockRef::from(&stream), &config);
         let handshake = match config.handshake.server_for_peer(peer) {
             Ok(h) => h,
             Err(e) => {
@@ -192,6 +193,7 @@ impl ReactorHandle {
             id: crate::sync::next_conn_id(),
             role: Role::Server,
             stream: mio::net::TcpStream::from_std(stream),
+            peer_addr: peer,
             sealer: None,
             config,
             driver: self.shared.clone(),
@@ -258,6 +260,7 @@ impl ReactorHandle {
             id: crate::sync::next_conn_id(),
             role: Role::Client,
             stream: mio::net::TcpStream::from_std(stream),
+            peer_addr: Some(addr),
             sealer: Some(session.sealer),
             core: ConnCore::new(
                 ReadPhase::Open {

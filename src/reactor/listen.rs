@@ -11,7 +11,7 @@
 //! (the server's cap, and where the connection runs).
 
 use std::io;
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,7 +31,7 @@ pub(super) const LISTENER: Token = Token(usize::MAX - 2);
 pub(crate) trait Gate: Send + Sync {
     /// Called on the accepting reactor's thread, with a non-blocking
     /// socket.
-    fn take(&self, stream: TcpStream);
+    fn take(&self, stream: TcpStream, peer: SocketAddr);
 }
 
 /// One reactor's registration of a shared listener, and its pause after
@@ -82,10 +82,10 @@ impl Listener {
         }
         loop {
             match self.listener.accept() {
-                Ok((stream, _)) => {
+                Ok((stream, peer)) => {
                     // Non-blocking already (mio accepts with SOCK_NONBLOCK).
-                    self.gate
-                        .take(TcpStream::from(std::os::fd::OwnedFd::from(stream)));
+                    let stream = TcpStream::from(std::os::fd::OwnedFd::from(stream));
+                    self.gate.take(stream, peer);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 // One connection that died before it was accepted: the rest
