@@ -60,11 +60,7 @@ fn time_left(until: Option<CallDeadline>) -> Result<Option<Duration>> {
 fn connect_once(addr: SocketAddr, config: &Config, call: Option<CallDeadline>) -> Result<Socket> {
     let until = step_deadline(config.dial_timeout, TimeoutKind::Dial, call);
     time_left(until)?;
-    let socket = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM.nonblocking(),
-        Some(Protocol::TCP),
-    )?;
+    let socket = nonblocking_socket(Domain::for_address(addr))?;
     tune(&socket, config)?;
     match socket.connect(&SockAddr::from(addr)) {
         Ok(()) => return Ok(socket),
@@ -76,8 +72,44 @@ fn connect_once(addr: SocketAddr, config: &Config, call: Option<CallDeadline>) -
     while !crate::sys::wait_writable(&socket, time_left(until)?) {}
     match socket.take_error()? {
         None => Ok(socket),
+        // The kernel gave up first (its SYN retries outlast the timeout
+        // set, or there is none): a dial timeout all the same.
+        Some(e) if e.kind() == io::ErrorKind::TimedOut => {
+            Err(Error::Timeout(until.map_or(TimeoutKind::Dial, |d| d.kind)))
+        }
         Some(e) => Err(e.into()),
     }
+}
+
+/// A TCP socket, non-blocking from its creation where the OS can say so
+/// in the same call.
+#[cfg(any(
+    target_os = "android",
+    target_os = "dragonfly",
+    target_os = "freebsd",
+    target_os = "illumos",
+    target_os = "linux",
+    target_os = "netbsd",
+    target_os = "openbsd"
+))]
+fn nonblocking_socket(domain: Domain) -> io::Result<Socket> {
+    Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP))
+}
+
+/// A TCP socket made non-blocking after its creation (macOS and others).
+#[cfg(not(any(
+    target_os = "android",
+    target_os = "dragonfly",
+    target_os = "freebsd",
+    target_os = "illumos",
+    target_os = "linux",
+    target_os = "netbsd",
+    target_os = "openbsd"
+)))]
+fn nonblocking_socket(domain: Domain) -> io::Result<Socket> {
+    let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_nonblocking(true)?;
+    Ok(socket)
 }
 
 /// Connects (retrying up to `dial_attempts` times) and runs the client

@@ -38,7 +38,7 @@ struct Limit {
     /// Connections closed at the cap after the accept wait.
     refused: crate::sync::AtomicU64,
     /// Accepted over the cap, not yet seen by the waiting room.
-    arrivals: Mutex<Vec<std::net::TcpStream>>,
+    arrivals: Mutex<Vec<Arrival>>,
     /// Connections in the waiting room or on their way there: while any
     /// wait, a new connection queues behind them rather than take a place
     /// that frees up.
@@ -108,7 +108,7 @@ impl Gate for Admission {
             return;
         }
         let mut arrivals = lock(&limit.arrivals);
-        arrivals.push(stream);
+        arrivals.push(Arrival { stream, peer });
         limit.waiting.fetch_add(1, Ordering::SeqCst);
         drop(arrivals);
         let _ = limit.waker.wake();
@@ -130,6 +130,8 @@ pub struct Server {
     local_addr: SocketAddr,
     workers: Arc<Workers>,
     limit: Arc<Limit>,
+    /// Shared with the reactors, which close it when the last one stops.
+    listener: Arc<mio::net::TcpListener>,
     waiting_room: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -205,10 +207,12 @@ impl Server {
         let thread = std::thread::Builder::new()
             .name("monte-rpc-wait".into())
             .spawn(move || room.run());
+        let listener = Arc::new(listener);
         let server = Server {
             local_addr,
             workers,
             limit,
+            listener: listener.clone(),
             waiting_room: Mutex::new(thread.ok()),
         };
         if lock(&server.waiting_room).is_none() {
@@ -216,7 +220,6 @@ impl Server {
                 io::Error::other("could not start the server's waiting-room thread").into(),
             );
         }
-        let listener = Arc::new(listener);
         for reactor in server.workers.handles() {
             // On an error `server` shuts down as it is dropped.
             reactor.listen(listener.clone(), admission.clone())?;
@@ -249,11 +252,21 @@ impl Server {
     /// and joins every thread before it returns.
     pub fn shutdown(&self) {
         self.limit.stop.store(true, Ordering::Release);
+        // Stop listening now: a reactor busy in a handler keeps the
+        // listener open until it stops, and connections meanwhile would
+        // be accepted only to be closed. On Linux a listening socket shut
+        // for reading refuses them at once (elsewhere this fails, and the
+        // gate closes what the reactors still accept).
+        let _ = socket2::SockRef::from(&*self.listener).shutdown(std::net::Shutdown::Read);
         let _ = self.limit.waker.wake();
         if let Some(t) = lock(&self.waiting_room).take() {
             let _ = t.join();
         }
         self.workers.stop_and_join();
+        // What was still on its way to the room, or in it, is closed now
+        // (the room dropped its own when it stopped).
+        lock(&self.limit.arrivals).clear();
+        self.limit.waiting.store(0, Ordering::SeqCst);
     }
 }
 
@@ -276,12 +289,19 @@ fn check_server_config(config: &Config) -> Result<()> {
     }
 }
 
+/// A connection accepted over the cap, with its peer's address.
+struct Arrival {
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+}
+
 /// Connections accepted over the cap wait here, each for at most the
 /// accept wait, for a place; the room admits them in order of arrival as
 /// places free up, and turns away whoever waited the whole wait.
 struct WaitingRoom {
     poll: Poll,
-    waiting: VecDeque<(std::net::TcpStream, Instant)>,
+    /// Each with the time it must have a place by.
+    waiting: VecDeque<(Arrival, Instant)>,
     limit: Arc<Limit>,
     admission: Arc<Admission>,
 }
@@ -319,13 +339,13 @@ impl WaitingRoom {
     fn take_arrivals(&mut self) {
         let arrivals = std::mem::take(&mut *lock(&self.limit.arrivals));
         let deadline = Instant::now() + self.limit.config.accept_wait;
-        for stream in arrivals {
+        for arrival in arrivals {
             if self.waiting.len() >= self.max_waiting() {
                 // The room is full too: refuse at once rather than hold
                 // descriptors without bound.
-                self.refuse(stream);
+                self.refuse(arrival);
             } else {
-                self.waiting.push_back((stream, deadline));
+                self.waiting.push_back((arrival, deadline));
             }
         }
     }
@@ -335,24 +355,23 @@ impl WaitingRoom {
         while let Some((_, deadline)) = self.waiting.front() {
             if *deadline <= now {
                 // Waited its whole accept wait.
-                let (stream, _) = self.waiting.pop_front().expect("front exists");
-                self.refuse(stream);
+                let (arrival, _) = self.waiting.pop_front().expect("front exists");
+                self.refuse(arrival);
                 continue;
             }
             if !self.limit.try_acquire() {
                 break;
             }
-            let (stream, _) = self.waiting.pop_front().expect("front exists");
+            let (arrival, _) = self.waiting.pop_front().expect("front exists");
             self.limit.waiting.fetch_sub(1, Ordering::SeqCst);
-            let peer = stream.peer_addr().ok();
-            self.admission.place(stream, peer);
+            self.admission.place(arrival.stream, Some(arrival.peer));
         }
         // Refuse expired connections further back too.
         let mut i = 0;
         while i < self.waiting.len() {
             if self.waiting[i].1 <= now {
-                let (stream, _) = self.waiting.remove(i).expect("index in range");
-                self.refuse(stream);
+                let (arrival, _) = self.waiting.remove(i).expect("index in range");
+                self.refuse(arrival);
             } else {
                 i += 1;
             }
@@ -365,10 +384,10 @@ impl WaitingRoom {
     /// reset. What the client already sent is read first: closing a
     /// socket with unread input would reset the connection, and the reset
     /// could overtake the refusal.
-    fn refuse(&self, stream: std::net::TcpStream) {
+    fn refuse(&self, Arrival { stream, peer }: Arrival) {
         self.limit.waiting.fetch_sub(1, Ordering::SeqCst);
         self.limit.refused.fetch_add(1, Ordering::Relaxed);
-        crate::events::refused_at_cap(stream.peer_addr().ok(), self.limit.max);
+        crate::events::refused_at_cap(Some(peer), self.limit.max);
         // A fresh non-blocking socket: 32 bytes fit in its send buffer.
         let _ = (&stream).write(&REFUSED_AT_CAP);
         // At most REFUSAL_DRAIN bytes: a peer that keeps streaming must not

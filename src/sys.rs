@@ -175,8 +175,9 @@ pub(crate) fn epoll_modify(
 
 /// Registers `fd` (a listening socket) in the epoll instance `epoll` under
 /// `token`: readable, edge-triggered and exclusive, so that of the epoll
-/// instances watching it, one that sleeps is woken per event. Returns
-/// `false` where the kernel refuses the flag (before Linux 4.5): the
+/// instances watching it, one that sleeps is woken per event. Kernels
+/// before 4.5 ignore the flag, and then wake every one, which loses
+/// nothing. Returns `false` where the kernel refuses it (`EINVAL`): the
 /// caller registers plainly then.
 #[cfg(target_os = "linux")]
 pub(crate) fn epoll_add_exclusive(
@@ -253,9 +254,20 @@ mod tests {
         assert_eq!(again.len(), 16 << 10);
     }
 
+    // epoll(7) promises "one or more" woken: of 3 tries, one must wake
+    // exactly one, and every try at least one.
     #[cfg(target_os = "linux")]
     #[test]
     fn an_exclusive_listener_wakes_one_sleeping_poll() {
+        let woken: Vec<usize> = (0..3).map(|_| exclusive_wakes()).collect();
+        assert!(woken.iter().all(|&n| n >= 1), "woken per try: {woken:?}");
+        assert!(woken.contains(&1), "woken per try: {woken:?}");
+    }
+
+    /// Two polls watch one listener, both asleep when a connection lands:
+    /// how many wake.
+    #[cfg(target_os = "linux")]
+    fn exclusive_wakes() -> usize {
         use std::time::Duration;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
@@ -263,7 +275,6 @@ mod tests {
         for p in &polls {
             assert!(super::epoll_add_exclusive(p.registry(), &listener, 7).unwrap());
         }
-        // Both instances asleep in epoll_wait when the connection lands.
         let addr = listener.local_addr().unwrap();
         let woken = std::thread::scope(|s| {
             let waits: Vec<_> = polls
@@ -287,7 +298,7 @@ mod tests {
                 .filter(|&w| w)
                 .count()
         });
-        assert_eq!(woken, 1, "one of the two sleeping polls is woken");
         assert!(listener.accept().is_ok());
+        woken
     }
 }

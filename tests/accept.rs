@@ -119,3 +119,73 @@ fn a_reactor_stuck_in_a_handler_does_not_hold_up_new_connections() {
         server.shutdown();
     });
 }
+
+// A burst of connections larger than what a reactor accepts in one turn is
+// accepted whole, though the listener announces it only once (edge-
+// triggered): the reactor comes back for the rest by itself.
+#[test]
+fn a_burst_of_connections_is_accepted_whole() {
+    within(30, || {
+        let server = Server::bind(
+            "127.0.0.1:0",
+            server_config().workers(1),
+            Recorder::default(),
+        )
+        .unwrap();
+        // The kernel completes these connections before the reactor has
+        // accepted any of them.
+        let burst: Vec<std::net::TcpStream> = (0..200)
+            .map(|_| std::net::TcpStream::connect(server.local_addr()).unwrap())
+            .collect();
+        assert!(
+            wait_until(Duration::from_secs(10), || server.connections() == 200),
+            "accepted {} of 200",
+            server.connections()
+        );
+        drop(burst);
+        server.shutdown();
+    });
+}
+
+// Once a server shuts down it stops listening at once, though a handler
+// still runs on one of its reactors (which holds the listener until it
+// stops): new connections are refused by the kernel, instead of completing
+// into a backlog that no one would serve.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_server_shutting_down_refuses_new_connections_at_once() {
+    within(30, || {
+        let recorder = Recorder::default();
+        let (go_on, release) = mpsc::channel();
+        *recorder.go_on.lock().unwrap() = Some(release);
+        let server = Arc::new(
+            Server::bind("127.0.0.1:0", server_config().workers(1), recorder.clone()).unwrap(),
+        );
+        let addr = server.local_addr();
+        let client = Arc::new(connected_client(&server));
+        let held = {
+            let client = client.clone();
+            thread::spawn(move || {
+                let mut resp = Vec::new();
+                client.request(b"hold", &mut resp)
+            })
+        };
+        assert!(wait_until(Duration::from_secs(5), || recorder
+            .holding
+            .load(Ordering::SeqCst)));
+        let shutting = {
+            let server = server.clone();
+            thread::spawn(move || server.shutdown())
+        };
+        let refused = wait_until(Duration::from_secs(5), || {
+            matches!(
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+            )
+        });
+        go_on.send(()).unwrap();
+        let _ = held.join().unwrap();
+        shutting.join().unwrap();
+        assert!(refused, "a connection was still taken while shutting down");
+    });
+}

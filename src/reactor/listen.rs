@@ -23,6 +23,11 @@ use mio::{Interest, Registry, Token};
 /// once would only repeat, such as running out of descriptors.
 const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 
+/// The most connections a reactor accepts in one turn: in a connect storm
+/// it goes on serving the connections it has (their handshakes, their
+/// deadlines) between batches, instead of accepting until the storm ends.
+const ACCEPT_BATCH: usize = 32;
+
 /// The listener's token in every reactor's poll.
 pub(super) const LISTENER: Token = Token(usize::MAX - 2);
 
@@ -34,12 +39,15 @@ pub(crate) trait Gate: Send + Sync {
     fn take(&self, stream: TcpStream, peer: SocketAddr);
 }
 
-/// One reactor's registration of a shared listener, and its pause after
-/// an accept error.
+/// One reactor's registration of a shared listener, and when to come
+/// back to it without a new event.
 pub(crate) struct Listener {
     listener: Arc<mio::net::TcpListener>,
     gate: Arc<dyn Gate>,
-    paused_until: Option<Instant>,
+    /// Accept again by then, announced or not: now, after a full batch
+    /// (the backlog may hold more, and edge-triggered polling would not
+    /// say so again), or after the pause that follows an error.
+    resume_at: Option<Instant>,
 }
 
 impl Listener {
@@ -57,7 +65,7 @@ impl Listener {
         Ok(Listener {
             listener,
             gate,
-            paused_until: None,
+            resume_at: None,
         })
     }
 
@@ -66,21 +74,22 @@ impl Listener {
         let _ = registry.deregister(&mut SourceFd(&fd));
     }
 
-    /// When accepting resumes after an error, if it is paused.
-    pub(super) fn paused_until(&self) -> Option<Instant> {
-        self.paused_until
+    /// When to accept again without a new event, if at all.
+    pub(super) fn resume_at(&self) -> Option<Instant> {
+        self.resume_at
     }
 
-    /// Accepts until the backlog is empty (the edge-triggered contract),
-    /// handing every connection to the gate.
-    pub(super) fn accept_all(&mut self, now: Instant) {
-        if let Some(until) = self.paused_until {
-            if now < until {
+    /// Accepts until the backlog is empty (the edge-triggered contract) or
+    /// a batch is done, handing every connection to the gate.
+    pub(super) fn accept(&mut self, now: Instant) {
+        if let Some(at) = self.resume_at {
+            if now < at {
+                // Paused after an error.
                 return;
             }
-            self.paused_until = None;
+            self.resume_at = None;
         }
-        loop {
+        for _ in 0..ACCEPT_BATCH {
             match self.listener.accept() {
                 Ok((stream, peer)) => {
                     // Non-blocking already (mio accepts with SOCK_NONBLOCK).
@@ -101,10 +110,11 @@ impl Listener {
                 // Out of descriptors (or similar): the backlog stays; come
                 // back shortly rather than spin.
                 Err(_) => {
-                    self.paused_until = Some(now + ACCEPT_RETRY);
+                    self.resume_at = Some(now + ACCEPT_RETRY);
                     return;
                 }
             }
         }
+        self.resume_at = Some(now);
     }
 }

@@ -203,7 +203,7 @@ impl Reactor {
         if let Some(t) = timeout {
             wait = wait.min(t);
         }
-        if let Some(at) = self.listener.as_ref().and_then(|l| l.paused_until()) {
+        if let Some(at) = self.listener.as_ref().and_then(|l| l.resume_at()) {
             wait = wait.min(at.saturating_duration_since(now));
         }
         let busy = self.busy_until.is_some_and(|until| now < until);
@@ -247,13 +247,15 @@ impl Reactor {
         }
         self.run_commands();
         let events = std::mem::replace(&mut self.events, Events::with_capacity(0));
+        let mut accepted = false;
         for event in events.iter() {
             let token = event.token();
             if token == WAKER {
                 continue;
             }
             if token == listen::LISTENER {
-                self.accept_all();
+                self.accept_batch();
+                accepted = true;
                 continue;
             }
             let key = token.0;
@@ -273,13 +275,16 @@ impl Reactor {
             }
         }
         self.events = events;
-        if self
-            .listener
-            .as_ref()
-            .and_then(|l| l.paused_until())
-            .is_some_and(|at| Instant::now() >= at)
+        // A batch left over from an earlier turn, or the end of a pause:
+        // one batch per turn, between the connections' own events.
+        if !accepted
+            && self
+                .listener
+                .as_ref()
+                .and_then(|l| l.resume_at())
+                .is_some_and(|at| Instant::now() >= at)
         {
-            self.accept_all();
+            self.accept_batch();
         }
         self.flush_dirty();
         match std::mem::replace(&mut self.served, Served::Nothing) {
@@ -370,12 +375,13 @@ impl Reactor {
             return;
         }
         self.listener = Some(listener);
-        self.accept_all();
+        self.accept_batch();
     }
 
-    fn accept_all(&mut self) {
+    /// Accepts what the listener holds, up to a batch.
+    fn accept_batch(&mut self) {
         if let Some(listener) = &mut self.listener {
-            listener.accept_all(Instant::now());
+            listener.accept(Instant::now());
         }
     }
 
