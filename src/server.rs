@@ -65,6 +65,38 @@ impl Limit {
         }
     }
 
+    /// Connections allowed to wait for a place (each for at most the
+    /// accept wait): four times the cap, and at least 256. Past that a new
+    /// connection is refused at once, so a flood cannot hold descriptors
+    /// without bound.
+    fn max_waiting(&self) -> usize {
+        (self.max * 4).max(256)
+    }
+
+    /// Turns a connection away at the cap, telling the client so: the
+    /// refusal takes the place of the server's key ([`REFUSED_AT_CAP`]),
+    /// so the client's dial fails with `Error::ConnectionLimit`, not with a
+    /// reset. What the client already sent is read first: closing a
+    /// socket with unread input would reset the connection, and the reset
+    /// could overtake the refusal.
+    fn refuse(&self, Arrival { stream, peer }: Arrival) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        crate::events::refused_at_cap(Some(peer), self.max);
+        // A fresh non-blocking socket: 32 bytes fit in its send buffer.
+        let _ = (&stream).write(&REFUSED_AT_CAP);
+        // At most REFUSAL_DRAIN bytes: a peer that keeps streaming must not
+        // hold the thread that refuses it (a reactor, or the waiting room).
+        let mut sink = [0u8; 256];
+        let mut drained = 0;
+        while drained < REFUSAL_DRAIN {
+            match (&stream).read(&mut sink) {
+                Ok(n) if n > 0 => drained += n,
+                _ => break,
+            }
+        }
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+    }
+
     /// The hook a connection gives its place back with.
     fn release_hook(self: &Arc<Self>) -> ReleaseHook {
         let limit = self.clone();
@@ -107,8 +139,15 @@ impl Gate for Admission {
             self.place(stream, Some(peer));
             return;
         }
+        let arrival = Arrival { stream, peer };
+        if limit.waiting.load(Ordering::SeqCst) >= limit.max_waiting() {
+            // The room is full: refused here, so that a flood faster than
+            // the room empties its queue cannot hold descriptors either.
+            limit.refuse(arrival);
+            return;
+        }
         let mut arrivals = lock(&limit.arrivals);
-        arrivals.push(Arrival { stream, peer });
+        arrivals.push(arrival);
         limit.waiting.fetch_add(1, Ordering::SeqCst);
         drop(arrivals);
         let _ = limit.waker.wake();
@@ -328,19 +367,11 @@ impl WaitingRoom {
         }
     }
 
-    /// Connections allowed to wait for a place (each for at most the
-    /// accept wait): four times the cap, and at least 256. Past that a new
-    /// connection is refused at once, so a flood cannot hold descriptors
-    /// without bound.
-    fn max_waiting(&self) -> usize {
-        (self.limit.max * 4).max(256)
-    }
-
     fn take_arrivals(&mut self) {
         let arrivals = std::mem::take(&mut *lock(&self.limit.arrivals));
         let deadline = Instant::now() + self.limit.config.accept_wait;
         for arrival in arrivals {
-            if self.waiting.len() >= self.max_waiting() {
+            if self.waiting.len() >= self.limit.max_waiting() {
                 // The room is full too: refuse at once rather than hold
                 // descriptors without bound.
                 self.refuse(arrival);
@@ -378,29 +409,9 @@ impl WaitingRoom {
         }
     }
 
-    /// Turns a connection away at the cap, telling the client so: the
-    /// refusal takes the place of the server's key ([`REFUSED_AT_CAP`]),
-    /// so the client's dial fails with `Error::ConnectionLimit`, not with a
-    /// reset. What the client already sent is read first: closing a
-    /// socket with unread input would reset the connection, and the reset
-    /// could overtake the refusal.
-    fn refuse(&self, Arrival { stream, peer }: Arrival) {
+    /// Turns away a connection that waited (or found the room full).
+    fn refuse(&self, arrival: Arrival) {
         self.limit.waiting.fetch_sub(1, Ordering::SeqCst);
-        self.limit.refused.fetch_add(1, Ordering::Relaxed);
-        crate::events::refused_at_cap(Some(peer), self.limit.max);
-        // A fresh non-blocking socket: 32 bytes fit in its send buffer.
-        let _ = (&stream).write(&REFUSED_AT_CAP);
-        // At most REFUSAL_DRAIN bytes: a peer that keeps streaming must not
-        // hold the waiting room, the one thread that admits waiting
-        // connections.
-        let mut sink = [0u8; 256];
-        let mut drained = 0;
-        while drained < REFUSAL_DRAIN {
-            match (&stream).read(&mut sink) {
-                Ok(n) if n > 0 => drained += n,
-                _ => break,
-            }
-        }
-        let _ = stream.shutdown(std::net::Shutdown::Write);
+        self.limit.refuse(arrival);
     }
 }
