@@ -5,7 +5,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::clock::CallDeadline;
+use crate::clock::{CallDeadline, LazyDeadline};
 use crate::config::Config;
 use crate::error::{CallOp, Error, Result, TimeoutKind};
 use crate::handler::{Handler, NoHandler};
@@ -173,10 +173,9 @@ impl Client {
     pub fn send(&self, body: &[u8]) -> Result<()> {
         let call = || {
             let _call = self.pool.signal.enter().ok_or(Error::Closed)?;
-            let deadline = self.write_deadline();
-            self.pool
-                .pick(deadline, CallKind::Send)?
-                .send_by(body, deadline)
+            let mut deadline = self.write_deadline();
+            let conn = self.pool.pick(&mut deadline, CallKind::Send)?;
+            conn.send_by(body, deadline.if_read())
         };
         call().map_err(|e| e.calling(CallOp::Send, Some(self.pool.addr)))
     }
@@ -195,10 +194,9 @@ impl Client {
     pub fn send_no_wait(&self, body: &[u8]) -> Result<()> {
         let call = || {
             let _call = self.pool.signal.enter().ok_or(Error::Closed)?;
-            let deadline = self.write_deadline();
-            self.pool
-                .pick(deadline, CallKind::Send)?
-                .send_no_wait_by(body, deadline)
+            let mut deadline = self.write_deadline();
+            let conn = self.pool.pick(&mut deadline, CallKind::Send)?;
+            conn.send_no_wait_by(body, deadline.if_read())
         };
         call().map_err(|e| e.calling(CallOp::SendNoWait, Some(self.pool.addr)))
     }
@@ -240,7 +238,9 @@ impl Client {
         let _call = self.pool.signal.enter().ok_or(Error::Closed)?;
         // The deadline covers finding a connection too (which may dial).
         let deadline = CallDeadline::after(timeout, TimeoutKind::Request);
-        let conn = self.pool.pick(deadline, CallKind::Request)?;
+        let conn = self
+            .pool
+            .pick(&mut LazyDeadline::Read(deadline), CallKind::Request)?;
         let left = match deadline {
             None => None,
             Some(d) => match d.at.checked_duration_since(Instant::now()) {
@@ -265,9 +265,13 @@ impl Client {
         result
     }
 
-    /// How long a send may wait for a connection: its send timeout.
-    fn write_deadline(&self) -> Option<CallDeadline> {
-        CallDeadline::after(self.pool.config.send_timeout, TimeoutKind::Write)
+    /// How long a send may wait: its send timeout, over the dial, the
+    /// wait for room and the write together, counted from its first wait.
+    fn write_deadline(&self) -> LazyDeadline {
+        LazyDeadline::Unread {
+            timeout: self.pool.config.send_timeout,
+            kind: TimeoutKind::Write,
+        }
     }
 
     /// Shuts down gracefully: new calls fail with [`Error::Closed`] (in

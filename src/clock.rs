@@ -36,6 +36,43 @@ impl CallDeadline {
     }
 }
 
+/// A call's deadline, read from the clock only once the call has to wait
+/// for a connection (a dial, its own or another call's): a send that
+/// finds an open connection takes no clock reading for it, and its queue
+/// starts the send timeout at its own first wait, if any.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum LazyDeadline {
+    /// `timeout` from the first time it is asked for.
+    Unread {
+        timeout: Option<Duration>,
+        kind: TimeoutKind,
+    },
+    /// Fixed: by the call, or at its first wait.
+    Read(Option<CallDeadline>),
+}
+
+impl LazyDeadline {
+    /// The deadline, fixing it now if it was not yet.
+    pub(crate) fn get(&mut self) -> Option<CallDeadline> {
+        if let LazyDeadline::Unread { timeout, kind } = *self {
+            *self = LazyDeadline::Read(CallDeadline::after(timeout, kind));
+        }
+        match *self {
+            LazyDeadline::Read(d) => d,
+            LazyDeadline::Unread { .. } => unreachable!("fixed above"),
+        }
+    }
+
+    /// The deadline if it was fixed, else `None`: whoever waits next
+    /// starts its own timeout then.
+    pub(crate) fn if_read(&self) -> Option<CallDeadline> {
+        match *self {
+            LazyDeadline::Read(d) => d,
+            LazyDeadline::Unread { .. } => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::now_nanos;

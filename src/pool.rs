@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use slab::Slab;
 
-use crate::clock::{now_nanos, CallDeadline};
+use crate::clock::{now_nanos, CallDeadline, LazyDeadline};
 use crate::config::Config;
 use crate::conn::Connection;
 use crate::error::{DialPhase, Error, Result};
@@ -198,11 +198,7 @@ impl Pool {
     /// it may share: [`SHARED_REQUESTS`]), else the least loaded one,
     /// dialling a new one while under `max_conns` and all are busy. The
     /// dial, or the wait for another caller's, ends by `deadline`.
-    pub(crate) fn pick(
-        &self,
-        deadline: Option<CallDeadline>,
-        kind: CallKind,
-    ) -> Result<Connection> {
+    pub(crate) fn pick(&self, deadline: &mut LazyDeadline, kind: CallKind) -> Result<Connection> {
         if let Some(conn) = self.choose_for(kind) {
             return Ok(conn);
         }
@@ -215,7 +211,7 @@ impl Pool {
                 Some(conn) => return Ok(conn),
                 None => {
                     let queued_at = Instant::now();
-                    let guard = match self.wait_for_dial(deadline)? {
+                    let guard = match self.wait_for_dial(deadline.get())? {
                         Waited::Dialled(conn) => return Ok(conn),
                         Waited::Lock(guard) => guard,
                     };
@@ -239,10 +235,10 @@ impl Pool {
                 return self.choose(true).ok_or_else(|| failed.error.clone());
             }
         }
-        let dialled = self
-            .workers
-            .pick()
-            .dial_within(self.addr, self.handler.clone(), deadline);
+        let dialled =
+            self.workers
+                .pick()
+                .dial_within(self.addr, self.handler.clone(), deadline.get());
         let result = match dialled {
             Ok(conn) if self.signal.is_closed() => {
                 conn.close();
@@ -426,7 +422,7 @@ impl Pool {
             .spawn(move || {
                 // Bounded by the dial's own timeouts; the calls waiting for
                 // it keep their deadlines.
-                let _ = pool.pick(None, CallKind::Send);
+                let _ = pool.pick(&mut LazyDeadline::Read(None), CallKind::Send);
                 // One locked step, after which this thread needs no lock:
                 // the next dial joins it under the lock.
                 let mut dial = lock(&pool.async_dial);
