@@ -361,7 +361,7 @@ impl Reactor {
                     }
                 }
                 Command::Stop => self.begin_stop(),
-                Command::Listen(listening) => self.listen(listening),
+                Command::Listen(listener) => self.listen(listener),
             }
         }
         self.commands = commands;
