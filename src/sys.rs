@@ -87,6 +87,18 @@ fn wait_for(
     // null or points at `spec`; both outlive the call. No signal mask is
     // passed (null), so the thread's own is kept.
     let n = unsafe { libc::ppoll(&mut fds, 1, spec_ptr, std::ptr::null()) };
+    settle(n, timeout)
+}
+
+/// A wait's answer from `poll`'s return value `n`. A failure other than
+/// an interruption (out of kernel memory, say) would fail again at once:
+/// the caller, told "not yet", would look again and spin, so the thread
+/// first sleeps out a millisecond of the wait.
+fn settle(n: libc::c_int, timeout: Option<std::time::Duration>) -> bool {
+    if n < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+        let pause = std::time::Duration::from_millis(1);
+        std::thread::sleep(timeout.map_or(pause, |t| t.min(pause)));
+    }
     n > 0
 }
 
@@ -149,7 +161,7 @@ fn wait_for(
     // SAFETY: `fds` is one valid, initialised `pollfd` that lives across
     // the call, and the count passed is 1.
     let n = unsafe { libc::poll(&mut fds, 1, ms) };
-    n > 0
+    settle(n, timeout)
 }
 
 /// Without epoll, through mio, which cannot turn readable off: the reactor
@@ -252,6 +264,37 @@ mod tests {
         let again = vec![1u8; 16 << 10];
         assert_eq!(kept[0], 255);
         assert_eq!(again.len(), 16 << 10);
+    }
+
+    // A persistent poll failure cannot be provoked on demand (a bad
+    // descriptor is POLLNVAL, not a failure), so `settle` is given one:
+    // a return of -1 with errno set.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_failed_wait_pauses_instead_of_returning_at_once() {
+        let start = std::time::Instant::now();
+        set_errno(libc::ENOMEM);
+        assert!(!super::settle(
+            -1,
+            Some(std::time::Duration::from_millis(5))
+        ));
+        assert!(start.elapsed() >= std::time::Duration::from_millis(1));
+        let start = std::time::Instant::now();
+        set_errno(libc::EINTR);
+        assert!(!super::settle(-1, None));
+        assert!(start.elapsed() < std::time::Duration::from_millis(1));
+        assert!(super::settle(1, None));
+    }
+
+    /// Sets this thread's errno as a failed call would.
+    #[cfg(target_os = "linux")]
+    fn set_errno(code: libc::c_int) {
+        // SAFETY: `__errno_location` returns this thread's errno slot,
+        // valid for the thread's life; writing an int to it is what any
+        // failing libc call does.
+        unsafe {
+            *libc::__errno_location() = code;
+        }
     }
 
     // epoll(7) promises "one or more" woken: of 3 tries, one must wake
