@@ -81,34 +81,17 @@ fn connect_once(addr: SocketAddr, config: &Config, call: Option<CallDeadline>) -
     }
 }
 
-/// A TCP socket, non-blocking from its creation where the OS can say so
-/// in the same call.
-#[cfg(any(
-    target_os = "android",
-    target_os = "dragonfly",
-    target_os = "freebsd",
-    target_os = "illumos",
-    target_os = "linux",
-    target_os = "netbsd",
-    target_os = "openbsd"
-))]
+/// A TCP socket, non-blocking from its creation on Linux (one call),
+/// made so after it elsewhere.
 fn nonblocking_socket(domain: Domain) -> io::Result<Socket> {
-    Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP))
-}
-
-/// A TCP socket made non-blocking after its creation (macOS and others).
-#[cfg(not(any(
-    target_os = "android",
-    target_os = "dragonfly",
-    target_os = "freebsd",
-    target_os = "illumos",
-    target_os = "linux",
-    target_os = "netbsd",
-    target_os = "openbsd"
-)))]
-fn nonblocking_socket(domain: Domain) -> io::Result<Socket> {
-    let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_nonblocking(true)?;
+    #[cfg(target_os = "linux")]
+    let socket = Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
+    #[cfg(not(target_os = "linux"))]
+    let socket = {
+        let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_nonblocking(true)?;
+        socket
+    };
     Ok(socket)
 }
 
