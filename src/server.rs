@@ -7,7 +7,7 @@ use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mio::{Events, Poll, Token, Waker};
 use socket2::{Domain, Protocol, Socket, Type};
@@ -43,7 +43,8 @@ struct Limit {
     /// wait, a new connection queues behind them rather than take a place
     /// that frees up.
     waiting: AtomicUsize,
-    config: Config,
+    /// How long a connection over the cap may wait for a place.
+    accept_wait: Duration,
 }
 
 impl Limit {
@@ -229,7 +230,7 @@ impl Server {
             refused: crate::sync::AtomicU64::new(0),
             arrivals: Mutex::new(Vec::new()),
             waiting: AtomicUsize::new(0),
-            config: config.clone(),
+            accept_wait: config.accept_wait,
         });
         let workers = Arc::new(Workers::spawn(&config, "monte-rpc-server")?);
         let admission = Arc::new(Admission {
@@ -369,7 +370,7 @@ impl WaitingRoom {
 
     fn take_arrivals(&mut self) {
         let arrivals = std::mem::take(&mut *lock(&self.limit.arrivals));
-        let deadline = Instant::now() + self.limit.config.accept_wait;
+        let deadline = Instant::now() + self.limit.accept_wait;
         for arrival in arrivals {
             if self.waiting.len() >= self.limit.max_waiting() {
                 // The room is full too: refuse at once rather than hold
