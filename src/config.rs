@@ -116,6 +116,19 @@ pub struct Config {
     pub send_buffer_size: Option<usize>,
     /// `SO_RCVBUF`, if set. Default: the system's.
     pub recv_buffer_size: Option<usize>,
+    /// `TCP_NOTSENT_LOWAT`, if set: the most bytes the kernel holds
+    /// unsent for a connection. Past it, writes stop short and the rest
+    /// waits in the connection's own queue (under `max_queued_bytes`)
+    /// until the kernel has sent enough. It bounds only data not yet
+    /// sent, not the window in flight, so it does not cap throughput
+    /// over long links. A trade-off, hence off by default: it keeps
+    /// one-way streams to a slower reader (`send_no_wait`) from piling
+    /// megabytes into the kernel, whose bytes are cold in the cache by
+    /// the time they are copied, but it makes `send` wait for the reactor
+    /// sooner. The README has the figures. Linux and Android only;
+    /// ignored elsewhere. Default: `None` (the system's: no limit but the
+    /// send buffer).
+    pub unsent_low_water: Option<usize>,
     /// How callers and reactors wait: spin where another core can make
     /// the awaited progress meanwhile, block where not (see [`Waiting`]:
     /// the rule, and what each thread does). Default: [`Waiting::Auto`].
@@ -149,6 +162,7 @@ impl Default for Config {
             backlog: 1024,
             send_buffer_size: None,
             recv_buffer_size: None,
+            unsent_low_water: None,
             waiting: Waiting::Auto,
             server_defaults: false,
         }
@@ -175,6 +189,9 @@ impl std::fmt::Debug for Config {
             .field("accept_wait", &self.accept_wait)
             .field("dial_backoff", &self.dial_backoff)
             .field("dial_backoff_max", &self.dial_backoff_max)
+            .field("send_buffer_size", &self.send_buffer_size)
+            .field("recv_buffer_size", &self.recv_buffer_size)
+            .field("unsent_low_water", &self.unsent_low_water)
             .field("waiting", &self.waiting)
             .finish_non_exhaustive()
     }
@@ -334,6 +351,19 @@ impl Config {
     setter!(
         /// Sets [`Config::recv_buffer_size`].
         recv_buffer_size: Option<usize>
+    );
+    setter!(
+        /// Sets [`Config::unsent_low_water`]; `None` leaves the system's
+        /// (no limit but the send buffer).
+        ///
+        /// ```
+        /// use monte_rpc::Config;
+        ///
+        /// // Keep at most 32 KiB unsent in the kernel per connection.
+        /// let config = Config::default().unsent_low_water(Some(32 << 10));
+        /// assert_eq!(config.unsent_low_water, Some(32 << 10));
+        /// ```
+        unsent_low_water: Option<usize>
     );
     setter!(
         /// Sets [`Config::waiting`].

@@ -212,8 +212,9 @@ fn handshakes(mode: Mode) -> (Arc<dyn HandshakeFactory>, Arc<dyn HandshakeFactor
     name = "bench",
     after_long_help = "Environment, for experiments: MONTE_CALLERS sets the parallel \
                        benchmarks' callers; MONTE_WORKERS, MONTE_WAITING (auto, block, \
-                       or a spin time in µs) and MONTE_MAX_CONNS override those settings \
-                       of both sides."
+                       or a spin time in µs), MONTE_MAX_CONNS and MONTE_UNSENT (the \
+                       unsent low water in bytes, 0 for none) override those settings of \
+                       both sides."
 )]
 struct Args {
     /// Seconds each benchmark is timed, after a 0.3 s warm-up
@@ -818,8 +819,8 @@ struct Report {
 }
 
 /// Tuning knobs for experiments: MONTE_WAITING (`auto`, `block`, or a
-/// spin time in µs), MONTE_MAX_CONNS and MONTE_WORKERS override the
-/// defaults of both sides.
+/// spin time in µs), MONTE_MAX_CONNS, MONTE_WORKERS and MONTE_UNSENT
+/// (bytes; 0: none) override the defaults of both sides.
 fn tuned(mut config: Config) -> Config {
     if let Ok(waiting) = std::env::var("MONTE_WAITING") {
         config = config.waiting(match waiting.as_str() {
@@ -841,6 +842,12 @@ fn tuned(mut config: Config) -> Config {
         .and_then(|v| v.parse().ok())
     {
         config = config.max_conns(m);
+    }
+    if let Some(n) = std::env::var("MONTE_UNSENT")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        config = config.unsent_low_water((n > 0).then_some(n));
     }
     if let Some(w) = std::env::var("MONTE_WORKERS")
         .ok()
