@@ -569,6 +569,17 @@ impl OutboundQueue {
             }
         }
         g.writing = false;
+        if let Some(e) = &failure {
+            // Recorded before the lock is let go: a graceful close that
+            // finds the queue empty in between (the peer's end of stream,
+            // read meanwhile) would otherwise close it as drained, and
+            // every waiting sender would get a bare `Closed` instead of
+            // the write's error.
+            if g.closed.is_none() {
+                g.closed = Some(e.clone());
+                self.closed.store(true, Ordering::Release);
+            }
+        }
         self.notify(&mut g);
         if !on_reactor
             && (g.draining || mem::take(&mut g.reactor_waits))
@@ -673,5 +684,89 @@ impl OutboundQueue {
     pub(crate) fn write_progress(&self) -> (u64, bool) {
         let g = lock(&self.state);
         (g.written_total, g.pending() > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::net::{TcpListener, TcpStream as StdStream};
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+    use crate::protocol::Profile;
+
+    /// A connection around the queue whose failure lets the reactor's
+    /// graceful close (the peer's end of stream read meanwhile) run first,
+    /// as it can between a failed write and the close it causes.
+    struct Owner<'a> {
+        queue: &'a OutboundQueue,
+        stream: TcpStream,
+        buffers: BufferPool,
+        stats: Counters,
+        failures: AtomicUsize,
+    }
+
+    impl QueueOwner for Owner<'_> {
+        fn stream(&self) -> &TcpStream {
+            &self.stream
+        }
+        fn peer_addr(&self) -> Option<std::net::SocketAddr> {
+            self.stream.peer_addr().ok()
+        }
+        fn buffers(&self) -> &BufferPool {
+            &self.buffers
+        }
+        fn stats(&self) -> &Counters {
+            &self.stats
+        }
+        fn ask_reactor_to_flush(&self) {}
+        fn fail(&self, error: Error) {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+            self.queue.seal_off_if_drained();
+            self.queue.close(&error);
+        }
+    }
+
+    #[test]
+    fn a_write_the_peer_cut_short_reports_the_socket_error_not_a_bare_close() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = StdStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (theirs, _) = listener.accept().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        // The peer resets the connection: our next write fails.
+        socket2::SockRef::from(&theirs)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        let mut theirs = theirs;
+        theirs.set_nonblocking(true).unwrap();
+        let _ = theirs.read(&mut [0; 1]);
+        drop(theirs);
+        std::thread::sleep(Duration::from_millis(20));
+
+        let queue = OutboundQueue::new(
+            Some(Sealer::new([7; 32], Profile::Secure)),
+            &Config::default(),
+        );
+        let owner = Owner {
+            queue: &queue,
+            stream: TcpStream::from_std(ours),
+            buffers: BufferPool::new(OUTBOUND_BUFFER, 2),
+            stats: Counters::default(),
+            failures: AtomicUsize::new(0),
+        };
+        let error = queue
+            .submit(&owner, 1, &[1; 1400], Mode::Direct { wait: true }, None)
+            .expect_err("a write to a reset connection succeeded");
+        assert_eq!(owner.failures.load(Ordering::Relaxed), 1);
+        assert!(
+            matches!(&error, Error::Io(e) if e.to_string().contains("writing to")),
+            "{error:?}"
+        );
+        assert!(
+            matches!(queue.close_reason(), Some(Error::Io(_))),
+            "{:?}",
+            queue.close_reason()
+        );
     }
 }
