@@ -6,7 +6,7 @@
 //! socket between blocking and not, and no socket timeouts set and reset
 //! around each step (a system call each, a dozen per dial).
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,7 @@ use crate::clock::CallDeadline;
 use crate::config::Config;
 use crate::error::{DialPhase, Error, HandshakeError, Result, TimeoutKind};
 use crate::protocol::{FrameDecoder, Session};
+use crate::socket_write::write_all_nonblocking;
 
 /// Applies the configured socket options to a new socket.
 pub(crate) fn tune(socket: &Socket, config: &Config) -> io::Result<()> {
@@ -157,20 +158,13 @@ pub(crate) fn handshake(
     let session = loop {
         out.clear();
         hs.write_output(&mut out);
-        let mut written = 0;
-        while written < out.len() {
-            match stream.write(&out[written..]) {
-                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
-                Ok(n) => written += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if !crate::sys::wait_writable(&stream, remaining()?) {
-                        remaining()?;
-                    }
-                }
-                Err(e) => return Err(e.into()),
+        write_all_nonblocking(&stream, &out, || {
+            if !crate::sys::wait_writable(&stream, remaining()?) {
+                // Timed out, or interrupted: the deadline says which.
+                remaining()?;
             }
-        }
+            Ok(())
+        })?;
         if let Some(session) = hs.take_session() {
             break session;
         }

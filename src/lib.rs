@@ -103,6 +103,7 @@ pub mod protocol;
 mod reactor;
 mod read_side;
 mod server;
+mod socket_write;
 mod stats;
 // Every cross-thread structure, behind one std/loom facade. Not API: it is
 // public only when built with `--cfg loom`, for the models in loom-tests/,

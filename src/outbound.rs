@@ -12,7 +12,6 @@
 //! reaches the connection around it (its socket, its reactor, its failure)
 //! through [`QueueOwner`].
 
-use std::io::{self, Write};
 use std::mem;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -26,6 +25,7 @@ use crate::error::{socket_error, Error, Result, SocketOp, TimeoutKind};
 use crate::protocol::connection::Buffers;
 use crate::protocol::wire::frame_len;
 use crate::protocol::Sealer;
+use crate::socket_write::{write_nonblocking, WriteOutcome};
 use crate::stats::Counters;
 use crate::sync::buffers::BufferPool;
 use crate::sync::{lock, AtomicBool, Condvar, Mutex, MutexGuard, Ordering};
@@ -143,34 +143,6 @@ pub(crate) enum Mode {
     /// Any other send made on the connection's reactor thread: queued
     /// without waiting, flushed on the reactor's next turn.
     ReactorQueue,
-}
-
-enum WriteOutcome {
-    Done,
-    Blocked,
-    Failed(io::Error),
-}
-
-/// Writes as much of `data` as the socket takes without blocking.
-fn write_nonblocking(mut stream: &TcpStream, data: &[u8]) -> (usize, WriteOutcome) {
-    let mut written = 0;
-    while written < data.len() {
-        match stream.write(&data[written..]) {
-            Ok(0) => {
-                return (
-                    written,
-                    WriteOutcome::Failed(io::ErrorKind::WriteZero.into()),
-                )
-            }
-            Ok(n) => written += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                return (written, WriteOutcome::Blocked)
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return (written, WriteOutcome::Failed(e)),
-        }
-    }
-    (written, WriteOutcome::Done)
 }
 
 /// What the reactor's flush achieved.

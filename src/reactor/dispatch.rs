@@ -3,7 +3,7 @@
 //! frames one at a time within the outbound budget (pausing reading past
 //! it), flushes the queue, and advances a graceful close.
 
-use std::io::{self, Write};
+use std::io;
 
 use crate::clock::now_nanos;
 use crate::conn::Connection;
@@ -11,6 +11,7 @@ use crate::error::{socket_error, Result, SocketOp};
 use crate::handler::{guard_handler, Context, Handler};
 use crate::outbound::Flushed;
 use crate::protocol::connection::{ConnCore, Filled, Next, Output, ReadGate, Taker};
+use crate::socket_write::write_all_nonblocking;
 use crate::stats::Counters;
 use crate::sync::completion::Delivered;
 
@@ -280,22 +281,15 @@ impl Reactor {
 /// Writes handshake output on a fresh non-blocking socket. Handshake
 /// messages are small; a socket that cannot take them is treated as dead.
 fn write_handshake(conn: &Connection, out: &[u8]) -> Result<()> {
-    let mut stream = &conn.shared.stream;
-    let mut at = 0;
     let mut spins = 0;
-    while at < out.len() {
-        match stream.write(&out[at..]) {
-            Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
-            Ok(n) => at += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && spins < 1000 => {
-                spins += 1;
-                std::thread::yield_now();
-            }
-            Err(e) => return Err(e.into()),
+    write_all_nonblocking(&conn.shared.stream, out, || {
+        if spins == 1000 {
+            return Err(io::Error::from(io::ErrorKind::WouldBlock).into());
         }
-    }
-    Ok(())
+        spins += 1;
+        std::thread::yield_now();
+        Ok(())
+    })
 }
 
 /// Calls the handler for one message, and says whether it replied at once
