@@ -124,8 +124,10 @@ pub struct Config {
     /// over long links. A trade-off, hence off by default: it keeps
     /// one-way streams to a slower reader (`send_no_wait`) from piling
     /// megabytes into the kernel, whose bytes are cold in the cache by
-    /// the time they are copied, but it makes `send` wait for the reactor
-    /// sooner. The README has the figures. Linux and Android only;
+    /// the time they are copied; but frames written one by one (`send`)
+    /// then leave as a segment each, where an unbounded queue behind a
+    /// closed window coalesces them into large ones. The README has the
+    /// figures. Linux and Android only;
     /// ignored elsewhere. Default: `None` (the system's: no limit but the
     /// send buffer).
     pub unsent_low_water: Option<usize>,
