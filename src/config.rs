@@ -116,20 +116,19 @@ pub struct Config {
     pub send_buffer_size: Option<usize>,
     /// `SO_RCVBUF`, if set. Default: the system's.
     pub recv_buffer_size: Option<usize>,
-    /// `TCP_NOTSENT_LOWAT`, if set: the most bytes the kernel holds
-    /// unsent for a connection. Past it, writes stop short and the rest
-    /// waits in the connection's own queue (under `max_queued_bytes`)
-    /// until the kernel has sent enough. It bounds only data not yet
-    /// sent, not the window in flight, so it does not cap throughput
-    /// over long links. A trade-off, hence off by default: it keeps
-    /// one-way streams to a slower reader (`send_no_wait`) from piling
-    /// megabytes into the kernel, whose bytes are cold in the cache by
-    /// the time they are copied; but frames written one by one (`send`)
-    /// then leave as a segment each, where an unbounded queue behind a
-    /// closed window coalesces them into large ones. The README has the
-    /// figures. Linux and Android only;
-    /// ignored elsewhere. Default: `None` (the system's: no limit but the
-    /// send buffer).
+    /// `TCP_NOTSENT_LOWAT` for a connection's socket while it streams:
+    /// the most bytes the kernel then holds unsent, the rest waiting in
+    /// the connection's own queue (under `max_queued_bytes`). It bounds
+    /// only data not yet sent, not the window in flight, so it does not
+    /// cap throughput over long links. A stream's bytes piled into the
+    /// kernel behind a slower reader are cold in the cache by the time
+    /// they are copied; but frames written one by one (`send`, requests)
+    /// would leave as a segment each under the limit, where the kernel
+    /// coalesces them behind a closed window. So it is on only while the
+    /// reactor writes backlogs of queued messages (`send_no_wait`), a few
+    /// writes in a row, and off again after a few writes by callers
+    /// themselves. The README has the figures. Linux and Android only;
+    /// ignored elsewhere. `None`: never. Default: 64 KiB.
     pub unsent_low_water: Option<usize>,
     /// How callers and reactors wait: spin where another core can make
     /// the awaited progress meanwhile, block where not (see [`Waiting`]:
@@ -164,7 +163,7 @@ impl Default for Config {
             backlog: 1024,
             send_buffer_size: None,
             recv_buffer_size: None,
-            unsent_low_water: None,
+            unsent_low_water: Some(64 << 10),
             waiting: Waiting::Auto,
             server_defaults: false,
         }
@@ -355,13 +354,14 @@ impl Config {
         recv_buffer_size: Option<usize>
     );
     setter!(
-        /// Sets [`Config::unsent_low_water`]; `None` leaves the system's
-        /// (no limit but the send buffer).
+        /// Sets [`Config::unsent_low_water`]; `None` never sets it (the
+        /// system's: no limit but the send buffer).
         ///
         /// ```
         /// use monte_rpc::Config;
         ///
-        /// // Keep at most 32 KiB unsent in the kernel per connection.
+        /// assert_eq!(Config::default().unsent_low_water, Some(64 << 10));
+        /// // Streams keep at most 32 KiB unsent in the kernel.
         /// let config = Config::default().unsent_low_water(Some(32 << 10));
         /// assert_eq!(config.unsent_low_water, Some(32 << 10));
         /// ```

@@ -27,10 +27,6 @@ pub(crate) fn tune(socket: &Socket, config: &Config) -> io::Result<()> {
     if let Some(n) = config.recv_buffer_size {
         socket.set_recv_buffer_size(n)?;
     }
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    if let Some(n) = config.unsent_low_water {
-        socket.set_tcp_notsent_lowat(u32::try_from(n).unwrap_or(u32::MAX))?;
-    }
     Ok(())
 }
 
@@ -235,35 +231,5 @@ fn check_first_frame(input: &[u8], config: &Config, first: &PeerSample) -> Resul
             .into())
         }
         _ => Ok(()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    #[test]
-    fn tune_sets_the_unsent_limit_only_when_configured() {
-        let fresh = || Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
-        let system = fresh().tcp_notsent_lowat().unwrap();
-
-        let socket = fresh();
-        tune(&socket, &Config::default().unsent_low_water(Some(48 << 10))).unwrap();
-        assert_eq!(socket.tcp_notsent_lowat().unwrap(), 48 << 10);
-        assert!(socket.tcp_nodelay().unwrap());
-
-        let socket = fresh();
-        tune(&socket, &Config::default().unsent_low_water(None)).unwrap();
-        assert_eq!(socket.tcp_notsent_lowat().unwrap(), system);
-
-        // Larger than the option holds: the most it can say, not an error.
-        let socket = fresh();
-        tune(
-            &socket,
-            &Config::default().unsent_low_water(Some(usize::MAX)),
-        )
-        .unwrap();
-        assert_eq!(socket.tcp_notsent_lowat().unwrap() as i32, -1);
     }
 }

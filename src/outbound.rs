@@ -89,6 +89,78 @@ struct Outbound {
     /// caller-thread writer had the queue: that writer must tell the
     /// reactor when it is done, or reading would never resume.
     reactor_waits: bool,
+    /// Whether the socket's unsent low water is on now, by what the
+    /// writes look like.
+    low_water: LowWater,
+}
+
+/// Writes in a row of one kind before the socket's unsent low water
+/// follows them.
+const LOW_WATER_STREAK: u8 = 4;
+
+/// A reactor write at least this large is a stream's: the queue had
+/// backed up behind it.
+const STREAM_WRITE: usize = 16 << 10;
+
+/// When a connection's socket limits what the kernel holds unsent
+/// (`TCP_NOTSENT_LOWAT`, [`Config::unsent_low_water`]): while the reactor
+/// writes a backlog of queued messages, write after write (a one-way
+/// stream), and not while callers write their frames one by one (`send`,
+/// requests), whose frames would then leave as a segment each instead of
+/// coalescing in the kernel behind a closed window. A few writes in a row
+/// of one kind switch it; small reactor writes (replies) count for
+/// neither.
+#[derive(Debug)]
+struct LowWater {
+    /// The configured limit; `None`: never switched on.
+    limit: Option<u32>,
+    on: bool,
+    streaming: u8,
+    direct: u8,
+}
+
+impl LowWater {
+    fn new(limit: Option<usize>) -> Self {
+        LowWater {
+            limit: limit.map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
+            on: false,
+            streaming: 0,
+            direct: 0,
+        }
+    }
+
+    /// Notes a write of `len` bytes, by the reactor or by a caller; returns
+    /// the limit to set on the socket if it is to change (0: the system's,
+    /// which is what a socket starts with).
+    fn note_write(&mut self, on_reactor: bool, len: usize) -> Option<u32> {
+        let limit = self.limit?;
+        if on_reactor && len >= STREAM_WRITE {
+            self.direct = 0;
+            self.streaming = self.streaming.saturating_add(1);
+            if !self.on && self.streaming >= LOW_WATER_STREAK {
+                self.on = true;
+                return Some(limit);
+            }
+        } else if !on_reactor {
+            self.streaming = 0;
+            self.direct = self.direct.saturating_add(1);
+            if self.on && self.direct >= LOW_WATER_STREAK {
+                self.on = false;
+                return Some(0);
+            }
+        }
+        None
+    }
+}
+
+/// Sets the socket's unsent low water (0: the system's). Linux and
+/// Android only; a failure leaves the socket as it was, which only costs
+/// the optimisation.
+fn set_unsent_low_water(stream: &TcpStream, limit: u32) {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let _ = socket2::SockRef::from(stream).set_tcp_notsent_lowat(limit);
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = (stream, limit);
 }
 
 impl Outbound {
@@ -200,6 +272,7 @@ impl OutboundQueue {
                 closed: None,
                 draining: false,
                 reactor_waits: false,
+                low_water: LowWater::new(config.unsent_low_water),
             }),
             cv: Condvar::new(),
             closed: AtomicBool::new(false),
@@ -507,7 +580,11 @@ impl OutboundQueue {
             let spare = mem::take(&mut g.spare);
             let mut data = mem::replace(&mut g.buf, spare);
             let head = mem::replace(&mut g.head, 0);
+            let low_water = g.low_water.note_write(on_reactor, data.len() - head);
             drop(g);
+            if let Some(limit) = low_water {
+                set_unsent_low_water(owner.stream(), limit);
+            }
             let (n, outcome) = write_nonblocking(owner.stream(), &data[head..]);
             g = lock(&self.state);
             g.written_total += n as u64;
@@ -679,6 +756,22 @@ mod tests {
         failures: AtomicUsize,
     }
 
+    impl<'a> Owner<'a> {
+        fn new(queue: &'a OutboundQueue, stream: StdStream) -> Self {
+            Owner {
+                queue,
+                stream: TcpStream::from_std(stream),
+                buffers: BufferPool::new(OUTBOUND_BUFFER, 2),
+                stats: Counters::default(),
+                failures: AtomicUsize::new(0),
+            }
+        }
+    }
+
+    fn queue(config: &Config) -> OutboundQueue {
+        OutboundQueue::new(Some(Sealer::new([7; 32], Profile::Secure)), config)
+    }
+
     impl QueueOwner for Owner<'_> {
         fn stream(&self) -> &TcpStream {
             &self.stream
@@ -701,6 +794,82 @@ mod tests {
     }
 
     #[test]
+    fn the_low_water_follows_streams_and_leaves_frame_by_frame_writers() {
+        let mut lw = LowWater::new(Some(64 << 10));
+        let big = STREAM_WRITE;
+        // A stream: the fourth large reactor write in a row switches it on.
+        for _ in 1..LOW_WATER_STREAK {
+            assert_eq!(lw.note_write(true, big), None);
+        }
+        assert_eq!(lw.note_write(true, big), Some(64 << 10));
+        assert_eq!(lw.note_write(true, big), None, "set once");
+        // Replies (small reactor writes) count for neither.
+        for _ in 0..10 {
+            assert_eq!(lw.note_write(true, 100), None);
+        }
+        // Callers' own writes, interrupted by a large reactor write, do
+        // not switch it off; four in a row do.
+        for _ in 1..LOW_WATER_STREAK {
+            assert_eq!(lw.note_write(false, 1400), None);
+        }
+        assert_eq!(lw.note_write(true, big), None);
+        for _ in 1..LOW_WATER_STREAK {
+            assert_eq!(lw.note_write(false, 1400), None);
+        }
+        assert_eq!(lw.note_write(false, 1400), Some(0));
+        assert_eq!(lw.note_write(false, 1400), None, "cleared once");
+        // Not configured: never.
+        let mut off = LowWater::new(None);
+        for _ in 0..10 {
+            assert_eq!(off.note_write(true, big), None);
+        }
+        // Past what the option holds: the most it can say.
+        assert_eq!(LowWater::new(Some(usize::MAX)).limit, Some(u32::MAX));
+    }
+
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    #[test]
+    fn a_stream_of_queued_messages_sets_the_low_water_on_its_socket() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = StdStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut theirs, _) = listener.accept().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut sink = [0; 64 << 10];
+            while matches!(theirs.read(&mut sink), Ok(n) if n > 0) {}
+        });
+        let queue = queue(&Config::default().unsent_low_water(Some(48 << 10)));
+        let owner = Owner::new(&queue, ours);
+        let lowat = || {
+            socket2::SockRef::from(&owner.stream)
+                .tcp_notsent_lowat()
+                .unwrap()
+        };
+        let system = lowat();
+        let body = [1; 1400];
+        let mut seq = 0;
+        // Queued messages the reactor writes as a backlog, round by round.
+        for _ in 0..LOW_WATER_STREAK {
+            for _ in 0..(STREAM_WRITE / body.len() + 1) {
+                seq += 1;
+                queue.submit(&owner, seq, &body, Mode::Queue, None).unwrap();
+            }
+            assert_eq!(queue.flush_from_reactor(&owner, usize::MAX), Flushed::Empty);
+        }
+        assert_eq!(lowat(), 48 << 10);
+        // Frames written one by one by their callers: off again.
+        for _ in 0..LOW_WATER_STREAK {
+            seq += 1;
+            let direct = Mode::Direct { wait: true };
+            queue.submit(&owner, seq, &body, direct, None).unwrap();
+        }
+        assert_eq!(lowat(), system);
+        assert_eq!(owner.failures.load(Ordering::Relaxed), 0);
+        drop(owner);
+        reader.join().unwrap();
+    }
+
+    #[test]
     fn a_write_the_peer_cut_short_reports_the_socket_error_not_a_bare_close() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let ours = StdStream::connect(listener.local_addr().unwrap()).unwrap();
@@ -716,17 +885,8 @@ mod tests {
         drop(theirs);
         std::thread::sleep(Duration::from_millis(20));
 
-        let queue = OutboundQueue::new(
-            Some(Sealer::new([7; 32], Profile::Secure)),
-            &Config::default(),
-        );
-        let owner = Owner {
-            queue: &queue,
-            stream: TcpStream::from_std(ours),
-            buffers: BufferPool::new(OUTBOUND_BUFFER, 2),
-            stats: Counters::default(),
-            failures: AtomicUsize::new(0),
-        };
+        let queue = queue(&Config::default());
+        let owner = Owner::new(&queue, ours);
         let error = queue
             .submit(&owner, 1, &[1; 1400], Mode::Direct { wait: true }, None)
             .expect_err("a write to a reset connection succeeded");
