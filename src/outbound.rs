@@ -8,9 +8,12 @@
 //! next round, coalescing parallel senders into few syscalls. A caller that
 //! finds the queue idle writes its frame itself (no thread hop); when the
 //! socket would block, or a caller only queues (`send_no_wait`), the reactor
-//! takes over (`reactor_flushing`) until the queue is empty. The queue
-//! reaches the connection around it (its socket, its reactor, its failure)
-//! through [`QueueOwner`].
+//! takes over (`reactor_flushing`) until the queue is empty. How the
+//! writes go also decides how much the kernel may hold unsent (see
+//! [`LowWater`]): little while the reactor streams queued messages, the
+//! system's while callers write their own frames. The queue reaches the
+//! connection around it (its socket, its reactor, its failure) through
+//! [`QueueOwner`].
 
 use std::mem;
 use std::task::{Context, Poll, Waker};
@@ -112,7 +115,8 @@ const STREAM_WRITE: usize = 16 << 10;
 /// neither.
 #[derive(Debug)]
 struct LowWater {
-    /// The configured limit; `None`: never switched on.
+    /// The configured limit; `None` (or 0, the system's): never switched
+    /// on.
     limit: Option<u32>,
     on: bool,
     streaming: u8,
@@ -122,7 +126,9 @@ struct LowWater {
 impl LowWater {
     fn new(limit: Option<usize>) -> Self {
         LowWater {
-            limit: limit.map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
+            limit: limit
+                .filter(|&n| n > 0)
+                .map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
             on: false,
             streaming: 0,
             direct: 0,
@@ -819,9 +825,11 @@ mod tests {
         assert_eq!(lw.note_write(false, 1400), Some(0));
         assert_eq!(lw.note_write(false, 1400), None, "cleared once");
         // Not configured: never.
-        let mut off = LowWater::new(None);
-        for _ in 0..10 {
-            assert_eq!(off.note_write(true, big), None);
+        for limit in [None, Some(0)] {
+            let mut off = LowWater::new(limit);
+            for _ in 0..10 {
+                assert_eq!(off.note_write(true, big), None);
+            }
         }
         // Past what the option holds: the most it can say.
         assert_eq!(LowWater::new(Some(usize::MAX)).limit, Some(u32::MAX));
