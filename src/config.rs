@@ -124,11 +124,15 @@ pub struct Config {
     /// kernel behind a slower reader are cold in the cache by the time
     /// they are copied; but frames written one by one (`send`, requests)
     /// would leave as a segment each under the limit, where the kernel
-    /// coalesces them behind a closed window. So it is on only while the
-    /// reactor writes backlogs of queued messages (`send_no_wait`), a few
-    /// writes in a row, and off again after a few writes by callers
-    /// themselves. The README has the figures. Linux and Android only;
-    /// ignored elsewhere. `None`: never. Default: 64 KiB.
+    /// coalesces them behind a closed window. So it is switched on once
+    /// the reactor writes backlogs of queued messages (`send_no_wait`), a
+    /// few writes in a row, and off again after a few writes of single
+    /// frames by callers themselves (a connection whose writes are all the
+    /// reactor's, as a server's replies, keeps it). With it on, a peer
+    /// that stops reading leaves the bytes in the connection's queue
+    /// rather than the kernel's, where the write timeout sees them. The
+    /// README has the figures. Linux and Android only; ignored elsewhere.
+    /// `None` (or 0): never. Default: 64 KiB.
     pub unsent_low_water: Option<usize>,
     /// How callers and reactors wait: spin where another core can make
     /// the awaited progress meanwhile, block where not (see [`Waiting`]:

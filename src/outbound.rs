@@ -106,13 +106,15 @@ const LOW_WATER_STREAK: u8 = 4;
 const STREAM_WRITE: usize = 16 << 10;
 
 /// When a connection's socket limits what the kernel holds unsent
-/// (`TCP_NOTSENT_LOWAT`, [`Config::unsent_low_water`]): while the reactor
-/// writes a backlog of queued messages, write after write (a one-way
+/// (`TCP_NOTSENT_LOWAT`, [`Config::unsent_low_water`]): once the reactor
+/// writes backlogs of queued messages, write after write (a one-way
 /// stream), and not while callers write their frames one by one (`send`,
 /// requests), whose frames would then leave as a segment each instead of
 /// coalescing in the kernel behind a closed window. A few writes in a row
-/// of one kind switch it; small reactor writes (replies) count for
-/// neither.
+/// of one kind switch it. Small reactor writes (replies) and large writes
+/// by a caller (one that found a stream's backlog and wrote it) count for
+/// neither, so a connection whose writes are all the reactor's (a
+/// server's replies) keeps it once on: its writes are batches anyway.
 #[derive(Debug)]
 struct LowWater {
     /// The configured limit; `None` (or 0, the system's): never switched
@@ -147,7 +149,7 @@ impl LowWater {
                 self.on = true;
                 return Some(limit);
             }
-        } else if !on_reactor {
+        } else if !on_reactor && len < STREAM_WRITE {
             self.streaming = 0;
             self.direct = self.direct.saturating_add(1);
             if self.on && self.direct >= LOW_WATER_STREAK {
@@ -812,6 +814,10 @@ mod tests {
         // Replies (small reactor writes) count for neither.
         for _ in 0..10 {
             assert_eq!(lw.note_write(true, 100), None);
+        }
+        // A caller that writes a stream's backlog counts for neither.
+        for _ in 0..10 {
+            assert_eq!(lw.note_write(false, big), None);
         }
         // Callers' own writes, interrupted by a large reactor write, do
         // not switch it off; four in a row do.
