@@ -500,9 +500,9 @@ impl Connection {
         self.shared.read.with_idle_core(self, f)
     }
 
-    /// Reactor side, graceful close: if nothing is queued, refuse further
-    /// output and return `true`; otherwise `false`.
-    pub(crate) fn seal_off_if_drained(&self) -> bool {
+    /// Reactor side, graceful close: seals the output off once it is
+    /// drained, or says it had failed (see [`OutboundQueue::seal_off_if_drained`]).
+    pub(crate) fn seal_off_if_drained(&self) -> crate::protocol::connection::Sealed {
         self.shared.out.seal_off_if_drained()
     }
 

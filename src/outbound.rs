@@ -25,7 +25,7 @@ use slab::Slab;
 use crate::clock::CallDeadline;
 use crate::config::Config;
 use crate::error::{socket_error, Error, Result, SocketOp, TimeoutKind};
-use crate::protocol::connection::Buffers;
+use crate::protocol::connection::{Buffers, Sealed};
 use crate::protocol::wire::frame_len;
 use crate::protocol::Sealer;
 use crate::socket_write::{write_nonblocking, WriteOutcome};
@@ -715,20 +715,23 @@ impl OutboundQueue {
     }
 
     /// Reactor side, graceful close: if nothing is queued, refuse further
-    /// output and return `true`; otherwise `false`.
-    pub(crate) fn seal_off_if_drained(&self) -> bool {
+    /// output ([`Sealed::Drained`]); if the queue had failed, say with
+    /// what, so that the close is the failure's.
+    pub(crate) fn seal_off_if_drained(&self) -> Sealed {
         let mut g = lock(&self.state);
         g.draining = true;
-        if g.closed.is_some() {
-            return true;
+        match &g.closed {
+            Some(Error::Closed) => return Sealed::Drained,
+            Some(failure) => return Sealed::Failed(failure.clone()),
+            None => {}
         }
         if g.pending() == 0 && !g.writing {
             g.closed = Some(Error::Closed);
             self.closed.store(true, Ordering::Release);
             self.notify(&mut g);
-            return true;
+            return Sealed::Drained;
         }
-        false
+        Sealed::Pending
     }
 
     /// The handshake finished; frames may now be sealed.

@@ -539,7 +539,9 @@ impl ConnCore {
 
 mod lifecycle;
 
-pub use lifecycle::{Advance, Expired, LifeLimits, Lifecycle, Output, Phase, Progress, ReadGate};
+pub use lifecycle::{
+    Advance, Expired, LifeLimits, Lifecycle, Output, Phase, Progress, ReadGate, Sealed,
+};
 
 #[cfg(test)]
 mod tests;

@@ -7,7 +7,7 @@ use std::io;
 
 use crate::clock::now_nanos;
 use crate::conn::Connection;
-use crate::error::{socket_error, Error, Result, SocketOp};
+use crate::error::{socket_error, Result, SocketOp};
 use crate::handler::{guard_handler, Context, Handler};
 use crate::outbound::Flushed;
 use crate::protocol::connection::{ConnCore, Filled, Next, Output, ReadGate, Taker};
@@ -273,15 +273,6 @@ impl Reactor {
             let _ = conn.shared.stream.shutdown(std::net::Shutdown::Write);
         }
         if let Some(reason) = step.close {
-            // A queue closed by a failure (a write the peer cut short) is
-            // sealed already, so the graceful close may finish before the
-            // failure's own close command arrives: the failure, not the
-            // orderly end, is then what pending requests and `on_close`
-            // must hear.
-            let reason = match conn.close_reason() {
-                Some(failure) if !matches!(failure, Error::Closed) => failure,
-                _ => reason,
-            };
             self.close(key, reason);
         }
     }

@@ -95,6 +95,19 @@ pub struct Expired {
     pub release_buffers: bool,
 }
 
+/// What sealing off a connection's output found, in a graceful close
+/// ([`Lifecycle::advance`]).
+#[derive(Debug)]
+pub enum Sealed {
+    /// Output is still queued: not yet.
+    Pending,
+    /// Everything queued is written, and no more is taken.
+    Drained,
+    /// The output had failed already, with this error (a write the peer
+    /// cut short): the close is that failure's, not an orderly one.
+    Failed(Error),
+}
+
 /// What the reactor must do next in a graceful close
 /// ([`Lifecycle::advance`]).
 #[derive(Debug)]
@@ -276,9 +289,11 @@ impl Lifecycle {
 
     /// One step of a graceful close. `seal_off` refuses further output and
     /// says whether everything queued is written; it is asked only until
-    /// it says yes. Then the write side is shut, and the connection closes
-    /// once the peer's end came too (or at once if it never opened).
-    pub fn advance(&mut self, seal_off: impl FnOnce() -> bool) -> Advance {
+    /// it says so. Then the write side is shut, and the connection closes
+    /// once the peer's end came too (or at once if it never opened). If
+    /// the output had failed instead, the connection closes at once with
+    /// that failure.
+    pub fn advance(&mut self, seal_off: impl FnOnce() -> Sealed) -> Advance {
         let mut step = Advance {
             shut_write: false,
             close: None,
@@ -287,8 +302,13 @@ impl Lifecycle {
             return step;
         }
         if !self.write_shut {
-            if !seal_off() {
-                return step;
+            match seal_off() {
+                Sealed::Pending => return step,
+                Sealed::Failed(failure) => {
+                    step.close = Some(failure);
+                    return step;
+                }
+                Sealed::Drained => {}
             }
             self.write_shut = true;
             step.shut_write = true;

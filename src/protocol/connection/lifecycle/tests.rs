@@ -66,12 +66,30 @@ fn the_peers_end_drains_then_closes_once_output_is_written() {
     assert_eq!(life.phase(), Phase::Draining);
     assert!(life.silence_is_ours());
     // Output still queued: nothing yet.
-    let step = life.advance(|| false);
+    let step = life.advance(|| Sealed::Pending);
     assert!(!step.shut_write && step.close.is_none(), "{step:?}");
     // Written: shut the write side and close, the peer's end came.
-    let step = life.advance(|| true);
+    let step = life.advance(|| Sealed::Drained);
     assert!(step.shut_write);
     assert!(matches!(step.close, Some(Error::PeerClosed)));
+}
+
+// A write the peer cut short fails the output; if the graceful close
+// (the peer's end read meanwhile) gets there before the failure's own
+// close, it closes with the failure, not as an orderly end, and does not
+// shut a write side that already failed.
+#[test]
+fn a_graceful_close_over_failed_output_closes_with_the_failure() {
+    let mut life = life(true);
+    life.opened();
+    assert!(life.peer_finished(0).unwrap());
+    let reset = Error::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+    let step = life.advance(|| Sealed::Failed(reset));
+    assert!(!step.shut_write, "{step:?}");
+    assert!(
+        matches!(&step.close, Some(Error::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{step:?}"
+    );
 }
 
 #[test]
@@ -89,7 +107,7 @@ fn a_graceful_close_ends_at_its_deadline() {
 fn a_local_close_waits_for_the_peers_end_after_shutting_its_own() {
     let mut life = life(false);
     life.close_locally(0);
-    let step = life.advance(|| true);
+    let step = life.advance(|| Sealed::Drained);
     assert!(step.shut_write && step.close.is_none(), "{step:?}");
     // The write side is shut once; the seal-off is not asked again.
     let step = life.advance(|| panic!("asked again"));
@@ -107,7 +125,7 @@ fn a_local_close_waits_for_the_peers_end_after_shutting_its_own() {
 fn a_connection_that_never_opened_closes_as_soon_as_it_is_flushed() {
     let mut life = life(true);
     life.close_locally(0);
-    let step = life.advance(|| true);
+    let step = life.advance(|| Sealed::Drained);
     assert!(step.shut_write);
     assert!(matches!(step.close, Some(Error::Closed)));
 }
