@@ -5,7 +5,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::clock::{CallDeadline, LazyDeadline};
+use crate::clock::{nanos_at, CallDeadline, LazyDeadline};
 use crate::config::Config;
 use crate::error::{CallOp, Error, Result, TimeoutKind};
 use crate::handler::{Handler, NoHandler};
@@ -236,20 +236,32 @@ impl Client {
         timeout: Option<Duration>,
     ) -> Result<()> {
         let _call = self.pool.signal.enter().ok_or(Error::Closed)?;
+        // One clock reading for the deadline and the connection's
+        // timestamps, unless the call has to wait for a connection.
+        let start = Instant::now();
+        let mut sent_at = nanos_at(start);
         // The deadline covers finding a connection too (which may dial).
-        let deadline = CallDeadline::after(timeout, TimeoutKind::Request);
-        let conn = self
-            .pool
-            .pick(&mut LazyDeadline::Read(deadline), CallKind::Request)?;
-        let left = match deadline {
-            None => None,
-            Some(d) => match d.at.checked_duration_since(Instant::now()) {
-                Some(left) if !left.is_zero() => Some(left),
-                _ => return Err(Error::Timeout(TimeoutKind::Request)),
-            },
+        let deadline = timeout
+            .and_then(|t| start.checked_add(t))
+            .map(|at| CallDeadline {
+                at,
+                kind: TimeoutKind::Request,
+            });
+        let conn = match self.pool.choose_for(CallKind::Request, Some(sent_at)) {
+            Some(conn) => conn,
+            None => {
+                let conn = self
+                    .pool
+                    .pick(&mut LazyDeadline::Read(deadline), CallKind::Request)?;
+                let now = Instant::now();
+                if deadline.is_some_and(|d| now >= d.at) {
+                    return Err(Error::Timeout(TimeoutKind::Request));
+                }
+                sent_at = nanos_at(now);
+                conn
+            }
         };
-        let sent_at = crate::clock::now_nanos();
-        let result = conn.request_bare(body, response, left);
+        let result = conn.request_until(body, response, deadline.map(|d| d.at));
         if result.is_ok() {
             conn.note_answer(sent_at);
         }

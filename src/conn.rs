@@ -323,22 +323,24 @@ impl Connection {
         response: &mut Vec<u8>,
         timeout: Option<Duration>,
     ) -> Result<()> {
-        self.request_bare(body, response, timeout)
+        // A timeout too long to add to the clock is none.
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        self.request_until(body, response, deadline)
             .map_err(|e| e.calling(CallOp::Request, self.peer_addr()))
     }
 
-    /// [`request_timeout`](Self::request_timeout) without the call's
-    /// context on its error, for a caller that adds its own.
-    pub(crate) fn request_bare(
+    /// [`request_timeout`](Self::request_timeout) until `deadline`, without
+    /// the call's context on its error, for a caller that adds its own
+    /// (and read the clock for its deadline already).
+    pub(crate) fn request_until(
         &self,
         body: &[u8],
         response: &mut Vec<u8>,
-        timeout: Option<Duration>,
+        deadline: Option<Instant>,
     ) -> Result<()> {
         if self.shared.driver.is_current() {
             return Err(Error::OnReactorThread);
         }
-        let deadline = timeout.map(|t| Instant::now() + t);
         let table = self.requests();
         // A close that ran before the table existed could not fail it: the
         // send below sees the closed queue and withdraws the request.

@@ -199,7 +199,7 @@ impl Pool {
     /// dialling a new one while under `max_conns` and all are busy. The
     /// dial, or the wait for another caller's, ends by `deadline`.
     pub(crate) fn pick(&self, deadline: &mut LazyDeadline, kind: CallKind) -> Result<Connection> {
-        if let Some(conn) = self.choose_for(kind) {
+        if let Some(conn) = self.choose_for(kind, None) {
             return Ok(conn);
         }
         // All busy (or none) and room for more. One caller dials at a time;
@@ -224,7 +224,7 @@ impl Pool {
                 }
             },
         };
-        if let Some(conn) = self.choose_for(kind) {
+        if let Some(conn) = self.choose_for(kind, None) {
             return Ok(conn);
         }
         if let Some(failed) = &dialling.failed {
@@ -308,12 +308,13 @@ impl Pool {
     /// an open connection per reactor of the client (`config.workers`, at
     /// most `max_conns`): as many as spread the work over the cores, and no
     /// more while those answer fast (the first `spread` connections are
-    /// preferred).
-    fn choose_for(&self, kind: CallKind) -> Option<Connection> {
+    /// preferred). `now` is the call's own clock reading ([`now_nanos`]),
+    /// if it took one.
+    pub(crate) fn choose_for(&self, kind: CallKind, now: Option<u64>) -> Option<Connection> {
         if kind == CallKind::Send {
             return self.choose(false);
         }
-        let now = now_nanos();
+        let now = now.unwrap_or_else(now_nanos);
         let pool = read(&self.conns);
         let spread = self.config.max_conns.max(1).min(self.config.workers.max(1));
         // Closed connections are dropped by `choose`, below.
@@ -360,7 +361,7 @@ impl Pool {
         cx: &mut Context<'_>,
         kind: CallKind,
     ) -> Poll<Result<Connection>> {
-        if let Some(conn) = self.choose_for(kind) {
+        if let Some(conn) = self.choose_for(kind, None) {
             self.forget(wait);
             return Poll::Ready(Ok(conn));
         }

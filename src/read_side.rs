@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 
-use crate::clock::now_nanos;
+use crate::clock::{nanos_at, now_nanos};
 use crate::error::{socket_error, Error, SocketOp};
 use crate::protocol::connection::{ConnCore, Filled, Held, Next, Taker};
 use crate::stats::Counters;
@@ -197,7 +197,10 @@ impl ReadSide {
         // (the common case: the request was just written) is skipped.
         let mut readable = false;
         loop {
-            if let CallerRead::Reactor = self.read_responses(owner, &mut inbound, readable) {
+            // One clock reading a round, for the reads and the waits.
+            let at = Instant::now();
+            let now = nanos_at(at);
+            if let CallerRead::Reactor = self.read_responses(owner, &mut inbound, readable, now) {
                 reactor_needed = true;
                 break;
             }
@@ -207,7 +210,6 @@ impl ReadSide {
             // The peer's deadlines hold while a caller has the turn (the
             // reactor's sweep cannot look then): one that passed closes
             // the connection, through the reactor.
-            let now = now_nanos();
             if let Some(kind) = inbound.expired(now, false) {
                 inbound.held = Some(Held::Failed(Error::Timeout(kind)));
                 reactor_needed = true;
@@ -218,7 +220,7 @@ impl ReadSide {
                 .map(|at| Duration::from_nanos(at.saturating_sub(now)));
             let timeout = match deadline {
                 None => core_wait,
-                Some(d) => match d.checked_duration_since(Instant::now()) {
+                Some(d) => match d.checked_duration_since(at) {
                     Some(left) if !left.is_zero() => Some(core_wait.map_or(left, |w| w.min(left))),
                     _ => break,
                 },
@@ -290,7 +292,7 @@ impl ReadSide {
     /// readiness events came meanwhile), or hands the reading to the
     /// reactor.
     fn read_with_turn<'a>(&'a self, owner: &impl ReadOwner, mut inbound: ReadGuard<'a, ConnCore>) {
-        match self.read_responses(owner, &mut inbound, true) {
+        match self.read_responses(owner, &mut inbound, true, now_nanos()) {
             CallerRead::Reactor => {
                 drop(inbound);
                 owner.ask_reactor_to_read();
@@ -304,7 +306,8 @@ impl ReadSide {
     fn give_back<'a>(&'a self, owner: &impl ReadOwner, mut inbound: ReadGuard<'a, ConnCore>) {
         while let Some(again) = self.core.release(inbound) {
             inbound = again;
-            if let CallerRead::Reactor = self.read_responses(owner, &mut inbound, true) {
+            if let CallerRead::Reactor = self.read_responses(owner, &mut inbound, true, now_nanos())
+            {
                 drop(inbound);
                 owner.ask_reactor_to_read();
                 return;
@@ -315,12 +318,15 @@ impl ReadSide {
     /// Reads and delivers responses until the socket would block, at most
     /// [`CALLER_READ_FRAMES`] of them (so a peer flooding the connection
     /// cannot pin a caller past its deadline). Without `read_socket`, only
-    /// what is already buffered: the caller polls the socket next.
+    /// what is already buffered: the caller polls the socket next. `now`
+    /// ([`now_nanos`]) stands for the whole pass: it delivers responses
+    /// and runs no handler, so it takes microseconds.
     fn read_responses(
         &self,
         owner: &impl ReadOwner,
         inbound: &mut ReadGuard<'_, ConnCore>,
         read_socket: bool,
+        now: u64,
     ) -> CallerRead {
         if inbound.held.is_some() || inbound.eof || !inbound.is_open() {
             // The reactor's to read (it was told, or is in the handshake).
@@ -333,7 +339,6 @@ impl ReadSide {
             };
         }
         let stats = owner.stats();
-        let mut now = now_nanos();
         let (mut delivered, mut read_any, mut drained) = (0u64, false, !read_socket);
         let outcome = loop {
             // `next_frame` leaves a message, or an error, as held for the
@@ -356,7 +361,6 @@ impl ReadSide {
                     Ok(Filled::Bytes { drained: d }) => {
                         read_any = true;
                         drained = d;
-                        now = now_nanos();
                     }
                     Ok(Filled::WouldBlock) => break CallerRead::Drained,
                     Ok(Filled::Eof) => {

@@ -31,7 +31,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
-use crate::clock::now_nanos;
+use crate::clock::{nanos_at, now_nanos};
 use crate::config::Config;
 use crate::conn::Connection;
 use crate::error::{Error, Result};
@@ -216,18 +216,19 @@ impl Reactor {
             // wake-up, and the next poll reads them as one batch.
             crate::sync::contention::yield_now();
             let next = self.last_poll + self.busy_interval;
-            let now = Instant::now();
+            let mut now = Instant::now();
             if now < next {
                 std::thread::sleep(next - now);
+                now = Instant::now();
             }
-            self.last_poll = Instant::now();
+            self.last_poll = now;
             self.poll.poll(&mut self.events, Some(Duration::ZERO))
         } else {
             if !self.shared.mailbox.prepare_sleep() {
                 wait = Duration::ZERO;
             }
             // An async call's deadline may come before the next sweep.
-            let now_ns = now_nanos();
+            let now_ns = nanos_at(now);
             let until = now_ns.saturating_add(wait.as_nanos().min(u64::MAX as u128) as u64);
             if let Some(at) = self.shared.timers.sleeping_until(until) {
                 wait = wait.min(Duration::from_nanos(at.saturating_sub(now_ns)));
@@ -287,11 +288,13 @@ impl Reactor {
             self.accept_batch();
         }
         self.flush_dirty();
+        // One clock reading for the rest of the turn: the waking time, the
+        // timers, the sweep.
+        let now = Instant::now();
         match std::mem::replace(&mut self.served, Served::Nothing) {
             Served::Nothing => {}
             served => {
                 // How long to stay awake, and how: see `Waiting`.
-                let now = Instant::now();
                 let waiting = self.config.waiting;
                 let tight = served >= Served::TaskResponses
                     || (self.busy_until.is_some_and(|until| now < until)
@@ -312,8 +315,8 @@ impl Reactor {
                 self.on_readable(key, false);
             }
         }
-        self.shared.timers.fire(now_nanos());
-        if Instant::now() >= self.next_sweep {
+        self.shared.timers.fire(nanos_at(now));
+        if now >= self.next_sweep {
             self.sweep();
             self.next_sweep = Instant::now() + self.tick;
         }

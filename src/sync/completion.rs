@@ -405,9 +405,16 @@ impl<'a> Pending<'a> {
             if self.is_done() {
                 return self.ticket.take_answer(self.table);
             }
+            // The poller minds the deadline while it blocks: the clock is
+            // read here only when it did not block, or stopped before the
+            // answer came.
+            let blocked = poller.block(&|| self.is_done(), deadline);
+            if blocked && self.is_done() {
+                continue;
+            }
             match deadline {
                 None => {
-                    if !poller.block(&|| self.is_done(), None) {
+                    if !blocked {
                         park();
                     }
                 }
@@ -421,7 +428,7 @@ impl<'a> Pending<'a> {
                         // answered in time after all.
                         continue;
                     }
-                    if !poller.block(&|| self.is_done(), Some(deadline)) {
+                    if !blocked {
                         park_timeout(deadline - now);
                     }
                 }
@@ -633,5 +640,77 @@ impl Drop for Ticket {
             self.done || std::thread::panicking(),
             "a ticket was dropped while its request was in flight: its slot leaks"
         );
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::{CompletionTable, Poller};
+    use crate::error::{Error, TimeoutKind};
+    use crate::protocol::Role;
+
+    /// Blocks for a moment and returns as if it had waited: the answer did
+    /// not come, and the deadline is the waiter's to judge.
+    struct BlocksBriefly {
+        blocks: u32,
+    }
+
+    impl Poller for BlocksBriefly {
+        fn poll(&mut self) {}
+        fn stop_spinning(&mut self) {}
+        fn block(&mut self, done: &dyn Fn() -> bool, _deadline: Option<Instant>) -> bool {
+            assert!(!done());
+            self.blocks += 1;
+            std::thread::sleep(Duration::from_millis(2));
+            true
+        }
+    }
+
+    #[test]
+    fn a_waiter_whose_poller_blocks_without_the_answer_times_out_at_its_deadline() {
+        let table = CompletionTable::new(Role::Client, 1);
+        let pending = table.begin(Vec::with_capacity(8)).expect("a free slot");
+        let start = Instant::now();
+        let deadline = start + Duration::from_millis(20);
+        let mut poller = BlocksBriefly { blocks: 0 };
+        let answer = pending.wait_polling((0, Duration::ZERO), Some(deadline), &mut poller);
+        let (err, buf) = answer.expect_err("no answer came");
+        assert!(
+            matches!(err, Error::Timeout(TimeoutKind::Request)),
+            "{err:?}"
+        );
+        assert_eq!(buf.capacity(), 8, "the caller's buffer comes back");
+        assert!(Instant::now() >= deadline, "ended before its deadline");
+        assert!(poller.blocks >= 2, "blocked {} times", poller.blocks);
+        // The slot is free again.
+        assert_eq!(table.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_waiter_whose_poller_blocked_takes_the_answer_delivered_meanwhile() {
+        struct Delivers<'a> {
+            table: &'a CompletionTable,
+            seq: u32,
+        }
+        impl Poller for Delivers<'_> {
+            fn poll(&mut self) {}
+            fn stop_spinning(&mut self) {}
+            fn block(&mut self, done: &dyn Fn() -> bool, _deadline: Option<Instant>) -> bool {
+                self.table.deliver(self.seq, b"pong");
+                assert!(done());
+                true
+            }
+        }
+        let table = CompletionTable::new(Role::Client, 1);
+        let pending = table.begin(Vec::new()).expect("a free slot");
+        let mut poller = Delivers {
+            table: &table,
+            seq: pending.seq(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let answer = pending.wait_polling((0, Duration::ZERO), Some(deadline), &mut poller);
+        assert_eq!(answer.expect("answered"), b"pong");
     }
 }
