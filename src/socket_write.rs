@@ -59,6 +59,27 @@ pub(crate) fn write_all_nonblocking(
     }
 }
 
+/// How many times [`write_all_briefly`] yields the core for a full socket
+/// before it gives up on it.
+const BRIEF_WAIT_YIELDS: u32 = 1000;
+
+/// Writes all of a small `data` (handshake output) on a thread that must
+/// not block, a reactor's: a full socket gets [`BRIEF_WAIT_YIELDS`] yields
+/// of the core to take it, then fails the write as
+/// [`io::ErrorKind::WouldBlock`] (a peer that cannot take a few hundred
+/// bytes on a fresh connection is treated as dead).
+pub(crate) fn write_all_briefly(stream: impl Write, data: &[u8]) -> Result<()> {
+    let mut yields = 0;
+    write_all_nonblocking(stream, data, || {
+        if yields == BRIEF_WAIT_YIELDS {
+            return Err(io::Error::from(io::ErrorKind::WouldBlock).into());
+        }
+        yields += 1;
+        std::thread::yield_now();
+        Ok(())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,5 +161,42 @@ mod tests {
             matches!(&e, Error::Io(io) if io.kind() == io::ErrorKind::WriteZero),
             "{e:?}"
         );
+    }
+
+    /// A socket that is always full, counting the writes tried.
+    struct Full {
+        tries: u32,
+    }
+
+    impl Write for Full {
+        fn write(&mut self, _data: &[u8]) -> io::Result<usize> {
+            self.tries += 1;
+            Err(io::ErrorKind::WouldBlock.into())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_brief_write_gives_a_full_socket_a_bounded_number_of_yields() {
+        let mut socket = Full { tries: 0 };
+        let err = write_all_briefly(&mut socket, &[1; 32]).expect_err("nothing was taken");
+        assert!(
+            matches!(&err, Error::Io(e) if e.kind() == io::ErrorKind::WouldBlock),
+            "{err:?}"
+        );
+        // One try, then one more after each yield.
+        assert_eq!(socket.tries, BRIEF_WAIT_YIELDS + 1);
+
+        // A socket that takes the bytes after a few full spells succeeds.
+        let mut socket = Chunky {
+            room: 3,
+            full_every: 2,
+            calls: 0,
+            got: Vec::new(),
+        };
+        write_all_briefly(&mut socket, &[9; 32]).unwrap();
+        assert_eq!(socket.got, [9; 32]);
     }
 }

@@ -184,6 +184,67 @@ fn the_dials_own_timeouts_still_apply_within_the_calls() {
     );
 }
 
+/// A custom handshake whose client opens with a message far larger than
+/// the socket buffers (a long certificate chain, say) and then waits for
+/// an answer that never comes: against [`mute_server`], its write blocks.
+struct LongHello;
+
+impl monte_rpc::protocol::Handshake for LongHello {
+    fn write_output(&mut self, out: &mut Vec<u8>) {
+        out.resize(4 << 20, 7);
+    }
+    fn read_input(&mut self, _input: &[u8]) -> monte_rpc::Result<usize> {
+        Ok(0)
+    }
+    fn take_session(&mut self) -> Option<monte_rpc::protocol::Session> {
+        None
+    }
+}
+
+impl monte_rpc::protocol::HandshakeFactory for LongHello {
+    fn client(&self) -> monte_rpc::Result<Box<dyn monte_rpc::protocol::Handshake>> {
+        Ok(Box::new(LongHello))
+    }
+    fn server(&self) -> monte_rpc::Result<Box<dyn monte_rpc::protocol::Handshake>> {
+        Ok(Box::new(LongHello))
+    }
+}
+
+/// A handshake write the peer does not take waits only until the dial's
+/// deadline: the handshake timeout, or the call's when that is sooner.
+/// (The wait for room runs between the writes, not in the read that the
+/// mute-server tests above end in.)
+#[test]
+fn a_handshake_write_the_peer_does_not_take_ends_by_the_deadline() {
+    let addr = mute_server();
+    let config = config()
+        .handshake(Arc::new(LongHello))
+        .send_buffer_size(Some(16 << 10))
+        .handshake_timeout(Some(Duration::from_millis(300)));
+    let client = Arc::new(Client::new(addr, config.clone()).unwrap());
+    let (e, took) = timed(&client, |c| {
+        c.request_timeout(b"ping", &mut Vec::new(), Some(Duration::from_secs(3)))
+    });
+    assert!(took < BOUND, "took {took:?}: {e}");
+    assert!(took >= Duration::from_millis(250), "took {took:?}: {e}");
+    assert!(
+        cut_short(&e, addr, DialPhase::Handshake, TimeoutKind::Handshake),
+        "{e:?}"
+    );
+
+    // The call's deadline, when it comes first, ends the wait as its own.
+    let config = config.handshake_timeout(Some(Duration::from_secs(5)));
+    let client = Arc::new(Client::new(addr, config).unwrap());
+    let (e, took) = timed(&client, |c| {
+        c.request_timeout(b"ping", &mut Vec::new(), Some(Duration::from_millis(300)))
+    });
+    assert!(took < BOUND, "took {took:?}: {e}");
+    assert!(
+        cut_short(&e, addr, DialPhase::Handshake, TimeoutKind::Request),
+        "{e:?}"
+    );
+}
+
 /// A listener that accepts every connection and closes it at once, and
 /// counts them: each one is one dial by the client.
 fn hang_up_server() -> (SocketAddr, Arc<AtomicUsize>) {

@@ -3,15 +3,13 @@
 //! frames one at a time within the outbound budget (pausing reading past
 //! it), flushes the queue, and advances a graceful close.
 
-use std::io;
-
 use crate::clock::now_nanos;
 use crate::conn::Connection;
 use crate::error::{socket_error, Result, SocketOp};
 use crate::handler::{guard_handler, Context, Handler};
 use crate::outbound::Flushed;
 use crate::protocol::connection::{ConnCore, Filled, Next, Output, ReadGate, Taker};
-use crate::socket_write::write_all_nonblocking;
+use crate::socket_write::write_all_briefly;
 use crate::stats::Counters;
 use crate::sync::completion::Delivered;
 
@@ -142,7 +140,9 @@ impl Reactor {
             let (out, done) = inbound.step_handshake()?;
             let sent = !out.is_empty();
             if sent {
-                write_handshake(conn, out)?;
+                // Small, on a fresh socket: one that cannot take it is
+                // treated as dead.
+                write_all_briefly(&conn.shared.stream, out)?;
             }
             let Some(done) = done else {
                 if sent {
@@ -276,20 +276,6 @@ impl Reactor {
             self.close(key, reason);
         }
     }
-}
-
-/// Writes handshake output on a fresh non-blocking socket. Handshake
-/// messages are small; a socket that cannot take them is treated as dead.
-fn write_handshake(conn: &Connection, out: &[u8]) -> Result<()> {
-    let mut spins = 0;
-    write_all_nonblocking(&conn.shared.stream, out, || {
-        if spins == 1000 {
-            return Err(io::Error::from(io::ErrorKind::WouldBlock).into());
-        }
-        spins += 1;
-        std::thread::yield_now();
-        Ok(())
-    })
 }
 
 /// Calls the handler for one message, and says whether it replied at once
