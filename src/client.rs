@@ -5,7 +5,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::clock::{nanos_at, CallDeadline, LazyDeadline};
+use crate::clock::{nanos_at, no_time_left, CallDeadline, LazyDeadline};
 use crate::config::Config;
 use crate::error::{CallOp, Error, Result, TimeoutKind};
 use crate::handler::{Handler, NoHandler};
@@ -236,6 +236,9 @@ impl Client {
         timeout: Option<Duration>,
     ) -> Result<()> {
         let _call = self.pool.signal.enter().ok_or(Error::Closed)?;
+        if no_time_left(timeout) {
+            return Err(Error::Timeout(TimeoutKind::Request));
+        }
         // One clock reading for the deadline and the connection's
         // timestamps, unless the call has to wait for a connection.
         let start = Instant::now();

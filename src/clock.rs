@@ -21,6 +21,14 @@ pub(crate) fn nanos_at(at: Instant) -> u64 {
         .as_nanos() as u64
 }
 
+/// Whether a call with `timeout` has no time at all: it fails at once,
+/// before it sends anything (where a deadline is taken from one clock
+/// reading at the call's start, a zero timeout would otherwise pass only
+/// after the request went out).
+pub(crate) fn no_time_left(timeout: Option<Duration>) -> bool {
+    timeout.is_some_and(|t| t.is_zero())
+}
+
 /// The deadline of one call, covering every wait in it (a dial, room in
 /// the queue, the write), and the timeout it fails with when it passes:
 /// [`TimeoutKind::Request`] for a request, [`TimeoutKind::Write`] for a

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 
-use crate::clock::CallDeadline;
+use crate::clock::{no_time_left, CallDeadline};
 use crate::config::Config;
 use crate::error::{CallOp, Error, Result, TimeoutKind};
 use crate::outbound::{Flushed, Mode, OutboundQueue, QueueOwner};
@@ -323,6 +323,10 @@ impl Connection {
         response: &mut Vec<u8>,
         timeout: Option<Duration>,
     ) -> Result<()> {
+        if no_time_left(timeout) {
+            let e = Error::Timeout(TimeoutKind::Request);
+            return Err(e.calling(CallOp::Request, self.peer_addr()));
+        }
         // A timeout too long to add to the clock is none.
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         self.request_until(body, response, deadline)

@@ -197,15 +197,21 @@ impl ReadSide {
         // (the common case: the request was just written) is skipped.
         let mut readable = false;
         loop {
-            // One clock reading a round, for the reads and the waits.
-            let at = Instant::now();
-            let now = nanos_at(at);
+            // One clock reading a round, for the reads and the waits...
+            let mut at = Instant::now();
+            let mut now = nanos_at(at);
             if let CallerRead::Reactor = self.read_responses(owner, &mut inbound, readable, now) {
                 reactor_needed = true;
                 break;
             }
             if done() {
                 break;
+            }
+            if readable {
+                // ...and another after reading others' responses, which
+                // may have taken a while (large frames).
+                at = Instant::now();
+                now = nanos_at(at);
             }
             // The peer's deadlines hold while a caller has the turn (the
             // reactor's sweep cannot look then): one that passed closes
@@ -319,14 +325,16 @@ impl ReadSide {
     /// [`CALLER_READ_FRAMES`] of them (so a peer flooding the connection
     /// cannot pin a caller past its deadline). Without `read_socket`, only
     /// what is already buffered: the caller polls the socket next. `now`
-    /// ([`now_nanos`]) stands for the whole pass: it delivers responses
-    /// and runs no handler, so it takes microseconds.
+    /// ([`now_nanos`]) is when the pass starts; the clock is read again
+    /// only before a read that follows delivered responses (copying large
+    /// ones out takes a while), so a request's own response costs no
+    /// reading here.
     fn read_responses(
         &self,
         owner: &impl ReadOwner,
         inbound: &mut ReadGuard<'_, ConnCore>,
         read_socket: bool,
-        now: u64,
+        mut now: u64,
     ) -> CallerRead {
         if inbound.held.is_some() || inbound.eof || !inbound.is_open() {
             // The reactor's to read (it was told, or is in the handshake).
@@ -340,6 +348,8 @@ impl ReadSide {
         }
         let stats = owner.stats();
         let (mut delivered, mut read_any, mut drained) = (0u64, false, !read_socket);
+        // Responses were delivered since `now` was read.
+        let mut stale = false;
         let outcome = loop {
             // `next_frame` leaves a message, or an error, as held for the
             // reactor.
@@ -351,28 +361,34 @@ impl ReadSide {
                     }
                     inbound.consume(len);
                     delivered += 1;
+                    stale = true;
                     if delivered == CALLER_READ_FRAMES {
                         break CallerRead::Reactor;
                     }
                 }
                 Ok(Next::ReactorsTurn) => break CallerRead::Reactor,
                 Ok(Next::NeedBytes) if drained => break CallerRead::Drained,
-                Ok(Next::NeedBytes) => match inbound.fill(owner.stream(), now, owner.buffers()) {
-                    Ok(Filled::Bytes { drained: d }) => {
-                        read_any = true;
-                        drained = d;
+                Ok(Next::NeedBytes) => {
+                    if std::mem::take(&mut stale) {
+                        now = now_nanos();
                     }
-                    Ok(Filled::WouldBlock) => break CallerRead::Drained,
-                    Ok(Filled::Eof) => {
-                        inbound.eof = true;
-                        break CallerRead::Reactor;
+                    match inbound.fill(owner.stream(), now, owner.buffers()) {
+                        Ok(Filled::Bytes { drained: d }) => {
+                            read_any = true;
+                            drained = d;
+                        }
+                        Ok(Filled::WouldBlock) => break CallerRead::Drained,
+                        Ok(Filled::Eof) => {
+                            inbound.eof = true;
+                            break CallerRead::Reactor;
+                        }
+                        Err(e) => {
+                            let failed = socket_error(SocketOp::Reading, owner.peer_addr(), e);
+                            inbound.held = Some(Held::Failed(failed));
+                            break CallerRead::Reactor;
+                        }
                     }
-                    Err(e) => {
-                        let failed = socket_error(SocketOp::Reading, owner.peer_addr(), e);
-                        inbound.held = Some(Held::Failed(failed));
-                        break CallerRead::Reactor;
-                    }
-                },
+                }
                 // A caller's errors come back as the reactor's turn.
                 Err(e) => {
                     inbound.held = Some(Held::Failed(e));

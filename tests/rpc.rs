@@ -483,6 +483,54 @@ fn request_timeout_then_client_still_works() {
     });
 }
 
+/// A request with no time left (a zero timeout) fails before it is sent:
+/// the server never sees it, and the connection, shared with other calls,
+/// stays open.
+#[test]
+fn a_request_with_no_time_left_is_not_sent() {
+    within(15, || {
+        let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = seen.clone();
+        let server = Server::bind(
+            "127.0.0.1:0",
+            server_config(),
+            move |ctx: &mut Context<'_>| {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let _ = ctx.reply(b"ok");
+            },
+        )
+        .unwrap();
+        let client = Client::new(server.local_addr(), client_config().max_conns(1)).unwrap();
+        let mut resp = Vec::new();
+        // Opens the connection.
+        client.request(b"first", &mut resp).unwrap();
+        for _ in 0..50 {
+            let result = client.request_timeout(b"late", &mut resp, Some(Duration::ZERO));
+            assert!(
+                matches!(
+                    result.as_ref().map_err(Error::root_cause),
+                    Err(Error::Timeout(TimeoutKind::Request))
+                ),
+                "got {result:?}"
+            );
+        }
+        client.request(b"last", &mut resp).unwrap();
+        assert_eq!(resp, b"ok");
+        assert_eq!(
+            seen.load(Ordering::SeqCst),
+            2,
+            "the server saw a late request"
+        );
+        assert_eq!(
+            client.stats().connections_opened,
+            1,
+            "the connection was lost"
+        );
+        client.shutdown();
+        server.shutdown();
+    });
+}
+
 // A reply that arrives after its request timed out is dropped and never
 // delivered to a later request on the same connection.
 #[test]

@@ -289,8 +289,8 @@ impl Reactor {
         }
         self.flush_dirty();
         // One clock reading for the rest of the turn: the waking time, the
-        // timers, the sweep.
-        let now = Instant::now();
+        // timers, the sweep (read again if resumed reads ran handlers).
+        let mut now = Instant::now();
         match std::mem::replace(&mut self.served, Served::Nothing) {
             Served::Nothing => {}
             served => {
@@ -310,10 +310,13 @@ impl Reactor {
         }
         // Edge-triggered: bytes that arrived while reading was paused are
         // announced no more, so resumed connections are read now.
-        while let Some(key) = self.resume.pop() {
-            if self.conns.contains(key) {
-                self.on_readable(key, false);
+        if !self.resume.is_empty() {
+            while let Some(key) = self.resume.pop() {
+                if self.conns.contains(key) {
+                    self.on_readable(key, false);
+                }
             }
+            now = Instant::now();
         }
         self.shared.timers.fire(nanos_at(now));
         if now >= self.next_sweep {

@@ -651,40 +651,67 @@ mod tests {
     use crate::error::{Error, TimeoutKind};
     use crate::protocol::Role;
 
-    /// Blocks for a moment and returns as if it had waited: the answer did
-    /// not come, and the deadline is the waiter's to judge.
-    struct BlocksBriefly {
+    /// Keeps the blocking poller's contract without an answer: waits until
+    /// the deadline, then returns `true` (it waited). Counts its calls.
+    struct SleepsUntilDeadline {
         blocks: u32,
     }
 
-    impl Poller for BlocksBriefly {
+    impl Poller for SleepsUntilDeadline {
         fn poll(&mut self) {}
         fn stop_spinning(&mut self) {}
-        fn block(&mut self, done: &dyn Fn() -> bool, _deadline: Option<Instant>) -> bool {
+        fn block(&mut self, done: &dyn Fn() -> bool, deadline: Option<Instant>) -> bool {
             assert!(!done());
             self.blocks += 1;
-            std::thread::sleep(Duration::from_millis(2));
+            assert!(self.blocks < 100, "blocked again and again: a busy loop");
+            let deadline = deadline.expect("the waiter has a deadline");
+            if let Some(left) = deadline.checked_duration_since(Instant::now()) {
+                std::thread::sleep(left);
+            }
             true
         }
     }
 
     #[test]
-    fn a_waiter_whose_poller_blocks_without_the_answer_times_out_at_its_deadline() {
+    fn a_waiter_whose_poller_waited_out_the_deadline_times_out_at_once() {
         let table = CompletionTable::new(Role::Client, 1);
         let pending = table.begin(Vec::with_capacity(8)).expect("a free slot");
-        let start = Instant::now();
-        let deadline = start + Duration::from_millis(20);
-        let mut poller = BlocksBriefly { blocks: 0 };
+        let deadline = Instant::now() + Duration::from_millis(20);
+        let mut poller = SleepsUntilDeadline { blocks: 0 };
         let answer = pending.wait_polling((0, Duration::ZERO), Some(deadline), &mut poller);
+        let ended = Instant::now();
         let (err, buf) = answer.expect_err("no answer came");
         assert!(
             matches!(err, Error::Timeout(TimeoutKind::Request)),
             "{err:?}"
         );
         assert_eq!(buf.capacity(), 8, "the caller's buffer comes back");
-        assert!(Instant::now() >= deadline, "ended before its deadline");
-        assert!(poller.blocks >= 2, "blocked {} times", poller.blocks);
+        assert!(ended >= deadline, "ended before its deadline");
+        assert!(
+            ended < deadline + Duration::from_millis(500),
+            "ended {:?} after its deadline",
+            ended - deadline
+        );
+        assert_eq!(poller.blocks, 1);
         // The slot is free again.
+        assert_eq!(table.in_flight(), 0);
+
+        // A deadline already passed on entry: the poller returns at once
+        // (there is nothing to wait for), and the waiter times out without
+        // blocking again.
+        let pending = table.begin(Vec::new()).expect("a free slot");
+        let mut poller = SleepsUntilDeadline { blocks: 0 };
+        let answer = pending.wait_polling(
+            (0, Duration::ZERO),
+            Some(Instant::now() - Duration::from_millis(1)),
+            &mut poller,
+        );
+        let (err, _) = answer.expect_err("no answer came");
+        assert!(
+            matches!(err, Error::Timeout(TimeoutKind::Request)),
+            "{err:?}"
+        );
+        assert_eq!(poller.blocks, 1);
         assert_eq!(table.in_flight(), 0);
     }
 
