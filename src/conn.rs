@@ -8,7 +8,7 @@ use std::mem;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use mio::net::TcpStream;
+use crate::conn_socket::ConnSocket;
 
 use crate::clock::{no_time_left, CallDeadline};
 use crate::config::Config;
@@ -69,7 +69,7 @@ pub(crate) enum Ask {
 pub(crate) struct ConnShared {
     pub(crate) id: u64,
     pub(crate) role: Role,
-    pub(crate) stream: TcpStream,
+    pub(crate) stream: ConnSocket,
     pub(crate) peer_addr: Option<SocketAddr>,
     /// The Ed25519 key the peer proved in the handshake, set once the
     /// handshake ends (before `on_open`).
@@ -122,7 +122,7 @@ impl std::fmt::Debug for Connection {
 pub(crate) struct NewConnParts {
     pub(crate) id: u64,
     pub(crate) role: Role,
-    pub(crate) stream: TcpStream,
+    pub(crate) stream: ConnSocket,
     /// Known to whoever made the socket: no `getpeername` here.
     pub(crate) peer_addr: Option<SocketAddr>,
     pub(crate) sealer: Option<Sealer>,
@@ -551,7 +551,7 @@ impl Connection {
 }
 
 impl QueueOwner for Connection {
-    fn stream(&self) -> &TcpStream {
+    fn stream(&self) -> &ConnSocket {
         &self.shared.stream
     }
 
@@ -579,7 +579,7 @@ impl QueueOwner for Connection {
 }
 
 impl ReadOwner for Connection {
-    fn stream(&self) -> &TcpStream {
+    fn stream(&self) -> &ConnSocket {
         &self.shared.stream
     }
 

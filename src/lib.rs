@@ -93,6 +93,7 @@ mod client;
 mod clock;
 mod config;
 mod conn;
+mod conn_socket;
 mod dial;
 mod error;
 mod events;

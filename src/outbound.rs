@@ -19,7 +19,7 @@ use std::mem;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use mio::net::TcpStream;
+use crate::conn_socket::ConnSocket;
 use slab::Slab;
 
 use crate::clock::CallDeadline;
@@ -46,7 +46,7 @@ pub(crate) const OUTBOUND_BUFFER: usize = 16 << 10;
 /// What the queue needs of the connection around it.
 pub(crate) trait QueueOwner {
     /// The socket frames are written to.
-    fn stream(&self) -> &TcpStream;
+    fn stream(&self) -> &ConnSocket;
     /// The peer's address, as known when the connection was made (the
     /// socket may no longer say once it failed).
     fn peer_addr(&self) -> Option<std::net::SocketAddr>;
@@ -164,7 +164,7 @@ impl LowWater {
 /// Sets the socket's unsent low water (0: the system's). Linux and
 /// Android only; a failure leaves the socket as it was, which only costs
 /// the optimisation.
-fn set_unsent_low_water(stream: &TcpStream, limit: u32) {
+fn set_unsent_low_water(stream: &ConnSocket, limit: u32) {
     #[cfg(any(target_os = "linux", target_os = "android"))]
     let _ = socket2::SockRef::from(stream).set_tcp_notsent_lowat(limit);
     #[cfg(not(any(target_os = "linux", target_os = "android")))]
@@ -761,7 +761,7 @@ mod tests {
     /// as it can between a failed write and the close it causes.
     struct Owner<'a> {
         queue: &'a OutboundQueue,
-        stream: TcpStream,
+        stream: ConnSocket,
         buffers: BufferPool,
         stats: Counters,
         failures: AtomicUsize,
@@ -771,7 +771,7 @@ mod tests {
         fn new(queue: &'a OutboundQueue, stream: StdStream) -> Self {
             Owner {
                 queue,
-                stream: TcpStream::from_std(stream),
+                stream: ConnSocket::new(stream),
                 buffers: BufferPool::new(OUTBOUND_BUFFER, 2),
                 stats: Counters::default(),
                 failures: AtomicUsize::new(0),
@@ -784,11 +784,14 @@ mod tests {
     }
 
     impl QueueOwner for Owner<'_> {
-        fn stream(&self) -> &TcpStream {
+        fn stream(&self) -> &ConnSocket {
             &self.stream
         }
         fn peer_addr(&self) -> Option<std::net::SocketAddr> {
-            self.stream.peer_addr().ok()
+            socket2::SockRef::from(&self.stream)
+                .peer_addr()
+                .ok()
+                .and_then(|a| a.as_socket())
         }
         fn buffers(&self) -> &BufferPool {
             &self.buffers

@@ -14,7 +14,7 @@
 use std::io;
 use std::time::{Duration, Instant};
 
-use mio::net::TcpStream;
+use crate::conn_socket::{ConnSocket, WAIT_SLICE};
 
 use crate::clock::{nanos_at, now_nanos};
 use crate::error::{socket_error, Error, SocketOp};
@@ -28,7 +28,7 @@ use crate::sync::{lock, AtomicU64, Mutex, Ordering};
 /// What the read side needs of the connection around it.
 pub(crate) trait ReadOwner {
     /// The socket.
-    fn stream(&self) -> &TcpStream;
+    fn stream(&self) -> &ConnSocket;
     /// The peer's address, as known when the connection was made.
     fn peer_addr(&self) -> Option<std::net::SocketAddr>;
     /// The pool receive buffers are borrowed from and given back to.
@@ -47,6 +47,18 @@ pub(crate) trait ReadOwner {
 
 /// Frames a caller reads in one go before handing the rest to the reactor.
 const CALLER_READ_FRAMES: u64 = 64;
+
+/// What a caller's pass over the connection reads.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// Only the bytes already buffered.
+    Buffered,
+    /// The socket too, without waiting.
+    Socket,
+    /// The socket too, its first read sleeping until bytes come (at most
+    /// a [`WAIT_SLICE`]).
+    WaitInRecv,
+}
 
 /// What a caller-thread reader did with its turn.
 enum CallerRead {
@@ -175,8 +187,11 @@ impl ReadSide {
     /// delivering every response that lands meanwhile. The kernel then
     /// wakes this caller directly, where a parked caller needs the reactor
     /// woken first and then itself: one wake-up per response instead of
-    /// two. Returns `false` (park instead) when another thread has the
-    /// turn, or the reactor must handle what is buffered.
+    /// two. It sleeps in `recv` itself where the socket allows
+    /// ([`ConnSocket::waits_in_recv`]) and a slice ([`WAIT_SLICE`]) is left
+    /// before its deadlines, else in `ppoll`. Returns `false` (park
+    /// instead) when another thread has the turn, or the reactor must
+    /// handle what is buffered.
     pub(crate) fn wait_on_socket(
         &self,
         owner: &impl ReadOwner,
@@ -192,24 +207,22 @@ impl ReadSide {
         }
         self.callers_waiting(owner, 1);
         let mut reactor_needed = false;
-        // The first pass decodes only what is buffered: `ppoll` says
-        // whether the socket has bytes, so a read that would find none
-        // (the common case: the request was just written) is skipped.
-        let mut readable = false;
+        // The first pass decodes only what is buffered: the request was
+        // just written, so a read would most likely find nothing.
+        let mut pass = Pass::Buffered;
+        let mut at = Instant::now();
         loop {
-            // One clock reading a round, for the reads and the waits...
-            let mut at = Instant::now();
             let mut now = nanos_at(at);
-            if let CallerRead::Reactor = self.read_responses(owner, &mut inbound, readable, now) {
+            if let CallerRead::Reactor = self.read_responses(owner, &mut inbound, pass, now) {
                 reactor_needed = true;
                 break;
             }
             if done() {
                 break;
             }
-            if readable {
-                // ...and another after reading others' responses, which
-                // may have taken a while (large frames).
+            if pass != Pass::Buffered {
+                // Reading may have taken a while: a wait in `recv`, or
+                // others' large responses.
                 at = Instant::now();
                 now = nanos_at(at);
             }
@@ -231,7 +244,18 @@ impl ReadSide {
                     _ => break,
                 },
             };
-            readable = crate::sys::wait_readable(owner.stream(), timeout);
+            let socket = owner.stream();
+            if socket.waits_in_recv() && timeout.map_or(true, |t| t >= WAIT_SLICE) {
+                // The next pass sleeps in its read (no `ppoll`), a slice at
+                // most; `at` is still current.
+                pass = Pass::WaitInRecv;
+            } else {
+                pass = match crate::sys::wait_readable(socket, timeout) {
+                    true => Pass::Socket,
+                    false => Pass::Buffered,
+                };
+                at = Instant::now();
+            }
         }
         // Readable events go back to the reactor before the turn does
         // (unless the caller quieted it before writing its request: then
@@ -298,7 +322,7 @@ impl ReadSide {
     /// readiness events came meanwhile), or hands the reading to the
     /// reactor.
     fn read_with_turn<'a>(&'a self, owner: &impl ReadOwner, mut inbound: ReadGuard<'a, ConnCore>) {
-        match self.read_responses(owner, &mut inbound, true, now_nanos()) {
+        match self.read_responses(owner, &mut inbound, Pass::Socket, now_nanos()) {
             CallerRead::Reactor => {
                 drop(inbound);
                 owner.ask_reactor_to_read();
@@ -312,7 +336,8 @@ impl ReadSide {
     fn give_back<'a>(&'a self, owner: &impl ReadOwner, mut inbound: ReadGuard<'a, ConnCore>) {
         while let Some(again) = self.core.release(inbound) {
             inbound = again;
-            if let CallerRead::Reactor = self.read_responses(owner, &mut inbound, true, now_nanos())
+            if let CallerRead::Reactor =
+                self.read_responses(owner, &mut inbound, Pass::Socket, now_nanos())
             {
                 drop(inbound);
                 owner.ask_reactor_to_read();
@@ -323,8 +348,8 @@ impl ReadSide {
 
     /// Reads and delivers responses until the socket would block, at most
     /// [`CALLER_READ_FRAMES`] of them (so a peer flooding the connection
-    /// cannot pin a caller past its deadline). Without `read_socket`, only
-    /// what is already buffered: the caller polls the socket next. `now`
+    /// cannot pin a caller past its deadline). `pass` says whether to read
+    /// the socket, and whether the first read may wait. `now`
     /// ([`now_nanos`]) is when the pass starts; the clock is read again
     /// only before a read that follows delivered responses (copying large
     /// ones out takes a while), so a request's own response costs no
@@ -333,7 +358,7 @@ impl ReadSide {
         &self,
         owner: &impl ReadOwner,
         inbound: &mut ReadGuard<'_, ConnCore>,
-        read_socket: bool,
+        pass: Pass,
         mut now: u64,
     ) -> CallerRead {
         if inbound.held.is_some() || inbound.eof || !inbound.is_open() {
@@ -347,7 +372,9 @@ impl ReadSide {
             };
         }
         let stats = owner.stats();
-        let (mut delivered, mut read_any, mut drained) = (0u64, false, !read_socket);
+        let (mut delivered, mut read_any) = (0u64, false);
+        let mut drained = pass == Pass::Buffered;
+        let mut wait = pass == Pass::WaitInRecv;
         // Responses were delivered since `now` was read.
         let mut stale = false;
         let outcome = loop {
@@ -372,8 +399,20 @@ impl ReadSide {
                     if std::mem::take(&mut stale) {
                         now = now_nanos();
                     }
-                    match inbound.fill(owner.stream(), now, owner.buffers()) {
+                    let socket = owner.stream();
+                    let filled = match wait {
+                        true => inbound.fill(socket.waiting(), now, owner.buffers()),
+                        false => inbound.fill(socket, now, owner.buffers()),
+                    };
+                    match filled {
                         Ok(Filled::Bytes { drained: d }) => {
+                            if std::mem::take(&mut wait) {
+                                // They came at the end of a wait: the
+                                // peer's silence ended now, not when the
+                                // pass began.
+                                now = now_nanos();
+                                inbound.note_bytes_at(now);
+                            }
                             read_any = true;
                             drained = d;
                         }

@@ -7,7 +7,9 @@
 //!   `recv` takes the socket lock, and contends with the kernel delivering
 //!   the very response being waited for.
 //! - [`wait_readable`]: blocks until the socket is readable, so the kernel
-//!   wakes the waiting caller directly when its response lands; and
+//!   wakes the waiting caller directly when its response lands (when its
+//!   deadline is nearer than it can sleep in `recv`: see
+//!   [`crate::conn_socket`]); and
 //!   [`wait_writable`], with which a dial waits on a non-blocking socket
 //!   (its connect, its handshake) without switching the socket between
 //!   blocking and not, and setting timeouts on it, a system call each.
@@ -17,6 +19,9 @@
 //! - [`epoll_add_exclusive`]: registers a listener that several reactors
 //!   watch with `EPOLLEXCLUSIVE`, which mio cannot express: a new
 //!   connection then wakes one sleeping reactor instead of every one.
+//! - [`recv`] and [`send`] with flags: a connection's socket is blocking
+//!   at the file level on Linux, so every read and write that must not
+//!   block says so itself (`MSG_DONTWAIT`; see [`crate::conn_socket`]).
 //! - [`return_free_memory`]: asks glibc's allocator to hand pages of freed
 //!   memory back to the OS. Buffers that connections return to the
 //!   reactors' pools stay where a burst of traffic put them, and glibc gives
@@ -30,7 +35,41 @@
 
 #![allow(unsafe_code)]
 
+use std::io;
 use std::os::fd::AsRawFd;
+
+/// `recv(2)` into `buf` with `flags`: the bytes read (0 at the end of the
+/// stream), or the error (`WouldBlock` when `MSG_DONTWAIT` found none, or
+/// a receive timeout passed).
+pub(crate) fn recv(socket: &impl AsRawFd, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the whole
+    // call, and the kernel writes at most that many.
+    let n = unsafe {
+        libc::recv(
+            socket.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            flags,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// `send(2)` of `buf` with `flags`: the bytes written, or the error.
+pub(crate) fn send(socket: &impl AsRawFd, buf: &[u8], flags: libc::c_int) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for reads of `buf.len()` bytes for the whole
+    // call, and the kernel reads at most that many.
+    let n = unsafe { libc::send(socket.as_raw_fd(), buf.as_ptr().cast(), buf.len(), flags) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
 
 /// Whether `socket` is readable now (bytes, end of stream or an error
 /// waiting), without blocking. On a failed check, says yes: the read that

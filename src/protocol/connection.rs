@@ -511,6 +511,13 @@ impl ConnCore {
         }
     }
 
+    /// Bytes that a read waited for arrived at `now` (a clock reading
+    /// taken after that read, later than the one it was given): the peer's
+    /// silence ended then. A partial frame's deadline stays where it was.
+    pub fn note_bytes_at(&mut self, now: u64) {
+        self.last_read = self.last_read.max(now);
+    }
+
     /// Reading resumes at `now` after a pause: the peer's deadlines count
     /// from here, not from before the pause, whose silence was this side's.
     pub fn resume(&mut self, now: u64) {

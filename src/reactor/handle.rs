@@ -12,6 +12,7 @@ use crate::clock::now_nanos;
 use crate::clock::CallDeadline;
 use crate::config::Config;
 use crate::conn::{Ask, Connection, Driver, NewConnParts, ReleaseHook};
+use crate::conn_socket::ConnSocket;
 use crate::error::{DialPhase, Error, Result};
 use crate::handler::{guard_handler, Handler};
 use crate::protocol::connection::{ConnCore, ReadPhase};
@@ -192,7 +193,7 @@ impl ReactorHandle {
         let conn = Connection::new(NewConnParts {
             id: crate::sync::next_conn_id(),
             role: Role::Server,
-            stream: mio::net::TcpStream::from_std(stream),
+            stream: ConnSocket::new(stream),
             peer_addr: peer,
             sealer: None,
             config,
@@ -259,7 +260,7 @@ impl ReactorHandle {
         let conn = Connection::new(NewConnParts {
             id: crate::sync::next_conn_id(),
             role: Role::Client,
-            stream: mio::net::TcpStream::from_std(stream),
+            stream: ConnSocket::new(stream),
             peer_addr: Some(addr),
             sealer: Some(session.sealer),
             core: ConnCore::new(
