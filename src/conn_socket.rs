@@ -8,12 +8,13 @@
 //! system call where a non-blocking socket needs `ppoll` and then `recv`.
 //! The kernel also bounds that sleep with the socket's receive timeout
 //! ([`WAIT_SLICE`]) on its timer wheel instead of arming a high-resolution
-//! timer per wait; the caller then looks at its deadlines and waits again,
-//! and with less time than a slice left it waits with `ppoll` instead.
+//! timer per wait; the caller then looks at its deadlines (a signal ends a
+//! slice early too) and waits again, and with less time than a slice left
+//! it waits with `ppoll` instead.
 //!
 //! Elsewhere, or if the socket refuses the settings, the socket stays
 //! non-blocking and callers always wait with `poll`
-//! ([`ConnSocket::waits_in_recv`] says which).
+//! ([`ConnSocket::may_wait_in_recv`] says which).
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
@@ -26,9 +27,30 @@ use crate::sys;
 /// again.
 pub(crate) const WAIT_SLICE: Duration = Duration::from_millis(100);
 
-#[cfg(target_os = "linux")]
+/// How late the kernel may end a slice: it rounds the receive timeout up
+/// to its timer ticks, on a wheel that is not precise. A wait with less
+/// than a slice and this left goes to `ppoll`, which is.
+const SLICE_OVERRUN: Duration = Duration::from_millis(20);
+
+/// Writes never raise `SIGPIPE` where the flag exists (as std's writes),
+/// which matters in a program that does not ignore the signal.
+#[cfg(any(
+    target_os = "linux",
+    target_os = "android",
+    target_os = "freebsd",
+    target_os = "openbsd",
+    target_os = "netbsd",
+    target_os = "dragonfly"
+))]
 const WRITE_FLAGS: libc::c_int = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
-#[cfg(not(target_os = "linux"))]
+#[cfg(not(any(
+    target_os = "linux",
+    target_os = "android",
+    target_os = "freebsd",
+    target_os = "openbsd",
+    target_os = "netbsd",
+    target_os = "dragonfly"
+)))]
 const WRITE_FLAGS: libc::c_int = libc::MSG_DONTWAIT;
 
 /// A connection's socket; see the module docs.
@@ -66,16 +88,19 @@ impl ConnSocket {
         }
     }
 
-    /// Whether a caller may wait for bytes by sleeping in `recv`
-    /// ([`waiting`](Self::waiting)); else it waits with `poll`.
-    pub(crate) fn waits_in_recv(&self) -> bool {
-        self.waits_in_recv
+    /// Whether a caller with `left` before its nearest deadline (`None`:
+    /// none) may wait for bytes by sleeping in `recv`
+    /// ([`waiting`](Self::waiting)) now: the socket allows it, and a slice
+    /// cannot overrun the deadline. Else it waits with `poll`.
+    pub(crate) fn may_wait_in_recv(&self, left: Option<Duration>) -> bool {
+        self.waits_in_recv && left.map_or(true, |t| t >= WAIT_SLICE + SLICE_OVERRUN)
     }
 
     /// A reader whose reads sleep until bytes arrive, the end of the
-    /// stream, an error, or [`WAIT_SLICE`] (then `WouldBlock`). Only where
-    /// [`waits_in_recv`](Self::waits_in_recv); elsewhere its reads do not
-    /// block.
+    /// stream, an error, [`WAIT_SLICE`] or a signal (both `WouldBlock`: the
+    /// caller then looks at its deadlines before it waits again). Only
+    /// where [`may_wait_in_recv`](Self::may_wait_in_recv); elsewhere its
+    /// reads do not block.
     pub(crate) fn waiting(&self) -> WaitingReader<'_> {
         WaitingReader(self)
     }
@@ -125,7 +150,16 @@ impl Read for WaitingReader<'_> {
         } else {
             libc::MSG_DONTWAIT
         };
-        sys::recv(self.0, buf, flags)
+        match sys::recv(self.0, buf, flags) {
+            // With a receive timeout set, a signal interrupts the wait
+            // whatever its handler's flags, and the reader's caller would
+            // retry with a fresh slice: it must look at its deadlines
+            // first, as after a `ppoll` cut short.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                Err(io::ErrorKind::WouldBlock.into())
+            }
+            other => other,
+        }
     }
 }
 
@@ -145,7 +179,20 @@ mod tests {
     #[test]
     fn its_reads_and_writes_never_block() {
         let (socket, _peer) = pair(Duration::from_secs(30));
-        assert_eq!(socket.waits_in_recv(), cfg!(target_os = "linux"));
+        assert_eq!(socket.waits_in_recv, cfg!(target_os = "linux"));
+        // Blocking at the file level where it says so: only the flags
+        // keep the calls below from waiting.
+        let nonblocking = socket2::SockRef::from(&socket).nonblocking().unwrap();
+        assert_eq!(nonblocking, !socket.waits_in_recv);
+        // A call that blocked would hang the loop: fail instead.
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let waited = finished.recv_timeout(Duration::from_secs(20));
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = waited {
+                eprintln!("a read or write on the socket blocked");
+                std::process::abort();
+            }
+        });
         let start = Instant::now();
         let err = (&socket).read(&mut [0; 16]).expect_err("nothing to read");
         assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
@@ -161,6 +208,43 @@ mod tests {
         };
         assert_eq!(full.kind(), io::ErrorKind::WouldBlock);
         assert!(start.elapsed() < Duration::from_secs(10), "a call blocked");
+        done.send(()).unwrap();
+    }
+
+    #[test]
+    fn a_waiting_read_cut_short_by_a_signal_returns_to_its_caller() {
+        let (socket, _peer) = pair(Duration::from_secs(30));
+        if !socket.waits_in_recv {
+            return;
+        }
+        sys::tests_only::install_noop_sigusr1();
+        let reader = sys::tests_only::this_thread();
+        let signaller = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            sys::tests_only::send_sigusr1(reader);
+        });
+        let start = Instant::now();
+        let read = socket.waiting().read(&mut [0; 16]);
+        let took = start.elapsed();
+        signaller.join().unwrap();
+        assert_eq!(read.map_err(|e| e.kind()), Err(io::ErrorKind::WouldBlock));
+        assert!(
+            took < Duration::from_secs(10),
+            "slept {took:?} past the signal"
+        );
+    }
+
+    #[test]
+    fn a_caller_sleeps_in_recv_only_with_a_slice_to_spare() {
+        let (socket, _peer) = pair(WAIT_SLICE);
+        if !socket.waits_in_recv {
+            return;
+        }
+        assert!(socket.may_wait_in_recv(None));
+        assert!(socket.may_wait_in_recv(Some(Duration::from_secs(1))));
+        assert!(socket.may_wait_in_recv(Some(WAIT_SLICE + SLICE_OVERRUN)));
+        assert!(!socket.may_wait_in_recv(Some(WAIT_SLICE)));
+        assert!(!socket.may_wait_in_recv(Some(Duration::ZERO)));
     }
 
     #[test]
@@ -170,7 +254,7 @@ mod tests {
         let start = Instant::now();
         let err = socket.waiting().read(&mut buf).expect_err("nothing came");
         assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
-        if socket.waits_in_recv() {
+        if socket.waits_in_recv {
             assert!(start.elapsed() >= Duration::from_millis(40), "did not wait");
         }
         let writer = std::thread::spawn(move || {
@@ -194,7 +278,7 @@ mod tests {
     #[test]
     fn a_shutdown_wakes_a_waiting_read() {
         let (socket, _peer) = pair(Duration::from_secs(30));
-        if !socket.waits_in_recv() {
+        if !socket.waits_in_recv {
             return;
         }
         let socket = std::sync::Arc::new(socket);

@@ -1,10 +1,12 @@
 //! Dialling: the TCP connect and the client side of the handshake, run on
 //! the calling thread, so that a reactor never blocks on a slow endpoint.
 //!
-//! The socket is non-blocking from its creation, as the reactor wants it,
-//! and every wait is a `ppoll` bounded by the time left: no switching the
-//! socket between blocking and not, and no socket timeouts set and reset
-//! around each step (a system call each, a dozen per dial).
+//! The socket is non-blocking from its creation, and every wait is a
+//! `ppoll` bounded by the time left: no switching the socket between
+//! blocking and not, and no socket timeouts set and reset around each
+//! step (a system call each, a dozen per dial). Once dialled, it becomes
+//! the connection's [`ConnSocket`](crate::conn_socket::ConnSocket), set up
+//! once for the connection's life.
 
 use std::io::{self, Read};
 use std::net::{SocketAddr, TcpStream};

@@ -14,7 +14,7 @@
 use std::io;
 use std::time::{Duration, Instant};
 
-use crate::conn_socket::{ConnSocket, WAIT_SLICE};
+use crate::conn_socket::ConnSocket;
 
 use crate::clock::{nanos_at, now_nanos};
 use crate::error::{socket_error, Error, SocketOp};
@@ -56,7 +56,7 @@ enum Pass {
     /// The socket too, without waiting.
     Socket,
     /// The socket too, its first read sleeping until bytes come (at most
-    /// a [`WAIT_SLICE`]).
+    /// a slice: [`ConnSocket::waiting`]).
     WaitInRecv,
 }
 
@@ -187,9 +187,9 @@ impl ReadSide {
     /// delivering every response that lands meanwhile. The kernel then
     /// wakes this caller directly, where a parked caller needs the reactor
     /// woken first and then itself: one wake-up per response instead of
-    /// two. It sleeps in `recv` itself where the socket allows
-    /// ([`ConnSocket::waits_in_recv`]) and a slice ([`WAIT_SLICE`]) is left
-    /// before its deadlines, else in `ppoll`. Returns `false` (park
+    /// two. It sleeps in `recv` itself where the socket allows and a slice
+    /// is left before its deadlines ([`ConnSocket::may_wait_in_recv`]),
+    /// else in `ppoll`. Returns `false` (park
     /// instead) when another thread has the turn, or the reactor must
     /// handle what is buffered.
     pub(crate) fn wait_on_socket(
@@ -245,7 +245,7 @@ impl ReadSide {
                 },
             };
             let socket = owner.stream();
-            if socket.waits_in_recv() && timeout.map_or(true, |t| t >= WAIT_SLICE) {
+            if socket.may_wait_in_recv(timeout) {
                 // The next pass sleeps in its read (no `ppoll`), a slice at
                 // most; `at` is still current.
                 pass = Pass::WaitInRecv;

@@ -71,6 +71,40 @@ pub(crate) fn send(socket: &impl AsRawFd, buf: &[u8], flags: libc::c_int) -> io:
     }
 }
 
+/// Signals for tests: a wait in a system call cut short.
+#[cfg(all(test, target_os = "linux"))]
+pub(crate) mod tests_only {
+    /// Makes `SIGUSR1` interrupt system calls instead of ending the
+    /// process.
+    pub(crate) fn install_noop_sigusr1() {
+        extern "C" fn ignore(_: libc::c_int) {}
+        // SAFETY: the action is zeroed (no flags, an empty mask) and then
+        // given a handler that does nothing, which is async-signal-safe;
+        // the old action is not asked for (a null pointer is allowed).
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = ignore as *const () as libc::sighandler_t;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(libc::SIGUSR1, &action, std::ptr::null_mut());
+        }
+    }
+
+    /// The calling thread, to signal.
+    pub(crate) fn this_thread() -> libc::pthread_t {
+        // SAFETY: no preconditions; it only returns the caller's id.
+        unsafe { libc::pthread_self() }
+    }
+
+    /// Sends `SIGUSR1` to `thread`, which must still be running.
+    pub(crate) fn send_sigusr1(thread: libc::pthread_t) {
+        // SAFETY: the caller keeps `thread` alive until this returns (the
+        // test joins the signaller before its thread ends).
+        unsafe {
+            libc::pthread_kill(thread, libc::SIGUSR1);
+        }
+    }
+}
+
 /// Whether `socket` is readable now (bytes, end of stream or an error
 /// waiting), without blocking. On a failed check, says yes: the read that
 /// follows then reports the truth.
