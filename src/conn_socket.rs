@@ -32,26 +32,14 @@ pub(crate) const WAIT_SLICE: Duration = Duration::from_millis(100);
 /// than a slice and this left goes to `ppoll`, which is.
 const SLICE_OVERRUN: Duration = Duration::from_millis(20);
 
-/// Writes never raise `SIGPIPE` where the flag exists (as std's writes),
-/// which matters in a program that does not ignore the signal.
-#[cfg(any(
-    target_os = "linux",
-    target_os = "android",
-    target_os = "freebsd",
-    target_os = "openbsd",
-    target_os = "netbsd",
-    target_os = "dragonfly"
-))]
-const WRITE_FLAGS: libc::c_int = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
-#[cfg(not(any(
-    target_os = "linux",
-    target_os = "android",
-    target_os = "freebsd",
-    target_os = "openbsd",
-    target_os = "netbsd",
-    target_os = "dragonfly"
-)))]
-const WRITE_FLAGS: libc::c_int = libc::MSG_DONTWAIT;
+/// Writes never wait, and never raise `SIGPIPE` (as std's writes do not),
+/// which matters in a program that does not ignore the signal. Apple's
+/// systems lack the flag.
+const WRITE_FLAGS: libc::c_int = libc::MSG_DONTWAIT | NO_SIGPIPE;
+#[cfg(not(target_vendor = "apple"))]
+const NO_SIGPIPE: libc::c_int = libc::MSG_NOSIGNAL;
+#[cfg(target_vendor = "apple")]
+const NO_SIGPIPE: libc::c_int = 0;
 
 /// A connection's socket; see the module docs.
 #[derive(Debug)]
