@@ -22,6 +22,11 @@
 //! - [`recv`] and [`send`] with flags: a connection's socket is blocking
 //!   at the file level on Linux, so every read and write that must not
 //!   block says so itself (`MSG_DONTWAIT`; see [`crate::conn_socket`]).
+//! - [`SweepTimer`]: a one-shot timer as a descriptor (`timerfd`) in a
+//!   reactor's epoll set, so that a reactor asleep until its next sweep
+//!   waits in `epoll_wait` with no timeout: a timeout arms a
+//!   high-resolution timer on every wait, which measured 3-4% of a request
+//!   on one core.
 //! - [`return_free_memory`]: asks glibc's allocator to hand pages of freed
 //!   memory back to the OS. Buffers that connections return to the
 //!   reactors' pools stay where a burst of traffic put them, and glibc gives
@@ -68,6 +73,102 @@ pub(crate) fn send(socket: &impl AsRawFd, buf: &[u8], flags: libc::c_int) -> io:
         Err(io::Error::last_os_error())
     } else {
         Ok(n as usize)
+    }
+}
+
+/// A one-shot timer as a descriptor; see the module docs. Linux only.
+#[cfg(target_os = "linux")]
+pub(crate) struct SweepTimer(std::os::fd::OwnedFd);
+
+#[cfg(target_os = "linux")]
+impl SweepTimer {
+    /// A disarmed timer on the monotonic clock (which `Instant` reads),
+    /// non-blocking and closed on exec.
+    pub(crate) fn new() -> io::Result<SweepTimer> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: no pointers; the flags are constants the call accepts.
+        let fd = unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a new descriptor that nothing else owns.
+        Ok(SweepTimer(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Fires once, `after` from now (at least a nanosecond: zero would
+    /// disarm it), replacing any earlier setting and its count.
+    pub(crate) fn arm(&self, after: std::time::Duration) -> io::Result<()> {
+        let after = after.max(std::time::Duration::from_nanos(1));
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: after.as_secs().min(i32::MAX as u64) as libc::time_t,
+                tv_nsec: after.subsec_nanos() as libc::c_long,
+            },
+        };
+        // SAFETY: the descriptor is open (owned by `self`), `spec` is a
+        // valid, initialised `itimerspec` that outlives the call, and the
+        // old setting is not asked for (a null pointer is allowed).
+        let r =
+            unsafe { libc::timerfd_settime(self.0.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(target_os = "linux")]
+impl SweepTimer {
+    /// Takes the count of expirations, so the descriptor is not left
+    /// readable (edge-triggered epoll reports each expiry either way).
+    pub(crate) fn clear(&self) {
+        let mut count = [0u8; 8];
+        // SAFETY: the descriptor is open (owned by `self`) and `count` is
+        // valid for writes of its 8 bytes, the size a timerfd read takes;
+        // the descriptor is non-blocking, so an empty count returns EAGAIN.
+        let _ = unsafe { libc::read(self.0.as_raw_fd(), count.as_mut_ptr().cast(), count.len()) };
+    }
+}
+
+#[cfg(target_os = "linux")]
+impl AsRawFd for SweepTimer {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// No timer descriptors elsewhere: a reactor waits with timeouts.
+#[cfg(not(target_os = "linux"))]
+pub(crate) enum SweepTimer {}
+
+#[cfg(not(target_os = "linux"))]
+impl SweepTimer {
+    pub(crate) fn new() -> io::Result<SweepTimer> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+
+    pub(crate) fn arm(&self, _after: std::time::Duration) -> io::Result<()> {
+        match *self {}
+    }
+
+    pub(crate) fn clear(&self) {
+        match *self {}
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+impl AsRawFd for SweepTimer {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        match *self {}
     }
 }
 
@@ -326,6 +427,29 @@ pub(crate) fn return_free_memory() {}
 
 #[cfg(test)]
 mod tests {
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_sweep_timer_fires_once_when_set_and_again_when_set_again() {
+        use std::time::{Duration, Instant};
+        let timer = super::SweepTimer::new().unwrap();
+        assert!(!super::readable_now(&timer), "fired while disarmed");
+        for _ in 0..2 {
+            let start = Instant::now();
+            timer.arm(Duration::from_millis(20)).unwrap();
+            assert!(super::wait_readable(&timer, Some(Duration::from_secs(5))));
+            let took = start.elapsed();
+            assert!(took >= Duration::from_millis(20), "fired early: {took:?}");
+            assert!(took < Duration::from_secs(5), "never fired");
+            // Taken: not readable until it fires again (it is one-shot).
+            timer.clear();
+            assert!(!super::readable_now(&timer), "still readable");
+            assert!(!super::wait_readable(
+                &timer,
+                Some(Duration::from_millis(50))
+            ));
+        }
+    }
+
     #[test]
     fn freed_memory_goes_back_to_the_os() {
         // Many small blocks, all freed: a trim must succeed and leave the

@@ -52,6 +52,8 @@ use handle::{settle_after_stop, Command, RunningGuard};
 pub(crate) use listen::Gate;
 
 const WAKER: Token = Token(usize::MAX - 1);
+/// The sweep timer's token (see [`crate::sys::SweepTimer`]).
+const SWEEP: Token = Token(usize::MAX - 3);
 
 /// How often at most a reactor asks the allocator to return freed memory.
 const TRIM_INTERVAL: Duration = Duration::from_secs(5);
@@ -95,6 +97,10 @@ pub struct Reactor {
     config: Arc<Config>,
     tick: Duration,
     next_sweep: Instant,
+    /// Fires at `next_sweep`, so that a reactor with nothing sooner to do
+    /// sleeps with no timeout (none where the system has no timer
+    /// descriptors, or it failed: then the wait's timeout is the sweep).
+    sweep_timer: Option<crate::sys::SweepTimer>,
     stopping: bool,
     /// Buffers were given back since the last trim of freed memory...
     trim_pending: bool,
@@ -128,6 +134,11 @@ impl Reactor {
         let waker = Waker::new(poll.registry(), WAKER)?;
         let registry = poll.registry().try_clone()?;
         let config = Arc::new(config);
+        let sweep_timer = crate::sys::SweepTimer::new().ok().filter(|t| {
+            poll.registry()
+                .register(&mut SourceFd(&t.as_raw_fd()), SWEEP, Interest::READABLE)
+                .is_ok()
+        });
         let tick = [
             config.handshake_timeout,
             config.read_timeout,
@@ -140,7 +151,7 @@ impl Reactor {
         .min()
         .unwrap_or(Duration::from_millis(250))
         .clamp(Duration::from_millis(5), Duration::from_millis(250));
-        Ok(Reactor {
+        let mut reactor = Reactor {
             poll,
             events: Events::with_capacity(1024),
             shared: Arc::new(ReactorShared {
@@ -165,6 +176,7 @@ impl Reactor {
             config,
             tick,
             next_sweep: Instant::now() + tick,
+            sweep_timer,
             stopping: false,
             trim_pending: false,
             next_trim: Instant::now(),
@@ -173,7 +185,19 @@ impl Reactor {
             busy_interval: Duration::ZERO,
             last_poll: Instant::now(),
             listener: None,
-        })
+        };
+        reactor.arm_sweep_timer(tick);
+        Ok(reactor)
+    }
+
+    /// Sets the sweep timer to fire `after` from now. If it fails, the
+    /// reactor goes back to waits with a timeout.
+    fn arm_sweep_timer(&mut self, after: Duration) {
+        if let Some(timer) = &self.sweep_timer {
+            if timer.arm(after).is_err() {
+                self.sweep_timer = None;
+            }
+        }
     }
 
     /// A handle for other threads.
@@ -199,7 +223,8 @@ impl Reactor {
         }
         let _running = RunningGuard::enter(&self.shared);
         let now = Instant::now();
-        let mut wait = self.next_sweep.saturating_duration_since(now);
+        let sweep_wait = self.next_sweep.saturating_duration_since(now);
+        let mut wait = sweep_wait;
         if let Some(t) = timeout {
             wait = wait.min(t);
         }
@@ -233,7 +258,12 @@ impl Reactor {
             if let Some(at) = self.shared.timers.sleeping_until(until) {
                 wait = wait.min(Duration::from_nanos(at.saturating_sub(now_ns)));
             }
-            let polled = self.poll.poll(&mut self.events, Some(wait));
+            // Nothing sooner than the sweep: its timer wakes the reactor,
+            // and the wait needs no timeout of its own.
+            let by_timer = wait == sweep_wait && !wait.is_zero() && self.sweep_timer.is_some();
+            let polled = self
+                .poll
+                .poll(&mut self.events, (!by_timer).then_some(wait));
             self.shared.timers.awake();
             self.shared.mailbox.awake();
             if !wait.is_zero() && !self.events.is_empty() {
@@ -249,9 +279,14 @@ impl Reactor {
         self.run_commands();
         let events = std::mem::replace(&mut self.events, Events::with_capacity(0));
         let mut accepted = false;
+        let mut sweep_fired = false;
         for event in events.iter() {
             let token = event.token();
             if token == WAKER {
+                continue;
+            }
+            if token == SWEEP {
+                sweep_fired = true;
                 continue;
             }
             if token == listen::LISTENER {
@@ -319,9 +354,19 @@ impl Reactor {
             now = Instant::now();
         }
         self.shared.timers.fire(nanos_at(now));
+        if sweep_fired {
+            if let Some(timer) = &self.sweep_timer {
+                timer.clear();
+            }
+        }
         if now >= self.next_sweep {
             self.sweep();
             self.next_sweep = Instant::now() + self.tick;
+            self.arm_sweep_timer(self.tick);
+        } else if sweep_fired {
+            // Early (it should not be: it was set after `next_sweep`):
+            // wait for the rest.
+            self.arm_sweep_timer(self.next_sweep - now);
         }
         if self.stopping && self.conns.is_empty() {
             self.shared.stopped.store(true, Ordering::Release);
