@@ -105,14 +105,8 @@ impl SweepTimer {
     pub(crate) fn arm(&self, after: std::time::Duration) -> io::Result<()> {
         let after = after.max(std::time::Duration::from_nanos(1));
         let spec = libc::itimerspec {
-            it_interval: libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            },
-            it_value: libc::timespec {
-                tv_sec: after.as_secs().min(i32::MAX as u64) as libc::time_t,
-                tv_nsec: after.subsec_nanos() as libc::c_long,
-            },
+            it_interval: timespec(std::time::Duration::ZERO),
+            it_value: timespec(after),
         };
         // SAFETY: the descriptor is open (owned by `self`), `spec` is a
         // valid, initialised `itimerspec` that outlives the call, and the
@@ -170,6 +164,18 @@ impl AsRawFd for SweepTimer {
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
         match *self {}
     }
+}
+
+/// `d` as a `timespec` (seconds capped at `i32::MAX`). Built field by
+/// field: on some targets the type has padding or other field widths.
+#[cfg(target_os = "linux")]
+fn timespec(d: std::time::Duration) -> libc::timespec {
+    // SAFETY: `timespec` holds only integers (and padding on some
+    // targets), for which all zeros is a valid value.
+    let mut t: libc::timespec = unsafe { std::mem::zeroed() };
+    t.tv_sec = d.as_secs().min(i32::MAX as u64) as _;
+    t.tv_nsec = d.subsec_nanos() as _;
+    t
 }
 
 /// Signals for tests: a wait in a system call cut short.
@@ -250,10 +256,7 @@ fn wait_for(
         events,
         revents: 0,
     };
-    let spec = timeout.map(|t| libc::timespec {
-        tv_sec: t.as_secs().min(i32::MAX as u64) as libc::time_t,
-        tv_nsec: t.subsec_nanos() as libc::c_long,
-    });
+    let spec = timeout.map(timespec);
     let spec_ptr = spec
         .as_ref()
         .map_or(std::ptr::null(), |t| t as *const libc::timespec);

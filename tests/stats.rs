@@ -295,3 +295,30 @@ fn blocking_requests_do_not_wake_the_client_reactor() {
         "the client's reactor was woken {client_woken} times for {REQUESTS} requests"
     );
 }
+
+/// A reactor woken only for its sweep (every 5 ms here: timeouts of 40 ms
+/// make the tick that short) counts no wake-ups: `reactor_wakeups` is for
+/// readiness and commands.
+#[test]
+fn sweeps_are_not_counted_as_wakeups() {
+    let server = Server::bind("127.0.0.1:0", Config::server(), |ctx: &mut Context<'_>| {
+        let _ = ctx.reply(b"");
+    })
+    .unwrap();
+    let config = Config::default()
+        .max_conns(1)
+        .handshake_timeout(Some(Duration::from_millis(40)));
+    let client = Client::new(server.local_addr(), config).unwrap();
+    let mut resp = Vec::new();
+    client.request(b"first", &mut resp).unwrap();
+    // Let the wake-ups the request itself may cause settle.
+    std::thread::sleep(Duration::from_millis(50));
+    let before = client.stats().reactor_wakeups;
+    // About 60 sweeps.
+    std::thread::sleep(Duration::from_millis(300));
+    let woken = client.stats().reactor_wakeups - before;
+    assert!(
+        woken <= 5,
+        "an idle client's reactor counted {woken} wake-ups in 300 ms"
+    );
+}

@@ -266,7 +266,9 @@ impl Reactor {
                 .poll(&mut self.events, (!by_timer).then_some(wait));
             self.shared.timers.awake();
             self.shared.mailbox.awake();
-            if !wait.is_zero() && !self.events.is_empty() {
+            // Woken by readiness or a command, not by the sweep's timer.
+            let woken = self.events.iter().any(|e| e.token() != SWEEP);
+            if !wait.is_zero() && woken {
                 Counters::inc(&self.shared.stats.reactor_wakeups);
             }
             polled
