@@ -12,7 +12,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use monte_rpc::protocol::{ClientHandshake, Handshake, Profile};
-use monte_rpc::{Client, Config, Connection, Context, Error, Handler, Server, TimeoutKind};
+use monte_rpc::{
+    Client, Config, Connection, Context, Error, Handler, Server, TimeoutKind, Waiting,
+};
 
 fn reverse_handler(ctx: &mut Context<'_>) {
     let body = reversed(ctx.body());
@@ -526,6 +528,42 @@ fn a_request_with_no_time_left_is_not_sent() {
             1,
             "the connection was lost"
         );
+        client.shutdown();
+        server.shutdown();
+    });
+}
+
+/// A caller asleep on its connection (a long timeout: it sleeps in
+/// `recv`, in slices) hears at once when the server closes the connection
+/// instead of answering: the request fails long before its timeout.
+#[test]
+fn a_caller_asleep_on_its_connection_wakes_when_the_server_closes_it() {
+    within(15, || {
+        let server = Server::bind("127.0.0.1:0", server_config(), |ctx: &mut Context<'_>| {
+            if ctx.body() == b"close" {
+                ctx.conn().close();
+            } else {
+                let _ = ctx.reply(b"ok");
+            }
+        })
+        .unwrap();
+        // Blocking at once: no spinning that could see the close first.
+        let config = client_config().max_conns(1).waiting(Waiting::Block);
+        let client = Client::new(server.local_addr(), config).unwrap();
+        let mut resp = Vec::new();
+        client.request(b"open", &mut resp).unwrap();
+        let start = Instant::now();
+        let result = client.request_timeout(b"close", &mut resp, Some(Duration::from_secs(10)));
+        let took = start.elapsed();
+        assert!(result.is_err(), "got {result:?}");
+        assert!(
+            !matches!(
+                result.as_ref().map_err(Error::root_cause),
+                Err(Error::Timeout(_))
+            ),
+            "got {result:?}"
+        );
+        assert!(took < Duration::from_secs(2), "took {took:?}");
         client.shutdown();
         server.shutdown();
     });
