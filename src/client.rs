@@ -244,12 +244,7 @@ impl Client {
         let start = Instant::now();
         let mut sent_at = nanos_at(start);
         // The deadline covers finding a connection too (which may dial).
-        let deadline = timeout
-            .and_then(|t| start.checked_add(t))
-            .map(|at| CallDeadline {
-                at,
-                kind: TimeoutKind::Request,
-            });
+        let deadline = CallDeadline::after_from(start, timeout, TimeoutKind::Request);
         let conn = match self.pool.choose_for(CallKind::Request, Some(sent_at)) {
             Some(conn) => conn,
             None => {

@@ -43,7 +43,17 @@ impl CallDeadline {
     /// The deadline `timeout` from now, if there is one (a timeout too long
     /// to add to the clock is none).
     pub(crate) fn after(timeout: Option<Duration>, kind: TimeoutKind) -> Option<CallDeadline> {
-        let at = Instant::now().checked_add(timeout?)?;
+        Self::after_from(Instant::now(), timeout, kind)
+    }
+
+    /// The deadline `timeout` after `start`, a clock reading the call took
+    /// already; as [`after`](Self::after).
+    pub(crate) fn after_from(
+        start: Instant,
+        timeout: Option<Duration>,
+        kind: TimeoutKind,
+    ) -> Option<CallDeadline> {
+        let at = start.checked_add(timeout?)?;
         Some(CallDeadline { at, kind })
     }
 
