@@ -603,16 +603,24 @@ impl OutboundQueue {
                 }
                 WriteOutcome::Blocked => {
                     // Put the unwritten rest back in front of what was
-                    // appended meanwhile, dropping what was written so the
-                    // buffer holds only pending bytes (a slow reader must
-                    // not make it grow by everything ever sent).
+                    // appended meanwhile, where it lies: moving it to the
+                    // front on every short write would copy a full queue
+                    // many times over while a stream waits on its socket.
+                    // The written prefix is dropped once it is at least as
+                    // long as the rest, so the move costs at most one copy
+                    // per byte written, and a slow reader cannot make the
+                    // buffer grow past twice what is pending.
                     let mut appended = mem::take(&mut g.buf);
-                    data.drain(..head + n);
+                    let mut written = head + n;
+                    if written >= data.len() - written {
+                        data.drain(..written);
+                        written = 0;
+                    }
                     data.extend_from_slice(&appended);
                     appended.clear();
                     g.spare = appended;
                     g.buf = data;
-                    g.head = 0;
+                    g.head = written;
                     hand_off = !on_reactor && !g.reactor_flushing;
                     g.reactor_flushing = true;
                     break;
@@ -887,6 +895,98 @@ mod tests {
         assert_eq!(owner.failures.load(Ordering::Relaxed), 0);
         drop(owner);
         reader.join().unwrap();
+    }
+
+    /// A stream whose socket keeps filling: every short write leaves the
+    /// rest where it lies (dropping the written prefix only once it is as
+    /// long as the rest), and frames queued meanwhile go behind it. What
+    /// the peer reads must be every frame, in order, intact, and the
+    /// buffer must never hold more than twice what is pending.
+    #[test]
+    fn short_writes_keep_the_stream_in_order_and_the_buffer_bounded() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = StdStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut theirs, _) = listener.accept().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        socket2::SockRef::from(&ours)
+            .set_send_buffer_size(16 << 10)
+            .unwrap();
+        socket2::SockRef::from(&theirs)
+            .set_recv_buffer_size(16 << 10)
+            .unwrap();
+        // A slow reader: small reads with pauses, so that writes come up
+        // short again and again.
+        let reader = std::thread::spawn(move || {
+            let mut all = Vec::new();
+            let mut chunk = [0; 8 << 10];
+            loop {
+                match theirs.read(&mut chunk) {
+                    Ok(0) => return all,
+                    Ok(n) => all.extend_from_slice(&chunk[..n]),
+                    Err(e) => panic!("reading the stream: {e}"),
+                }
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        });
+        let queue = queue(&Config::default().max_queued_bytes(64 << 10));
+        let owner = Owner::new(&queue, ours);
+        let frames: u32 = 200;
+        let body = |seq: u32| [seq as u8; 1400];
+        let mut short_writes = 0;
+        let give_up = Instant::now() + Duration::from_secs(20);
+        let mut flush = |queue: &OutboundQueue| {
+            assert!(Instant::now() < give_up, "the stream never drained");
+            match queue.flush_from_reactor(&owner, usize::MAX) {
+                Flushed::Empty => true,
+                Flushed::Blocked(pending) => {
+                    short_writes += 1;
+                    let g = lock(&queue.state);
+                    assert_eq!(g.pending(), pending);
+                    assert!(
+                        g.buf.len() <= 2 * pending,
+                        "{} bytes held for {pending} pending",
+                        g.buf.len()
+                    );
+                    false
+                }
+                other => panic!("flushing the stream: {other:?}"),
+            }
+        };
+        for seq in 1..=frames {
+            loop {
+                match queue.submit(&owner, seq, &body(seq), Mode::ReactorQueue, None) {
+                    Ok(()) => break,
+                    Err(Error::QueueFull) => {
+                        flush(&queue);
+                        std::thread::sleep(Duration::from_micros(100));
+                    }
+                    Err(e) => panic!("queueing frame {seq}: {e}"),
+                }
+            }
+            if seq % 8 == 0 {
+                flush(&queue);
+            }
+        }
+        while !flush(&queue) {
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        assert!(
+            short_writes > 0,
+            "the socket never filled: the test proves nothing"
+        );
+        drop(owner);
+        let mut wire = reader.join().unwrap();
+        let mut opener = crate::protocol::Opener::new([7; 32], Profile::Secure);
+        let mut at = 0;
+        for seq in 1..=frames {
+            let len = u32::from_be_bytes(wire[at..at + 4].try_into().unwrap()) as usize;
+            let frame = &mut wire[at..at + 4 + len];
+            let (got, payload) = opener.open_in_place(frame).unwrap();
+            assert_eq!(got, seq);
+            assert_eq!(payload, &body(seq)[..]);
+            at += 4 + len;
+        }
+        assert_eq!(at, wire.len(), "bytes after the last frame");
     }
 
     #[test]
