@@ -212,9 +212,11 @@ fn handshakes(mode: Mode) -> (Arc<dyn HandshakeFactory>, Arc<dyn HandshakeFactor
     name = "bench",
     after_long_help = "Environment, for experiments: MONTE_CALLERS sets the parallel \
                        benchmarks' callers; MONTE_WORKERS, MONTE_WAITING (auto, block, \
-                       or a spin time in µs), MONTE_MAX_CONNS and MONTE_UNSENT (the \
-                       unsent low water in bytes, 0 for none) override those settings of \
-                       both sides."
+                       or a spin time in µs), MONTE_MAX_CONNS, MONTE_UNSENT (the \
+                       unsent low water in bytes, 0 for none), MONTE_READ_BUF (the \
+                       receive buffer in bytes) and MONTE_SNDBUF / MONTE_RCVBUF \
+                       (SO_SNDBUF / SO_RCVBUF in bytes, 0 for the system's) override \
+                       those settings of both sides."
 )]
 struct Args {
     /// Seconds each benchmark is timed, after a 0.3 s warm-up
@@ -819,8 +821,10 @@ struct Report {
 }
 
 /// Tuning knobs for experiments: MONTE_WAITING (`auto`, `block`, or a
-/// spin time in µs), MONTE_MAX_CONNS, MONTE_WORKERS and MONTE_UNSENT
-/// (bytes; 0: none) override the defaults of both sides.
+/// spin time in µs), MONTE_MAX_CONNS, MONTE_WORKERS, MONTE_UNSENT
+/// (bytes; 0: none), MONTE_READ_BUF (bytes) and MONTE_SNDBUF /
+/// MONTE_RCVBUF (bytes; 0: the system's) override the defaults of both
+/// sides.
 fn tuned(mut config: Config) -> Config {
     if let Ok(waiting) = std::env::var("MONTE_WAITING") {
         config = config.waiting(match waiting.as_str() {
@@ -848,6 +852,24 @@ fn tuned(mut config: Config) -> Config {
         .and_then(|v| v.parse::<usize>().ok())
     {
         config = config.unsent_low_water((n > 0).then_some(n));
+    }
+    if let Some(n) = std::env::var("MONTE_READ_BUF")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        config = config.read_buffer_size(n);
+    }
+    if let Some(n) = std::env::var("MONTE_RCVBUF")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        config = config.recv_buffer_size((n > 0).then_some(n));
+    }
+    if let Some(n) = std::env::var("MONTE_SNDBUF")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        config = config.send_buffer_size((n > 0).then_some(n));
     }
     if let Some(w) = std::env::var("MONTE_WORKERS")
         .ok()
