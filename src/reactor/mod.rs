@@ -562,3 +562,53 @@ impl Drop for Reactor {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use super::Reactor;
+    use crate::{Config, Context};
+
+    /// A reactor whose sweep timer could not be made or set sweeps all the
+    /// same, on `epoll_wait` timeouts: a connection that never starts its
+    /// handshake is closed at its deadline, not left open forever by a
+    /// reactor asleep with no timeout.
+    #[test]
+    fn without_its_sweep_timer_a_reactor_still_sweeps() {
+        let config = Config::server().handshake_timeout(Some(Duration::from_millis(60)));
+        let mut reactor = Reactor::new(config).unwrap();
+        // What a failed `timerfd_create` or `timerfd_settime` leaves.
+        reactor.sweep_timer = None;
+        let handle = reactor.handle();
+        let driver = std::thread::spawn(move || reactor.run());
+
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut silent = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        let handler = Arc::new(|_: &mut Context<'_>| {});
+        handle.accept(accepted, handler).unwrap();
+
+        let started = Instant::now();
+        silent
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        let read = silent.read(&mut [0; 64]);
+        let waited = started.elapsed();
+        assert!(
+            matches!(read, Ok(0)),
+            "the silent connection was not closed after {waited:?}: {read:?}"
+        );
+        assert!(
+            waited < Duration::from_secs(2),
+            "closed only after {waited:?}"
+        );
+        assert_eq!(handle.stats().closed_handshake_timeout, 1);
+
+        handle.stop();
+        driver.join().unwrap().unwrap();
+    }
+}
