@@ -1,7 +1,9 @@
 //! The write-side timeouts each mean one thing: `send_timeout` bounds how
 //! long one call waits (and fails that call only), `write_timeout` closes a
 //! connection whose output makes no progress. Tested against a raw peer
-//! that completes the handshake and then never reads.
+//! that completes the handshake and then never reads. And on the read
+//! side, a peer that trickles a response cannot hold a waiting caller past
+//! the frame timeout.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -109,5 +111,56 @@ fn write_timeout_closes_a_connection_whose_output_is_stuck() {
         client.stats()
     );
     client.shutdown();
+    server.join().unwrap();
+}
+
+/// A server that answers with a frame it never finishes, a byte every 10
+/// ms: each byte resets the read timeout, so only the frame timeout (judged
+/// from the frame's first byte) can end it. A caller waiting for that
+/// response sleeps in the socket's `recv`, woken by every byte; it must
+/// fail at the frame timeout, not hold on until its own request timeout.
+#[test]
+fn a_trickled_response_fails_the_waiting_request_at_the_frame_timeout() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut hs = ServerHandshake::new(Profile::Secure).unwrap();
+        let mut key = [0u8; 32];
+        stream.read_exact(&mut key).unwrap();
+        assert_eq!(hs.read_input(&key).unwrap(), 32);
+        let mut out = Vec::new();
+        hs.write_output(&mut out);
+        stream.write_all(&out).unwrap();
+        // The request (whatever it is), then a frame of 100 bytes whose
+        // length prefix and first bytes come, and the rest never does.
+        let mut request = [0u8; 256];
+        assert!(stream.read(&mut request).unwrap() > 0);
+        stream.write_all(&100u32.to_be_bytes()).unwrap();
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(5) {
+            if stream.write_all(&[0x5a]).is_err() {
+                return; // the client closed the connection
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    });
+    let config = Config::default()
+        .workers(1)
+        .waiting(monte_rpc::Waiting::Block)
+        .read_timeout(Some(Duration::from_millis(300)))
+        .request_timeout(Some(Duration::from_secs(10)));
+    let client = Client::new(addr, config).unwrap();
+    let started = Instant::now();
+    let error = client
+        .request(b"ping", &mut Vec::new())
+        .expect_err("a response that never completes completed");
+    let waited = started.elapsed();
+    assert_eq!(error.timeout_kind(), Some(TimeoutKind::Frame), "{error:?}");
+    assert!(
+        waited < Duration::from_secs(2),
+        "the request failed only after {waited:?}: {error}"
+    );
+    drop(client);
     server.join().unwrap();
 }
