@@ -69,6 +69,9 @@ struct Outbound {
     /// Bytes at the start of `buf` already written.
     head: usize,
     writing: bool,
+    /// Bytes the writer took out of `buf` for the write in progress: still
+    /// the connection's, so they count against its budget.
+    in_write: usize,
     reactor_flushing: bool,
     queued_total: u64,
     /// Frames queued so far, and how many of them (and of `queued_total`'s
@@ -176,11 +179,17 @@ impl Outbound {
         self.buf.len() - self.head
     }
 
+    /// What the connection holds against its budget: the bytes waiting,
+    /// and those of the write in progress.
+    fn held(&self) -> usize {
+        self.pending() + self.in_write
+    }
+
     /// Whether a frame of `frame` bytes must wait for room: only while
-    /// something is queued, so a frame larger than the budget still goes
+    /// something is held, so a frame larger than the budget still goes
     /// out alone.
     fn lacks_room(&self, frame: usize, limit: usize) -> bool {
-        self.closed.is_none() && self.pending() > 0 && self.pending() + frame > limit
+        self.closed.is_none() && self.held() > 0 && self.held() + frame > limit
     }
 
     /// Puts `wait`'s task on the list to wake at the queue's next change.
@@ -234,7 +243,7 @@ pub(crate) enum Flushed {
     /// WRITABLE.
     Blocked(usize),
     /// Another thread is writing and will finish the queue; this many
-    /// bytes are queued. Past the budget, that writer hands the queue back
+    /// bytes are held (its write included). Past the budget, that writer hands the queue back
     /// to the reactor when it is done.
     Busy(usize),
     /// The connection is closed.
@@ -269,6 +278,7 @@ impl OutboundQueue {
                 spare: Vec::new(),
                 head: 0,
                 writing: false,
+                in_write: 0,
                 reactor_flushing: false,
                 queued_total: 0,
                 frames_queued: 0,
@@ -588,13 +598,16 @@ impl OutboundQueue {
             let spare = mem::take(&mut g.spare);
             let mut data = mem::replace(&mut g.buf, spare);
             let head = mem::replace(&mut g.head, 0);
-            let low_water = g.low_water.note_write(on_reactor, data.len() - head);
+            let len = data.len() - head;
+            g.in_write = len;
+            let low_water = g.low_water.note_write(on_reactor, len);
             drop(g);
             if let Some(limit) = low_water {
                 set_unsent_low_water(owner.stream(), limit);
             }
             let (n, outcome) = write_nonblocking(owner.stream(), &data[head..]);
             g = lock(&self.state);
+            g.in_write = 0;
             g.written_total += n as u64;
             match outcome {
                 WriteOutcome::Done => {
@@ -679,12 +692,12 @@ impl OutboundQueue {
             return Flushed::Closed;
         }
         if g.writing {
-            if g.pending() > hand_back_past {
+            if g.held() > hand_back_past {
                 // The reactor pauses reading on this: the writer hands the
                 // queue back when it is done, which resumes it.
                 g.reactor_waits = true;
             }
-            return Flushed::Busy(g.pending());
+            return Flushed::Busy(g.held());
         }
         if g.pending() == 0 {
             let mut g = g;
@@ -717,9 +730,10 @@ impl OutboundQueue {
         }
     }
 
-    /// Bytes waiting to be written.
+    /// Bytes waiting to be written, those of a write in progress
+    /// included: what the connection holds against its budget.
     pub(crate) fn queued(&self) -> usize {
-        lock(&self.state).pending()
+        lock(&self.state).held()
     }
 
     /// Reactor side, graceful close: if nothing is queued, refuse further
@@ -932,7 +946,7 @@ mod tests {
         let owner = Owner::new(&queue, ours);
         let frames: u32 = 200;
         let body = |seq: u32| [seq as u8; 1400];
-        let mut short_writes = 0;
+        let (mut short_writes, mut kept_prefix) = (0, 0);
         let give_up = Instant::now() + Duration::from_secs(20);
         let mut flush = |queue: &OutboundQueue| {
             assert!(Instant::now() < give_up, "the stream never drained");
@@ -941,6 +955,7 @@ mod tests {
                 Flushed::Blocked(pending) => {
                     short_writes += 1;
                     let g = lock(&queue.state);
+                    kept_prefix += usize::from(g.head > 0);
                     assert_eq!(g.pending(), pending);
                     assert!(
                         g.buf.len() <= 2 * pending,
@@ -974,6 +989,10 @@ mod tests {
             short_writes > 0,
             "the socket never filled: the test proves nothing"
         );
+        assert!(
+            kept_prefix > 0,
+            "no short write left its prefix in place: the test proves nothing"
+        );
         drop(owner);
         let mut wire = reader.join().unwrap();
         let mut opener = crate::protocol::Opener::new([7; 32], Profile::Secure);
@@ -982,6 +1001,88 @@ mod tests {
             let len = u32::from_be_bytes(wire[at..at + 4].try_into().unwrap()) as usize;
             let frame = &mut wire[at..at + 4 + len];
             let (got, payload) = opener.open_in_place(frame).unwrap();
+            assert_eq!(got, seq);
+            assert_eq!(payload, &body(seq)[..]);
+            at += 4 + len;
+        }
+        assert_eq!(at, wire.len(), "bytes after the last frame");
+    }
+
+    /// Callers that queue while the writer is in the middle of a write
+    /// must still count the bytes it holds: the queue's budget is what the
+    /// connection holds, written or not. A slow reader keeps the writes
+    /// short; a second thread queues frames as fast as room allows. After
+    /// every short write the queue may hold at most the budget (and one
+    /// frame past it: a frame is refused only once something is queued),
+    /// and the reader gets every frame, in order, intact.
+    #[test]
+    fn frames_queued_during_a_write_stay_within_the_budget() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = StdStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut theirs, _) = listener.accept().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        socket2::SockRef::from(&ours)
+            .set_send_buffer_size(16 << 10)
+            .unwrap();
+        socket2::SockRef::from(&theirs)
+            .set_recv_buffer_size(16 << 10)
+            .unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut all = Vec::new();
+            let mut chunk = [0; 4 << 10];
+            loop {
+                match theirs.read(&mut chunk) {
+                    Ok(0) => return all,
+                    Ok(n) => all.extend_from_slice(&chunk[..n]),
+                    Err(e) => panic!("reading the stream: {e}"),
+                }
+                std::thread::sleep(Duration::from_micros(300));
+            }
+        });
+        let limit = 32 << 10;
+        let queue = queue(&Config::default().max_queued_bytes(limit));
+        let owner = Owner::new(&queue, ours);
+        let frames: u32 = 400;
+        let body = |seq: u32| [seq as u8; 1400];
+        let give_up = Instant::now() + Duration::from_secs(20);
+        let mut most = 0;
+        std::thread::scope(|s| {
+            let queuing = s.spawn(|| {
+                for seq in 1..=frames {
+                    loop {
+                        match queue.submit(&owner, seq, &body(seq), Mode::ReactorQueue, None) {
+                            Ok(()) => break,
+                            Err(Error::QueueFull) => std::thread::yield_now(),
+                            Err(e) => panic!("queueing frame {seq}: {e}"),
+                        }
+                        assert!(Instant::now() < give_up, "frame {seq} never found room");
+                    }
+                }
+            });
+            loop {
+                let done = queuing.is_finished();
+                match queue.flush_from_reactor(&owner, usize::MAX) {
+                    Flushed::Empty if done => break,
+                    Flushed::Empty => {}
+                    Flushed::Blocked(pending) => most = most.max(pending),
+                    other => panic!("flushing the stream: {other:?}"),
+                }
+                assert!(Instant::now() < give_up, "the stream never drained");
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            queuing.join().unwrap();
+        });
+        assert!(
+            most <= limit + frame_len(1400),
+            "{most} bytes queued against a budget of {limit}"
+        );
+        drop(owner);
+        let mut wire = reader.join().unwrap();
+        let mut opener = crate::protocol::Opener::new([7; 32], Profile::Secure);
+        let mut at = 0;
+        for seq in 1..=frames {
+            let len = u32::from_be_bytes(wire[at..at + 4].try_into().unwrap()) as usize;
+            let (got, payload) = opener.open_in_place(&mut wire[at..at + 4 + len]).unwrap();
             assert_eq!(got, seq);
             assert_eq!(payload, &body(seq)[..]);
             at += 4 + len;
