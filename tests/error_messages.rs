@@ -7,7 +7,6 @@ use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::thread;
 
-use monte_rpc::protocol::{Handshake, Profile, ServerHandshake};
 use monte_rpc::{Client, Config, Error};
 
 /// A peer that runs the server side of the handshake properly, waits for
@@ -19,13 +18,7 @@ fn a_frame_too_large_names_the_configured_message_size() {
     let addr = listener.local_addr().unwrap();
     let server = thread::spawn(move || {
         let (mut stream, _) = listener.accept().unwrap();
-        let mut hs = ServerHandshake::new(Profile::Secure).unwrap();
-        let mut key = [0u8; 32];
-        stream.read_exact(&mut key).unwrap();
-        assert_eq!(hs.read_input(&key).unwrap(), 32);
-        let mut out = Vec::new();
-        hs.write_output(&mut out);
-        stream.write_all(&out).unwrap();
+        common::serve_handshake(&mut stream);
         let mut request = [0u8; 64];
         let _ = stream.read(&mut request).unwrap();
         stream.write_all(b"t-Type: text/plain\r\n\r\n").unwrap();

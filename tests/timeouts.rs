@@ -10,8 +10,9 @@ use std::net::{TcpListener, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use monte_rpc::protocol::{Handshake, Profile, ServerHandshake};
 use monte_rpc::{Client, Config, Error, TimeoutKind};
+
+mod common;
 
 /// Accepts one connection, runs the server side of the handshake by hand,
 /// then holds the socket without reading it until `hold` passes.
@@ -20,20 +21,7 @@ fn silent_server(hold: Duration) -> (std::net::SocketAddr, thread::JoinHandle<()
     let addr = listener.local_addr().unwrap();
     let server = thread::spawn(move || {
         let (mut stream, _) = listener.accept().unwrap();
-        let mut hs = ServerHandshake::new(Profile::Secure).unwrap();
-        let mut input = Vec::new();
-        let mut chunk = [0u8; 64];
-        while input.len() < 32 {
-            let n = stream.read(&mut chunk).unwrap();
-            assert!(n > 0, "client went away during the handshake");
-            input.extend_from_slice(&chunk[..n]);
-        }
-        let used = hs.read_input(&input).unwrap();
-        assert_eq!(used, 32);
-        let mut out = Vec::new();
-        hs.write_output(&mut out);
-        stream.write_all(&out).unwrap();
-        assert!(hs.take_session().is_some());
+        common::serve_handshake(&mut stream);
         thread::sleep(hold);
         drop::<TcpStream>(stream);
     });
@@ -125,13 +113,7 @@ fn a_trickled_response_fails_the_waiting_request_at_the_frame_timeout() {
     let addr = listener.local_addr().unwrap();
     let server = thread::spawn(move || {
         let (mut stream, _) = listener.accept().unwrap();
-        let mut hs = ServerHandshake::new(Profile::Secure).unwrap();
-        let mut key = [0u8; 32];
-        stream.read_exact(&mut key).unwrap();
-        assert_eq!(hs.read_input(&key).unwrap(), 32);
-        let mut out = Vec::new();
-        hs.write_output(&mut out);
-        stream.write_all(&out).unwrap();
+        common::serve_handshake(&mut stream);
         // The request (whatever it is), then a frame of 100 bytes whose
         // length prefix and first bytes come, and the rest never does.
         let mut request = [0u8; 256];

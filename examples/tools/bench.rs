@@ -850,6 +850,11 @@ struct Report {
     cpu_ns_per_op: f64,
 }
 
+/// A whole number from the environment variable `name`, if it holds one.
+fn env_number(name: &str) -> Option<usize> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
 /// Tuning knobs for experiments: MONTE_WAITING (`auto`, `block`, or a
 /// spin time in µs), MONTE_MAX_CONNS, MONTE_WORKERS, MONTE_UNSENT
 /// (bytes; 0: none), MONTE_READ_BUF (bytes) and MONTE_SNDBUF /
@@ -871,40 +876,22 @@ fn tuned(mut config: Config) -> Config {
             },
         });
     }
-    if let Some(m) = std::env::var("MONTE_MAX_CONNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
+    if let Some(m) = env_number("MONTE_MAX_CONNS") {
         config = config.max_conns(m);
     }
-    if let Some(n) = std::env::var("MONTE_UNSENT")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-    {
+    if let Some(n) = env_number("MONTE_UNSENT") {
         config = config.unsent_low_water((n > 0).then_some(n));
     }
-    if let Some(n) = std::env::var("MONTE_READ_BUF")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-    {
+    if let Some(n) = env_number("MONTE_READ_BUF") {
         config = config.read_buffer_size(n);
     }
-    if let Some(n) = std::env::var("MONTE_RCVBUF")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-    {
+    if let Some(n) = env_number("MONTE_RCVBUF") {
         config = config.recv_buffer_size((n > 0).then_some(n));
     }
-    if let Some(n) = std::env::var("MONTE_SNDBUF")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-    {
+    if let Some(n) = env_number("MONTE_SNDBUF") {
         config = config.send_buffer_size((n > 0).then_some(n));
     }
-    if let Some(w) = std::env::var("MONTE_WORKERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
+    if let Some(w) = env_number("MONTE_WORKERS") {
         config = config.workers(w);
     }
     config
@@ -1186,10 +1173,7 @@ fn main() {
     let args = Args::parse();
     let (client_handshake, server_handshake) = handshakes(args.profile);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let callers = std::env::var("MONTE_CALLERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(cores * 4);
+    let callers = env_number("MONTE_CALLERS").unwrap_or(cores * 4);
 
     let selected: Vec<&Bench> = BENCHES
         .iter()

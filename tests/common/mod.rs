@@ -78,3 +78,19 @@ pub fn server_config() -> monte_rpc::Config {
         .request_timeout(Some(Duration::from_secs(5)))
         .write_timeout(Some(Duration::from_secs(5)))
 }
+
+/// Runs the server side of the specification's handshake (`secure`) by
+/// hand on an accepted socket, for tests whose server is a raw peer that
+/// then misbehaves in its own way.
+pub fn serve_handshake(stream: &mut std::net::TcpStream) {
+    use monte_rpc::protocol::{Handshake, Profile, ServerHandshake};
+    use std::io::{Read, Write};
+    let mut hs = ServerHandshake::new(Profile::Secure).unwrap();
+    let mut key = [0u8; 32];
+    stream.read_exact(&mut key).unwrap();
+    assert_eq!(hs.read_input(&key).unwrap(), 32);
+    let mut out = Vec::new();
+    hs.write_output(&mut out);
+    stream.write_all(&out).unwrap();
+    assert!(hs.take_session().is_some());
+}
