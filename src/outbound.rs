@@ -69,9 +69,6 @@ struct Outbound {
     /// Bytes at the start of `buf` already written.
     head: usize,
     writing: bool,
-    /// Bytes the writer took out of `buf` for the write in progress: still
-    /// the connection's, so they count against its budget.
-    in_write: usize,
     reactor_flushing: bool,
     queued_total: u64,
     /// Frames queued so far, and how many of them (and of `queued_total`'s
@@ -179,17 +176,26 @@ impl Outbound {
         self.buf.len() - self.head
     }
 
-    /// What the connection holds against its budget: the bytes waiting,
-    /// and those of the write in progress.
+    /// What the connection holds against its budget: everything queued
+    /// and not yet written, the bytes waiting in `buf` and those a writer
+    /// took out of it for the write in progress.
     fn held(&self) -> usize {
-        self.pending() + self.in_write
+        (self.queued_total - self.written_total) as usize
     }
 
-    /// Whether a frame of `frame` bytes must wait for room: only while
-    /// something is held, so a frame larger than the budget still goes
-    /// out alone.
+    /// Whether a frame of `frame` bytes must wait for room: while what is
+    /// held and the frame would pass the budget. A frame larger than the
+    /// budget goes out alone: once nothing waits to be written (a write
+    /// already under way may still finish meanwhile), so that steady
+    /// traffic cannot hold it off for good.
     fn lacks_room(&self, frame: usize, limit: usize) -> bool {
-        self.closed.is_none() && self.held() > 0 && self.held() + frame > limit
+        if self.closed.is_some() {
+            return false;
+        }
+        if frame > limit {
+            return self.pending() > 0;
+        }
+        self.held() > 0 && self.held() + frame > limit
     }
 
     /// Puts `wait`'s task on the list to wake at the queue's next change.
@@ -278,7 +284,6 @@ impl OutboundQueue {
                 spare: Vec::new(),
                 head: 0,
                 writing: false,
-                in_write: 0,
                 reactor_flushing: false,
                 queued_total: 0,
                 frames_queued: 0,
@@ -598,21 +603,27 @@ impl OutboundQueue {
             let spare = mem::take(&mut g.spare);
             let mut data = mem::replace(&mut g.buf, spare);
             let head = mem::replace(&mut g.head, 0);
-            let len = data.len() - head;
-            g.in_write = len;
-            let low_water = g.low_water.note_write(on_reactor, len);
+            let low_water = g.low_water.note_write(on_reactor, data.len() - head);
             drop(g);
             if let Some(limit) = low_water {
                 set_unsent_low_water(owner.stream(), limit);
             }
             let (n, outcome) = write_nonblocking(owner.stream(), &data[head..]);
             g = lock(&self.state);
-            g.in_write = 0;
             g.written_total += n as u64;
             match outcome {
                 WriteOutcome::Done => {
                     data.clear();
                     g.spare = data;
+                    if on_reactor && g.pending() > 0 {
+                        // Room was made and bytes written, and another
+                        // round follows: whoever waits for either hears of
+                        // it now, not once the reactor, whose rounds are
+                        // not counted, stops finding more to write. (A
+                        // caller's few rounds end soon: its waiters are
+                        // woken together then, which costs less.)
+                        self.notify(&mut g);
+                    }
                 }
                 WriteOutcome::Blocked => {
                     // Put the unwritten rest back in front of what was
@@ -911,13 +922,12 @@ mod tests {
         reader.join().unwrap();
     }
 
-    /// A stream whose socket keeps filling: every short write leaves the
-    /// rest where it lies (dropping the written prefix only once it is as
-    /// long as the rest), and frames queued meanwhile go behind it. What
-    /// the peer reads must be every frame, in order, intact, and the
-    /// buffer must never hold more than twice what is pending.
-    #[test]
-    fn short_writes_keep_the_stream_in_order_and_the_buffer_bounded() {
+    /// A loopback connection to a slow reader: our end non-blocking with a
+    /// 16 KiB send buffer, theirs read `chunk` bytes at a time with a
+    /// pause after each read (16 KiB receive buffer), so that our writes
+    /// keep coming up short. The reader returns all it read once our end
+    /// closes.
+    fn slow_reader(chunk: usize, pause: Duration) -> (StdStream, std::thread::JoinHandle<Vec<u8>>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let ours = StdStream::connect(listener.local_addr().unwrap()).unwrap();
         let (mut theirs, _) = listener.accept().unwrap();
@@ -928,24 +938,52 @@ mod tests {
         socket2::SockRef::from(&theirs)
             .set_recv_buffer_size(16 << 10)
             .unwrap();
-        // A slow reader: small reads with pauses, so that writes come up
-        // short again and again.
         let reader = std::thread::spawn(move || {
             let mut all = Vec::new();
-            let mut chunk = [0; 8 << 10];
+            let mut buf = vec![0; chunk];
             loop {
-                match theirs.read(&mut chunk) {
+                match theirs.read(&mut buf) {
                     Ok(0) => return all,
-                    Ok(n) => all.extend_from_slice(&chunk[..n]),
+                    Ok(n) => all.extend_from_slice(&buf[..n]),
                     Err(e) => panic!("reading the stream: {e}"),
                 }
-                std::thread::sleep(Duration::from_micros(100));
+                std::thread::sleep(pause);
             }
         });
+        (ours, reader)
+    }
+
+    /// The payload of frame `seq` in these tests.
+    fn body(seq: u32) -> [u8; 1400] {
+        [seq as u8; 1400]
+    }
+
+    /// Opens what the reader got with `queue`'s key: frames 1 to `frames`,
+    /// each in order and intact, and nothing after them.
+    fn assert_stream(mut wire: Vec<u8>, frames: u32) {
+        let mut opener = crate::protocol::Opener::new([7; 32], Profile::Secure);
+        let mut at = 0;
+        for seq in 1..=frames {
+            let len = u32::from_be_bytes(wire[at..at + 4].try_into().unwrap()) as usize;
+            let (got, payload) = opener.open_in_place(&mut wire[at..at + 4 + len]).unwrap();
+            assert_eq!(got, seq);
+            assert_eq!(payload, &body(seq)[..]);
+            at += 4 + len;
+        }
+        assert_eq!(at, wire.len(), "bytes after the last frame");
+    }
+
+    /// A stream whose socket keeps filling: every short write leaves the
+    /// rest where it lies (dropping the written prefix only once it is as
+    /// long as the rest), and frames queued meanwhile go behind it. What
+    /// the peer reads must be every frame, in order, intact, and the
+    /// buffer must never hold more than twice what is pending.
+    #[test]
+    fn short_writes_keep_the_stream_in_order_and_the_buffer_bounded() {
+        let (ours, reader) = slow_reader(8 << 10, Duration::from_micros(100));
         let queue = queue(&Config::default().max_queued_bytes(64 << 10));
         let owner = Owner::new(&queue, ours);
         let frames: u32 = 200;
-        let body = |seq: u32| [seq as u8; 1400];
         let (mut short_writes, mut kept_prefix) = (0, 0);
         let give_up = Instant::now() + Duration::from_secs(20);
         let mut flush = |queue: &OutboundQueue| {
@@ -994,63 +1032,34 @@ mod tests {
             "no short write left its prefix in place: the test proves nothing"
         );
         drop(owner);
-        let mut wire = reader.join().unwrap();
-        let mut opener = crate::protocol::Opener::new([7; 32], Profile::Secure);
-        let mut at = 0;
-        for seq in 1..=frames {
-            let len = u32::from_be_bytes(wire[at..at + 4].try_into().unwrap()) as usize;
-            let frame = &mut wire[at..at + 4 + len];
-            let (got, payload) = opener.open_in_place(frame).unwrap();
-            assert_eq!(got, seq);
-            assert_eq!(payload, &body(seq)[..]);
-            at += 4 + len;
-        }
-        assert_eq!(at, wire.len(), "bytes after the last frame");
+        assert_stream(reader.join().unwrap(), frames);
     }
 
     /// Callers that queue while the writer is in the middle of a write
     /// must still count the bytes it holds: the queue's budget is what the
     /// connection holds, written or not. A slow reader keeps the writes
-    /// short; a second thread queues frames as fast as room allows. After
-    /// every short write the queue may hold at most the budget (and one
-    /// frame past it: a frame is refused only once something is queued),
-    /// and the reader gets every frame, in order, intact.
-    #[test]
-    fn frames_queued_during_a_write_stay_within_the_budget() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let ours = StdStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (mut theirs, _) = listener.accept().unwrap();
-        ours.set_nonblocking(true).unwrap();
-        socket2::SockRef::from(&ours)
-            .set_send_buffer_size(16 << 10)
-            .unwrap();
-        socket2::SockRef::from(&theirs)
-            .set_recv_buffer_size(16 << 10)
-            .unwrap();
-        let reader = std::thread::spawn(move || {
-            let mut all = Vec::new();
-            let mut chunk = [0; 4 << 10];
-            loop {
-                match theirs.read(&mut chunk) {
-                    Ok(0) => return all,
-                    Ok(n) => all.extend_from_slice(&chunk[..n]),
-                    Err(e) => panic!("reading the stream: {e}"),
-                }
-                std::thread::sleep(Duration::from_micros(300));
-            }
-        });
+    /// short; a second thread queues frames as fast as room allows: with
+    /// `Mode::ReactorQueue` it retries at once when refused (so it queues
+    /// during the writes), with `Mode::Queue` it waits for room (so a lost
+    /// wake-up fails it at the send timeout). After every short write the
+    /// queue holds at most the budget, and the reader gets every frame, in
+    /// order, intact.
+    fn queue_during_writes(mode: Mode) {
+        let (ours, reader) = slow_reader(4 << 10, Duration::from_micros(300));
         let limit = 32 << 10;
-        let queue = queue(&Config::default().max_queued_bytes(limit));
+        let config = Config::default()
+            .max_queued_bytes(limit)
+            .send_timeout(Some(Duration::from_secs(10)));
+        let queue = queue(&config);
         let owner = Owner::new(&queue, ours);
         let frames: u32 = 400;
-        let body = |seq: u32| [seq as u8; 1400];
         let give_up = Instant::now() + Duration::from_secs(20);
         let mut most = 0;
         std::thread::scope(|s| {
             let queuing = s.spawn(|| {
                 for seq in 1..=frames {
                     loop {
-                        match queue.submit(&owner, seq, &body(seq), Mode::ReactorQueue, None) {
+                        match queue.submit(&owner, seq, &body(seq), mode, None) {
                             Ok(()) => break,
                             Err(Error::QueueFull) => std::thread::yield_now(),
                             Err(e) => panic!("queueing frame {seq}: {e}"),
@@ -1072,22 +1081,50 @@ mod tests {
             }
             queuing.join().unwrap();
         });
+        assert!(most > 0, "the socket never filled: the test proves nothing");
         assert!(
-            most <= limit + frame_len(1400),
+            most <= limit,
             "{most} bytes queued against a budget of {limit}"
         );
         drop(owner);
-        let mut wire = reader.join().unwrap();
-        let mut opener = crate::protocol::Opener::new([7; 32], Profile::Secure);
-        let mut at = 0;
-        for seq in 1..=frames {
-            let len = u32::from_be_bytes(wire[at..at + 4].try_into().unwrap()) as usize;
-            let (got, payload) = opener.open_in_place(&mut wire[at..at + 4 + len]).unwrap();
-            assert_eq!(got, seq);
-            assert_eq!(payload, &body(seq)[..]);
-            at += 4 + len;
-        }
-        assert_eq!(at, wire.len(), "bytes after the last frame");
+        assert_stream(reader.join().unwrap(), frames);
+    }
+
+    #[test]
+    fn frames_queued_during_a_write_stay_within_the_budget() {
+        queue_during_writes(Mode::ReactorQueue);
+    }
+
+    #[test]
+    fn senders_waiting_for_room_get_it_as_writes_make_it() {
+        queue_during_writes(Mode::Queue);
+    }
+
+    #[test]
+    fn room_counts_the_write_under_way_and_a_frame_over_the_budget_goes_alone() {
+        let queue = queue(&Config::default());
+        let mut g = lock(&queue.state);
+        let limit = 1000;
+        // Nothing held: any frame goes.
+        assert!(!g.lacks_room(1000, limit));
+        assert!(!g.lacks_room(5000, limit));
+        // A write of 600 bytes under way, nothing queued behind it.
+        g.queued_total = 600;
+        assert!(!g.lacks_room(400, limit));
+        assert!(g.lacks_room(401, limit));
+        assert!(
+            !g.lacks_room(5000, limit),
+            "a frame over the budget goes alone"
+        );
+        // Queued bytes behind the write: the large frame waits for them.
+        g.buf.extend_from_slice(&[0; 10]);
+        g.queued_total += 10;
+        assert!(!g.lacks_room(390, limit));
+        assert!(g.lacks_room(391, limit));
+        assert!(g.lacks_room(5000, limit));
+        // A closed queue refuses with its error instead of waiting.
+        g.closed = Some(Error::Closed);
+        assert!(!g.lacks_room(5000, limit));
     }
 
     #[test]
