@@ -250,7 +250,7 @@ impl Client {
             None => {
                 let conn = self
                     .pool
-                    .pick(&mut LazyDeadline::Read(deadline), CallKind::Request)?;
+                    .pick_after_choosing(&mut LazyDeadline::Read(deadline), CallKind::Request)?;
                 let now = Instant::now();
                 if deadline.is_some_and(|d| now >= d.at) {
                     return Err(Error::Timeout(TimeoutKind::Request));

@@ -199,9 +199,20 @@ impl Pool {
     /// dialling a new one while under `max_conns` and all are busy. The
     /// dial, or the wait for another caller's, ends by `deadline`.
     pub(crate) fn pick(&self, deadline: &mut LazyDeadline, kind: CallKind) -> Result<Connection> {
-        if let Some(conn) = self.choose_for(kind, None) {
-            return Ok(conn);
+        match self.choose_for(kind, None) {
+            Some(conn) => Ok(conn),
+            None => self.pick_after_choosing(deadline, kind),
         }
+    }
+
+    /// [`pick`](Self::pick) for a caller whose own
+    /// [`choose_for`](Self::choose_for) just found nothing: dials, or
+    /// waits for another caller's dial, without looking again first.
+    pub(crate) fn pick_after_choosing(
+        &self,
+        deadline: &mut LazyDeadline,
+        kind: CallKind,
+    ) -> Result<Connection> {
         // All busy (or none) and room for more. One caller dials at a time;
         // the others use the least loaded connection meanwhile, or wait for
         // the dial if there is none.
