@@ -37,8 +37,10 @@ pub struct Config {
     /// Initial size of each connection's receive buffer. Frames larger than
     /// it (up to `max_message_size`) grow the buffer. Default: 16 KiB.
     pub read_buffer_size: usize,
-    /// The most bytes queued for one connection before `send_no_wait`
-    /// waits for room (up to the write timeout). Default: 1 MiB.
+    /// The most bytes one connection holds for writing (queued, or in a
+    /// write under way) before a sender waits for room (up to its send
+    /// timeout). A single frame larger than this goes out alone, once
+    /// nothing is queued. Default: 1 MiB.
     pub max_queued_bytes: usize,
     /// Requests that may await a response on one connection at once.
     /// Default: 256.
