@@ -185,9 +185,9 @@ impl Outbound {
 
     /// Whether a frame of `frame` bytes must wait for room: while what is
     /// held and the frame would pass the budget. A frame larger than the
-    /// budget goes out alone: once nothing waits to be written (a write
-    /// already under way may still finish meanwhile), so that steady
-    /// traffic cannot hold it off for good.
+    /// budget fits beside nothing: it is let in once nothing is queued,
+    /// while a write under way may still be finishing (the connection
+    /// then holds that write and this frame).
     fn lacks_room(&self, frame: usize, limit: usize) -> bool {
         if self.closed.is_some() {
             return false;
@@ -631,12 +631,17 @@ impl OutboundQueue {
                     // front on every short write would copy a full queue
                     // many times over while a stream waits on its socket.
                     // The written prefix is dropped once it is at least as
-                    // long as the rest, so the move costs at most one copy
-                    // per byte written, and a slow reader cannot make the
-                    // buffer grow past twice what is pending.
+                    // long as the rest (so the move costs at most one copy
+                    // per byte written), and whenever keeping it would
+                    // make the buffer grow: the buffers never allocate
+                    // more than they would with the prefix dropped at
+                    // once, which is what SECURITY.md's memory bound
+                    // counts.
                     let mut appended = mem::take(&mut g.buf);
                     let mut written = head + n;
-                    if written >= data.len() - written {
+                    if written >= data.len() - written
+                        || data.len() + appended.len() > data.capacity()
+                    {
                         data.drain(..written);
                         written = 0;
                     }
@@ -692,7 +697,7 @@ impl OutboundQueue {
 
     /// Reactor side: write what is queued, as far as the socket takes it.
     /// A thread already writing hands the queue back when done if more
-    /// than `hand_back_past` bytes are queued.
+    /// than `hand_back_past` bytes are held (its write included).
     pub(crate) fn flush_from_reactor(
         &self,
         owner: &impl QueueOwner,
@@ -1000,6 +1005,12 @@ mod tests {
                         "{} bytes held for {pending} pending",
                         g.buf.len()
                     );
+                    // What dropping the prefix at once allows: lengths up
+                    // to the budget and a frame, doubled by growth.
+                    let most = 2 * ((64 << 10) + frame_len(1400));
+                    for b in [&g.buf, &g.spare] {
+                        assert!(b.capacity() <= most, "{} bytes allocated", b.capacity());
+                    }
                     false
                 }
                 other => panic!("flushing the stream: {other:?}"),
