@@ -39,8 +39,9 @@ pub struct Config {
     pub read_buffer_size: usize,
     /// The most bytes one connection holds for writing (queued, or in a
     /// write under way) before a sender waits for room (up to its send
-    /// timeout). A single frame larger than this goes out alone, once
-    /// nothing is queued. Default: 1 MiB.
+    /// timeout). A single frame larger than this is let in once nothing
+    /// is queued (a write under way may still be finishing). Default:
+    /// 1 MiB.
     pub max_queued_bytes: usize,
     /// Requests that may await a response on one connection at once.
     /// Default: 256.

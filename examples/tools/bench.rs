@@ -1087,7 +1087,9 @@ fn print_ratios(reports: &[Report]) {
     {
         println!("# {line}");
     }
-    let ns = |name: &str| reports.iter().find(|r| r.name == name).map(|r| r.ns_per_op);
+    let report = |name: &str| reports.iter().find(|r| r.name == name);
+    let ns = |name: &str| report(name).map(|r| r.ns_per_op);
+    let cpu = |name: &str| report(name).map(|r| r.cpu_ns_per_op);
     if let (Some(req), Some(raw)) = (ns("Request"), ns("RawPingPong")) {
         println!("# Request / RawPingPong = {:.2}", req / raw);
         if let Some(crypto) = ns("Crypto") {
@@ -1097,12 +1099,6 @@ fn print_ratios(reports: &[Report]) {
             );
         }
     }
-    let cpu = |name: &str| {
-        reports
-            .iter()
-            .find(|r| r.name == name)
-            .map(|r| r.cpu_ns_per_op)
-    };
     if let (Some(nowait), Some(seal), Some(both), Some(raw), Some(raw_cpu)) = (
         ns("SendNoWait"),
         ns("Seal"),
