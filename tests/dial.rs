@@ -97,18 +97,33 @@ fn cut_short(e: &Error, addr: SocketAddr, phase: DialPhase, kind: TimeoutKind) -
 
 const BOUND: Duration = Duration::from_millis(1500);
 
+/// Runs a request with `timeout` on `client` and checks that it fails as
+/// a dial of `addr` that `kind`'s deadline ended in `phase`, within
+/// [`BOUND`] and no sooner than `at_least`. Returns its error.
+fn request_cut_short(
+    client: &Arc<Client>,
+    timeout: Duration,
+    at_least: Duration,
+    (addr, phase, kind): (SocketAddr, DialPhase, TimeoutKind),
+) -> Error {
+    let (e, took) = timed(client, move |c| {
+        c.request_timeout(b"ping", &mut Vec::new(), Some(timeout))
+    });
+    assert!(took < BOUND, "took {took:?}: {e}");
+    assert!(took >= at_least, "took {took:?}: {e}");
+    assert!(cut_short(&e, addr, phase, kind), "{e:?}");
+    e
+}
+
 #[test]
 fn a_request_to_a_full_backlog_fails_by_its_own_deadline() {
     let (addr, _listener, _fillers) = full_backlog();
     let client = Arc::new(Client::new(addr, config()).unwrap());
-    let (e, took) = timed(&client, |c| {
-        c.request_timeout(b"ping", &mut Vec::new(), Some(Duration::from_secs(1)))
-    });
-    assert!(took < BOUND, "took {took:?}: {e}");
-    assert!(took >= Duration::from_millis(900), "took {took:?}: {e}");
-    assert!(
-        cut_short(&e, addr, DialPhase::Connect, TimeoutKind::Request),
-        "{e:?}"
+    let e = request_cut_short(
+        &client,
+        Duration::from_secs(1),
+        Duration::from_millis(900),
+        (addr, DialPhase::Connect, TimeoutKind::Request),
     );
     assert_eq!(
         e.to_string(),
@@ -136,13 +151,11 @@ fn send_and_send_no_wait_to_a_full_backlog_fail_by_the_send_timeout() {
 fn a_request_whose_handshake_stalls_fails_by_its_own_deadline() {
     let addr = mute_server();
     let client = Arc::new(Client::new(addr, config()).unwrap());
-    let (e, took) = timed(&client, |c| {
-        c.request_timeout(b"ping", &mut Vec::new(), Some(Duration::from_secs(1)))
-    });
-    assert!(took < BOUND, "took {took:?}: {e}");
-    assert!(
-        cut_short(&e, addr, DialPhase::Handshake, TimeoutKind::Request),
-        "{e:?}"
+    request_cut_short(
+        &client,
+        Duration::from_secs(1),
+        Duration::ZERO,
+        (addr, DialPhase::Handshake, TimeoutKind::Request),
     );
 }
 
@@ -222,26 +235,21 @@ fn a_handshake_write_the_peer_does_not_take_ends_by_the_deadline() {
         .send_buffer_size(Some(16 << 10))
         .handshake_timeout(Some(Duration::from_millis(300)));
     let client = Arc::new(Client::new(addr, config.clone()).unwrap());
-    let (e, took) = timed(&client, |c| {
-        c.request_timeout(b"ping", &mut Vec::new(), Some(Duration::from_secs(3)))
-    });
-    assert!(took < BOUND, "took {took:?}: {e}");
-    assert!(took >= Duration::from_millis(250), "took {took:?}: {e}");
-    assert!(
-        cut_short(&e, addr, DialPhase::Handshake, TimeoutKind::Handshake),
-        "{e:?}"
+    request_cut_short(
+        &client,
+        Duration::from_secs(3),
+        Duration::from_millis(250),
+        (addr, DialPhase::Handshake, TimeoutKind::Handshake),
     );
 
     // The call's deadline, when it comes first, ends the wait as its own.
     let config = config.handshake_timeout(Some(Duration::from_secs(5)));
     let client = Arc::new(Client::new(addr, config).unwrap());
-    let (e, took) = timed(&client, |c| {
-        c.request_timeout(b"ping", &mut Vec::new(), Some(Duration::from_millis(300)))
-    });
-    assert!(took < BOUND, "took {took:?}: {e}");
-    assert!(
-        cut_short(&e, addr, DialPhase::Handshake, TimeoutKind::Request),
-        "{e:?}"
+    request_cut_short(
+        &client,
+        Duration::from_millis(300),
+        Duration::ZERO,
+        (addr, DialPhase::Handshake, TimeoutKind::Request),
     );
 }
 

@@ -4,8 +4,6 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::TcpListener;
-use std::thread;
 
 use monte_rpc::{Client, Config, Error};
 
@@ -14,11 +12,7 @@ use monte_rpc::{Client, Config, Error};
 /// ("t-Ty") read as a length prefix of 1949127801.
 #[test]
 fn a_frame_too_large_names_the_configured_message_size() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = thread::spawn(move || {
-        let (mut stream, _) = listener.accept().unwrap();
-        common::serve_handshake(&mut stream);
+    let (addr, server) = common::raw_server(|mut stream| {
         let mut request = [0u8; 64];
         let _ = stream.read(&mut request).unwrap();
         stream.write_all(b"t-Type: text/plain\r\n\r\n").unwrap();

@@ -6,7 +6,6 @@
 //! the frame timeout.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -17,15 +16,10 @@ mod common;
 /// Accepts one connection, runs the server side of the handshake by hand,
 /// then holds the socket without reading it until `hold` passes.
 fn silent_server(hold: Duration) -> (std::net::SocketAddr, thread::JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = thread::spawn(move || {
-        let (mut stream, _) = listener.accept().unwrap();
-        common::serve_handshake(&mut stream);
+    common::raw_server(move |stream| {
         thread::sleep(hold);
-        drop::<TcpStream>(stream);
-    });
-    (addr, server)
+        drop(stream);
+    })
 }
 
 /// Floods the client's only connection with `send_no_wait` until a call
@@ -109,11 +103,7 @@ fn write_timeout_closes_a_connection_whose_output_is_stuck() {
 /// fail at the frame timeout, not hold on until its own request timeout.
 #[test]
 fn a_trickled_response_fails_the_waiting_request_at_the_frame_timeout() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = thread::spawn(move || {
-        let (mut stream, _) = listener.accept().unwrap();
-        common::serve_handshake(&mut stream);
+    let (addr, server) = common::raw_server(|mut stream| {
         // The request (whatever it is), then a frame of 100 bytes whose
         // length prefix and first bytes come, and the rest never does.
         let mut request = [0u8; 256];

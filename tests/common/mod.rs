@@ -94,3 +94,20 @@ pub fn serve_handshake(stream: &mut std::net::TcpStream) {
     stream.write_all(&out).unwrap();
     assert!(hs.take_session().is_some());
 }
+
+/// A raw server on loopback for one connection: accepts it, runs the
+/// server side of the handshake ([`serve_handshake`]), then hands the
+/// socket to `then`, on a thread of its own. Returns the address to dial
+/// and that thread.
+pub fn raw_server(
+    then: impl FnOnce(std::net::TcpStream) + Send + 'static,
+) -> (std::net::SocketAddr, thread::JoinHandle<()>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        serve_handshake(&mut stream);
+        then(stream);
+    });
+    (addr, server)
+}
