@@ -12,11 +12,20 @@
 #   ROUNDS=N      --rounds N     rounds per configuration (default 3)
 #   CONFIGS=LIST  --configs LIST "all cpu0" (default), or one of them
 #   BASELINES=0   --no-baselines leave out our RawPingPong/RawStream rows
+#   SPLIT_PEER=0  --no-split-peer leave out the peer whose server has its
+#                                own runtime (the "split" columns)
 #   NO_BUILD=1    --no-build     use the binaries already built
 #
-# Each round runs every benchmark as its own process, ours then the peer's,
-# benchmark by benchmark (our bench's --bench takes one name), so both sides
-# of a row ran back to back under the same background load.
+# Each round runs every benchmark as its own process, ours then the peer's
+# (then the split peer's), benchmark by benchmark (our bench's --bench
+# takes one name), so all sides of a row ran back to back under the same
+# background load.
+#
+# The peer runs its client and server tasks on one tokio runtime, where a
+# request and its response can be handled on one worker thread without a
+# thread switch: a benchmark-only advantage, since a server runs in its
+# own process. The split peer (`--server-runtime own`) gives the server a
+# runtime of its own, as its own process would.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -26,10 +35,11 @@ SECS=${SECS:-2}
 ROUNDS=${ROUNDS:-3}
 CONFIGS=${CONFIGS:-"all cpu0"}
 BASELINES=${BASELINES:-1}
+SPLIT_PEER=${SPLIT_PEER:-1}
 NO_BUILD=${NO_BUILD:-0}
 
 usage() {
-  sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'
   exit "${1:-2}"
 }
 
@@ -39,6 +49,7 @@ while [ $# -gt 0 ]; do
     --rounds) ROUNDS=$2; shift 2 ;;
     --configs) CONFIGS=$2; shift 2 ;;
     --no-baselines) BASELINES=0; shift ;;
+    --no-split-peer) SPLIT_PEER=0; shift ;;
     --no-build) NO_BUILD=1; shift ;;
     -h | --help) usage 0 ;;
     *) echo "compare.sh: unknown argument $1" >&2; usage ;;
@@ -87,10 +98,15 @@ notes=$work/notes.txt
 # has no such column) to the results.
 run() {
   local cfg=$1 impl=$2 name=$3 round=$4 bin pin="" out=$work/out
-  [ "$impl" = ours ] && bin=$ours || bin=$peer
+  local -a extra=()
+  case "$impl" in
+    ours) bin=$ours ;;
+    peer) bin=$peer ;;
+    split) bin=$peer; extra=(--server-runtime own) ;;
+  esac
   [ "$cfg" = cpu0 ] && pin="taskset -c 0"
   echo "== $cfg round $round: $impl $name" >>"$log"
-  if ! $pin "$bin" --secs "$SECS" --bench "$name" >"$out" 2>>"$log"; then
+  if ! $pin "$bin" --secs "$SECS" --bench "$name" "${extra[@]}" >"$out" 2>>"$log"; then
     echo "compare.sh: $impl $name ($cfg) failed; its output:" >&2
     cat "$out" >&2
     tail -n 20 "$log" >&2
@@ -127,6 +143,7 @@ for cfg in $CONFIGS; do
     for name in $BENCHES; do
       run "$cfg" ours "$name" "$round"
       run "$cfg" peer "$name" "$round"
+      [ "$SPLIT_PEER" = 1 ] && run "$cfg" split "$name" "$round"
     done
     for name in $REFS; do
       run "$cfg" ours "$name" "$round"
@@ -135,7 +152,7 @@ for cfg in $CONFIGS; do
 done
 
 echo
-awk -F'\t' -v configs="$CONFIGS" -v benches="$BENCHES $REFS" -v rounds="$ROUNDS" -v secs="$SECS" '
+awk -F'\t' -v configs="$CONFIGS" -v benches="$BENCHES $REFS" -v rounds="$ROUNDS" -v secs="$SECS" -v with_split="$SPLIT_PEER" '
   # The median of column `col` (6: ns/op, 7: ns-cpu/op) over the rounds
   # of `key`; "n/a" if any round lacks it, "" if there are none.
   function median(key, col,    n, i, j, v, a) {
@@ -172,8 +189,13 @@ awk -F'\t' -v configs="$CONFIGS" -v benches="$BENCHES $REFS" -v rounds="$ROUNDS"
       cfg = cfgs[c]
       title = (cfg == "all") ? "all cores" : "taskset -c 0"
       printf "### %s (%s cores seen by the benchmarks; medians of %s round(s) of %s s)\n\n", title, cores[cfg], rounds, secs
-      print "| benchmark | ours ns/op | peer ns/op | peer/ours | ours ns-cpu/op | peer ns-cpu/op |"
-      print "|---|--:|--:|--:|--:|--:|"
+      if (with_split) {
+        print "| benchmark | ours ns/op | peer ns/op | peer/ours | split ns/op | split/ours | ours ns-cpu/op | peer ns-cpu/op | split ns-cpu/op |"
+        print "|---|--:|--:|--:|--:|--:|--:|--:|--:|"
+      } else {
+        print "| benchmark | ours ns/op | peer ns/op | peer/ours | ours ns-cpu/op | peer ns-cpu/op |"
+        print "|---|--:|--:|--:|--:|--:|"
+      }
       for (b = 1; b <= nb; b++) {
         name = names[b]
         ko = cfg SUBSEP "ours" SUBSEP name
@@ -182,11 +204,20 @@ awk -F'\t' -v configs="$CONFIGS" -v benches="$BENCHES $REFS" -v rounds="$ROUNDS"
         ratio = "-"
         if (ours_ns != "" && peer_ns != "" && ours_ns > 0) ratio = sprintf("%.2f", peer_ns / ours_ns)
         label = (count[kp] == 0) ? name " (ours, baseline)" : name
-        printf "| %s | %s | %s | %s | %s | %s |\n", label, fmt(ours_ns), fmt(peer_ns), ratio, fmt(median(ko, 7)), fmt(median(kp, 7))
+        if (with_split) {
+          ks = cfg SUBSEP "split" SUBSEP name
+          split_ns = median(ks, 6)
+          split_ratio = "-"
+          if (ours_ns != "" && split_ns != "" && ours_ns > 0) split_ratio = sprintf("%.2f", split_ns / ours_ns)
+          printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", label, fmt(ours_ns), fmt(peer_ns), ratio, fmt(split_ns), split_ratio, fmt(median(ko, 7)), fmt(median(kp, 7)), fmt(median(ks, 7))
+        } else {
+          printf "| %s | %s | %s | %s | %s | %s |\n", label, fmt(ours_ns), fmt(peer_ns), ratio, fmt(median(ko, 7)), fmt(median(kp, 7))
+        }
       }
       print ""
     }
     print "peer/ours > 1: ours is faster. ns-cpu/op: the whole process'"'"'s user + sys time (getrusage) over the timed interval, per op."
+    if (with_split) print "split: the peer with its server on a runtime of its own (--server-runtime own), as a server in its own process would be."
   }
 ' "$results"
 if [ -s "$notes" ]; then

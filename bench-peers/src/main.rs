@@ -5,6 +5,7 @@
 //! ```text
 //! cargo run --release --manifest-path bench-peers/Cargo.toml -- \
 //!     [--secs S] [--bench NAME[,NAME...]] [--size N] [--conns N] [--callers N]
+//!     [--server-runtime shared|own]
 //! ```
 //!
 //! - TLS 1.3 only, `TLS13_AES_256_GCM_SHA384` only, X25519 only, rustls'
@@ -23,7 +24,9 @@
 //!   64 KiB (`SendNoWait`), and a reader task routing responses by `seq`
 //!   to the waiting caller's oneshot.
 //! - Callers are tasks on one multi-thread runtime with a worker per
-//!   available core (client and server share it). `Send`, `SendNoWait` and
+//!   available core. The server shares it, or, with `--server-runtime own`,
+//!   runs on a second runtime of as many workers, as a server process of
+//!   its own would (the README says why both). `Send`, `SendNoWait` and
 //!   `Request` use one caller and one connection; the `Parallel*` ones
 //!   cores × 4 callers (`MONTE_CALLERS`) over 4 connections
 //!   (`MONTE_MAX_CONNS`), as examples/tools/bench.rs does with its `Client`.
@@ -153,6 +156,19 @@ struct Args {
     /// available cores × 4.
     #[arg(long)]
     callers: Option<usize>,
+    /// Where the server's tasks run: `shared`, on the callers' runtime (a
+    /// request and its response may then be handled on one worker thread,
+    /// with no thread switch), or `own`, on a second runtime of as many
+    /// workers, as a server in its own process would.
+    #[arg(long, value_enum, default_value_t = ServerRuntime::Shared)]
+    server_runtime: ServerRuntime,
+}
+
+/// See [`Args::server_runtime`].
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ServerRuntime {
+    Shared,
+    Own,
 }
 
 fn env_usize(name: &str) -> Option<usize> {
@@ -970,16 +986,27 @@ fn main() {
         .enable_all()
         .build()
         .unwrap_or_else(|e| fail(&format!("runtime: {e}")));
+    let server_runtime = (args.server_runtime == ServerRuntime::Own).then(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(cores)
+            .thread_name("server")
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| fail(&format!("server runtime: {e}")))
+    });
+    let (acceptor, connector) = tls_configs().unwrap_or_else(|e| fail(&e));
+    let max_body = (args.size + 64).max(1 << 20);
+    let server_handle = server_runtime
+        .as_ref()
+        .map_or_else(|| runtime.handle().clone(), |rt| rt.handle().clone());
+    let listener = server_handle
+        .block_on(TcpListener::bind("127.0.0.1:0"))
+        .unwrap_or_else(|e| fail(&format!("bind: {e}")));
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|e| fail(&format!("bind: {e}")));
+    server_handle.spawn(serve(listener, acceptor, max_body));
     runtime.block_on(async {
-        let (acceptor, connector) = tls_configs().unwrap_or_else(|e| fail(&e));
-        let max_body = (args.size + 64).max(1 << 20);
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap_or_else(|e| fail(&format!("bind: {e}")));
-        let addr = listener
-            .local_addr()
-            .unwrap_or_else(|e| fail(&format!("bind: {e}")));
-        tokio::spawn(serve(listener, acceptor, max_body));
 
         let setup = Setup {
             addr,
@@ -991,8 +1018,14 @@ fn main() {
             callers,
         };
         eprintln!(
-            "# tokio {} worker threads; Parallel*: {callers} caller tasks over {conns} connections",
-            cores
+            "# tokio {} worker threads; Parallel*: {callers} caller tasks over {conns} connections; \
+             server on {}",
+            cores,
+            if server_runtime.is_some() {
+                "its own runtime of as many"
+            } else {
+                "the same runtime"
+            }
         );
         let payload: Arc<[u8]> = random_payload(args.size).into();
         for bench in selected {
@@ -1015,4 +1048,7 @@ fn main() {
     });
     // The server's tasks are still parked in accept/read: do not wait.
     runtime.shutdown_background();
+    if let Some(rt) = server_runtime {
+        rt.shutdown_background();
+    }
 }
