@@ -25,7 +25,7 @@
 # request and its response can be handled on one worker thread without a
 # thread switch: a benchmark-only advantage, since a server runs in its
 # own process. The split peer (`--server-runtime own`) gives the server a
-# runtime of its own, as its own process would.
+# runtime of its own, nearer to a process of its own (still one process).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -56,6 +56,10 @@ while [ $# -gt 0 ]; do
   esac
 done
 CONFIGS=${CONFIGS//,/ }
+case "$SPLIT_PEER" in
+  0 | 1) ;;
+  *) echo "compare.sh: SPLIT_PEER is 1 or 0, not $SPLIT_PEER" >&2; exit 2 ;;
+esac
 for cfg in $CONFIGS; do
   case "$cfg" in
     all | cpu0) ;;
@@ -106,7 +110,7 @@ run() {
   esac
   [ "$cfg" = cpu0 ] && pin="taskset -c 0"
   echo "== $cfg round $round: $impl $name" >>"$log"
-  if ! $pin "$bin" --secs "$SECS" --bench "$name" "${extra[@]}" >"$out" 2>>"$log"; then
+  if ! $pin "$bin" --secs "$SECS" --bench "$name" ${extra[@]+"${extra[@]}"} >"$out" 2>>"$log"; then
     echo "compare.sh: $impl $name ($cfg) failed; its output:" >&2
     cat "$out" >&2
     tail -n 20 "$log" >&2
@@ -216,8 +220,9 @@ awk -F'\t' -v configs="$CONFIGS" -v benches="$BENCHES $REFS" -v rounds="$ROUNDS"
       }
       print ""
     }
-    print "peer/ours > 1: ours is faster. ns-cpu/op: the whole process'"'"'s user + sys time (getrusage) over the timed interval, per op."
-    if (with_split) print "split: the peer with its server on a runtime of its own (--server-runtime own), as a server in its own process would be."
+    legend = with_split ? "peer/ours, split/ours > 1" : "peer/ours > 1"
+    print legend ": ours is faster. ns-cpu/op: the whole process'"'"'s user + sys time (getrusage) over the timed interval, per op."
+    if (with_split) print "split: the peer with its server on a runtime of its own (--server-runtime own), nearer to a server in a process of its own."
   }
 ' "$results"
 if [ -s "$notes" ]; then

@@ -25,8 +25,8 @@
 //!   to the waiting caller's oneshot.
 //! - Callers are tasks on one multi-thread runtime with a worker per
 //!   available core. The server shares it, or, with `--server-runtime own`,
-//!   runs on a second runtime of as many workers, as a server process of
-//!   its own would (the README says why both). `Send`, `SendNoWait` and
+//!   runs on a second runtime of as many workers, nearer to a server in a
+//!   process of its own (the README says why both). `Send`, `SendNoWait` and
 //!   `Request` use one caller and one connection; the `Parallel*` ones
 //!   cores × 4 callers (`MONTE_CALLERS`) over 4 connections
 //!   (`MONTE_MAX_CONNS`), as examples/tools/bench.rs does with its `Client`.
@@ -132,7 +132,7 @@ fn cpu_time() -> Duration {
 // ---------------------------------------------------------------------------
 // Arguments
 
-/// examples/tools/bench.rs's six client benchmarks over tokio + tokio-rustls
+/// examples/tools/bench.rs's eight client benchmarks over tokio + tokio-rustls
 /// (TLS 1.3, AES-256-GCM, X25519, ring), in Go's benchmark format plus a
 /// CPU column.
 #[derive(Parser)]
@@ -142,7 +142,7 @@ struct Args {
     #[arg(long, default_value_t = 2.0)]
     secs: f64,
     /// Benchmarks to run (repeatable, or a comma list; case-insensitive).
-    /// Default: all six.
+    /// Default: all eight.
     #[arg(long = "bench", value_delimiter = ',')]
     bench: Vec<String>,
     /// Payload size in bytes (random bytes, made once).
@@ -159,7 +159,7 @@ struct Args {
     /// Where the server's tasks run: `shared`, on the callers' runtime (a
     /// request and its response may then be handled on one worker thread,
     /// with no thread switch), or `own`, on a second runtime of as many
-    /// workers, as a server in its own process would.
+    /// workers, nearer to a server in a process of its own.
     #[arg(long, value_enum, default_value_t = ServerRuntime::Shared)]
     server_runtime: ServerRuntime,
 }
@@ -1007,7 +1007,6 @@ fn main() {
         .unwrap_or_else(|e| fail(&format!("bind: {e}")));
     server_handle.spawn(serve(listener, acceptor, max_body));
     runtime.block_on(async {
-
         let setup = Setup {
             addr,
             connector,
