@@ -359,7 +359,11 @@ impl Connection {
         Counters::inc(&stats.requests_in_flight);
         let mut reads = CallerReads::new(&self.shared.read, self);
         reads.quiet_reactor();
-        let result = match self.submit(
+        // A caller that must wait for room reads nothing meanwhile: the
+        // reactor gets its readable events back for that wait (the peer's
+        // messages, other callers' responses), and waiting for the
+        // response takes them again.
+        let submitted = self.submit_or_wait(
             pending.seq(),
             body,
             Mode::Direct { wait: false },
@@ -367,7 +371,9 @@ impl Connection {
                 at,
                 kind: TimeoutKind::Request,
             }),
-        ) {
+            &mut || reads.wake_reactor_again(),
+        );
+        let result = match submitted {
             Err(e) => {
                 *response = pending.cancel();
                 Err(e)
@@ -422,10 +428,23 @@ impl Connection {
     }
 
     fn submit(&self, seq: u32, body: &[u8], mode: Mode, by: Option<CallDeadline>) -> Result<()> {
+        self.submit_or_wait(seq, body, mode, by, &mut || {})
+    }
+
+    /// [`submit`](Self::submit), calling `before_room_wait` if the call has
+    /// to wait for room (see [`OutboundQueue::submit`]).
+    fn submit_or_wait(
+        &self,
+        seq: u32,
+        body: &[u8],
+        mode: Mode,
+        by: Option<CallDeadline>,
+        before_room_wait: &mut dyn FnMut(),
+    ) -> Result<()> {
         let sh = &*self.shared;
         let mode = self.checked_mode(body, mode)?;
         sh.active_calls.fetch_add(1, Ordering::Relaxed);
-        let result = sh.out.submit(self, seq, body, mode, by);
+        let result = sh.out.submit(self, seq, body, mode, by, before_room_wait);
         sh.active_calls.fetch_sub(1, Ordering::Relaxed);
         result
     }

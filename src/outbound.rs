@@ -329,7 +329,11 @@ impl OutboundQueue {
     /// Seals `body` as frame `seq` and hands it on as `mode` says. Waits
     /// for room (up to the send timeout) unless `mode` is one of the
     /// reactor thread's; `Direct { wait: true }` also waits until the frame
-    /// is written.
+    /// is written. If the call has to wait for room, `before_room_wait`
+    /// runs (outside the lock) before it first sleeps: a caller that
+    /// prepared to go straight on undoes that there (a request gives the
+    /// reactor back the readable events it took for its response, which a
+    /// caller still queueing would not read).
     pub(crate) fn submit(
         &self,
         owner: &impl QueueOwner,
@@ -337,6 +341,7 @@ impl OutboundQueue {
         body: &[u8],
         mode: Mode,
         by: Option<CallDeadline>,
+        before_room_wait: &mut dyn FnMut(),
     ) -> Result<()> {
         // One deadline for every wait of this call (room, then the
         // write): the call's own, or the send timeout from the first wait.
@@ -350,7 +355,7 @@ impl OutboundQueue {
                     return Err(Error::QueueFull);
                 }
             }
-            _ => g = self.wait_for_room(g, frame, &mut deadline)?,
+            _ => g = self.wait_for_room(g, frame, &mut deadline, before_room_wait)?,
         }
         match self.enqueue(owner, g, seq, body, mode)? {
             (Some(g), end) if mode == (Mode::Direct { wait: true }) => {
@@ -510,8 +515,17 @@ impl OutboundQueue {
         mut g: MutexGuard<'a, Outbound>,
         frame: usize,
         deadline: &mut Option<Option<CallDeadline>>,
+        before_room_wait: &mut dyn FnMut(),
     ) -> Result<MutexGuard<'a, Outbound>> {
+        let mut told = false;
         while g.lacks_room(frame, self.limit) {
+            if !told {
+                told = true;
+                drop(g);
+                before_room_wait();
+                g = lock(&self.state);
+                continue;
+            }
             g = self.wait_cv(g, deadline)?;
         }
         Ok(g)
@@ -910,7 +924,9 @@ mod tests {
         for _ in 0..LOW_WATER_STREAK {
             for _ in 0..(STREAM_WRITE / body.len() + 1) {
                 seq += 1;
-                queue.submit(&owner, seq, &body, Mode::Queue, None).unwrap();
+                queue
+                    .submit(&owner, seq, &body, Mode::Queue, None, &mut || {})
+                    .unwrap();
             }
             assert_eq!(queue.flush_from_reactor(&owner, usize::MAX), Flushed::Empty);
         }
@@ -919,7 +935,9 @@ mod tests {
         for _ in 0..LOW_WATER_STREAK {
             seq += 1;
             let direct = Mode::Direct { wait: true };
-            queue.submit(&owner, seq, &body, direct, None).unwrap();
+            queue
+                .submit(&owner, seq, &body, direct, None, &mut || {})
+                .unwrap();
         }
         assert_eq!(lowat(), system);
         assert_eq!(owner.failures.load(Ordering::Relaxed), 0);
@@ -1018,7 +1036,14 @@ mod tests {
         };
         for seq in 1..=frames {
             loop {
-                match queue.submit(&owner, seq, &body(seq), Mode::ReactorQueue, None) {
+                match queue.submit(
+                    &owner,
+                    seq,
+                    &body(seq),
+                    Mode::ReactorQueue,
+                    None,
+                    &mut || {},
+                ) {
                     Ok(()) => break,
                     Err(Error::QueueFull) => {
                         flush(&queue);
@@ -1070,7 +1095,7 @@ mod tests {
             let queuing = s.spawn(|| {
                 for seq in 1..=frames {
                     loop {
-                        match queue.submit(&owner, seq, &body(seq), mode, None) {
+                        match queue.submit(&owner, seq, &body(seq), mode, None, &mut || {}) {
                             Ok(()) => break,
                             Err(Error::QueueFull) => std::thread::yield_now(),
                             Err(e) => panic!("queueing frame {seq}: {e}"),
@@ -1157,7 +1182,14 @@ mod tests {
         let queue = queue(&Config::default());
         let owner = Owner::new(&queue, ours);
         let error = queue
-            .submit(&owner, 1, &[1; 1400], Mode::Direct { wait: true }, None)
+            .submit(
+                &owner,
+                1,
+                &[1; 1400],
+                Mode::Direct { wait: true },
+                None,
+                &mut || {},
+            )
             .expect_err("a write to a reset connection succeeded");
         assert_eq!(owner.failures.load(Ordering::Relaxed), 1);
         assert!(

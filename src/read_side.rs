@@ -109,8 +109,8 @@ impl<'a, O: ReadOwner> CallerReads<'a, O> {
     /// request is written: a response that lands before this caller starts
     /// waiting must not wake the reactor, which would read it and then
     /// have to wake this caller (two thread switches instead of none).
-    /// Given back when the caller stops spinning, cannot wait on the
-    /// socket, or is dropped.
+    /// Given back when the caller has to wait for room in the queue first,
+    /// stops spinning, cannot wait on the socket, or is dropped.
     pub(crate) fn quiet_reactor(&mut self) {
         if !self.quiet {
             self.quiet = true;
@@ -118,7 +118,10 @@ impl<'a, O: ReadOwner> CallerReads<'a, O> {
         }
     }
 
-    fn wake_reactor_again(&mut self) {
+    /// Gives the reactor its readable events back, if this caller took
+    /// them ([`quiet_reactor`](Self::quiet_reactor)): for a wait in which
+    /// it reads nothing, and when it is done.
+    pub(crate) fn wake_reactor_again(&mut self) {
         if std::mem::take(&mut self.quiet) {
             self.side.callers_waiting(self.owner, -1);
         }

@@ -3,9 +3,12 @@
 //! connection whose output makes no progress. Tested against a raw peer
 //! that completes the handshake and then never reads. And on the read
 //! side, a peer that trickles a response cannot hold a waiting caller past
-//! the frame timeout.
+//! the frame timeout. And a request waiting for room in a full queue
+//! leaves the reactor listening to the peer.
 
 use std::io::{Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -135,4 +138,96 @@ fn a_trickled_response_fails_the_waiting_request_at_the_frame_timeout() {
     );
     drop(client);
     server.join().unwrap();
+}
+
+/// A request that has to wait for room in its connection's full queue
+/// must not keep the reactor from hearing the peer meanwhile. A caller
+/// waiting for its response reads the socket itself and turns the
+/// reactor's readable events off; one still waiting to queue its request
+/// reads nothing, so while it waits, a message the peer sends (or another
+/// caller's response, or the end of the stream) must reach the reactor.
+/// The peer here never reads, so the queue stays full and the request
+/// waits until its timeout; the peer's message must be handled at once.
+#[test]
+fn a_request_waiting_for_room_leaves_the_reactor_listening() {
+    common::within(30, || {
+        let (send_now, told) = mpsc::channel::<()>();
+        let (finish, done) = mpsc::channel::<()>();
+        let (addr, server) = common::raw_server_with_session(move |mut stream, mut session| {
+            told.recv().unwrap();
+            let mut frame = Vec::new();
+            session
+                .sealer
+                .seal_append(0, b"while you wait", &mut frame)
+                .unwrap();
+            stream.write_all(&frame).unwrap();
+            let _ = done.recv();
+        });
+        let heard: Arc<Mutex<Option<Instant>>> = Arc::default();
+        let handler = {
+            let heard = heard.clone();
+            move |ctx: &mut monte_rpc::Context<'_>| {
+                assert_eq!(ctx.body(), b"while you wait");
+                heard.lock().unwrap().get_or_insert_with(Instant::now);
+            }
+        };
+        let config = Config::default()
+            .workers(1)
+            .max_conns(1)
+            .max_queued_bytes(64 << 10)
+            .send_buffer_size(Some(16 << 10))
+            .write_timeout(None)
+            .send_timeout(Some(Duration::from_secs(3)))
+            .request_timeout(Some(Duration::from_secs(3)))
+            .drain_timeout(Duration::from_millis(200));
+        let client = Arc::new(Client::with_handler(addr, config, handler).unwrap());
+        // Fill the queue: queued sends until one has waited its send
+        // timeout (the peer reads nothing).
+        let queued = Arc::new(AtomicU64::new(0));
+        let filler = {
+            let (client, queued) = (client.clone(), queued.clone());
+            thread::spawn(move || {
+                while client.send_no_wait(&[0x44; 8 << 10]).is_ok() {
+                    queued.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        // Full once the count stands still.
+        let mut last = u64::MAX;
+        while queued.load(Ordering::Relaxed) != last {
+            last = queued.load(Ordering::Relaxed);
+            thread::sleep(Duration::from_millis(200));
+        }
+        assert!(last > 0, "nothing was queued");
+        // A request that must wait for room (its 32 KiB do not fit beside
+        // what is queued; a small one would fit, then read the socket
+        // itself while it waits for its response), then the peer's message.
+        let requester = {
+            let client = client.clone();
+            thread::spawn(move || client.request(&[0x52; 32 << 10], &mut Vec::new()))
+        };
+        thread::sleep(Duration::from_millis(200));
+        let sent = Instant::now();
+        send_now.send(()).unwrap();
+        let handled =
+            common::wait_until(Duration::from_secs(2), || heard.lock().unwrap().is_some());
+        let request = requester.join().unwrap();
+        assert!(
+            handled,
+            "the peer's message was not handled within 2 s of being sent while a \
+             request waited for room (handled after {:?}; the request gave {request:?})",
+            heard.lock().unwrap().map(|at| at.duration_since(sent))
+        );
+        assert!(
+            matches!(
+                request.as_ref().map_err(Error::root_cause),
+                Err(Error::Timeout(_))
+            ),
+            "the request should have waited for room until its timeout: {request:?}"
+        );
+        filler.join().unwrap();
+        finish.send(()).unwrap();
+        server.join().unwrap();
+        client.shutdown();
+    });
 }

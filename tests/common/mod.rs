@@ -81,8 +81,9 @@ pub fn server_config() -> monte_rpc::Config {
 
 /// Runs the server side of the specification's handshake (`secure`) by
 /// hand on an accepted socket, for tests whose server is a raw peer that
-/// then misbehaves in its own way.
-pub fn serve_handshake(stream: &mut std::net::TcpStream) {
+/// then misbehaves in its own way. Returns the session's keys, for a raw
+/// peer that goes on to seal frames of its own.
+pub fn serve_handshake(stream: &mut std::net::TcpStream) -> monte_rpc::protocol::Session {
     use monte_rpc::protocol::{Handshake, Profile, ServerHandshake};
     use std::io::{Read, Write};
     let mut hs = ServerHandshake::new(Profile::Secure).unwrap();
@@ -92,7 +93,7 @@ pub fn serve_handshake(stream: &mut std::net::TcpStream) {
     let mut out = Vec::new();
     hs.write_output(&mut out);
     stream.write_all(&out).unwrap();
-    assert!(hs.take_session().is_some());
+    hs.take_session().unwrap()
 }
 
 /// A raw server on loopback for one connection: accepts it, runs the
@@ -102,12 +103,19 @@ pub fn serve_handshake(stream: &mut std::net::TcpStream) {
 pub fn raw_server(
     then: impl FnOnce(std::net::TcpStream) + Send + 'static,
 ) -> (std::net::SocketAddr, thread::JoinHandle<()>) {
+    raw_server_with_session(|stream, _| then(stream))
+}
+
+/// [`raw_server`] whose `then` also gets the session's keys.
+pub fn raw_server_with_session(
+    then: impl FnOnce(std::net::TcpStream, monte_rpc::protocol::Session) + Send + 'static,
+) -> (std::net::SocketAddr, thread::JoinHandle<()>) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let server = thread::spawn(move || {
         let (mut stream, _) = listener.accept().unwrap();
-        serve_handshake(&mut stream);
-        then(stream);
+        let session = serve_handshake(&mut stream);
+        then(stream, session);
     });
     (addr, server)
 }
