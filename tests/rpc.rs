@@ -962,3 +962,69 @@ fn a_full_wait_queue_refuses_at_once() {
         server.shutdown();
     });
 }
+
+/// One connection whose peer never lets up must not hold its reactor: a
+/// reactor read a connection until its socket was empty, and a peer that
+/// sends faster than the handler keeps up never lets it empty. Another
+/// connection on the same reactor (a server with one worker) must still
+/// get its requests answered while the flood goes on. The server's large
+/// receive buffer holds about 4,000 messages, which its handler takes
+/// about 0.3 s to get through, so the socket stays full.
+#[test]
+fn a_connection_that_never_lets_up_does_not_starve_its_reactor() {
+    within(60, || {
+        let server = Server::bind(
+            "127.0.0.1:0",
+            server_config()
+                .workers(1)
+                .read_buffer_size(4096)
+                .recv_buffer_size(Some(4 << 20)),
+            |ctx: &mut Context<'_>| {
+                if ctx.expects_reply() {
+                    let _ = ctx.reply(b"here");
+                } else {
+                    // Slower than the flood can send.
+                    thread::sleep(Duration::from_micros(50));
+                }
+            },
+        )
+        .unwrap();
+        let other = Client::new(server.local_addr(), client_config().max_conns(1)).unwrap();
+        let mut answer = Vec::new();
+        // Dialled before the flood: the handshake is not what is measured.
+        other.request(b"first", &mut answer).unwrap();
+        let flooding = Arc::new(AtomicBool::new(true));
+        let flooder = {
+            let (addr, flooding) = (server.local_addr(), flooding.clone());
+            thread::spawn(move || {
+                let client = Client::new(addr, client_config().max_conns(1)).unwrap();
+                let body = [0x46; 1024];
+                while flooding.load(Ordering::Relaxed) {
+                    if client.send_no_wait(&body).is_err() {
+                        break;
+                    }
+                }
+                client.shutdown();
+            })
+        };
+        thread::sleep(Duration::from_millis(50));
+        let mut slowest = Duration::ZERO;
+        let mut answered = Ok(());
+        for _ in 0..5 {
+            let start = Instant::now();
+            answered = other.request_timeout(b"now?", &mut answer, Some(Duration::from_secs(2)));
+            slowest = slowest.max(start.elapsed());
+            if answered.is_err() {
+                break;
+            }
+        }
+        flooding.store(false, Ordering::Relaxed);
+        flooder.join().unwrap();
+        assert!(
+            answered.is_ok() && slowest < Duration::from_millis(150),
+            "requests beside the flood took up to {slowest:?}, the last: {answered:?}"
+        );
+        other.shutdown();
+        server.shutdown();
+    });
+}

@@ -15,6 +15,13 @@ use crate::sync::completion::Delivered;
 
 use super::Reactor;
 
+/// Receive-buffer fills a reactor reads from one connection per turn.
+/// Past them, the connection is read again at the start of the next turn,
+/// after every other connection's events, the timers and the commands:
+/// a peer that sends faster than its handler keeps up, and so never lets
+/// the socket empty, cannot keep the reactor from the rest.
+const FILLS_PER_TURN: usize = 16;
+
 /// What a reactor's handlers were given in one turn.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 pub(super) enum Served {
@@ -47,8 +54,9 @@ impl Reactor {
         if self.conns[key].life.take_resumed() {
             inbound.resume(now_nanos());
         }
+        let mut fills_left = FILLS_PER_TURN;
         let result = loop {
-            let read = self.read_all(key, &conn, &mut inbound, bytes_only);
+            let read = self.read_all(key, &conn, &mut inbound, bytes_only, &mut fills_left);
             if read.is_err() || !self.conns.contains(key) {
                 break read;
             }
@@ -56,6 +64,8 @@ impl Reactor {
             // next bytes come.
             inbound.lend_back(&self.shared.recv_buffers);
             match conn.shared.read.core.release(inbound) {
+                // Bytes announced meanwhile: read on, unless this turn's
+                // fills are used up (the next turn reads them).
                 Some(again) => inbound = again,
                 None => break Ok(()),
             }
@@ -64,17 +74,23 @@ impl Reactor {
             self.close(key, e);
             return;
         }
+        if fills_left == 0 && self.conns.contains(key) {
+            self.read_next_turn.push(key);
+        }
         self.after_io(key);
     }
 
     /// Drains the socket into the receive buffer, processing frames as they
-    /// complete (and first whatever a caller-thread reader left).
+    /// complete (and first whatever a caller-thread reader left), for at
+    /// most `fills_left` reads (counted down; at 0 it stops before the next
+    /// read, with bytes perhaps left in the socket).
     pub(super) fn read_all(
         &mut self,
         key: usize,
         conn: &Connection,
         inbound: &mut ConnCore,
         bytes_only: bool,
+        fills_left: &mut usize,
     ) -> Result<()> {
         let mut now = now_nanos();
         let mut drained = false;
@@ -95,9 +111,10 @@ impl Reactor {
             if inbound.eof {
                 return self.on_end_of_stream(key);
             }
-            if drained {
+            if drained || *fills_left == 0 {
                 return Ok(());
             }
+            *fills_left -= 1;
             let filled = inbound.fill(&conn.shared.stream, now, &self.shared.recv_buffers);
             let filled =
                 filled.map_err(|e| socket_error(SocketOp::Reading, conn.peer_addr(), e))?;

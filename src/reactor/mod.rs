@@ -94,6 +94,11 @@ pub struct Reactor {
     dirty: Vec<usize>,
     /// Connections whose paused reading may resume: their output drained.
     resume: Vec<usize>,
+    /// Connections that used up a turn's reads with bytes perhaps left
+    /// (see `FILLS_PER_TURN`): read again next turn, which does not sleep.
+    read_next_turn: Vec<usize>,
+    /// `read_next_turn` as it was when this turn began (its capacity kept).
+    read_this_turn: Vec<usize>,
     config: Arc<Config>,
     tick: Duration,
     next_sweep: Instant,
@@ -173,6 +178,8 @@ impl Reactor {
             // allocate. More than this at once grows them, once.
             dirty: Vec::with_capacity(64),
             resume: Vec::with_capacity(64),
+            read_next_turn: Vec::with_capacity(64),
+            read_this_turn: Vec::with_capacity(64),
             config,
             tick,
             next_sweep: Instant::now() + tick,
@@ -239,17 +246,24 @@ impl Reactor {
             // polls); after one-way messages, asleep between polls, but
             // not in epoll: bytes arriving meanwhile cost their sender no
             // wake-up, and the next poll reads them as one batch.
-            crate::sync::contention::yield_now();
-            let next = self.last_poll + self.busy_interval;
+            // (Not while connections wait to be read on from the last
+            // turn: they have bytes now.)
             let mut now = Instant::now();
-            if now < next {
-                std::thread::sleep(next - now);
+            if self.read_next_turn.is_empty() {
+                crate::sync::contention::yield_now();
+                let next = self.last_poll + self.busy_interval;
                 now = Instant::now();
+                if now < next {
+                    std::thread::sleep(next - now);
+                    now = Instant::now();
+                }
             }
             self.last_poll = now;
             self.poll.poll(&mut self.events, Some(Duration::ZERO))
         } else {
-            if !self.shared.mailbox.prepare_sleep() {
+            // Connections left to read from the last turn: look for events
+            // without sleeping.
+            if !self.read_next_turn.is_empty() || !self.shared.mailbox.prepare_sleep() {
                 wait = Duration::ZERO;
             }
             // An async call's deadline may come before the next sweep.
@@ -279,6 +293,7 @@ impl Reactor {
             Err(e) => return Err(e.into()),
         }
         self.run_commands();
+        std::mem::swap(&mut self.read_next_turn, &mut self.read_this_turn);
         let events = std::mem::replace(&mut self.events, Events::with_capacity(0));
         let mut accepted = false;
         let mut sweep_fired = false;
@@ -313,6 +328,13 @@ impl Reactor {
             }
         }
         self.events = events;
+        // After every connection's own events: those the last turn left
+        // unread (their bytes announce themselves no more, edge-triggered).
+        while let Some(key) = self.read_this_turn.pop() {
+            if self.conns.contains(key) {
+                self.on_readable(key, false);
+            }
+        }
         // A batch left over from an earlier turn, or the end of a pause:
         // one batch per turn, between the connections' own events.
         if !accepted
