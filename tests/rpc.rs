@@ -967,9 +967,10 @@ fn a_full_wait_queue_refuses_at_once() {
 /// reactor read a connection until its socket was empty, and a peer that
 /// sends faster than the handler keeps up never lets it empty. Another
 /// connection on the same reactor (a server with one worker) must still
-/// get its requests answered while the flood goes on. The server's large
-/// receive buffer holds about 4,000 messages, which its handler takes
-/// about 0.3 s to get through, so the socket stays full.
+/// get its requests answered while the flood goes on (a reactor held by
+/// the flood answers none until it ends: the requests' 2 s timeouts). The
+/// server's large receive buffer (up to 4 MiB, as the system allows) and
+/// its handler's 50 µs per message keep the socket from emptying.
 #[test]
 fn a_connection_that_never_lets_up_does_not_starve_its_reactor() {
     within(60, || {
@@ -1021,7 +1022,7 @@ fn a_connection_that_never_lets_up_does_not_starve_its_reactor() {
         flooding.store(false, Ordering::Relaxed);
         flooder.join().unwrap();
         assert!(
-            answered.is_ok() && slowest < Duration::from_millis(150),
+            answered.is_ok() && slowest < Duration::from_secs(1),
             "requests beside the flood took up to {slowest:?}, the last: {answered:?}"
         );
         other.shutdown();

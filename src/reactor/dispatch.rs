@@ -16,10 +16,10 @@ use crate::sync::completion::Delivered;
 use super::Reactor;
 
 /// Receive-buffer fills a reactor reads from one connection per turn.
-/// Past them, the connection is read again at the start of the next turn,
-/// after every other connection's events, the timers and the commands:
-/// a peer that sends faster than its handler keeps up, and so never lets
-/// the socket empty, cannot keep the reactor from the rest.
+/// Past them, the connection is read on in the next turn, after the
+/// commands, the other connections' events and the replies they made: a
+/// peer that sends faster than its handler keeps up, and so never lets the
+/// socket empty, cannot keep the reactor from the rest.
 const FILLS_PER_TURN: usize = 16;
 
 /// What a reactor's handlers were given in one turn.
@@ -74,8 +74,13 @@ impl Reactor {
             self.close(key, e);
             return;
         }
-        if fills_left == 0 && self.conns.contains(key) {
-            self.read_next_turn.push(key);
+        if fills_left == 0 {
+            if let Some(entry) = self.conns.get_mut(key) {
+                if !entry.read_queued {
+                    entry.read_queued = true;
+                    self.read_next_turn.push(key);
+                }
+            }
         }
         self.after_io(key);
     }

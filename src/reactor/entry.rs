@@ -26,6 +26,10 @@ pub(super) struct Entry {
     pub(super) life: Lifecycle,
     /// The reactor waits for the socket to take more output.
     pub(super) writable: bool,
+    /// Its reads ran out of a turn's fills and it waits in the reactor's
+    /// list to be read on: it is put there once, and its readiness events
+    /// meanwhile are left to that read.
+    pub(super) read_queued: bool,
 }
 
 impl Entry {
@@ -49,6 +53,7 @@ impl Entry {
             handler,
             life: Lifecycle::new(handshaking, limits, now),
             writable: false,
+            read_queued: false,
         }
     }
 

@@ -315,7 +315,10 @@ impl Reactor {
             if !self.conns.contains(key) {
                 continue;
             }
-            if event.is_readable() || event.is_read_closed() || event.is_error() {
+            // A connection waiting to be read on from the last turn is read
+            // below, to the end of the socket or of its fills: not twice.
+            let queued = self.conns[key].read_queued;
+            if !queued && (event.is_readable() || event.is_read_closed() || event.is_error()) {
                 // A short read may end the read only if this edge did not
                 // also bring the peer's end of stream or an error: those
                 // would then wait unread, with no further edge to announce
@@ -328,13 +331,6 @@ impl Reactor {
             }
         }
         self.events = events;
-        // After every connection's own events: those the last turn left
-        // unread (their bytes announce themselves no more, edge-triggered).
-        while let Some(key) = self.read_this_turn.pop() {
-            if self.conns.contains(key) {
-                self.on_readable(key, false);
-            }
-        }
         // A batch left over from an earlier turn, or the end of a pause:
         // one batch per turn, between the connections' own events.
         if !accepted
@@ -347,6 +343,18 @@ impl Reactor {
             self.accept_batch();
         }
         self.flush_dirty();
+        // After every connection's own events and the replies they made:
+        // those the last turn left unread (their bytes announce themselves
+        // no more, edge-triggered).
+        if !self.read_this_turn.is_empty() {
+            while let Some(key) = self.read_this_turn.pop() {
+                if let Some(entry) = self.conns.get_mut(key) {
+                    entry.read_queued = false;
+                    self.on_readable(key, false);
+                }
+            }
+            self.flush_dirty();
+        }
         // One clock reading for the rest of the turn: the waking time, the
         // timers, the sweep (read again if resumed reads ran handlers).
         let mut now = Instant::now();
