@@ -153,6 +153,27 @@ impl<O: ReadOwner> Drop for CallerReads<'_, O> {
     }
 }
 
+/// A caller counted among those reading the socket while they wait
+/// ([`ReadSide::callers_waiting`]) for as long as it lives: dropped, it
+/// stops being counted, on every way out of the wait.
+struct CallerListening<'a, O: ReadOwner> {
+    side: &'a ReadSide,
+    owner: &'a O,
+}
+
+impl<'a, O: ReadOwner> CallerListening<'a, O> {
+    fn new(side: &'a ReadSide, owner: &'a O) -> Self {
+        side.callers_waiting(owner, 1);
+        CallerListening { side, owner }
+    }
+}
+
+impl<O: ReadOwner> Drop for CallerListening<'_, O> {
+    fn drop(&mut self) {
+        self.side.callers_waiting(self.owner, -1);
+    }
+}
+
 /// The read side; see the module docs.
 pub(crate) struct ReadSide {
     /// The core, read by the reactor or by a caller waiting for a response.
@@ -208,7 +229,9 @@ impl ReadSide {
             self.read_with_turn(owner, inbound);
             return false;
         }
-        self.callers_waiting(owner, 1);
+        // Given back when this wait ends, or as it unwinds (a task's
+        // waker that panics while this caller delivers its response).
+        let listening = CallerListening::new(self, owner);
         let mut reactor_needed = false;
         // The first pass decodes only what is buffered: the request was
         // just written, so a read would most likely find nothing.
@@ -268,7 +291,7 @@ impl ReadSide {
         // announced (epoll reports them as the interest comes back, the
         // reactor finds the turn held and raises WANTED) or read by the
         // holder's own release loop.
-        self.callers_waiting(owner, -1);
+        drop(listening);
         if reactor_needed {
             drop(inbound);
             owner.ask_reactor_to_read();
@@ -386,10 +409,9 @@ impl ReadSide {
             match inbound.next_frame(now, Taker::Caller) {
                 Ok(Next::Message { .. }) => unreachable!("a caller is given responses only"),
                 Ok(Next::Response { seq, len }) => {
-                    if !owner.deliver_response(seq, inbound.payload(len)) {
+                    if !owner.deliver_response(seq, inbound.consume_payload(len)) {
                         Counters::inc(&stats.responses_dropped);
                     }
-                    inbound.consume(len);
                     delivered += 1;
                     stale = true;
                     if delivered == CALLER_READ_FRAMES {

@@ -606,3 +606,86 @@ fn server_shutdown_resolves_its_connections_futures() {
         client.shutdown();
     });
 }
+
+/// A waker that panics (an executor's bug) while a blocking caller, asleep
+/// on the socket, delivers that task's response: the panic reaches the
+/// blocking caller, and the connection must still be heard by its reactor
+/// afterwards (the caller gave the reactor's readable events back as it
+/// unwound).
+#[test]
+fn a_panicking_waker_leaves_the_connection_heard() {
+    within(30, || {
+        struct Panicker;
+        impl std::task::Wake for Panicker {
+            fn wake(self: Arc<Self>) {
+                panic!("this waker panics");
+            }
+        }
+        let parked: Arc<Mutex<Option<(Connection, u32)>>> = Arc::default();
+        let server_side: Arc<Mutex<Option<Connection>>> = Arc::default();
+        let server = Server::bind("127.0.0.1:0", Config::server(), {
+            let (parked, server_side) = (parked.clone(), server_side.clone());
+            move |ctx: &mut Context<'_>| match ctx.body() {
+                b"later" => *parked.lock().unwrap() = Some((ctx.conn().clone(), ctx.seq())),
+                b"now" => {
+                    // The parked request's response goes out first.
+                    if let Some((conn, seq)) = parked.lock().unwrap().take() {
+                        conn.reply(seq, b"late").unwrap();
+                    }
+                    *server_side.lock().unwrap() = Some(ctx.conn().clone());
+                    ctx.reply(b"now").unwrap();
+                }
+                _ => {}
+            }
+        })
+        .unwrap();
+        let heard = Arc::new(AtomicUsize::new(0));
+        // Blocking callers sleep on the socket at once (no spinning), in
+        // the wait that holds the read turn.
+        let config = Config::default()
+            .max_conns(1)
+            .waiting(monte_rpc::Waiting::Block);
+        let client = Arc::new(
+            Client::with_handler(server.local_addr(), config, {
+                let heard = heard.clone();
+                move |ctx: &mut Context<'_>| {
+                    if ctx.body() == b"hello" {
+                        heard.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+            .unwrap(),
+        );
+        client.send(b"dial").unwrap();
+        let mut late = Vec::new();
+        let mut pending = Box::pin(client.request_async(b"later", &mut late));
+        let waker = std::task::Waker::from(Arc::new(Panicker));
+        let mut cx = std::task::Context::from_waker(&waker);
+        assert!(pending.as_mut().poll(&mut cx).is_pending());
+        assert!(wait_until(Duration::from_secs(2), || parked
+            .lock()
+            .unwrap()
+            .is_some()));
+        let blocking = {
+            let client = client.clone();
+            std::thread::spawn(move || client.request(b"now", &mut Vec::new()))
+        };
+        let outcome = blocking.join();
+        assert!(
+            outcome.is_err(),
+            "the blocking caller did not deliver the task's response (it returned {:?}): \
+             the test did not reach the path it tests",
+            outcome.unwrap()
+        );
+        let server_side = server_side.lock().unwrap().clone().unwrap();
+        server_side.send(b"hello").unwrap();
+        assert!(
+            wait_until(Duration::from_secs(2), || heard.load(Ordering::Relaxed)
+                == 1),
+            "a message the server sent after the panic was not handled"
+        );
+        drop(pending);
+        client.shutdown();
+        server.shutdown();
+    });
+}

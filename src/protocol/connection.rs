@@ -442,6 +442,18 @@ impl ConnCore {
         self.rbuf.start += len;
     }
 
+    /// Drops the frame of `len` bytes at the buffer's start and returns its
+    /// payload, which stays readable while the borrow lasts (nothing is
+    /// read into the buffer meanwhile). For a taker whose use of the
+    /// payload may unwind (a task's waker that panics as its response is
+    /// delivered): the frame is consumed already, so whoever reads next
+    /// does not open it again, with the next nonce.
+    pub fn consume_payload(&mut self, len: usize) -> &[u8] {
+        let start = self.rbuf.start;
+        self.rbuf.start += len;
+        &self.rbuf.buf[start + LENGTH_PREFIX_LEN + SEQ_LEN..start + len - TAG_LEN]
+    }
+
     /// Gives the receive buffer's memory back if it holds no bytes.
     /// Gives the receive buffer back to `buffers` if it holds no unread
     /// bytes and is of the size it was lent at; a buffer grown for a large

@@ -194,12 +194,11 @@ impl Reactor {
             }
             match inbound.next_frame(now, Taker::Reactor) {
                 Ok(Next::Response { seq, len }) => {
-                    match conn.deliver_response(seq, inbound.payload(len)) {
+                    match conn.deliver_response(seq, inbound.consume_payload(len)) {
                         Delivered::Dropped => Counters::inc(&stats.responses_dropped),
                         Delivered::ToThread => {}
                         Delivered::ToTask => served = served.max(Served::TaskResponses),
                     }
-                    inbound.consume(len);
                 }
                 Ok(Next::Message { seq, len }) => {
                     dispatched = true;
