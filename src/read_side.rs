@@ -171,6 +171,12 @@ impl<'a, O: ReadOwner> CallerListening<'a, O> {
 impl<O: ReadOwner> Drop for CallerListening<'_, O> {
     fn drop(&mut self) {
         self.side.callers_waiting(self.owner, -1);
+        if std::thread::panicking() {
+            // The turn was dropped, not released: frames read and not yet
+            // taken, and any readiness announced meanwhile, are the
+            // reactor's now.
+            self.owner.ask_reactor_to_read();
+        }
     }
 }
 
@@ -222,7 +228,7 @@ impl ReadSide {
         done: &dyn Fn() -> bool,
         deadline: Option<Instant>,
     ) -> bool {
-        let Some(mut inbound) = self.core.try_take() else {
+        let Some(inbound) = self.core.try_take() else {
             return false;
         };
         if inbound.held.is_some() || inbound.eof || !inbound.is_open() {
@@ -230,8 +236,11 @@ impl ReadSide {
             return false;
         }
         // Given back when this wait ends, or as it unwinds (a task's
-        // waker that panics while this caller delivers its response).
+        // waker that panics while this caller delivers its response)...
         let listening = CallerListening::new(self, owner);
+        // ...after the turn (declared later, dropped first), so that an
+        // unwinding caller can hand what it leaves to the reactor.
+        let mut inbound = inbound;
         let mut reactor_needed = false;
         // The first pass decodes only what is buffered: the request was
         // just written, so a read would most likely find nothing.

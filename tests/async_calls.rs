@@ -610,8 +610,9 @@ fn server_shutdown_resolves_its_connections_futures() {
 /// A waker that panics (an executor's bug) while a blocking caller, asleep
 /// on the socket, delivers that task's response: the panic reaches the
 /// blocking caller, and the connection must still be heard by its reactor
-/// afterwards (the caller gave the reactor's readable events back as it
-/// unwound).
+/// afterwards: what the caller had read and not yet taken (a message
+/// behind the responses) and what the peer sends later (the caller gave
+/// the reactor's readable events back as it unwound).
 #[test]
 fn a_panicking_waker_leaves_the_connection_heard() {
     within(30, || {
@@ -628,12 +629,15 @@ fn a_panicking_waker_leaves_the_connection_heard() {
             move |ctx: &mut Context<'_>| match ctx.body() {
                 b"later" => *parked.lock().unwrap() = Some((ctx.conn().clone(), ctx.seq())),
                 b"now" => {
-                    // The parked request's response goes out first.
+                    // The parked request's response goes out first, and a
+                    // message right behind the two responses, in the same
+                    // write: read with them, left unread by the panic.
                     if let Some((conn, seq)) = parked.lock().unwrap().take() {
                         conn.reply(seq, b"late").unwrap();
                     }
                     *server_side.lock().unwrap() = Some(ctx.conn().clone());
                     ctx.reply(b"now").unwrap();
+                    ctx.conn().send_no_wait(b"hello").unwrap();
                 }
                 _ => {}
             }
@@ -668,7 +672,9 @@ fn a_panicking_waker_leaves_the_connection_heard() {
             .is_some()));
         let blocking = {
             let client = client.clone();
-            std::thread::spawn(move || client.request(b"now", &mut Vec::new()))
+            std::thread::spawn(move || {
+                client.request_timeout(b"now", &mut Vec::new(), Some(Duration::from_secs(3)))
+            })
         };
         let outcome = blocking.join();
         assert!(
@@ -677,11 +683,19 @@ fn a_panicking_waker_leaves_the_connection_heard() {
              the test did not reach the path it tests",
             outcome.unwrap()
         );
+        let heard_now = |n| {
+            wait_until(Duration::from_secs(2), || {
+                heard.load(Ordering::Relaxed) == n
+            })
+        };
+        assert!(
+            heard_now(1),
+            "the message read with the responses was not handled"
+        );
         let server_side = server_side.lock().unwrap().clone().unwrap();
         server_side.send(b"hello").unwrap();
         assert!(
-            wait_until(Duration::from_secs(2), || heard.load(Ordering::Relaxed)
-                == 1),
+            heard_now(2),
             "a message the server sent after the panic was not handled"
         );
         drop(pending);
