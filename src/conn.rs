@@ -17,7 +17,7 @@ use crate::outbound::{Flushed, Mode, OutboundQueue, QueueOwner};
 use crate::protocol::connection::ConnCore;
 use crate::protocol::{Role, Sealer};
 use crate::read_side::{CallerReads, ReadOwner, ReadSide};
-use crate::stats::Counters;
+use crate::stats::{Counters, GaugeHeld};
 use crate::sync::buffers::BufferPool;
 use crate::sync::completion::{CompletionTable, Delivered};
 use crate::sync::timers::Timers;
@@ -356,7 +356,7 @@ impl Connection {
             }
         };
         let stats = self.shared.driver.stats();
-        Counters::inc(&stats.requests_in_flight);
+        let in_flight = GaugeHeld::new(&stats.requests_in_flight);
         let mut reads = CallerReads::new(&self.shared.read, self);
         reads.quiet_reactor();
         // A caller that must wait for room reads nothing meanwhile: the
@@ -397,7 +397,7 @@ impl Connection {
             },
         };
         drop(reads);
-        Counters::dec(&stats.requests_in_flight);
+        drop(in_flight);
         result
     }
 

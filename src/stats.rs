@@ -167,6 +167,23 @@ impl std::fmt::Display for Stats {
     }
 }
 
+/// A gauge counted up while this lives: down again on every way out,
+/// unwinding included.
+pub(crate) struct GaugeHeld<'a>(&'a AtomicU64);
+
+impl<'a> GaugeHeld<'a> {
+    pub(crate) fn new(gauge: &'a AtomicU64) -> Self {
+        Counters::inc(gauge);
+        GaugeHeld(gauge)
+    }
+}
+
+impl Drop for GaugeHeld<'_> {
+    fn drop(&mut self) {
+        Counters::dec(self.0);
+    }
+}
+
 impl Counters {
     pub(crate) fn inc(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);

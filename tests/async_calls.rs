@@ -699,6 +699,11 @@ fn a_panicking_waker_leaves_the_connection_heard() {
             "a message the server sent after the panic was not handled"
         );
         drop(pending);
+        assert_eq!(
+            client.stats().requests_in_flight,
+            0,
+            "the requests' gauge after the panic and the future's drop"
+        );
         client.shutdown();
         server.shutdown();
     });
