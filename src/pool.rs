@@ -22,7 +22,7 @@ use crate::conn::Connection;
 use crate::error::{DialPhase, Error, Result};
 use crate::handler::Handler;
 use crate::sync::signal::ShutdownSignal;
-use crate::sync::{lock, read, write, Mutex, RwLock};
+use crate::sync::{lock, read, write, Mutex, MutexGuard, RwLock};
 use crate::workers::Workers;
 
 /// About the most requests in flight a connection may carry before a
@@ -130,6 +130,45 @@ struct DialState {
     failures: u32,
 }
 
+/// A blocking caller's hold on the pool's dial lock. Async calls that
+/// found it held wait to be woken when it is let go, whether this caller
+/// dialled or not (it found a connection, or the pool backs off), so
+/// letting it go wakes them, on every way out.
+struct DialTurn<'a> {
+    pool: &'a Pool,
+    state: Option<MutexGuard<'a, DialState>>,
+}
+
+impl<'a> DialTurn<'a> {
+    fn new(pool: &'a Pool, state: MutexGuard<'a, DialState>) -> Self {
+        DialTurn {
+            pool,
+            state: Some(state),
+        }
+    }
+}
+
+impl std::ops::Deref for DialTurn<'_> {
+    type Target = DialState;
+    fn deref(&self) -> &DialState {
+        self.state.as_deref().expect("held until dropped")
+    }
+}
+
+impl std::ops::DerefMut for DialTurn<'_> {
+    fn deref_mut(&mut self) -> &mut DialState {
+        self.state.as_deref_mut().expect("held until dropped")
+    }
+}
+
+impl Drop for DialTurn<'_> {
+    fn drop(&mut self) {
+        // The lock first: a woken call may take it at once.
+        drop(self.state.take());
+        self.pool.wake_dial_waiters();
+    }
+}
+
 /// A failed dial, and the backoff after it.
 struct FailedDial {
     /// When it failed.
@@ -167,7 +206,7 @@ impl DialState {
 /// What waiting for another caller's dial gave.
 enum Waited<'a> {
     Dialled(Connection),
-    Lock(crate::sync::MutexGuard<'a, DialState>),
+    Lock(MutexGuard<'a, DialState>),
 }
 
 impl Pool {
@@ -217,14 +256,14 @@ impl Pool {
         // the others use the least loaded connection meanwhile, or wait for
         // the dial if there is none.
         let (mut dialling, queued_at) = match self.dial_lock.try_lock() {
-            Ok(guard) => (guard, None),
+            Ok(guard) => (DialTurn::new(self, guard), None),
             Err(_) => match self.choose(true) {
                 Some(conn) => return Ok(conn),
                 None => {
                     let queued_at = Instant::now();
                     let guard = match self.wait_for_dial(deadline.get())? {
                         Waited::Dialled(conn) => return Ok(conn),
-                        Waited::Lock(guard) => guard,
+                        Waited::Lock(guard) => DialTurn::new(self, guard),
                     };
                     // The dial this caller queued behind: its connection,
                     // or (below) its failure, without a dial of our own.
@@ -269,9 +308,8 @@ impl Pool {
             }
         };
         // Async calls waiting for a connection look again, with the dial
-        // lock free.
+        // lock free (`DialTurn`'s drop).
         drop(dialling);
-        self.wake_dial_waiters();
         result
     }
 

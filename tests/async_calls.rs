@@ -708,3 +708,57 @@ fn a_panicking_waker_leaves_the_connection_heard() {
         server.shutdown();
     });
 }
+
+/// An async call that finds a blocking call holding the pool's dial lock
+/// waits to be woken when the lock is let go. A blocking call that lets it
+/// go without dialling (a connection turned up, or the pool is backing
+/// off after a failed dial) must wake it too, or it waits out its whole
+/// timeout. Here the server is down and the pool backs off: every call,
+/// blocking or async, must fail at once with the dial's error.
+#[test]
+fn an_async_call_behind_a_blocking_caller_that_does_not_dial_is_woken() {
+    within(60, || {
+        let addr = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap()
+        };
+        let config = Config::default()
+            .dial_attempts(1)
+            .dial_backoff(Duration::from_secs(60))
+            .request_timeout(Some(Duration::from_secs(1)));
+        let client = Arc::new(Client::new(addr, config).unwrap());
+        // The first dial fails (nothing listens): the backoff starts.
+        assert!(client.request(b"first", &mut Vec::new()).is_err());
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let hammer = {
+            let (client, stop) = (client.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = client.request(b"blocking", &mut Vec::new());
+                }
+            })
+        };
+        let started = Instant::now();
+        let mut slowest = Duration::ZERO;
+        let mut calls = 0;
+        while started.elapsed() < Duration::from_secs(2) {
+            let call = Instant::now();
+            let mut response = Vec::new();
+            let result = futures::executor::block_on(client.request_async(b"async", &mut response));
+            slowest = slowest.max(call.elapsed());
+            calls += 1;
+            assert!(result.is_err(), "the server is down: {result:?}");
+            if call.elapsed() > Duration::from_millis(500) {
+                break;
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        hammer.join().unwrap();
+        assert!(
+            slowest < Duration::from_millis(500),
+            "an async call during the backoff took {slowest:?} (of {calls} calls) \
+             instead of failing at once"
+        );
+        client.shutdown();
+    });
+}
