@@ -20,7 +20,7 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use crate::clock::now_nanos;
+use crate::clock::{no_time_left, now_nanos};
 use crate::conn::{Connection, Driver};
 use crate::error::{CallOp, Error, Result, TimeoutKind};
 use crate::outbound::{Mode, QueueWait};
@@ -220,8 +220,13 @@ impl<'a> RequestFuture<'a> {
         loop {
             match mem::replace(&mut self.stage, RequestStage::Done) {
                 RequestStage::Start => {
-                    self.deadline.start();
                     let buf = mem::take(self.response);
+                    if no_time_left(self.deadline.timeout) {
+                        // As the blocking call: no time at all fails before
+                        // anything is sent.
+                        return Poll::Ready(Err((Error::Timeout(TimeoutKind::Request), buf)));
+                    }
+                    self.deadline.start();
                     self.mode = match conn.checked_mode(self.body, self.mode) {
                         Ok(mode) => mode,
                         Err(e) => return Poll::Ready(Err((e, buf))),

@@ -762,3 +762,51 @@ fn an_async_call_behind_a_blocking_caller_that_does_not_dial_is_woken() {
         client.shutdown();
     });
 }
+
+/// A connection's async request with a zero timeout fails before anything
+/// is sent, as the blocking `request_timeout` does: the peer never sees
+/// it (here the server asks the client, whose handler records what it
+/// gets).
+#[test]
+fn an_async_request_with_no_time_fails_before_it_is_sent() {
+    within(30, || {
+        let seen: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+        let (conn_tx, conn_rx) = mpsc::channel::<Connection>();
+        let conn_tx = Mutex::new(conn_tx);
+        let server = Server::bind(
+            "127.0.0.1:0",
+            Config::server(),
+            move |ctx: &mut Context<'_>| {
+                let _ = conn_tx.lock().unwrap().send(ctx.conn().clone());
+            },
+        )
+        .unwrap();
+        let client = Client::with_handler(server.local_addr(), Config::default(), {
+            let seen = seen.clone();
+            move |ctx: &mut Context<'_>| {
+                seen.lock().unwrap().push(ctx.body().to_vec());
+                let _ = ctx.reply(b"ok");
+            }
+        })
+        .unwrap();
+        client.send(b"hello").unwrap();
+        let conn = conn_rx.recv().unwrap();
+        let mut response = Vec::new();
+        let zero = futures::executor::block_on(
+            conn.request_async(b"no time", &mut response)
+                .timeout(Some(Duration::ZERO)),
+        );
+        assert!(
+            matches!(
+                zero.as_ref().map_err(Error::root_cause),
+                Err(Error::Timeout(TimeoutKind::Request))
+            ),
+            "{zero:?}"
+        );
+        futures::executor::block_on(conn.request_async(b"in time", &mut response)).unwrap();
+        assert_eq!(response, b"ok");
+        assert_eq!(*seen.lock().unwrap(), vec![b"in time".to_vec()]);
+        client.shutdown();
+        server.shutdown();
+    });
+}
