@@ -457,22 +457,30 @@ fn a_failed_async_dial_fails_the_calls_waiting_for_it() {
     });
 }
 
+/// A server whose handler hands out the connection of every message it
+/// gets (and answers requests with "ok"), for tests that call the client
+/// from the server's side.
+fn server_handing_out_its_connections() -> (Server, mpsc::Receiver<Connection>) {
+    let (conn_tx, conn_rx) = mpsc::channel::<Connection>();
+    let conn_tx = Mutex::new(conn_tx);
+    let server = Server::bind(
+        "127.0.0.1:0",
+        Config::server(),
+        move |ctx: &mut Context<'_>| {
+            let _ = conn_tx.lock().unwrap().send(ctx.conn().clone());
+            let _ = ctx.reply(b"ok");
+        },
+    )
+    .unwrap();
+    (server, conn_rx)
+}
+
 /// A connection's own futures, from a handler's `Connection` on the
 /// server side: requests to the client, answered by the client's handler.
 #[test]
 fn a_servers_connection_requests_the_client() {
     within(30, || {
-        let (conn_tx, conn_rx) = mpsc::channel::<Connection>();
-        let conn_tx = Mutex::new(conn_tx);
-        let server = Server::bind(
-            "127.0.0.1:0",
-            Config::server(),
-            move |ctx: &mut Context<'_>| {
-                let _ = conn_tx.lock().unwrap().send(ctx.conn().clone());
-                let _ = ctx.reply(b"ok");
-            },
-        )
-        .unwrap();
+        let (server, conn_rx) = server_handing_out_its_connections();
         let client = Client::with_handler(
             server.local_addr(),
             Config::default(),
@@ -771,16 +779,7 @@ fn an_async_call_behind_a_blocking_caller_that_does_not_dial_is_woken() {
 fn an_async_request_with_no_time_fails_before_it_is_sent() {
     within(30, || {
         let seen: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
-        let (conn_tx, conn_rx) = mpsc::channel::<Connection>();
-        let conn_tx = Mutex::new(conn_tx);
-        let server = Server::bind(
-            "127.0.0.1:0",
-            Config::server(),
-            move |ctx: &mut Context<'_>| {
-                let _ = conn_tx.lock().unwrap().send(ctx.conn().clone());
-            },
-        )
-        .unwrap();
+        let (server, conn_rx) = server_handing_out_its_connections();
         let client = Client::with_handler(server.local_addr(), Config::default(), {
             let seen = seen.clone();
             move |ctx: &mut Context<'_>| {
