@@ -433,7 +433,11 @@ impl ConnCore {
     /// The plaintext of the opened frame of `len` bytes at the buffer's
     /// start.
     pub fn payload(&self, len: usize) -> &[u8] {
-        let start = self.rbuf.start;
+        self.payload_at(self.rbuf.start, len)
+    }
+
+    /// The payload of the frame of `len` bytes at `start` in the buffer.
+    fn payload_at(&self, start: usize, len: usize) -> &[u8] {
         &self.rbuf.buf[start + LENGTH_PREFIX_LEN + SEQ_LEN..start + len - TAG_LEN]
     }
 
@@ -451,7 +455,7 @@ impl ConnCore {
     pub fn consume_payload(&mut self, len: usize) -> &[u8] {
         let start = self.rbuf.start;
         self.rbuf.start += len;
-        &self.rbuf.buf[start + LENGTH_PREFIX_LEN + SEQ_LEN..start + len - TAG_LEN]
+        self.payload_at(start, len)
     }
 
     /// Gives the receive buffer's memory back if it holds no bytes.
