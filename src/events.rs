@@ -1,6 +1,7 @@
 //! What the library tells the application's logger: connections opened and
 //! closed (with the reason), failed handshakes, connections refused at the
-//! cap, reading paused for the outbound budget, and failed dials. Events go
+//! cap, reading paused for the outbound budget, failed dials, and a task's
+//! waker that panicked. Events go
 //! through the `log` facade, under the target `monte_rpc`, when the `log`
 //! feature is on (the default); without it they compile to nothing. None is
 //! emitted per message, so the hot path pays nothing.
@@ -82,6 +83,17 @@ pub(crate) fn reading_paused(id: u64, peer: Option<SocketAddr>, budget: usize) {
     );
     #[cfg(not(feature = "log"))]
     let _ = (id, peer, budget);
+}
+
+/// A task's waker panicked as the library woke it (an executor's bug):
+/// contained, and the task may not have been woken.
+pub(crate) fn waker_panicked() {
+    #[cfg(feature = "log")]
+    log::error!(
+        target: "monte_rpc",
+        "a task's waker panicked as it was woken; the panic was contained and that task \
+         may never be polled again"
+    );
 }
 
 /// A dial failed; the error names the address and the phase.

@@ -31,6 +31,7 @@ use crate::protocol::Sealer;
 use crate::socket_write::{write_nonblocking, WriteOutcome};
 use crate::stats::Counters;
 use crate::sync::buffers::BufferPool;
+use crate::sync::wake::wake;
 use crate::sync::{lock, AtomicBool, Condvar, Mutex, MutexGuard, Ordering};
 
 /// Rounds a caller-thread writer makes before handing the rest of the queue
@@ -449,7 +450,7 @@ impl OutboundQueue {
         }
         for (_, task) in g.tasks.iter_mut() {
             if let Some(waker) = task.take() {
-                waker.wake();
+                wake(waker);
             }
         }
     }

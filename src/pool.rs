@@ -22,6 +22,7 @@ use crate::conn::Connection;
 use crate::error::{DialPhase, Error, Result};
 use crate::handler::Handler;
 use crate::sync::signal::ShutdownSignal;
+use crate::sync::wake::wake;
 use crate::sync::{lock, read, write, Mutex, MutexGuard, RwLock};
 use crate::workers::Workers;
 
@@ -491,7 +492,7 @@ impl Pool {
     fn wake_all(dial: &mut AsyncDial) {
         for (_, waiter) in dial.waiters.iter_mut() {
             if let Some(waker) = waiter.take() {
-                waker.wake();
+                wake(waker);
             }
         }
     }

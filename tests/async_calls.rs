@@ -616,17 +616,17 @@ fn server_shutdown_resolves_its_connections_futures() {
 }
 
 /// A waker that panics (an executor's bug) while a blocking caller, asleep
-/// on the socket, delivers that task's response: the panic reaches the
-/// blocking caller, and the connection must still be heard by its reactor
-/// afterwards: what the caller had read and not yet taken (a message
-/// behind the responses) and what the peer sends later (the caller gave
-/// the reactor's readable events back as it unwound).
+/// on the socket, delivers that task's response: the panic is contained
+/// (the caller gets its own response), and the connection is still heard
+/// by its reactor afterwards: what the caller had read and not yet taken
+/// (a message behind the responses) and what the peer sends later.
 #[test]
 fn a_panicking_waker_leaves_the_connection_heard() {
     within(30, || {
-        struct Panicker;
+        struct Panicker(AtomicUsize);
         impl std::task::Wake for Panicker {
             fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
                 panic!("this waker panics");
             }
         }
@@ -671,7 +671,8 @@ fn a_panicking_waker_leaves_the_connection_heard() {
         client.send(b"dial").unwrap();
         let mut late = Vec::new();
         let mut pending = Box::pin(client.request_async(b"later", &mut late));
-        let waker = std::task::Waker::from(Arc::new(Panicker));
+        let panicker = Arc::new(Panicker(AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(panicker.clone());
         let mut cx = std::task::Context::from_waker(&waker);
         assert!(pending.as_mut().poll(&mut cx).is_pending());
         assert!(wait_until(Duration::from_secs(2), || parked
@@ -684,12 +685,14 @@ fn a_panicking_waker_leaves_the_connection_heard() {
                 client.request_timeout(b"now", &mut Vec::new(), Some(Duration::from_secs(3)))
             })
         };
-        let outcome = blocking.join();
-        assert!(
-            outcome.is_err(),
-            "the blocking caller did not deliver the task's response (it returned {:?}): \
-             the test did not reach the path it tests",
-            outcome.unwrap()
+        let outcome = blocking
+            .join()
+            .expect("the waker's panic reached the blocking caller");
+        assert!(outcome.is_ok(), "{outcome:?}");
+        assert_eq!(
+            panicker.0.load(Ordering::SeqCst),
+            1,
+            "the task's response was not delivered: the test did not reach the path it tests"
         );
         let heard_now = |n| {
             wait_until(Duration::from_secs(2), || {
@@ -805,6 +808,117 @@ fn an_async_request_with_no_time_fails_before_it_is_sent() {
         futures::executor::block_on(conn.request_async(b"in time", &mut response)).unwrap();
         assert_eq!(response, b"ok");
         assert_eq!(*seen.lock().unwrap(), vec![b"in time".to_vec()]);
+        client.shutdown();
+        server.shutdown();
+    });
+}
+
+/// A waker that panics (an executor's bug) when a reactor wakes its task
+/// must not unwind the reactor's thread: every other call and connection
+/// on that reactor would stop with it. Here one task's waker panics as the
+/// client's one reactor fires the task's deadline, and another's as the
+/// reactor delivers the task's response; then that reactor must still
+/// deliver responses, fire deadlines and run the client's handler.
+#[test]
+fn a_panicking_waker_does_not_stop_the_reactor_that_wakes_it() {
+    within(60, || {
+        struct Panicker(AtomicUsize);
+        impl std::task::Wake for Panicker {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+                panic!("this waker panics");
+            }
+        }
+        let (conn_tx, conn_rx) = mpsc::channel::<Connection>();
+        let conn_tx = Mutex::new(conn_tx);
+        let server = Server::bind(
+            "127.0.0.1:0",
+            Config::server(),
+            move |ctx: &mut Context<'_>| {
+                if ctx.body() == b"dial" {
+                    let _ = conn_tx.lock().unwrap().send(ctx.conn().clone());
+                } else if ctx.body() != b"no reply" {
+                    let _ = ctx.reply(b"ok");
+                }
+            },
+        )
+        .unwrap();
+        let heard = Arc::new(AtomicUsize::new(0));
+        let config = Config::default().max_conns(1).workers(1);
+        let client = Arc::new(
+            Client::with_handler(server.local_addr(), config, {
+                let heard = heard.clone();
+                move |_: &mut Context<'_>| {
+                    heard.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+            .unwrap(),
+        );
+        client.send(b"dial").unwrap();
+        let server_side = conn_rx.recv().unwrap();
+        let panicker = Arc::new(Panicker(AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(panicker.clone());
+        let mut cx = std::task::Context::from_waker(&waker);
+        let woken = |n| {
+            wait_until(Duration::from_secs(5), || {
+                panicker.0.load(Ordering::SeqCst) == n
+            })
+        };
+
+        let (mut timed_out, mut answered) = (Vec::new(), Vec::new());
+        let mut timed_out = Box::pin(
+            client
+                .request_async(b"no reply", &mut timed_out)
+                .timeout(Some(Duration::from_millis(20))),
+        );
+        assert!(timed_out.as_mut().poll(&mut cx).is_pending());
+        assert!(woken(1), "the deadline's timer did not wake the task");
+        let mut answered = Box::pin(client.request_async(b"echo", &mut answered));
+        assert!(answered.as_mut().poll(&mut cx).is_pending());
+        assert!(woken(2), "the response did not wake the task");
+        drop((timed_out, answered));
+
+        // The same reactor, bounded in time: a hung reactor fails here.
+        let still = |what: &'static str, call: Box<dyn FnOnce() -> bool + Send>| {
+            let (tx, rx) = mpsc::channel();
+            std::thread::spawn(move || tx.send(call()));
+            assert_eq!(
+                rx.recv_timeout(Duration::from_secs(5)),
+                Ok(true),
+                "after the panics, the client's reactor no longer {what}"
+            );
+        };
+        let c = client.clone();
+        still(
+            "delivers a response",
+            Box::new(move || {
+                let mut response = Vec::new();
+                let result = futures::executor::block_on(c.request_async(b"echo", &mut response));
+                result.is_ok() && response == b"ok"
+            }),
+        );
+        server_side.send(b"hello").unwrap();
+        assert!(
+            wait_until(Duration::from_secs(5), || heard.load(Ordering::SeqCst) == 1),
+            "after the panics, the client's reactor no longer runs its handler ({} runs)",
+            heard.load(Ordering::SeqCst)
+        );
+        // Last: a request that times out with no byte from the server
+        // closes its connection (the pool dials afresh).
+        let c = client.clone();
+        still(
+            "fires a deadline",
+            Box::new(move || {
+                let result = futures::executor::block_on(
+                    c.request_async(b"no reply", &mut Vec::new())
+                        .timeout(Some(Duration::from_millis(20))),
+                );
+                matches!(
+                    result.as_ref().map_err(Error::root_cause),
+                    Err(Error::Timeout(TimeoutKind::Request))
+                )
+            }),
+        );
         client.shutdown();
         server.shutdown();
     });

@@ -88,7 +88,7 @@ impl AtomicWaker {
                     let woken = self.waker.with_mut(|cell| unsafe { (*cell).take() });
                     self.state.swap(IDLE, Ordering::AcqRel);
                     if let Some(woken) = woken {
-                        woken.wake();
+                        super::wake::wake(woken);
                     }
                 }
             }
@@ -110,7 +110,7 @@ impl AtomicWaker {
     /// Wakes the registered waker, if any.
     pub fn wake(&self) {
         if let Some(waker) = self.take() {
-            waker.wake();
+            super::wake::wake(waker);
         }
     }
 

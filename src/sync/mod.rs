@@ -21,6 +21,8 @@
 //! - [`signal`]: the one-way shutdown flag.
 //! - [`timers`]: the deadlines of waiters that are futures, which their
 //!   reactor wakes when they pass.
+//! - [`wake`]: waking a task without its waker's panic unwinding the
+//!   waking thread.
 
 pub mod atomic_waker;
 pub mod buffers;
@@ -30,6 +32,7 @@ pub mod mailbox;
 pub mod read_turn;
 pub mod signal;
 pub mod timers;
+pub mod wake;
 
 #[cfg(not(loom))]
 mod imp {

@@ -149,7 +149,7 @@ impl Timers {
             if timer.at <= now {
                 timer.at = NEVER;
                 if let Some(waker) = timer.waker.take() {
-                    waker.wake();
+                    super::wake::wake(waker);
                 }
             } else {
                 earliest = earliest.min(timer.at);

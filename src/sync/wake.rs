@@ -1,0 +1,48 @@
+//! Waking a task without letting its waker's panic unwind the thread that
+//! wakes it. A reactor wakes the tasks of every connection it serves, and
+//! a blocking caller wakes the tasks whose responses it reads: a waker
+//! that panics (an executor's bug) must cost its own task, not stop the
+//! reactor (and with it every connection on it) or a caller's call.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::task::Waker;
+
+use crate::events;
+
+/// Wakes `waker`'s task and drops the waker. If either panics, the panic
+/// is contained here and reported (`events::waker_panicked`): the task
+/// may not have been woken, and its call then ends at its deadline, at
+/// the connection's end or when it is dropped, as any call whose executor
+/// fails to poll it.
+pub fn wake(waker: Waker) {
+    if catch_unwind(AssertUnwindSafe(move || waker.wake())).is_err() {
+        events::waker_panicked();
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    struct Counted(AtomicUsize, bool);
+    impl std::task::Wake for Counted {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            assert!(!self.1, "this waker panics");
+        }
+    }
+
+    #[test]
+    fn wakes_the_task_and_contains_a_panicking_waker() {
+        let fine = Arc::new(Counted(AtomicUsize::new(0), false));
+        wake(Waker::from(fine.clone()));
+        assert_eq!(fine.0.load(Ordering::SeqCst), 1);
+        let panics = Arc::new(Counted(AtomicUsize::new(0), true));
+        wake(Waker::from(panics.clone()));
+        assert_eq!(panics.0.load(Ordering::SeqCst), 1);
+        // The waker was consumed: only the test's reference is left.
+        assert_eq!(Arc::strong_count(&panics), 1);
+    }
+}
