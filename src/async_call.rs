@@ -153,6 +153,16 @@ enum RequestStage {
     Done,
 }
 
+impl RequestStage {
+    /// Takes the ticket of a stage that holds one, leaving `Done`.
+    fn take_ticket(&mut self) -> Ticket {
+        match mem::replace(self, RequestStage::Done) {
+            RequestStage::Queuing(ticket) | RequestStage::Awaiting(ticket) => ticket,
+            RequestStage::Start | RequestStage::Done => unreachable!("no ticket to take"),
+        }
+    }
+}
+
 /// A request in flight, from
 /// [`Connection::request_async`](crate::Connection::request_async): resolves
 /// once the response is in the caller's buffer, or with the call's error.
@@ -214,62 +224,87 @@ impl<'a> RequestFuture<'a> {
         self
     }
 
+    /// Moves the call on as far as it can. The ticket stays in `stage`
+    /// while anything that could panic runs (a waker's clone as a wait is
+    /// registered), so a poll that unwinds leaves it for `drop` to cancel
+    /// rather than leaking its slot.
     fn step(&mut self, cx: &mut Context<'_>) -> Poll<Answer> {
-        let conn = &self.conn;
+        let RequestFuture {
+            conn,
+            body,
+            response,
+            mode,
+            stage,
+            deadline,
+            queued,
+            counted,
+        } = self;
         let table = conn.requests();
         loop {
-            match mem::replace(&mut self.stage, RequestStage::Done) {
+            match stage {
                 RequestStage::Start => {
-                    let buf = mem::take(self.response);
-                    if no_time_left(self.deadline.timeout) {
+                    *stage = RequestStage::Done;
+                    let buf = mem::take(*response);
+                    if no_time_left(deadline.timeout) {
                         // As the blocking call: no time at all fails before
                         // anything is sent.
                         return Poll::Ready(Err((Error::Timeout(TimeoutKind::Request), buf)));
                     }
-                    self.deadline.start();
-                    self.mode = match conn.checked_mode(self.body, self.mode) {
+                    deadline.start();
+                    *mode = match conn.checked_mode(body, *mode) {
                         Ok(mode) => mode,
                         Err(e) => return Poll::Ready(Err((e, buf))),
                     };
                     let ticket = table.begin_for_task(buf)?.into_ticket();
-                    if table.in_flight() > 1 && self.mode == (Mode::Direct { wait: false }) {
+                    if table.in_flight() > 1 && *mode == (Mode::Direct { wait: false }) {
                         // Other requests are in flight: their responses
                         // keep the reactor turning, and it writes every
                         // frame queued meanwhile in one go. A lone request
                         // writes itself (no hop to the reactor).
-                        self.mode = Mode::Queue;
+                        *mode = Mode::Queue;
                     }
                     Counters::inc(&conn.driver().stats().requests_in_flight);
-                    self.counted = true;
-                    self.stage = RequestStage::Queuing(ticket);
+                    *counted = true;
+                    *stage = RequestStage::Queuing(ticket);
                 }
                 RequestStage::Queuing(ticket) => {
-                    let out = conn.outbound();
                     let seq = ticket.seq(table);
-                    match out.poll_submit(conn, seq, self.body, self.mode, &mut self.queued, cx) {
-                        Poll::Ready(Ok(_)) => self.stage = RequestStage::Awaiting(ticket),
-                        Poll::Ready(Err(e)) => return Poll::Ready(Err((e, ticket.cancel(table)))),
-                        Poll::Pending if self.deadline.passed() => {
-                            return Poll::Ready(ticket.time_out(table))
+                    match conn
+                        .outbound()
+                        .poll_submit(conn, seq, body, *mode, queued, cx)
+                    {
+                        Poll::Ready(Ok(_)) => {
+                            let ticket = stage.take_ticket();
+                            *stage = RequestStage::Awaiting(ticket);
+                        }
+                        Poll::Ready(Err(e)) => {
+                            return Poll::Ready(Err((e, stage.take_ticket().cancel(table))))
+                        }
+                        Poll::Pending if deadline.passed() => {
+                            return Poll::Ready(stage.take_ticket().time_out(table))
                         }
                         Poll::Pending => {
-                            self.deadline.arm(conn.driver(), cx);
-                            self.stage = RequestStage::Queuing(ticket);
+                            deadline.arm(conn.driver(), cx);
                             return Poll::Pending;
                         }
                     }
                 }
-                RequestStage::Awaiting(mut ticket) => match ticket.poll_answer(table, cx) {
-                    Poll::Ready(answer) => return Poll::Ready(answer),
-                    Poll::Pending if self.deadline.passed() => {
-                        return Poll::Ready(ticket.time_out(table))
-                    }
-                    Poll::Pending => {
-                        self.deadline.arm(conn.driver(), cx);
-                        self.stage = RequestStage::Awaiting(ticket);
-                        return Poll::Pending;
-                    }
-                },
+                RequestStage::Awaiting(ticket) => {
+                    return match ticket.poll_answer(table, cx) {
+                        Poll::Ready(answer) => {
+                            // The ticket is spent: its slot is free.
+                            *stage = RequestStage::Done;
+                            Poll::Ready(answer)
+                        }
+                        Poll::Pending if deadline.passed() => {
+                            Poll::Ready(stage.take_ticket().time_out(table))
+                        }
+                        Poll::Pending => {
+                            deadline.arm(conn.driver(), cx);
+                            Poll::Pending
+                        }
+                    };
+                }
                 RequestStage::Done => panic!("RequestFuture polled after it resolved"),
             }
         }

@@ -271,12 +271,13 @@ impl Future for ClientFuture<'_> {
 
 impl Drop for ClientFuture<'_> {
     fn drop(&mut self) {
-        if let Stage::Picking(call) = &mut self.stage {
-            if let Call::Request(response) = call {
-                response.clear();
-            }
-            self.client.pool.forget(&mut self.wait);
-            self.deadline.disarm(self.timers.driver());
+        if let Stage::Picking(Call::Request(response)) = &mut self.stage {
+            response.clear();
         }
+        // Whatever the stage: a poll that unwound (a waker whose clone
+        // panicked as the call registered it) left `stage` at `Done` with
+        // the call still on the pool's list or the reactor's timers.
+        self.client.pool.forget(&mut self.wait);
+        self.deadline.disarm(self.timers.driver());
     }
 }

@@ -923,3 +923,46 @@ fn a_panicking_waker_does_not_stop_the_reactor_that_wakes_it() {
         server.shutdown();
     });
 }
+
+/// A request future whose poll unwinds (here a waker whose clone panics,
+/// as the future registers it) and is then dropped must give its slot
+/// and its place in the gauge back, as any dropped request does: with
+/// two slots, three such requests and then an ordinary one.
+#[test]
+fn a_request_whose_poll_panics_frees_its_slot() {
+    within(30, || {
+        fn clone_panics(_: *const ()) -> std::task::RawWaker {
+            panic!("this waker's clone panics")
+        }
+        fn noop(_: *const ()) {}
+        static VTABLE: std::task::RawWakerVTable =
+            std::task::RawWakerVTable::new(clone_panics, noop, noop, noop);
+        // SAFETY: the vtable's functions never touch the data pointer (a
+        // null), and `clone_panics` panics rather than making a waker.
+        let waker = unsafe {
+            std::task::Waker::from_raw(std::task::RawWaker::new(std::ptr::null(), &VTABLE))
+        };
+        let server = slow_server(Some(Duration::from_millis(50)));
+        let config = Config::default().max_conns(1).max_in_flight(2);
+        let client = Client::new(server.local_addr(), config).unwrap();
+        client.send(b"dial").unwrap();
+        for i in 0..3 {
+            let mut response = Vec::new();
+            let mut call = Box::pin(client.request_async(b"unwinds", &mut response));
+            let mut cx = std::task::Context::from_waker(&waker);
+            let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                call.as_mut().poll(&mut cx)
+            }));
+            if let Ok(outcome) = polled {
+                panic!("request {i} did not reach the waker's clone: it returned {outcome:?}");
+            }
+            drop(call);
+        }
+        assert_eq!(client.stats().requests_in_flight, 0);
+        let mut response = Vec::new();
+        futures::executor::block_on(client.request_async(b"after", &mut response)).unwrap();
+        assert_eq!(response, b"after");
+        client.shutdown();
+        server.shutdown();
+    });
+}
