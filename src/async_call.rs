@@ -268,6 +268,12 @@ impl<'a> RequestFuture<'a> {
                     *stage = RequestStage::Queuing(ticket);
                 }
                 RequestStage::Queuing(ticket) => {
+                    if deadline.passed() {
+                        // Polled again only after its deadline (woken for
+                        // room and by its timer together, or its executor
+                        // was late): room now must not send it.
+                        return Poll::Ready(stage.take_ticket().time_out(table));
+                    }
                     let seq = ticket.seq(table);
                     match conn
                         .outbound()
@@ -448,6 +454,10 @@ impl<'a> SendFuture<'a> {
                     continue;
                 }
                 SendStage::Queuing => {
+                    if self.deadline.passed() {
+                        // As a request's: out of time before it found room.
+                        return Poll::Ready(Err(Error::Timeout(self.deadline.kind)));
+                    }
                     match out.poll_submit(
                         conn,
                         self.seq,

@@ -966,3 +966,105 @@ fn a_request_whose_poll_panics_frees_its_slot() {
         server.shutdown();
     });
 }
+
+/// An async call that waits for room, and is polled again only after its
+/// deadline (its executor was busy, or it was woken for room and for the
+/// deadline together), times out without sending: its frame must not
+/// reach the peer after the call has, in effect, run out of time.
+#[test]
+fn a_call_polled_after_its_deadline_is_not_sent() {
+    within(60, || {
+        let (gate_tx, gate_rx) = mpsc::channel::<()>();
+        let gate = Mutex::new(gate_rx);
+        let late = Arc::new(AtomicUsize::new(0));
+        // Fixed socket buffers (no autotuning), so that once full the
+        // path stays full.
+        let buffers = 64 << 10;
+        let server_config = Config::server().workers(1).recv_buffer_size(Some(buffers));
+        let server = Server::bind("127.0.0.1:0", server_config, {
+            let late = late.clone();
+            move |ctx: &mut Context<'_>| {
+                let body = ctx.body();
+                if body == b"block" {
+                    // Blocks the server's one reactor: it stops reading,
+                    // and the socket buffers between us fill.
+                    let _ = gate.lock().unwrap().recv_timeout(Duration::from_secs(20));
+                } else if body.starts_with(b"late") {
+                    late.fetch_add(1, Ordering::SeqCst);
+                }
+                if ctx.expects_reply() {
+                    let _ = ctx.reply(b"ok");
+                }
+            }
+        })
+        .unwrap();
+        let config = Config::default()
+            .max_conns(1)
+            .max_queued_bytes(64 << 10)
+            .send_buffer_size(Some(buffers));
+        let client = Client::new(server.local_addr(), config).unwrap();
+        client.send(b"block").unwrap();
+        let waker = futures::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        let deadline = Some(Duration::from_millis(100));
+        let filler = vec![0u8; 16 << 10];
+        // Fills the queue until a frame finds no room, and that stays so
+        // while the client's reactor writes what it can.
+        let mut fills = 0u64;
+        loop {
+            let mut fill = Box::pin(client.send_no_wait_async(&filler).timeout(None));
+            if fill.as_mut().poll(&mut cx).is_ready() {
+                fills += 1;
+                assert!(fills < 10_000, "the queue never filled");
+                continue;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            if fill.as_mut().poll(&mut cx).is_pending() {
+                break;
+            }
+            fills += 1;
+        }
+        // As large as the fillers: a full queue has no room for them.
+        let mut late_body = filler.clone();
+        late_body[..4].copy_from_slice(b"late");
+        let mut late_send = Box::pin(client.send_no_wait_async(&late_body).timeout(deadline));
+        let mut response = Vec::new();
+        let mut late_request = Box::pin(
+            client
+                .request_async(&late_body, &mut response)
+                .timeout(deadline),
+        );
+        let first = (
+            late_send.as_mut().poll(&mut cx),
+            late_request.as_mut().poll(&mut cx),
+        );
+        assert!(
+            first.0.is_pending() && first.1.is_pending(),
+            "{first:?} after {fills} fills"
+        );
+        // Past both deadlines, then room: the server reads again.
+        std::thread::sleep(Duration::from_millis(200));
+        drop(gate_tx);
+        assert!(
+            wait_until(Duration::from_secs(10), || client.stats().bytes_out
+                >= fills * filler.len() as u64),
+            "the server never read the queue"
+        );
+        let sent = late_send.as_mut().poll(&mut cx);
+        let asked = late_request.as_mut().poll(&mut cx);
+        let timed_out = |outcome: &std::task::Poll<monte_rpc::Result<()>>, kind| matches!(outcome, std::task::Poll::Ready(Err(e)) if e.timeout_kind() == Some(kind));
+        assert!(timed_out(&sent, TimeoutKind::Write), "{sent:?}");
+        assert!(timed_out(&asked, TimeoutKind::Request), "{asked:?}");
+        drop((late_send, late_request));
+        // Everything queued before this request has been handled once it
+        // is answered.
+        client.request(b"after", &mut Vec::new()).unwrap();
+        assert_eq!(
+            late.load(Ordering::SeqCst),
+            0,
+            "a call that timed out was sent"
+        );
+        client.shutdown();
+        server.shutdown();
+    });
+}
