@@ -268,10 +268,12 @@ impl<'a> RequestFuture<'a> {
                     *stage = RequestStage::Queuing(ticket);
                 }
                 RequestStage::Queuing(ticket) => {
-                    if deadline.passed() {
+                    if queued.has_waited() && deadline.passed() {
                         // Polled again only after its deadline (woken for
                         // room and by its timer together, or its executor
-                        // was late): room now must not send it.
+                        // was late): room now must not send it. (Not on
+                        // the first pass: no clock reading there, and a
+                        // call with room goes out.)
                         return Poll::Ready(stage.take_ticket().time_out(table));
                     }
                     let seq = ticket.seq(table);
@@ -454,7 +456,7 @@ impl<'a> SendFuture<'a> {
                     continue;
                 }
                 SendStage::Queuing => {
-                    if self.deadline.passed() {
+                    if self.queued.has_waited() && self.deadline.passed() {
                         // As a request's: out of time before it found room.
                         return Poll::Ready(Err(Error::Timeout(self.deadline.kind)));
                     }

@@ -87,6 +87,7 @@ pub(crate) fn reading_paused(id: u64, peer: Option<SocketAddr>, budget: usize) {
 
 /// A task's waker panicked as the library woke it (an executor's bug):
 /// contained, and the task may not have been woken.
+#[cfg_attr(loom, allow(dead_code))] // under loom, wakes are not contained (src/sync/wake.rs)
 pub(crate) fn waker_panicked() {
     #[cfg(feature = "log")]
     log::error!(

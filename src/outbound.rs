@@ -225,6 +225,14 @@ impl Outbound {
 #[derive(Debug, Default)]
 pub(crate) struct QueueWait(Option<usize>);
 
+impl QueueWait {
+    /// Whether the call has had to wait on the queue (its place stays
+    /// until [`OutboundQueue::forget`]): a poll after that is a re-poll.
+    pub(crate) fn has_waited(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
 /// How a frame is handed to the outbound queue.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Mode {

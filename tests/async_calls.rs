@@ -623,10 +623,12 @@ fn server_shutdown_resolves_its_connections_futures() {
 #[test]
 fn a_panicking_waker_leaves_the_connection_heard() {
     within(30, || {
-        struct Panicker(AtomicUsize);
+        /// Counts its wakes, and keeps the name of the thread that woke it.
+        struct Panicker(AtomicUsize, Mutex<Option<String>>);
         impl std::task::Wake for Panicker {
             fn wake(self: Arc<Self>) {
                 self.0.fetch_add(1, Ordering::SeqCst);
+                *self.1.lock().unwrap() = std::thread::current().name().map(str::to_owned);
                 panic!("this waker panics");
             }
         }
@@ -671,7 +673,7 @@ fn a_panicking_waker_leaves_the_connection_heard() {
         client.send(b"dial").unwrap();
         let mut late = Vec::new();
         let mut pending = Box::pin(client.request_async(b"later", &mut late));
-        let panicker = Arc::new(Panicker(AtomicUsize::new(0)));
+        let panicker = Arc::new(Panicker(AtomicUsize::new(0), Mutex::default()));
         let waker = std::task::Waker::from(panicker.clone());
         let mut cx = std::task::Context::from_waker(&waker);
         assert!(pending.as_mut().poll(&mut cx).is_pending());
@@ -681,9 +683,12 @@ fn a_panicking_waker_leaves_the_connection_heard() {
             .is_some()));
         let blocking = {
             let client = client.clone();
-            std::thread::spawn(move || {
-                client.request_timeout(b"now", &mut Vec::new(), Some(Duration::from_secs(3)))
-            })
+            std::thread::Builder::new()
+                .name("blocking-caller".into())
+                .spawn(move || {
+                    client.request_timeout(b"now", &mut Vec::new(), Some(Duration::from_secs(3)))
+                })
+                .unwrap()
         };
         let outcome = blocking
             .join()
@@ -692,7 +697,13 @@ fn a_panicking_waker_leaves_the_connection_heard() {
         assert_eq!(
             panicker.0.load(Ordering::SeqCst),
             1,
-            "the task's response was not delivered: the test did not reach the path it tests"
+            "the task was not woken"
+        );
+        assert_eq!(
+            panicker.1.lock().unwrap().as_deref(),
+            Some("blocking-caller"),
+            "the blocking caller did not deliver the task's response: the test did not \
+             reach the path it tests"
         );
         let heard_now = |n| {
             wait_until(Duration::from_secs(2), || {
@@ -838,6 +849,10 @@ fn a_panicking_waker_does_not_stop_the_reactor_that_wakes_it() {
                 if ctx.body() == b"dial" {
                     let _ = conn_tx.lock().unwrap().send(ctx.conn().clone());
                 } else if ctx.body() != b"no reply" {
+                    if ctx.body() == b"slow" {
+                        // Answered well after the asking poll has returned.
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
                     let _ = ctx.reply(b"ok");
                 }
             },
@@ -869,11 +884,11 @@ fn a_panicking_waker_does_not_stop_the_reactor_that_wakes_it() {
         let mut timed_out = Box::pin(
             client
                 .request_async(b"no reply", &mut timed_out)
-                .timeout(Some(Duration::from_millis(20))),
+                .timeout(Some(Duration::from_millis(100))),
         );
         assert!(timed_out.as_mut().poll(&mut cx).is_pending());
         assert!(woken(1), "the deadline's timer did not wake the task");
-        let mut answered = Box::pin(client.request_async(b"echo", &mut answered));
+        let mut answered = Box::pin(client.request_async(b"slow", &mut answered));
         assert!(answered.as_mut().poll(&mut cx).is_pending());
         assert!(woken(2), "the response did not wake the task");
         drop((timed_out, answered));
@@ -977,6 +992,8 @@ fn a_call_polled_after_its_deadline_is_not_sent() {
         let (gate_tx, gate_rx) = mpsc::channel::<()>();
         let gate = Mutex::new(gate_rx);
         let late = Arc::new(AtomicUsize::new(0));
+        let (conn_tx, conn_rx) = mpsc::channel::<Connection>();
+        let conn_tx = Mutex::new(conn_tx);
         // Fixed socket buffers (no autotuning), so that once full the
         // path stays full.
         let buffers = 64 << 10;
@@ -988,6 +1005,7 @@ fn a_call_polled_after_its_deadline_is_not_sent() {
                 if body == b"block" {
                     // Blocks the server's one reactor: it stops reading,
                     // and the socket buffers between us fill.
+                    let _ = conn_tx.lock().unwrap().send(ctx.conn().clone());
                     let _ = gate.lock().unwrap().recv_timeout(Duration::from_secs(20));
                 } else if body.starts_with(b"late") {
                     late.fetch_add(1, Ordering::SeqCst);
@@ -1004,6 +1022,7 @@ fn a_call_polled_after_its_deadline_is_not_sent() {
             .send_buffer_size(Some(buffers));
         let client = Client::new(server.local_addr(), config).unwrap();
         client.send(b"block").unwrap();
+        let server_side = conn_rx.recv().unwrap();
         let waker = futures::task::noop_waker();
         let mut cx = std::task::Context::from_waker(&waker);
         let deadline = Some(Duration::from_millis(100));
@@ -1018,11 +1037,17 @@ fn a_call_polled_after_its_deadline_is_not_sent() {
                 assert!(fills < 10_000, "the queue never filled");
                 continue;
             }
-            std::thread::sleep(Duration::from_millis(50));
-            if fill.as_mut().poll(&mut cx).is_pending() {
+            // Full for good once nothing more is written in a pause (the
+            // reactor may not have run in the first).
+            let written = client.stats().bytes_out;
+            std::thread::sleep(Duration::from_millis(100));
+            let still = fill.as_mut().poll(&mut cx);
+            if still.is_pending() && client.stats().bytes_out == written {
                 break;
             }
-            fills += 1;
+            if still.is_ready() {
+                fills += 1;
+            }
         }
         // As large as the fillers: a full queue has no room for them.
         let mut late_body = filler.clone();
@@ -1042,6 +1067,12 @@ fn a_call_polled_after_its_deadline_is_not_sent() {
             first.0.is_pending() && first.1.is_pending(),
             "{first:?} after {fills} fills"
         );
+        // The server's side writes to the client (its reactor is blocked,
+        // this thread writes): the client's connection is not silent, so
+        // the request's timeout below does not close it (a request that
+        // times out hearing nothing from the server closes its connection,
+        // which would lose a frame sent late, and the count below with it).
+        server_side.send(b"not silent").unwrap();
         // Past both deadlines, then room: the server reads again.
         std::thread::sleep(Duration::from_millis(200));
         drop(gate_tx);

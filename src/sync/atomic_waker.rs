@@ -23,6 +23,17 @@ const REGISTERING: usize = 1;
 /// The completing side is taking the waker to wake it.
 const WAKING: usize = 2;
 
+/// Gives the cell back (IDLE) if a registration unwinds while it owns
+/// it. A wake that came meanwhile left its waker to the registration and
+/// is lost with it; the task is polling (its poll is what unwinds).
+struct GiveBackOnUnwind<'a>(&'a AtomicUsize);
+
+impl Drop for GiveBackOnUnwind<'_> {
+    fn drop(&mut self) {
+        self.0.store(IDLE, Ordering::Release);
+    }
+}
+
 /// One task's waker; see the module docs.
 pub struct AtomicWaker {
     state: AtomicUsize,
@@ -67,13 +78,21 @@ impl AtomicWaker {
             .unwrap_or_else(|actual| actual)
         {
             IDLE => {
+                // A waker whose clone or drop panics (an executor's bug)
+                // must not leave the state at REGISTERING: every later
+                // registration would be refused, every wake lost.
+                let unwinding = GiveBackOnUnwind(&self.state);
                 // SAFETY: REGISTERING makes this thread the cell's owner.
-                self.waker.with_mut(|cell| unsafe {
+                let old = self.waker.with_mut(|cell| unsafe {
                     match &*cell {
-                        Some(old) if old.will_wake(waker) => {}
-                        _ => *cell = Some(waker.clone()),
+                        Some(old) if old.will_wake(waker) => None,
+                        // The old waker is dropped after the cell holds
+                        // the new one, so the cell is whole if it panics.
+                        _ => (*cell).replace(waker.clone()),
                     }
                 });
+                drop(old);
+                std::mem::forget(unwinding);
                 // Give the cell back, unless a wake came meanwhile (it set
                 // WAKING and left the waker to us).
                 if let Err(actual) = self.state.compare_exchange(
@@ -164,6 +183,31 @@ mod tests {
         slot.wake();
         slot.wake();
         assert_eq!((woken(&first), woken(&second)), (0, 1));
+    }
+
+    /// A registration whose waker's clone panics (an executor's bug)
+    /// unwinds out of `register`; the slot must still take the next
+    /// registration and wake it (not refuse it as a concurrent one).
+    #[test]
+    fn a_waker_whose_clone_panics_leaves_the_slot_usable() {
+        use std::task::{RawWaker, RawWakerVTable};
+        fn clone_panics(_: *const ()) -> RawWaker {
+            panic!("this waker's clone panics")
+        }
+        fn noop(_: *const ()) {}
+        static VTABLE: RawWakerVTable = RawWakerVTable::new(clone_panics, noop, noop, noop);
+        // SAFETY: the vtable's functions never touch the data pointer (a
+        // null), and `clone_panics` panics rather than making a waker.
+        let bad = unsafe { Waker::from_raw(RawWaker::new(std::ptr::null(), &VTABLE)) };
+        let slot = AtomicWaker::new();
+        let unwound =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| slot.register(&bad)));
+        assert!(unwound.is_err(), "the clone did not run");
+        let (c, w) = counter();
+        slot.register(&w);
+        assert_eq!(woken(&c), 0, "registered, not woken yet");
+        slot.wake();
+        assert_eq!(woken(&c), 1, "the wake reached the registered waker");
     }
 
     #[test]
