@@ -352,8 +352,9 @@ impl ConnCore {
         std::mem::take(&mut self.opened)
     }
 
-    /// One read from `source` into the buffer's free space, at `now`. A
-    /// connection without a buffer borrows one from `buffers` (or makes
+    /// One read from `source` into the buffer's free space, at `now`, of
+    /// at most the buffer size (or the rest of a partial frame, if more).
+    /// A connection without a buffer borrows one from `buffers` (or makes
     /// one). A buffer full of one partial frame grows as its bytes arrive,
     /// up to the largest frame, never to a length the peer merely claimed.
     pub fn fill(
@@ -382,11 +383,26 @@ impl ConnCore {
                 rb.buf.resize(grown, 0);
             }
         }
+        // One read takes a buffer size of bytes at most, or the rest of the
+        // partial frame at the buffer's start if that is more: a buffer
+        // grown for one large frame must not let each read take in (and a
+        // reactor's turn then dispatch) a large frame's worth of small
+        // ones, which would multiply the per-turn read budget.
+        let partial_end = match (&self.phase, rb.end > rb.start) {
+            (ReadPhase::Open { .. }, true) => {
+                match self.decoder.decode(&rb.buf[rb.start..rb.end]) {
+                    Ok(Decoded::NeedMore(total)) => rb.start + total,
+                    _ => rb.end,
+                }
+            }
+            _ => rb.end,
+        };
+        let read_end = (rb.end + rb.size).max(partial_end).min(rb.buf.len());
         loop {
-            return match source.read(&mut rb.buf[rb.end..]) {
+            return match source.read(&mut rb.buf[rb.end..read_end]) {
                 Ok(0) => Ok(Filled::Eof),
                 Ok(n) => {
-                    let drained = rb.end + n < rb.buf.len();
+                    let drained = rb.end + n < read_end;
                     rb.end += n;
                     self.last_read = now;
                     Ok(Filled::Bytes { drained })
