@@ -289,7 +289,10 @@ impl Client {
     /// already under way get up to one second to finish (so a request in
     /// flight gets its response and a frame being queued is queued); then
     /// every queued frame is written, connections are half-closed and
-    /// drained, anything still pending fails, and every thread is joined.
+    /// drained, anything still pending fails, and every thread is joined
+    /// (but, called from a handler, the reactor it runs on: that one stops
+    /// once the handler returns, and the next `shutdown` or the drop joins
+    /// it).
     pub fn shutdown(&self) {
         self.pool.signal.close();
         let grace = Instant::now() + SHUTDOWN_GRACE;

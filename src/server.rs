@@ -289,7 +289,10 @@ impl Server {
     /// Shuts down gracefully: stops admitting, lets running handlers
     /// finish, flushes queued output, closes every connection (failing
     /// requests still pending on them with [`Error::Closed`](crate::Error::Closed))
-    /// and joins every thread before it returns.
+    /// and joins every thread before it returns. Called from a handler
+    /// (an admin's "stop" message, say), it cannot join the reactor the
+    /// handler runs on: that one stops once the handler returns, and the
+    /// next `shutdown` (or the drop) joins it.
     pub fn shutdown(&self) {
         self.limit.stop.store(true, Ordering::Release);
         // Stop listening now: a reactor busy in a handler keeps the

@@ -70,14 +70,26 @@ impl Workers {
         }
     }
 
-    /// Stops every reactor gracefully and joins its thread.
+    /// Stops every reactor gracefully and joins its thread, but the
+    /// calling thread's own (a handler shutting down its owner): that one
+    /// stops once the handler returns, and is kept for the next call to
+    /// join (the owner's shutdown or drop).
     pub(crate) fn stop_and_join(&self) {
         for h in &self.handles {
             h.stop();
         }
+        let me = std::thread::current().id();
         let threads = std::mem::take(&mut *lock(&self.threads));
+        let mut own = None;
         for t in threads {
-            let _ = t.join();
+            if t.thread().id() == me {
+                own = Some(t);
+            } else {
+                let _ = t.join();
+            }
+        }
+        if let Some(t) = own {
+            lock(&self.threads).push(t);
         }
     }
 }

@@ -353,3 +353,71 @@ fn server_answers_requests_sent_before_a_half_close() {
         );
     });
 }
+
+// A handler may shut its own server (or client) down, an admin "stop"
+// message say. Its reactor cannot join its own thread: shutdown stops
+// the other reactors and joins them, leaves its own to stop once the
+// handler returns, and a later shutdown (here the owner's) joins it.
+// Joining it there panicked ("failed to join thread": EDEADLK), which
+// closed the connection as a handler panic and left threads unjoined.
+#[test]
+fn a_handler_may_shut_its_own_server_and_client_down() {
+    let _serial = serial();
+    within(30, || {
+        let before = monte_threads();
+        let server_slot: Arc<std::sync::OnceLock<Server>> = Arc::default();
+        let client_slot: Arc<std::sync::OnceLock<Client>> = Arc::default();
+        let returned = Arc::new(AtomicUsize::new(0));
+        let server = Server::bind("127.0.0.1:0", server_config(), {
+            let (slot, returned) = (server_slot.clone(), returned.clone());
+            move |ctx: &mut Context<'_>| {
+                if ctx.body() == b"stop" {
+                    slot.get().unwrap().shutdown();
+                    returned.fetch_add(1, Ordering::SeqCst);
+                } else {
+                    // Asks the client to stop itself.
+                    let _ = ctx.conn().send(b"stop");
+                }
+            }
+        })
+        .unwrap();
+        let addr = server.local_addr();
+        assert!(server_slot.set(server).is_ok());
+        let client = Client::with_handler(addr, client_config(), {
+            let (slot, returned) = (client_slot.clone(), returned.clone());
+            move |ctx: &mut Context<'_>| {
+                if ctx.body() == b"stop" {
+                    slot.get().unwrap().shutdown();
+                    returned.fetch_add(10, Ordering::SeqCst);
+                }
+            }
+        })
+        .unwrap();
+        assert!(client_slot.set(client).is_ok());
+        let client = client_slot.get().unwrap();
+        client.send(b"stop yourself").unwrap();
+        assert!(
+            wait_until(Duration::from_secs(5), || returned.load(Ordering::SeqCst)
+                == 10),
+            "the client's handler did not return from shutting its client down ({})",
+            returned.load(Ordering::SeqCst)
+        );
+        let other = Client::new(addr, client_config()).unwrap();
+        other.send(b"stop").unwrap();
+        assert!(
+            wait_until(Duration::from_secs(5), || returned.load(Ordering::SeqCst)
+                == 11),
+            "the server's handler did not return from shutting its server down ({})",
+            returned.load(Ordering::SeqCst)
+        );
+        other.shutdown();
+        // The owners' shutdowns join what the handlers' could not.
+        client.shutdown();
+        server_slot.get().unwrap().shutdown();
+        assert_eq!(
+            monte_threads(),
+            before,
+            "threads left after the owners' shutdowns"
+        );
+    });
+}
