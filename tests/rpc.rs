@@ -1056,3 +1056,47 @@ fn requests_beside_a_flood(first: Option<usize>) -> (Duration, monte_rpc::Result
         (slowest, answered)
     })
 }
+
+/// A client's `on_open` may queue a greeting (`send_no_wait`) on the new
+/// connection: it runs before the reactor has the connection, and the
+/// greeting, and everything sent after it, must still go out (the
+/// reactor's flush for it found no connection and was dropped, while the
+/// queue went on believing the reactor would flush).
+#[test]
+fn a_greeting_queued_in_on_open_goes_out() {
+    within(30, || {
+        struct Greeter;
+        impl monte_rpc::Handler for Greeter {
+            fn on_message(&self, _: &mut Context<'_>) {}
+            fn on_open(&self, conn: &monte_rpc::Connection) {
+                conn.send_no_wait(b"hello").unwrap();
+            }
+        }
+        let heard: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+        let server = Server::bind("127.0.0.1:0", server_config(), {
+            let heard = heard.clone();
+            move |ctx: &mut Context<'_>| {
+                heard.lock().unwrap().push(ctx.body().to_vec());
+                if ctx.expects_reply() {
+                    let _ = ctx.reply(b"ok");
+                }
+            }
+        })
+        .unwrap();
+        let config = client_config()
+            .max_conns(1)
+            .request_timeout(Some(Duration::from_secs(3)));
+        let client = Client::with_handler(server.local_addr(), config, Greeter).unwrap();
+        client.send_no_wait(b"then this").unwrap();
+        let answered = client.request(b"and a request", &mut Vec::new());
+        let all_heard = wait_until(Duration::from_secs(3), || heard.lock().unwrap().len() == 3);
+        assert!(
+            answered.is_ok() && all_heard,
+            "the request gave {answered:?}; the server heard {:?}",
+            heard.lock().unwrap()
+        );
+        assert_eq!(heard.lock().unwrap()[0], b"hello");
+        client.shutdown();
+        server.shutdown();
+    });
+}

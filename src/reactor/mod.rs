@@ -503,6 +503,12 @@ impl Reactor {
         // and bytes read past a dialled handshake must be processed: one
         // pass now.
         self.on_readable(key, false);
+        // A dialled connection's `on_open` ran before this reactor had it:
+        // what it queued asked for a flush that found no connection (and
+        // the queue still counts on this reactor to write it).
+        if self.conns.contains(key) {
+            self.flush(key);
+        }
     }
 
     fn begin_stop(&mut self) {
