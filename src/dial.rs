@@ -59,8 +59,30 @@ fn time_left(until: Option<CallDeadline>) -> Result<Option<Duration>> {
     }
 }
 
-/// One connect attempt, within `dial_timeout` and the call's deadline.
-fn connect_once(addr: SocketAddr, config: &Config, call: Option<CallDeadline>) -> Result<Socket> {
+/// The longest a dial waits at a time before it looks whether its owner
+/// has given up on it (shut down): shutdown must not wait for a dial that
+/// only its own timeouts bound, or none.
+const ABANDON_CHECK: Duration = Duration::from_millis(50);
+
+/// A wait of what is `left` (`None`: no limit), at most [`ABANDON_CHECK`]
+/// at a time; [`Error::Closed`] once the owner has given up.
+fn wait_slice(left: Option<Duration>, abandoned: &dyn Fn() -> bool) -> Result<Option<Duration>> {
+    if abandoned() {
+        return Err(Error::Closed);
+    }
+    Ok(Some(
+        left.map_or(ABANDON_CHECK, |left| left.min(ABANDON_CHECK)),
+    ))
+}
+
+/// One connect attempt, within `dial_timeout` and the call's deadline,
+/// until `abandoned`.
+fn connect_once(
+    addr: SocketAddr,
+    config: &Config,
+    call: Option<CallDeadline>,
+    abandoned: &dyn Fn() -> bool,
+) -> Result<Socket> {
     let until = step_deadline(config.dial_timeout, TimeoutKind::Dial, call);
     time_left(until)?;
     let socket = nonblocking_socket(Domain::for_address(addr))?;
@@ -72,7 +94,7 @@ fn connect_once(addr: SocketAddr, config: &Config, call: Option<CallDeadline>) -
         Err(e) => return Err(e.into()),
     }
     // In progress: writable once connected, or once it failed.
-    while !crate::sys::wait_writable(&socket, time_left(until)?) {}
+    while !crate::sys::wait_writable(&socket, wait_slice(time_left(until)?, abandoned)?) {}
     match socket.take_error()? {
         None => Ok(socket),
         // The kernel gave up first (its SYN retries outlast the timeout
@@ -108,11 +130,14 @@ fn nonblocking_socket(domain: Domain) -> io::Result<Socket> {
 /// between attempts are skipped when no time would be left after them (the
 /// last attempt's error is the dial's then), and the handshake gets at most
 /// `handshake_timeout` and the time left. When the call's deadline is what
-/// ends a step, the cause is [`Error::Timeout`] with `call.kind`.
+/// ends a step, the cause is [`Error::Timeout`] with `call.kind`. And it
+/// ends, with [`Error::Closed`] as the cause, within [`ABANDON_CHECK`] of
+/// `abandoned` turning true (its owner shut down).
 pub(crate) fn dial(
     addr: SocketAddr,
     config: &Config,
     call: Option<CallDeadline>,
+    abandoned: &dyn Fn() -> bool,
 ) -> Result<(TcpStream, Session, Vec<u8>)> {
     let attempts = config.dial_attempts.max(1);
     let mut last = Error::Closed;
@@ -124,9 +149,13 @@ pub(crate) fn dial(
             }
             std::thread::sleep(pause);
         }
-        match connect_once(addr, config, call) {
+        if abandoned() {
+            last = Error::Closed;
+            break;
+        }
+        match connect_once(addr, config, call, abandoned) {
             Ok(socket) => {
-                return handshake(socket.into(), config, call)
+                return handshake(socket.into(), config, call, abandoned)
                     .map_err(|e| e.dialling(addr, DialPhase::Handshake))
             }
             Err(e) => last = e,
@@ -139,11 +168,13 @@ pub(crate) fn dial(
 }
 
 /// Runs the client side of the configured handshake on a non-blocking
-/// socket, within `handshake_timeout` and the call's deadline.
+/// socket, within `handshake_timeout` and the call's deadline, until
+/// `abandoned`.
 pub(crate) fn handshake(
     mut stream: TcpStream,
     config: &Config,
     call: Option<CallDeadline>,
+    abandoned: &dyn Fn() -> bool,
 ) -> Result<(TcpStream, Session, Vec<u8>)> {
     let until = step_deadline(config.handshake_timeout, TimeoutKind::Handshake, call);
     let remaining = || time_left(until);
@@ -157,7 +188,7 @@ pub(crate) fn handshake(
         out.clear();
         hs.write_output(&mut out);
         write_all_nonblocking(&stream, &out, || {
-            if !crate::sys::wait_writable(&stream, remaining()?) {
+            if !crate::sys::wait_writable(&stream, wait_slice(remaining()?, abandoned)?) {
                 // Timed out, or interrupted: the deadline says which.
                 remaining()?;
             }
@@ -167,7 +198,7 @@ pub(crate) fn handshake(
             break session;
         }
         // The peer's answer takes a moment to come: wait first, then read.
-        if !crate::sys::wait_readable(&stream, remaining()?) {
+        if !crate::sys::wait_readable(&stream, wait_slice(remaining()?, abandoned)?) {
             // Timed out, or interrupted: the deadline says which.
             remaining()?;
             continue;

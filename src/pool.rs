@@ -286,10 +286,14 @@ impl Pool {
                 return self.choose(true).ok_or_else(|| failed.error.clone());
             }
         }
-        let dialled =
-            self.workers
-                .pick()
-                .dial_within(self.addr, self.handler.clone(), deadline.get());
+        // Given up when the client shuts down: shutdown must not wait for
+        // a dial bounded only by its own timeouts, or by none.
+        let dialled = self.workers.pick().dial_within(
+            self.addr,
+            self.handler.clone(),
+            deadline.get(),
+            &|| self.signal.is_closed(),
+        );
         let result = match dialled {
             Ok(conn) if self.signal.is_closed() => {
                 conn.close();
@@ -331,6 +335,9 @@ impl Pool {
             }
             if let Some(d) = deadline.filter(|d| Instant::now() >= d.at) {
                 return Err(Error::Timeout(d.kind).dialling(self.addr, DialPhase::Queued));
+            }
+            if self.signal.is_closed() {
+                return Err(Error::Closed.dialling(self.addr, DialPhase::Queued));
             }
             std::thread::sleep(Duration::from_millis(1));
         }

@@ -421,3 +421,44 @@ fn a_handler_may_shut_its_own_server_and_client_down() {
         );
     });
 }
+
+// A dial whose handshake never ends (the server's listener never
+// accepts, and the handshake has no timeout) must not hold shutdown: the
+// async calls' dial thread, and a blocking call dialling with no timeout
+// of its own, give up when the client shuts down, and shutdown returns.
+#[test]
+fn shutdown_does_not_wait_for_a_dial_that_never_ends() {
+    let _serial = serial();
+    within(30, || {
+        // Connects (the kernel completes TCP's handshake into the
+        // backlog), then never answers the client's key.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let config = client_config()
+            .handshake_timeout(None)
+            .request_timeout(None);
+        let client = Arc::new(Client::new(listener.local_addr().unwrap(), config).unwrap());
+        let mut response = Vec::new();
+        let timed = futures::executor::block_on(
+            client
+                .request_async(b"x", &mut response)
+                .timeout(Some(Duration::from_millis(200))),
+        );
+        assert!(timed.is_err(), "{timed:?}");
+        // A blocking call with no timeout, dialling (or waiting for the
+        // async calls' dial).
+        let blocking = {
+            let client = client.clone();
+            thread::spawn(move || client.request(b"y", &mut Vec::new()))
+        };
+        thread::sleep(Duration::from_millis(100));
+        let shutting = {
+            let client = client.clone();
+            thread::spawn(move || client.shutdown())
+        };
+        let deadline = Instant::now() + Duration::from_secs(4);
+        join_by(shutting, deadline, "shutdown");
+        let outcome = join_by(blocking, deadline, "the blocking call");
+        assert!(outcome.is_err(), "{outcome:?}");
+        drop(listener);
+    });
+}

@@ -225,19 +225,20 @@ impl ReactorHandle {
         addr: std::net::SocketAddr,
         handler: Arc<dyn Handler>,
     ) -> Result<Connection> {
-        self.dial_within(addr, handler, None)
+        self.dial_within(addr, handler, None, &|| self.is_stopped())
     }
 
-    /// [`dial`](Self::dial), ended by the deadline of the call that dials
-    /// (see [`crate::dial::dial`]).
+    /// [`dial`](Self::dial), ended by the deadline of the call that dials,
+    /// or once `abandoned` (see [`crate::dial::dial`]).
     pub(crate) fn dial_within(
         &self,
         addr: std::net::SocketAddr,
         handler: Arc<dyn Handler>,
         call: Option<CallDeadline>,
+        abandoned: &dyn Fn() -> bool,
     ) -> Result<Connection> {
         let config = self.shared.config.clone();
-        let (stream, session, leftover) = match crate::dial::dial(addr, &config, call) {
+        let (stream, session, leftover) = match crate::dial::dial(addr, &config, call, abandoned) {
             Ok(dialled) => dialled,
             Err(e) => {
                 // A refusal at the server's cap is no failed handshake.
