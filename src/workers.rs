@@ -17,26 +17,38 @@ pub(crate) struct Workers {
 }
 
 impl Workers {
+    /// Makes `config.worker_count()` reactors, each on a thread named
+    /// `{name}-{i}`. If one cannot be made (out of descriptors, say), the
+    /// ones already running are stopped and joined before the error
+    /// returns: nothing else could stop them.
     pub(crate) fn spawn(config: &Config, name: &str) -> Result<Workers> {
-        let mut handles = Vec::new();
-        let mut threads = Vec::new();
-        for i in 0..config.worker_count() {
-            let reactor = Reactor::new(config.clone())?;
-            handles.push(reactor.handle());
-            let thread = std::thread::Builder::new()
-                .name(format!("{name}-{i}"))
-                .spawn(move || {
-                    // An I/O error of the poller itself ends the loop; its
-                    // connections are closed by the reactor's drop.
-                    let _ = reactor.run();
-                })?;
-            threads.push(thread);
-        }
-        Ok(Workers {
-            handles,
-            threads: Mutex::new(threads),
+        let mut workers = Workers {
+            handles: Vec::new(),
+            threads: Mutex::new(Vec::new()),
             next: AtomicUsize::new(0),
-        })
+        };
+        for i in 0..config.worker_count() {
+            if let Err(e) = workers.spawn_one(config, name, i) {
+                workers.stop_and_join();
+                return Err(e);
+            }
+        }
+        Ok(workers)
+    }
+
+    fn spawn_one(&mut self, config: &Config, name: &str, i: usize) -> Result<()> {
+        let reactor = Reactor::new(config.clone())?;
+        let handle = reactor.handle();
+        let thread = std::thread::Builder::new()
+            .name(format!("{name}-{i}"))
+            .spawn(move || {
+                // An I/O error of the poller itself ends the loop; its
+                // connections are closed by the reactor's drop.
+                let _ = reactor.run();
+            })?;
+        self.handles.push(handle);
+        lock(&self.threads).push(thread);
+        Ok(())
     }
 
     /// The next reactor, round-robin.
