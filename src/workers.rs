@@ -82,26 +82,35 @@ impl Workers {
         }
     }
 
-    /// Stops every reactor gracefully and joins its thread, but the
-    /// calling thread's own (a handler shutting down its owner): that one
-    /// stops once the handler returns, and is kept for the next call to
-    /// join (the owner's shutdown or drop).
+    /// Stops every reactor gracefully and joins its thread. A second
+    /// caller meanwhile waits for those joins (it would otherwise return
+    /// before the reactors have drained). Called on one of these reactors
+    /// (a handler shutting down its owner), it cannot join its own thread,
+    /// nor wait for a caller that may be joining it: it joins the others
+    /// if no one else is, and keeps its own for the next call to join
+    /// (the owner's shutdown or drop); that reactor stops once the
+    /// handler returns.
     pub(crate) fn stop_and_join(&self) {
         for h in &self.handles {
             h.stop();
         }
-        let me = std::thread::current().id();
-        let threads = std::mem::take(&mut *lock(&self.threads));
-        let mut own = None;
-        for t in threads {
-            if t.thread().id() == me {
-                own = Some(t);
-            } else {
+        if !self.handles.iter().any(|h| h.driver().is_current()) {
+            let mut threads = lock(&self.threads);
+            for t in threads.drain(..) {
                 let _ = t.join();
             }
+            return;
         }
-        if let Some(t) = own {
-            lock(&self.threads).push(t);
+        let me = std::thread::current().id();
+        let Ok(mut threads) = self.threads.try_lock() else {
+            // Another thread is joining them, this one's included.
+            return;
+        };
+        let own = threads.iter().position(|t| t.thread().id() == me);
+        let own = own.map(|i| threads.swap_remove(i));
+        for t in threads.drain(..) {
+            let _ = t.join();
         }
+        threads.extend(own);
     }
 }

@@ -462,3 +462,47 @@ fn shutdown_does_not_wait_for_a_dial_that_never_ends() {
         drop(listener);
     });
 }
+
+// Two threads shutting one client down at once: neither may return
+// before the queued frames are written and the connections drained (the
+// second used to return at once, while the first was still draining: a
+// process that exits then loses messages whose `send_no_wait` was Ok).
+#[test]
+fn concurrent_shutdowns_both_wait_for_the_drain() {
+    let _serial = serial();
+    within(30, || {
+        let handled = Arc::new(AtomicUsize::new(0));
+        let server = Server::bind("127.0.0.1:0", server_config(), {
+            let handled = handled.clone();
+            move |_: &mut Context<'_>| {
+                // A slow reader: the drain takes a while.
+                thread::sleep(Duration::from_millis(2));
+                handled.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+        .unwrap();
+        let client =
+            Arc::new(Client::new(server.local_addr(), client_config().max_conns(1)).unwrap());
+        let sent = 150;
+        for _ in 0..sent {
+            client.send_no_wait(&[0x51; 1024]).unwrap();
+        }
+        let shutdowns: Vec<_> = (0..2)
+            .map(|_| {
+                let (client, handled) = (client.clone(), handled.clone());
+                thread::spawn(move || {
+                    client.shutdown();
+                    handled.load(Ordering::SeqCst)
+                })
+            })
+            .collect();
+        for shutdown in shutdowns {
+            let seen = shutdown.join().unwrap();
+            assert_eq!(
+                seen, sent,
+                "a shutdown returned before the server had every message"
+            );
+        }
+        server.shutdown();
+    });
+}
