@@ -1080,6 +1080,58 @@ mod tests {
         assert_stream(reader.join().unwrap(), frames);
     }
 
+    /// A reactor's replies appended behind a kept written prefix: after a
+    /// short write leaves its written prefix in place, the handlers' next
+    /// replies go on top of it (a buffer that grows then grows with the
+    /// written prefix in it). Replies of 40 KiB (capacities off the powers
+    /// of two) are queued past the 64 KiB budget, then flushed to a slow
+    /// reader, over and over: neither buffer may ever allocate more than
+    /// SECURITY.md's bound, twice the budget and a frame.
+    #[test]
+    fn replies_appended_behind_a_kept_prefix_keep_the_buffers_bounded() {
+        let (ours, reader) = slow_reader(8 << 10, Duration::from_micros(200));
+        let budget = 64 << 10;
+        let queue = queue(&Config::default().max_queued_bytes(budget));
+        let owner = Owner::new(&queue, ours);
+        let reply = vec![0x52; 40 << 10];
+        let most = 2 * (budget + frame_len(reply.len()));
+        let give_up = Instant::now() + Duration::from_secs(20);
+        let mut largest = 0;
+        for seq in 1..=200u32 {
+            queue
+                .submit(&owner, seq, &reply, Mode::OnReactor, None, &mut || {})
+                .unwrap();
+            if lock(&queue.state).pending() > budget {
+                // Over the budget: the reactor flushes; reading goes on
+                // once the socket took enough.
+                while let Flushed::Blocked(pending) = queue.flush_from_reactor(&owner, usize::MAX) {
+                    {
+                        let g = lock(&queue.state);
+                        largest = largest.max(g.buf.capacity()).max(g.spare.capacity());
+                    }
+                    if pending <= budget {
+                        break;
+                    }
+                    assert!(Instant::now() < give_up, "the stream never drained");
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+            let g = lock(&queue.state);
+            largest = largest.max(g.buf.capacity()).max(g.spare.capacity());
+        }
+        assert!(
+            largest <= most,
+            "{largest} bytes allocated for one buffer, against {most} with the prefix dropped"
+        );
+        while !matches!(queue.flush_from_reactor(&owner, usize::MAX), Flushed::Empty) {
+            assert!(Instant::now() < give_up, "the stream never drained");
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        drop(owner);
+        let wire = reader.join().unwrap();
+        assert_eq!(wire.len(), 200 * frame_len(reply.len()));
+    }
+
     /// Callers that queue while the writer is in the middle of a write
     /// must still count the bytes it holds: the queue's budget is what the
     /// connection holds, written or not. A slow reader keeps the writes
