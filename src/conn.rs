@@ -566,6 +566,13 @@ impl Connection {
         if let Some(release) = lock(&sh.release).take() {
             release();
         }
+        // The handle may outlive the connection by far (an application
+        // that replies later keeps it): its buffers go now. A caller
+        // reading the socket meanwhile (its turn) finds it closed and ends.
+        sh.out.free_buffers();
+        if let Some(mut core) = sh.read.core.try_take() {
+            core.free_buffer();
+        }
     }
 }
 

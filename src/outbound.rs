@@ -335,6 +335,18 @@ impl OutboundQueue {
         self.notify(&mut g);
     }
 
+    /// Frees the buffers of a closed queue (its handle may live on for
+    /// long, held by the application), unless a writer has one out: it
+    /// finds the queue closed and leaves it emptied.
+    pub(crate) fn free_buffers(&self) {
+        let mut g = lock(&self.state);
+        if g.closed.is_some() && !g.writing {
+            g.buf = Vec::new();
+            g.spare = Vec::new();
+            g.head = 0;
+        }
+    }
+
     /// Seals `body` as frame `seq` and hands it on as `mode` says. Waits
     /// for room (up to the send timeout) unless `mode` is one of the
     /// reactor thread's; `Direct { wait: true }` also waits until the frame

@@ -489,6 +489,15 @@ impl ConnCore {
     }
 
     /// Frees the receive buffer if it holds no unread bytes.
+    /// Frees the receive buffer, unread bytes and all: the connection is
+    /// closed, and its handle may live on for long.
+    pub fn free_buffer(&mut self) {
+        let rb = &mut self.rbuf;
+        rb.buf = Vec::new();
+        rb.start = 0;
+        rb.end = 0;
+    }
+
     pub fn release_buffer_if_empty(&mut self) {
         let rb = &mut self.rbuf;
         if rb.start == rb.end && self.held.is_none() {
