@@ -571,7 +571,7 @@ impl Connection {
         // reading the socket meanwhile (its turn) finds it closed and ends.
         sh.out.free_buffers();
         if let Some(mut core) = sh.read.core.try_take() {
-            core.free_buffer();
+            core.discard_input();
         }
     }
 }

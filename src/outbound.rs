@@ -177,6 +177,18 @@ impl Outbound {
         self.buf.len() - self.head
     }
 
+    /// Frees the buffers once the queue is closed (nothing more is
+    /// written, and the handle may live on for long, held by the
+    /// application), unless a writer has one out: it frees them as it
+    /// finishes.
+    fn free_buffers_if_closed(&mut self) {
+        if self.closed.is_some() && !self.writing {
+            self.buf = Vec::new();
+            self.spare = Vec::new();
+            self.head = 0;
+        }
+    }
+
     /// What the connection holds against its budget: everything queued
     /// and not yet written, the bytes waiting in `buf` and those a writer
     /// took out of it for the write in progress.
@@ -335,16 +347,10 @@ impl OutboundQueue {
         self.notify(&mut g);
     }
 
-    /// Frees the buffers of a closed queue (its handle may live on for
-    /// long, held by the application), unless a writer has one out: it
-    /// finds the queue closed and leaves it emptied.
+    /// Frees the buffers of a closed queue (see
+    /// `Outbound::free_buffers_if_closed`).
     pub(crate) fn free_buffers(&self) {
-        let mut g = lock(&self.state);
-        if g.closed.is_some() && !g.writing {
-            g.buf = Vec::new();
-            g.spare = Vec::new();
-            g.head = 0;
-        }
+        lock(&self.state).free_buffers_if_closed();
     }
 
     /// Seals `body` as frame `seq` and hands it on as `mode` says. Waits
@@ -718,6 +724,8 @@ impl OutboundQueue {
             g.reactor_flushing = true;
             hand_off = true;
         }
+        // Closed while this writer had a buffer out, or by its failure.
+        g.free_buffers_if_closed();
         if let Some(e) = failure {
             drop(g);
             owner.fail(e);

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use monte_rpc::protocol::{ClientHandshake, Handshake, Profile};
+use monte_rpc::protocol::Profile;
 use monte_rpc::{
     Client, Config, Connection, Context, Error, Handler, Server, TimeoutKind, Waiting,
 };
@@ -399,30 +399,7 @@ fn write_timeout_closes_connection_to_non_reader() {
         .unwrap();
 
         // A raw client: the handshake by hand, one request frame, no reads.
-        let mut stream = TcpStream::connect(server.local_addr()).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        stream
-            .set_write_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        let mut hs = ClientHandshake::new(Profile::Secure).unwrap();
-        let mut out = Vec::new();
-        let mut input = Vec::new();
-        let mut chunk = [0u8; 256];
-        let session = loop {
-            out.clear();
-            hs.write_output(&mut out);
-            stream.write_all(&out).unwrap();
-            if let Some(s) = hs.take_session() {
-                break s;
-            }
-            let n = stream.read(&mut chunk).unwrap();
-            assert!(n > 0, "server closed during the handshake");
-            input.extend_from_slice(&chunk[..n]);
-            let used = hs.read_input(&input).unwrap();
-            input.drain(..used);
-        };
+        let (mut stream, session) = common::raw_client(server.local_addr());
         let mut sealer = session.sealer;
         let mut frame = Vec::new();
         sealer.seal_append(1, b"flood", &mut frame).unwrap();
@@ -1097,72 +1074,6 @@ fn a_greeting_queued_in_on_open_goes_out() {
         );
         assert_eq!(heard.lock().unwrap()[0], b"hello");
         client.shutdown();
-        server.shutdown();
-    });
-}
-
-/// This process's resident memory, in bytes.
-fn resident_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-    kib << 10
-}
-
-/// An application may keep a connection's handle after the connection
-/// closed (to reply later, as SECURITY.md suggests). A closed connection
-/// must not keep its buffers with it: here 24 clients each send one
-/// 900 KB message (the server's receive buffer grows to 1 MiB for it)
-/// and leave, while the server's handler keeps every handle. The
-/// server's memory must not grow by a buffer per closed connection.
-#[test]
-fn a_closed_connections_handle_does_not_keep_its_buffers() {
-    within(60, || {
-        let handles: Arc<Mutex<Vec<Connection>>> = Arc::default();
-        let server = Server::bind("127.0.0.1:0", server_config().workers(1), {
-            let handles = handles.clone();
-            move |ctx: &mut Context<'_>| handles.lock().unwrap().push(ctx.conn().clone())
-        })
-        .unwrap();
-        let big = vec![0x42; 900_000];
-        let visit = || {
-            let client = Client::new(server.local_addr(), client_config().max_conns(1)).unwrap();
-            client.send(&big).unwrap();
-            client.shutdown();
-        };
-        visit();
-        let kept = |n| {
-            wait_until(Duration::from_secs(5), || {
-                handles.lock().unwrap().len() == n
-            })
-        };
-        assert!(kept(1));
-        // Closed on the server's side too (its reactor saw the end).
-        let closed = |n| {
-            wait_until(Duration::from_secs(5), || {
-                handles
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .filter(|c| c.is_closed())
-                    .count()
-                    == n
-            })
-        };
-        assert!(closed(1));
-        let before = resident_bytes();
-        let visits = 24;
-        for _ in 0..visits {
-            visit();
-        }
-        assert!(kept(visits + 1) && closed(visits + 1));
-        let grown = resident_bytes().saturating_sub(before);
-        assert!(
-            grown < 8 << 20,
-            "the server's memory grew by {} KiB for {visits} closed connections whose handles \
-             are kept",
-            grown >> 10
-        );
         server.shutdown();
     });
 }

@@ -488,16 +488,19 @@ impl ConnCore {
         }
     }
 
-    /// Frees the receive buffer if it holds no unread bytes.
-    /// Frees the receive buffer, unread bytes and all: the connection is
-    /// closed, and its handle may live on for long.
-    pub fn free_buffer(&mut self) {
+    /// Discards the input at the connection's close: the receive buffer is
+    /// freed, unread bytes, a held frame and all, and the input counts as
+    /// ended (nothing reads on). The handle may live on for long.
+    pub fn discard_input(&mut self) {
         let rb = &mut self.rbuf;
         rb.buf = Vec::new();
         rb.start = 0;
         rb.end = 0;
+        self.held = None;
+        self.eof = true;
     }
 
+    /// Frees the receive buffer if it holds no unread bytes.
     pub fn release_buffer_if_empty(&mut self) {
         let rb = &mut self.rbuf;
         if rb.start == rb.end && self.held.is_none() {

@@ -58,6 +58,9 @@ impl Reactor {
         let result = loop {
             let read = self.read_all(key, &conn, &mut inbound, bytes_only, &mut fills_left);
             if read.is_err() || !self.conns.contains(key) {
+                // The turn goes before the close, which frees the receive
+                // buffer only if it can take the turn.
+                drop(inbound);
                 break read;
             }
             // Nothing unread: the buffer goes back to the pool until the

@@ -119,3 +119,36 @@ pub fn raw_server_with_session(
     });
     (addr, server)
 }
+
+/// A raw client on loopback: connects to `addr` and runs the client side
+/// of the specification's handshake (`secure`) by hand, for tests whose
+/// client then misbehaves in its own way. Returns the socket (with 5 s
+/// read and write timeouts) and the session's keys.
+pub fn raw_client(
+    addr: std::net::SocketAddr,
+) -> (std::net::TcpStream, monte_rpc::protocol::Session) {
+    use monte_rpc::protocol::{ClientHandshake, Handshake, Profile};
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    stream
+        .set_write_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut hs = ClientHandshake::new(Profile::Secure).unwrap();
+    let (mut out, mut input, mut chunk) = (Vec::new(), Vec::new(), [0u8; 256]);
+    loop {
+        out.clear();
+        hs.write_output(&mut out);
+        stream.write_all(&out).unwrap();
+        if let Some(session) = hs.take_session() {
+            return (stream, session);
+        }
+        let n = stream.read(&mut chunk).unwrap();
+        assert!(n > 0, "server closed during the handshake");
+        input.extend_from_slice(&chunk[..n]);
+        let used = hs.read_input(&input).unwrap();
+        input.drain(..used);
+    }
+}
