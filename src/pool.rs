@@ -524,7 +524,15 @@ impl Pool {
     pub(crate) fn close(&self) {
         let thread = lock(&self.async_dial).thread.take();
         if let Some(thread) = thread {
-            let _ = thread.join();
+            if thread.thread().id() == std::thread::current().id() {
+                // Shut down from the dial thread itself (a handler's
+                // `on_open` on the connection it dialled): it cannot join
+                // itself, and ends once that returns; a later shutdown
+                // joins it.
+                lock(&self.async_dial).thread = Some(thread);
+            } else {
+                let _ = thread.join();
+            }
         }
         self.workers.stop_and_join();
         self.wake_dial_waiters();

@@ -3,7 +3,7 @@
 //! client's dials) or by load (a server's connections), stopped and joined
 //! together.
 
-use std::thread::JoinHandle;
+use std::thread::{JoinHandle, ThreadId};
 
 use crate::config::Config;
 use crate::error::Result;
@@ -13,6 +13,9 @@ use crate::sync::{lock, AtomicUsize, Mutex, Ordering};
 pub(crate) struct Workers {
     handles: Vec<ReactorHandle>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// The reactors' threads, to know one of them from the outside
+    /// (a handler, or a reactor's drop) without the lock.
+    ids: Vec<ThreadId>,
     next: AtomicUsize,
 }
 
@@ -25,6 +28,7 @@ impl Workers {
         let mut workers = Workers {
             handles: Vec::new(),
             threads: Mutex::new(Vec::new()),
+            ids: Vec::new(),
             next: AtomicUsize::new(0),
         };
         for i in 0..config.worker_count() {
@@ -47,6 +51,7 @@ impl Workers {
                 let _ = reactor.run();
             })?;
         self.handles.push(handle);
+        self.ids.push(thread.thread().id());
         lock(&self.threads).push(thread);
         Ok(())
     }
@@ -89,19 +94,20 @@ impl Workers {
     /// nor wait for a caller that may be joining it: it joins the others
     /// if no one else is, and keeps its own for the next call to join
     /// (the owner's shutdown or drop); that reactor stops once the
-    /// handler returns.
+    /// handler returns. (If the owner is dropped on that very thread, its
+    /// handle goes with it: the thread ends on its own, detached.)
     pub(crate) fn stop_and_join(&self) {
         for h in &self.handles {
             h.stop();
         }
-        if !self.handles.iter().any(|h| h.driver().is_current()) {
+        let me = std::thread::current().id();
+        if !self.ids.contains(&me) {
             let mut threads = lock(&self.threads);
             for t in threads.drain(..) {
                 let _ = t.join();
             }
             return;
         }
-        let me = std::thread::current().id();
         let Ok(mut threads) = self.threads.try_lock() else {
             // Another thread is joining them, this one's included.
             return;

@@ -506,3 +506,52 @@ fn concurrent_shutdowns_both_wait_for_the_drain() {
         server.shutdown();
     });
 }
+
+// A client's `on_open` runs on the thread that dials: for async calls,
+// the pool's dial thread. Shutting the client down there must not join
+// that very thread (it panicked: "failed to join thread"); the owner's
+// shutdown joins it later.
+#[test]
+fn on_open_on_the_async_dial_thread_may_shut_its_client_down() {
+    let _serial = serial();
+    within(30, || {
+        let before = monte_threads();
+        struct Stopper(Arc<std::sync::OnceLock<Client>>, Arc<AtomicUsize>);
+        impl monte_rpc::Handler for Stopper {
+            fn on_message(&self, _: &mut Context<'_>) {}
+            fn on_open(&self, _: &monte_rpc::Connection) {
+                self.0.get().unwrap().shutdown();
+                self.1.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let server =
+            Server::bind("127.0.0.1:0", server_config(), |_: &mut Context<'_>| {}).unwrap();
+        let slot: Arc<std::sync::OnceLock<Client>> = Arc::default();
+        let returned = Arc::new(AtomicUsize::new(0));
+        let client = Client::with_handler(
+            server.local_addr(),
+            client_config(),
+            Stopper(slot.clone(), returned.clone()),
+        )
+        .unwrap();
+        assert!(slot.set(client).is_ok());
+        let client = slot.get().unwrap();
+        let sent = futures::executor::block_on(client.send_async(b"dial for me"));
+        assert!(
+            sent.is_err(),
+            "the client shut down as it dialled: {sent:?}"
+        );
+        assert_eq!(
+            returned.load(Ordering::SeqCst),
+            1,
+            "on_open did not return from shutting its client down"
+        );
+        client.shutdown();
+        server.shutdown();
+        assert_eq!(
+            monte_threads(),
+            before,
+            "threads left after the owners' shutdowns"
+        );
+    });
+}
