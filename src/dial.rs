@@ -142,16 +142,16 @@ pub(crate) fn dial(
     let attempts = config.dial_attempts.max(1);
     let mut last = Error::Closed;
     for attempt in 0..attempts {
+        if abandoned() {
+            last = Error::Closed;
+            break;
+        }
         if attempt > 0 {
             let pause = Duration::from_millis(10 << (attempt - 1).min(6));
             if call.is_some_and(|c| Instant::now() + pause >= c.at) {
                 break;
             }
             std::thread::sleep(pause);
-        }
-        if abandoned() {
-            last = Error::Closed;
-            break;
         }
         match connect_once(addr, config, call, abandoned) {
             Ok(socket) => {
@@ -197,11 +197,11 @@ pub(crate) fn handshake(
         if let Some(session) = hs.take_session() {
             break session;
         }
-        // The peer's answer takes a moment to come: wait first, then read.
-        if !crate::sys::wait_readable(&stream, wait_slice(remaining()?, abandoned)?) {
+        // The peer's answer takes a moment to come: wait first, then read
+        // (in slices, without asking the handshake for output again).
+        while !crate::sys::wait_readable(&stream, wait_slice(remaining()?, abandoned)?) {
             // Timed out, or interrupted: the deadline says which.
             remaining()?;
-            continue;
         }
         let n = match stream.read(&mut chunk) {
             Ok(0) => return Err(HandshakeError::PeerClosed.into()),

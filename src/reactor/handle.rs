@@ -237,9 +237,15 @@ impl ReactorHandle {
         call: Option<CallDeadline>,
         abandoned: &dyn Fn() -> bool,
     ) -> Result<Connection> {
+        if self.is_stopped() {
+            return Err(Error::Closed);
+        }
         let config = self.shared.config.clone();
         let (stream, session, leftover) = match crate::dial::dial(addr, &config, call, abandoned) {
             Ok(dialled) => dialled,
+            // Given up by its owner (shut down): no failed dial, no
+            // failed handshake, only the end.
+            Err(_) if abandoned() => return Err(Error::Closed),
             Err(e) => {
                 // A refusal at the server's cap is no failed handshake.
                 let refused = matches!(e.root_cause(), Error::ConnectionLimit);
