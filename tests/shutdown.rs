@@ -7,7 +7,7 @@ mod common;
 use common::{wait_until, within};
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::Shutdown;
 use std::panic::resume_unwind;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -15,7 +15,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use monte_rpc::protocol::wire::{Decoded, FrameDecoder};
-use monte_rpc::protocol::{ClientHandshake, Handshake, Profile};
 use monte_rpc::{Client, Config, Context, Error, Server, TimeoutKind};
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -297,28 +296,8 @@ fn server_answers_requests_sent_before_a_half_close() {
             let _ = ctx.reply(b"pong");
         })
         .unwrap();
-        let mut stream = TcpStream::connect(server.local_addr()).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        stream
-            .set_write_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        let mut hs = ClientHandshake::new(Profile::Secure).unwrap();
-        let (mut out, mut input, mut chunk) = (Vec::new(), Vec::new(), [0u8; 4096]);
-        let session = loop {
-            out.clear();
-            hs.write_output(&mut out);
-            stream.write_all(&out).unwrap();
-            if let Some(s) = hs.take_session() {
-                break s;
-            }
-            let n = stream.read(&mut chunk).unwrap();
-            assert!(n > 0, "server closed during the handshake");
-            input.extend_from_slice(&chunk[..n]);
-            let used = hs.read_input(&input).unwrap();
-            input.drain(..used);
-        };
+        let (mut stream, session) = common::raw_client(server.local_addr());
+        let (mut input, mut chunk) = (Vec::new(), [0u8; 4096]);
         let (mut sealer, mut opener) = (session.sealer, session.opener);
         let mut frames = Vec::new();
         for seq in [1u32, 3, 5] {

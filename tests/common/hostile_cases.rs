@@ -619,13 +619,7 @@ impl Drop for Good {
 
 /// A plain blocking TCP connection to `addr`, with 5 s I/O timeouts.
 fn tcp(addr: SocketAddr) -> TcpStream {
-    let stream = TcpStream::connect(addr).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    stream
-        .set_write_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
+    let stream = super::common::connect_with_timeouts(addr);
     let _ = stream.set_nodelay(true);
     stream
 }

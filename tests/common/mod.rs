@@ -129,13 +129,7 @@ pub fn raw_client(
 ) -> (std::net::TcpStream, monte_rpc::protocol::Session) {
     use monte_rpc::protocol::{ClientHandshake, Handshake, Profile};
     use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    stream
-        .set_write_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
+    let mut stream = connect_with_timeouts(addr);
     let mut hs = ClientHandshake::new(Profile::Secure).unwrap();
     let (mut out, mut input, mut chunk) = (Vec::new(), Vec::new(), [0u8; 256]);
     loop {
@@ -151,4 +145,17 @@ pub fn raw_client(
         let used = hs.read_input(&input).unwrap();
         input.drain(..used);
     }
+}
+
+/// A blocking TCP connection to `addr` with 5 s read and write timeouts,
+/// for raw peers.
+pub fn connect_with_timeouts(addr: std::net::SocketAddr) -> std::net::TcpStream {
+    let stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    stream
+        .set_write_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    stream
 }
