@@ -60,6 +60,11 @@ pub enum HandshakeError {
     /// A user-defined handshake rejected the peer; the code is the
     /// implementation's own.
     Rejected(u32),
+    /// Application code the handshake ran panicked (a custom `Handshake`,
+    /// its factory, or a callback such as an `identity` server's
+    /// allow-list): the panic is contained, and only this connection is
+    /// closed.
+    Panicked,
     /// An `identity` client config pins no server key, so it would accept
     /// any server: pin one (`IdentityConfig::pinned`) or opt out explicitly
     /// (`IdentityConfig::unpinned_client`, `allow_unpinned_server`).
@@ -89,6 +94,7 @@ impl fmt::Display for HandshakeError {
             HandshakeError::KeyGeneration => f.write_str("ephemeral key generation failed"),
             HandshakeError::PeerClosed => f.write_str("peer closed during the handshake"),
             HandshakeError::AlreadyFinished => f.write_str("handshake already finished"),
+            HandshakeError::Panicked => f.write_str("the handshake's application code panicked"),
             HandshakeError::Rejected(code) => write!(f, "handshake rejected (code {code})"),
             HandshakeError::NotThisProtocol { sent, sent_len } => {
                 let sent = &sent[..usize::from(*sent_len).min(sent.len())];

@@ -174,3 +174,56 @@ fn a_refused_identity_never_opens() {
     );
     server.shutdown();
 }
+
+/// An allow-list callback that panics (an application's bug, reached by
+/// any client that proves a key the callback did not expect) must fail
+/// that handshake only: it ran on the reactor's thread unguarded, and its
+/// panic stopped the reactor and every connection on it.
+#[test]
+fn a_panicking_allow_list_callback_fails_only_that_handshake() {
+    let server_key = identity();
+    let (friend, stranger) = (identity(), identity());
+    let friend_key = identity_public_key(&friend);
+    let policy = move |key: &[u8; 32], _: Option<SocketAddr>| {
+        assert!(*key == friend_key, "a key this policy never expected");
+        true
+    };
+    // One reactor: a panic that escapes takes every connection with it.
+    let server_config = Config::server().workers(1).handshake(Arc::new(
+        IdentityConfig::server(server_key.clone()).allow_clients_with(policy),
+    ));
+    let server = Server::bind(
+        "127.0.0.1:0",
+        server_config,
+        WhoAmI {
+            opened: Seen::default(),
+        },
+    )
+    .unwrap();
+    let pin = identity_public_key(&server_key);
+    let client_with = |key: &Arc<Ed25519KeyPair>| {
+        let config = Config::default()
+            .max_conns(1)
+            .request_timeout(Some(Duration::from_secs(3)))
+            .handshake(Arc::new(
+                IdentityConfig::pinned(pin).with_identity(key.clone()),
+            ));
+        Client::new(server.local_addr(), config).unwrap()
+    };
+    let friendly = client_with(&friend);
+    let mut resp = Vec::new();
+    friendly.request(b"before", &mut resp).unwrap();
+    let unexpected = client_with(&stranger);
+    assert!(
+        unexpected.request(b"me too", &mut resp).is_err(),
+        "the stranger's handshake should fail"
+    );
+    friendly
+        .request(b"after", &mut resp)
+        .expect("the connection beside the panicking handshake still answers");
+    assert_eq!(resp, identity_public_key(&friend));
+    assert!(server.stats().handshakes_failed >= 1);
+    unexpected.shutdown();
+    friendly.shutdown();
+    server.shutdown();
+}

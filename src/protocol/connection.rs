@@ -16,9 +16,10 @@
 //! parallel under its lock.
 
 use std::io::{self, Read};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Duration;
 
-use crate::error::{Error, Result, TimeoutKind};
+use crate::error::{Error, HandshakeError, Result, TimeoutKind};
 use crate::protocol::wire::{Decoded, FrameDecoder, SeqSpace, LENGTH_PREFIX_LEN, SEQ_LEN};
 use crate::protocol::TAG_LEN;
 use crate::protocol::{Handshake, Opener, Role, Sealer};
@@ -272,12 +273,23 @@ impl ConnCore {
             return Ok((&self.handshake_out, None));
         };
         let rb = &mut self.rbuf;
-        if rb.end > rb.start {
-            let used = handshake.read_input(rb.unconsumed())?;
-            rb.start += used;
-        }
-        handshake.write_output(&mut self.handshake_out);
-        let done = handshake.take_session().map(|session| {
+        let out = &mut self.handshake_out;
+        // The handshake may run application code (a custom handshake, an
+        // allow-list callback) on the driver's thread, a reactor serving
+        // other connections: its panic fails this handshake only.
+        let stepped = catch_unwind(AssertUnwindSafe(|| {
+            if rb.end > rb.start {
+                let used = handshake.read_input(rb.unconsumed())?;
+                rb.start += used;
+            }
+            handshake.write_output(out);
+            Ok::<_, Error>(handshake.take_session())
+        }));
+        let session = match stepped {
+            Ok(stepped) => stepped?,
+            Err(_) => return Err(HandshakeError::Panicked.into()),
+        };
+        let done = session.map(|session| {
             self.phase = ReadPhase::Open {
                 opener: session.opener,
             };
