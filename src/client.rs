@@ -295,6 +295,10 @@ impl Client {
     /// it).
     pub fn shutdown(&self) {
         self.pool.signal.close();
+        // Async calls waiting for a dial look again, find the client
+        // closed and end, rather than wait out the grace below (the dial
+        // they wait for may be the very thread running this shutdown).
+        self.pool.wake_dial_waiters();
         let grace = Instant::now() + SHUTDOWN_GRACE;
         while self.pool.signal.calls_inside() > 0 && Instant::now() < grace {
             std::thread::sleep(Duration::from_millis(1));

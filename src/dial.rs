@@ -151,7 +151,18 @@ pub(crate) fn dial(
             if call.is_some_and(|c| Instant::now() + pause >= c.at) {
                 break;
             }
-            std::thread::sleep(pause);
+            // In slices too: the owner may give up meanwhile.
+            let until = Instant::now() + pause;
+            while let Some(left) = until.checked_duration_since(Instant::now()) {
+                if left.is_zero() || abandoned() {
+                    break;
+                }
+                std::thread::sleep(left.min(ABANDON_CHECK));
+            }
+            if abandoned() {
+                last = Error::Closed;
+                break;
+            }
         }
         match connect_once(addr, config, call, abandoned) {
             Ok(socket) => {
@@ -198,21 +209,21 @@ pub(crate) fn handshake(
             break session;
         }
         // The peer's answer takes a moment to come: wait first, then read
-        // (in slices, without asking the handshake for output again).
-        while !crate::sys::wait_readable(&stream, wait_slice(remaining()?, abandoned)?) {
-            // Timed out, or interrupted: the deadline says which.
-            remaining()?;
-        }
-        let n = match stream.read(&mut chunk) {
-            Ok(0) => return Err(HandshakeError::PeerClosed.into()),
-            Ok(n) => n,
-            Err(e)
-                if e.kind() == io::ErrorKind::Interrupted
-                    || e.kind() == io::ErrorKind::WouldBlock =>
-            {
-                continue
+        // (in slices, and without asking the handshake for output again
+        // until it has new input).
+        let n = loop {
+            while !crate::sys::wait_readable(&stream, wait_slice(remaining()?, abandoned)?) {
+                // Timed out, or interrupted: the deadline says which.
+                remaining()?;
             }
-            Err(e) => return Err(e.into()),
+            match stream.read(&mut chunk) {
+                Ok(0) => return Err(HandshakeError::PeerClosed.into()),
+                Ok(n) => break n,
+                Err(e)
+                    if e.kind() == io::ErrorKind::Interrupted
+                        || e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e.into()),
+            }
         };
         first.add(&chunk[..n]);
         input.extend_from_slice(&chunk[..n]);

@@ -307,6 +307,9 @@ impl Pool {
                 write(&self.conns).push(conn.clone());
                 Ok(conn)
             }
+            // Given up because the client is shutting down: no failure to
+            // back off from.
+            Err(Error::Closed) if self.signal.is_closed() => Err(Error::Closed),
             Err(e) => {
                 dialling.failed(e.clone(), &self.config);
                 self.choose(true).ok_or(e)
@@ -492,7 +495,8 @@ impl Pool {
         Ok(())
     }
 
-    fn wake_dial_waiters(&self) {
+    /// Wakes the async calls waiting for a dial (they look again).
+    pub(crate) fn wake_dial_waiters(&self) {
         Self::wake_all(&mut lock(&self.async_dial));
     }
 

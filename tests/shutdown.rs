@@ -523,15 +523,23 @@ fn on_open_on_the_async_dial_thread_may_shut_its_client_down() {
         .unwrap();
         assert!(slot.set(client).is_ok());
         let client = slot.get().unwrap();
+        let started = Instant::now();
         let sent = futures::executor::block_on(client.send_async(b"dial for me"));
         assert!(
             sent.is_err(),
             "the client shut down as it dialled: {sent:?}"
         );
-        assert_eq!(
-            returned.load(Ordering::SeqCst),
-            1,
+        assert!(
+            wait_until(Duration::from_secs(5), || returned.load(Ordering::SeqCst)
+                == 1),
             "on_open did not return from shutting its client down"
+        );
+        // Not the shutdown's 1 s grace for calls under way: the call
+        // waiting for the dial is woken as shutdown begins, and ends.
+        assert!(
+            started.elapsed() < Duration::from_millis(900),
+            "the call and the shutdown from on_open took {:?}",
+            started.elapsed()
         );
         client.shutdown();
         server.shutdown();
@@ -540,5 +548,38 @@ fn on_open_on_the_async_dial_thread_may_shut_its_client_down() {
             before,
             "threads left after the owners' shutdowns"
         );
+    });
+}
+
+// A dial pausing between attempts (the pauses double, up to 640 ms)
+// gives up within its abandon check too, not at the end of the pause:
+// shutdown then returns at once rather than after the pause.
+#[test]
+fn shutdown_does_not_wait_out_a_dials_pause_between_attempts() {
+    let _serial = serial();
+    within(30, || {
+        // Nothing listens: every connect is refused at once.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let config = client_config().dial_attempts(10).request_timeout(None);
+        let client = Arc::new(Client::new(addr, config).unwrap());
+        let blocking = {
+            let client = client.clone();
+            thread::spawn(move || client.request(b"x", &mut Vec::new()))
+        };
+        // Past 10 + 20 + 40 + 80 + 160 + 320 ms of pauses: in the 640 ms one.
+        thread::sleep(Duration::from_millis(800));
+        let started = Instant::now();
+        client.shutdown();
+        let took = started.elapsed();
+        let outcome = join_by(
+            blocking,
+            Instant::now() + Duration::from_secs(2),
+            "the call",
+        );
+        assert!(outcome.is_err(), "{outcome:?}");
+        assert!(took < Duration::from_millis(300), "shutdown took {took:?}");
     });
 }

@@ -58,8 +58,12 @@ impl Reactor {
         let result = loop {
             let read = self.read_all(key, &conn, &mut inbound, bytes_only, &mut fills_left);
             if read.is_err() || !self.conns.contains(key) {
-                // The turn goes before the close, which frees the receive
-                // buffer only if it can take the turn.
+                // Closing (on the error), or closed already (inside
+                // `read_all`, while this turn was held): the input goes
+                // now, with the turn in hand (the close frees the buffer
+                // only if it can take the turn, and a caller that took it
+                // meanwhile would keep it).
+                inbound.discard_input();
                 drop(inbound);
                 break read;
             }

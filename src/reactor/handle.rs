@@ -216,9 +216,11 @@ impl ReactorHandle {
     ///
     /// # Errors
     ///
-    /// A failed dial is [`Error::Dial`], which names `addr`, the phase
-    /// (connect or handshake) and the cause. Past the dial,
-    /// [`Error::Closed`] if the reactor has stopped, or
+    /// [`Error::Closed`] if the reactor has stopped (before the dial, or
+    /// during it: the dial then gives up within 50 ms, and whatever else
+    /// it met is not reported). Otherwise a failed dial is
+    /// [`Error::Dial`], which names `addr`, the phase (connect or
+    /// handshake) and the cause; past the dial,
     /// [`Error::HandlerPanicked`] if `handler.on_open` panicked.
     pub fn dial(
         &self,
