@@ -40,8 +40,10 @@ pub struct Session {
     /// The peer's long-term Ed25519 public key as proved in the handshake:
     /// in the `identity` profile, the server's key as the client verified
     /// it, or the client's key on a server that required one. `None` when
-    /// the handshake authenticated no peer key (`secure`, `monte`, `psk`,
-    /// an anonymous identity client).
+    /// the handshake proved no peer key (`secure`, `monte`, `psk`, an
+    /// anonymous identity client). An unpinned identity client gets the
+    /// key the other end proved, which authenticates nothing: any end
+    /// (a man in the middle too) can prove a key of its own.
     pub peer_identity: Option<[u8; 32]>,
 }
 
