@@ -17,7 +17,7 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use crate::clock::CallDeadline;
 use crate::config::Config;
 use crate::error::{DialPhase, Error, HandshakeError, Result, TimeoutKind};
-use crate::protocol::{FrameDecoder, Session};
+use crate::protocol::{guard_handshake, FrameDecoder, Session};
 use crate::socket_write::write_all_nonblocking;
 
 /// Applies the configured socket options to a new socket.
@@ -189,7 +189,10 @@ pub(crate) fn handshake(
 ) -> Result<(TcpStream, Session, Vec<u8>)> {
     let until = step_deadline(config.handshake_timeout, TimeoutKind::Handshake, call);
     let remaining = || time_left(until);
-    let mut hs = config.handshake.client()?;
+    // The factory and the handshake may be the application's: a panic in
+    // them fails this dial (on an async call's dial thread it would
+    // otherwise leave the pool believing a dial still runs).
+    let mut hs = guard_handshake(|| config.handshake.client())?;
     let mut out = Vec::new();
     let mut input = Vec::new();
     let mut chunk = [0u8; 4096];
@@ -197,7 +200,10 @@ pub(crate) fn handshake(
     let mut first = PeerSample::default();
     let session = loop {
         out.clear();
-        hs.write_output(&mut out);
+        guard_handshake(|| {
+            hs.write_output(&mut out);
+            Ok(())
+        })?;
         write_all_nonblocking(&stream, &out, || {
             if !crate::sys::wait_writable(&stream, wait_slice(remaining()?, abandoned)?) {
                 // Timed out, or interrupted: the deadline says which.
@@ -205,7 +211,7 @@ pub(crate) fn handshake(
             }
             Ok(())
         })?;
-        if let Some(session) = hs.take_session() {
+        if let Some(session) = guard_handshake(|| Ok(hs.take_session()))? {
             break session;
         }
         // The peer's answer takes a moment to come: wait first, then read
@@ -227,7 +233,7 @@ pub(crate) fn handshake(
         };
         first.add(&chunk[..n]);
         input.extend_from_slice(&chunk[..n]);
-        let used = hs.read_input(&input)?;
+        let used = guard_handshake(|| hs.read_input(&input))?;
         input.drain(..used);
     };
     if input.is_empty() {

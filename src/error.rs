@@ -63,7 +63,7 @@ pub enum HandshakeError {
     /// Application code the handshake ran panicked (a custom `Handshake`,
     /// its factory, or a callback such as an `identity` server's
     /// allow-list): the panic is contained, and only this connection is
-    /// closed.
+    /// closed (on a client, the dial fails with it).
     Panicked,
     /// An `identity` client config pins no server key, so it would accept
     /// any server: pin one (`IdentityConfig::pinned`) or opt out explicitly

@@ -72,3 +72,97 @@ fn handshake_failures_are_reported_with_their_reason() {
     );
     server.shutdown();
 }
+
+/// A handshake factory that panics on every second call (an
+/// application's bug), standing in for any application code a handshake
+/// runs.
+struct PanicsEveryOther(std::sync::atomic::AtomicUsize);
+
+impl PanicsEveryOther {
+    fn check(&self) {
+        let n = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        assert!(n % 2 == 0, "this factory panics on every second call");
+    }
+}
+
+impl monte_rpc::protocol::HandshakeFactory for PanicsEveryOther {
+    fn client(&self) -> monte_rpc::Result<Box<dyn monte_rpc::protocol::Handshake>> {
+        self.check();
+        monte_rpc::protocol::Profile::Secure.client()
+    }
+    fn server(&self) -> monte_rpc::Result<Box<dyn monte_rpc::protocol::Handshake>> {
+        self.check();
+        monte_rpc::protocol::Profile::Secure.server()
+    }
+}
+
+/// A server's handshake factory runs on a reactor as it takes a new
+/// connection: its panic must fail that connection only, not unwind the
+/// reactor (one worker here) and every connection on it.
+#[test]
+fn a_panicking_server_handshake_factory_fails_only_that_connection() {
+    let factory = Arc::new(PanicsEveryOther(Default::default()));
+    let server = Server::bind(
+        "127.0.0.1:0",
+        Config::server().workers(1).handshake(factory),
+        |ctx: &mut Context<'_>| {
+            let _ = ctx.reply(b"ok");
+        },
+    )
+    .unwrap();
+    let config = Config::default()
+        .max_conns(1)
+        .dial_attempts(1)
+        .request_timeout(Some(Duration::from_secs(3)));
+    let first = monte_rpc::Client::new(server.local_addr(), config.clone()).unwrap();
+    first.request(b"first", &mut Vec::new()).unwrap();
+    // The factory's second call panics.
+    let second = monte_rpc::Client::new(server.local_addr(), config).unwrap();
+    assert!(second.request(b"second", &mut Vec::new()).is_err());
+    first
+        .request(b"again", &mut Vec::new())
+        .expect("the first connection still answers beside the panicking factory");
+    second.shutdown();
+    first.shutdown();
+    server.shutdown();
+}
+
+/// An async call's dial runs on the pool's dial thread: a client
+/// handshake factory that panics there must fail the call, not leave the
+/// pool believing a dial is still running (the call then waited out its
+/// whole timeout).
+#[test]
+fn a_panicking_client_handshake_factory_fails_the_async_call() {
+    let server = Server::bind("127.0.0.1:0", Config::server(), |ctx: &mut Context<'_>| {
+        let _ = ctx.reply(b"ok");
+    })
+    .unwrap();
+    // Its first call (n = 0) goes through, so start it at 1: the first
+    // dial panics.
+    let factory = Arc::new(PanicsEveryOther(1.into()));
+    let config = Config::default()
+        .dial_attempts(1)
+        .handshake(factory)
+        .request_timeout(Some(Duration::from_secs(3)));
+    let client = monte_rpc::Client::new(server.local_addr(), config).unwrap();
+    let started = Instant::now();
+    let outcome = futures::executor::block_on(client.request_async(b"one", &mut Vec::new()));
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "the call took {took:?} ({outcome:?}): it waited out its timeout"
+    );
+    assert!(
+        matches!(
+            outcome.as_ref().map_err(Error::root_cause),
+            Err(Error::Handshake(HandshakeError::Panicked))
+        ),
+        "{outcome:?}"
+    );
+    // Past the pool's backoff after a failed dial, the next dial goes
+    // through.
+    std::thread::sleep(Duration::from_millis(300));
+    futures::executor::block_on(client.request_async(b"two", &mut Vec::new())).unwrap();
+    client.shutdown();
+    server.shutdown();
+}

@@ -16,13 +16,12 @@
 //! parallel under its lock.
 
 use std::io::{self, Read};
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Duration;
 
-use crate::error::{Error, HandshakeError, Result, TimeoutKind};
+use crate::error::{Error, Result, TimeoutKind};
 use crate::protocol::wire::{Decoded, FrameDecoder, SeqSpace, LENGTH_PREFIX_LEN, SEQ_LEN};
 use crate::protocol::TAG_LEN;
-use crate::protocol::{Handshake, Opener, Role, Sealer};
+use crate::protocol::{guard_handshake, Handshake, Opener, Role, Sealer};
 
 /// A connection's receive buffer: bytes `start..end` are received and not
 /// yet consumed. Made at its configured size on the first read, it grows
@@ -277,18 +276,14 @@ impl ConnCore {
         // The handshake may run application code (a custom handshake, an
         // allow-list callback) on the driver's thread, a reactor serving
         // other connections: its panic fails this handshake only.
-        let stepped = catch_unwind(AssertUnwindSafe(|| {
+        let session = guard_handshake(|| {
             if rb.end > rb.start {
                 let used = handshake.read_input(rb.unconsumed())?;
                 rb.start += used;
             }
             handshake.write_output(out);
-            Ok::<_, Error>(handshake.take_session())
-        }));
-        let session = match stepped {
-            Ok(stepped) => stepped?,
-            Err(_) => return Err(HandshakeError::Panicked.into()),
-        };
+            Ok(handshake.take_session())
+        })?;
         let done = session.map(|session| {
             self.phase = ReadPhase::Open {
                 opener: session.opener,

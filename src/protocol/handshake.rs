@@ -147,6 +147,16 @@ pub trait HandshakeFactory: Send + Sync + 'static {
     }
 }
 
+/// Runs handshake code, which may be the application's (a custom
+/// [`Handshake`] or [`HandshakeFactory`], an `identity` allow-list
+/// callback): a panic in it fails that handshake with
+/// [`HandshakeError::Panicked`] instead of unwinding the thread that runs
+/// it, a reactor serving other connections or a pool's dial thread.
+pub(crate) fn guard_handshake<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .unwrap_or_else(|_| Err(HandshakeError::Panicked.into()))
+}
+
 impl HandshakeFactory for Profile {
     fn client(&self) -> Result<Box<dyn Handshake>> {
         Ok(Box::new(ClientHandshake::new(*self)?))

@@ -38,6 +38,8 @@ pub use handshake::{
 };
 pub use keys::{derive_keys, DirectionalKeys, Profile, KEY_LEN};
 
+pub(crate) use handshake::guard_handshake;
+
 /// Not API: the wire format's parts one by one (framing, sequence numbers,
 /// the authenticated profiles' key schedules and transcripts). Public only
 /// so that the conformance tests (`tests/vectors.rs` and others), the fuzz

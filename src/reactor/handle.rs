@@ -16,7 +16,7 @@ use crate::conn_socket::ConnSocket;
 use crate::error::{DialPhase, Error, Result};
 use crate::handler::{guard_handler, Handler};
 use crate::protocol::connection::{ConnCore, ReadPhase};
-use crate::protocol::Role;
+use crate::protocol::{guard_handshake, Role};
 use crate::stats::{Counters, Stats};
 use crate::sync::buffers::BufferPool;
 use crate::sync::mailbox::{Mailbox, PushError};
@@ -181,7 +181,9 @@ impl ReactorHandle {
     ) -> Result<()> {
         let config = self.shared.config.clone();
         let _ = crate::dial::tune(&socket2::SockRef::from(&stream), &config);
-        let handshake = match config.handshake.server_for_peer(peer) {
+        // The factory is the application's: its panic fails this
+        // connection, not the reactor that takes it.
+        let handshake = match guard_handshake(|| config.handshake.server_for_peer(peer)) {
             Ok(h) => h,
             Err(e) => {
                 if let Some(r) = release {
