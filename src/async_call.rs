@@ -39,7 +39,11 @@ impl Connection {
     /// it, works under any executor, and allocates nothing per call in
     /// steady state. Dropping it cancels the request: the slot is freed,
     /// `response` is left empty with its capacity, and a late response is
-    /// dropped.
+    /// dropped. Polled on this connection's own reactor thread (in one of
+    /// its handlers), it fails with
+    /// [`Error::OnReactorThread`](crate::Error::OnReactorThread), as
+    /// [`request`](Self::request) does: only that reactor reads the
+    /// response.
     ///
     /// ```no_run
     /// # async fn run(conn: monte_rpc::Connection) -> monte_rpc::Result<()> {
@@ -245,6 +249,12 @@ impl<'a> RequestFuture<'a> {
                 RequestStage::Start => {
                     *stage = RequestStage::Done;
                     let buf = mem::take(*response);
+                    if conn.driver().is_current() {
+                        // As the blocking call: only this reactor reads the
+                        // response and keeps the deadline, and a handler
+                        // that blocks on the future holds it.
+                        return Poll::Ready(Err((Error::OnReactorThread, buf)));
+                    }
                     if no_time_left(deadline.timeout) {
                         // As the blocking call: no time at all fails before
                         // anything is sent.

@@ -1099,3 +1099,50 @@ fn a_call_polled_after_its_deadline_is_not_sent() {
         server.shutdown();
     });
 }
+
+/// A handler that blocks on an async request over its own connection
+/// (so on the reactor that alone reads that connection's responses and
+/// keeps the request's deadline) would wait forever: the blocking
+/// `request` refuses it with `OnReactorThread`, and so must the future,
+/// at once, rather than hang the reactor past every deadline.
+#[test]
+fn an_async_request_on_its_own_reactor_fails_at_once() {
+    within(30, || {
+        let outcome: Arc<Mutex<Option<monte_rpc::Result<()>>>> = Arc::default();
+        let server = Server::bind("127.0.0.1:0", Config::server(), {
+            let outcome = outcome.clone();
+            move |ctx: &mut Context<'_>| {
+                let asked = futures::executor::block_on(
+                    ctx.conn()
+                        .request_async(b"from the handler", &mut Vec::new())
+                        .timeout(Some(Duration::from_millis(500))),
+                );
+                *outcome.lock().unwrap() = Some(asked);
+            }
+        })
+        .unwrap();
+        let client = Client::with_handler(
+            server.local_addr(),
+            Config::default(),
+            |ctx: &mut Context<'_>| {
+                let _ = ctx.reply(b"answer");
+            },
+        )
+        .unwrap();
+        client.send(b"go").unwrap();
+        assert!(
+            wait_until(Duration::from_secs(5), || outcome.lock().unwrap().is_some()),
+            "the handler's async request on its own reactor never ended"
+        );
+        let asked = outcome.lock().unwrap().take().unwrap();
+        assert!(
+            matches!(
+                asked.as_ref().map_err(Error::root_cause),
+                Err(Error::OnReactorThread)
+            ),
+            "{asked:?}"
+        );
+        client.shutdown();
+        server.shutdown();
+    });
+}
