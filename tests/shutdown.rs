@@ -583,3 +583,30 @@ fn shutdown_does_not_wait_out_a_dials_pause_between_attempts() {
         assert!(took < Duration::from_millis(300), "shutdown took {took:?}");
     });
 }
+
+// The drain deadline is kept as closely as the others: the reactor's
+// sweep ran at an eighth of the shortest other timeout (250 ms at the
+// defaults), so a 20 ms drain_timeout closed a peer that never reads nor
+// closes only at the next sweep, about 250 ms into the shutdown.
+#[test]
+fn a_short_drain_timeout_is_kept() {
+    let _serial = serial();
+    within(30, || {
+        let mut slowest = Duration::ZERO;
+        for _ in 0..3 {
+            let config = server_config().drain_timeout(Duration::from_millis(20));
+            let server = Server::bind("127.0.0.1:0", config, |_: &mut Context<'_>| {}).unwrap();
+            // Completes the handshake, then neither reads nor closes.
+            let (stream, _session) = common::raw_client(server.local_addr());
+            assert!(wait_until(Duration::from_secs(2), || server.connections() == 1));
+            let started = Instant::now();
+            server.shutdown();
+            slowest = slowest.max(started.elapsed());
+            drop(stream);
+        }
+        assert!(
+            slowest < Duration::from_millis(150),
+            "a shutdown with a 20 ms drain took {slowest:?}"
+        );
+    });
+}

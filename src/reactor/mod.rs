@@ -149,6 +149,7 @@ impl Reactor {
             config.read_timeout,
             config.frame_timeout,
             config.write_timeout,
+            Some(config.drain_timeout),
         ]
         .into_iter()
         .flatten()
