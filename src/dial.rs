@@ -247,6 +247,13 @@ pub(crate) fn handshake(
         }
     }
     check_first_frame(&input, config, &first)?;
+    // The handshake goes before the socket is handed on, its drop guarded
+    // as its steps are (a drop that panicked on the way out of this
+    // function took the socket being returned with it, open).
+    guard_handshake(move || {
+        drop(hs);
+        Ok(())
+    })?;
     Ok((stream, session, input))
 }
 

@@ -258,7 +258,13 @@ impl Pool {
         // the dial if there is none.
         let (mut dialling, queued_at) = match self.dial_lock.try_lock() {
             Ok(guard) => (DialTurn::new(self, guard), None),
-            Err(_) => match self.choose(true) {
+            // Poisoned by a panic in an earlier dial: the lock is ours (and
+            // must be taken out of the error, or the error, alive to the
+            // end of this statement, would hold it while we wait for it).
+            Err(std::sync::TryLockError::Poisoned(p)) => {
+                (DialTurn::new(self, p.into_inner()), None)
+            }
+            Err(std::sync::TryLockError::WouldBlock) => match self.choose(true) {
                 Some(conn) => return Ok(conn),
                 None => {
                     let queued_at = Instant::now();
@@ -482,8 +488,13 @@ impl Pool {
             .name("monte-rpc-dial".into())
             .spawn(move || {
                 // Bounded by the dial's own timeouts; the calls waiting for
-                // it keep their deadlines.
-                let _ = pool.pick(&mut LazyDeadline::Read(None), CallKind::Send);
+                // it keep their deadlines. However it ends, a panic in the
+                // application code it runs included (a handshake's drop, a
+                // logger), the step below must run: a pool left believing
+                // a dial runs starts no other.
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    pool.pick(&mut LazyDeadline::Read(None), CallKind::Send)
+                }));
                 // One locked step, after which this thread needs no lock:
                 // the next dial joins it under the lock.
                 let mut dial = lock(&pool.async_dial);

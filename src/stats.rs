@@ -231,6 +231,8 @@ impl Counters {
                 &self.closed_protocol_error
             }
             Error::Handshake(crate::HandshakeError::PeerClosed) => &self.closed_by_peer,
+            // The application's own handshake code failed, not the peer.
+            Error::Handshake(crate::HandshakeError::Panicked) => &self.closed_other,
             Error::Handshake(_) | Error::ReceiveFailed | Error::CounterExhausted => {
                 &self.closed_protocol_error
             }

@@ -166,3 +166,70 @@ fn a_panicking_client_handshake_factory_fails_the_async_call() {
     client.shutdown();
     server.shutdown();
 }
+
+/// A client handshake that works, but whose drop panics when `panics`.
+struct DropPanics(Box<dyn monte_rpc::protocol::Handshake>, bool);
+
+impl monte_rpc::protocol::Handshake for DropPanics {
+    fn write_output(&mut self, out: &mut Vec<u8>) {
+        self.0.write_output(out)
+    }
+    fn read_input(&mut self, input: &[u8]) -> monte_rpc::Result<usize> {
+        self.0.read_input(input)
+    }
+    fn take_session(&mut self) -> Option<monte_rpc::protocol::Session> {
+        self.0.take_session()
+    }
+}
+
+impl Drop for DropPanics {
+    fn drop(&mut self) {
+        if self.1 && !std::thread::panicking() {
+            panic!("this handshake's drop panics");
+        }
+    }
+}
+
+/// Hands out client handshakes whose drop panics, the first only.
+struct FirstDropPanics(std::sync::atomic::AtomicUsize);
+
+impl monte_rpc::protocol::HandshakeFactory for FirstDropPanics {
+    fn client(&self) -> monte_rpc::Result<Box<dyn monte_rpc::protocol::Handshake>> {
+        let n = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let inner = monte_rpc::protocol::Profile::Secure.client()?;
+        Ok(Box::new(DropPanics(inner, n == 0)))
+    }
+    fn server(&self) -> monte_rpc::Result<Box<dyn monte_rpc::protocol::Handshake>> {
+        monte_rpc::protocol::Profile::Secure.server()
+    }
+}
+
+/// A panic the pool's dial thread meets outside the handshake's steps
+/// (here a handshake whose drop panics) must still let the pool know the
+/// dial ended: it started no other dial after, and every async call that
+/// found no connection waited out its whole timeout.
+#[test]
+fn a_panic_on_the_dial_thread_does_not_stop_later_dials() {
+    let server = Server::bind("127.0.0.1:0", Config::server(), |ctx: &mut Context<'_>| {
+        let _ = ctx.reply(b"ok");
+    })
+    .unwrap();
+    let config = Config::default()
+        .dial_attempts(1)
+        .dial_backoff(Duration::ZERO)
+        .handshake(Arc::new(FirstDropPanics(Default::default())))
+        .request_timeout(Some(Duration::from_secs(3)));
+    let client = monte_rpc::Client::new(server.local_addr(), config).unwrap();
+    let started = Instant::now();
+    // The first dial panics as its handshake is dropped; the call either
+    // fails with it or gets a later dial's connection, but at once.
+    let _ = futures::executor::block_on(client.request_async(b"one", &mut Vec::new()));
+    let outcome = futures::executor::block_on(client.request_async(b"two", &mut Vec::new()));
+    let took = started.elapsed();
+    assert!(
+        outcome.is_ok() && took < Duration::from_secs(2),
+        "the calls after the dial thread's panic took {took:?}: {outcome:?}"
+    );
+    client.shutdown();
+    server.shutdown();
+}

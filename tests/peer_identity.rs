@@ -222,7 +222,11 @@ fn a_panicking_allow_list_callback_fails_only_that_handshake() {
         .request(b"after", &mut resp)
         .expect("the connection beside the panicking handshake still answers");
     assert_eq!(resp, identity_public_key(&friend));
-    assert!(server.stats().handshakes_failed >= 1);
+    let stats = server.stats();
+    assert!(stats.handshakes_failed >= 1);
+    // The application's callback failed, not the peer.
+    assert_eq!(stats.closed_protocol_error, 0, "{stats:?}");
+    assert!(stats.closed_other >= 1, "{stats:?}");
     unexpected.shutdown();
     friendly.shutdown();
     server.shutdown();
