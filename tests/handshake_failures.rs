@@ -233,3 +233,48 @@ fn a_panic_on_the_dial_thread_does_not_stop_later_dials() {
     client.shutdown();
     server.shutdown();
 }
+
+/// Hands out server handshakes whose drop panics, all but the first.
+struct LaterServerDropsPanic(std::sync::atomic::AtomicUsize);
+
+impl monte_rpc::protocol::HandshakeFactory for LaterServerDropsPanic {
+    fn client(&self) -> monte_rpc::Result<Box<dyn monte_rpc::protocol::Handshake>> {
+        monte_rpc::protocol::Profile::Secure.client()
+    }
+    fn server(&self) -> monte_rpc::Result<Box<dyn monte_rpc::protocol::Handshake>> {
+        let n = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let inner = monte_rpc::protocol::Profile::Secure.server()?;
+        Ok(Box::new(DropPanics(inner, n > 0)))
+    }
+}
+
+/// A server's custom handshake is dropped on the reactor once it is done:
+/// a drop that panics must fail that connection only, not unwind the
+/// reactor (one worker here) and every connection on it.
+#[test]
+fn a_server_handshake_whose_drop_panics_fails_only_that_connection() {
+    let server = Server::bind(
+        "127.0.0.1:0",
+        Config::server()
+            .workers(1)
+            .handshake(Arc::new(LaterServerDropsPanic(Default::default()))),
+        |ctx: &mut Context<'_>| {
+            let _ = ctx.reply(b"ok");
+        },
+    )
+    .unwrap();
+    let config = Config::default()
+        .max_conns(1)
+        .dial_attempts(1)
+        .request_timeout(Some(Duration::from_secs(3)));
+    let first = monte_rpc::Client::new(server.local_addr(), config.clone()).unwrap();
+    first.request(b"first", &mut Vec::new()).unwrap();
+    let second = monte_rpc::Client::new(server.local_addr(), config).unwrap();
+    assert!(second.request(b"second", &mut Vec::new()).is_err());
+    first
+        .request(b"again", &mut Vec::new())
+        .expect("the first connection still answers beside the panicking drop");
+    second.shutdown();
+    first.shutdown();
+    server.shutdown();
+}

@@ -284,16 +284,25 @@ impl ConnCore {
             handshake.write_output(out);
             Ok(handshake.take_session())
         })?;
-        let done = session.map(|session| {
-            self.phase = ReadPhase::Open {
+        let Some(session) = session else {
+            return Ok((&self.handshake_out, None));
+        };
+        let finished = std::mem::replace(
+            &mut self.phase,
+            ReadPhase::Open {
                 opener: session.opener,
-            };
-            Handshaken {
-                sealer: session.sealer,
-                peer_identity: session.peer_identity,
-            }
-        });
-        Ok((&self.handshake_out, done))
+            },
+        );
+        // Its drop is the handshake's code too.
+        guard_handshake(move || {
+            drop(finished);
+            Ok(())
+        })?;
+        let done = Handshaken {
+            sealer: session.sealer,
+            peer_identity: session.peer_identity,
+        };
+        Ok((&self.handshake_out, Some(done)))
     }
 
     /// The next frame `taker` may take, at `now`: the one read loop both
