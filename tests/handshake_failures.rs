@@ -122,6 +122,8 @@ fn a_panicking_server_handshake_factory_fails_only_that_connection() {
     first
         .request(b"again", &mut Vec::new())
         .expect("the first connection still answers beside the panicking factory");
+    // A failed handshake like any other: counted.
+    assert_eq!(server.stats().handshakes_failed, 1);
     second.shutdown();
     first.shutdown();
     server.shutdown();

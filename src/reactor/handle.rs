@@ -189,6 +189,11 @@ impl ReactorHandle {
                 if let Some(r) = release {
                     r();
                 }
+                // A failed handshake like any other: counted, logged and
+                // told to the handler (the server drops this error).
+                Counters::inc(&self.shared.stats.handshakes_failed);
+                crate::events::closed(crate::sync::next_conn_id(), peer, &e, true);
+                let _ = guard_handler(|| handler.on_handshake_failed(peer, &e));
                 return Err(e);
             }
         };
