@@ -101,7 +101,20 @@ impl monte_rpc::protocol::HandshakeFactory for PanicsEveryOther {
 /// reactor (one worker here) and every connection on it.
 #[test]
 fn a_panicking_server_handshake_factory_fails_only_that_connection() {
-    let factory = Arc::new(PanicsEveryOther(Default::default()));
+    // The factory's second call panics.
+    let stats =
+        a_bad_second_handshake_spares_the_first(Arc::new(PanicsEveryOther(Default::default())));
+    // A failed handshake like any other: counted.
+    assert_eq!(stats.handshakes_failed, 1);
+}
+
+/// Two clients of a one-worker server whose handshake `factory` fails
+/// the second connection's handshake in its own way: the second's request
+/// must fail, and the first's connection must still answer after it.
+/// Returns the server's counters.
+fn a_bad_second_handshake_spares_the_first(
+    factory: Arc<dyn monte_rpc::protocol::HandshakeFactory>,
+) -> monte_rpc::Stats {
     let server = Server::bind(
         "127.0.0.1:0",
         Config::server().workers(1).handshake(factory),
@@ -116,17 +129,16 @@ fn a_panicking_server_handshake_factory_fails_only_that_connection() {
         .request_timeout(Some(Duration::from_secs(3)));
     let first = monte_rpc::Client::new(server.local_addr(), config.clone()).unwrap();
     first.request(b"first", &mut Vec::new()).unwrap();
-    // The factory's second call panics.
     let second = monte_rpc::Client::new(server.local_addr(), config).unwrap();
     assert!(second.request(b"second", &mut Vec::new()).is_err());
     first
         .request(b"again", &mut Vec::new())
-        .expect("the first connection still answers beside the panicking factory");
-    // A failed handshake like any other: counted.
-    assert_eq!(server.stats().handshakes_failed, 1);
+        .expect("the first connection still answers beside the second's failed handshake");
+    let stats = server.stats();
     second.shutdown();
     first.shutdown();
     server.shutdown();
+    stats
 }
 
 /// An async call's dial runs on the pool's dial thread: a client
@@ -255,28 +267,5 @@ impl monte_rpc::protocol::HandshakeFactory for LaterServerDropsPanic {
 /// reactor (one worker here) and every connection on it.
 #[test]
 fn a_server_handshake_whose_drop_panics_fails_only_that_connection() {
-    let server = Server::bind(
-        "127.0.0.1:0",
-        Config::server()
-            .workers(1)
-            .handshake(Arc::new(LaterServerDropsPanic(Default::default()))),
-        |ctx: &mut Context<'_>| {
-            let _ = ctx.reply(b"ok");
-        },
-    )
-    .unwrap();
-    let config = Config::default()
-        .max_conns(1)
-        .dial_attempts(1)
-        .request_timeout(Some(Duration::from_secs(3)));
-    let first = monte_rpc::Client::new(server.local_addr(), config.clone()).unwrap();
-    first.request(b"first", &mut Vec::new()).unwrap();
-    let second = monte_rpc::Client::new(server.local_addr(), config).unwrap();
-    assert!(second.request(b"second", &mut Vec::new()).is_err());
-    first
-        .request(b"again", &mut Vec::new())
-        .expect("the first connection still answers beside the panicking drop");
-    second.shutdown();
-    first.shutdown();
-    server.shutdown();
+    a_bad_second_handshake_spares_the_first(Arc::new(LaterServerDropsPanic(Default::default())));
 }
