@@ -93,7 +93,10 @@ pub struct Config {
     /// 2 ms: fewer reactor wake-ups per request, while a slow handler or a
     /// stalled connection still spreads requests over more.
     /// Server: the most connections handled at once, handshakes included
-    /// (default 1024, from [`Config::server`]).
+    /// (default 1024, from [`Config::server`]). The server grows the
+    /// process's descriptor table to fit that many when it starts (8 bytes
+    /// a slot), so that taking them on does not stall its accepts: see
+    /// [`reserve_descriptors`](crate::reserve_descriptors).
     pub max_conns: usize,
     /// Server: how long a connection over the cap waits for a place before
     /// it is closed. Default: 1 s.

@@ -220,6 +220,9 @@ impl Server {
         check_server_config(&config)?;
         listener.set_nonblocking(true)?;
         let local_addr = listener.local_addr()?;
+        // Before the reactors start, so that (in a program not yet
+        // threaded) the growth waits for nothing.
+        crate::descriptors::reserve_for_connections(&listener, config.max_conns);
         let listener = mio::net::TcpListener::from_std(listener);
         let poll = Poll::new()?;
         let limit = Arc::new(Limit {

@@ -33,6 +33,11 @@
 //!   back only what lies above the last block in use, so after a burst the
 //!   freed output buffers of thousands of connections would stay resident.
 //!
+//! - [`dup_at_or_above`] and [`descriptor_limit`]: what
+//!   [`crate::descriptors`] grows the process's descriptor table with
+//!   (`fcntl(F_DUPFD_CLOEXEC)`, which never replaces an open descriptor),
+//!   and the limit it stays under (`RLIMIT_NOFILE`).
+//!
 //! `ppoll` and `epoll_ctl` are Linux's. Elsewhere the wait uses
 //! `poll` with a millisecond timeout, and the reactor keeps its interest:
 //! it is then woken for nothing, which costs time but loses no event (the
@@ -428,6 +433,43 @@ pub(crate) fn return_free_memory() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 pub(crate) fn return_free_memory() {}
 
+/// A duplicate of `fd` numbered `min` or above: the lowest free number
+/// from `min` up (`fcntl(F_DUPFD_CLOEXEC)`), so no open descriptor is
+/// replaced, closed on exec. Making it grows the process's descriptor table
+/// to fit that number, if it did not already.
+pub(crate) fn dup_at_or_above(fd: &impl AsRawFd, min: usize) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let min = libc::c_int::try_from(min).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: no pointers; `fd` is open for the duration of the call (the
+    // borrow), and `F_DUPFD_CLOEXEC` only adds a descriptor.
+    let new = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min) };
+    if new < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `new` is a descriptor just made that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(new) })
+}
+
+/// The process's soft limit on descriptors (`RLIMIT_NOFILE`): a descriptor
+/// number must stay below it. `u64::MAX` when unlimited.
+pub(crate) fn descriptor_limit() -> io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is a valid, writable `rlimit` for the call to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(if limit.rlim_cur == libc::RLIM_INFINITY {
+        u64::MAX
+    } else {
+        #[allow(clippy::unnecessary_cast)] // `rlim_t` is not `u64` everywhere
+        let soft = limit.rlim_cur as u64;
+        soft
+    })
+}
+
 #[cfg(test)]
 mod tests {
     #[cfg(target_os = "linux")]
@@ -543,5 +585,22 @@ mod tests {
         });
         assert!(listener.accept().is_ok());
         woken
+    }
+
+    #[test]
+    fn a_duplicate_at_or_above_a_number_never_replaces_an_open_descriptor() {
+        use std::net::UdpSocket;
+        use std::os::fd::AsRawFd;
+        let a = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let low = super::dup_at_or_above(&a, 400).unwrap();
+        assert!(low.as_raw_fd() >= 400, "numbered {}", low.as_raw_fd());
+        // Asked for the number `low` holds: the next free one instead.
+        let high = super::dup_at_or_above(&b, low.as_raw_fd() as usize).unwrap();
+        assert!(high.as_raw_fd() > low.as_raw_fd());
+        let addr_of = |fd| socket2::SockRef::from(fd).local_addr().unwrap().as_socket();
+        assert_eq!(addr_of(&low), Some(a.local_addr().unwrap()));
+        assert_eq!(addr_of(&high), Some(b.local_addr().unwrap()));
+        assert!(super::descriptor_limit().unwrap() > high.as_raw_fd() as u64);
     }
 }
