@@ -1,21 +1,16 @@
 //! The process's descriptor table is grown before connections come: a
 //! server makes room for its cap when it binds, and
 //! `reserve_descriptors` for what an application asks. Linux shows the
-//! table's size as `FDSize` in `/proc/self/status`. In a file of its own:
-//! the table only grows, so each test needs a process whose table no other
-//! test has grown (its tests take turns: `SERIAL`, and each asks for more
-//! than the last could have left).
+//! table's size as `FDSize` in `/proc/self/status`. In a file of its own,
+//! and one test: the table only grows, so each check needs a table no
+//! earlier one has grown as far.
 #![cfg(target_os = "linux")]
 
 mod common;
 use common::{client_config, server_config, within};
 
-use std::sync::Mutex;
-
 use monte_rpc::{Client, Context, Server};
 use rlimit::Resource;
-
-static SERIAL: Mutex<()> = Mutex::new(());
 
 /// The slots in this process's descriptor table.
 fn table_size() -> usize {
@@ -39,8 +34,14 @@ fn raise_limit(want: u64) -> u64 {
 }
 
 #[test]
+fn the_table_is_grown_before_connections_come() {
+    a_server_makes_room_for_its_cap_when_it_binds();
+    room_asked_for_is_made_up_to_the_limit();
+}
+
+/// A server bound for 3,000 connections grows a table of a few hundred
+/// slots to fit them.
 fn a_server_makes_room_for_its_cap_when_it_binds() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let cap = 3000;
     assert!(
         raise_limit(8192) > cap as u64 + 256,
@@ -71,9 +72,9 @@ fn a_server_makes_room_for_its_cap_when_it_binds() {
     });
 }
 
-#[test]
+/// `reserve_descriptors` makes the room asked for, and past the soft
+/// limit as much as it allows.
 fn room_asked_for_is_made_up_to_the_limit() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let limit = raise_limit(20_000);
     let want = 10_000usize.min(limit as usize);
     assert!(want > 4096, "the hard limit is too low");
