@@ -269,3 +269,54 @@ impl monte_rpc::protocol::HandshakeFactory for LaterServerDropsPanic {
 fn a_server_handshake_whose_drop_panics_fails_only_that_connection() {
     a_bad_second_handshake_spares_the_first(Arc::new(LaterServerDropsPanic(Default::default())));
 }
+
+/// A connection that closes before its handshake finishes drops the
+/// handshake on the server's reactor too (the peer left, or its deadline
+/// passed): a custom handshake whose drop panics there must fail that
+/// connection only, not unwind the reactor (one worker here) and every
+/// connection on it.
+#[test]
+fn an_unfinished_server_handshake_whose_drop_panics_fails_only_that_connection() {
+    let failures = Arc::new(Failures::default());
+    let server = Server::bind(
+        "127.0.0.1:0",
+        Config::server()
+            .workers(1)
+            .handshake(Arc::new(LaterServerDropsPanic(Default::default()))),
+        Replier(failures.clone()),
+    )
+    .unwrap();
+    let config = Config::default()
+        .max_conns(1)
+        .dial_attempts(1)
+        .request_timeout(Some(Duration::from_secs(3)));
+    let first = monte_rpc::Client::new(server.local_addr(), config).unwrap();
+    first.request(b"first", &mut Vec::new()).unwrap();
+    // Half a client key, then gone: the server closes it mid-handshake.
+    let mut gone = TcpStream::connect(server.local_addr()).unwrap();
+    let gone_addr = gone.local_addr().unwrap();
+    gone.write_all(&[1u8; 10]).unwrap();
+    drop(gone);
+    let e = wait_for(&failures, gone_addr);
+    assert!(
+        matches!(e, Error::Handshake(HandshakeError::PeerClosed)),
+        "{e:?}"
+    );
+    first
+        .request(b"again", &mut Vec::new())
+        .expect("the first connection still answers beside the unfinished handshake's drop");
+    first.shutdown();
+    server.shutdown();
+}
+
+/// Replies "ok" and records failed handshakes.
+struct Replier(Arc<Failures>);
+
+impl Handler for Replier {
+    fn on_message(&self, ctx: &mut Context<'_>) {
+        let _ = ctx.reply(b"ok");
+    }
+    fn on_handshake_failed(&self, peer: Option<SocketAddr>, error: &Error) {
+        self.0 .0.lock().unwrap().push((peer, error.clone()));
+    }
+}

@@ -86,6 +86,9 @@ pub enum ReadPhase {
         /// Opens the peer's frames.
         opener: Opener,
     },
+    /// Closed before the handshake finished: the handshake was dropped
+    /// with the input ([`ConnCore::discard_input`]).
+    Closed,
 }
 
 /// What a caller-thread reader stopped at and left to the reactor.
@@ -505,9 +508,20 @@ impl ConnCore {
     }
 
     /// Discards the input at the connection's close: the receive buffer is
-    /// freed, unread bytes, a held frame and all, and the input counts as
-    /// ended (nothing reads on). The handle may live on for long.
+    /// freed, unread bytes, a held frame and all, a handshake still running
+    /// is dropped, and the input counts as ended (nothing reads on). The
+    /// handle may live on for long.
     pub fn discard_input(&mut self) {
+        if matches!(self.phase, ReadPhase::Handshaking { .. }) {
+            let unfinished = std::mem::replace(&mut self.phase, ReadPhase::Closed);
+            // Its drop is the handshake's code, run on the closing thread
+            // (a reactor serving other connections): a panic in it ends
+            // nothing more than this connection, closed already.
+            let _ = guard_handshake(move || {
+                drop(unfinished);
+                Ok(())
+            });
+        }
         let rb = &mut self.rbuf;
         rb.buf = Vec::new();
         rb.start = 0;
