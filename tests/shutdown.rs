@@ -610,3 +610,75 @@ fn a_short_drain_timeout_is_kept() {
         );
     });
 }
+
+/// This process's threads whose name starts with `prefix`, by id.
+#[cfg(target_os = "linux")]
+fn threads_named(prefix: &str) -> Vec<String> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| t.ok())
+        .map(|t| t.file_name().to_string_lossy().into_owned())
+        .filter(|tid| {
+            std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
+                .is_ok_and(|comm| comm.starts_with(prefix))
+        })
+        .collect()
+}
+
+/// How often the threads `tids` went to sleep (`voluntary_ctxt_switches`):
+/// each sleep ended in a wake-up.
+#[cfg(target_os = "linux")]
+fn sleeps(tids: &[String]) -> u64 {
+    tids.iter()
+        .filter_map(|tid| std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).ok())
+        .filter_map(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|n| n.trim().parse::<u64>().ok())
+        })
+        .sum()
+}
+
+/// A short drain timeout shortens the sweep only while a connection
+/// drains: a reactor holding an idle connection wakes for its sweep at
+/// the usual interval (250 ms with these timeouts), not every 5 ms for
+/// its whole life.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_short_drain_timeout_does_not_wake_an_idle_reactor() {
+    let _serial = serial();
+    within(30, || {
+        let before = threads_named("monte-rpc-serve");
+        let config = server_config()
+            .workers(1)
+            .drain_timeout(Duration::from_millis(10));
+        let server = Server::bind("127.0.0.1:0", config, |_: &mut Context<'_>| {}).unwrap();
+        // A thread takes its name once it runs.
+        let mut reactors = Vec::new();
+        assert!(wait_until(Duration::from_secs(2), || {
+            reactors = threads_named("monte-rpc-serve");
+            reactors.retain(|t| !before.contains(t));
+            reactors.len() == 1
+        }));
+        let (stream, _session) = common::raw_client(server.local_addr());
+        assert!(wait_until(Duration::from_secs(2), || server.connections() == 1));
+        thread::sleep(Duration::from_millis(50));
+        let start = sleeps(&reactors);
+        thread::sleep(Duration::from_millis(500));
+        let woken = sleeps(&reactors) - start;
+        assert!(
+            woken <= 10,
+            "an idle reactor woke {woken} times in 500 ms (a sweep every {} ms)",
+            500 / woken.max(1)
+        );
+        let started = Instant::now();
+        server.shutdown();
+        assert!(
+            started.elapsed() < Duration::from_millis(150),
+            "a shutdown with a 10 ms drain took {:?}",
+            started.elapsed()
+        );
+        drop(stream);
+    });
+}

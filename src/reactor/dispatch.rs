@@ -148,6 +148,7 @@ impl Reactor {
     pub(super) fn on_end_of_stream(&mut self, key: usize) -> Result<()> {
         if self.conns[key].life.peer_finished(now_nanos())? {
             self.dirty.push(key);
+            self.sweep_within(self.drain_tick);
         }
         Ok(())
     }

@@ -37,6 +37,7 @@ use crate::conn::Connection;
 use crate::error::{Error, Result};
 use crate::handler::{guard_handler, Handler};
 use crate::outbound::OUTBOUND_BUFFER;
+use crate::protocol::connection::Phase;
 use crate::stats::Counters;
 use crate::sync::buffers::BufferPool;
 use crate::sync::mailbox::Mailbox;
@@ -54,6 +55,10 @@ pub(crate) use listen::Gate;
 const WAKER: Token = Token(usize::MAX - 1);
 /// The sweep timer's token (see [`crate::sys::SweepTimer`]).
 const SWEEP: Token = Token(usize::MAX - 3);
+
+/// The longest interval between a reactor's sweeps of its connections'
+/// deadlines.
+const MAX_TICK: Duration = Duration::from_millis(250);
 
 /// How often at most a reactor asks the allocator to return freed memory.
 const TRIM_INTERVAL: Duration = Duration::from_secs(5);
@@ -100,7 +105,14 @@ pub struct Reactor {
     /// `read_next_turn` as it was when this turn began (its capacity kept).
     read_this_turn: Vec<usize>,
     config: Arc<Config>,
+    /// The sweep's interval: an eighth of the shortest deadline a
+    /// connection may be held to, within 5 to 250 ms...
     tick: Duration,
+    /// ...and while a connection drains, an eighth of the drain timeout
+    /// too: the only deadline kept only while connections drain, so that a
+    /// short one does not make an idle reactor sweep every few
+    /// milliseconds for its whole life.
+    drain_tick: Duration,
     next_sweep: Instant,
     /// Fires at `next_sweep`, so that a reactor with nothing sooner to do
     /// sleeps with no timeout (none where the system has no timer
@@ -144,19 +156,21 @@ impl Reactor {
                 .register(&mut SourceFd(&t.as_raw_fd()), SWEEP, Interest::READABLE)
                 .is_ok()
         });
+        let eighth = |t: Option<Duration>| {
+            t.map_or(MAX_TICK, |t| t / 8)
+                .clamp(Duration::from_millis(5), MAX_TICK)
+        };
         let tick = [
             config.handshake_timeout,
             config.read_timeout,
             config.frame_timeout,
             config.write_timeout,
-            Some(config.drain_timeout),
         ]
         .into_iter()
-        .flatten()
-        .map(|t| t / 8)
+        .map(eighth)
         .min()
-        .unwrap_or(Duration::from_millis(250))
-        .clamp(Duration::from_millis(5), Duration::from_millis(250));
+        .unwrap_or(MAX_TICK);
+        let drain_tick = tick.min(eighth(Some(config.drain_timeout)));
         let mut reactor = Reactor {
             poll,
             events: Events::with_capacity(1024),
@@ -183,6 +197,7 @@ impl Reactor {
             read_this_turn: Vec::with_capacity(64),
             config,
             tick,
+            drain_tick,
             next_sweep: Instant::now() + tick,
             sweep_timer,
             stopping: false,
@@ -200,6 +215,17 @@ impl Reactor {
 
     /// Sets the sweep timer to fire `after` from now. If it fails, the
     /// reactor goes back to waits with a timeout.
+    /// Has the next sweep come `within` from now at the latest: a
+    /// connection began to drain, and its drain deadline may be nearer
+    /// than the sweep.
+    fn sweep_within(&mut self, within: Duration) {
+        let at = Instant::now() + within;
+        if at < self.next_sweep {
+            self.next_sweep = at;
+            self.arm_sweep_timer(within);
+        }
+    }
+
     fn arm_sweep_timer(&mut self, after: Duration) {
         if let Some(timer) = &self.sweep_timer {
             if timer.arm(after).is_err() {
@@ -393,9 +419,13 @@ impl Reactor {
             }
         }
         if now >= self.next_sweep {
-            self.sweep();
-            self.next_sweep = Instant::now() + self.tick;
-            self.arm_sweep_timer(self.tick);
+            let tick = if self.sweep() {
+                self.drain_tick
+            } else {
+                self.tick
+            };
+            self.next_sweep = Instant::now() + tick;
+            self.arm_sweep_timer(tick);
         } else if sweep_fired {
             // Early (it should not be: it was set after `next_sweep`):
             // wait for the rest.
@@ -526,10 +556,12 @@ impl Reactor {
             self.conns[key].life.close_locally(now);
             self.flush(key);
         }
+        self.sweep_within(self.drain_tick);
     }
 
     /// Closes connections whose deadlines passed (see [`Entry::sweep`]).
-    fn sweep(&mut self) {
+    /// Returns whether a connection still drains.
+    fn sweep(&mut self) -> bool {
         let now = Instant::now();
         let now_nanos = now_nanos();
         let mut released = false;
@@ -541,6 +573,10 @@ impl Reactor {
         for (key, err) in expired {
             self.close(key, err);
         }
+        let draining = self
+            .conns
+            .iter()
+            .any(|(_, entry)| entry.life.phase() == Phase::Draining);
         // Connections went idle and gave their buffers back: once the
         // burst is over (nothing given back for a sweep), the freed memory
         // goes back to the OS, at most every few seconds.
@@ -551,6 +587,7 @@ impl Reactor {
             self.next_trim = now + TRIM_INTERVAL;
             crate::sys::return_free_memory();
         }
+        draining
     }
 
     /// Removes a connection: deregisters it, fails what waits on it and
