@@ -222,7 +222,7 @@ impl Server {
         let local_addr = listener.local_addr()?;
         // Before the reactors start, so that (in a program not yet
         // threaded) the growth waits for nothing.
-        crate::descriptors::reserve_for_connections(&listener, config.max_conns);
+        crate::descriptors::reserve_for_server(&listener, config.max_conns, config.workers);
         let listener = mio::net::TcpListener::from_std(listener);
         let poll = Poll::new()?;
         let limit = Arc::new(Limit {

@@ -587,6 +587,9 @@ mod tests {
         woken
     }
 
+    // Linux's default soft limit (1024) leaves room for number 400; other
+    // systems' may not (macOS: 256).
+    #[cfg(target_os = "linux")]
     #[test]
     fn a_duplicate_at_or_above_a_number_never_replaces_an_open_descriptor() {
         use std::net::UdpSocket;

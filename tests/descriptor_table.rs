@@ -39,16 +39,16 @@ fn the_table_is_grown_before_connections_come() {
     room_asked_for_is_made_up_to_the_limit();
 }
 
-/// A server bound for 3,000 connections grows a table of a few hundred
-/// slots to fit them.
+/// A server bound for 3,000 connections (fewer if the descriptor limit
+/// is lower) grows a table of a few hundred slots to fit them.
 fn a_server_makes_room_for_its_cap_when_it_binds() {
-    let cap = 3000;
-    assert!(
-        raise_limit(8192) > cap as u64 + 256,
-        "the hard limit is too low"
-    );
+    let limit = raise_limit(8192) as usize;
     let before = table_size();
-    assert!(before < cap, "the table has {before} slots already");
+    let cap = 3000.min(limit.saturating_sub(300));
+    assert!(
+        cap > before,
+        "a descriptor limit of {limit} leaves no cap to test with beyond the table's {before} slots"
+    );
     within(30, move || {
         let server = Server::bind(
             "127.0.0.1:0",
@@ -77,7 +77,6 @@ fn a_server_makes_room_for_its_cap_when_it_binds() {
 fn room_asked_for_is_made_up_to_the_limit() {
     let limit = raise_limit(20_000);
     let want = 10_000usize.min(limit as usize);
-    assert!(want > 4096, "the hard limit is too low");
     let room = monte_rpc::reserve_descriptors(want).unwrap();
     assert_eq!(room, want);
     assert!(table_size() >= want, "{} slots", table_size());
