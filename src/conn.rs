@@ -569,6 +569,9 @@ impl Connection {
         // The handle may outlive the connection by far (an application
         // that replies later keeps it): its buffers go now. A caller
         // reading the socket meanwhile (its turn) finds it closed and ends.
+        // A server connection still in its handshake has no caller yet (its
+        // handle is out only from `on_open`), so its turn is free here and
+        // its handshake is dropped now, guarded (`discard_input`).
         sh.out.free_buffers();
         if let Some(mut core) = sh.read.core.try_take() {
             core.discard_input();

@@ -611,6 +611,59 @@ fn a_short_drain_timeout_is_kept() {
     });
 }
 
+/// A peer that half-closes while a reply it does not read is stuck in the
+/// server's queue starts a drain: a short drain timeout closes it on time,
+/// not at the sweep's usual interval (250 ms here).
+#[test]
+fn a_short_drain_after_the_peers_end_is_kept() {
+    let _serial = serial();
+    within(30, || {
+        // The usual sweep comes at any point of its 250 ms: four tries make
+        // a drain kept only by it show (at most a 0.4 chance each to come
+        // within the bound).
+        let mut slowest = Duration::ZERO;
+        for _ in 0..4 {
+            slowest = slowest.max(drain_after_the_peers_end(Duration::from_millis(20)));
+        }
+        assert!(
+            slowest < Duration::from_millis(100),
+            "a 20 ms drain after the peer's end took {slowest:?}"
+        );
+    });
+}
+
+/// How long a connection takes to close once its peer half-closed with a
+/// reply it does not read stuck in the server's queue, with `drain`.
+fn drain_after_the_peers_end(drain: Duration) -> Duration {
+    let config = server_config()
+        .workers(1)
+        .send_buffer_size(Some(8192))
+        .drain_timeout(drain);
+    let server = Server::bind("127.0.0.1:0", config, |ctx: &mut Context<'_>| {
+        // More than the socket buffers on both sides hold while the peer
+        // does not read.
+        let _ = ctx.reply(&vec![7u8; 900 * 1024]);
+    })
+    .unwrap();
+    let (mut stream, session) = common::raw_client(server.local_addr());
+    assert!(wait_until(Duration::from_secs(2), || server.connections() == 1));
+    let mut sealer = session.sealer;
+    let mut frame = Vec::new();
+    sealer
+        .seal_append(1, b"a big one, please", &mut frame)
+        .unwrap();
+    stream.write_all(&frame).unwrap();
+    // The reply is queued once the server has it (written in part).
+    thread::sleep(Duration::from_millis(50));
+    let started = Instant::now();
+    stream.shutdown(Shutdown::Write).unwrap();
+    assert!(wait_until(Duration::from_secs(2), || server.connections() == 0));
+    let took = started.elapsed();
+    drop(stream);
+    server.shutdown();
+    took
+}
+
 /// This process's threads whose name starts with `prefix`, by id.
 #[cfg(target_os = "linux")]
 fn threads_named(prefix: &str) -> Vec<String> {

@@ -213,8 +213,6 @@ impl Reactor {
         Ok(reactor)
     }
 
-    /// Sets the sweep timer to fire `after` from now. If it fails, the
-    /// reactor goes back to waits with a timeout.
     /// Has the next sweep come `within` from now at the latest: a
     /// connection began to drain, and its drain deadline may be nearer
     /// than the sweep.
@@ -226,6 +224,8 @@ impl Reactor {
         }
     }
 
+    /// Sets the sweep timer to fire `after` from now. If it fails, the
+    /// reactor goes back to waits with a timeout.
     fn arm_sweep_timer(&mut self, after: Duration) {
         if let Some(timer) = &self.sweep_timer {
             if timer.arm(after).is_err() {
