@@ -199,14 +199,18 @@ impl Outbound {
     /// Whether a frame of `frame` bytes must wait for room: while what is
     /// held and the frame would pass the budget. A frame larger than the
     /// budget fits beside nothing: it is let in once nothing is queued,
-    /// while a write under way may still be finishing (the connection
-    /// then holds that write and this frame).
+    /// while a write under way may still be finishing, but only a write
+    /// within the budget (the connection then holds that write and this
+    /// frame, `limit + frame` at most). A write of more, an earlier large
+    /// frame's, must end first: a writer takes everything queued out for
+    /// its write, so each round of a slow write would otherwise let one
+    /// more large frame in beside the unwritten rest it puts back.
     fn lacks_room(&self, frame: usize, limit: usize) -> bool {
         if self.closed.is_some() {
             return false;
         }
         if frame > limit {
-            return self.pending() > 0;
+            return self.pending() > 0 || self.held() > limit;
         }
         self.held() > 0 && self.held() + frame > limit
     }
@@ -1239,6 +1243,21 @@ mod tests {
         assert!(!g.lacks_room(390, limit));
         assert!(g.lacks_room(391, limit));
         assert!(g.lacks_room(5000, limit));
+        // A large frame's write under way, all of it taken out of the
+        // buffer (nothing pending): the next large frame waits for it, or
+        // a slow write's every round would let one more in.
+        g.buf.clear();
+        g.queued_total = 5000;
+        g.written_total = 1000;
+        assert_eq!(g.pending(), 0);
+        assert!(
+            g.lacks_room(5000, limit),
+            "a large frame joined a write of 4000 bytes held"
+        );
+        assert!(g.lacks_room(10, limit));
+        // Written down to the budget: it may go again.
+        g.written_total = 4000;
+        assert!(!g.lacks_room(5000, limit));
         // A closed queue refuses with its error instead of waiting.
         g.closed = Some(Error::Closed);
         assert!(!g.lacks_room(5000, limit));
