@@ -151,3 +151,75 @@ fn a_peer_that_never_reads_its_replies_cannot_grow_the_server() {
         server.shutdown();
     });
 }
+
+/// A peer that pipelines requests past the outbound budget, then reads:
+/// the server's reading pauses and resumes as the replies drain, and the
+/// replies to the requests it reads at a resume go out at once, not at
+/// the reactor's next sweep (250 ms here) or the peer's next bytes.
+#[test]
+fn replies_to_requests_read_at_a_resume_are_written_at_once() {
+    use std::io::{Read, Write};
+    within(60, || {
+        let server = Server::bind(
+            "127.0.0.1:0",
+            common::server_config()
+                .workers(1)
+                .max_queued_bytes(64 << 10)
+                .send_buffer_size(Some(16 << 10)),
+            |ctx: &mut Context<'_>| {
+                let size = if ctx.body() == b"a small one" {
+                    16
+                } else {
+                    16 << 10
+                };
+                let _ = ctx.reply(&vec![7u8; size]);
+            },
+        )
+        .unwrap();
+        let (mut raw, session) = common::raw_client(server.local_addr());
+        let _ = socket2::SockRef::from(&raw).set_recv_buffer_size(64 << 10);
+        let (mut sealer, mut opener) = (session.sealer, session.opener);
+        let requests = 21u32;
+        let mut wire = Vec::new();
+        for i in 0..requests - 1 {
+            sealer
+                .seal_append(2 * i + 1, b"16 KiB, please", &mut wire)
+                .unwrap();
+        }
+        raw.write_all(&wire).unwrap();
+        // The server fills the socket and pauses its reading of us; the
+        // last request waits unread in its socket until the resume.
+        std::thread::sleep(Duration::from_millis(100));
+        wire.clear();
+        sealer
+            .seal_append(2 * requests - 1, b"a small one", &mut wire)
+            .unwrap();
+        raw.write_all(&wire).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        let started = std::time::Instant::now();
+        let decoder = monte_rpc::protocol::wire::FrameDecoder::new(1 << 20);
+        let (mut input, mut chunk, mut replies) = (Vec::new(), vec![0u8; 64 << 10], 0);
+        while replies < requests {
+            let n = raw
+                .read(&mut chunk)
+                .expect("the replies, within the read timeout");
+            assert!(n > 0, "the server closed after {replies} replies");
+            input.extend_from_slice(&chunk[..n]);
+            while let monte_rpc::protocol::wire::Decoded::Frame(len) =
+                decoder.decode(&input).unwrap()
+            {
+                let mut frame: Vec<u8> = input.drain(..len).collect();
+                opener.open_in_place(&mut frame).unwrap();
+                replies += 1;
+            }
+        }
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_millis(60),
+            "{requests} replies took {took:?} to read"
+        );
+        assert!(server.stats().reads_paused > 0, "reading never paused");
+        drop(raw);
+        server.shutdown();
+    });
+}

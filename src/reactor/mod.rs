@@ -288,9 +288,12 @@ impl Reactor {
             self.last_poll = now;
             self.poll.poll(&mut self.events, Some(Duration::ZERO))
         } else {
-            // Connections left to read from the last turn: look for events
-            // without sleeping.
-            if !self.read_next_turn.is_empty() || !self.shared.mailbox.prepare_sleep() {
+            // Connections left to read from the last turn (or resumed
+            // after its reads): look for events without sleeping.
+            if !self.read_next_turn.is_empty()
+                || !self.resume.is_empty()
+                || !self.shared.mailbox.prepare_sleep()
+            {
                 wait = Duration::ZERO;
             }
             // An async call's deadline may come before the next sweep.
@@ -410,6 +413,9 @@ impl Reactor {
                     self.on_readable(key, false);
                 }
             }
+            // The replies those reads made: nothing else would write them
+            // before the reactor's next wake-up.
+            self.flush_dirty();
             now = Instant::now();
         }
         self.shared.timers.fire(nanos_at(now));
