@@ -448,7 +448,14 @@ impl ReadSide {
                                 inbound.note_bytes_at(now);
                             }
                             read_any = true;
-                            drained = d;
+                            // A short read ends the pass only if no
+                            // readiness event came with the turn: the
+                            // reactor's edge may also have brought the
+                            // peer's end of stream or an error, which no
+                            // further edge would announce (the reactor
+                            // itself trusts a short read only for an edge
+                            // that brought bytes alone).
+                            drained = d && !inbound.announced();
                         }
                         Ok(Filled::WouldBlock) => break CallerRead::Drained,
                         Ok(Filled::Eof) => {
@@ -518,4 +525,120 @@ fn apply_interest(owner: &impl ReadOwner, interest: &Interest) -> io::Result<()>
         interest.callers_waiting == 0,
         interest.writable,
     )
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::protocol::connection::{Deadlines, Limits, ReadPhase};
+    use crate::protocol::{Opener, Profile, Role, Sealer};
+    use std::io::Write;
+    use std::sync::atomic::AtomicUsize as Count;
+
+    /// A connection's surroundings, recording what the read side tells
+    /// them.
+    struct Owner {
+        stream: ConnSocket,
+        buffers: BufferPool,
+        stats: Counters,
+        poll: mio::Poll,
+        asked_reactor: Count,
+        delivered: Mutex<Vec<u32>>,
+    }
+
+    impl ReadOwner for Owner {
+        fn stream(&self) -> &ConnSocket {
+            &self.stream
+        }
+        fn peer_addr(&self) -> Option<std::net::SocketAddr> {
+            None
+        }
+        fn buffers(&self) -> &BufferPool {
+            &self.buffers
+        }
+        fn stats(&self) -> &Counters {
+            &self.stats
+        }
+        fn registry(&self) -> &mio::Registry {
+            self.poll.registry()
+        }
+        fn token(&self) -> usize {
+            usize::MAX // not registered: interest changes are skipped
+        }
+        fn ask_reactor_to_read(&self) {
+            self.asked_reactor
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        fn deliver_response(&self, seq: u32, _payload: &[u8]) -> bool {
+            lock(&self.delivered).push(seq);
+            true
+        }
+    }
+
+    /// A client connection's read side over loopback, and its peer's
+    /// socket and sealer.
+    fn connection() -> (ReadSide, Owner, std::net::TcpStream, Sealer) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (theirs, _) = listener.accept().unwrap();
+        let key = [3u8; 32];
+        let limits = Limits {
+            buffer_size: 4096,
+            max_message_size: 1 << 16,
+            deadlines: Deadlines::default(),
+        };
+        let core = ConnCore::new(
+            ReadPhase::Open {
+                opener: Opener::new(key, Profile::Secure),
+            },
+            Role::Client,
+            limits,
+            &[],
+            now_nanos(),
+        );
+        let owner = Owner {
+            stream: ConnSocket::new(ours),
+            buffers: BufferPool::new(4096, 4),
+            stats: Counters::default(),
+            poll: mio::Poll::new().unwrap(),
+            asked_reactor: Count::new(0),
+            delivered: Mutex::new(Vec::new()),
+        };
+        (
+            ReadSide::new(core),
+            owner,
+            theirs,
+            Sealer::new(key, Profile::Secure),
+        )
+    }
+
+    /// The reactor hears of the peer's response and its end of stream in
+    /// one edge while a caller holds the turn: the caller, reading again
+    /// for it, must read on to the end of the stream (and hand that to the
+    /// reactor), not stop at the short read that brought the response.
+    #[test]
+    fn a_caller_reading_for_an_announced_edge_reads_to_the_end_of_the_stream() {
+        let (side, owner, mut theirs, mut sealer) = connection();
+        let mut frame = Vec::new();
+        sealer.seal_append(1, b"the response", &mut frame).unwrap();
+        theirs.write_all(&frame).unwrap();
+        theirs.shutdown(std::net::Shutdown::Write).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        let turn = side.core.try_take().expect("the turn is free");
+        // The reactor's edge (bytes and the peer's end) while it is held.
+        assert!(side.core.announce().is_none());
+        side.give_back(&owner, turn);
+        assert_eq!(*lock(&owner.delivered), vec![1]);
+        assert!(
+            side.core.try_take().is_some_and(|core| core.eof),
+            "the end of stream was left unread"
+        );
+        assert_eq!(
+            owner
+                .asked_reactor
+                .load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "the reactor was not told of the end of stream"
+        );
+    }
 }
