@@ -19,7 +19,7 @@ use slab::Slab;
 use crate::clock::{now_nanos, CallDeadline, LazyDeadline};
 use crate::config::Config;
 use crate::conn::Connection;
-use crate::error::{DialPhase, Error, Result};
+use crate::error::{DialPhase, Error, Result, TimeoutKind};
 use crate::handler::Handler;
 use crate::sync::signal::ShutdownSignal;
 use crate::sync::wake::wake;
@@ -317,7 +317,16 @@ impl Pool {
             // back off from.
             Err(Error::Closed) if self.signal.is_closed() => Err(Error::Closed),
             Err(e) => {
-                dialling.failed(e.clone(), &self.config);
+                // Cut short by this call's own deadline (a timeout of the
+                // call's kind, not the connect's or the handshake's): no
+                // sign the endpoint is down, so no backoff for the calls
+                // that come after, with deadlines of their own.
+                if !matches!(
+                    e.timeout_kind(),
+                    Some(TimeoutKind::Request | TimeoutKind::Write)
+                ) {
+                    dialling.failed(e.clone(), &self.config);
+                }
                 self.choose(true).ok_or(e)
             }
         };

@@ -586,3 +586,50 @@ fn a_send_that_dials_ends_by_its_send_timeout_write_included() {
     );
     server.shutdown();
 }
+
+/// Hands out the server's handshakes a while after each connection comes
+/// (the factory runs on the server's reactor, which waits with it).
+struct SlowServerHandshakes(Duration);
+
+impl monte_rpc::protocol::HandshakeFactory for SlowServerHandshakes {
+    fn client(&self) -> monte_rpc::Result<Box<dyn monte_rpc::protocol::Handshake>> {
+        monte_rpc::protocol::Profile::Secure.client()
+    }
+    fn server(&self) -> monte_rpc::Result<Box<dyn monte_rpc::protocol::Handshake>> {
+        thread::sleep(self.0);
+        monte_rpc::protocol::Profile::Secure.server()
+    }
+}
+
+/// A dial cut short by its own call's deadline says nothing about the
+/// endpoint: the next call, with time enough, dials again and gets its
+/// answer, rather than the first call's error for the backoff.
+#[test]
+fn a_dial_cut_short_by_its_calls_deadline_starts_no_backoff() {
+    within(30, || {
+        let server = monte_rpc::Server::bind(
+            "127.0.0.1:0",
+            common::server_config()
+                .workers(1)
+                .handshake(Arc::new(SlowServerHandshakes(Duration::from_millis(50)))),
+            |ctx: &mut monte_rpc::Context<'_>| {
+                let _ = ctx.reply(b"pong");
+            },
+        )
+        .unwrap();
+        let client = Client::new(server.local_addr(), common::client_config()).unwrap();
+        let hasty =
+            client.request_timeout(b"ping", &mut Vec::new(), Some(Duration::from_millis(10)));
+        assert_eq!(
+            hasty.unwrap_err().timeout_kind(),
+            Some(TimeoutKind::Request)
+        );
+        let mut response = Vec::new();
+        client
+            .request_timeout(b"ping", &mut response, Some(Duration::from_secs(3)))
+            .expect("a call with time enough, right after one whose dial ran out of its own");
+        assert_eq!(response, b"pong");
+        client.shutdown();
+        server.shutdown();
+    });
+}
