@@ -232,10 +232,12 @@ impl<'a> ClientFuture<'a> {
                         if let Err(e) = &result {
                             if matches!(e.root_cause(), Error::Timeout(TimeoutKind::Request))
                                 && conn.silent_since(sent_at)
+                                && conn.in_flight() == 0
                             {
                                 // Not a byte from the server for the whole
-                                // timeout: as the blocking request does,
-                                // close it so the pool dials afresh.
+                                // timeout, and no other request waiting on
+                                // it: as the blocking request does, close
+                                // it so the pool dials afresh.
                                 conn.fail(Error::Timeout(TimeoutKind::Request));
                             }
                         }

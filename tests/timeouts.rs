@@ -231,3 +231,51 @@ fn a_request_waiting_for_room_leaves_the_reactor_listening() {
         client.shutdown();
     });
 }
+
+/// A request with a short timeout on a connection another request also
+/// waits on: its timeout, with no byte back meanwhile, is no proof the
+/// link is dead while the other still waits (the server is slow to answer
+/// it), so the connection stays, and the other request gets its answer.
+#[test]
+fn a_short_timeout_does_not_close_a_connection_another_request_waits_on() {
+    common::within(30, || {
+        let server = monte_rpc::Server::bind(
+            "127.0.0.1:0",
+            common::server_config().workers(1),
+            |ctx: &mut monte_rpc::Context<'_>| {
+                // Slow: the one reactor answers nothing else meanwhile.
+                thread::sleep(Duration::from_millis(150));
+                let _ = ctx.reply(b"done");
+            },
+        )
+        .unwrap();
+        let client = Arc::new(
+            Client::new(server.local_addr(), common::client_config().max_conns(1)).unwrap(),
+        );
+        // Dialled first, so that both requests share the one connection.
+        client.send(b"warm up").unwrap();
+        thread::sleep(Duration::from_millis(200));
+        let patient = {
+            let client = client.clone();
+            thread::spawn(move || {
+                let mut response = Vec::new();
+                let result =
+                    client.request_timeout(b"slow", &mut response, Some(Duration::from_secs(3)));
+                (result, response)
+            })
+        };
+        thread::sleep(Duration::from_millis(20));
+        let hasty =
+            client.request_timeout(b"hasty", &mut Vec::new(), Some(Duration::from_millis(30)));
+        assert_eq!(
+            hasty.unwrap_err().timeout_kind(),
+            Some(TimeoutKind::Request)
+        );
+        let (result, response) = patient.join().unwrap();
+        result.expect("the patient request, beside the hasty one's timeout");
+        assert_eq!(response, b"done");
+        assert_eq!(client.stats().connections_opened, 1);
+        client.shutdown();
+        server.shutdown();
+    });
+}
