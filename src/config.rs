@@ -94,10 +94,11 @@ pub struct Config {
     /// stalled connection still spreads requests over more.
     /// Server: the most connections handled at once, handshakes included
     /// (default 1024, from [`Config::server`]). The server grows the
-    /// process's descriptor table to fit that many when it starts (8 bytes
-    /// a slot, rounded up to a power of two; within the descriptor limit
-    /// and at most 2^20 slots), so that taking them on does not stall its
-    /// accepts: see [`reserve_descriptors`](crate::reserve_descriptors).
+    /// process's descriptor table to fit that many, and those over the cap
+    /// that may wait for a place, when it starts (8 bytes a slot, rounded
+    /// up to a power of two; within the descriptor limit and at most 2^20
+    /// slots), so that taking them on does not stall its accepts: see
+    /// [`reserve_descriptors`](crate::reserve_descriptors).
     pub max_conns: usize,
     /// Server: how long a connection over the cap waits for a place before
     /// it is closed. Default: 1 s.

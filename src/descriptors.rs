@@ -58,20 +58,21 @@ pub fn reserve_descriptors(total: usize) -> io::Result<usize> {
     reserve_with(&probe, total)
 }
 
-/// Makes room for `max_conns` connections and `reactors` reactors beyond
-/// the descriptors open now (`listener`'s number, just opened, stands for
+/// Makes room for `sockets` (the connections a server handles
+/// and those waiting for a place) and `reactors` reactors beyond the
+/// descriptors open now (`listener`'s number, just opened, stands for
 /// them), up to [`MAX_AUTOMATIC`]. Best effort: a failure leaves the table
 /// to grow as connections come, as it would without this, so it is not an
 /// error of the caller's.
-pub(crate) fn reserve_for_server(listener: &impl AsRawFd, max_conns: usize, reactors: usize) {
+pub(crate) fn reserve_for_server(listener: &impl AsRawFd, sockets: usize, reactors: usize) {
     let open_now = usize::try_from(listener.as_raw_fd()).unwrap_or(0) + 1;
-    let _ = reserve_with(listener, server_room(open_now, max_conns, reactors));
+    let _ = reserve_with(listener, server_room(open_now, sockets, reactors));
 }
 
 /// The room a server makes: see [`reserve_for_server`].
-fn server_room(open_now: usize, max_conns: usize, reactors: usize) -> usize {
+fn server_room(open_now: usize, sockets: usize, reactors: usize) -> usize {
     open_now
-        .saturating_add(max_conns)
+        .saturating_add(sockets)
         .saturating_add(reactors.saturating_mul(PER_REACTOR))
         .saturating_add(HEADROOM)
         .min(MAX_AUTOMATIC)

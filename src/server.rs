@@ -71,7 +71,7 @@ impl Limit {
     /// connection is refused at once, so a flood cannot hold descriptors
     /// without bound.
     fn max_waiting(&self) -> usize {
-        (self.max * 4).max(256)
+        max_waiting(self.max)
     }
 
     /// Turns a connection away at the cap, telling the client so: the
@@ -173,6 +173,11 @@ pub struct Server {
     /// Shared with the reactors, which close it when the last one stops.
     listener: Arc<mio::net::TcpListener>,
     waiting_room: Mutex<Option<JoinHandle<()>>>,
+    /// The listener is the server's own ([`Server::bind`]): shutdown may
+    /// stop it listening. One the caller bound ([`Server::serve`]) may be
+    /// shared (a copy kept for the next server, a descriptor another
+    /// process holds), and shutting it down would stop it for them too.
+    owns_listener: bool,
 }
 
 impl std::fmt::Debug for Server {
@@ -211,18 +216,34 @@ impl Server {
         socket.set_reuse_address(true)?;
         socket.bind(&addr.into())?;
         socket.listen(config.backlog)?;
-        Self::serve(socket.into(), config, handler)
+        Self::serve_on(socket.into(), config, handler, true)
     }
 
     /// Serves `handler` on a listener the caller bound. `config` must be
-    /// made from [`Config::server`], as for [`bind`](Self::bind).
+    /// made from [`Config::server`], as for [`bind`](Self::bind). The
+    /// listener stays listening after [`shutdown`](Self::shutdown) (the
+    /// caller may keep a copy for another server, or share it with another
+    /// process); connections that come meanwhile wait in its backlog.
     pub fn serve(listener: TcpListener, config: Config, handler: impl Handler) -> Result<Server> {
+        Self::serve_on(listener, config, handler, false)
+    }
+
+    fn serve_on(
+        listener: TcpListener,
+        config: Config,
+        handler: impl Handler,
+        owns_listener: bool,
+    ) -> Result<Server> {
         check_server_config(&config)?;
         listener.set_nonblocking(true)?;
         let local_addr = listener.local_addr()?;
         // Before the reactors start, so that (in a program not yet
         // threaded) the growth waits for nothing.
-        crate::descriptors::reserve_for_server(&listener, config.max_conns, config.workers);
+        // Room for the connections over the cap the waiting room holds too:
+        // a storm past the cap must not grow the table either.
+        let most = config.max_conns.max(1);
+        let sockets = most.saturating_add(max_waiting(most));
+        crate::descriptors::reserve_for_server(&listener, sockets, config.workers);
         let listener = mio::net::TcpListener::from_std(listener);
         let poll = Poll::new()?;
         let limit = Arc::new(Limit {
@@ -257,6 +278,7 @@ impl Server {
             limit,
             listener: listener.clone(),
             waiting_room: Mutex::new(thread.ok()),
+            owns_listener,
         };
         if lock(&server.waiting_room).is_none() {
             return Err(
@@ -302,8 +324,11 @@ impl Server {
         // listener open until it stops, and connections meanwhile would
         // be accepted only to be closed. On Linux a listening socket shut
         // for reading refuses them at once (elsewhere this fails, and the
-        // gate closes what the reactors still accept).
-        let _ = socket2::SockRef::from(&*self.listener).shutdown(std::net::Shutdown::Read);
+        // gate closes what the reactors still accept). Only the server's
+        // own: the shutdown acts on the socket, every copy of it included.
+        if self.owns_listener {
+            let _ = socket2::SockRef::from(&*self.listener).shutdown(std::net::Shutdown::Read);
+        }
         let _ = self.limit.waker.wake();
         if let Some(t) = lock(&self.waiting_room).take() {
             let _ = t.join();
@@ -320,6 +345,12 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// The most connections over a cap of `max_conns` that wait for a place
+/// at once (SECURITY.md).
+fn max_waiting(max_conns: usize) -> usize {
+    max_conns.saturating_mul(4).max(256)
 }
 
 /// Refuses a configuration not made from [`Config::server`].

@@ -189,3 +189,38 @@ fn a_server_shutting_down_refuses_new_connections_at_once() {
         assert!(refused, "a connection was still taken while shutting down");
     });
 }
+
+/// A server serving a listener the caller bound leaves it listening when
+/// it shuts down: the caller may keep a copy for the next server (or
+/// share it with another process), and a shutdown acts on the socket,
+/// every copy of it included.
+#[test]
+fn shutdown_leaves_a_callers_listener_listening() {
+    within(30, || {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = monte_rpc::Server::serve(
+            listener.try_clone().unwrap(),
+            common::server_config(),
+            |ctx: &mut monte_rpc::Context<'_>| {
+                let _ = ctx.reply(b"pong");
+            },
+        )
+        .unwrap();
+        let client = monte_rpc::Client::new(addr, common::client_config()).unwrap();
+        client.request(b"ping", &mut Vec::new()).unwrap();
+        client.shutdown();
+        server.shutdown();
+        drop(server);
+        // The caller's copy still listens: a new connection is accepted.
+        let _dialled = std::net::TcpStream::connect(addr)
+            .expect("the caller's listener refused a connection after the server's shutdown");
+        listener.set_nonblocking(true).unwrap();
+        assert!(
+            common::wait_until(std::time::Duration::from_secs(2), || listener
+                .accept()
+                .is_ok()),
+            "nothing to accept on the caller's listener"
+        );
+    });
+}
