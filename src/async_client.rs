@@ -230,15 +230,9 @@ impl<'a> ClientFuture<'a> {
                             conn.note_answer(sent_at);
                         }
                         if let Err(e) = &result {
-                            if matches!(e.root_cause(), Error::Timeout(TimeoutKind::Request))
-                                && conn.silent_since(sent_at)
-                                && conn.in_flight() == 0
-                            {
-                                // Not a byte from the server for the whole
-                                // timeout, and no other request waiting on
-                                // it: as the blocking request does, close
-                                // it so the pool dials afresh.
-                                conn.fail(Error::Timeout(TimeoutKind::Request));
+                            if matches!(e.root_cause(), Error::Timeout(TimeoutKind::Request)) {
+                                // As the blocking request does.
+                                pool.drop_if_silent(&conn, sent_at);
                             }
                         }
                         return Poll::Ready(result);

@@ -264,16 +264,7 @@ impl Client {
             conn.note_answer(sent_at);
         }
         if let Err(Error::Timeout(TimeoutKind::Request)) = &result {
-            if conn.silent_since(sent_at) && conn.in_flight() == 0 {
-                // Not a byte from the server for the whole timeout: the
-                // connection is as good as gone (a peer or path that
-                // vanished without a FIN). Closing it lets the pool dial
-                // afresh instead of choosing it again. Not while other
-                // requests still wait on it, with deadlines of their own
-                // (a shorter timeout than theirs is no proof of a dead
-                // link): the last of them to time out closes it.
-                conn.fail(Error::Timeout(TimeoutKind::Request));
-            }
+            self.pool.drop_if_silent(&conn, sent_at);
         }
         result
     }

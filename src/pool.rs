@@ -177,13 +177,30 @@ struct FailedDial {
     /// Until when calls fail with its error instead of dialling.
     until: Instant,
     error: Error,
+    /// The dial ran out of its own call's deadline after this long, not
+    /// out of the connect's or the handshake's timeouts: it shows only
+    /// that the endpoint did not answer that soon, so a call with more
+    /// time left than that is not held back by it.
+    cut_short_after: Option<Duration>,
+}
+
+impl FailedDial {
+    /// Whether it holds back a call that has `left` to run (`None`: no
+    /// limit).
+    fn holds_back(&self, left: Option<Duration>) -> bool {
+        match (self.cut_short_after, left) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(ran), Some(left)) => left <= ran,
+        }
+    }
 }
 
 impl DialState {
     /// Records a failed dial and starts the backoff after it:
     /// `config.dial_backoff`, doubled for each earlier failure in a row, at
     /// most `config.dial_backoff_max`.
-    fn failed(&mut self, error: Error, config: &Config) {
+    fn failed(&mut self, error: Error, config: &Config, cut_short_after: Option<Duration>) {
         self.failures = self.failures.saturating_add(1);
         let doublings = (self.failures - 1).min(30);
         let backoff = config
@@ -195,6 +212,7 @@ impl DialState {
             at,
             until: at.checked_add(backoff).unwrap_or(at),
             error,
+            cut_short_after,
         });
     }
 
@@ -288,12 +306,17 @@ impl Pool {
             // Backing off after a failed dial, or queued behind that very
             // dial: no dial of our own. A busy connection if there is one,
             // else that dial's error.
-            if Instant::now() < failed.until || queued_at.is_some_and(|q| failed.at >= q) {
+            let now = Instant::now();
+            let left = deadline.get().map(|d| d.at.saturating_duration_since(now));
+            if (now < failed.until || queued_at.is_some_and(|q| failed.at >= q))
+                && failed.holds_back(left)
+            {
                 return self.choose(true).ok_or_else(|| failed.error.clone());
             }
         }
         // Given up when the client shuts down: shutdown must not wait for
         // a dial bounded only by its own timeouts, or by none.
+        let dial_started = Instant::now();
         let dialled = self.workers.pick().dial_within(
             self.addr,
             self.handler.clone(),
@@ -318,15 +341,15 @@ impl Pool {
             Err(Error::Closed) if self.signal.is_closed() => Err(Error::Closed),
             Err(e) => {
                 // Cut short by this call's own deadline (a timeout of the
-                // call's kind, not the connect's or the handshake's): no
-                // sign the endpoint is down, so no backoff for the calls
-                // that come after, with deadlines of their own.
-                if !matches!(
+                // call's kind, not the connect's or the handshake's): the
+                // backoff holds back only the calls with no more time
+                // than this one had.
+                let cut_short = matches!(
                     e.timeout_kind(),
                     Some(TimeoutKind::Request | TimeoutKind::Write)
-                ) {
-                    dialling.failed(e.clone(), &self.config);
-                }
+                );
+                let ran = cut_short.then(|| dial_started.elapsed());
+                dialling.failed(e.clone(), &self.config, ran);
                 self.choose(true).ok_or(e)
             }
         };
@@ -423,6 +446,27 @@ impl Pool {
         Some(conn)
     }
 
+    /// After a request timed out on `conn` with not a byte back since it
+    /// was sent (at `sent_at`, [`now_nanos`]): closes the connection if it
+    /// looks dead (a peer or path that vanished without a FIN), so that
+    /// the pool dials afresh instead of choosing it again. One timeout is
+    /// no proof while other requests still wait on it (theirs may be
+    /// longer, and the server merely slow), unless it has been silent for
+    /// a whole `request_timeout` (a link that died under steady traffic,
+    /// where some request always waits).
+    pub(crate) fn drop_if_silent(&self, conn: &Connection, sent_at: u64) {
+        if !conn.silent_since(sent_at) {
+            return;
+        }
+        let long_silent = self.config.request_timeout.is_some_and(|t| {
+            let t = u64::try_from(t.as_nanos()).unwrap_or(u64::MAX);
+            conn.silent_since(now_nanos().saturating_sub(t))
+        });
+        if conn.in_flight() == 0 || long_silent {
+            conn.fail(Error::Timeout(TimeoutKind::Request));
+        }
+    }
+
     /// [`pick`](Self::pick) for an async call, which must not block: an
     /// idle connection (for a request, or one it may share), else a busy
     /// one while a dial for more runs on a thread of the pool's, else (none
@@ -462,6 +506,10 @@ impl Pool {
             let failed = state
                 .failed
                 .as_ref()
+                // The async dial has no deadline but the dial's own
+                // timeouts: a blocking call's dial cut short by its
+                // deadline holds it back no more than a call without one.
+                .filter(|failed| failed.holds_back(None))
                 .filter(|failed| Instant::now() < failed.until || failed.at >= since);
             if let Some(failed) = failed {
                 Self::unregister(&mut dial, wait);

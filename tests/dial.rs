@@ -633,3 +633,49 @@ fn a_dial_cut_short_by_its_calls_deadline_starts_no_backoff() {
         server.shutdown();
     });
 }
+
+/// The backoff after a dial its call's deadline cut short still holds back
+/// the calls with no more time than it had: against an endpoint that
+/// accepts and never answers, a second short call fails at once with the
+/// first's error instead of spending its own deadline on a dial.
+#[test]
+fn a_dial_cut_short_holds_back_calls_with_no_more_time() {
+    within(30, || {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Accepts, and keeps every socket without a word.
+        let held = std::thread::spawn(move || {
+            let mut kept = Vec::new();
+            listener.set_nonblocking(true).unwrap();
+            let until = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < until {
+                if let Ok((s, _)) = listener.accept() {
+                    kept.push(s);
+                }
+                thread::sleep(Duration::from_millis(2));
+            }
+            kept.len()
+        });
+        let client = Client::new(addr, common::client_config()).unwrap();
+        let first =
+            client.request_timeout(b"ping", &mut Vec::new(), Some(Duration::from_millis(100)));
+        assert_eq!(
+            first.unwrap_err().timeout_kind(),
+            Some(TimeoutKind::Request)
+        );
+        let started = Instant::now();
+        let second =
+            client.request_timeout(b"ping", &mut Vec::new(), Some(Duration::from_millis(80)));
+        let took = started.elapsed();
+        assert!(
+            matches!(&second, Err(Error::Dial { .. })),
+            "the second call: {second:?}"
+        );
+        assert!(
+            took < Duration::from_millis(40),
+            "the second call dialled for {took:?} instead of failing with the first's error"
+        );
+        client.shutdown();
+        assert_eq!(held.join().unwrap(), 1, "the second call dialled");
+    });
+}

@@ -239,10 +239,15 @@ fn a_request_waiting_for_room_leaves_the_reactor_listening() {
 #[test]
 fn a_short_timeout_does_not_close_a_connection_another_request_waits_on() {
     common::within(30, || {
+        let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = started.clone();
         let server = monte_rpc::Server::bind(
             "127.0.0.1:0",
             common::server_config().workers(1),
-            |ctx: &mut monte_rpc::Context<'_>| {
+            move |ctx: &mut monte_rpc::Context<'_>| {
+                if ctx.body() == b"slow" {
+                    seen.store(true, Ordering::SeqCst);
+                }
                 // Slow: the one reactor answers nothing else meanwhile.
                 thread::sleep(Duration::from_millis(150));
                 let _ = ctx.reply(b"done");
@@ -264,7 +269,8 @@ fn a_short_timeout_does_not_close_a_connection_another_request_waits_on() {
                 (result, response)
             })
         };
-        thread::sleep(Duration::from_millis(20));
+        // The patient request is on the connection (its handler runs).
+        assert!(common::wait_until(Duration::from_secs(2), || started.load(Ordering::SeqCst)));
         let hasty =
             client.request_timeout(b"hasty", &mut Vec::new(), Some(Duration::from_millis(30)));
         assert_eq!(
@@ -275,6 +281,64 @@ fn a_short_timeout_does_not_close_a_connection_another_request_waits_on() {
         result.expect("the patient request, beside the hasty one's timeout");
         assert_eq!(response, b"done");
         assert_eq!(client.stats().connections_opened, 1);
+        client.shutdown();
+        server.shutdown();
+    });
+}
+
+/// A link that went silent for good under steady traffic, where some
+/// request always waits on it: once it has been silent for a whole
+/// `request_timeout`, a request's timeout closes it, and the pool dials
+/// afresh.
+#[test]
+fn a_link_silent_for_a_whole_request_timeout_is_closed_under_steady_traffic() {
+    common::within(30, || {
+        // Answers nothing, ever.
+        let server = monte_rpc::Server::bind(
+            "127.0.0.1:0",
+            common::server_config(),
+            |_: &mut monte_rpc::Context<'_>| {},
+        )
+        .unwrap();
+        let client = Arc::new(
+            Client::new(
+                server.local_addr(),
+                common::client_config()
+                    .max_conns(1)
+                    .request_timeout(Some(Duration::from_millis(300))),
+            )
+            .unwrap(),
+        );
+        client.send(b"dial").unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // Four callers in a loop, 100 ms each, overlapping: never does the
+        // connection have no request waiting on it.
+        let callers: Vec<_> = (0..4u64)
+            .map(|i| {
+                let (client, stop) = (client.clone(), stop.clone());
+                thread::spawn(move || {
+                    thread::sleep(Duration::from_millis(25 * i));
+                    while !stop.load(Ordering::SeqCst) {
+                        let _ = client.request_timeout(
+                            b"anyone?",
+                            &mut Vec::new(),
+                            Some(Duration::from_millis(100)),
+                        );
+                    }
+                })
+            })
+            .collect();
+        let closed = common::wait_until(Duration::from_secs(3), || {
+            client.stats().connections_opened >= 2
+        });
+        stop.store(true, Ordering::SeqCst);
+        for c in callers {
+            c.join().unwrap();
+        }
+        assert!(
+            closed,
+            "the silent connection was never dropped under steady traffic"
+        );
         client.shutdown();
         server.shutdown();
     });
