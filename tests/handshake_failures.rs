@@ -61,16 +61,23 @@ fn handshake_failures_are_reported_with_their_reason() {
         "{e:?}"
     );
 
-    let mut gone = TcpStream::connect(server.local_addr()).unwrap();
+    leave_mid_handshake(server.local_addr(), &failures);
+    server.shutdown();
+}
+
+/// Connects to `addr`, sends half a client key and leaves: the server
+/// closes the connection mid-handshake and reports it (to `failures`) as
+/// the peer's close.
+fn leave_mid_handshake(addr: SocketAddr, failures: &Failures) {
+    let mut gone = TcpStream::connect(addr).unwrap();
     let gone_addr = gone.local_addr().unwrap();
     gone.write_all(&[1u8; 10]).unwrap();
     drop(gone);
-    let e = wait_for(&failures, gone_addr);
+    let e = wait_for(failures, gone_addr);
     assert!(
         matches!(e, Error::Handshake(HandshakeError::PeerClosed)),
         "{e:?}"
     );
-    server.shutdown();
 }
 
 /// A handshake factory that panics on every second call (an
@@ -292,16 +299,7 @@ fn an_unfinished_server_handshake_whose_drop_panics_fails_only_that_connection()
         .request_timeout(Some(Duration::from_secs(3)));
     let first = monte_rpc::Client::new(server.local_addr(), config).unwrap();
     first.request(b"first", &mut Vec::new()).unwrap();
-    // Half a client key, then gone: the server closes it mid-handshake.
-    let mut gone = TcpStream::connect(server.local_addr()).unwrap();
-    let gone_addr = gone.local_addr().unwrap();
-    gone.write_all(&[1u8; 10]).unwrap();
-    drop(gone);
-    let e = wait_for(&failures, gone_addr);
-    assert!(
-        matches!(e, Error::Handshake(HandshakeError::PeerClosed)),
-        "{e:?}"
-    );
+    leave_mid_handshake(server.local_addr(), &failures);
     first
         .request(b"again", &mut Vec::new())
         .expect("the first connection still answers beside the unfinished handshake's drop");
