@@ -37,7 +37,8 @@ const MAX_AUTOMATIC: usize = 1 << 20;
 /// (the table may have had more already, and may round up).
 ///
 /// A [`Server`](crate::Server) makes room for its
-/// [`max_conns`](crate::Config::max_conns) itself. Call this once at start-up
+/// [`max_conns`](crate::Config::max_conns) and the connections that may
+/// wait for a place itself. Call this once at start-up
 /// in a program that will dial many connections itself (through
 /// [`ReactorHandle::dial`](crate::ReactorHandle::dial), say), or that
 /// serves more than its cap's worth of descriptors.

@@ -223,7 +223,8 @@ impl Server {
     /// made from [`Config::server`], as for [`bind`](Self::bind). The
     /// listener stays listening after [`shutdown`](Self::shutdown) (the
     /// caller may keep a copy for another server, or share it with another
-    /// process); connections that come meanwhile wait in its backlog.
+    /// process): connections the reactors accept before they stop are
+    /// closed, and those after wait in its backlog.
     pub fn serve(listener: TcpListener, config: Config, handler: impl Handler) -> Result<Server> {
         Self::serve_on(listener, config, handler, false)
     }
