@@ -179,19 +179,22 @@ struct FailedDial {
     error: Error,
     /// The dial ran out of its own call's deadline after this long, not
     /// out of the connect's or the handshake's timeouts: it shows only
-    /// that the endpoint did not answer that soon, so a call with more
-    /// time left than that is not held back by it.
+    /// that the endpoint did not answer that soon, so a call with much
+    /// more time left than that is not held back by it.
     cut_short_after: Option<Duration>,
 }
 
 impl FailedDial {
     /// Whether it holds back a call that has `left` to run (`None`: no
-    /// limit).
+    /// limit). A dial cut short holds back the calls with up to twice the
+    /// time it ran: a call with the same timeout may have a little more
+    /// left than the failed dial had (its caller was not delayed on the
+    /// way to the dial), and must not dial again for that.
     fn holds_back(&self, left: Option<Duration>) -> bool {
         match (self.cut_short_after, left) {
             (None, _) => true,
             (Some(_), None) => false,
-            (Some(ran), Some(left)) => left <= ran,
+            (Some(ran), Some(left)) => left <= ran.saturating_mul(2),
         }
     }
 }
@@ -452,15 +455,18 @@ impl Pool {
     /// the pool dials afresh instead of choosing it again. One timeout is
     /// no proof while other requests still wait on it (theirs may be
     /// longer, and the server merely slow), unless it has been silent for
-    /// a whole `request_timeout` (a link that died under steady traffic,
-    /// where some request always waits).
+    /// a whole `request_timeout` since it was last taken idle (a link that
+    /// died under steady traffic, where some request always waits).
     pub(crate) fn drop_if_silent(&self, conn: &Connection, sent_at: u64) {
         if !conn.silent_since(sent_at) {
             return;
         }
+        // Silent since it was last taken idle, if later than its last
+        // bytes: time it spent idle is no silence.
+        let quiet_since = conn.last_read().max(conn.taken_at());
         let long_silent = self.config.request_timeout.is_some_and(|t| {
             let t = u64::try_from(t.as_nanos()).unwrap_or(u64::MAX);
-            conn.silent_since(now_nanos().saturating_sub(t))
+            quiet_since < now_nanos().saturating_sub(t)
         });
         if conn.in_flight() == 0 || long_silent {
             conn.fail(Error::Timeout(TimeoutKind::Request));

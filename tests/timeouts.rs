@@ -254,12 +254,20 @@ fn a_short_timeout_does_not_close_a_connection_another_request_waits_on() {
             },
         )
         .unwrap();
+        // A request timeout shorter than the connection's idle time
+        // below: idle time is no silence.
         let client = Arc::new(
-            Client::new(server.local_addr(), common::client_config().max_conns(1)).unwrap(),
+            Client::new(
+                server.local_addr(),
+                common::client_config()
+                    .max_conns(1)
+                    .request_timeout(Some(Duration::from_millis(150))),
+            )
+            .unwrap(),
         );
         // Dialled first, so that both requests share the one connection.
         client.send(b"warm up").unwrap();
-        thread::sleep(Duration::from_millis(200));
+        thread::sleep(Duration::from_millis(300));
         let patient = {
             let client = client.clone();
             thread::spawn(move || {
