@@ -256,17 +256,7 @@ fn a_short_timeout_does_not_close_a_connection_another_request_waits_on() {
         .unwrap();
         // A request timeout shorter than the connection's idle time
         // below: idle time is no silence.
-        let client = Arc::new(
-            Client::new(
-                server.local_addr(),
-                common::client_config()
-                    .max_conns(1)
-                    .request_timeout(Some(Duration::from_millis(150))),
-            )
-            .unwrap(),
-        );
-        // Dialled first, so that both requests share the one connection.
-        client.send(b"warm up").unwrap();
+        let client = one_connection_client(server.local_addr(), Duration::from_millis(150));
         thread::sleep(Duration::from_millis(300));
         let patient = {
             let client = client.clone();
@@ -308,16 +298,7 @@ fn a_link_silent_for_a_whole_request_timeout_is_closed_under_steady_traffic() {
             |_: &mut monte_rpc::Context<'_>| {},
         )
         .unwrap();
-        let client = Arc::new(
-            Client::new(
-                server.local_addr(),
-                common::client_config()
-                    .max_conns(1)
-                    .request_timeout(Some(Duration::from_millis(300))),
-            )
-            .unwrap(),
-        );
-        client.send(b"dial").unwrap();
+        let client = one_connection_client(server.local_addr(), Duration::from_millis(300));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         // Four callers in a loop, 100 ms each, overlapping: never does the
         // connection have no request waiting on it.
@@ -350,4 +331,18 @@ fn a_link_silent_for_a_whole_request_timeout_is_closed_under_steady_traffic() {
         client.shutdown();
         server.shutdown();
     });
+}
+
+/// A client of at most one connection to `addr`, with `request_timeout`,
+/// dialled already (so that every request after shares that connection).
+fn one_connection_client(addr: std::net::SocketAddr, request_timeout: Duration) -> Arc<Client> {
+    let client = Client::new(
+        addr,
+        common::client_config()
+            .max_conns(1)
+            .request_timeout(Some(request_timeout)),
+    )
+    .unwrap();
+    client.send(b"dial").unwrap();
+    Arc::new(client)
 }
