@@ -367,10 +367,12 @@ impl Connection {
             pending.seq(),
             body,
             Mode::Direct { wait: false },
-            deadline.map(|at| CallDeadline {
+            // The request's own deadline, none included: the send timeout
+            // bounds sends only.
+            Some(deadline.map(|at| CallDeadline {
                 at,
                 kind: TimeoutKind::Request,
-            }),
+            })),
             &mut || reads.wake_reactor_again(),
         );
         let result = match submitted {
@@ -427,8 +429,10 @@ impl Connection {
         self.fail(Error::Closed);
     }
 
+    /// A send's frame: its waits end by `by` if its call fixed a deadline,
+    /// else by the send timeout from its first wait.
     fn submit(&self, seq: u32, body: &[u8], mode: Mode, by: Option<CallDeadline>) -> Result<()> {
-        self.submit_or_wait(seq, body, mode, by, &mut || {})
+        self.submit_or_wait(seq, body, mode, by.map(Some), &mut || {})
     }
 
     /// [`submit`](Self::submit), calling `before_room_wait` if the call has
@@ -438,7 +442,7 @@ impl Connection {
         seq: u32,
         body: &[u8],
         mode: Mode,
-        by: Option<CallDeadline>,
+        by: Option<Option<CallDeadline>>,
         before_room_wait: &mut dyn FnMut(),
     ) -> Result<()> {
         let sh = &*self.shared;

@@ -358,9 +358,11 @@ impl OutboundQueue {
     }
 
     /// Seals `body` as frame `seq` and hands it on as `mode` says. Waits
-    /// for room (up to the send timeout) unless `mode` is one of the
-    /// reactor thread's; `Direct { wait: true }` also waits until the frame
-    /// is written. If the call has to wait for room, `before_room_wait`
+    /// for room unless `mode` is one of the reactor thread's;
+    /// `Direct { wait: true }` also waits until the frame is written. The
+    /// waits end by `by`: the call's own deadline (`Some`; `Some(None)`:
+    /// none), or the send timeout from the first wait (`None`). If the
+    /// call has to wait for room, `before_room_wait`
     /// runs (outside the lock) before it first sleeps: a caller that
     /// prepared to go straight on undoes that there (a request gives the
     /// reactor back the readable events it took for its response, which a
@@ -371,12 +373,12 @@ impl OutboundQueue {
         seq: u32,
         body: &[u8],
         mode: Mode,
-        by: Option<CallDeadline>,
+        by: Option<Option<CallDeadline>>,
         before_room_wait: &mut dyn FnMut(),
     ) -> Result<()> {
         // One deadline for every wait of this call (room, then the
         // write): the call's own, or the send timeout from the first wait.
-        let mut deadline = by.map(Some);
+        let mut deadline = by;
         let mut g = lock(&self.state);
         let frame = frame_len(body.len());
         match mode {

@@ -346,3 +346,64 @@ fn one_connection_client(addr: std::net::SocketAddr, request_timeout: Duration) 
     client.send(b"dial").unwrap();
     Arc::new(client)
 }
+
+/// A request with no timeout (`request_timeout(None)`) that must wait for
+/// room in a full queue waits as long as it takes, as documented: not the
+/// send timeout, which bounds sends only.
+#[test]
+fn a_request_without_a_timeout_waits_for_room_past_the_send_timeout() {
+    common::within(30, || {
+        let stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let first = stalled.clone();
+        let server = monte_rpc::Server::bind(
+            "127.0.0.1:0",
+            common::server_config()
+                .workers(1)
+                .recv_buffer_size(Some(16 << 10)),
+            move |ctx: &mut monte_rpc::Context<'_>| {
+                // The first message stalls the one reactor: nothing is
+                // read meanwhile, and the client's queue fills.
+                if !first.swap(true, Ordering::SeqCst) {
+                    thread::sleep(Duration::from_millis(600));
+                }
+                if ctx.seq() != 0 {
+                    let _ = ctx.reply(b"room at last");
+                }
+            },
+        )
+        .unwrap();
+        let client = Client::new(
+            server.local_addr(),
+            common::client_config()
+                .max_conns(1)
+                .max_queued_bytes(64 << 10)
+                .send_buffer_size(Some(16 << 10))
+                .send_timeout(Some(Duration::from_millis(100))),
+        )
+        .unwrap();
+        client.send(b"stall").unwrap();
+        assert!(common::wait_until(Duration::from_secs(2), || stalled.load(Ordering::SeqCst)));
+        // Fill the kernel's buffers and the queue, to less than 1 KiB of
+        // room: the last send of each size waits out its send timeout.
+        for size in [32 << 10, 1 << 10] {
+            let chunk = vec![0u8; size];
+            let mut full = false;
+            for _ in 0..200 {
+                if client.send_no_wait(&chunk).is_err() {
+                    full = true;
+                    break;
+                }
+            }
+            assert!(full, "the queue never filled with {size}-byte messages");
+        }
+        let started = Instant::now();
+        let mut response = Vec::new();
+        client
+            .request_timeout(&[7u8; 2048], &mut response, None)
+            .expect("a request without a timeout, once the server reads again");
+        assert_eq!(response, b"room at last");
+        assert!(started.elapsed() > Duration::from_millis(150));
+        client.shutdown();
+        server.shutdown();
+    });
+}
