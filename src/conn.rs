@@ -247,6 +247,13 @@ impl Connection {
         self.shared.taken_at.store(now, Ordering::Relaxed);
     }
 
+    /// Since when the connection has been quiet while in use: its last
+    /// bytes from the peer, or its last taking while idle if later (time
+    /// spent idle is no silence) ([`now_nanos`]).
+    pub(crate) fn quiet_since(&self) -> u64 {
+        self.last_read().max(self.taken_at())
+    }
+
     /// Whether nothing has arrived from the peer since `since`
     /// ([`now_nanos`]).
     pub(crate) fn silent_since(&self, since: u64) -> bool {

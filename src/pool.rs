@@ -423,7 +423,7 @@ impl Pool {
             let view = |c: &Connection| ShareView {
                 load: c.load(),
                 answer_time: c.answer_time(),
-                quiet_for: now.saturating_sub(c.last_read().max(c.taken_at())),
+                quiet_for: now.saturating_sub(c.quiet_since()),
             };
             // The least loaded of the first `spread` that may be shared,
             // else of the rest: connections dialled past `spread` (while
@@ -461,9 +461,7 @@ impl Pool {
         if !conn.silent_since(sent_at) {
             return;
         }
-        // Silent since it was last taken idle, if later than its last
-        // bytes: time it spent idle is no silence.
-        let quiet_since = conn.last_read().max(conn.taken_at());
+        let quiet_since = conn.quiet_since();
         let long_silent = self.config.request_timeout.is_some_and(|t| {
             let t = u64::try_from(t.as_nanos()).unwrap_or(u64::MAX);
             quiet_since < now_nanos().saturating_sub(t)
