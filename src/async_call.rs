@@ -352,9 +352,7 @@ impl Future for RequestFuture<'_> {
             }
             Err((e, buf)) => {
                 *this.response = buf;
-                if matches!(e, Error::Timeout(TimeoutKind::Request)) {
-                    Counters::inc(&this.conn.driver().stats().requests_timed_out);
-                }
+                this.conn.driver().stats().count_request_failure(&e);
                 Err(e.calling(CallOp::Request, this.conn.peer_addr()))
             }
         })

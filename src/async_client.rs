@@ -190,13 +190,22 @@ impl<'a> ClientFuture<'a> {
                         Call::Request(_) => CallKind::Request,
                         Call::Send => CallKind::Send,
                     };
+                    // Ran out of time waiting for a connection (once it
+                    // has one, its `RequestFuture` counts).
+                    let failed = |e: Error| {
+                        if let Call::Request(_) = call {
+                            self.timers.driver().stats().count_request_failure(&e);
+                        }
+                        Poll::Ready(Err(e))
+                    };
                     let conn = match pool.poll_pick(since, &mut self.wait, cx, kind) {
-                        Poll::Ready(conn) => conn?,
+                        Poll::Ready(Ok(conn)) => conn,
+                        Poll::Ready(Err(e)) => return failed(e),
                         Poll::Pending if self.deadline.passed() => {
                             let kind = self.deadline_kind();
-                            return Poll::Ready(Err(
-                                Error::Timeout(kind).dialling(pool.addr, DialPhase::Queued)
-                            ));
+                            return failed(
+                                Error::Timeout(kind).dialling(pool.addr, DialPhase::Queued),
+                            );
                         }
                         Poll::Pending => {
                             self.deadline.arm(self.timers.driver(), cx);
@@ -207,7 +216,7 @@ impl<'a> ClientFuture<'a> {
                     self.deadline.disarm(self.timers.driver());
                     let left = self.deadline.left();
                     if left.is_some_and(|left| left.is_zero()) {
-                        return Poll::Ready(Err(Error::Timeout(self.deadline_kind())));
+                        return failed(Error::Timeout(self.deadline_kind()));
                     }
                     self.stage = match call {
                         Call::Request(response) => Stage::Request(

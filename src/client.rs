@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::clock::{nanos_at, no_time_left, CallDeadline, LazyDeadline};
 use crate::config::Config;
+use crate::conn::Connection;
 use crate::error::{CallOp, Error, Result, TimeoutKind};
 use crate::handler::{Handler, NoHandler};
 use crate::pool::{CallKind, Pool};
@@ -236,27 +237,18 @@ impl Client {
         timeout: Option<Duration>,
     ) -> Result<()> {
         let _call = self.pool.signal.enter().ok_or(Error::Closed)?;
-        if no_time_left(timeout) {
-            return Err(Error::Timeout(TimeoutKind::Request));
-        }
-        // One clock reading for the deadline and the connection's
-        // timestamps, unless the call has to wait for a connection.
-        let start = Instant::now();
-        let mut sent_at = nanos_at(start);
-        // The deadline covers finding a connection too (which may dial).
-        let deadline = CallDeadline::after_from(start, timeout, TimeoutKind::Request);
-        let conn = match self.pool.choose_for(CallKind::Request, Some(sent_at)) {
-            Some(conn) => conn,
-            None => {
-                let conn = self
-                    .pool
-                    .pick_after_choosing(&mut LazyDeadline::Read(deadline), CallKind::Request)?;
-                let now = Instant::now();
-                if deadline.is_some_and(|d| now >= d.at) {
-                    return Err(Error::Timeout(TimeoutKind::Request));
-                }
-                sent_at = nanos_at(now);
-                conn
+        // The connection counts the time that runs out once it has the
+        // request; this counts the time that ran out before.
+        let (conn, deadline, sent_at) = match self.connection_for_request(timeout) {
+            Ok(found) => found,
+            Err(e) => {
+                self.pool
+                    .workers
+                    .pick()
+                    .driver()
+                    .stats()
+                    .count_request_failure(&e);
+                return Err(e);
             }
         };
         let result = conn.request_until(body, response, deadline.map(|d| d.at));
@@ -267,6 +259,36 @@ impl Client {
             self.pool.drop_if_silent(&conn, sent_at);
         }
         result
+    }
+
+    /// The connection a request goes out on, with the request's deadline
+    /// (which covers finding the connection, a dial included) and when the
+    /// request leaves, as a connection's timestamp.
+    fn connection_for_request(
+        &self,
+        timeout: Option<Duration>,
+    ) -> Result<(Connection, Option<CallDeadline>, u64)> {
+        if no_time_left(timeout) {
+            return Err(Error::Timeout(TimeoutKind::Request));
+        }
+        // One clock reading for the deadline and the connection's
+        // timestamps, unless the call has to wait for a connection.
+        let start = Instant::now();
+        let deadline = CallDeadline::after_from(start, timeout, TimeoutKind::Request);
+        if let Some(conn) = self
+            .pool
+            .choose_for(CallKind::Request, Some(nanos_at(start)))
+        {
+            return Ok((conn, deadline, nanos_at(start)));
+        }
+        let conn = self
+            .pool
+            .pick_after_choosing(&mut LazyDeadline::Read(deadline), CallKind::Request)?;
+        let now = Instant::now();
+        if deadline.is_some_and(|d| now >= d.at) {
+            return Err(Error::Timeout(TimeoutKind::Request));
+        }
+        Ok((conn, deadline, nanos_at(now)))
     }
 
     /// How long a send may wait: its send timeout, over the dial, the

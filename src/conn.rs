@@ -398,13 +398,14 @@ impl Connection {
                 }
                 Err((e, buf)) => {
                     *response = buf;
-                    if matches!(e, Error::Timeout(TimeoutKind::Request)) {
-                        Counters::inc(&stats.requests_timed_out);
-                    }
                     Err(e)
                 }
             },
         };
+        // Timed out waiting for room as well as for the response.
+        if let Err(e) = &result {
+            stats.count_request_failure(e);
+        }
         drop(reads);
         drop(in_flight);
         result

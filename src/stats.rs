@@ -141,7 +141,9 @@ counters! {
     responses_dropped,
     /// Requests awaiting their response now.
     requests_in_flight,
-    /// Requests that ran out of time.
+    /// Requests that ran out of their own time (blocking or async): while
+    /// waiting for a connection (a dial included), for room in the
+    /// queue, or for the response.
     requests_timed_out,
     /// Times a connection's reading and dispatch paused because its queued
     /// output passed `max_queued_bytes` (a peer not reading its replies).
@@ -202,6 +204,17 @@ impl Counters {
     pub(crate) fn uncount_open(&self) {
         Self::dec(&self.connections_open);
         Self::dec(&self.connections_opened);
+    }
+
+    /// Counts a request that failed with `error` if its own deadline is
+    /// what ended it (bare, or as the cause of a dial's failure). Each
+    /// layer counts only where the time ran out under it: a connection's
+    /// request while it waited for room or for its response, a client's
+    /// while it waited for a connection (its dial included).
+    pub(crate) fn count_request_failure(&self, error: &Error) {
+        if matches!(error.root_cause(), Error::Timeout(TimeoutKind::Request)) {
+            Self::inc(&self.requests_timed_out);
+        }
     }
 
     /// Counts a closed connection by its reason, and a rejected frame if

@@ -322,3 +322,115 @@ fn sweeps_are_not_counted_as_wakeups() {
         "an idle client's reactor counted {woken} wake-ups in 300 ms"
     );
 }
+
+/// The root cause of a call's result, for matching.
+fn root<T>(result: &Result<T, Error>) -> Option<&Error> {
+    result.as_ref().err().map(Error::root_cause)
+}
+
+/// `requests_timed_out` counts every request that ran out of time, once,
+/// wherever its time ran out, blocking or async alike: while it waited for
+/// room in its connection's full queue, and while it waited for the dial
+/// of a connection to an endpoint that never finishes its handshake.
+#[test]
+fn every_request_that_runs_out_of_time_is_counted_once() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let stalled = Arc::new(AtomicBool::new(false));
+    let first = stalled.clone();
+    let server = Server::bind(
+        "127.0.0.1:0",
+        Config::server().workers(1).recv_buffer_size(Some(16 << 10)),
+        move |_: &mut Context<'_>| {
+            // The first message stalls the one reactor: nothing is read
+            // meanwhile, and the client's queue fills.
+            if !first.swap(true, Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(1500));
+            }
+        },
+    )
+    .unwrap();
+    let client = Client::new(
+        server.local_addr(),
+        Config::default()
+            .max_conns(1)
+            .max_queued_bytes(64 << 10)
+            .send_buffer_size(Some(16 << 10))
+            .send_timeout(Some(Duration::from_millis(50)))
+            .request_timeout(Some(Duration::from_millis(100))),
+    )
+    .unwrap();
+    client.send(b"stall").unwrap();
+    eventually("the server to stall", || stalled.load(Ordering::SeqCst));
+    // Fill the kernel's buffers and the queue, to less than 1 KiB of room.
+    for size in [32 << 10, 1 << 10] {
+        let chunk = vec![0u8; size];
+        assert!(
+            (0..400).any(|_| client.send_no_wait(&chunk).is_err()),
+            "the queue never filled with {size}-byte messages"
+        );
+    }
+    let before = client.stats().requests_timed_out;
+    let mut resp = Vec::new();
+    let blocking = client.request(&[7u8; 2048], &mut resp);
+    assert!(
+        matches!(root(&blocking), Some(Error::Timeout(TimeoutKind::Request))),
+        "{blocking:?}"
+    );
+    assert_eq!(
+        client.stats().requests_timed_out - before,
+        1,
+        "a blocking request that timed out waiting for room"
+    );
+    let asynchronous = futures::executor::block_on(client.request_async(&[7u8; 2048], &mut resp));
+    assert!(
+        matches!(
+            root(&asynchronous),
+            Some(Error::Timeout(TimeoutKind::Request))
+        ),
+        "{asynchronous:?}"
+    );
+    assert_eq!(
+        client.stats().requests_timed_out - before,
+        2,
+        "an async request that timed out waiting for room"
+    );
+    client.shutdown();
+    server.shutdown();
+
+    // An endpoint that accepts and never answers the handshake.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let client = Client::new(
+        silent.local_addr().unwrap(),
+        Config::default()
+            .max_conns(1)
+            .handshake_timeout(Some(Duration::from_secs(5)))
+            .request_timeout(Some(Duration::from_millis(100))),
+    )
+    .unwrap();
+    let blocking = client.request(b"hello", &mut resp);
+    assert!(
+        matches!(root(&blocking), Some(Error::Timeout(TimeoutKind::Request))),
+        "{blocking:?}"
+    );
+    assert_eq!(
+        client.stats().requests_timed_out,
+        1,
+        "a blocking request that timed out in its dial"
+    );
+    let asynchronous = futures::executor::block_on(client.request_async(b"hello", &mut resp));
+    assert!(
+        matches!(
+            root(&asynchronous),
+            Some(Error::Timeout(TimeoutKind::Request))
+        ),
+        "{asynchronous:?}"
+    );
+    assert_eq!(
+        client.stats().requests_timed_out,
+        2,
+        "an async request that timed out waiting for a dial"
+    );
+    client.shutdown();
+}
