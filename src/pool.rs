@@ -126,8 +126,8 @@ pub(crate) struct DialWait(Option<usize>);
 struct DialState {
     /// The last dial, if it failed.
     failed: Option<FailedDial>,
-    /// Dials failed in a row, 0 after one that succeeds: each doubles the
-    /// backoff.
+    /// Dials failed in a row (not counting those cut short by their
+    /// calls), 0 after one that succeeds: each doubles the backoff.
     failures: u32,
 }
 
@@ -202,10 +202,15 @@ impl FailedDial {
 impl DialState {
     /// Records a failed dial and starts the backoff after it:
     /// `config.dial_backoff`, doubled for each earlier failure in a row, at
-    /// most `config.dial_backoff_max`.
+    /// most `config.dial_backoff_max`. A dial cut short by its call's
+    /// deadline is not counted in that row: the endpoint was only slower
+    /// than that call allowed, and a string of impatient calls must not
+    /// make a later real failure hold back every call for longer.
     fn failed(&mut self, error: Error, config: &Config, cut_short_after: Option<Duration>) {
-        self.failures = self.failures.saturating_add(1);
-        let doublings = (self.failures - 1).min(30);
+        if cut_short_after.is_none() {
+            self.failures = self.failures.saturating_add(1);
+        }
+        let doublings = self.failures.saturating_sub(1).min(30);
         let backoff = config
             .dial_backoff
             .saturating_mul(1 << doublings)

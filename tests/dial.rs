@@ -386,16 +386,20 @@ fn calls_after_a_refused_dial_cost_less_than_one_dial() {
     });
 }
 
-/// An endpoint that serves or hangs up, as the test says.
+/// An endpoint that serves, holds without a word, or hangs up, as the
+/// test says.
 struct Switchboard {
     addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
     serve: Arc<AtomicBool>,
+    mute: Arc<AtomicBool>,
     reactor: ReactorHandle,
 }
 
 /// A listener that counts the connections it accepts and, while `serve`
-/// is set, hands them to a reactor that answers requests (else hangs up).
+/// is set, hands them to a reactor that answers requests; else, while
+/// `mute` is set, holds them without a word (the handshake stalls); else
+/// hangs up.
 fn switchboard() -> Switchboard {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -404,16 +408,25 @@ fn switchboard() -> Switchboard {
     thread::spawn(move || reactor.run());
     let accepted = Arc::new(AtomicUsize::new(0));
     let serve = Arc::new(AtomicBool::new(false));
-    let (count, serving, to) = (accepted.clone(), serve.clone(), handle.clone());
+    let mute = Arc::new(AtomicBool::new(false));
+    let (count, serving, muted, to) = (
+        accepted.clone(),
+        serve.clone(),
+        mute.clone(),
+        handle.clone(),
+    );
     thread::spawn(move || {
         let answer: Arc<dyn Handler> = Arc::new(handler(|ctx| {
             let _ = ctx.reply(b"pong");
         }));
+        let mut held = Vec::new();
         for stream in listener.incoming() {
             let Ok(stream) = stream else { return };
             count.fetch_add(1, Ordering::SeqCst);
             if serving.load(Ordering::SeqCst) {
                 let _ = to.accept(stream, answer.clone());
+            } else if muted.load(Ordering::SeqCst) {
+                held.push(stream);
             }
         }
     });
@@ -421,6 +434,7 @@ fn switchboard() -> Switchboard {
         addr,
         accepted,
         serve,
+        mute,
         reactor: handle,
     }
 }
@@ -465,6 +479,58 @@ fn the_backoff_doubles_and_starts_afresh_after_a_dial_that_succeeds() {
         thread::sleep(Duration::from_millis(350));
         assert!(request().is_err());
         assert_eq!(dials(), 5, "the backoff did not start afresh");
+    });
+}
+
+/// Dials that calls cut short (the endpoint too slow for their deadlines)
+/// are no failures of the endpoint's own: they must not double the
+/// backoff that a later real failure starts, or a client that met a slow
+/// endpoint would, once it fails for real, hold back every call for as
+/// many doublings as it had slow calls.
+#[test]
+fn dials_cut_short_by_their_calls_do_not_double_the_backoff() {
+    let board = switchboard();
+    let config = config()
+        .dial_attempts(1)
+        .dial_backoff(Duration::from_millis(400))
+        .dial_backoff_max(Duration::from_secs(10));
+    let client = Client::new(board.addr, config).unwrap();
+    within(20, move || {
+        let dials = || board.accepted.load(Ordering::SeqCst);
+        let request = |timeout: u64| {
+            client.request_timeout(
+                b"ping",
+                &mut Vec::new(),
+                Some(Duration::from_millis(timeout)),
+            )
+        };
+        // Two dials the calls' deadlines end while the handshake stalls
+        // (the second call has more than twice the first's time: not held
+        // back by it).
+        board.mute.store(true, Ordering::SeqCst);
+        for (timeout, dialled) in [(50, 1), (300, 2)] {
+            let e = request(timeout).unwrap_err();
+            assert!(
+                matches!(e.root_cause(), Error::Timeout(TimeoutKind::Request)),
+                "{e:?}"
+            );
+            assert_eq!(dials(), dialled);
+        }
+        // A real failure: the endpoint hangs up. Its backoff is the first
+        // one, 400 ms.
+        board.mute.store(false, Ordering::SeqCst);
+        let e = request(3000).unwrap_err();
+        assert!(
+            !matches!(e.root_cause(), Error::Timeout(_)),
+            "the endpoint hung up: {e:?}"
+        );
+        assert_eq!(dials(), 3);
+        // Past 400 ms (and well within 1.6 s, the backoff after three
+        // failures in a row), with the endpoint serving: the call dials.
+        board.serve.store(true, Ordering::SeqCst);
+        thread::sleep(Duration::from_millis(600));
+        request(3000).expect("a call past the backoff of one failure");
+        assert_eq!(dials(), 4);
     });
 }
 
