@@ -46,7 +46,11 @@ pub trait Handler: Send + Sync + 'static {
     /// a [`Context::reply`] (now, or later through the connection handle).
     fn on_message(&self, ctx: &mut Context<'_>);
 
-    /// A connection finished its handshake and is open.
+    /// A connection finished its handshake and is open. It runs before
+    /// anything else may use the connection: on a server, on the
+    /// connection's reactor; on a client, on the thread that dialled it
+    /// (the calling thread, or the pool's dial thread for an async call),
+    /// where calls on that client use this connection.
     fn on_open(&self, conn: &Connection) {
         let _ = conn;
     }

@@ -99,6 +99,7 @@ mod dial;
 mod error;
 mod events;
 mod handler;
+mod opening;
 mod outbound;
 mod pool;
 pub mod protocol;

@@ -18,9 +18,10 @@ use slab::Slab;
 
 use crate::clock::{now_nanos, CallDeadline, LazyDeadline};
 use crate::config::Config;
-use crate::conn::Connection;
+use crate::conn::{Connection, Driver};
 use crate::error::{DialPhase, Error, Result, TimeoutKind};
 use crate::handler::Handler;
+use crate::opening::opening_on_this_thread;
 use crate::sync::signal::ShutdownSignal;
 use crate::sync::wake::wake;
 use crate::sync::{lock, read, write, Mutex, MutexGuard, RwLock};
@@ -279,6 +280,9 @@ impl Pool {
         deadline: &mut LazyDeadline,
         kind: CallKind,
     ) -> Result<Connection> {
+        if let Some(conn) = self.opening_here() {
+            return Ok(conn);
+        }
         // All busy (or none) and room for more. One caller dials at a time;
         // the others use the least loaded connection meanwhile, or wait for
         // the dial if there is none.
@@ -365,6 +369,19 @@ impl Pool {
         // lock free (`DialTurn`'s drop).
         drop(dialling);
         result
+    }
+
+    /// The connection this thread is dialling for this pool, if the call
+    /// comes from its `on_open` (see [`crate::opening`]): not in the pool
+    /// yet, and the pool's dial is this very thread's.
+    fn opening_here(&self) -> Option<Connection> {
+        opening_on_this_thread(|conn| {
+            let theirs = (conn.driver() as *const dyn Driver).cast::<()>();
+            self.workers
+                .handles()
+                .iter()
+                .any(|h| (h.driver() as *const dyn Driver).cast::<()>() == theirs)
+        })
     }
 
     /// Waits for the dial another caller is making: polls (the wait is
@@ -489,7 +506,7 @@ impl Pool {
         cx: &mut Context<'_>,
         kind: CallKind,
     ) -> Poll<Result<Connection>> {
-        if let Some(conn) = self.choose_for(kind, None) {
+        if let Some(conn) = self.choose_for(kind, None).or_else(|| self.opening_here()) {
             self.forget(wait);
             return Poll::Ready(Ok(conn));
         }

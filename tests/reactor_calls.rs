@@ -227,3 +227,95 @@ fn replies_to_requests_read_at_a_resume_are_written_at_once() {
         server.shutdown();
     });
 }
+
+/// What the calls made from `on_open` gave.
+type Answers = Arc<Mutex<Vec<Result<Vec<u8>, Error>>>>;
+
+/// A client whose handler's `on_open` calls that very client: the
+/// connection being opened.
+struct CallsItsClient {
+    client: Arc<std::sync::OnceLock<std::sync::Weak<Client>>>,
+    answers: Answers,
+}
+
+impl monte_rpc::Handler for CallsItsClient {
+    fn on_message(&self, _: &mut Context<'_>) {}
+
+    fn on_open(&self, conn: &monte_rpc::Connection) {
+        let client = self.client.get().and_then(|c| c.upgrade()).unwrap();
+        let mut resp = Vec::new();
+        let by_client = client.request(b"from on_open", &mut resp).map(|_| resp);
+        let mut resp = Vec::new();
+        let by_conn = conn.request(b"on its connection", &mut resp).map(|_| resp);
+        self.answers.lock().unwrap().extend([by_client, by_conn]);
+    }
+}
+
+/// `on_open` runs on the thread that dialled, before the connection joins
+/// the pool (so that nothing else uses it first). A call on the client
+/// from there found no connection and waited for the dial in progress,
+/// its own, until its deadline: it must use the connection being opened.
+#[test]
+fn a_client_call_from_on_open_uses_the_connection_being_opened() {
+    within(30, || {
+        let server = Server::bind(
+            "127.0.0.1:0",
+            Config::server().workers(1),
+            |ctx: &mut Context<'_>| {
+                let mut reversed = ctx.body().to_vec();
+                reversed.reverse();
+                let _ = ctx.reply(&reversed);
+            },
+        )
+        .unwrap();
+        // The first call blocking (its thread dials), then async (the
+        // pool's dial thread dials).
+        for blocking in [true, false] {
+            let slot = Arc::new(std::sync::OnceLock::new());
+            let answers = Arc::new(Mutex::new(Vec::new()));
+            let handler = CallsItsClient {
+                client: slot.clone(),
+                answers: answers.clone(),
+            };
+            let client = Arc::new(
+                Client::with_handler(
+                    server.local_addr(),
+                    Config::default()
+                        .max_conns(1)
+                        .request_timeout(Some(Duration::from_secs(3))),
+                    handler,
+                )
+                .unwrap(),
+            );
+            slot.set(Arc::downgrade(&client)).unwrap();
+            let start = std::time::Instant::now();
+            let mut resp = Vec::new();
+            if blocking {
+                client.request(b"first", &mut resp).unwrap();
+            } else {
+                futures::executor::block_on(client.request_async(b"first", &mut resp)).unwrap();
+            }
+            let took = start.elapsed();
+            assert_eq!(resp, b"tsrif");
+            let answers = std::mem::take(&mut *answers.lock().unwrap());
+            assert_eq!(answers.len(), 2);
+            assert_eq!(
+                answers[0].as_ref().map_err(Error::to_string),
+                Ok(&b"nepo_no morf".to_vec()),
+                "the client's request from on_open"
+            );
+            assert_eq!(
+                answers[1].as_ref().map_err(Error::to_string),
+                Ok(&b"noitcennoc sti no".to_vec()),
+                "the connection's request from on_open"
+            );
+            assert!(
+                took < Duration::from_secs(1),
+                "the first call took {took:?}"
+            );
+            assert_eq!(client.connections(), 1);
+            client.shutdown();
+        }
+        server.shutdown();
+    });
+}

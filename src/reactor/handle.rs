@@ -296,7 +296,12 @@ impl ReactorHandle {
         crate::events::opened(conn.id(), Role::Client, Some(addr));
         // Before the reactor has it: once it does, it may dispatch the
         // peer's first messages, and on_open must come first.
-        if let Err(e) = guard_handler(|| handler.on_open(&conn)) {
+        let opened = {
+            // A call on the client from `on_open` uses this connection.
+            let _opening = crate::opening::Opening::enter(&conn);
+            guard_handler(|| handler.on_open(&conn))
+        };
+        if let Err(e) = opened {
             conn.finish_close(&e);
             return Err(e);
         }
