@@ -15,11 +15,18 @@
 #   SPLIT_PEER=0  --no-split-peer leave out the peer whose server has its
 #                                own runtime (the "split" columns)
 #   NO_BUILD=1    --no-build     use the binaries already built
+#   GO_MONTE=BIN  --go BIN       also run the Go library's six benchmarks
+#                                from BIN, a test binary of lithdew/monte
+#                                (`go test -c -o BIN` in a checkout of it):
+#                                the "Go" columns; not built here
 #
 # Each round runs every benchmark as its own process, ours then the peer's
-# (then the split peer's), benchmark by benchmark (our bench's --bench
-# takes one name), so all sides of a row ran back to back under the same
-# background load.
+# (then the split peer's, then Go's), benchmark by benchmark (our bench's
+# --bench takes one name), so all sides of a row ran back to back under
+# the same background load. Go's benchmarks run a fixed number of
+# iterations, calibrated once per configuration to about SECS seconds, so
+# that the process's CPU time (from /usr/bin/time) over them is its CPU
+# per op; Go has no async scenarios.
 #
 # The peer runs its client and server tasks on one tokio runtime, where a
 # request and its response can be handled on one worker thread without a
@@ -37,9 +44,10 @@ CONFIGS=${CONFIGS:-"all cpu0"}
 BASELINES=${BASELINES:-1}
 SPLIT_PEER=${SPLIT_PEER:-1}
 NO_BUILD=${NO_BUILD:-0}
+GO_MONTE=${GO_MONTE:-}
 
 usage() {
-  sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//'
   exit "${1:-2}"
 }
 
@@ -51,6 +59,7 @@ while [ $# -gt 0 ]; do
     --no-baselines) BASELINES=0; shift ;;
     --no-split-peer) SPLIT_PEER=0; shift ;;
     --no-build) NO_BUILD=1; shift ;;
+    --go) GO_MONTE=$2; shift 2 ;;
     -h | --help) usage 0 ;;
     *) echo "compare.sh: unknown argument $1" >&2; usage ;;
   esac
@@ -89,6 +98,11 @@ fi
 for bin in "$ours" "$peer"; do
   [ -x "$bin" ] || { echo "compare.sh: $bin is missing (build it, or drop --no-build)" >&2; exit 1; }
 done
+GO_BENCHES="Send SendNoWait Request ParallelSend ParallelSendNoWait ParallelRequest"
+if [ -n "$GO_MONTE" ]; then
+  [ -x "$GO_MONTE" ] || { echo "compare.sh: GO_MONTE=$GO_MONTE is not an executable" >&2; exit 2; }
+  [ -x /usr/bin/time ] || { echo "compare.sh: the Go columns need GNU time (/usr/bin/time)" >&2; exit 2; }
+fi
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/compare.XXXXXX")
 results=$work/results.tsv
@@ -103,30 +117,45 @@ notes=$work/notes.txt
 run() {
   local cfg=$1 impl=$2 name=$3 round=$4 bin pin="" out=$work/out
   local -a extra=()
-  case "$impl" in
-    ours) bin=$ours ;;
-    peer) bin=$peer ;;
-    split) bin=$peer; extra=(--server-runtime own) ;;
-  esac
+  local -a cmd
   [ "$cfg" = cpu0 ] && pin="taskset -c 0"
+  case "$impl" in
+    ours) cmd=("$ours" --secs "$SECS" --bench "$name") ;;
+    peer) cmd=("$peer" --secs "$SECS" --bench "$name") ;;
+    split) cmd=("$peer" --secs "$SECS" --bench "$name" --server-runtime own) ;;
+    go)
+      cmd=(/usr/bin/time -f "%U %S" -o "$work/go.time"
+        "$GO_MONTE" -test.run '^$' -test.bench "^Benchmark$name\$"
+        -test.benchtime "${go_iterations[$cfg.$name]}x")
+      ;;
+  esac
   echo "== $cfg round $round: $impl $name" >>"$log"
-  if ! $pin "$bin" --secs "$SECS" --bench "$name" ${extra[@]+"${extra[@]}"} >"$out" 2>>"$log"; then
+  if ! $pin "${cmd[@]}" >"$out" 2>>"$log"; then
     echo "compare.sh: $impl $name ($cfg) failed; its output:" >&2
     cat "$out" >&2
     tail -n 20 "$log" >&2
     exit 1
   fi
-  awk -F'\t' -v cfg="$cfg" -v impl="$impl" -v name="$name" -v round="$round" '
+  local go_cpu=""
+  [ "$impl" = go ] && go_cpu=$(cat "$work/go.time")
+  # Go names a benchmark without "-N" when GOMAXPROCS is 1, and reports no
+  # CPU: its process's user + sys time over iterations + 1 (its first
+  # run of one iteration, which dials).
+  awk -F'\t' -v cfg="$cfg" -v impl="$impl" -v name="$name" -v round="$round" -v go_cpu="$go_cpu" '
     {
       label = $1
       sub(/[ \t]+$/, "", label)
-      if (label !~ ("^Benchmark" name "-[0-9]+$")) next
-      cores = label
-      sub(/^.*-/, "", cores)
+      if (label !~ ("^Benchmark" name "(-[0-9]+)?$")) next
+      cores = 1
+      if (label ~ /-[0-9]+$/) { cores = label; sub(/^.*-/, "", cores) }
       ns = ""; cpu = "n/a"
       for (i = 2; i <= NF; i++) {
         if ($i ~ / ns\/op$/) ns = $i + 0
         else if ($i ~ / ns-cpu\/op$/) cpu = $i + 0
+      }
+      if (go_cpu != "" && NF >= 2) {
+        split(go_cpu, t, " ")
+        cpu = (t[1] + t[2]) * 1e9 / ($2 + 1)
       }
       if (ns != "") { print cfg "\t" impl "\t" name "\t" round "\t" cores "\t" ns "\t" cpu; found = 1 }
     }
@@ -141,13 +170,33 @@ run() {
   grep '^# Raw' "$out" | sed "s/^# /$cfg, round $round: /" >>"$notes" || true
 }
 
+# calibrate_go CONFIG: Go's iteration count per benchmark, for about SECS
+# seconds each (from a run of a quarter of that).
+declare -A go_iterations
+calibrate_go() {
+  local cfg=$1 pin="" name ns
+  [ "$cfg" = cpu0 ] && pin="taskset -c 0"
+  echo "==> $cfg: calibrating Go's iteration counts" >&2
+  for name in $GO_BENCHES; do
+    ns=$($pin "$GO_MONTE" -test.run '^$' -test.bench "^Benchmark$name\$" \
+      -test.benchtime "$(awk -v s="$SECS" 'BEGIN { printf "%.3fs", s / 4 }')" 2>>"$log" |
+      awk -F'\t' '$1 ~ /^Benchmark/ { for (i = 2; i <= NF; i++) if ($i ~ / ns\/op$/) print $i + 0 }')
+    [ -n "$ns" ] || { echo "compare.sh: Go's Benchmark$name gave no result (see $log)" >&2; exit 1; }
+    go_iterations[$cfg.$name]=$(awk -v s="$SECS" -v ns="$ns" 'BEGIN { n = int(s * 1e9 / ns); print (n < 100) ? 100 : n }')
+  done
+}
+
 for cfg in $CONFIGS; do
+  [ -n "$GO_MONTE" ] && calibrate_go "$cfg"
   for round in $(seq 1 "$ROUNDS"); do
     echo "==> $cfg: round $round of $ROUNDS (${SECS}s per benchmark)" >&2
     for name in $BENCHES; do
       run "$cfg" ours "$name" "$round"
       run "$cfg" peer "$name" "$round"
       [ "$SPLIT_PEER" = 1 ] && run "$cfg" split "$name" "$round"
+      if [ -n "$GO_MONTE" ] && [[ " $GO_BENCHES " == *" $name "* ]]; then
+        run "$cfg" go "$name" "$round"
+      fi
     done
     for name in $REFS; do
       run "$cfg" ours "$name" "$round"
@@ -156,7 +205,10 @@ for cfg in $CONFIGS; do
 done
 
 echo
-awk -F'\t' -v configs="$CONFIGS" -v benches="$BENCHES $REFS" -v rounds="$ROUNDS" -v secs="$SECS" -v with_split="$SPLIT_PEER" '
+others="peer"
+[ "$SPLIT_PEER" = 1 ] && others="$others split"
+[ -n "$GO_MONTE" ] && others="$others go"
+awk -F'\t' -v configs="$CONFIGS" -v benches="$BENCHES $REFS" -v rounds="$ROUNDS" -v secs="$SECS" -v others="$others" '
   # The median of column `col` (6: ns/op, 7: ns-cpu/op) over the rounds
   # of `key`; "n/a" if any round lacks it, "" if there are none.
   function median(key, col,    n, i, j, v, a) {
@@ -184,45 +236,46 @@ awk -F'\t' -v configs="$CONFIGS" -v benches="$BENCHES $REFS" -v rounds="$ROUNDS"
     n = ++count[key]
     vals[key, 6, n] = $6
     vals[key, 7, n] = $7
-    cores[$1] = $5
+    if ($2 == "ours") cores[$1] = $5
   }
   END {
     nc = split(configs, cfgs, " ")
     nb = split(benches, names, " ")
+    no = split(others, impl, " ")
     for (c = 1; c <= nc; c++) {
       cfg = cfgs[c]
       title = (cfg == "all") ? "all cores" : "taskset -c 0"
       printf "### %s (%s cores seen by the benchmarks; medians of %s round(s) of %s s)\n\n", title, cores[cfg], rounds, secs
-      if (with_split) {
-        print "| benchmark | ours ns/op | peer ns/op | peer/ours | split ns/op | split/ours | ours ns-cpu/op | peer ns-cpu/op | split ns-cpu/op |"
-        print "|---|--:|--:|--:|--:|--:|--:|--:|--:|"
-      } else {
-        print "| benchmark | ours ns/op | peer ns/op | peer/ours | ours ns-cpu/op | peer ns-cpu/op |"
-        print "|---|--:|--:|--:|--:|--:|"
+      head = "| benchmark | ours ns/op |"; rule = "|---|--:|"
+      for (o = 1; o <= no; o++) {
+        head = head " " impl[o] " ns/op | " impl[o] "/ours |"; rule = rule "--:|--:|"
       }
+      head = head " ours ns-cpu/op |"; rule = rule "--:|"
+      for (o = 1; o <= no; o++) { head = head " " impl[o] " ns-cpu/op |"; rule = rule "--:|" }
+      print head
+      print rule
       for (b = 1; b <= nb; b++) {
         name = names[b]
         ko = cfg SUBSEP "ours" SUBSEP name
-        kp = cfg SUBSEP "peer" SUBSEP name
-        ours_ns = median(ko, 6); peer_ns = median(kp, 6)
-        ratio = "-"
-        if (ours_ns != "" && peer_ns != "" && ours_ns > 0) ratio = sprintf("%.2f", peer_ns / ours_ns)
-        label = (count[kp] == 0) ? name " (ours, baseline)" : name
-        if (with_split) {
-          ks = cfg SUBSEP "split" SUBSEP name
-          split_ns = median(ks, 6)
-          split_ratio = "-"
-          if (ours_ns != "" && split_ns != "" && ours_ns > 0) split_ratio = sprintf("%.2f", split_ns / ours_ns)
-          printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", label, fmt(ours_ns), fmt(peer_ns), ratio, fmt(split_ns), split_ratio, fmt(median(ko, 7)), fmt(median(kp, 7)), fmt(median(ks, 7))
-        } else {
-          printf "| %s | %s | %s | %s | %s | %s |\n", label, fmt(ours_ns), fmt(peer_ns), ratio, fmt(median(ko, 7)), fmt(median(kp, 7))
+        ours_ns = median(ko, 6)
+        label = (count[cfg SUBSEP "peer" SUBSEP name] == 0) ? name " (ours, baseline)" : name
+        row = "| " label " | " fmt(ours_ns) " |"
+        cpus = " " fmt(median(ko, 7)) " |"
+        for (o = 1; o <= no; o++) {
+          k = cfg SUBSEP impl[o] SUBSEP name
+          their = median(k, 6)
+          ratio = "-"
+          if (ours_ns != "" && their != "" && ours_ns > 0) ratio = sprintf("%.2f", their / ours_ns)
+          row = row " " fmt(their) " | " ratio " |"
+          cpus = cpus " " fmt(median(k, 7)) " |"
         }
+        print row cpus
       }
       print ""
     }
-    legend = with_split ? "peer/ours, split/ours > 1" : "peer/ours > 1"
-    print legend ": ours is faster. ns-cpu/op: the whole process'"'"'s user + sys time (getrusage) over the timed interval, per op."
-    if (with_split) print "split: the peer with its server on a runtime of its own (--server-runtime own), nearer to a server in a process of its own."
+    print "X/ours > 1: ours is faster. ns-cpu/op: the whole process'"'"'s user + sys time (getrusage) over the timed interval, per op."
+    if (others ~ /split/) print "split: the peer with its server on a runtime of its own (--server-runtime own), nearer to a server in a process of its own."
+    if (others ~ /go/) print "go: the Go library lithdew/monte, its own six benchmarks (GO_MONTE); its CPU per op over a fixed iteration count."
   }
 ' "$results"
 if [ -s "$notes" ]; then
