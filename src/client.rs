@@ -105,7 +105,10 @@ impl Client {
     /// [`dial_backoff_max`](Config::dial_backoff_max), 2 s), a call that
     /// would dial fails at once with that dial's error instead; a call that
     /// finds a connection open uses it. The first call after the backoff
-    /// dials again, and a dial that succeeds ends the doubling.
+    /// dials again, and a dial that succeeds ends the doubling. A dial
+    /// that the calling operation's own deadline cut short holds back only
+    /// calls with no more time than it had (up to twice that), and does
+    /// not double the backoff of the endpoint's own failures.
     ///
     /// ```
     /// use monte_rpc::{Client, Config, DialPhase, Error};

@@ -111,7 +111,10 @@ pub struct Config {
     /// once with that dial's error instead (a call that finds a
     /// connection open still uses it). It doubles with each dial that
     /// fails in a row, up to `dial_backoff_max`, and starts afresh after
-    /// one that succeeds; the first call after it dials again. So an
+    /// one that succeeds; the first call after it dials again. (A dial
+    /// that its call's own deadline cut short holds back only calls with
+    /// no more time than it had, and does not double the backoff of the
+    /// endpoint's own failures.) So an
     /// endpoint that is down costs one dial per backoff, not one per call.
     /// Zero disables it: every call that needs a connection dials (calls
     /// that queued behind a dial still share its result). Default: 100 ms.

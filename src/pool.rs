@@ -130,6 +130,10 @@ struct DialState {
     /// Dials failed in a row (not counting those cut short by their
     /// calls), 0 after one that succeeds: each doubles the backoff.
     failures: u32,
+    /// Dials cut short by their calls' deadlines since the last real
+    /// failure or success: each doubles the backoff of the next one cut
+    /// short (see [`DialState::failed`]).
+    cut_short: u32,
 }
 
 /// A blocking caller's hold on the pool's dial lock. Async calls that
@@ -203,15 +207,25 @@ impl FailedDial {
 impl DialState {
     /// Records a failed dial and starts the backoff after it:
     /// `config.dial_backoff`, doubled for each earlier failure in a row, at
-    /// most `config.dial_backoff_max`. A dial cut short by its call's
-    /// deadline is not counted in that row: the endpoint was only slower
-    /// than that call allowed, and a string of impatient calls must not
-    /// make a later real failure hold back every call for longer.
+    /// most `config.dial_backoff_max`. The endpoint's own failures (a
+    /// refusal, a reset, a dial or handshake timeout) and the dials cut
+    /// short by their calls' deadlines (an endpoint slower than those
+    /// calls allowed) keep separate rows: a cut-short dial's backoff, which
+    /// holds back only calls with no more time than it had, doubles with
+    /// both (a dead endpoint keeps impatient calls failing fast), but a
+    /// real failure's, which holds back every call, doubles with real
+    /// failures only (a string of impatient calls to a slow endpoint must
+    /// not make its next real failure hold back every call for longer).
     fn failed(&mut self, error: Error, config: &Config, cut_short_after: Option<Duration>) {
-        if cut_short_after.is_none() {
+        let in_a_row = if cut_short_after.is_some() {
+            self.cut_short = self.cut_short.saturating_add(1);
+            self.failures.saturating_add(self.cut_short)
+        } else {
             self.failures = self.failures.saturating_add(1);
-        }
-        let doublings = self.failures.saturating_sub(1).min(30);
+            self.cut_short = 0;
+            self.failures
+        };
+        let doublings = in_a_row.saturating_sub(1).min(30);
         let backoff = config
             .dial_backoff
             .saturating_mul(1 << doublings)
@@ -667,5 +681,38 @@ mod tests {
         assert!(!may_share(view(1, 2 * MS, 0)));
         // Stalled: nothing since its last answer, or since it was taken.
         assert!(!may_share(view(1, 0, 3 * MS)));
+    }
+
+    /// The backoff a failure just recorded in `state` runs for.
+    fn backoff(state: &DialState) -> Duration {
+        let failed = state.failed.as_ref().unwrap();
+        failed.until - failed.at
+    }
+
+    #[test]
+    fn dials_cut_short_double_their_own_backoff_but_not_that_of_real_failures() {
+        let config = Config::default()
+            .dial_backoff(Duration::from_millis(100))
+            .dial_backoff_max(Duration::from_secs(10));
+        let cut = Some(Duration::from_millis(50));
+        let mut state = DialState::default();
+        // A dead endpoint and impatient calls: every dial cut short, and
+        // the calls with as little time keep failing fast for longer.
+        for expected in [100, 200, 400] {
+            state.failed(Error::Closed, &config, cut);
+            assert_eq!(backoff(&state), Duration::from_millis(expected));
+        }
+        // The endpoint's own failure: the first in its row.
+        state.failed(Error::Closed, &config, None);
+        assert_eq!(backoff(&state), Duration::from_millis(100));
+        // A cut-short dial after it doubles on both.
+        state.failed(Error::Closed, &config, cut);
+        assert_eq!(backoff(&state), Duration::from_millis(200));
+        state.failed(Error::Closed, &config, None);
+        assert_eq!(backoff(&state), Duration::from_millis(200));
+        // Success starts afresh.
+        state.succeeded();
+        state.failed(Error::Closed, &config, None);
+        assert_eq!(backoff(&state), Duration::from_millis(100));
     }
 }
