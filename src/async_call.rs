@@ -352,7 +352,9 @@ impl Future for RequestFuture<'_> {
             }
             Err((e, buf)) => {
                 *this.response = buf;
-                this.conn.driver().stats().count_request_failure(&e);
+                // A zero timeout fails before the deadline starts.
+                let passed = this.deadline.passed() || no_time_left(this.deadline.timeout);
+                this.conn.driver().stats().count_request_failure(&e, passed);
                 Err(e.calling(CallOp::Request, this.conn.peer_addr()))
             }
         })

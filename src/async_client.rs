@@ -176,6 +176,17 @@ impl<'a> ClientFuture<'a> {
         }
     }
 
+    /// A call that failed before it had a connection: a request that ran
+    /// out of its own time there is counted (once it has a connection,
+    /// its `RequestFuture` counts).
+    fn picking_failed(&self, request: bool, e: Error) -> Poll<Result<()>> {
+        if request {
+            let stats = self.timers.driver().stats();
+            stats.count_request_failure(&e, self.deadline.passed());
+        }
+        Poll::Ready(Err(e))
+    }
+
     fn step(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
         let pool = &self.client.pool;
         loop {
@@ -190,22 +201,14 @@ impl<'a> ClientFuture<'a> {
                         Call::Request(_) => CallKind::Request,
                         Call::Send => CallKind::Send,
                     };
-                    // Ran out of time waiting for a connection (once it
-                    // has one, its `RequestFuture` counts).
-                    let failed = |e: Error| {
-                        if let Call::Request(_) = call {
-                            self.timers.driver().stats().count_request_failure(&e);
-                        }
-                        Poll::Ready(Err(e))
-                    };
+                    let request = matches!(call, Call::Request(_));
                     let conn = match pool.poll_pick(since, &mut self.wait, cx, kind) {
                         Poll::Ready(Ok(conn)) => conn,
-                        Poll::Ready(Err(e)) => return failed(e),
+                        Poll::Ready(Err(e)) => return self.picking_failed(request, e),
                         Poll::Pending if self.deadline.passed() => {
                             let kind = self.deadline_kind();
-                            return failed(
-                                Error::Timeout(kind).dialling(pool.addr, DialPhase::Queued),
-                            );
+                            let e = Error::Timeout(kind).dialling(pool.addr, DialPhase::Queued);
+                            return self.picking_failed(request, e);
                         }
                         Poll::Pending => {
                             self.deadline.arm(self.timers.driver(), cx);
@@ -216,7 +219,7 @@ impl<'a> ClientFuture<'a> {
                     self.deadline.disarm(self.timers.driver());
                     let left = self.deadline.left();
                     if left.is_some_and(|left| left.is_zero()) {
-                        return failed(Error::Timeout(self.deadline_kind()));
+                        return self.picking_failed(request, Error::Timeout(self.deadline_kind()));
                     }
                     self.stage = match call {
                         Call::Request(response) => Stage::Request(

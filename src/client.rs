@@ -240,17 +240,22 @@ impl Client {
         timeout: Option<Duration>,
     ) -> Result<()> {
         let _call = self.pool.signal.enter().ok_or(Error::Closed)?;
+        // One clock reading for the deadline and the connection's
+        // timestamps, unless the call has to wait for a connection.
+        let start = Instant::now();
+        // The deadline covers finding a connection too (which may dial).
+        let deadline = CallDeadline::after_from(start, timeout, TimeoutKind::Request);
         // The connection counts the time that runs out once it has the
         // request; this counts the time that ran out before.
-        let (conn, deadline, sent_at) = match self.connection_for_request(timeout) {
+        let (conn, sent_at) = match self.connection_for_request(start, timeout, deadline) {
             Ok(found) => found,
             Err(e) => {
-                self.pool
-                    .workers
-                    .pick()
-                    .driver()
-                    .stats()
-                    .count_request_failure(&e);
+                let passed = no_time_left(timeout) || deadline.is_some_and(|d| d.passed());
+                // Any reactor's counters (all are summed), without moving
+                // the round robin that places dials.
+                if let Some(first) = self.pool.workers.handles().first() {
+                    first.driver().stats().count_request_failure(&e, passed);
+                }
                 return Err(e);
             }
         };
@@ -264,25 +269,24 @@ impl Client {
         result
     }
 
-    /// The connection a request goes out on, with the request's deadline
-    /// (which covers finding the connection, a dial included) and when the
-    /// request leaves, as a connection's timestamp.
+    /// The connection a request that started at `start` goes out on,
+    /// found by its `deadline` (which covers finding the connection, a
+    /// dial included), with when the request leaves, as a connection's
+    /// timestamp.
     fn connection_for_request(
         &self,
+        start: Instant,
         timeout: Option<Duration>,
-    ) -> Result<(Connection, Option<CallDeadline>, u64)> {
+        deadline: Option<CallDeadline>,
+    ) -> Result<(Connection, u64)> {
         if no_time_left(timeout) {
             return Err(Error::Timeout(TimeoutKind::Request));
         }
-        // One clock reading for the deadline and the connection's
-        // timestamps, unless the call has to wait for a connection.
-        let start = Instant::now();
-        let deadline = CallDeadline::after_from(start, timeout, TimeoutKind::Request);
         if let Some(conn) = self
             .pool
             .choose_for(CallKind::Request, Some(nanos_at(start)))
         {
-            return Ok((conn, deadline, nanos_at(start)));
+            return Ok((conn, nanos_at(start)));
         }
         let conn = self
             .pool
@@ -291,7 +295,7 @@ impl Client {
         if deadline.is_some_and(|d| now >= d.at) {
             return Err(Error::Timeout(TimeoutKind::Request));
         }
-        Ok((conn, deadline, nanos_at(now)))
+        Ok((conn, nanos_at(now)))
     }
 
     /// How long a send may wait: its send timeout, over the dial, the

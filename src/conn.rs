@@ -332,6 +332,7 @@ impl Connection {
     ) -> Result<()> {
         if no_time_left(timeout) {
             let e = Error::Timeout(TimeoutKind::Request);
+            self.shared.driver.stats().count_request_failure(&e, true);
             return Err(e.calling(CallOp::Request, self.peer_addr()));
         }
         // A timeout too long to add to the clock is none.
@@ -404,7 +405,8 @@ impl Connection {
         };
         // Timed out waiting for room as well as for the response.
         if let Err(e) = &result {
-            stats.count_request_failure(e);
+            let passed = deadline.is_some_and(|at| Instant::now() >= at);
+            stats.count_request_failure(e, passed);
         }
         drop(reads);
         drop(in_flight);

@@ -206,13 +206,16 @@ impl Counters {
         Self::dec(&self.connections_opened);
     }
 
-    /// Counts a request that failed with `error` if its own deadline is
-    /// what ended it (bare, or as the cause of a dial's failure). Each
-    /// layer counts only where the time ran out under it: a connection's
-    /// request while it waited for room or for its response, a client's
-    /// while it waited for a connection (its dial included).
-    pub(crate) fn count_request_failure(&self, error: &Error) {
-        if matches!(error.root_cause(), Error::Timeout(TimeoutKind::Request)) {
+    /// Counts a request that failed with `error` if that is its own
+    /// timeout (bare, or as the cause of a dial's failure) and its own
+    /// deadline has indeed passed (`deadline_passed`): not a request that
+    /// failed early with another call's timeout (a dial that call's
+    /// deadline cut short, or a connection closed as silent). Each layer
+    /// counts only where the time ran out under it: a connection's request
+    /// while it waited for room or for its response, a client's while it
+    /// waited for a connection (its dial included).
+    pub(crate) fn count_request_failure(&self, error: &Error, deadline_passed: bool) {
+        if deadline_passed && matches!(error.root_cause(), Error::Timeout(TimeoutKind::Request)) {
             Self::inc(&self.requests_timed_out);
         }
     }

@@ -1,6 +1,8 @@
 //! The counters behind `Server::stats` and `Client::stats` add up to what
 //! actually happened.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -328,41 +330,47 @@ fn root<T>(result: &Result<T, Error>) -> Option<&Error> {
     result.as_ref().err().map(Error::root_cause)
 }
 
-/// `requests_timed_out` counts every request that ran out of time, once,
-/// wherever its time ran out, blocking or async alike: while it waited for
-/// room in its connection's full queue, and while it waited for the dial
-/// of a connection to an endpoint that never finishes its handshake.
+/// `requests_timed_out` counts every request that ran out of its own
+/// time, once, wherever its time ran out, blocking or async alike: while
+/// it waited for room in its connection's full queue, and while it waited
+/// for the dial of a connection to an endpoint that never finishes its
+/// handshake.
 #[test]
 fn every_request_that_runs_out_of_time_is_counted_once() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
 
-    let stalled = Arc::new(AtomicBool::new(false));
-    let first = stalled.clone();
-    let server = Server::bind(
-        "127.0.0.1:0",
-        Config::server().workers(1).recv_buffer_size(Some(16 << 10)),
-        move |_: &mut Context<'_>| {
-            // The first message stalls the one reactor: nothing is read
-            // meanwhile, and the client's queue fills.
-            if !first.swap(true, Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(1500));
+    // A peer that never reads (the client's queue fills) but keeps
+    // talking (a message every 20 ms): the connection is never silent,
+    // so a timed-out request does not close it.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (addr, peer) = {
+        let stop = stop.clone();
+        common::raw_server_with_session(move |mut stream, mut session| {
+            let mut frame = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                frame.clear();
+                session
+                    .sealer
+                    .seal_append(0, b"still here", &mut frame)
+                    .unwrap();
+                if stream.write_all(&frame).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
             }
-        },
-    )
-    .unwrap();
+        })
+    };
     let client = Client::new(
-        server.local_addr(),
+        addr,
         Config::default()
             .max_conns(1)
             .max_queued_bytes(64 << 10)
             .send_buffer_size(Some(16 << 10))
-            .send_timeout(Some(Duration::from_millis(50)))
+            .send_timeout(Some(Duration::from_millis(300)))
             .request_timeout(Some(Duration::from_millis(100))),
     )
     .unwrap();
-    client.send(b"stall").unwrap();
-    eventually("the server to stall", || stalled.load(Ordering::SeqCst));
     // Fill the kernel's buffers and the queue, to less than 1 KiB of room.
     for size in [32 << 10, 1 << 10] {
         let chunk = vec![0u8; size];
@@ -371,7 +379,6 @@ fn every_request_that_runs_out_of_time_is_counted_once() {
             "the queue never filled with {size}-byte messages"
         );
     }
-    let before = client.stats().requests_timed_out;
     let mut resp = Vec::new();
     let blocking = client.request(&[7u8; 2048], &mut resp);
     assert!(
@@ -379,7 +386,7 @@ fn every_request_that_runs_out_of_time_is_counted_once() {
         "{blocking:?}"
     );
     assert_eq!(
-        client.stats().requests_timed_out - before,
+        client.stats().requests_timed_out,
         1,
         "a blocking request that timed out waiting for room"
     );
@@ -392,12 +399,15 @@ fn every_request_that_runs_out_of_time_is_counted_once() {
         "{asynchronous:?}"
     );
     assert_eq!(
-        client.stats().requests_timed_out - before,
+        client.stats().requests_timed_out,
         2,
         "an async request that timed out waiting for room"
     );
+    // Both waited for room on the one connection the client dialled.
+    assert_eq!(client.stats().connections_opened, 1);
+    stop.store(true, Ordering::SeqCst);
     client.shutdown();
-    server.shutdown();
+    peer.join().unwrap();
 
     // An endpoint that accepts and never answers the handshake.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -418,6 +428,18 @@ fn every_request_that_runs_out_of_time_is_counted_once() {
         client.stats().requests_timed_out,
         1,
         "a blocking request that timed out in its dial"
+    );
+    // Held back by that dial's failure (cut short after 100 ms): it fails
+    // at once with that error, not having run out of its own time.
+    let held_back = client.request(b"hello", &mut resp);
+    assert!(
+        matches!(root(&held_back), Some(Error::Timeout(TimeoutKind::Request))),
+        "{held_back:?}"
+    );
+    assert_eq!(
+        client.stats().requests_timed_out,
+        1,
+        "a request held back by another's cut-short dial"
     );
     let asynchronous = futures::executor::block_on(client.request_async(b"hello", &mut resp));
     assert!(
