@@ -616,6 +616,10 @@ impl QueueOwner for Connection {
         }
     }
 
+    fn has_reactor(&self) -> bool {
+        self.shared.token.load(Ordering::Acquire) != usize::MAX
+    }
+
     fn fail(&self, error: Error) {
         Connection::fail(self, error);
     }

@@ -263,6 +263,13 @@ pub enum Error {
     /// a handler: the response could only be read by that same thread, so
     /// it would wait for itself. Make the call from another thread.
     OnReactorThread,
+    /// An async request on a client was made from its handler's
+    /// `on_open`, which runs before the connection's reactor takes the
+    /// connection: only that reactor reads an async request's response,
+    /// so the request could only wait until its deadline. Make it a
+    /// blocking request (a blocking caller reads its own response), or
+    /// after `on_open` returns.
+    AsyncRequestInOnOpen,
     /// The application's handler panicked; its connection was closed and
     /// the reactor carried on.
     HandlerPanicked,
@@ -448,6 +455,9 @@ impl fmt::Display for Error {
             Error::OnReactorThread => {
                 f.write_str("a waiting call was made on a reactor thread, which it would block")
             }
+            Error::AsyncRequestInOnOpen => f.write_str(
+                "an async request was made from on_open, before the connection's reactor reads it",
+            ),
             Error::Io(e) => write!(f, "i/o error: {e}"),
             Error::Dial {
                 addr,

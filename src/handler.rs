@@ -50,7 +50,12 @@ pub trait Handler: Send + Sync + 'static {
     /// anything else may use the connection: on a server, on the
     /// connection's reactor; on a client, on the thread that dialled it
     /// (the calling thread, or the pool's dial thread for an async call),
-    /// where calls on that client use this connection.
+    /// before its reactor takes it. There, blocking calls on that client
+    /// (and async sends) use this connection, while an async request fails
+    /// with [`Error::AsyncRequestInOnOpen`]. A blocking call there that
+    /// needs the reactor waits until its deadline: a request whose
+    /// response comes after a message the peer sends first, or output the
+    /// socket does not take at once.
     fn on_open(&self, conn: &Connection) {
         let _ = conn;
     }

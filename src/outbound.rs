@@ -57,6 +57,10 @@ pub(crate) trait QueueOwner {
     fn stats(&self) -> &Counters;
     /// Hands the rest of the queue to the reactor.
     fn ask_reactor_to_flush(&self);
+    /// Whether a reactor has the connection yet: a dialled connection's
+    /// `on_open` runs before (and its reactor flushes what was queued once
+    /// it takes the connection).
+    fn has_reactor(&self) -> bool;
     /// Closes the connection with `error` (a write failed, or the nonce
     /// counter ran out).
     fn fail(&self, error: Error);
@@ -526,7 +530,9 @@ impl OutboundQueue {
         match mode {
             Mode::OnReactor => Ok((Some(g), end)),
             Mode::Queue | Mode::ReactorQueue => {
-                if !g.writing && !g.reactor_flushing {
+                // Checked under the queue's lock: a reactor that takes the
+                // connection meanwhile flushes, under it, after this frame.
+                if !g.writing && !g.reactor_flushing && owner.has_reactor() {
                     g.reactor_flushing = true;
                     drop(g);
                     owner.ask_reactor_to_flush();
@@ -887,6 +893,9 @@ mod tests {
             &self.stats
         }
         fn ask_reactor_to_flush(&self) {}
+        fn has_reactor(&self) -> bool {
+            true
+        }
         fn fail(&self, error: Error) {
             self.failures.fetch_add(1, Ordering::Relaxed);
             self.queue.seal_off_if_drained();

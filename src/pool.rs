@@ -520,9 +520,20 @@ impl Pool {
         cx: &mut Context<'_>,
         kind: CallKind,
     ) -> Poll<Result<Connection>> {
-        if let Some(conn) = self.choose_for(kind, None).or_else(|| self.opening_here()) {
+        if let Some(conn) = self.choose_for(kind, None) {
             self.forget(wait);
             return Poll::Ready(Ok(conn));
+        }
+        // From `on_open`: a send may use the connection being opened (it
+        // writes, or queues for its reactor to flush once it takes the
+        // connection), but a request's response is read by that reactor
+        // only after `on_open` returns.
+        if let Some(conn) = self.opening_here() {
+            self.forget(wait);
+            return Poll::Ready(match kind {
+                CallKind::Send => Ok(conn),
+                CallKind::Request => Err(Error::AsyncRequestInOnOpen),
+            });
         }
         let mut dial = lock(&self.async_dial);
         if self.signal.is_closed() {

@@ -243,11 +243,21 @@ impl monte_rpc::Handler for CallsItsClient {
 
     fn on_open(&self, conn: &monte_rpc::Connection) {
         let client = self.client.get().and_then(|c| c.upgrade()).unwrap();
+        // Queued before the requests: their own writes take it along.
+        let queued = client.send_no_wait(b"queued first").map(|_| Vec::new());
         let mut resp = Vec::new();
         let by_client = client.request(b"from on_open", &mut resp).map(|_| resp);
         let mut resp = Vec::new();
         let by_conn = conn.request(b"on its connection", &mut resp).map(|_| resp);
-        self.answers.lock().unwrap().extend([by_client, by_conn]);
+        // Only the reactor reads an async request's response, and it has
+        // the connection only once this returns: refused at once.
+        let mut resp = Vec::new();
+        let by_future =
+            futures::executor::block_on(client.request_async(b"async", &mut resp)).map(|_| resp);
+        self.answers
+            .lock()
+            .unwrap()
+            .extend([queued, by_client, by_conn, by_future]);
     }
 }
 
@@ -298,16 +308,24 @@ fn a_client_call_from_on_open_uses_the_connection_being_opened() {
             let took = start.elapsed();
             assert_eq!(resp, b"tsrif");
             let answers = std::mem::take(&mut *answers.lock().unwrap());
-            assert_eq!(answers.len(), 2);
-            assert_eq!(
-                answers[0].as_ref().map_err(Error::to_string),
-                Ok(&b"nepo_no morf".to_vec()),
-                "the client's request from on_open"
-            );
-            assert_eq!(
-                answers[1].as_ref().map_err(Error::to_string),
-                Ok(&b"noitcennoc sti no".to_vec()),
-                "the connection's request from on_open"
+            assert_eq!(answers.len(), 4);
+            let ok = |i: usize, expected: &[u8], what: &str| {
+                assert_eq!(
+                    answers[i].as_ref().map_err(Error::to_string),
+                    Ok(&expected.to_vec()),
+                    "{what} from on_open"
+                );
+            };
+            ok(0, b"", "the client's send_no_wait");
+            ok(1, b"nepo_no morf", "the client's request");
+            ok(2, b"noitcennoc sti no", "the connection's request");
+            assert!(
+                matches!(
+                    answers[3].as_ref().map_err(Error::root_cause),
+                    Err(Error::AsyncRequestInOnOpen)
+                ),
+                "the client's async request from on_open: {:?}",
+                answers[3]
             );
             assert!(
                 took < Duration::from_secs(1),

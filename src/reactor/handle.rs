@@ -305,6 +305,13 @@ impl ReactorHandle {
             conn.finish_close(&e);
             return Err(e);
         }
+        // Closed from `on_open` (by the handler, or by a call of its that
+        // failed the connection): no connection to hand on.
+        if let Some(reason) = conn.close_reason() {
+            conn.finish_close(&reason);
+            let _ = guard_handler(|| handler.on_close(&conn, &reason));
+            return Err(reason);
+        }
         if let Err(e) = self.add(conn.clone(), handler.clone(), false) {
             let _ = guard_handler(|| handler.on_close(&conn, &e));
             return Err(e);
