@@ -23,7 +23,7 @@ use std::time::Duration;
 use crate::clock::{no_time_left, now_nanos};
 use crate::conn::{Connection, Driver};
 use crate::error::{CallOp, Error, Result, TimeoutKind};
-use crate::outbound::{Mode, QueueWait};
+use crate::outbound::{Mode, QueueOwner, QueueWait};
 use crate::stats::Counters;
 use crate::sync::completion::{Answer, Ticket};
 use crate::sync::timers::TimerKey;
@@ -254,6 +254,13 @@ impl<'a> RequestFuture<'a> {
                         // response and keeps the deadline, and a handler
                         // that blocks on the future holds it.
                         return Poll::Ready(Err((Error::OnReactorThread, buf)));
+                    }
+                    if !QueueOwner::has_reactor(&*conn)
+                        && crate::opening::opening_on_this_thread(|c| c.id() == conn.id()).is_some()
+                    {
+                        // From its own `on_open`: its reactor, the only
+                        // reader of the response, takes it after that.
+                        return Poll::Ready(Err((Error::AsyncRequestInOnOpen, buf)));
                     }
                     if no_time_left(deadline.timeout) {
                         // As the blocking call: no time at all fails before

@@ -113,7 +113,7 @@ pub struct Config {
     /// fails in a row, up to `dial_backoff_max`, and starts afresh after
     /// one that succeeds; the first call after it dials again. (A dial
     /// that its call's own deadline cut short holds back only calls with
-    /// no more time than it had, and does not double the backoff of the
+    /// up to twice the time it had, and does not double the backoff of the
     /// endpoint's own failures.) So an
     /// endpoint that is down costs one dial per backoff, not one per call.
     /// Zero disables it: every call that needs a connection dials (calls

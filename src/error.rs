@@ -124,6 +124,10 @@ pub enum DialPhase {
     Handshake,
     /// Waiting for the dial another call to the same client was making.
     Queued,
+    /// The application's [`Handler::on_open`](crate::Handler::on_open),
+    /// run on the dialled connection before anything else may use it: it
+    /// panicked, or the connection closed meanwhile.
+    Open,
 }
 
 impl fmt::Display for DialPhase {
@@ -132,6 +136,7 @@ impl fmt::Display for DialPhase {
             DialPhase::Connect => "connect",
             DialPhase::Handshake => "handshake",
             DialPhase::Queued => "waiting for another call's dial",
+            DialPhase::Open => "on_open",
         })
     }
 }
@@ -280,7 +285,9 @@ pub enum Error {
     /// (a refusal, an unreachable network) or [`Error::Timeout`]; in
     /// [`DialPhase::Handshake`], [`Error::Handshake`], [`Error::Io`],
     /// [`Error::Timeout`] or what a custom handshake returns; in
-    /// [`DialPhase::Queued`], [`Error::Timeout`]. The timeout is the
+    /// [`DialPhase::Queued`], [`Error::Timeout`]; in [`DialPhase::Open`],
+    /// [`Error::HandlerPanicked`] or the reason the connection closed
+    /// during `on_open`. The timeout is the
     /// dial's own ([`TimeoutKind::Dial`], [`TimeoutKind::Handshake`]) or,
     /// when the call's deadline ran out first, the call's
     /// ([`TimeoutKind::Request`] for a request, [`TimeoutKind::Write`] for
@@ -408,6 +415,7 @@ impl Error {
             Error::BufferTooSmall { .. } | Error::MessageTooLarge { .. } => {
                 io::ErrorKind::InvalidInput
             }
+            Error::AsyncRequestInOnOpen => io::ErrorKind::InvalidInput,
             _ => io::ErrorKind::InvalidData,
         }
     }

@@ -367,13 +367,15 @@ impl Pool {
             Err(Error::Closed) if self.signal.is_closed() => Err(Error::Closed),
             Err(e) => {
                 // Cut short by this call's own deadline (a timeout of the
-                // call's kind, not the connect's or the handshake's): the
+                // call's kind, not the connect's or the handshake's, and
+                // the deadline passed: not a call from `on_open` that
+                // failed the connection being opened): the
                 // backoff holds back only the calls with no more time
                 // than this one had.
                 let cut_short = matches!(
                     e.timeout_kind(),
                     Some(TimeoutKind::Request | TimeoutKind::Write)
-                );
+                ) && deadline.get().is_some_and(|d| d.passed());
                 let ran = cut_short.then(|| dial_started.elapsed());
                 dialling.failed(e.clone(), &self.config, ran);
                 self.choose(true).ok_or(e)
@@ -532,7 +534,8 @@ impl Pool {
             self.forget(wait);
             return Poll::Ready(match kind {
                 CallKind::Send => Ok(conn),
-                CallKind::Request => Err(Error::AsyncRequestInOnOpen),
+                // A busy connection's reactor reads, though.
+                CallKind::Request => self.choose(true).ok_or(Error::AsyncRequestInOnOpen),
             });
         }
         let mut dial = lock(&self.async_dial);

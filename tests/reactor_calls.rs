@@ -254,10 +254,16 @@ impl monte_rpc::Handler for CallsItsClient {
         let mut resp = Vec::new();
         let by_future =
             futures::executor::block_on(client.request_async(b"async", &mut resp)).map(|_| resp);
-        self.answers
-            .lock()
-            .unwrap()
-            .extend([queued, by_client, by_conn, by_future]);
+        let mut resp = Vec::new();
+        let by_conn_future =
+            futures::executor::block_on(conn.request_async(b"async", &mut resp)).map(|_| resp);
+        self.answers.lock().unwrap().extend([
+            queued,
+            by_client,
+            by_conn,
+            by_future,
+            by_conn_future,
+        ]);
     }
 }
 
@@ -308,7 +314,7 @@ fn a_client_call_from_on_open_uses_the_connection_being_opened() {
             let took = start.elapsed();
             assert_eq!(resp, b"tsrif");
             let answers = std::mem::take(&mut *answers.lock().unwrap());
-            assert_eq!(answers.len(), 4);
+            assert_eq!(answers.len(), 5);
             let ok = |i: usize, expected: &[u8], what: &str| {
                 assert_eq!(
                     answers[i].as_ref().map_err(Error::to_string),
@@ -319,14 +325,16 @@ fn a_client_call_from_on_open_uses_the_connection_being_opened() {
             ok(0, b"", "the client's send_no_wait");
             ok(1, b"nepo_no morf", "the client's request");
             ok(2, b"noitcennoc sti no", "the connection's request");
-            assert!(
-                matches!(
-                    answers[3].as_ref().map_err(Error::root_cause),
-                    Err(Error::AsyncRequestInOnOpen)
-                ),
-                "the client's async request from on_open: {:?}",
-                answers[3]
-            );
+            for (i, what) in [(3, "the client's"), (4, "the connection's")] {
+                assert!(
+                    matches!(
+                        answers[i].as_ref().map_err(Error::root_cause),
+                        Err(Error::AsyncRequestInOnOpen)
+                    ),
+                    "{what} async request from on_open: {:?}",
+                    answers[i]
+                );
+            }
             assert!(
                 took < Duration::from_secs(1),
                 "the first call took {took:?}"
@@ -334,6 +342,91 @@ fn a_client_call_from_on_open_uses_the_connection_being_opened() {
             assert_eq!(client.connections(), 1);
             client.shutdown();
         }
+        server.shutdown();
+    });
+}
+
+/// A client whose handler closes each connection in `on_open` (a peer it
+/// rejects), and calls its client from `on_close`.
+struct Rejects {
+    client: Arc<std::sync::OnceLock<std::sync::Weak<Client>>>,
+    closes: Arc<Mutex<Vec<Result<(), Error>>>>,
+}
+
+impl monte_rpc::Handler for Rejects {
+    fn on_message(&self, _: &mut Context<'_>) {}
+
+    fn on_open(&self, conn: &monte_rpc::Connection) {
+        conn.close();
+    }
+
+    fn on_close(&self, _: &monte_rpc::Connection, _: &Error) {
+        let client = self.client.get().and_then(|c| c.upgrade()).unwrap();
+        // The pool's dial is still this thread's: the call must not wait
+        // for it.
+        let sent = client.send(b"from on_close");
+        self.closes.lock().unwrap().push(sent);
+    }
+}
+
+/// A connection closed in `on_open` is no dialled connection: the call
+/// that dialled fails with a dial error in the `on_open` phase, the
+/// connection never joins the pool, `on_close` runs once, and a call from
+/// `on_close` (still on the dialling thread) fails at once instead of
+/// waiting for the dial in progress.
+#[test]
+fn a_connection_closed_in_on_open_fails_its_dial() {
+    within(30, || {
+        let server = Server::bind(
+            "127.0.0.1:0",
+            Config::server().workers(1),
+            |ctx: &mut Context<'_>| {
+                let _ = ctx.reply(b"");
+            },
+        )
+        .unwrap();
+        let slot = Arc::new(std::sync::OnceLock::new());
+        let closes = Arc::new(Mutex::new(Vec::new()));
+        let handler = Rejects {
+            client: slot.clone(),
+            closes: closes.clone(),
+        };
+        let client = Arc::new(
+            Client::with_handler(
+                server.local_addr(),
+                Config::default()
+                    .max_conns(1)
+                    .send_timeout(Some(Duration::from_secs(3)))
+                    .request_timeout(Some(Duration::from_secs(3))),
+                handler,
+            )
+            .unwrap(),
+        );
+        slot.set(Arc::downgrade(&client)).unwrap();
+        let start = std::time::Instant::now();
+        let e = client.request(b"first", &mut Vec::new()).unwrap_err();
+        let took = start.elapsed();
+        assert!(
+            matches!(
+                e,
+                Error::Dial {
+                    phase: monte_rpc::DialPhase::Open,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(matches!(e.root_cause(), Error::Closed), "{e:?}");
+        assert!(took < Duration::from_secs(1), "the call took {took:?}");
+        let closes = std::mem::take(&mut *closes.lock().unwrap());
+        assert_eq!(closes.len(), 1, "on_close ran {} times", closes.len());
+        assert!(
+            closes[0].is_err(),
+            "a send on a closed connection: {:?}",
+            closes[0]
+        );
+        assert_eq!(client.connections(), 0);
+        client.shutdown();
         server.shutdown();
     });
 }

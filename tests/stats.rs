@@ -416,7 +416,9 @@ fn every_request_that_runs_out_of_time_is_counted_once() {
         Config::default()
             .max_conns(1)
             .handshake_timeout(Some(Duration::from_secs(5)))
-            .request_timeout(Some(Duration::from_millis(100))),
+            .request_timeout(Some(Duration::from_millis(100)))
+            // The held-back call below, however late it comes.
+            .dial_backoff(Duration::from_secs(10)),
     )
     .unwrap();
     let blocking = client.request(b"hello", &mut resp);

@@ -226,9 +226,9 @@ impl ReactorHandle {
     /// [`Error::Closed`] if the reactor has stopped (before the dial, or
     /// during it: the dial then gives up within 50 ms, and whatever else
     /// it met is not reported). Otherwise a failed dial is
-    /// [`Error::Dial`], which names `addr`, the phase (connect or
-    /// handshake) and the cause; past the dial,
-    /// [`Error::HandlerPanicked`] if `handler.on_open` panicked.
+    /// [`Error::Dial`], which names `addr`, the phase (connect, handshake,
+    /// or [`DialPhase::Open`] if `handler.on_open` panicked or the
+    /// connection closed during it) and the cause.
     pub fn dial(
         &self,
         addr: std::net::SocketAddr,
@@ -296,21 +296,29 @@ impl ReactorHandle {
         crate::events::opened(conn.id(), Role::Client, Some(addr));
         // Before the reactor has it: once it does, it may dispatch the
         // peer's first messages, and on_open must come first.
-        let opened = {
-            // A call on the client from `on_open` uses this connection.
-            let _opening = crate::opening::Opening::enter(&conn);
-            guard_handler(|| handler.on_open(&conn))
+        // A call on the client from `on_open` (or from `on_close` below)
+        // uses this connection: the pool's dial is this thread's own.
+        let opening = crate::opening::Opening::enter(&conn);
+        let failed = match guard_handler(|| handler.on_open(&conn)) {
+            Err(e) => Some(e),
+            // Closed from `on_open` (by the handler, or by a call of its
+            // that failed the connection): no connection to hand on.
+            Ok(()) => {
+                let reason = conn.close_reason();
+                if let Some(reason) = &reason {
+                    conn.finish_close(reason);
+                    crate::events::closed(conn.id(), Some(addr), reason, false);
+                    let _ = guard_handler(|| handler.on_close(&conn, reason));
+                }
+                reason
+            }
         };
-        if let Err(e) = opened {
+        drop(opening);
+        if let Some(e) = failed {
             conn.finish_close(&e);
+            let e = e.dialling(addr, DialPhase::Open);
+            crate::events::dial_failed(&e);
             return Err(e);
-        }
-        // Closed from `on_open` (by the handler, or by a call of its that
-        // failed the connection): no connection to hand on.
-        if let Some(reason) = conn.close_reason() {
-            conn.finish_close(&reason);
-            let _ = guard_handler(|| handler.on_close(&conn, &reason));
-            return Err(reason);
         }
         if let Err(e) = self.add(conn.clone(), handler.clone(), false) {
             let _ = guard_handler(|| handler.on_close(&conn, &e));
