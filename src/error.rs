@@ -268,8 +268,10 @@ pub enum Error {
     /// a handler: the response could only be read by that same thread, so
     /// it would wait for itself. Make the call from another thread.
     OnReactorThread,
-    /// An async request on a client was made from its handler's
-    /// `on_open`, which runs before the connection's reactor takes the
+    /// An async request on a client (with no other connection to take) or
+    /// on the connection was made from a dialled connection's `on_open`
+    /// (or from the `on_close` that follows it when the connection closed
+    /// there), which runs before the connection's reactor takes the
     /// connection: only that reactor reads an async request's response,
     /// so the request could only wait until its deadline. Make it a
     /// blocking request (a blocking caller reads its own response), or

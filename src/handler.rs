@@ -51,8 +51,12 @@ pub trait Handler: Send + Sync + 'static {
     /// connection's reactor; on a client, on the thread that dialled it
     /// (the calling thread, or the pool's dial thread for an async call),
     /// before its reactor takes it. There, blocking calls on that client
-    /// (and async sends) use this connection, while an async request fails
-    /// with [`Error::AsyncRequestInOnOpen`]. A blocking call there that
+    /// (and async sends) use this connection, while an async request takes
+    /// another, busy connection of the pool's or fails with
+    /// [`Error::AsyncRequestInOnOpen`] (as one on this connection does). If
+    /// the connection closes during `on_open`, `on_close` follows at once
+    /// and the dial fails ([`DialPhase::Open`](crate::DialPhase::Open)). A
+    /// blocking call there that
     /// needs the reactor waits until its deadline: a request whose
     /// response comes after a message the peer sends first, or output the
     /// socket does not take at once.

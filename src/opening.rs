@@ -9,7 +9,10 @@
 //! no connection would wait for the dial, its own, until its deadline (or
 //! for ever, with none). The pool asks this module first: a blocking call
 //! or an async send uses the connection being opened; an async request,
-//! whose response only the reactor would read, is refused at once.
+//! whose response only the reactor would read, takes a busy connection of
+//! the pool's or is refused at once. The mark stays until the dial
+//! returns, so that an `on_close` run there (the connection closed in
+//! `on_open`) finds it too.
 
 use std::cell::RefCell;
 

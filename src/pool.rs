@@ -295,6 +295,11 @@ impl Pool {
         kind: CallKind,
     ) -> Result<Connection> {
         if let Some(conn) = self.opening_here() {
+            // Closed already (in `on_open`, or as it fails): an open one
+            // of the pool's is as good.
+            if conn.is_closed() {
+                return Ok(self.choose(true).unwrap_or(conn));
+            }
             return Ok(conn);
         }
         // All busy (or none) and room for more. One caller dials at a time;
@@ -368,13 +373,19 @@ impl Pool {
             Err(e) => {
                 // Cut short by this call's own deadline (a timeout of the
                 // call's kind, not the connect's or the handshake's, and
-                // the deadline passed: not a call from `on_open` that
-                // failed the connection being opened): the
+                // the deadline passed; not a call made from `on_open`
+                // that failed the connection being opened): the
                 // backoff holds back only the calls with no more time
                 // than this one had.
                 let cut_short = matches!(
                     e.timeout_kind(),
                     Some(TimeoutKind::Request | TimeoutKind::Write)
+                ) && !matches!(
+                    e,
+                    Error::Dial {
+                        phase: DialPhase::Open,
+                        ..
+                    }
                 ) && deadline.get().is_some_and(|d| d.passed());
                 let ran = cut_short.then(|| dial_started.elapsed());
                 dialling.failed(e.clone(), &self.config, ran);

@@ -296,26 +296,28 @@ impl ReactorHandle {
         crate::events::opened(conn.id(), Role::Client, Some(addr));
         // Before the reactor has it: once it does, it may dispatch the
         // peer's first messages, and on_open must come first.
-        // A call on the client from `on_open` (or from `on_close` below)
-        // uses this connection: the pool's dial is this thread's own.
-        let opening = crate::opening::Opening::enter(&conn);
-        let failed = match guard_handler(|| handler.on_open(&conn)) {
-            Err(e) => Some(e),
+        // A call on the client from `on_open` (or from an `on_close`
+        // below) uses this connection: the pool's dial is this thread's
+        // own until this returns.
+        let _opening = crate::opening::Opening::enter(&conn);
+        let (failed, ran) = match guard_handler(|| handler.on_open(&conn)) {
+            Err(panicked) => (Some(panicked), false),
             // Closed from `on_open` (by the handler, or by a call of its
             // that failed the connection): no connection to hand on.
-            Ok(()) => {
-                let reason = conn.close_reason();
-                if let Some(reason) = &reason {
-                    conn.finish_close(reason);
-                    crate::events::closed(conn.id(), Some(addr), reason, false);
-                    let _ = guard_handler(|| handler.on_close(&conn, reason));
-                }
-                reason
-            }
+            Ok(()) => (conn.close_reason(), true),
         };
-        drop(opening);
         if let Some(e) = failed {
             conn.finish_close(&e);
+            crate::events::closed(conn.id(), Some(addr), &e, false);
+            if ran {
+                // `on_open` ran to its end: the close follows it.
+                let _ = guard_handler(|| handler.on_close(&conn, &e));
+            }
+            if abandoned() {
+                // Given up by its owner meanwhile (a call of `on_open`'s
+                // failed as the reactors stopped): only the end.
+                return Err(Error::Closed);
+            }
             let e = e.dialling(addr, DialPhase::Open);
             crate::events::dial_failed(&e);
             return Err(e);
