@@ -381,27 +381,18 @@ fn every_request_that_runs_out_of_time_is_counted_once() {
     }
     let mut resp = Vec::new();
     let blocking = client.request(&[7u8; 2048], &mut resp);
-    assert!(
-        matches!(root(&blocking), Some(Error::Timeout(TimeoutKind::Request))),
-        "{blocking:?}"
-    );
-    assert_eq!(
-        client.stats().requests_timed_out,
+    timed_out(
+        &client,
+        blocking,
         1,
-        "a blocking request that timed out waiting for room"
+        "a blocking request that timed out waiting for room",
     );
     let asynchronous = futures::executor::block_on(client.request_async(&[7u8; 2048], &mut resp));
-    assert!(
-        matches!(
-            root(&asynchronous),
-            Some(Error::Timeout(TimeoutKind::Request))
-        ),
-        "{asynchronous:?}"
-    );
-    assert_eq!(
-        client.stats().requests_timed_out,
+    timed_out(
+        &client,
+        asynchronous,
         2,
-        "an async request that timed out waiting for room"
+        "an async request that timed out waiting for room",
     );
     // Both waited for room on the one connection the client dialled.
     assert_eq!(client.stats().connections_opened, 1);
@@ -422,39 +413,37 @@ fn every_request_that_runs_out_of_time_is_counted_once() {
     )
     .unwrap();
     let blocking = client.request(b"hello", &mut resp);
-    assert!(
-        matches!(root(&blocking), Some(Error::Timeout(TimeoutKind::Request))),
-        "{blocking:?}"
-    );
-    assert_eq!(
-        client.stats().requests_timed_out,
+    timed_out(
+        &client,
+        blocking,
         1,
-        "a blocking request that timed out in its dial"
+        "a blocking request that timed out in its dial",
     );
     // Held back by that dial's failure (cut short after 100 ms): it fails
     // at once with that error, not having run out of its own time.
     let held_back = client.request(b"hello", &mut resp);
-    assert!(
-        matches!(root(&held_back), Some(Error::Timeout(TimeoutKind::Request))),
-        "{held_back:?}"
-    );
-    assert_eq!(
-        client.stats().requests_timed_out,
+    timed_out(
+        &client,
+        held_back,
         1,
-        "a request held back by another's cut-short dial"
+        "a request held back by another's cut-short dial",
     );
     let asynchronous = futures::executor::block_on(client.request_async(b"hello", &mut resp));
-    assert!(
-        matches!(
-            root(&asynchronous),
-            Some(Error::Timeout(TimeoutKind::Request))
-        ),
-        "{asynchronous:?}"
-    );
-    assert_eq!(
-        client.stats().requests_timed_out,
+    timed_out(
+        &client,
+        asynchronous,
         2,
-        "an async request that timed out waiting for a dial"
+        "an async request that timed out waiting for a dial",
     );
     client.shutdown();
+}
+
+/// Checks that a request failed with a request timeout and that
+/// `client` has counted `counted` timed-out requests since it started.
+fn timed_out(client: &Client, result: Result<(), Error>, counted: u64, what: &str) {
+    assert!(
+        matches!(root(&result), Some(Error::Timeout(TimeoutKind::Request))),
+        "{what}: {result:?}"
+    );
+    assert_eq!(client.stats().requests_timed_out, counted, "{what}");
 }
