@@ -348,12 +348,17 @@ impl Pool {
         // Given up when the client shuts down: shutdown must not wait for
         // a dial bounded only by its own timeouts, or by none.
         let dial_started = Instant::now();
-        let dialled = self.workers.pick().dial_within(
-            self.addr,
-            self.handler.clone(),
-            deadline.get(),
-            &|| self.signal.is_closed(),
-        );
+        // On the reactor with the fewest connections (dials are one at a
+        // time, under the dial lock, and the reactor counts a connection
+        // before the lock is let go): a round robin that async calls also
+        // draw from for their timers could stack them on one.
+        let reactor = self
+            .workers
+            .least_loaded(false)
+            .unwrap_or_else(|| self.workers.pick());
+        let dialled = reactor.dial_within(self.addr, self.handler.clone(), deadline.get(), &|| {
+            self.signal.is_closed()
+        });
         let result = match dialled {
             Ok(conn) if self.signal.is_closed() => {
                 conn.close();

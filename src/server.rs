@@ -118,7 +118,7 @@ impl Admission {
     /// the fewest connections (see [`Workers::least_loaded`]).
     fn place(&self, stream: std::net::TcpStream, peer: Option<SocketAddr>) {
         let release = self.limit.release_hook();
-        match self.workers.least_loaded() {
+        match self.workers.least_loaded(true) {
             Some(reactor) => {
                 // A refusal (the reactor stopped meanwhile) has closed the
                 // connection and given its place back.

@@ -68,16 +68,18 @@ impl Workers {
     }
 
     /// The running reactor with the fewest connections; on a tie, the one
-    /// running on this thread (a reactor that accepted the connection), or
+    /// running on this thread if `here` (a reactor that accepted the
+    /// connection), else one that is not (a client's handler that dials:
+    /// its own reactor could not read its blocking call's response), or
     /// the first. A handful of long-lived connections opened one after
     /// another spread over the reactors this way, while a reactor that
     /// accepts keeps what it accepts as long as it holds no more than the
     /// others, and a connection costs no hop to another thread.
-    pub(crate) fn least_loaded(&self) -> Option<&ReactorHandle> {
+    pub(crate) fn least_loaded(&self, here: bool) -> Option<&ReactorHandle> {
         self.handles
             .iter()
             .filter(|h| !h.is_stopped())
-            .min_by_key(|h| (h.connections(), !h.driver().is_current()))
+            .min_by_key(|h| (h.connections(), h.driver().is_current() != here))
     }
 
     /// Adds every reactor's counters into `into`.

@@ -224,3 +224,80 @@ fn shutdown_leaves_a_callers_listener_listening() {
         );
     });
 }
+
+// A client's connections spread over its reactors too, whatever else has
+// drawn on them meanwhile: an async call takes a reactor for its timers
+// from the same round robin that placed dials, so a dial after one landed
+// on the reactor of the dial before (with two reactors), and the client's
+// two connections shared one thread.
+#[test]
+fn a_clients_connections_spread_over_its_reactors() {
+    within(30, || {
+        let (go_on, release) = mpsc::channel::<()>();
+        let release = Mutex::new(release);
+        let server = Server::bind(
+            "127.0.0.1:0",
+            server_config(),
+            move |ctx: &mut monte_rpc::Context<'_>| {
+                if ctx.body() == b"hold" {
+                    let _ = release
+                        .lock()
+                        .unwrap()
+                        .recv_timeout(Duration::from_secs(10));
+                }
+                // A message first: the client's handler says which of its
+                // threads reads this connection.
+                let _ = ctx.conn().send_no_wait(b"which thread?");
+                let _ = ctx.reply(b"ok");
+            },
+        )
+        .unwrap();
+        let read_on: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+        let seen = read_on.clone();
+        let client = Arc::new(
+            Client::with_handler(
+                server.local_addr(),
+                client_config().workers(2).max_conns(2),
+                move |_: &mut monte_rpc::Context<'_>| {
+                    let name = thread::current().name().unwrap_or("?").to_string();
+                    *seen.lock().unwrap().entry(name).or_default() += 1;
+                },
+            )
+            .unwrap(),
+        );
+        let mut resp = Vec::new();
+        client.request(b"first", &mut resp).unwrap();
+        // An async call, made and dropped: it draws a reactor for its
+        // timers.
+        drop(client.request_async(b"unpolled", &mut Vec::new()));
+        // The first connection busy: the next request dials a second.
+        let held = {
+            let client = client.clone();
+            thread::spawn(move || client.request(b"hold", &mut Vec::new()))
+        };
+        thread::sleep(Duration::from_millis(100));
+        client.request(b"second", &mut resp).unwrap();
+        go_on.send(()).unwrap();
+        held.join().unwrap().unwrap();
+        assert_eq!(client.connections(), 2);
+        assert!(
+            wait_until(Duration::from_secs(5), || read_on
+                .lock()
+                .unwrap()
+                .values()
+                .sum::<usize>()
+                == 3),
+            "the client's handler heard {:?}",
+            read_on.lock().unwrap()
+        );
+        let threads = read_on.lock().unwrap().len();
+        assert_eq!(
+            threads,
+            2,
+            "connections per client thread: {:?}",
+            read_on.lock().unwrap()
+        );
+        client.shutdown();
+        server.shutdown();
+    });
+}
