@@ -251,8 +251,7 @@ impl Client {
             Ok(found) => found,
             Err(e) => {
                 let passed = no_time_left(timeout) || deadline.is_some_and(|d| d.passed());
-                // Any reactor's counters (all are summed), without moving
-                // the round robin that places dials.
+                // Any reactor's counters (all are summed).
                 if let Some(first) = self.pool.workers.handles().first() {
                     first.driver().stats().count_request_failure(&e, passed);
                 }

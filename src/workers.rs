@@ -1,7 +1,7 @@
 //! A set of reactor threads owned by a [`Client`](crate::Client) or
-//! [`Server`](crate::Server): spawned together, chosen round-robin (a
-//! client's dials) or by load (a server's connections), stopped and joined
-//! together.
+//! [`Server`](crate::Server): spawned together, chosen by load (a
+//! client's dials, a server's connections) or round-robin (an async call's
+//! timers), stopped and joined together.
 
 use std::thread::{JoinHandle, ThreadId};
 
@@ -56,7 +56,8 @@ impl Workers {
         Ok(())
     }
 
-    /// The next reactor, round-robin.
+    /// The next reactor, round-robin: for an async call's timers, and a
+    /// dial's when no reactor runs.
     pub(crate) fn pick(&self) -> &ReactorHandle {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
         &self.handles[i]
@@ -67,19 +68,21 @@ impl Workers {
         &self.handles
     }
 
-    /// The running reactor with the fewest connections; on a tie, the one
-    /// running on this thread if `here` (a reactor that accepted the
-    /// connection), else one that is not (a client's handler that dials:
-    /// its own reactor could not read its blocking call's response), or
-    /// the first. A handful of long-lived connections opened one after
-    /// another spread over the reactors this way, while a reactor that
-    /// accepts keeps what it accepts as long as it holds no more than the
-    /// others, and a connection costs no hop to another thread.
+    /// The running reactor with the fewest connections (the first of
+    /// those). If `here`, the one running on this thread wins a tie (a
+    /// reactor that accepted the connection keeps it as long as it holds
+    /// no more than the others, and it costs no hop to another thread);
+    /// else that one is taken only if no other runs (a client's handler
+    /// that dials: its own reactor could not read its blocking call's
+    /// response). A handful of long-lived connections opened one after
+    /// another spread over the reactors this way.
     pub(crate) fn least_loaded(&self, here: bool) -> Option<&ReactorHandle> {
-        self.handles
-            .iter()
-            .filter(|h| !h.is_stopped())
-            .min_by_key(|h| (h.connections(), h.driver().is_current() != here))
+        let running = self.handles.iter().filter(|h| !h.is_stopped());
+        if here {
+            running.min_by_key(|h| (h.connections(), !h.driver().is_current()))
+        } else {
+            running.min_by_key(|h| (h.driver().is_current(), h.connections()))
+        }
     }
 
     /// Adds every reactor's counters into `into`.

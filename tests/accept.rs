@@ -1,5 +1,6 @@
 //! How a server's reactors accept: whichever is awake accepts, and each
-//! connection goes to the reactor that holds the fewest.
+//! connection goes to the reactor that holds the fewest; and how a
+//! client's dials spread over its reactors the same way.
 
 mod common;
 use common::{client_config, server_config, wait_until, within};
@@ -235,11 +236,14 @@ fn a_clients_connections_spread_over_its_reactors() {
     within(30, || {
         let (go_on, release) = mpsc::channel::<()>();
         let release = Mutex::new(release);
+        let holding = Arc::new(AtomicBool::new(false));
+        let held_here = holding.clone();
         let server = Server::bind(
             "127.0.0.1:0",
             server_config(),
             move |ctx: &mut monte_rpc::Context<'_>| {
                 if ctx.body() == b"hold" {
+                    held_here.store(true, Ordering::SeqCst);
                     let _ = release
                         .lock()
                         .unwrap()
@@ -275,7 +279,7 @@ fn a_clients_connections_spread_over_its_reactors() {
             let client = client.clone();
             thread::spawn(move || client.request(b"hold", &mut Vec::new()))
         };
-        thread::sleep(Duration::from_millis(100));
+        assert!(wait_until(Duration::from_secs(5), || holding.load(Ordering::SeqCst)));
         client.request(b"second", &mut resp).unwrap();
         go_on.send(()).unwrap();
         held.join().unwrap().unwrap();
