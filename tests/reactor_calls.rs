@@ -228,13 +228,39 @@ fn replies_to_requests_read_at_a_resume_are_written_at_once() {
     });
 }
 
+/// Where a handler finds the client it belongs to (set once the client
+/// exists).
+type ClientSlot = Arc<std::sync::OnceLock<std::sync::Weak<Client>>>;
+
+/// A client of one connection to `addr`, with 3 s send and request
+/// timeouts, whose handler (made from the slot) can call it.
+fn client_its_handler_calls<H: monte_rpc::Handler>(
+    addr: std::net::SocketAddr,
+    handler: impl FnOnce(ClientSlot) -> H,
+) -> Arc<Client> {
+    let slot: ClientSlot = Arc::default();
+    let client = Arc::new(
+        Client::with_handler(
+            addr,
+            Config::default()
+                .max_conns(1)
+                .send_timeout(Some(Duration::from_secs(3)))
+                .request_timeout(Some(Duration::from_secs(3))),
+            handler(slot.clone()),
+        )
+        .unwrap(),
+    );
+    slot.set(Arc::downgrade(&client)).unwrap();
+    client
+}
+
 /// What the calls made from `on_open` gave.
 type Answers = Arc<Mutex<Vec<Result<Vec<u8>, Error>>>>;
 
 /// A client whose handler's `on_open` calls that very client: the
 /// connection being opened.
 struct CallsItsClient {
-    client: Arc<std::sync::OnceLock<std::sync::Weak<Client>>>,
+    client: ClientSlot,
     answers: Answers,
 }
 
@@ -287,23 +313,11 @@ fn a_client_call_from_on_open_uses_the_connection_being_opened() {
         // The first call blocking (its thread dials), then async (the
         // pool's dial thread dials).
         for blocking in [true, false] {
-            let slot = Arc::new(std::sync::OnceLock::new());
             let answers = Arc::new(Mutex::new(Vec::new()));
-            let handler = CallsItsClient {
-                client: slot.clone(),
+            let client = client_its_handler_calls(server.local_addr(), |client| CallsItsClient {
+                client,
                 answers: answers.clone(),
-            };
-            let client = Arc::new(
-                Client::with_handler(
-                    server.local_addr(),
-                    Config::default()
-                        .max_conns(1)
-                        .request_timeout(Some(Duration::from_secs(3))),
-                    handler,
-                )
-                .unwrap(),
-            );
-            slot.set(Arc::downgrade(&client)).unwrap();
+            });
             let start = std::time::Instant::now();
             let mut resp = Vec::new();
             if blocking {
@@ -349,7 +363,7 @@ fn a_client_call_from_on_open_uses_the_connection_being_opened() {
 /// A client whose handler closes each connection in `on_open` (a peer it
 /// rejects), and calls its client from `on_close`.
 struct Rejects {
-    client: Arc<std::sync::OnceLock<std::sync::Weak<Client>>>,
+    client: ClientSlot,
     closes: Arc<Mutex<Vec<Result<(), Error>>>>,
 }
 
@@ -385,24 +399,11 @@ fn a_connection_closed_in_on_open_fails_its_dial() {
             },
         )
         .unwrap();
-        let slot = Arc::new(std::sync::OnceLock::new());
         let closes = Arc::new(Mutex::new(Vec::new()));
-        let handler = Rejects {
-            client: slot.clone(),
+        let client = client_its_handler_calls(server.local_addr(), |client| Rejects {
+            client,
             closes: closes.clone(),
-        };
-        let client = Arc::new(
-            Client::with_handler(
-                server.local_addr(),
-                Config::default()
-                    .max_conns(1)
-                    .send_timeout(Some(Duration::from_secs(3)))
-                    .request_timeout(Some(Duration::from_secs(3))),
-                handler,
-            )
-            .unwrap(),
-        );
-        slot.set(Arc::downgrade(&client)).unwrap();
+        });
         let start = std::time::Instant::now();
         let e = client.request(b"first", &mut Vec::new()).unwrap_err();
         let took = start.elapsed();
