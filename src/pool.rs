@@ -22,6 +22,7 @@ use crate::conn::{Connection, Driver};
 use crate::error::{DialPhase, Error, Result, TimeoutKind};
 use crate::handler::Handler;
 use crate::opening::opening_on_this_thread;
+use crate::reactor::on_reactor_thread;
 use crate::sync::signal::ShutdownSignal;
 use crate::sync::wake::wake;
 use crate::sync::{lock, read, write, Mutex, MutexGuard, RwLock};
@@ -493,14 +494,32 @@ impl Pool {
             None
         };
         drop(pool);
-        let conn = match shared {
+        let mut conn = match shared {
             Some(conn) => conn,
             None => self.choose(false)?,
         };
+        // A request from a handler cannot wait on a connection of its own
+        // reactor (which would have to read the response meanwhile):
+        // another reactor's connection, busy or not, can take it.
+        if on_reactor_thread() && conn.driver().is_current() {
+            if let Some(elsewhere) = self.least_loaded_elsewhere() {
+                conn = elsewhere;
+            }
+        }
         if conn.load() == 0 {
             conn.set_taken_at(now);
         }
         Some(conn)
+    }
+
+    /// The least loaded open connection that is not on this thread's
+    /// reactor.
+    fn least_loaded_elsewhere(&self) -> Option<Connection> {
+        read(&self.conns)
+            .iter()
+            .filter(|c| !c.is_closed() && !c.driver().is_current())
+            .min_by_key(|c| c.load())
+            .cloned()
     }
 
     /// After a request timed out on `conn` with not a byte back since it

@@ -431,3 +431,96 @@ fn a_connection_closed_in_on_open_fails_its_dial() {
         server.shutdown();
     });
 }
+
+/// A client's handler that makes a blocking request on its own client:
+/// a connection on the handler's own reactor cannot take it (that reactor
+/// would have to read the response while it waits), but the client's
+/// other connection, on its other reactor, can.
+#[test]
+fn a_request_from_a_clients_handler_takes_a_connection_of_another_reactor() {
+    within(30, || {
+        let (go_on, release) = std::sync::mpsc::channel::<()>();
+        let release = Mutex::new(release);
+        let holding = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let held_here = holding.clone();
+        // The server's side of each connection, to send on later.
+        let theirs: Arc<Mutex<Vec<monte_rpc::Connection>>> = Arc::default();
+        let seen = theirs.clone();
+        let server = Server::bind(
+            "127.0.0.1:0",
+            Config::server(),
+            move |ctx: &mut Context<'_>| {
+                if ctx.body() == b"hold" {
+                    held_here.store(true, Ordering::SeqCst);
+                    let _ = release
+                        .lock()
+                        .unwrap()
+                        .recv_timeout(Duration::from_secs(10));
+                }
+                let mut seen = seen.lock().unwrap();
+                if !seen.iter().any(|c| c.id() == ctx.conn().id()) {
+                    seen.push(ctx.conn().clone());
+                }
+                drop(seen);
+                let _ = ctx.reply(b"ok");
+            },
+        )
+        .unwrap();
+        let answers: Answers = Arc::default();
+        let client = {
+            let answers = answers.clone();
+            let slot: ClientSlot = Arc::default();
+            let handler_slot = slot.clone();
+            let client = Arc::new(
+                Client::with_handler(
+                    server.local_addr(),
+                    Config::default()
+                        .workers(2)
+                        .max_conns(2)
+                        .request_timeout(Some(Duration::from_secs(3))),
+                    move |_: &mut Context<'_>| {
+                        let client = handler_slot.get().and_then(|c| c.upgrade()).unwrap();
+                        let mut resp = Vec::new();
+                        let asked = client.request(b"from the handler", &mut resp).map(|_| resp);
+                        answers.lock().unwrap().push(asked);
+                    },
+                )
+                .unwrap(),
+            );
+            slot.set(Arc::downgrade(&client)).unwrap();
+            client
+        };
+        // Two connections, one on each reactor: the second dialled while
+        // the first is held.
+        let held = {
+            let client = client.clone();
+            std::thread::spawn(move || client.request(b"hold", &mut Vec::new()))
+        };
+        assert!(wait_until(Duration::from_secs(5), || holding.load(Ordering::SeqCst)));
+        client.request(b"second", &mut Vec::new()).unwrap();
+        go_on.send(()).unwrap();
+        held.join().unwrap().unwrap();
+        assert_eq!(client.connections(), 2);
+        // A message on each connection in turn: its reactor's handler asks.
+        let theirs = theirs.lock().unwrap().clone();
+        assert_eq!(theirs.len(), 2);
+        for (i, conn) in theirs.iter().enumerate() {
+            conn.send_no_wait(b"ask me").unwrap();
+            assert!(
+                wait_until(Duration::from_secs(10), || answers.lock().unwrap().len()
+                    == i + 1),
+                "the handler asked {} times",
+                answers.lock().unwrap().len()
+            );
+        }
+        for asked in answers.lock().unwrap().iter() {
+            assert_eq!(
+                asked.as_ref().map_err(Error::to_string),
+                Ok(&b"ok".to_vec()),
+                "a request from the client's handler"
+            );
+        }
+        client.shutdown();
+        server.shutdown();
+    });
+}

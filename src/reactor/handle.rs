@@ -28,6 +28,11 @@ thread_local! {
     static CURRENT_REACTOR: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
+/// Whether this thread runs a reactor (a handler's call, say).
+pub(crate) fn on_reactor_thread() -> bool {
+    CURRENT_REACTOR.with(|c| c.get()) != 0
+}
+
 /// Marks the thread as running a reactor for as long as it lives.
 pub(super) struct RunningGuard(usize);
 
