@@ -68,6 +68,15 @@ struct ShareView {
     quiet_for: u64,
 }
 
+/// What `may_share` looks at of `conn`, at `now` ([`now_nanos`]).
+fn share_view(conn: &Connection, now: u64) -> ShareView {
+    ShareView {
+        load: conn.load(),
+        answer_time: conn.answer_time(),
+        quiet_for: now.saturating_sub(conn.quiet_since()),
+    }
+}
+
 /// Whether a request may use a connection in this state without dialling
 /// first: an idle one always; a busy one while it carries fewer than
 /// [`SHARED_REQUESTS`], answers within [`FAST_ANSWER`] on average, and has
@@ -474,12 +483,8 @@ impl Pool {
         let pool = read(&self.conns);
         let spread = self.config.max_conns.max(1).min(self.config.workers.max(1));
         // Closed connections are dropped by `choose`, below.
+        let view = |c: &Connection| share_view(c, now);
         let shared = if pool.len() >= spread && !pool.iter().any(|c| c.is_closed()) {
-            let view = |c: &Connection| ShareView {
-                load: c.load(),
-                answer_time: c.answer_time(),
-                quiet_for: now.saturating_sub(c.quiet_since()),
-            };
             // The least loaded of the first `spread` that may be shared,
             // else of the rest: connections dialled past `spread` (while
             // the first were slow or stalled, or when the client started)
@@ -500,26 +505,32 @@ impl Pool {
         };
         // A request from a handler cannot wait on a connection of its own
         // reactor (which would have to read the response meanwhile):
-        // another reactor's connection, busy or not, can take it.
+        // another reactor's that it may share, else a new one (dialled
+        // elsewhere) while the pool has room, else the least loaded
+        // elsewhere.
         if on_reactor_thread() && conn.driver().is_current() {
-            if let Some(elsewhere) = self.least_loaded_elsewhere() {
-                conn = elsewhere;
-            }
+            let pool = read(&self.conns);
+            let elsewhere = pool
+                .iter()
+                .filter(|c| !c.is_closed() && !c.driver().is_current());
+            let shareable = elsewhere
+                .clone()
+                .filter(|c| may_share(view(c)))
+                .min_by_key(|c| c.load());
+            let full = pool.len() >= self.config.max_conns.max(1);
+            conn = match shareable {
+                Some(c) => c.clone(),
+                None if !full => return None,
+                None => match elsewhere.min_by_key(|c| c.load()) {
+                    Some(c) => c.clone(),
+                    None => conn,
+                },
+            };
         }
         if conn.load() == 0 {
             conn.set_taken_at(now);
         }
         Some(conn)
-    }
-
-    /// The least loaded open connection that is not on this thread's
-    /// reactor.
-    fn least_loaded_elsewhere(&self) -> Option<Connection> {
-        read(&self.conns)
-            .iter()
-            .filter(|c| !c.is_closed() && !c.driver().is_current())
-            .min_by_key(|c| c.load())
-            .cloned()
     }
 
     /// After a request timed out on `conn` with not a byte back since it

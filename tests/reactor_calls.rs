@@ -448,7 +448,7 @@ fn a_request_from_a_clients_handler_takes_a_connection_of_another_reactor() {
         let seen = theirs.clone();
         let server = Server::bind(
             "127.0.0.1:0",
-            Config::server(),
+            Config::server().workers(2),
             move |ctx: &mut Context<'_>| {
                 if ctx.body() == b"hold" {
                     held_here.store(true, Ordering::SeqCst);
