@@ -234,20 +234,14 @@ fn shutdown_leaves_a_callers_listener_listening() {
 #[test]
 fn a_clients_connections_spread_over_its_reactors() {
     within(30, || {
-        let (go_on, release) = mpsc::channel::<()>();
-        let release = Mutex::new(release);
-        let holding = Arc::new(AtomicBool::new(false));
-        let held_here = holding.clone();
+        let hold = common::Hold::new();
+        let held_here = hold.clone();
         let server = Server::bind(
             "127.0.0.1:0",
             server_config(),
             move |ctx: &mut monte_rpc::Context<'_>| {
                 if ctx.body() == b"hold" {
-                    held_here.store(true, Ordering::SeqCst);
-                    let _ = release
-                        .lock()
-                        .unwrap()
-                        .recv_timeout(Duration::from_secs(10));
+                    held_here.hold();
                 }
                 // A message first: the client's handler says which of its
                 // threads reads this connection.
@@ -279,9 +273,9 @@ fn a_clients_connections_spread_over_its_reactors() {
             let client = client.clone();
             thread::spawn(move || client.request(b"hold", &mut Vec::new()))
         };
-        assert!(wait_until(Duration::from_secs(5), || holding.load(Ordering::SeqCst)));
+        assert!(hold.held());
         client.request(b"second", &mut resp).unwrap();
-        go_on.send(()).unwrap();
+        hold.release();
         held.join().unwrap().unwrap();
         assert_eq!(client.connections(), 2);
         assert!(

@@ -439,10 +439,8 @@ fn a_connection_closed_in_on_open_fails_its_dial() {
 #[test]
 fn a_request_from_a_clients_handler_takes_a_connection_of_another_reactor() {
     within(30, || {
-        let (go_on, release) = std::sync::mpsc::channel::<()>();
-        let release = Mutex::new(release);
-        let holding = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let held_here = holding.clone();
+        let hold = common::Hold::new();
+        let held_here = hold.clone();
         // The server's side of each connection, to send on later.
         let theirs: Arc<Mutex<Vec<monte_rpc::Connection>>> = Arc::default();
         let seen = theirs.clone();
@@ -451,11 +449,7 @@ fn a_request_from_a_clients_handler_takes_a_connection_of_another_reactor() {
             Config::server().workers(2),
             move |ctx: &mut Context<'_>| {
                 if ctx.body() == b"hold" {
-                    held_here.store(true, Ordering::SeqCst);
-                    let _ = release
-                        .lock()
-                        .unwrap()
-                        .recv_timeout(Duration::from_secs(10));
+                    held_here.hold();
                 }
                 let mut seen = seen.lock().unwrap();
                 if !seen.iter().any(|c| c.id() == ctx.conn().id()) {
@@ -496,9 +490,9 @@ fn a_request_from_a_clients_handler_takes_a_connection_of_another_reactor() {
             let client = client.clone();
             std::thread::spawn(move || client.request(b"hold", &mut Vec::new()))
         };
-        assert!(wait_until(Duration::from_secs(5), || holding.load(Ordering::SeqCst)));
+        assert!(hold.held());
         client.request(b"second", &mut Vec::new()).unwrap();
-        go_on.send(()).unwrap();
+        hold.release();
         held.join().unwrap().unwrap();
         assert_eq!(client.connections(), 2);
         // A message on each connection in turn: its reactor's handler asks.

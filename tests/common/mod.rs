@@ -159,3 +159,43 @@ pub fn connect_with_timeouts(addr: std::net::SocketAddr) -> std::net::TcpStream 
         .unwrap();
     stream
 }
+
+/// A gate a server's handler holds a request at: [`Hold::hold`] (in the
+/// handler) waits until [`Hold::release`] or 10 s, and [`Hold::held`]
+/// (in the test) waits up to 5 s for a handler to be holding.
+pub struct Hold {
+    holding: std::sync::atomic::AtomicBool,
+    gate: std::sync::Mutex<mpsc::Receiver<()>>,
+    open: std::sync::Mutex<mpsc::Sender<()>>,
+}
+
+impl Hold {
+    pub fn new() -> std::sync::Arc<Hold> {
+        let (open, gate) = mpsc::channel();
+        std::sync::Arc::new(Hold {
+            holding: std::sync::atomic::AtomicBool::new(false),
+            gate: std::sync::Mutex::new(gate),
+            open: std::sync::Mutex::new(open),
+        })
+    }
+
+    pub fn hold(&self) {
+        self.holding
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = self
+            .gate
+            .lock()
+            .unwrap()
+            .recv_timeout(Duration::from_secs(10));
+    }
+
+    pub fn held(&self) -> bool {
+        wait_until(Duration::from_secs(5), || {
+            self.holding.load(std::sync::atomic::Ordering::SeqCst)
+        })
+    }
+
+    pub fn release(&self) {
+        self.open.lock().unwrap().send(()).unwrap();
+    }
+}
