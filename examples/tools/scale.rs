@@ -47,7 +47,7 @@ mod args;
 use args::Wire;
 use clap::{Parser, ValueEnum};
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{exit, Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -55,7 +55,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use monte_rpc::{Config, Connection, Context, Handler, NoHandler, Reactor, Server};
+use monte_rpc::protocol::HandshakeFactory;
+use monte_rpc::{Config, Connection, Context, Handler, NoHandler, Profile, Reactor, Server};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Res<T> = Result<T, BoxError>;
@@ -105,6 +106,11 @@ struct Args {
     /// library's]
     #[arg(long, value_name = "R")]
     read_buffer: Option<usize>,
+    /// Plain TCP in place of the library, for the handshake phase only:
+    /// the same processes and dialers, the handshake's 32 bytes each way,
+    /// no cryptography; the floor the kernel and the threads set
+    #[arg(long)]
+    raw: bool,
 }
 
 impl Args {
@@ -146,9 +152,10 @@ fn main() {
         );
         exit(1);
     }
-    let result = match args.role {
-        Role::Server => run_server(&args),
-        Role::Client => run_client(&args),
+    let result = match (args.role, args.raw) {
+        (Role::Server, false) => run_server(&args),
+        (Role::Server, true) => run_raw_server(&args),
+        (Role::Client, _) => run_client(&args),
     };
     if let Err(e) = result {
         eprintln!("scale: {e}");
@@ -246,31 +253,20 @@ fn run_server(args: &Args) -> Res<()> {
         args,
     );
     let server = Server::bind("127.0.0.1:0", config, ScaleHandler(seen.clone()))?;
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "port {}", server.local_addr().port())?;
-    out.flush()?;
-    for line in std::io::stdin().lock().lines() {
-        match line?.trim() {
-            "stats" => {
-                let s = server.stats();
-                writeln!(
-                    out,
-                    "opened {} active {} requests {} refused {} handshakes_failed {} \
-                     closed_read_timeout {} closed_other {}",
-                    seen.opened.load(Ordering::Relaxed),
-                    server.connections(),
-                    seen.requests.load(Ordering::Relaxed),
-                    s.connections_refused,
-                    s.handshakes_failed,
-                    s.closed_read_timeout,
-                    s.closed_other + s.closed_protocol_error + s.closed_write_timeout,
-                )?;
-                out.flush()?;
-            }
-            "quit" => break,
-            other => return Err(format!("server: unknown command {other:?}").into()),
-        }
-    }
+    serve_commands(server.local_addr().port(), || {
+        let s = server.stats();
+        format!(
+            "opened {} active {} requests {} refused {} handshakes_failed {} \
+             closed_read_timeout {} closed_other {}",
+            seen.opened.load(Ordering::Relaxed),
+            server.connections(),
+            seen.requests.load(Ordering::Relaxed),
+            s.connections_refused,
+            s.handshakes_failed,
+            s.closed_read_timeout,
+            s.closed_other + s.closed_protocol_error + s.closed_write_timeout,
+        )
+    })?;
     // A shutdown that hangs must not outlive the parent for long.
     thread::spawn(|| {
         thread::sleep(Duration::from_secs(60));
@@ -279,8 +275,70 @@ fn run_server(args: &Args) -> Res<()> {
     });
     server.shutdown();
     // The parent may be gone already; its exit is what ended the loop.
+    let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "bye").and_then(|()| out.flush());
     Ok(())
+}
+
+/// Says the port on stdout, then answers `stats` with `stats()`'s line
+/// until `quit` or the end of stdin (the parent gone).
+fn serve_commands(port: u16, stats: impl Fn() -> String) -> Res<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "port {port}")?;
+    out.flush()?;
+    for line in std::io::stdin().lock().lines() {
+        match line?.trim() {
+            "stats" => {
+                writeln!(out, "{}", stats())?;
+                out.flush()?;
+            }
+            "quit" => break,
+            other => return Err(format!("server: unknown command {other:?}").into()),
+        }
+    }
+    Ok(())
+}
+
+/// The handshake's first flight each way: an X25519 public key.
+const RAW_FLIGHT: usize = 32;
+
+/// The `--raw` server: one thread per core accepts, reads the client's 32
+/// bytes, answers 32 and keeps the connection open. Blocking calls, no
+/// epoll: the least a plain TCP server can do per connection.
+fn run_raw_server(_args: &Args) -> Res<()> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    let opened = Arc::new(AtomicU64::new(0));
+    let held = Arc::new(Mutex::new(Vec::new()));
+    for i in 0..thread::available_parallelism().map_or(1, |c| c.get()) {
+        let listener = listener.try_clone()?;
+        let (opened, held) = (opened.clone(), held.clone());
+        thread::Builder::new()
+            .name(format!("raw-accept-{i}"))
+            .spawn(move || {
+                for stream in listener.incoming() {
+                    let Ok(mut stream) = stream else { continue };
+                    let mut flight = [0u8; RAW_FLIGHT];
+                    let answered = stream
+                        .set_nodelay(true)
+                        .and_then(|()| stream.read_exact(&mut flight))
+                        .and_then(|()| stream.write_all(&flight));
+                    if answered.is_ok() {
+                        held.lock().unwrap_or_else(|p| p.into_inner()).push(stream);
+                        opened.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })?;
+    }
+    // The accept threads end with the process.
+    serve_commands(port, || {
+        let active = held.lock().unwrap_or_else(|p| p.into_inner()).len();
+        format!(
+            "opened {} active {active} requests 0 refused 0 handshakes_failed 0 \
+             closed_read_timeout 0 closed_other 0",
+            opened.load(Ordering::Relaxed)
+        )
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -309,6 +367,9 @@ impl ServerProcess {
         let mut command = Command::new(exe);
         if let Some(r) = args.read_buffer {
             command.args(["--read-buffer", &r.to_string()]);
+        }
+        if args.raw {
+            command.arg("--raw");
         }
         let mut child = command
             .args(["--role", "server"])
@@ -471,6 +532,14 @@ fn run_client(args: &Args) -> Res<()> {
         });
     }
 
+    if args.raw {
+        let result = raw_phase(args, &mut server, addr);
+        let quit = server.quit(Duration::from_secs(60));
+        finished.store(true, Ordering::Relaxed);
+        result?;
+        return quit;
+    }
+
     // The client side: one embedded reactor per core, on threads of our
     // own. A `Client` pool dials one connection at a time and only while
     // its connections are busy, so it cannot hold N idle connections with
@@ -544,25 +613,17 @@ fn client_phases(
     );
 
     // Phase 1: dial.
+    let handler: Arc<dyn Handler> = Arc::new(NoHandler);
+    let dial = |i: usize| {
+        handles[i % handles.len()]
+            .dial(addr, handler.clone())
+            .map_err(|e| e.to_string())
+    };
     let cpu0 = (cpu_secs(server.pid)?, cpu_secs(me)?);
-    let (conns, dial_hist, failures, dialled_in, opened_in) =
-        dial_all(args, server, addr, handles)?;
+    let dialled = dial_all(args, server, &dial)?;
     let cpu1 = (cpu_secs(server.pid)?, cpu_secs(me)?);
-    let rate = n as f64 / opened_in.as_secs_f64();
-    println!(
-        "handshakes: {rate:.0}/s ({n} in {:.3} s until the server had opened all; the dials \
-         returned after {:.3} s; connect + handshake, no request; {} dialing at once; \
-         dial p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; {failures} failed dials; \
-         cores busy: server {:.2}, client {:.2})",
-        opened_in.as_secs_f64(),
-        dialled_in.as_secs_f64(),
-        args.dialers,
-        ms(dial_hist.value_at_quantile(0.5)),
-        ms(dial_hist.value_at_quantile(0.99)),
-        ms(dial_hist.max()),
-        (cpu1.0 - cpu0.0) / opened_in.as_secs_f64(),
-        (cpu1.1 - cpu0.1) / opened_in.as_secs_f64(),
-    );
+    report_handshakes("handshakes", "connect + handshake", args, &dialled, cpu0, cpu1)?;
+    let conns = dialled.conns;
 
     // Phase 2: memory while idle.
     eprintln!("scale: settling {} ms", args.settle_ms);
@@ -643,16 +704,124 @@ fn client_phases(
     Ok(())
 }
 
-type Dialled = (Vec<Connection>, Histogram<u64>, u64, Duration, Duration);
+/// What [`dial_all`] made, and how long it took.
+struct Dialled<T> {
+    conns: Vec<T>,
+    /// Each dial's time, in nanoseconds.
+    hist: Histogram<u64>,
+    /// Dials that failed (and were retried).
+    failures: u64,
+    /// Until the last dial returned.
+    dialled_in: Duration,
+    /// Until the server had opened every connection.
+    opened_in: Duration,
+}
 
-/// Dials `args.conns` connections from `args.dialers` threads, round-robin
-/// over the reactors, and waits until the server has opened them all.
-fn dial_all(
+/// Prints the dial phase's line: the rate, the dials' times, and the CPU
+/// time both processes spent (`cpu0` and `cpu1`: server and client CPU
+/// seconds before and after), per second and per connection.
+fn report_handshakes<T>(
+    label: &str,
+    what: &str,
+    args: &Args,
+    d: &Dialled<T>,
+    cpu0: (f64, f64),
+    cpu1: (f64, f64),
+) -> Res<()> {
+    let n = args.conns;
+    let secs = d.opened_in.as_secs_f64();
+    let (server_cpu, client_cpu) = (cpu1.0 - cpu0.0, cpu1.1 - cpu0.1);
+    println!(
+        "{label}: {:.0}/s ({n} in {secs:.3} s until the server had opened all; the dials \
+         returned after {:.3} s; {what}, no request; {} dialing at once; \
+         dial p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; {} failed dials; \
+         cores busy: server {:.2}, client {:.2}; CPU per connection {:.0} us)",
+        n as f64 / secs,
+        d.dialled_in.as_secs_f64(),
+        args.dialers,
+        ms(d.hist.value_at_quantile(0.5)),
+        ms(d.hist.value_at_quantile(0.99)),
+        ms(d.hist.max()),
+        d.failures,
+        server_cpu / secs,
+        client_cpu / secs,
+        (server_cpu + client_cpu) * 1e6 / n as f64,
+    );
+    let crypto = handshake_crypto(args.profile.into())?;
+    println!(
+        "# handshake crypto: {crypto:.1} us per connection, both sides' (key pairs, \
+         agreements, key derivation) run in memory on one thread"
+    );
+    Ok(())
+}
+
+/// The CPU time, in microseconds, of one connection's handshake crypto,
+/// both sides', run in memory through the profile's own handshakes.
+fn handshake_crypto(profile: Profile) -> Res<f64> {
+    let once = || -> Res<()> {
+        let (mut client, mut server) = (profile.client()?, profile.server()?);
+        let (mut to_server, mut to_client) = (Vec::new(), Vec::new());
+        client.write_output(&mut to_server);
+        let (mut client_done, mut server_done) = (false, false);
+        for _ in 0..8 {
+            let used = server.read_input(&to_server)?;
+            to_server.drain(..used);
+            server.write_output(&mut to_client);
+            server_done |= server.take_session().is_some();
+            let used = client.read_input(&to_client)?;
+            to_client.drain(..used);
+            client.write_output(&mut to_server);
+            client_done |= client.take_session().is_some();
+            if client_done && server_done {
+                return Ok(());
+            }
+        }
+        Err("the in-memory handshake did not finish".into())
+    };
+    for _ in 0..100 {
+        once()?;
+    }
+    const ROUNDS: u32 = 2000;
+    let started = Instant::now();
+    for _ in 0..ROUNDS {
+        once()?;
+    }
+    Ok(started.elapsed().as_secs_f64() * 1e6 / f64::from(ROUNDS))
+}
+
+/// `--raw`: the dial phase over plain TCP (see [`run_raw_server`]).
+fn raw_phase(args: &Args, server: &mut ServerProcess, addr: std::net::SocketAddr) -> Res<()> {
+    let me = std::process::id();
+    println!(
+        "scale --raw: {} plain TCP connections to one server on loopback, {RAW_FLIGHT} bytes \
+         each way, no cryptography, {} cores",
+        args.conns,
+        thread::available_parallelism().map_or(1, |c| c.get())
+    );
+    let dial = |_: usize| -> Result<std::net::TcpStream, String> {
+        let exchange = || -> std::io::Result<std::net::TcpStream> {
+            let mut stream = std::net::TcpStream::connect(addr)?;
+            stream.set_nodelay(true)?;
+            let mut flight = [0x5a_u8; RAW_FLIGHT];
+            stream.write_all(&flight)?;
+            stream.read_exact(&mut flight)?;
+            Ok(stream)
+        };
+        exchange().map_err(|e| e.to_string())
+    };
+    let cpu0 = (cpu_secs(server.pid)?, cpu_secs(me)?);
+    let dialled = dial_all(args, server, &dial)?;
+    let cpu1 = (cpu_secs(server.pid)?, cpu_secs(me)?);
+    report_handshakes("raw handshakes", "connect + 32 bytes each way", args, &dialled, cpu0, cpu1)
+}
+
+/// Dials `args.conns` connections from `args.dialers` threads with
+/// `dial(i)` for the `i`th, and waits until the server has opened them all.
+fn dial_all<T: Send>(
     args: &Args,
     server: &mut ServerProcess,
-    addr: std::net::SocketAddr,
-    handles: &[monte_rpc::ReactorHandle],
-) -> Res<Dialled> {
+    dial: &(dyn Fn(usize) -> Result<T, String> + Sync),
+) -> Res<Dialled<T>> {
     let n = args.conns;
     let claimed = AtomicUsize::new(0);
     let established = AtomicUsize::new(0);
@@ -662,7 +831,6 @@ fn dial_all(
     // A few failures (a reset under a burst) are retried; many mean the
     // run is broken.
     let max_failures = (n as u64 / 100).max(10);
-    let handler: Arc<dyn Handler> = Arc::new(NoHandler);
     // The clock starts once every dialer is up, so that spawning them is
     // not counted against the handshakes (it shows at small N).
     let start_line = std::sync::Barrier::new(args.dialers + 1);
@@ -697,7 +865,7 @@ fn dial_all(
                         }
                         loop {
                             let t = Instant::now();
-                            match handles[i % handles.len()].dial(addr, handler.clone()) {
+                            match dial(i) {
                                 Ok(conn) => {
                                     hist.saturating_record(t.elapsed().as_nanos() as u64);
                                     mine.push(conn);
@@ -761,13 +929,13 @@ fn dial_all(
         }
         thread::sleep(Duration::from_millis(1));
     };
-    Ok((
+    Ok(Dialled {
         conns,
         hist,
-        failures.load(Ordering::Relaxed),
+        failures: failures.load(Ordering::Relaxed),
         dialled_in,
         opened_in,
-    ))
+    })
 }
 
 type Requested = (u64, u64, Histogram<u64>, Duration, u64);
