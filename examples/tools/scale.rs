@@ -8,7 +8,7 @@
 //! ```text
 //! cargo run --release --example scale -- [--conns N] [--dialers K] [--secs S]
 //!     [--threads T] [--size B] [--settle-ms M] [--profile secure|monte]
-//!     [--read-buffer R]
+//!     [--read-buffer R] [--raw]
 //! cargo run --release --example scale -- --help   # every flag, with its default
 //! ```
 //!
@@ -18,7 +18,9 @@
 //! hard limit first. It then measures, and prints on stdout one line each:
 //!
 //! 1. handshakes per second: K threads dial N connections (connect plus
-//!    handshake, no request), until the server has opened all N;
+//!    handshake, no request), until the server has opened all N, with the
+//!    CPU time both processes spent per connection; then the profile's
+//!    handshake crypto alone (both sides, in memory, on one thread);
 //! 2. resident memory per idle connection, in the server process and in the
 //!    client process: `VmRSS` before the first dial and once all N are
 //!    established and idle (after M ms of settling), divided by N; again
@@ -36,6 +38,13 @@
 //! configuration, except the server's connection cap (raised to fit N)
 //! and, with `--read-buffer`, the receive buffer size of both sides, the
 //! largest part of an idle connection's memory.
+//!
+//! With `--raw`, only the first phase runs, over plain TCP: the same two
+//! processes and K dialers, 32 bytes each way (the handshake's flights),
+//! no cryptography, a blocking server thread per core. Its CPU per
+//! connection plus the handshake crypto is the least a handshake can cost
+//! here, and the cores over that the most handshakes per second any
+//! library could reach: it prints that ceiling.
 //!
 //! Progress goes to stderr. Any error kills the child (a drop guard), the
 //! child exits when its stdin closes (the parent gone), and a watchdog
@@ -752,6 +761,18 @@ fn report_handshakes<T>(
         "# handshake crypto: {crypto:.1} us per connection, both sides' (key pairs, \
          agreements, key derivation) run in memory on one thread"
     );
+    if args.raw {
+        // The library cannot spend less than plain TCP plus its crypto per
+        // connection, nor use more than every core.
+        let cores = thread::available_parallelism().map_or(1, |c| c.get());
+        let floor = (server_cpu + client_cpu) * 1e6 / n as f64 + crypto;
+        println!(
+            "# handshake ceiling: {cores} cores / ({:.0} us raw + {crypto:.0} us crypto) \
+             = {:.0}/s",
+            floor - crypto,
+            cores as f64 * 1e6 / floor
+        );
+    }
     Ok(())
 }
 
