@@ -518,3 +518,95 @@ fn a_request_from_a_clients_handler_takes_a_connection_of_another_reactor() {
         server.shutdown();
     });
 }
+
+/// A client's handler whose `on_open` waits at a gate, and which counts
+/// the `on_close` calls it gets.
+struct HeldOpen {
+    hold: Arc<common::Hold>,
+    closes: Arc<AtomicUsize>,
+}
+
+impl monte_rpc::Handler for HeldOpen {
+    fn on_message(&self, _: &mut Context<'_>) {}
+
+    fn on_open(&self, _: &monte_rpc::Connection) {
+        self.hold.hold();
+    }
+
+    fn on_close(&self, _: &monte_rpc::Connection, _: &Error) {
+        self.closes.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// A client shut down while its handler's `on_open` runs (on the thread
+/// that dials: the caller's, or the pool's dial thread for an async call)
+/// until its reactors have stopped: the shutdown finishes, the call that
+/// dialled fails with `Closed` (the client went away, not the endpoint:
+/// no dial error), the connection, which its stopped reactor refuses,
+/// never joins the pool, and its `on_close` runs once.
+#[test]
+fn a_shutdown_during_on_open_ends_its_dial_as_closed() {
+    within(30, || {
+        let server = Server::bind(
+            "127.0.0.1:0",
+            Config::server().workers(1),
+            |ctx: &mut Context<'_>| {
+                let _ = ctx.reply(b"");
+            },
+        )
+        .unwrap();
+        for blocking in [true, false] {
+            let hold = common::Hold::new();
+            let closes = Arc::new(AtomicUsize::new(0));
+            let client = Arc::new(
+                Client::with_handler(
+                    server.local_addr(),
+                    Config::default()
+                        .max_conns(1)
+                        .request_timeout(Some(Duration::from_secs(5))),
+                    HeldOpen {
+                        hold: hold.clone(),
+                        closes: closes.clone(),
+                    },
+                )
+                .unwrap(),
+            );
+            let caller = {
+                let client = client.clone();
+                std::thread::spawn(move || {
+                    let mut resp = Vec::new();
+                    if blocking {
+                        client.request(b"first", &mut resp)
+                    } else {
+                        futures::executor::block_on(client.request_async(b"first", &mut resp))
+                    }
+                })
+            };
+            assert!(hold.held(), "on_open never ran");
+            let shutdown = {
+                let client = client.clone();
+                std::thread::spawn(move || client.shutdown())
+            };
+            // `on_open` returns once the shutdown has given calls under
+            // way their grace (1 s) and stopped the reactors: once it has
+            // returned, or (if it waits for this dial's thread) after 3 s.
+            wait_until(Duration::from_secs(3), || shutdown.is_finished());
+            hold.release();
+            let result = caller.join().unwrap();
+            shutdown.join().unwrap();
+            // In the call's context (`Error::Call`), as every call's.
+            assert!(
+                matches!(&result, Err(Error::Call { source, .. }) if matches!(**source, Error::Closed)),
+                "blocking: {blocking}: {result:?}"
+            );
+            assert!(
+                wait_until(Duration::from_secs(5), || closes.load(Ordering::SeqCst) > 0),
+                "blocking: {blocking}: on_close never ran"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+            assert_eq!(closes.load(Ordering::SeqCst), 1, "blocking: {blocking}");
+            assert_eq!(client.connections(), 0, "blocking: {blocking}");
+        }
+        server.shutdown();
+    });
+}

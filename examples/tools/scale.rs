@@ -631,7 +631,14 @@ fn client_phases(
     let cpu0 = (cpu_secs(server.pid)?, cpu_secs(me)?);
     let dialled = dial_all(args, server, &dial)?;
     let cpu1 = (cpu_secs(server.pid)?, cpu_secs(me)?);
-    report_handshakes("handshakes", "connect + handshake", args, &dialled, cpu0, cpu1)?;
+    report_handshakes(
+        "handshakes",
+        "connect + handshake",
+        args,
+        &dialled,
+        cpu0,
+        cpu1,
+    )?;
     let conns = dialled.conns;
 
     // Phase 2: memory while idle.
@@ -833,7 +840,14 @@ fn raw_phase(args: &Args, server: &mut ServerProcess, addr: std::net::SocketAddr
     let cpu0 = (cpu_secs(server.pid)?, cpu_secs(me)?);
     let dialled = dial_all(args, server, &dial)?;
     let cpu1 = (cpu_secs(server.pid)?, cpu_secs(me)?);
-    report_handshakes("raw handshakes", "connect + 32 bytes each way", args, &dialled, cpu0, cpu1)
+    report_handshakes(
+        "raw handshakes",
+        "connect + 32 bytes each way",
+        args,
+        &dialled,
+        cpu0,
+        cpu1,
+    )
 }
 
 /// Dials `args.conns` connections from `args.dialers` threads with
