@@ -466,7 +466,8 @@ impl fmt::Display for Error {
                 f.write_str("a waiting call was made on a reactor thread, which it would block")
             }
             Error::AsyncRequestInOnOpen => f.write_str(
-                "an async request was made from on_open, before the connection's reactor reads it",
+                "an async request was made from a dialled connection's on_open (or the on_close \
+                 that follows a close there), before the connection's reactor reads it",
             ),
             Error::Io(e) => write!(f, "i/o error: {e}"),
             Error::Dial {

@@ -365,6 +365,7 @@ fn a_client_call_from_on_open_uses_the_connection_being_opened() {
 struct Rejects {
     client: ClientSlot,
     closes: Arc<Mutex<Vec<Result<(), Error>>>>,
+    async_from_close: Arc<Mutex<Option<Result<(), Error>>>>,
 }
 
 impl monte_rpc::Handler for Rejects {
@@ -380,6 +381,10 @@ impl monte_rpc::Handler for Rejects {
         // for it.
         let sent = client.send(b"from on_close");
         self.closes.lock().unwrap().push(sent);
+        // Only a reactor would read an async request's response, and the
+        // connection never reached one: refused at once, saying where.
+        let asked = futures::executor::block_on(client.request_async(b"async", &mut Vec::new()));
+        *self.async_from_close.lock().unwrap() = Some(asked);
     }
 }
 
@@ -400,9 +405,11 @@ fn a_connection_closed_in_on_open_fails_its_dial() {
         )
         .unwrap();
         let closes = Arc::new(Mutex::new(Vec::new()));
+        let async_from_close = Arc::new(Mutex::new(None));
         let client = client_its_handler_calls(server.local_addr(), |client| Rejects {
             client,
             closes: closes.clone(),
+            async_from_close: async_from_close.clone(),
         });
         let start = std::time::Instant::now();
         let e = client.request(b"first", &mut Vec::new()).unwrap_err();
@@ -426,6 +433,21 @@ fn a_connection_closed_in_on_open_fails_its_dial() {
             "a send on a closed connection: {:?}",
             closes[0]
         );
+        let asked = async_from_close
+            .lock()
+            .unwrap()
+            .take()
+            .expect("on_close asked");
+        match asked {
+            Err(e) => {
+                assert!(
+                    matches!(e.root_cause(), Error::AsyncRequestInOnOpen),
+                    "{e:?}"
+                );
+                assert!(e.to_string().contains("on_close"), "{e}");
+            }
+            Ok(()) => panic!("an async request from on_close was answered"),
+        }
         assert_eq!(client.connections(), 0);
         client.shutdown();
         server.shutdown();
