@@ -38,6 +38,11 @@ use crate::sync::{lock, AtomicBool, Condvar, Mutex, MutexGuard, Ordering};
 /// to the reactor, so one caller never writes for everyone indefinitely.
 const CALLER_WRITE_ROUNDS: usize = 4;
 
+/// The longest a caller that writes before a reactor has the connection
+/// waits for room in the socket before it looks again whether the
+/// connection closed meanwhile.
+const WRITABLE_SLICE: Duration = Duration::from_millis(50);
+
 /// Capacity each of the two outbound buffers has (borrowed from the
 /// reactor's pool on first use), so that coalescing a handful of frames
 /// never grows them on the hot path. Idle connections give them back (see
@@ -396,7 +401,7 @@ impl OutboundQueue {
         }
         match self.enqueue(owner, g, seq, body, mode)? {
             (Some(g), end) if mode == (Mode::Direct { wait: true }) => {
-                self.wait_written(g, end, &mut deadline)
+                self.wait_written(owner, g, end, &mut deadline)
             }
             _ => Ok(()),
         }
@@ -570,8 +575,14 @@ impl OutboundQueue {
         Ok(g)
     }
 
+    /// Waits until the queue is written up to `end`. Before a reactor has
+    /// the connection (a dialled connection's `on_open`), no one else
+    /// writes what the socket did not take at once: the caller waits for
+    /// room in the socket and writes on itself, while no other caller
+    /// does.
     fn wait_written<'a>(
         &'a self,
+        owner: &impl QueueOwner,
         mut g: MutexGuard<'a, Outbound>,
         end: u64,
         deadline: &mut Option<Option<CallDeadline>>,
@@ -583,7 +594,46 @@ impl OutboundQueue {
             if let Some(e) = &g.closed {
                 return Err(e.clone());
             }
+            if !g.writing && !g.reactor_flushing && g.pending() > 0 && owner.has_reactor() {
+                // A caller's write that ended as the reactor took the
+                // connection (the reactor found it writing, the writer
+                // found no reactor yet): the reactor writes the rest.
+                g.reactor_flushing = true;
+                drop(g);
+                owner.ask_reactor_to_flush();
+                g = lock(&self.state);
+                continue;
+            }
+            if !g.writing && !g.reactor_flushing && g.pending() > 0 {
+                drop(g);
+                let left = self.time_left(deadline)?;
+                // In slices: a close meanwhile shows at the next look.
+                crate::sys::wait_writable(
+                    owner.stream(),
+                    Some(left.map_or(WRITABLE_SLICE, |l| l.min(WRITABLE_SLICE))),
+                );
+                g = lock(&self.state);
+                if !g.writing && !g.reactor_flushing && g.pending() > 0 {
+                    g = self.write_out(owner, g, CALLER_WRITE_ROUNDS, false);
+                }
+                continue;
+            }
             g = self.wait_cv(g, deadline)?;
+        }
+    }
+
+    /// The time left before the call's deadline (decided here if the call
+    /// brought none: the send timeout from now), `None` for no limit;
+    /// the timeout once it has passed.
+    fn time_left(&self, deadline: &mut Option<Option<CallDeadline>>) -> Result<Option<Duration>> {
+        let deadline = *deadline
+            .get_or_insert_with(|| CallDeadline::after(self.send_timeout, TimeoutKind::Write));
+        match deadline {
+            None => Ok(None),
+            Some(d) => match d.at.checked_duration_since(Instant::now()) {
+                Some(left) if !left.is_zero() => Ok(Some(left)),
+                _ => Err(Error::Timeout(d.kind)),
+            },
         }
     }
 
@@ -595,19 +645,13 @@ impl OutboundQueue {
         mut g: MutexGuard<'a, Outbound>,
         deadline: &mut Option<Option<CallDeadline>>,
     ) -> Result<MutexGuard<'a, Outbound>> {
-        let deadline = *deadline
-            .get_or_insert_with(|| CallDeadline::after(self.send_timeout, TimeoutKind::Write));
+        let left = self.time_left(deadline)?;
         g.waiters += 1;
-        let g = match deadline {
+        let g = match left {
             None => self.cv.wait(g).unwrap_or_else(|e| e.into_inner()),
-            Some(d) => {
-                let now = Instant::now();
-                if now >= d.at {
-                    g.waiters -= 1;
-                    return Err(Error::Timeout(d.kind));
-                }
+            Some(left) => {
                 self.cv
-                    .wait_timeout(g, d.at - now)
+                    .wait_timeout(g, left)
                     .unwrap_or_else(|e| e.into_inner())
                     .0
             }
@@ -643,8 +687,12 @@ impl OutboundQueue {
                 break;
             }
             if rounds == max_rounds {
-                hand_off = !g.reactor_flushing;
-                g.reactor_flushing = true;
+                // Before a reactor has the connection, the rest stays the
+                // caller's (see `wait_written`).
+                if owner.has_reactor() {
+                    hand_off = !g.reactor_flushing;
+                    g.reactor_flushing = true;
+                }
                 break;
             }
             rounds += 1;
@@ -703,8 +751,15 @@ impl OutboundQueue {
                     g.spare = appended;
                     g.buf = data;
                     g.head = written;
-                    hand_off = !on_reactor && !g.reactor_flushing;
-                    g.reactor_flushing = true;
+                    // A caller hands the rest to the reactor, if one has the
+                    // connection yet: a dialled connection's `on_open` runs
+                    // before, and the caller then writes on itself
+                    // (`wait_written`); whatever it leaves, the reactor
+                    // writes once it takes the connection.
+                    if on_reactor || owner.has_reactor() {
+                        hand_off = !on_reactor && !g.reactor_flushing;
+                        g.reactor_flushing = true;
+                    }
                     break;
                 }
                 WriteOutcome::Failed(e) => {

@@ -632,3 +632,96 @@ fn a_shutdown_during_on_open_ends_its_dial_as_closed() {
         server.shutdown();
     });
 }
+
+/// A client whose handler's `on_open` sends the server a message that
+/// holds it, then one larger than the sockets' buffers, and records how
+/// that went.
+struct SendsLargeInOnOpen {
+    client: ClientSlot,
+    sent: Arc<Mutex<Option<Result<(), Error>>>>,
+    large: usize,
+}
+
+impl monte_rpc::Handler for SendsLargeInOnOpen {
+    fn on_message(&self, _: &mut Context<'_>) {}
+
+    fn on_open(&self, _: &monte_rpc::Connection) {
+        let client = self.client.get().and_then(|c| c.upgrade()).unwrap();
+        let held = client.send(b"hold");
+        let sent = held.and_then(|()| client.send(&vec![7; self.large]));
+        *self.sent.lock().unwrap() = Some(sent);
+    }
+}
+
+/// A send from `on_open` whose frame the socket does not take at once
+/// (the server reads nothing for a while) was handed to the connection's
+/// reactor, which has the connection only once `on_open` returns: the
+/// send waited out its deadline though the server read again long
+/// before. Before a reactor has the connection, the sending thread must
+/// write the rest itself.
+#[test]
+fn a_send_from_on_open_writes_what_the_socket_takes_later() {
+    within(60, || {
+        const LARGE: usize = 24 << 20;
+        let hold = common::Hold::new();
+        let held_here = hold.clone();
+        let received = Arc::new(AtomicUsize::new(0));
+        let seen = received.clone();
+        let server = Server::bind(
+            "127.0.0.1:0",
+            Config::server().workers(1).max_message_size(32 << 20),
+            move |ctx: &mut Context<'_>| {
+                if ctx.body() == b"hold" {
+                    held_here.hold();
+                }
+                if ctx.body().len() == LARGE {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                }
+                if ctx.expects_reply() {
+                    let _ = ctx.reply(b"");
+                }
+            },
+        )
+        .unwrap();
+        let sent = Arc::new(Mutex::new(None));
+        let slot: ClientSlot = Arc::default();
+        let client = Arc::new(
+            Client::with_handler(
+                server.local_addr(),
+                Config::default()
+                    .max_conns(1)
+                    .max_message_size(32 << 20)
+                    .send_timeout(Some(Duration::from_secs(5)))
+                    .request_timeout(Some(Duration::from_secs(10))),
+                SendsLargeInOnOpen {
+                    client: slot.clone(),
+                    sent: sent.clone(),
+                    large: LARGE,
+                },
+            )
+            .unwrap(),
+        );
+        slot.set(Arc::downgrade(&client)).unwrap();
+        let start = std::time::Instant::now();
+        let first = {
+            let client = client.clone();
+            std::thread::spawn(move || client.request(b"first", &mut Vec::new()))
+        };
+        assert!(hold.held(), "the server never held");
+        std::thread::sleep(Duration::from_millis(300));
+        hold.release();
+        first.join().unwrap().unwrap();
+        let took = start.elapsed();
+        let sent = sent.lock().unwrap().take().expect("on_open ran");
+        assert!(sent.is_ok(), "the large send from on_open: {sent:?}");
+        assert!(
+            took < Duration::from_secs(4),
+            "the first call took {took:?}"
+        );
+        assert!(wait_until(Duration::from_secs(5), || received
+            .load(Ordering::SeqCst)
+            == 1));
+        client.shutdown();
+        server.shutdown();
+    });
+}
