@@ -56,7 +56,7 @@ pub trait Handler: Send + Sync + 'static {
     /// [`Error::AsyncRequestInOnOpen`] (as one on this connection does). If
     /// the connection closes during `on_open`, `on_close` follows at once
     /// and the dial fails ([`DialPhase::Open`](crate::DialPhase::Open)). A
-    /// blocking send there writes what the socket takes only later itself,
+    /// blocking call there writes what the socket takes only later itself,
     /// but a call that needs the reactor waits until its deadline: a
     /// request whose response comes after a message the peer sends first,
     /// or an async send whose frame the socket does not take at once.

@@ -397,10 +397,16 @@ impl OutboundQueue {
                     return Err(Error::QueueFull);
                 }
             }
-            _ => g = self.wait_for_room(g, frame, &mut deadline, before_room_wait)?,
+            _ => g = self.wait_for_room(owner, g, frame, &mut deadline, before_room_wait)?,
         }
         match self.enqueue(owner, g, seq, body, mode)? {
             (Some(g), end) if mode == (Mode::Direct { wait: true }) => {
+                self.wait_written(owner, g, end, &mut deadline)
+            }
+            // A request's frame must be out before its response can come,
+            // and before a reactor has the connection no one else writes
+            // what the socket did not take at once.
+            (Some(g), end) if matches!(mode, Mode::Direct { .. }) && !owner.has_reactor() => {
                 self.wait_written(owner, g, end, &mut deadline)
             }
             _ => Ok(()),
@@ -556,6 +562,7 @@ impl OutboundQueue {
 
     fn wait_for_room<'a>(
         &'a self,
+        owner: &impl QueueOwner,
         mut g: MutexGuard<'a, Outbound>,
         frame: usize,
         deadline: &mut Option<Option<CallDeadline>>,
@@ -570,16 +577,12 @@ impl OutboundQueue {
                 g = lock(&self.state);
                 continue;
             }
-            g = self.wait_cv(g, deadline)?;
+            g = self.wait_for_progress(owner, g, deadline)?;
         }
         Ok(g)
     }
 
-    /// Waits until the queue is written up to `end`. Before a reactor has
-    /// the connection (a dialled connection's `on_open`), no one else
-    /// writes what the socket did not take at once: the caller waits for
-    /// room in the socket and writes on itself, while no other caller
-    /// does.
+    /// Waits until the queue is written up to `end`.
     fn wait_written<'a>(
         &'a self,
         owner: &impl QueueOwner,
@@ -594,32 +597,48 @@ impl OutboundQueue {
             if let Some(e) = &g.closed {
                 return Err(e.clone());
             }
-            if !g.writing && !g.reactor_flushing && g.pending() > 0 && owner.has_reactor() {
-                // A caller's write that ended as the reactor took the
-                // connection (the reactor found it writing, the writer
-                // found no reactor yet): the reactor writes the rest.
-                g.reactor_flushing = true;
-                drop(g);
-                owner.ask_reactor_to_flush();
-                g = lock(&self.state);
-                continue;
-            }
-            if !g.writing && !g.reactor_flushing && g.pending() > 0 {
-                drop(g);
-                let left = self.time_left(deadline)?;
-                // In slices: a close meanwhile shows at the next look.
-                crate::sys::wait_writable(
-                    owner.stream(),
-                    Some(left.map_or(WRITABLE_SLICE, |l| l.min(WRITABLE_SLICE))),
-                );
-                g = lock(&self.state);
-                if !g.writing && !g.reactor_flushing && g.pending() > 0 {
-                    g = self.write_out(owner, g, CALLER_WRITE_ROUNDS, false);
-                }
-                continue;
-            }
-            g = self.wait_cv(g, deadline)?;
+            g = self.wait_for_progress(owner, g, deadline)?;
         }
+    }
+
+    /// One wait for the queue to move on, within the call's deadline: on
+    /// the condition variable while a caller or the reactor writes it. But
+    /// before a reactor has the connection (a dialled connection's
+    /// `on_open` runs before), no one else would write what the socket did
+    /// not take at once: the caller then waits for room in the socket (in
+    /// slices, so that a close meanwhile shows) and writes on itself.
+    fn wait_for_progress<'a>(
+        &'a self,
+        owner: &impl QueueOwner,
+        mut g: MutexGuard<'a, Outbound>,
+        deadline: &mut Option<Option<CallDeadline>>,
+    ) -> Result<MutexGuard<'a, Outbound>> {
+        let unattended = |g: &Outbound| !g.writing && !g.reactor_flushing && g.pending() > 0;
+        if !unattended(&g) {
+            return self.wait_cv(g, deadline);
+        }
+        if owner.has_reactor() {
+            // Between the reactor taking the connection and its first
+            // flush (which would write this), or replies it queued for the
+            // end of its turn: asking it to flush costs a command and
+            // waits for no one.
+            g.reactor_flushing = true;
+            drop(g);
+            owner.ask_reactor_to_flush();
+            return Ok(lock(&self.state));
+        }
+        drop(g);
+        let left = self.time_left(deadline)?;
+        crate::sys::wait_writable(
+            owner.stream(),
+            Some(left.map_or(WRITABLE_SLICE, |l| l.min(WRITABLE_SLICE))),
+        );
+        let g = lock(&self.state);
+        Ok(if unattended(&g) {
+            self.write_out(owner, g, CALLER_WRITE_ROUNDS, false)
+        } else {
+            g
+        })
     }
 
     /// The time left before the call's deadline (decided here if the call
@@ -913,6 +932,9 @@ mod tests {
         buffers: BufferPool,
         stats: Counters,
         failures: AtomicUsize,
+        /// Whether a reactor has the connection (`has_reactor`).
+        reactor: AtomicBool,
+        flushes_asked: AtomicUsize,
     }
 
     impl<'a> Owner<'a> {
@@ -923,6 +945,8 @@ mod tests {
                 buffers: BufferPool::new(OUTBOUND_BUFFER, 2),
                 stats: Counters::default(),
                 failures: AtomicUsize::new(0),
+                reactor: AtomicBool::new(true),
+                flushes_asked: AtomicUsize::new(0),
             }
         }
     }
@@ -947,15 +971,60 @@ mod tests {
         fn stats(&self) -> &Counters {
             &self.stats
         }
-        fn ask_reactor_to_flush(&self) {}
+        fn ask_reactor_to_flush(&self) {
+            self.flushes_asked.fetch_add(1, Ordering::Relaxed);
+        }
         fn has_reactor(&self) -> bool {
-            true
+            self.reactor.load(Ordering::Relaxed)
         }
         fn fail(&self, error: Error) {
             self.failures.fetch_add(1, Ordering::Relaxed);
             self.queue.seal_off_if_drained();
             self.queue.close(&error);
         }
+    }
+
+    /// Before a reactor has the connection (a dialled connection's
+    /// `on_open` runs then), no one but the callers writes: a send that
+    /// must wait for room in the queue makes it, a send that the socket
+    /// takes only later writes on until it has, and nothing is handed to
+    /// the reactor.
+    #[test]
+    fn before_a_reactor_has_the_connection_callers_write_it_themselves() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = StdStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut theirs, _) = listener.accept().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        // The peer reads nothing for a while, then everything.
+        let reader = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            let mut sink = [0; 64 << 10];
+            let mut total = 0;
+            while let Ok(n @ 1..) = theirs.read(&mut sink) {
+                total += n;
+            }
+            total
+        });
+        let config = Config::default()
+            .max_queued_bytes(64 << 10)
+            .send_timeout(Some(Duration::from_secs(10)));
+        let queue = queue(&config);
+        let owner = Owner::new(&queue, ours);
+        owner.reactor.store(false, Ordering::Relaxed);
+        let (small, large) = (48 << 10, 8 << 20);
+        let send = |seq, len, mode| {
+            queue.submit(&owner, seq, &vec![seq as u8; len], mode, None, &mut || {})
+        };
+        // Queued for the reactor, which would write it once it took the
+        // connection; the next send needs its room.
+        send(1, small, Mode::Queue).unwrap();
+        send(2, small, Mode::Direct { wait: true }).unwrap();
+        send(3, large, Mode::Direct { wait: true }).unwrap();
+        assert_eq!(owner.flushes_asked.load(Ordering::Relaxed), 0);
+        assert_eq!(owner.failures.load(Ordering::Relaxed), 0);
+        drop(owner);
+        let written = 2 * frame_len(small) + frame_len(large);
+        assert_eq!(reader.join().unwrap(), written);
     }
 
     #[test]

@@ -634,38 +634,48 @@ fn a_shutdown_during_on_open_ends_its_dial_as_closed() {
 }
 
 /// A client whose handler's `on_open` sends the server a message that
-/// holds it, then one larger than the sockets' buffers, and records how
-/// that went.
+/// holds it, then more than the connection's queue and the sockets'
+/// buffers hold, and records how that went.
 struct SendsLargeInOnOpen {
     client: ClientSlot,
     sent: Arc<Mutex<Option<Result<(), Error>>>>,
-    large: usize,
 }
+
+/// What `SendsLargeInOnOpen` sends after the message that holds the
+/// server: `send_no_wait`, `send` (which must wait for room in the
+/// queue: with the first, more than `max_queued_bytes`) and `request`
+/// (larger than the sockets' buffers).
+const QUEUED: usize = 600 << 10;
+const SENT: usize = 600 << 10 | 1;
+const REQUESTED: usize = 24 << 20;
 
 impl monte_rpc::Handler for SendsLargeInOnOpen {
     fn on_message(&self, _: &mut Context<'_>) {}
 
     fn on_open(&self, _: &monte_rpc::Connection) {
         let client = self.client.get().and_then(|c| c.upgrade()).unwrap();
-        let held = client.send(b"hold");
-        let sent = held.and_then(|()| client.send(&vec![7; self.large]));
+        let sent = client
+            .send(b"hold")
+            .and_then(|()| client.send_no_wait(&vec![1; QUEUED]))
+            .and_then(|()| client.send(&vec![2; SENT]))
+            .and_then(|()| client.request(&vec![3; REQUESTED], &mut Vec::new()));
         *self.sent.lock().unwrap() = Some(sent);
     }
 }
 
-/// A send from `on_open` whose frame the socket does not take at once
-/// (the server reads nothing for a while) was handed to the connection's
-/// reactor, which has the connection only once `on_open` returns: the
-/// send waited out its deadline though the server read again long
-/// before. Before a reactor has the connection, the sending thread must
-/// write the rest itself.
+/// Output from `on_open` that the socket does not take at once (the
+/// server reads nothing for a while, and frames larger than the sockets'
+/// buffers) was handed to the connection's reactor, which has the
+/// connection only once `on_open` returns: a send, a send that waits for
+/// room in the queue, and a request waited out their deadlines though the
+/// server read again long before. Before a reactor has the connection,
+/// the calling thread must write the rest itself.
 #[test]
-fn a_send_from_on_open_writes_what_the_socket_takes_later() {
+fn calls_from_on_open_write_what_the_socket_takes_later() {
     within(60, || {
-        const LARGE: usize = 24 << 20;
         let hold = common::Hold::new();
         let held_here = hold.clone();
-        let received = Arc::new(AtomicUsize::new(0));
+        let received = Arc::new(Mutex::new(Vec::new()));
         let seen = received.clone();
         let server = Server::bind(
             "127.0.0.1:0",
@@ -674,9 +684,7 @@ fn a_send_from_on_open_writes_what_the_socket_takes_later() {
                 if ctx.body() == b"hold" {
                     held_here.hold();
                 }
-                if ctx.body().len() == LARGE {
-                    seen.fetch_add(1, Ordering::SeqCst);
-                }
+                seen.lock().unwrap().push(ctx.body().len());
                 if ctx.expects_reply() {
                     let _ = ctx.reply(b"");
                 }
@@ -696,7 +704,6 @@ fn a_send_from_on_open_writes_what_the_socket_takes_later() {
                 SendsLargeInOnOpen {
                     client: slot.clone(),
                     sent: sent.clone(),
-                    large: LARGE,
                 },
             )
             .unwrap(),
@@ -713,14 +720,17 @@ fn a_send_from_on_open_writes_what_the_socket_takes_later() {
         first.join().unwrap().unwrap();
         let took = start.elapsed();
         let sent = sent.lock().unwrap().take().expect("on_open ran");
-        assert!(sent.is_ok(), "the large send from on_open: {sent:?}");
+        assert!(sent.is_ok(), "the calls from on_open: {sent:?}");
         assert!(
             took < Duration::from_secs(4),
             "the first call took {took:?}"
         );
         assert!(wait_until(Duration::from_secs(5), || received
-            .load(Ordering::SeqCst)
-            == 1));
+            .lock()
+            .unwrap()
+            .len()
+            == 5));
+        assert_eq!(*received.lock().unwrap(), [4, QUEUED, SENT, REQUESTED, 5]);
         client.shutdown();
         server.shutdown();
     });
