@@ -59,7 +59,9 @@ pub trait Handler: Send + Sync + 'static {
     /// blocking call there writes what the socket takes only later itself,
     /// but a call that needs the reactor waits until its deadline: a
     /// request whose response comes after a message the peer sends first,
-    /// or an async send whose frame the socket does not take at once.
+    /// an async send whose frame the socket does not take at once, or a
+    /// large write to a peer that stops reading until this side reads what
+    /// it sent meanwhile.
     fn on_open(&self, conn: &Connection) {
         let _ = conn;
     }

@@ -8,7 +8,9 @@
 //! next round, coalescing parallel senders into few syscalls. A caller that
 //! finds the queue idle writes its frame itself (no thread hop); when the
 //! socket would block, or a caller only queues (`send_no_wait`), the reactor
-//! takes over (`reactor_flushing`) until the queue is empty. How the
+//! takes over (`reactor_flushing`) until the queue is empty. Before a
+//! reactor has the connection (a dialled connection's `on_open` runs
+//! then), a waiting caller writes on itself instead. How the
 //! writes go also decides how much the kernel may hold unsent (see
 //! [`LowWater`]): little while the reactor streams queued messages, the
 //! system's while callers write their own frames. The queue reaches the
@@ -368,7 +370,10 @@ impl OutboundQueue {
 
     /// Seals `body` as frame `seq` and hands it on as `mode` says. Waits
     /// for room unless `mode` is one of the reactor thread's;
-    /// `Direct { wait: true }` also waits until the frame is written. The
+    /// `Direct { wait: true }` also waits until the frame is written, and so
+    /// does any `Direct` before a reactor has the connection (no one else
+    /// would write what the socket did not take: a request's response
+    /// cannot come before its frame is out). The
     /// waits end by `by`: the call's own deadline (`Some`; `Some(None)`:
     /// none), or the send timeout from the first wait (`None`). If the
     /// call has to wait for room, `before_room_wait`
@@ -995,6 +1000,15 @@ mod tests {
         let ours = StdStream::connect(listener.local_addr().unwrap()).unwrap();
         let (mut theirs, _) = listener.accept().unwrap();
         ours.set_nonblocking(true).unwrap();
+        // Small socket buffers, whatever the system's: the large frame
+        // below cannot fit until the peer reads.
+        socket2::SockRef::from(&ours)
+            .set_send_buffer_size(64 << 10)
+            .unwrap();
+        socket2::SockRef::from(&theirs)
+            .set_recv_buffer_size(64 << 10)
+            .unwrap();
+        let started = Instant::now();
         // The peer reads nothing for a while, then everything.
         let reader = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(200));
@@ -1020,6 +1034,8 @@ mod tests {
         send(1, small, Mode::Queue).unwrap();
         send(2, small, Mode::Direct { wait: true }).unwrap();
         send(3, large, Mode::Direct { wait: true }).unwrap();
+        // It had to wait for the peer to read: written on by this thread.
+        assert!(started.elapsed() >= Duration::from_millis(150));
         assert_eq!(owner.flushes_asked.load(Ordering::Relaxed), 0);
         assert_eq!(owner.failures.load(Ordering::Relaxed), 0);
         drop(owner);
