@@ -57,11 +57,14 @@ pub trait Handler: Send + Sync + 'static {
     /// the connection closes during `on_open`, `on_close` follows at once
     /// and the dial fails ([`DialPhase::Open`](crate::DialPhase::Open)). A
     /// blocking call there writes what the socket takes only later itself,
-    /// but a call that needs the reactor waits until its deadline: a
-    /// request whose response comes after a message the peer sends first,
+    /// and a request reads past messages the peer sent first: they are set
+    /// aside (up to the larger of `max_message_size` and
+    /// `read_buffer_size` in all) and reach `on_message` once `on_open`
+    /// has returned. A call that needs the reactor still waits until its
+    /// deadline: a request behind more of the peer's messages than that,
     /// an async send whose frame the socket does not take at once, or a
-    /// large write to a peer that stops reading until this side reads what
-    /// it sent meanwhile.
+    /// large write to a peer that stops reading until this side reads
+    /// what it sent meanwhile.
     fn on_open(&self, conn: &Connection) {
         let _ = conn;
     }

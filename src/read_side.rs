@@ -6,8 +6,11 @@
 //! thread does (the turn of [`ReadTurn`]), delivers every response it finds
 //! straight to its completion slot, and leaves anything else (a peer's
 //! request or message, the end of the stream, an error) to the reactor,
-//! which it tells: a response then wakes one thread, not two. While callers
-//! read, the reactor's readable interest is off. The read side reaches the
+//! which it tells: a response then wakes one thread, not two. Before a
+//! reactor has the connection (a dialled connection's `on_open`, whose
+//! request may wait behind the peer's greeting), a caller sets the peer's
+//! messages aside for the reactor instead, within a limit, and reads on.
+//! While callers read, the reactor's readable interest is off. The read side reaches the
 //! connection around it (socket, reactor, completion table) through
 //! [`ReadOwner`].
 
@@ -231,7 +234,10 @@ impl ReadSide {
         let Some(inbound) = self.core.try_take() else {
             return false;
         };
-        if inbound.held.is_some() || inbound.eof || !inbound.is_open() {
+        // Messages set aside before the reactor had the connection are
+        // its to dispatch first, now that it has it.
+        let set_aside_due = inbound.has_set_aside() && owner.token() != usize::MAX;
+        if inbound.held.is_some() || inbound.eof || !inbound.is_open() || set_aside_due {
             self.read_with_turn(owner, inbound);
             return false;
         }
@@ -427,7 +433,17 @@ impl ReadSide {
                         break CallerRead::Reactor;
                     }
                 }
-                Ok(Next::ReactorsTurn) => break CallerRead::Reactor,
+                Ok(Next::ReactorsTurn) => {
+                    // Before a reactor has the connection (a dialled
+                    // connection's `on_open` waits for this response), a
+                    // message of the peer's is set aside for the reactor
+                    // to dispatch first, within a limit, and reading
+                    // goes on.
+                    if owner.token() == usize::MAX && inbound.set_aside_held() {
+                        continue;
+                    }
+                    break CallerRead::Reactor;
+                }
                 Ok(Next::NeedBytes) if drained => break CallerRead::Drained,
                 Ok(Next::NeedBytes) => {
                     if std::mem::take(&mut stale) {

@@ -735,3 +735,83 @@ fn calls_from_on_open_write_what_the_socket_takes_later() {
         server.shutdown();
     });
 }
+
+/// A server that greets each connection with a message of its own before
+/// anything else, and answers requests.
+struct Greets;
+
+impl monte_rpc::Handler for Greets {
+    fn on_message(&self, ctx: &mut Context<'_>) {
+        if ctx.expects_reply() {
+            let _ = ctx.reply(b"answer");
+        }
+    }
+
+    fn on_open(&self, conn: &monte_rpc::Connection) {
+        let _ = conn.send_no_wait(b"hello");
+    }
+}
+
+/// A client whose handler's `on_open` asks its client a question, and
+/// which notes that and the messages it gets, in order.
+struct AsksInOnOpen {
+    client: ClientSlot,
+    events: Arc<Mutex<Vec<String>>>,
+}
+
+impl monte_rpc::Handler for AsksInOnOpen {
+    fn on_message(&self, ctx: &mut Context<'_>) {
+        let body = String::from_utf8_lossy(ctx.body()).into_owned();
+        self.events.lock().unwrap().push(format!("message {body}"));
+    }
+
+    fn on_open(&self, _: &monte_rpc::Connection) {
+        let client = self.client.get().and_then(|c| c.upgrade()).unwrap();
+        let mut resp = Vec::new();
+        let asked = client
+            .request(b"question", &mut resp)
+            .map(|()| String::from_utf8_lossy(&resp).into_owned());
+        self.events
+            .lock()
+            .unwrap()
+            .push(format!("on_open asked: {asked:?}"));
+    }
+}
+
+/// A request from `on_open` to a server that sends a message first: the
+/// caller reading for its response met the greeting, which only the
+/// reactor may hand the handler, and the reactor has the connection only
+/// once `on_open` returns, so the request waited out its deadline. The
+/// greeting is now set aside for the reactor, which hands it on first,
+/// after `on_open`.
+#[test]
+fn a_request_from_on_open_is_answered_behind_the_peers_greeting() {
+    within(30, || {
+        let server = Server::bind("127.0.0.1:0", Config::server().workers(1), Greets).unwrap();
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let client = client_its_handler_calls(server.local_addr(), |client| AsksInOnOpen {
+            client,
+            events: events.clone(),
+        });
+        let start = std::time::Instant::now();
+        let mut resp = Vec::new();
+        client.request(b"first", &mut resp).unwrap();
+        let took = start.elapsed();
+        assert_eq!(resp, b"answer");
+        assert!(
+            took < Duration::from_secs(1),
+            "the first call took {took:?}"
+        );
+        assert!(wait_until(Duration::from_secs(5), || events
+            .lock()
+            .unwrap()
+            .len()
+            >= 2));
+        assert_eq!(
+            *events.lock().unwrap(),
+            [r#"on_open asked: Ok("answer")"#, "message hello"]
+        );
+        client.shutdown();
+        server.shutdown();
+    });
+}

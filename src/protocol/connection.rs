@@ -15,6 +15,7 @@
 //! time. Sealing stays with the outbound queue, since many callers seal in
 //! parallel under its lock.
 
+use std::collections::VecDeque;
 use std::io::{self, Read};
 use std::time::Duration;
 
@@ -229,6 +230,14 @@ pub struct ConnCore {
     opened: (u64, u64),
     /// Handshake output owed to the peer, reused between steps.
     handshake_out: Vec<u8>,
+    /// The peer's messages a caller read past before any reactor had the
+    /// connection (a dialled connection's `on_open` waiting for a response
+    /// behind them), copied out of the buffer, in order: the reactor
+    /// dispatches them before anything else. Their payloads total at most
+    /// `set_aside_limit` bytes.
+    set_aside: VecDeque<(u32, Vec<u8>)>,
+    set_aside_bytes: usize,
+    set_aside_limit: usize,
 }
 
 /// What the handshake gives the rest of the connection once it is done.
@@ -259,6 +268,9 @@ impl ConnCore {
             partial_since: None,
             opened: (0, 0),
             handshake_out: Vec::new(),
+            set_aside: VecDeque::new(),
+            set_aside_bytes: 0,
+            set_aside_limit: limits.max_message_size.max(limits.buffer_size),
         }
     }
 
@@ -493,6 +505,41 @@ impl ConnCore {
         self.payload_at(start, len)
     }
 
+    /// Copies the held message out of the buffer and drops it there, for a
+    /// caller that must read on past it while no reactor could run the
+    /// handler: a dialled connection's `on_open` waiting for a response
+    /// the peer sent after a message of its own. `false`, and nothing
+    /// changes, if no message is held or it would take the messages set
+    /// aside past the larger of the frame limit and the buffer's size.
+    pub fn set_aside_held(&mut self) -> bool {
+        let Some(Held::Message { seq, len }) = self.held else {
+            return false;
+        };
+        let size = self.payload(len).len();
+        if self.set_aside_bytes + size > self.set_aside_limit {
+            return false;
+        }
+        self.set_aside_bytes += size;
+        let body = self.payload(len).to_vec();
+        self.set_aside.push_back((seq, body));
+        self.held = None;
+        self.consume(len);
+        true
+    }
+
+    /// The oldest message set aside ([`set_aside_held`](Self::set_aside_held)),
+    /// its sequence number and payload: the reactor dispatches these first.
+    pub fn take_set_aside(&mut self) -> Option<(u32, Vec<u8>)> {
+        let (seq, body) = self.set_aside.pop_front()?;
+        self.set_aside_bytes -= body.len();
+        Some((seq, body))
+    }
+
+    /// Whether messages set aside wait for the reactor.
+    pub fn has_set_aside(&self) -> bool {
+        !self.set_aside.is_empty()
+    }
+
     /// Gives the receive buffer's memory back if it holds no bytes.
     /// Gives the receive buffer back to `buffers` if it holds no unread
     /// bytes and is of the size it was lent at; a buffer grown for a large
@@ -527,6 +574,8 @@ impl ConnCore {
         rb.start = 0;
         rb.end = 0;
         self.held = None;
+        self.set_aside = VecDeque::new();
+        self.set_aside_bytes = 0;
         self.eof = true;
     }
 

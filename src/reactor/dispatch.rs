@@ -200,6 +200,21 @@ impl Reactor {
             if !within_budget {
                 break Ok(());
             }
+            if inbound.has_set_aside() {
+                // Read past by a caller before this reactor had the
+                // connection: they came first.
+                let (seq, body) = inbound.take_set_aside().expect("one is set aside");
+                dispatched = true;
+                match dispatch(conn, handler, seq, &body) {
+                    Ok(what) => {
+                        served = served.max(what);
+                        within_budget =
+                            what != Served::Requests || life.within_budget(conn.queued());
+                    }
+                    Err(e) => break Err(e),
+                }
+                continue;
+            }
             match inbound.next_frame(now, Taker::Reactor) {
                 Ok(Next::Response { seq, len }) => {
                     match conn.deliver_response(seq, inbound.consume_payload(len)) {

@@ -296,6 +296,73 @@ fn a_caller_takes_responses_only_and_leaves_the_rest_to_the_reactor() {
 }
 
 #[test]
+fn messages_set_aside_by_a_caller_come_out_in_order_within_the_limit() {
+    // The limit: the larger of the frame limit (64) and the buffer (32).
+    let mut core = open_core(64, 32);
+    let big = [0x5a; 60];
+    let wire = sealed(&[
+        (1, b"one"),
+        (3, b"two"),
+        (2, b"r1"),
+        (5, &big),
+        (4, b"r2"),
+        (7, b"three"),
+    ]);
+    let mut source = Chunks {
+        data: &wire,
+        chunk: 4096,
+    };
+    // What a caller meets next, reading more while it needs bytes.
+    let mut caller_next = |core: &mut ConnCore| loop {
+        match core.next_frame(0, Taker::Caller).unwrap() {
+            Next::NeedBytes => match core.fill(&mut source, 0, &Unpooled).unwrap() {
+                Filled::Bytes { .. } => {}
+                _ => return Next::NeedBytes,
+            },
+            next => return next,
+        }
+    };
+    let mut responses = Vec::new();
+    loop {
+        match caller_next(&mut core) {
+            Next::Response { seq, len } => {
+                responses.push(seq);
+                core.consume(len);
+            }
+            Next::ReactorsTurn if core.set_aside_held() => {}
+            Next::ReactorsTurn => break,
+            other => panic!("a caller met {other:?}"),
+        }
+    }
+    // The third message would pass the limit (3 + 3 + 60 > 64): it stays
+    // held, and the response behind it is not read.
+    assert_eq!(responses, [2]);
+    assert!(!core.set_aside_held());
+    assert!(core.has_set_aside());
+    // The reactor dispatches what was set aside first, then the held one.
+    assert_eq!(core.take_set_aside(), Some((1, b"one".to_vec())));
+    assert_eq!(core.take_set_aside(), Some((3, b"two".to_vec())));
+    assert_eq!(core.take_set_aside(), None);
+    let Next::Message { seq, len } = core.next_frame(0, Taker::Reactor).unwrap() else {
+        panic!("the held message did not follow");
+    };
+    assert_eq!((seq, core.payload(len)), (5, &big[..]));
+    core.consume(len);
+    // The caller is let back in; with room again, the next message is set
+    // aside, and a close drops it.
+    let Next::Response { seq: 4, len } = caller_next(&mut core) else {
+        panic!("the response behind the held message was not the caller's");
+    };
+    core.consume(len);
+    assert_eq!(caller_next(&mut core), Next::ReactorsTurn);
+    assert!(core.set_aside_held());
+    assert!(core.has_set_aside());
+    core.discard_input();
+    assert!(!core.has_set_aside());
+    assert_eq!(core.take_set_aside(), None);
+}
+
+#[test]
 fn a_callers_error_is_the_reactors_to_report() {
     let mut core = open_core(1024, 64);
     let mut wire = sealed(&[(2, b"ok")]);
