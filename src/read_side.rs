@@ -234,10 +234,7 @@ impl ReadSide {
         let Some(inbound) = self.core.try_take() else {
             return false;
         };
-        // Messages set aside before the reactor had the connection are
-        // its to dispatch first, now that it has it.
-        let set_aside_due = inbound.has_set_aside() && owner.token() != usize::MAX;
-        if inbound.held.is_some() || inbound.eof || !inbound.is_open() || set_aside_due {
+        if inbound.held.is_some() || inbound.eof || !inbound.is_open() {
             self.read_with_turn(owner, inbound);
             return false;
         }
@@ -402,6 +399,13 @@ impl ReadSide {
         pass: Pass,
         mut now: u64,
     ) -> CallerRead {
+        if inbound.has_set_aside() && owner.token() != usize::MAX {
+            // Messages set aside before the reactor had the connection:
+            // it dispatches them first, and the frames behind them wait
+            // their turn. It may not know of them (it found the turn
+            // taken when it took the connection): it is told.
+            return CallerRead::Reactor;
+        }
         if inbound.held.is_some() || inbound.eof || !inbound.is_open() {
             // The reactor's to read (it was told, or is in the handshake).
             // Taking the turn may have consumed its readiness event,

@@ -236,24 +236,6 @@ fn display_is_one_line_of_name_value_pairs() {
     );
 }
 
-/// Confines the calling thread, and so every thread it starts from now on,
-/// to the first core it may run on: a one-core machine for what it starts.
-fn confine_to_one_core() {
-    // SAFETY: `set` is a plain bit set that both calls only read and
-    // write within its size, passed with that size.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        let size = std::mem::size_of::<libc::cpu_set_t>();
-        assert_eq!(libc::sched_getaffinity(0, size, &mut set), 0);
-        let first = (0..libc::CPU_SETSIZE as usize)
-            .find(|&cpu| libc::CPU_ISSET(cpu, &set))
-            .expect("a core this thread may run on");
-        libc::CPU_ZERO(&mut set);
-        libc::CPU_SET(first, &mut set);
-        assert_eq!(libc::sched_setaffinity(0, size, &set), 0);
-    }
-}
-
 /// `reactor_wakeups` counts the reactor's wake-ups for bytes or commands,
 /// and a caller blocked in `request` reads its own response: its reactor
 /// hears nothing of it, even on one core, where the server's reply is
@@ -262,7 +244,7 @@ fn confine_to_one_core() {
 #[test]
 fn blocking_requests_do_not_wake_the_client_reactor() {
     const REQUESTS: u64 = 300;
-    confine_to_one_core();
+    common::confine_to_one_core();
     let server = Server::bind(
         "127.0.0.1:0",
         Config::server().waiting(Waiting::Block),

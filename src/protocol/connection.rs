@@ -250,6 +250,13 @@ pub struct Handshaken {
     pub peer_identity: Option<[u8; 32]>,
 }
 
+/// What a message set aside counts against its limit: its frame's length
+/// on the wire and its entry in the queue, so that a flood of empty
+/// messages is bounded as well as a few large ones.
+fn set_aside_charge(frame_len: usize) -> usize {
+    frame_len + std::mem::size_of::<(u32, Vec<u8>)>()
+}
+
 impl ConnCore {
     /// The core of `role`'s side of a connection, in `phase`, made at
     /// `now`; its receive buffer holds `leftover` (bytes read past a
@@ -510,16 +517,17 @@ impl ConnCore {
     /// handler: a dialled connection's `on_open` waiting for a response
     /// the peer sent after a message of its own. `false`, and nothing
     /// changes, if no message is held or it would take the messages set
-    /// aside past the larger of the frame limit and the buffer's size.
+    /// aside past the larger of the frame limit and the buffer's size
+    /// (each counted at its length on the wire plus its queue entry).
     pub fn set_aside_held(&mut self) -> bool {
         let Some(Held::Message { seq, len }) = self.held else {
             return false;
         };
-        let size = self.payload(len).len();
-        if self.set_aside_bytes + size > self.set_aside_limit {
+        let charge = set_aside_charge(len);
+        if self.set_aside_bytes + charge > self.set_aside_limit {
             return false;
         }
-        self.set_aside_bytes += size;
+        self.set_aside_bytes += charge;
         let body = self.payload(len).to_vec();
         self.set_aside.push_back((seq, body));
         self.held = None;
@@ -531,7 +539,8 @@ impl ConnCore {
     /// its sequence number and payload: the reactor dispatches these first.
     pub fn take_set_aside(&mut self) -> Option<(u32, Vec<u8>)> {
         let (seq, body) = self.set_aside.pop_front()?;
-        self.set_aside_bytes -= body.len();
+        let len = body.len() + LENGTH_PREFIX_LEN + SEQ_LEN + TAG_LEN;
+        self.set_aside_bytes -= set_aside_charge(len);
         Some((seq, body))
     }
 

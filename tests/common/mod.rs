@@ -199,3 +199,21 @@ impl Hold {
         self.open.lock().unwrap().send(()).unwrap();
     }
 }
+
+/// Confines the calling thread, and so every thread it starts from now on,
+/// to the first core it may run on: a one-core machine for what it starts.
+pub fn confine_to_one_core() {
+    // SAFETY: `set` is a plain bit set that both calls only read and
+    // write within its size, passed with that size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        let size = std::mem::size_of::<libc::cpu_set_t>();
+        assert_eq!(libc::sched_getaffinity(0, size, &mut set), 0);
+        let first = (0..libc::CPU_SETSIZE as usize)
+            .find(|&cpu| libc::CPU_ISSET(cpu, &set))
+            .expect("a core this thread may run on");
+        libc::CPU_ZERO(&mut set);
+        libc::CPU_SET(first, &mut set);
+        assert_eq!(libc::sched_setaffinity(0, size, &set), 0);
+    }
+}

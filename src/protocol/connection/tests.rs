@@ -297,9 +297,11 @@ fn a_caller_takes_responses_only_and_leaves_the_rest_to_the_reactor() {
 
 #[test]
 fn messages_set_aside_by_a_caller_come_out_in_order_within_the_limit() {
-    // The limit: the larger of the frame limit (64) and the buffer (32).
-    let mut core = open_core(64, 32);
-    let big = [0x5a; 60];
+    // The limit: the larger of the frame limit (256) and the buffer (32),
+    // each message counted at its wire length (24 + its payload) plus its
+    // queue entry (32).
+    let mut core = open_core(256, 32);
+    let big = [0x5a; 100];
     let wire = sealed(&[
         (1, b"one"),
         (3, b"two"),
@@ -334,8 +336,8 @@ fn messages_set_aside_by_a_caller_come_out_in_order_within_the_limit() {
             other => panic!("a caller met {other:?}"),
         }
     }
-    // The third message would pass the limit (3 + 3 + 60 > 64): it stays
-    // held, and the response behind it is not read.
+    // The third message would pass the limit (59 + 59 + 156 > 256): it
+    // stays held, and the response behind it is not read.
     assert_eq!(responses, [2]);
     assert!(!core.set_aside_held());
     assert!(core.has_set_aside());
@@ -360,6 +362,34 @@ fn messages_set_aside_by_a_caller_come_out_in_order_within_the_limit() {
     core.discard_input();
     assert!(!core.has_set_aside());
     assert_eq!(core.take_set_aside(), None);
+}
+
+#[test]
+fn empty_messages_set_aside_count_against_the_limit_too() {
+    // A limit of 64: one empty message (24 on the wire, 32 in the queue).
+    let mut core = open_core(64, 32);
+    let wire = sealed(&[(1, b""), (3, b""), (2, b"r1")]);
+    let mut source = Chunks {
+        data: &wire,
+        chunk: 4096,
+    };
+    core.fill(&mut source, 0, &Unpooled).unwrap();
+    assert_eq!(
+        core.next_frame(0, Taker::Caller).unwrap(),
+        Next::ReactorsTurn
+    );
+    assert!(core.set_aside_held());
+    assert_eq!(
+        core.next_frame(0, Taker::Caller).unwrap(),
+        Next::ReactorsTurn
+    );
+    assert!(
+        !core.set_aside_held(),
+        "a second empty message passed the limit"
+    );
+    assert_eq!(core.take_set_aside(), Some((1, Vec::new())));
+    // Taken: its room is back.
+    assert!(core.set_aside_held());
 }
 
 #[test]
