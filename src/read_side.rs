@@ -234,7 +234,10 @@ impl ReadSide {
         let Some(inbound) = self.core.try_take() else {
             return false;
         };
-        if inbound.held.is_some() || inbound.eof || !inbound.is_open() {
+        // Messages set aside before the reactor had the connection are its
+        // to dispatch first: it is told, and this caller parks.
+        let set_aside_due = inbound.has_set_aside() && owner.token() != usize::MAX;
+        if inbound.held.is_some() || inbound.eof || !inbound.is_open() || set_aside_due {
             self.read_with_turn(owner, inbound);
             return false;
         }

@@ -794,10 +794,23 @@ fn a_request_from_on_open_is_answered_behind_the_peers_greeting() {
         let server = Server::bind("127.0.0.1:0", Config::server().workers(1), Greets).unwrap();
         for round in 0..20 {
             let events = Arc::new(Mutex::new(Vec::new()));
-            let client = client_its_handler_calls(server.local_addr(), |client| AsksInOnOpen {
-                client,
-                events: events.clone(),
-            });
+            // Callers that block at once, as on a one-core machine.
+            let slot: ClientSlot = Arc::default();
+            let client = Arc::new(
+                Client::with_handler(
+                    server.local_addr(),
+                    Config::default()
+                        .max_conns(1)
+                        .waiting(monte_rpc::Waiting::Block)
+                        .request_timeout(Some(Duration::from_secs(3))),
+                    AsksInOnOpen {
+                        client: slot.clone(),
+                        events: events.clone(),
+                    },
+                )
+                .unwrap(),
+            );
+            slot.set(Arc::downgrade(&client)).unwrap();
             let start = std::time::Instant::now();
             let mut resp = Vec::new();
             client.request(b"first", &mut resp).unwrap();

@@ -277,7 +277,13 @@ impl ConnCore {
             handshake_out: Vec::new(),
             set_aside: VecDeque::new(),
             set_aside_bytes: 0,
-            set_aside_limit: limits.max_message_size.max(limits.buffer_size),
+            // One message of the largest size always fits.
+            set_aside_limit: set_aside_charge(
+                limits.max_message_size.max(limits.buffer_size)
+                    + LENGTH_PREFIX_LEN
+                    + SEQ_LEN
+                    + TAG_LEN,
+            ),
         }
     }
 
@@ -517,8 +523,9 @@ impl ConnCore {
     /// handler: a dialled connection's `on_open` waiting for a response
     /// the peer sent after a message of its own. `false`, and nothing
     /// changes, if no message is held or it would take the messages set
-    /// aside past the larger of the frame limit and the buffer's size
-    /// (each counted at its length on the wire plus its queue entry).
+    /// aside past their limit: each counts its length on the wire plus its
+    /// queue entry, and one message of the larger of the frame limit and
+    /// the buffer's size fits.
     pub fn set_aside_held(&mut self) -> bool {
         let Some(Held::Message { seq, len }) = self.held else {
             return false;
@@ -541,6 +548,10 @@ impl ConnCore {
         let (seq, body) = self.set_aside.pop_front()?;
         let len = body.len() + LENGTH_PREFIX_LEN + SEQ_LEN + TAG_LEN;
         self.set_aside_bytes -= set_aside_charge(len);
+        if self.set_aside.is_empty() {
+            // A flood of small messages grew it: the memory goes.
+            self.set_aside = VecDeque::new();
+        }
         Some((seq, body))
     }
 

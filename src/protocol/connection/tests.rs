@@ -297,11 +297,11 @@ fn a_caller_takes_responses_only_and_leaves_the_rest_to_the_reactor() {
 
 #[test]
 fn messages_set_aside_by_a_caller_come_out_in_order_within_the_limit() {
-    // The limit: the larger of the frame limit (256) and the buffer (32),
-    // each message counted at its wire length (24 + its payload) plus its
-    // queue entry (32).
+    // The limit: one message of the larger of the frame limit (256) and
+    // the buffer (32), each message counted at its wire length (24 + its
+    // payload) plus its queue entry.
     let mut core = open_core(256, 32);
-    let big = [0x5a; 100];
+    let big = [0x5a; 200];
     let wire = sealed(&[
         (1, b"one"),
         (3, b"two"),
@@ -336,8 +336,9 @@ fn messages_set_aside_by_a_caller_come_out_in_order_within_the_limit() {
             other => panic!("a caller met {other:?}"),
         }
     }
-    // The third message would pass the limit (59 + 59 + 156 > 256): it
-    // stays held, and the response behind it is not read.
+    // The third message would pass the limit (3 + 3 + 200 bytes of
+    // payload and 3 frames' overhead, over 256 and one frame's): it stays
+    // held, and the response behind it is not read.
     assert_eq!(responses, [2]);
     assert!(!core.set_aside_held());
     assert!(core.has_set_aside());
@@ -366,26 +367,30 @@ fn messages_set_aside_by_a_caller_come_out_in_order_within_the_limit() {
 
 #[test]
 fn empty_messages_set_aside_count_against_the_limit_too() {
-    // A limit of 64: one empty message (24 on the wire, 32 in the queue).
+    // A limit of one 64-byte message and its overhead: two empty messages
+    // (their overhead each) fit, a third does not.
     let mut core = open_core(64, 32);
-    let wire = sealed(&[(1, b""), (3, b""), (2, b"r1")]);
+    let wire = sealed(&[(1, b""), (3, b""), (5, b""), (2, b"r1")]);
     let mut source = Chunks {
         data: &wire,
         chunk: 4096,
     };
-    core.fill(&mut source, 0, &Unpooled).unwrap();
-    assert_eq!(
-        core.next_frame(0, Taker::Caller).unwrap(),
-        Next::ReactorsTurn
-    );
-    assert!(core.set_aside_held());
-    assert_eq!(
-        core.next_frame(0, Taker::Caller).unwrap(),
-        Next::ReactorsTurn
-    );
+    let mut caller_next = |core: &mut ConnCore| loop {
+        match core.next_frame(0, Taker::Caller).unwrap() {
+            Next::NeedBytes => {
+                core.fill(&mut source, 0, &Unpooled).unwrap();
+            }
+            next => return next,
+        }
+    };
+    for _ in 0..2 {
+        assert_eq!(caller_next(&mut core), Next::ReactorsTurn);
+        assert!(core.set_aside_held());
+    }
+    assert_eq!(caller_next(&mut core), Next::ReactorsTurn);
     assert!(
         !core.set_aside_held(),
-        "a second empty message passed the limit"
+        "a third empty message passed the limit"
     );
     assert_eq!(core.take_set_aside(), Some((1, Vec::new())));
     // Taken: its room is back.
