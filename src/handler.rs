@@ -58,8 +58,9 @@ pub trait Handler: Send + Sync + 'static {
     /// and the dial fails ([`DialPhase::Open`](crate::DialPhase::Open)). A
     /// blocking call there writes what the socket takes only later itself,
     /// and a request reads past messages the peer sent first: they are set
-    /// aside (up to the larger of `max_message_size` and
-    /// `read_buffer_size` in all) and reach `on_message` once `on_open`
+    /// aside (as many as one message of the larger of `max_message_size`
+    /// and `read_buffer_size` would take, counting some 56 bytes of
+    /// framing and bookkeeping each) and reach `on_message` once `on_open`
     /// has returned. A call that needs the reactor still waits until its
     /// deadline: a request behind more of the peer's messages than that,
     /// an async send whose frame the socket does not take at once, or a
