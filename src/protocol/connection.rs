@@ -233,8 +233,9 @@ pub struct ConnCore {
     /// The peer's messages a caller read past before any reactor had the
     /// connection (a dialled connection's `on_open` waiting for a response
     /// behind them), copied out of the buffer, in order: the reactor
-    /// dispatches them before anything else. Their payloads total at most
-    /// `set_aside_limit` bytes.
+    /// dispatches them before anything else. Each counts its wire length
+    /// and its entry (`set_aside_charge`) against `set_aside_limit`, which
+    /// one message of the largest size fills.
     set_aside: VecDeque<(u32, Vec<u8>)>,
     set_aside_bytes: usize,
     set_aside_limit: usize,

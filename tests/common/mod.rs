@@ -203,11 +203,13 @@ impl Hold {
 /// Confines the calling thread, and so every thread it starts from now on,
 /// to the first core it may run on: a one-core machine for what it starts,
 /// though the library still judges its waiting by the process's cores.
+/// Linux only; elsewhere it leaves the thread as it is.
 pub fn confine_to_one_core() {
     // The library reads the cores it may use once per process, from the
     // affinity of the thread that first asks: asked here first, it sees
     // the process's, whichever test runs first.
     let _ = monte_rpc::Config::default().waiting.spin_time();
+    #[cfg(target_os = "linux")]
     // SAFETY: `set` is a plain bit set that both calls only read and
     // write within its size, passed with that size.
     unsafe {
