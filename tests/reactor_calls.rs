@@ -232,26 +232,47 @@ fn replies_to_requests_read_at_a_resume_are_written_at_once() {
 /// exists).
 type ClientSlot = Arc<std::sync::OnceLock<std::sync::Weak<Client>>>;
 
-/// A client of one connection to `addr`, with 3 s send and request
-/// timeouts, whose handler (made from the slot) can call it.
+/// One connection, 3 s send and request timeouts: what
+/// [`client_its_handler_calls`] gives its client.
+fn one_connection() -> Config {
+    Config::default()
+        .max_conns(1)
+        .send_timeout(Some(Duration::from_secs(3)))
+        .request_timeout(Some(Duration::from_secs(3)))
+}
+
+/// A client of `addr` made with [`one_connection`], whose handler (made
+/// from the slot) can call it.
 fn client_its_handler_calls<H: monte_rpc::Handler>(
     addr: std::net::SocketAddr,
     handler: impl FnOnce(ClientSlot) -> H,
 ) -> Arc<Client> {
+    client_its_handler_calls_with(addr, one_connection(), handler)
+}
+
+/// A client of `addr` made with `config`, whose handler (made from the
+/// slot) can call it.
+fn client_its_handler_calls_with<H: monte_rpc::Handler>(
+    addr: std::net::SocketAddr,
+    config: Config,
+    handler: impl FnOnce(ClientSlot) -> H,
+) -> Arc<Client> {
     let slot: ClientSlot = Arc::default();
-    let client = Arc::new(
-        Client::with_handler(
-            addr,
-            Config::default()
-                .max_conns(1)
-                .send_timeout(Some(Duration::from_secs(3)))
-                .request_timeout(Some(Duration::from_secs(3))),
-            handler(slot.clone()),
-        )
-        .unwrap(),
-    );
+    let client = Arc::new(Client::with_handler(addr, config, handler(slot.clone())).unwrap());
     slot.set(Arc::downgrade(&client)).unwrap();
     client
+}
+
+/// A server on one reactor that answers every request with an empty body.
+fn empty_reply_server() -> Server {
+    Server::bind(
+        "127.0.0.1:0",
+        Config::server().workers(1),
+        |ctx: &mut Context<'_>| {
+            let _ = ctx.reply(b"");
+        },
+    )
+    .unwrap()
 }
 
 /// What the calls made from `on_open` gave.
@@ -396,14 +417,7 @@ impl monte_rpc::Handler for Rejects {
 #[test]
 fn a_connection_closed_in_on_open_fails_its_dial() {
     within(30, || {
-        let server = Server::bind(
-            "127.0.0.1:0",
-            Config::server().workers(1),
-            |ctx: &mut Context<'_>| {
-                let _ = ctx.reply(b"");
-            },
-        )
-        .unwrap();
+        let server = empty_reply_server();
         let closes = Arc::new(Mutex::new(Vec::new()));
         let async_from_close = Arc::new(Mutex::new(None));
         let client = client_its_handler_calls(server.local_addr(), |client| Rejects {
@@ -569,29 +583,17 @@ impl monte_rpc::Handler for HeldOpen {
 #[test]
 fn a_shutdown_during_on_open_ends_its_dial_as_closed() {
     within(30, || {
-        let server = Server::bind(
-            "127.0.0.1:0",
-            Config::server().workers(1),
-            |ctx: &mut Context<'_>| {
-                let _ = ctx.reply(b"");
-            },
-        )
-        .unwrap();
+        let server = empty_reply_server();
         for blocking in [true, false] {
             let hold = common::Hold::new();
             let closes = Arc::new(AtomicUsize::new(0));
-            let client = Arc::new(
-                Client::with_handler(
-                    server.local_addr(),
-                    Config::default()
-                        .max_conns(1)
-                        .request_timeout(Some(Duration::from_secs(5))),
-                    HeldOpen {
-                        hold: hold.clone(),
-                        closes: closes.clone(),
-                    },
-                )
-                .unwrap(),
+            let client = client_its_handler_calls_with(
+                server.local_addr(),
+                one_connection().request_timeout(Some(Duration::from_secs(5))),
+                |_| HeldOpen {
+                    hold: hold.clone(),
+                    closes: closes.clone(),
+                },
             );
             let caller = {
                 let client = client.clone();
@@ -692,23 +694,17 @@ fn calls_from_on_open_write_what_the_socket_takes_later() {
         )
         .unwrap();
         let sent = Arc::new(Mutex::new(None));
-        let slot: ClientSlot = Arc::default();
-        let client = Arc::new(
-            Client::with_handler(
-                server.local_addr(),
-                Config::default()
-                    .max_conns(1)
-                    .max_message_size(32 << 20)
-                    .send_timeout(Some(Duration::from_secs(5)))
-                    .request_timeout(Some(Duration::from_secs(10))),
-                SendsLargeInOnOpen {
-                    client: slot.clone(),
-                    sent: sent.clone(),
-                },
-            )
-            .unwrap(),
+        let client = client_its_handler_calls_with(
+            server.local_addr(),
+            one_connection()
+                .max_message_size(32 << 20)
+                .send_timeout(Some(Duration::from_secs(5)))
+                .request_timeout(Some(Duration::from_secs(10))),
+            |client| SendsLargeInOnOpen {
+                client,
+                sent: sent.clone(),
+            },
         );
-        slot.set(Arc::downgrade(&client)).unwrap();
         let start = std::time::Instant::now();
         let first = {
             let client = client.clone();
@@ -795,22 +791,14 @@ fn a_request_from_on_open_is_answered_behind_the_peers_greeting() {
         for round in 0..20 {
             let events = Arc::new(Mutex::new(Vec::new()));
             // Callers that block at once, as on a one-core machine.
-            let slot: ClientSlot = Arc::default();
-            let client = Arc::new(
-                Client::with_handler(
-                    server.local_addr(),
-                    Config::default()
-                        .max_conns(1)
-                        .waiting(monte_rpc::Waiting::Block)
-                        .request_timeout(Some(Duration::from_secs(3))),
-                    AsksInOnOpen {
-                        client: slot.clone(),
-                        events: events.clone(),
-                    },
-                )
-                .unwrap(),
+            let client = client_its_handler_calls_with(
+                server.local_addr(),
+                one_connection().waiting(monte_rpc::Waiting::Block),
+                |client| AsksInOnOpen {
+                    client,
+                    events: events.clone(),
+                },
             );
-            slot.set(Arc::downgrade(&client)).unwrap();
             let start = std::time::Instant::now();
             let mut resp = Vec::new();
             client.request(b"first", &mut resp).unwrap();
