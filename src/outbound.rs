@@ -956,6 +956,16 @@ mod tests {
         }
     }
 
+    /// A loopback connection: our end non-blocking, as a connection's
+    /// socket is, and the peer's.
+    fn socket_pair() -> (StdStream, StdStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = StdStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (theirs, _) = listener.accept().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        (ours, theirs)
+    }
+
     fn queue(config: &Config) -> OutboundQueue {
         OutboundQueue::new(Some(Sealer::new([7; 32], Profile::Secure)), config)
     }
@@ -996,10 +1006,7 @@ mod tests {
     /// the reactor.
     #[test]
     fn before_a_reactor_has_the_connection_callers_write_it_themselves() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let ours = StdStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (mut theirs, _) = listener.accept().unwrap();
-        ours.set_nonblocking(true).unwrap();
+        let (ours, mut theirs) = socket_pair();
         // Small socket buffers, whatever the system's: the large frame
         // below cannot fit until the peer reads.
         socket2::SockRef::from(&ours)
@@ -1086,10 +1093,7 @@ mod tests {
     #[cfg(any(target_os = "linux", target_os = "android"))]
     #[test]
     fn a_stream_of_queued_messages_sets_the_low_water_on_its_socket() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let ours = StdStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (mut theirs, _) = listener.accept().unwrap();
-        ours.set_nonblocking(true).unwrap();
+        let (ours, mut theirs) = socket_pair();
         let reader = std::thread::spawn(move || {
             let mut sink = [0; 64 << 10];
             while matches!(theirs.read(&mut sink), Ok(n) if n > 0) {}
@@ -1135,10 +1139,7 @@ mod tests {
     /// keep coming up short. The reader returns all it read once our end
     /// closes.
     fn slow_reader(chunk: usize, pause: Duration) -> (StdStream, std::thread::JoinHandle<Vec<u8>>) {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let ours = StdStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (mut theirs, _) = listener.accept().unwrap();
-        ours.set_nonblocking(true).unwrap();
+        let (ours, mut theirs) = socket_pair();
         socket2::SockRef::from(&ours)
             .set_send_buffer_size(16 << 10)
             .unwrap();
@@ -1416,10 +1417,7 @@ mod tests {
 
     #[test]
     fn a_write_the_peer_cut_short_reports_the_socket_error_not_a_bare_close() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let ours = StdStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (theirs, _) = listener.accept().unwrap();
-        ours.set_nonblocking(true).unwrap();
+        let (ours, theirs) = socket_pair();
         // The peer resets the connection: our next write fails.
         socket2::SockRef::from(&theirs)
             .set_linger(Some(Duration::ZERO))
