@@ -8,7 +8,7 @@ use crate::conn::Connection;
 use crate::error::{socket_error, Result, SocketOp};
 use crate::handler::{guard_handler, Context, Handler};
 use crate::outbound::Flushed;
-use crate::protocol::connection::{ConnCore, Filled, Next, Output, ReadGate, Taker};
+use crate::protocol::connection::{ConnCore, Filled, Lifecycle, Next, Output, ReadGate, Taker};
 use crate::socket_write::write_all_briefly;
 use crate::stats::Counters;
 use crate::sync::completion::Delivered;
@@ -200,17 +200,12 @@ impl Reactor {
             if !within_budget {
                 break Ok(());
             }
-            if inbound.has_set_aside() {
-                // Read past by a caller before this reactor had the
-                // connection: they came first.
-                let (seq, body) = inbound.take_set_aside().expect("one is set aside");
+            // Read past by a caller before this reactor had the
+            // connection: they came first.
+            if let Some((seq, body)) = inbound.take_set_aside() {
                 dispatched = true;
-                match dispatch(conn, handler, seq, &body) {
-                    Ok(what) => {
-                        served = served.max(what);
-                        within_budget =
-                            what != Served::Requests || life.within_budget(conn.queued());
-                    }
+                match handled(dispatch(conn, handler, seq, &body), &mut served, life, conn) {
+                    Ok(within) => within_budget = within,
                     Err(e) => break Err(e),
                 }
                 continue;
@@ -227,12 +222,8 @@ impl Reactor {
                     dispatched = true;
                     let result = dispatch(conn, handler, seq, inbound.payload(len));
                     inbound.consume(len);
-                    match result {
-                        Ok(what) => {
-                            served = served.max(what);
-                            within_budget =
-                                what != Served::Requests || life.within_budget(conn.queued());
-                        }
+                    match handled(result, &mut served, life, conn) {
+                        Ok(within) => within_budget = within,
                         Err(e) => break Err(e),
                     }
                 }
@@ -320,6 +311,20 @@ impl Reactor {
             self.close(key, reason);
         }
     }
+}
+
+/// Notes what a dispatched message's handler did (`result`, from
+/// [`dispatch`]) in `served`, and says whether the connection is still
+/// within its output budget: looked at after replies only.
+fn handled(
+    result: Result<Served>,
+    served: &mut Served,
+    life: &Lifecycle,
+    conn: &Connection,
+) -> Result<bool> {
+    let what = result?;
+    *served = (*served).max(what);
+    Ok(what != Served::Requests || life.within_budget(conn.queued()))
 }
 
 /// Calls the handler for one message, and says whether it replied at once
