@@ -582,14 +582,13 @@ impl Connection {
         }
         // The handle may outlive the connection by far (an application
         // that replies later keeps it): its buffers go now. A caller
-        // reading the socket meanwhile (its turn) finds it closed and ends.
+        // reading the socket meanwhile (its turn) finds it shut down, ends,
+        // and drops the input as it lets go of the turn.
         // A server connection still in its handshake has no caller yet (its
         // handle is out only from `on_open`), so its turn is free here and
         // its handshake is dropped now, guarded (`discard_input`).
         sh.out.free_buffers();
-        if let Some(mut core) = sh.read.core.try_take() {
-            core.discard_input();
-        }
+        sh.read.discard_input();
     }
 }
 

@@ -199,7 +199,7 @@ impl ReadSide {
     pub(crate) fn new(core: ConnCore) -> Self {
         ReadSide {
             last_read: AtomicU64::new(core.last_read()),
-            core: ReadTurn::new(core),
+            core: ReadTurn::new(core, ConnCore::discard_input),
             interest: Mutex::new(Interest::default()),
         }
     }
@@ -514,6 +514,14 @@ impl ReadSide {
         outcome
     }
 
+    /// Reactor side, closing the connection: its input (receive buffer,
+    /// a frame held for the reactor, messages set aside, an unfinished
+    /// handshake) is dropped now if no thread reads, else by the thread
+    /// that does as it lets go of the turn.
+    pub(crate) fn discard_input(&self) {
+        self.core.close();
+    }
+
     /// Reactor side: runs `f` on the connection's core unless a caller is
     /// reading it (then `None`: that caller judges the deadlines itself),
     /// and gives the turn back. If a readiness event came with the turn or
@@ -633,6 +641,57 @@ mod tests {
             theirs,
             Sealer::new(key, Profile::Secure),
         )
+    }
+
+    /// Half a frame, read into the receive buffer.
+    fn half_a_frame(sealer: &mut Sealer, theirs: &mut std::net::TcpStream) {
+        let mut frame = Vec::new();
+        sealer.seal_append(1, &[7; 1000], &mut frame).unwrap();
+        theirs.write_all(&frame[..frame.len() / 2]).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    /// The connection closes while a caller holds the read turn with half a
+    /// frame buffered: the close cannot take the turn, so the caller must
+    /// drop the input as it gives the turn back, or the buffer stays for as
+    /// long as any handle to the connection lives.
+    #[test]
+    fn input_held_by_a_caller_at_the_close_goes_when_it_gives_the_turn_back() {
+        let (side, owner, mut theirs, mut sealer) = connection();
+        half_a_frame(&mut sealer, &mut theirs);
+        let mut turn = side.core.try_take().expect("the turn is free");
+        side.read_responses(&owner, &mut turn, Pass::Socket, now_nanos());
+        assert!(turn.buffer_len() > 0, "the half frame was not read");
+        side.discard_input();
+        side.give_back(&owner, turn);
+        let core = side.core.try_take().expect("the turn is free");
+        assert_eq!(core.buffer_len(), 0, "the closed connection kept its input");
+    }
+
+    /// As above, with the caller asleep in `recv` when the connection
+    /// closes: the shutdown wakes it with the end of the stream, which it
+    /// hands to the reactor (dropping the turn, not releasing it).
+    #[test]
+    fn input_of_a_caller_asleep_in_recv_at_the_close_goes_as_it_wakes() {
+        let (side, owner, mut theirs, mut sealer) = connection();
+        half_a_frame(&mut sealer, &mut theirs);
+        std::thread::scope(|s| {
+            let caller = s.spawn(|| {
+                let deadline = Instant::now() + Duration::from_secs(5);
+                side.wait_on_socket(&owner, &|| false, Some(deadline))
+            });
+            std::thread::sleep(Duration::from_millis(100));
+            assert!(side.core.try_take().is_none(), "the caller is not waiting");
+            side.discard_input();
+            owner.stream.shutdown(std::net::Shutdown::Both).unwrap();
+            assert!(
+                caller.join().unwrap(),
+                "the caller did not wait on the socket"
+            );
+        });
+        let core = side.core.try_take().expect("the turn is free");
+        assert!(core.eof, "the caller did not read the end of the stream");
+        assert_eq!(core.buffer_len(), 0, "the closed connection kept its input");
     }
 
     /// The reactor hears of the peer's response and its end of stream in

@@ -214,7 +214,7 @@ fn read_turn_never_loses_an_edge() {
     model(|| {
         // (bytes that arrived, holders right now)
         let socket = Arc::new((AtomicUsize::new(0), AtomicUsize::new(0)));
-        let turn = Arc::new(ReadTurn::new(0usize));
+        let turn = Arc::new(ReadTurn::new(0usize, |_| {}));
         fn read_while_held<'a>(
             turn: &'a ReadTurn<usize>,
             socket: &(AtomicUsize, AtomicUsize),
@@ -291,10 +291,13 @@ fn read_turn_decliner_hands_the_event_on() {
     model(|| {
         let arrived = Arc::new(AtomicUsize::new(0));
         let commands = Arc::new(AtomicUsize::new(1));
-        let turn = Arc::new(ReadTurn::new(Side {
-            read: 0,
-            held: true,
-        }));
+        let turn = Arc::new(ReadTurn::new(
+            Side {
+                read: 0,
+                held: true,
+            },
+            |_| {},
+        ));
         let reactor = {
             let (arrived, commands, turn) = (arrived.clone(), commands.clone(), turn.clone());
             spawn(move || {
@@ -531,5 +534,54 @@ fn a_timeout_races_the_response() {
         let next = table.begin_for_task(Vec::new()).unwrap();
         assert!(!table.complete(seq, b"late"));
         drop(next.cancel());
+    });
+}
+
+/// Model 13, the read turn closed under its holders. A caller reads into
+/// the value (bytes buffered) and gives the turn back (released, reading
+/// again while it comes back); the reactor reads and drops the turn
+/// instead (its hand-off on the end of the stream); meanwhile the
+/// connection closes. Invariant: no two threads ever hold the turn, and
+/// once every thread is done nothing read is left in the value: whoever
+/// lets go last after the close discarded it.
+#[test]
+fn a_closed_read_turn_leaves_nothing_behind_its_last_holder() {
+    model(|| {
+        // (bytes buffered, holders right now)
+        let turn = Arc::new(ReadTurn::new(0usize, |buffered| *buffered = 0));
+        let holders = Arc::new(AtomicUsize::new(0));
+        fn read(holders: &AtomicUsize, buffered: &mut usize) {
+            assert_eq!(holders.fetch_add(1, Ordering::SeqCst), 0, "two readers");
+            *buffered = 1;
+            holders.fetch_sub(1, Ordering::SeqCst);
+        }
+        let caller = {
+            let (turn, holders) = (turn.clone(), holders.clone());
+            spawn(move || {
+                let Some(mut guard) = turn.try_take() else {
+                    return;
+                };
+                loop {
+                    read(&holders, &mut guard);
+                    match turn.release(guard) {
+                        Some(again) => guard = again,
+                        None => return,
+                    }
+                }
+            })
+        };
+        let reactor = {
+            let (turn, holders) = (turn.clone(), holders.clone());
+            spawn(move || {
+                if let Some(mut guard) = turn.announce() {
+                    read(&holders, &mut guard);
+                }
+            })
+        };
+        turn.close();
+        caller.join().unwrap();
+        reactor.join().unwrap();
+        let left = *turn.try_take().expect("nobody holds the turn at the end");
+        assert_eq!(left, 0, "input outlived the close");
     });
 }

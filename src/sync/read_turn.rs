@@ -21,6 +21,17 @@
 //! other: no fences, no window. Whoever clears `WANTED` acquires the
 //! reactor's release of it, so its reads come after the event.
 //!
+//! # Closing under a holder
+//!
+//! A closing connection drops its input (the receive buffer, anything
+//! held), but a caller may hold the turn then, asleep in `recv`. The close
+//! raises `CLOSED` in the same word and takes the turn if it is free; a
+//! holder that lets go (released or dropped) and finds `CLOSED` drops the
+//! input itself first. The close's raise and the holder's letting go are
+//! read-modify-writes of that word again, so exactly one of them sees the
+//! other, and the input never outlives the close by more than the holder's
+//! current read.
+//!
 //! The value itself sits in a mutex only the turn's holder locks (so it is
 //! never contended); the mutex gives safe access, the word gives the turn.
 
@@ -28,19 +39,24 @@ use super::{lock, AtomicUsize, Mutex, MutexGuard, Ordering};
 
 const HELD: usize = 1;
 const WANTED: usize = 2;
+const CLOSED: usize = 4;
 
 /// A value only the thread whose turn it is may use; see the module docs.
 #[derive(Debug)]
 pub struct ReadTurn<T> {
     word: AtomicUsize,
     value: Mutex<T>,
+    /// What the holder at or after [`close`](Self::close) does to the
+    /// value as it lets go.
+    discard: fn(&mut T),
 }
 
 /// The turn, held: derefs to the value. Give it back with
 /// [`ReadTurn::release`]; dropping it instead gives it back without looking
 /// for an event that came meanwhile, which is only right when the
 /// connection is closing anyway, or when the reactor is told to read
-/// (its `Read` command).
+/// (its `Read` command). Either way, after a [`ReadTurn::close`] the value
+/// is discarded first.
 #[derive(Debug)]
 pub struct ReadGuard<'a, T> {
     turn: &'a ReadTurn<T>,
@@ -73,18 +89,30 @@ impl<T> std::ops::DerefMut for ReadGuard<'_, T> {
 impl<T> Drop for ReadGuard<'_, T> {
     fn drop(&mut self) {
         if self.value.take().is_some() {
-            self.turn.word.fetch_and(!HELD, Ordering::Release);
+            self.turn.let_go();
         }
     }
 }
 
 impl<T> ReadTurn<T> {
-    /// A turn nobody holds, guarding `value`.
-    pub fn new(value: T) -> Self {
+    /// A turn nobody holds, guarding `value`; `discard` empties the value
+    /// when the turn is closed ([`close`](Self::close)).
+    pub fn new(value: T, discard: fn(&mut T)) -> Self {
         ReadTurn {
             word: AtomicUsize::new(0),
             value: Mutex::new(value),
+            discard,
         }
+    }
+
+    /// The connection is closing: the value is discarded now if nobody
+    /// holds the turn, else by the holder as it lets go. The turn may
+    /// still be taken afterwards (and the value is discarded again as it
+    /// is let go).
+    pub fn close(&self) {
+        self.word.fetch_or(CLOSED, Ordering::AcqRel);
+        // Its drop discards: CLOSED is set.
+        drop(self.try_take());
     }
 
     /// The reactor heard the socket is readable: the turn, if free. If it
@@ -109,7 +137,7 @@ impl<T> ReadTurn<T> {
             // the reads this holder does from now on.
             match self.word.compare_exchange_weak(
                 current,
-                HELD,
+                HELD | (current & CLOSED),
                 Ordering::AcqRel,
                 Ordering::Relaxed,
             ) {
@@ -133,11 +161,43 @@ impl<T> ReadTurn<T> {
             .compare_exchange(HELD, 0, Ordering::Release, Ordering::Relaxed)
         {
             Ok(_) => None,
+            Err(current) if current & CLOSED != 0 => {
+                // Closing: no event matters any more.
+                self.let_go();
+                None
+            }
             Err(_) => {
-                // HELD | WANTED: keep the turn and take the event on; the
-                // swap acquires every WANTED raised up to now.
-                self.word.swap(HELD, Ordering::AcqRel);
+                // HELD | WANTED: keep the turn and take the event on;
+                // clearing WANTED acquires every one raised up to now (a
+                // CLOSED raised meanwhile stays, for the next letting go).
+                self.word.fetch_and(!WANTED, Ordering::AcqRel);
                 Some(self.guard(true))
+            }
+        }
+    }
+
+    /// Gives the turn back, its value already unlocked, without looking
+    /// for events; if the turn was closed, discards the value first.
+    fn let_go(&self) {
+        let mut current = self.word.load(Ordering::Relaxed);
+        loop {
+            if current & CLOSED != 0 {
+                // Still held: the lock is this thread's alone.
+                (self.discard)(&mut lock(&self.value));
+                self.word.fetch_and(!HELD, Ordering::Release);
+                return;
+            }
+            // A close raised before this succeeds makes it fail (and is
+            // seen on the next round); one raised after finds the turn
+            // free and takes it itself.
+            match self.word.compare_exchange_weak(
+                current,
+                current & !HELD,
+                Ordering::Release,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return,
+                Err(now) => current = now,
             }
         }
     }
