@@ -60,6 +60,19 @@ fn monte_threads() -> Vec<String> {
     names
 }
 
+/// Asserts that this process's monte-rpc threads are back to `before`
+/// (`what` went meanwhile). A thread that was joined may still be listed
+/// for a moment: `pthread_join` returns as the exiting thread clears its
+/// id, before the kernel unlists it (a thread that merely exits on its own
+/// within the grace would pass too; one blocked or running would not).
+fn assert_threads_back_to(before: &[String], what: &str) {
+    assert!(
+        wait_until(Duration::from_secs(2), || monte_threads() == before),
+        "threads left after {what}: {:?} (before: {before:?})",
+        monte_threads()
+    );
+}
+
 #[derive(Debug, Default)]
 struct Tally {
     ok_requests: usize,
@@ -277,11 +290,7 @@ fn drop_joins_every_thread() {
         assert!(running, "threads while running: {:?}", monte_threads());
         drop(client);
         drop(server);
-        assert!(
-            wait_until(Duration::from_secs(2), || monte_threads() == before),
-            "threads left after drop: {:?} (before: {before:?})",
-            monte_threads()
-        );
+        assert_threads_back_to(&before, "drop");
     });
 }
 
@@ -393,11 +402,7 @@ fn a_handler_may_shut_its_own_server_and_client_down() {
         // The owners' shutdowns join what the handlers' could not.
         client.shutdown();
         server_slot.get().unwrap().shutdown();
-        assert_eq!(
-            monte_threads(),
-            before,
-            "threads left after the owners' shutdowns"
-        );
+        assert_threads_back_to(&before, "the owners' shutdowns");
     });
 }
 
@@ -543,11 +548,7 @@ fn on_open_on_the_async_dial_thread_may_shut_its_client_down() {
         );
         client.shutdown();
         server.shutdown();
-        assert_eq!(
-            monte_threads(),
-            before,
-            "threads left after the owners' shutdowns"
-        );
+        assert_threads_back_to(&before, "the owners' shutdowns");
     });
 }
 
