@@ -59,11 +59,9 @@ impl Reactor {
             let read = self.read_all(key, &conn, &mut inbound, bytes_only, &mut fills_left);
             if read.is_err() || !self.conns.contains(key) {
                 // Closing (on the error), or closed already (inside
-                // `read_all`, while this turn was held): the input goes
-                // now, with the turn in hand (the close frees the buffer
-                // only if it can take the turn, and a caller that took it
-                // meanwhile would keep it).
-                inbound.discard_input();
+                // `read_all`, while this turn was held): the close drops
+                // the input, with the turn if it is free, else as its
+                // holder lets go (this one, now, if it closed already).
                 drop(inbound);
                 break read;
             }
