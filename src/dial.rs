@@ -17,7 +17,7 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use crate::clock::CallDeadline;
 use crate::config::Config;
 use crate::error::{DialPhase, Error, HandshakeError, Result, TimeoutKind};
-use crate::protocol::{guard_handshake, FrameDecoder, Session};
+use crate::protocol::{guard_handshake, read_handshake_input, FrameDecoder, Session};
 use crate::socket_write::write_all_nonblocking;
 
 /// Applies the configured socket options to a new socket.
@@ -233,7 +233,7 @@ pub(crate) fn handshake(
         };
         first.add(&chunk[..n]);
         input.extend_from_slice(&chunk[..n]);
-        let used = guard_handshake(|| hs.read_input(&input))?;
+        let used = guard_handshake(|| read_handshake_input(hs.as_mut(), &input))?;
         input.drain(..used);
     };
     if input.is_empty() {

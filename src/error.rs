@@ -65,6 +65,16 @@ pub enum HandshakeError {
     /// allow-list): the panic is contained, and only this connection is
     /// closed (on a client, the dial fails with it).
     Panicked,
+    /// A custom [`Handshake`](crate::protocol::Handshake)'s `read_input`
+    /// said it used more bytes than it was given (a bug in the
+    /// handshake): only this connection is closed (on a client, the dial
+    /// fails with it).
+    UsedMoreThanGiven {
+        /// What `read_input` returned.
+        used: usize,
+        /// The bytes it was given.
+        given: usize,
+    },
     /// An `identity` client config pins no server key, so it would accept
     /// any server: pin one (`IdentityConfig::pinned`) or opt out explicitly
     /// (`IdentityConfig::unpinned_client`, `allow_unpinned_server`).
@@ -95,6 +105,10 @@ impl fmt::Display for HandshakeError {
             HandshakeError::PeerClosed => f.write_str("peer closed during the handshake"),
             HandshakeError::AlreadyFinished => f.write_str("handshake already finished"),
             HandshakeError::Panicked => f.write_str("the handshake's application code panicked"),
+            HandshakeError::UsedMoreThanGiven { used, given } => write!(
+                f,
+                "the handshake's read_input said it used {used} bytes of the {given} it was given"
+            ),
             HandshakeError::Rejected(code) => write!(f, "handshake rejected (code {code})"),
             HandshakeError::NotThisProtocol { sent, sent_len } => {
                 let sent = &sent[..usize::from(*sent_len).min(sent.len())];

@@ -115,6 +115,107 @@ fn a_panicking_server_handshake_factory_fails_only_that_connection() {
     assert_eq!(stats.handshakes_failed, 1);
 }
 
+/// A handshake that says it used one byte more than it was given (an
+/// application's bug): the bytes it claims are not there.
+struct OverCounts(Box<dyn monte_rpc::protocol::Handshake>);
+
+impl monte_rpc::protocol::Handshake for OverCounts {
+    fn write_output(&mut self, out: &mut Vec<u8>) {
+        self.0.write_output(out)
+    }
+    fn read_input(&mut self, input: &[u8]) -> monte_rpc::Result<usize> {
+        self.0.read_input(input)?;
+        Ok(input.len() + 1)
+    }
+    fn take_session(&mut self) -> Option<monte_rpc::protocol::Session> {
+        self.0.take_session()
+    }
+}
+
+/// Hands out over-counting handshakes: the server's second (the first
+/// is sound) and, with `client`, every client's.
+struct OverCounting {
+    calls: std::sync::atomic::AtomicUsize,
+    client: bool,
+}
+
+impl monte_rpc::protocol::HandshakeFactory for OverCounting {
+    fn client(&self) -> monte_rpc::Result<Box<dyn monte_rpc::protocol::Handshake>> {
+        let inner = monte_rpc::protocol::Profile::Secure.client()?;
+        Ok(match self.client {
+            true => Box::new(OverCounts(inner)),
+            false => inner,
+        })
+    }
+    fn server(&self) -> monte_rpc::Result<Box<dyn monte_rpc::protocol::Handshake>> {
+        let n = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let inner = monte_rpc::protocol::Profile::Secure.server()?;
+        Ok(match n {
+            1 => Box::new(OverCounts(inner)),
+            _ => inner,
+        })
+    }
+}
+
+fn is_over_count(e: &Error) -> bool {
+    matches!(
+        e.root_cause(),
+        Error::Handshake(HandshakeError::UsedMoreThanGiven { .. })
+    )
+}
+
+/// A server handshake that claims more input than it was given must fail
+/// its own connection with that error, not slice past the receive buffer
+/// and unwind the reactor (one worker here) with every connection on it.
+#[test]
+fn a_server_handshake_that_over_counts_its_input_fails_only_that_connection() {
+    let failures = Arc::new(Failures::default());
+    let server = Server::bind(
+        "127.0.0.1:0",
+        Config::server()
+            .workers(1)
+            .handshake(Arc::new(OverCounting {
+                calls: Default::default(),
+                client: false,
+            })),
+        Recorder(failures.clone()),
+    )
+    .unwrap();
+    let first = monte_rpc::Client::new(server.local_addr(), Config::default()).unwrap();
+    first.send(b"first").unwrap();
+    let mut second = TcpStream::connect(server.local_addr()).unwrap();
+    second.write_all(&[1u8; 32]).unwrap();
+    let e = wait_for(&failures, second.local_addr().unwrap());
+    assert!(is_over_count(&e), "{e:?}");
+    first
+        .send(b"again")
+        .expect("the first connection still works beside the second's failed handshake");
+    assert_eq!(server.connections(), 1);
+    first.shutdown();
+    server.shutdown();
+}
+
+/// The same on the client: the dial fails with the error, and the calling
+/// thread does not panic.
+#[test]
+fn a_client_handshake_that_over_counts_its_input_fails_the_dial() {
+    let server = Server::bind("127.0.0.1:0", Config::server(), |ctx: &mut Context<'_>| {
+        let _ = ctx.reply(b"ok");
+    })
+    .unwrap();
+    let config = Config::default()
+        .dial_attempts(1)
+        .handshake(Arc::new(OverCounting {
+            calls: Default::default(),
+            client: true,
+        }));
+    let client = monte_rpc::Client::new(server.local_addr(), config).unwrap();
+    let e = client.request(b"one", &mut Vec::new()).unwrap_err();
+    assert!(is_over_count(&e), "{e:?}");
+    client.shutdown();
+    server.shutdown();
+}
+
 /// Two clients of a one-worker server whose handshake `factory` fails
 /// the second connection's handshake in its own way: the second's request
 /// must fail, and the first's connection must still answer after it.

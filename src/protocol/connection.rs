@@ -22,7 +22,7 @@ use std::time::Duration;
 use crate::error::{Error, Result, TimeoutKind};
 use crate::protocol::wire::{Decoded, FrameDecoder, SeqSpace, LENGTH_PREFIX_LEN, SEQ_LEN};
 use crate::protocol::TAG_LEN;
-use crate::protocol::{guard_handshake, Handshake, Opener, Role, Sealer};
+use crate::protocol::{guard_handshake, read_handshake_input, Handshake, Opener, Role, Sealer};
 
 /// A connection's receive buffer: bytes `start..end` are received and not
 /// yet consumed. Made at its configured size on the first read, it grows
@@ -307,7 +307,7 @@ impl ConnCore {
         // other connections: its panic fails this handshake only.
         let session = guard_handshake(|| {
             if rb.end > rb.start {
-                let used = handshake.read_input(rb.unconsumed())?;
+                let used = read_handshake_input(handshake.as_mut(), rb.unconsumed())?;
                 rb.start += used;
             }
             handshake.write_output(out);

@@ -157,6 +157,22 @@ pub(crate) fn guard_handshake<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
         .unwrap_or_else(|_| Err(HandshakeError::Panicked.into()))
 }
 
+/// Feeds `input` to a handshake and returns how many bytes it used,
+/// checked: a count past the input (a custom handshake's bug) fails the
+/// handshake with [`HandshakeError::UsedMoreThanGiven`] rather than
+/// letting the driver slice past its buffer.
+pub(crate) fn read_handshake_input(handshake: &mut dyn Handshake, input: &[u8]) -> Result<usize> {
+    let used = handshake.read_input(input)?;
+    if used > input.len() {
+        return Err(HandshakeError::UsedMoreThanGiven {
+            used,
+            given: input.len(),
+        }
+        .into());
+    }
+    Ok(used)
+}
+
 impl HandshakeFactory for Profile {
     fn client(&self) -> Result<Box<dyn Handshake>> {
         Ok(Box::new(ClientHandshake::new(*self)?))
