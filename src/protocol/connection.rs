@@ -620,7 +620,7 @@ impl ConnCore {
     /// handshake deadline applies.
     pub fn expired(&self, now: u64, reading_paused: bool) -> Option<TimeoutKind> {
         let past = |since: u64, limit: Option<Duration>| {
-            limit.is_some_and(|t| now.saturating_sub(since) >= t.as_nanos() as u64)
+            limit.is_some_and(|t| now.saturating_sub(since) >= nanos(t))
         };
         if !self.is_open() {
             return past(self.started, self.deadlines.handshake).then_some(TimeoutKind::Handshake);
@@ -640,9 +640,8 @@ impl ConnCore {
     /// The earliest time at which [`expired`](Self::expired) may answer
     /// something (with reading not paused), for a driver that waits.
     pub fn next_deadline(&self) -> Option<u64> {
-        let at = |since: u64, limit: Option<Duration>| {
-            limit.map(|t| since.saturating_add(t.as_nanos() as u64))
-        };
+        let at =
+            |since: u64, limit: Option<Duration>| limit.map(|t| since.saturating_add(nanos(t)));
         if !self.is_open() {
             return at(self.started, self.deadlines.handshake);
         }
@@ -693,6 +692,12 @@ mod lifecycle;
 pub use lifecycle::{
     Advance, Expired, LifeLimits, Lifecycle, Output, Phase, Progress, ReadGate, Sealed,
 };
+
+/// A duration in nanoseconds, saturating: a timeout too long for a u64
+/// of them (585 years) lasts forever rather than wrapping.
+pub(crate) fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
 
 #[cfg(test)]
 mod tests;

@@ -12,6 +12,7 @@
 
 use std::time::Duration;
 
+use super::nanos;
 use crate::error::{Error, HandshakeError, Result, TimeoutKind};
 
 /// Where a connection is in its life. Closed is its end: the reactor
@@ -283,7 +284,7 @@ impl Lifecycle {
     }
 
     fn drain_from(&mut self, now: u64) {
-        let drain = self.limits.drain.as_nanos() as u64;
+        let drain = nanos(self.limits.drain);
         self.drain_deadline.get_or_insert(now.saturating_add(drain));
     }
 
@@ -354,10 +355,6 @@ impl Lifecycle {
         }
         out
     }
-}
-
-fn nanos(d: Duration) -> u64 {
-    d.as_nanos().min(u64::MAX as u128) as u64
 }
 
 #[cfg(test)]

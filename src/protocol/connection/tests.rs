@@ -528,3 +528,33 @@ fn disabled_deadlines_never_expire() {
     assert_eq!(core.expired(u64::MAX, false), None);
     assert_eq!(core.next_deadline(), None);
 }
+
+/// Deadlines too long for nanoseconds in a u64 (2^55 s is 2^64 ns times
+/// 1,953,125) last forever, not wrap to zero and expire at once.
+#[test]
+fn deadlines_past_u64_nanoseconds_never_expire() {
+    let huge = Some(Duration::from_secs(1 << 55));
+    let deadlines = Deadlines {
+        handshake: huge,
+        read: huge,
+        frame: huge,
+    };
+    let handshaking = ConnCore::new(
+        ReadPhase::Handshaking {
+            handshake: Box::new(ServerHandshake::new(Profile::Secure).unwrap()),
+        },
+        Role::Server,
+        limits(64, 1024, deadlines),
+        &[],
+        0,
+    );
+    assert_eq!(handshaking.expired(1000 * MS, false), None);
+    assert_eq!(handshaking.next_deadline(), Some(u64::MAX));
+    let phase = ReadPhase::Open {
+        opener: Opener::new(KEY, Profile::Secure),
+    };
+    let mut core = ConnCore::new(phase, Role::Server, limits(64, 1024, deadlines), &[], 0);
+    drain(&mut core, &sealed(&[(1, b"x")])[..3], 3, 0);
+    assert_eq!(core.expired(1000 * MS, false), None);
+    assert_eq!(core.next_deadline(), Some(u64::MAX));
+}

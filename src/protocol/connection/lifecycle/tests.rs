@@ -278,3 +278,20 @@ fn an_idle_connection_gives_its_buffers_back_once_per_idle_spell() {
             .release_buffers
     );
 }
+
+/// A drain time too long for nanoseconds in a u64 lasts forever, not
+/// wraps to zero and ends the close at once.
+#[test]
+fn a_drain_time_past_u64_nanoseconds_never_ends_the_close() {
+    let mut life = Lifecycle::new(
+        false,
+        LifeLimits {
+            drain: Duration::from_secs(1 << 55),
+            ..limits()
+        },
+        0,
+    );
+    life.close_locally(10 * MS);
+    let t = life.handle_timeout(20 * MS, seen(0, false, 0));
+    assert!(t.close.is_none(), "{t:?}");
+}
