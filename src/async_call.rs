@@ -20,7 +20,7 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use crate::clock::{no_time_left, now_nanos};
+use crate::clock::{no_time_left, now_nanos, CallDeadline};
 use crate::conn::{Connection, Driver};
 use crate::error::{CallOp, Error, Result, TimeoutKind};
 use crate::outbound::{Mode, QueueOwner, QueueWait};
@@ -466,6 +466,16 @@ impl<'a> SendFuture<'a> {
             let waiting = match self.stage {
                 SendStage::Start => {
                     self.deadline.start();
+                    if !conn.has_reactor()
+                        && crate::opening::opening_on_this_thread(|c| c.id() == conn.id()).is_some()
+                    {
+                        // Awaited in the connection's own `on_open`: no
+                        // reactor has it until that returns, so nobody
+                        // else would write what this send waits for. This
+                        // thread writes it, as the blocking send does.
+                        let by = CallDeadline::after(self.deadline.timeout, self.deadline.kind);
+                        return Poll::Ready(conn.submit(self.seq, self.body, self.mode, by));
+                    }
                     self.mode = conn.checked_mode(self.body, self.mode)?;
                     conn.shared.active_calls.fetch_add(1, Ordering::Relaxed);
                     self.counted = true;

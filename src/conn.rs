@@ -441,7 +441,13 @@ impl Connection {
 
     /// A send's frame: its waits end by `by` if its call fixed a deadline,
     /// else by the send timeout from its first wait.
-    fn submit(&self, seq: u32, body: &[u8], mode: Mode, by: Option<CallDeadline>) -> Result<()> {
+    pub(crate) fn submit(
+        &self,
+        seq: u32,
+        body: &[u8],
+        mode: Mode,
+        by: Option<CallDeadline>,
+    ) -> Result<()> {
         self.submit_or_wait(seq, body, mode, by.map(Some), &mut || {})
     }
 

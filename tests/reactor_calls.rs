@@ -641,6 +641,10 @@ fn a_shutdown_during_on_open_ends_its_dial_as_closed() {
 struct SendsLargeInOnOpen {
     client: ClientSlot,
     sent: Arc<Mutex<Option<Result<(), Error>>>>,
+    /// The sends made as futures (`send_async`, `send_no_wait_async`),
+    /// awaited there; the request stays blocking (an async one is refused
+    /// in `on_open`).
+    async_sends: bool,
 }
 
 /// What `SendsLargeInOnOpen` sends after the message that holds the
@@ -651,15 +655,28 @@ const QUEUED: usize = 600 << 10;
 const SENT: usize = 600 << 10 | 1;
 const REQUESTED: usize = 24 << 20;
 
+impl SendsLargeInOnOpen {
+    /// `send`, or with `no_wait` `send_no_wait`, blocking or awaited.
+    fn send(&self, client: &Client, body: &[u8], no_wait: bool) -> Result<(), Error> {
+        let block_on = futures::executor::block_on;
+        match (self.async_sends, no_wait) {
+            (false, false) => client.send(body),
+            (false, true) => client.send_no_wait(body),
+            (true, false) => block_on(client.send_async(body)),
+            (true, true) => block_on(client.send_no_wait_async(body)),
+        }
+    }
+}
+
 impl monte_rpc::Handler for SendsLargeInOnOpen {
     fn on_message(&self, _: &mut Context<'_>) {}
 
     fn on_open(&self, _: &monte_rpc::Connection) {
         let client = self.client.get().and_then(|c| c.upgrade()).unwrap();
-        let sent = client
-            .send(b"hold")
-            .and_then(|()| client.send_no_wait(&vec![1; QUEUED]))
-            .and_then(|()| client.send(&vec![2; SENT]))
+        let sent = self
+            .send(&client, b"hold", false)
+            .and_then(|()| self.send(&client, &vec![1; QUEUED], true))
+            .and_then(|()| self.send(&client, &vec![2; SENT], false))
             .and_then(|()| client.request(&vec![3; REQUESTED], &mut Vec::new()));
         *self.sent.lock().unwrap() = Some(sent);
     }
@@ -674,7 +691,21 @@ impl monte_rpc::Handler for SendsLargeInOnOpen {
 /// the calling thread must write the rest itself.
 #[test]
 fn calls_from_on_open_write_what_the_socket_takes_later() {
-    within(60, || {
+    from_on_open_write_what_the_socket_takes_later(false);
+}
+
+/// The same with the sends made as futures awaited in `on_open`: their
+/// tasks waited for a reactor that has the connection only once `on_open`
+/// returns, until the send timeout (for ever, with none). Polled on the
+/// thread that runs the connection's `on_open`, they must write as their
+/// blocking twins do.
+#[test]
+fn async_sends_from_on_open_write_what_the_socket_takes_later() {
+    from_on_open_write_what_the_socket_takes_later(true);
+}
+
+fn from_on_open_write_what_the_socket_takes_later(async_sends: bool) {
+    within(60, move || {
         let hold = common::Hold::new();
         let held_here = hold.clone();
         let received = Arc::new(Mutex::new(Vec::new()));
@@ -703,6 +734,7 @@ fn calls_from_on_open_write_what_the_socket_takes_later() {
             |client| SendsLargeInOnOpen {
                 client,
                 sent: sent.clone(),
+                async_sends,
             },
         );
         let start = std::time::Instant::now();
