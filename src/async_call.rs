@@ -24,6 +24,7 @@ use crate::clock::{no_time_left, now_nanos, CallDeadline};
 use crate::conn::{Connection, Driver};
 use crate::error::{CallOp, Error, Result, TimeoutKind};
 use crate::outbound::{Mode, QueueOwner, QueueWait};
+use crate::protocol::connection::nanos;
 use crate::stats::Counters;
 use crate::sync::completion::{Answer, Ticket};
 use crate::sync::timers::TimerKey;
@@ -90,6 +91,8 @@ impl Connection {
 pub(crate) struct Deadline {
     timeout: Option<Duration>,
     kind: TimeoutKind,
+    /// When the call began (its first poll, [`now_nanos`]).
+    started: Option<u64>,
     /// When it passes ([`now_nanos`]), from the first poll on.
     at: Option<u64>,
     timer: Option<TimerKey>,
@@ -100,9 +103,35 @@ impl Deadline {
         Deadline {
             timeout,
             kind,
+            started: None,
             at: None,
             timer: None,
         }
+    }
+
+    /// Its timeout replaced (a future's `timeout`, which may come after
+    /// the first poll): counted from the call's start all the same, and
+    /// once the call began, the timer armed for the old one goes (the
+    /// next wait arms one for the new).
+    pub(crate) fn retime(&mut self, timeout: Option<Duration>, driver: &dyn Driver) {
+        self.timeout = timeout;
+        if let Some(started) = self.started {
+            self.disarm(driver);
+            self.at = timeout.map(|t| started.saturating_add(nanos(t)));
+        }
+    }
+
+    /// [`retime`](Self::retime) to end at `at` ([`now_nanos`]; `None`:
+    /// never): the deadline of an enclosing call, retimed.
+    pub(crate) fn retime_to(&mut self, at: Option<u64>, driver: &dyn Driver) {
+        let from = self.started.unwrap_or_else(now_nanos);
+        let timeout = at.map(|at| Duration::from_nanos(at.saturating_sub(from)));
+        self.retime(timeout, driver);
+    }
+
+    /// When it passes ([`now_nanos`]), once the call began.
+    pub(crate) fn at(&self) -> Option<u64> {
+        self.at
     }
 
     /// What is left of it (`None`: no deadline), zero once passed.
@@ -113,9 +142,9 @@ impl Deadline {
 
     /// The call begins: its timeout runs from now.
     pub(crate) fn start(&mut self) {
-        self.at = self
-            .timeout
-            .map(|t| now_nanos().saturating_add(t.as_nanos().min(u64::MAX as u128) as u64));
+        let now = now_nanos();
+        self.started = Some(now);
+        self.at = self.timeout.map(|t| now.saturating_add(nanos(t)));
     }
 
     pub(crate) fn passed(&self) -> bool {
@@ -222,10 +251,17 @@ impl<'a> RequestFuture<'a> {
 
     /// Its own timeout in place of the configured
     /// [`request_timeout`](crate::Config::request_timeout) (`None`: wait
-    /// until the response or the connection's end), from the first poll.
+    /// until the response or the connection's end), from the first poll
+    /// (also when set after it).
     pub fn timeout(mut self, timeout: Option<Duration>) -> Self {
-        self.deadline.timeout = timeout;
+        self.deadline.retime(timeout, self.conn.driver());
         self
+    }
+
+    /// Its deadline moved to `at` ([`now_nanos`]; `None`: none), by the
+    /// client's call it serves.
+    pub(crate) fn retime_to(&mut self, at: Option<u64>) {
+        self.deadline.retime_to(at, self.conn.driver());
     }
 
     /// Moves the call on as far as it can. The ticket stays in `stage`
@@ -455,8 +491,14 @@ impl<'a> SendFuture<'a> {
 
     /// Its own timeout in place of the send timeout, from the first poll.
     pub(crate) fn timeout(mut self, timeout: Option<Duration>) -> Self {
-        self.deadline.timeout = timeout;
+        self.deadline.retime(timeout, self.conn.driver());
         self
+    }
+
+    /// Its deadline moved to `at` ([`now_nanos`]; `None`: none), by the
+    /// client's call it serves.
+    pub(crate) fn retime_to(&mut self, at: Option<u64>) {
+        self.deadline.retime_to(at, self.conn.driver());
     }
 
     fn step(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {

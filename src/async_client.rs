@@ -163,9 +163,17 @@ impl<'a> ClientFuture<'a> {
 
     /// Its own timeout in place of the configured one (`None`: no limit;
     /// a dial is then bounded by the dial and handshake timeouts only),
-    /// covering the whole call from the first poll.
+    /// covering the whole call from the first poll (also when set after
+    /// it).
     pub fn timeout(mut self, timeout: Option<Duration>) -> Self {
-        self.deadline = Deadline::new(timeout, self.deadline_kind());
+        self.deadline.retime(timeout, self.timers.driver());
+        // Past the pick, the call on the connection keeps the deadline.
+        let at = self.deadline.at();
+        match &mut self.stage {
+            Stage::Request(call, ..) => call.retime_to(at),
+            Stage::Send(call) => call.retime_to(at),
+            Stage::Picking(_) | Stage::Done => {}
+        }
         self
     }
 

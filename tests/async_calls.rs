@@ -1146,3 +1146,43 @@ fn an_async_request_on_its_own_reactor_fails_at_once() {
         server.shutdown();
     });
 }
+
+/// `timeout` set on a future already polled replaces its deadline, still
+/// counted from the first poll: before, a client's call dropped its
+/// armed timer (left in the reactor's list) and ran with no deadline at
+/// all, and a connection's request kept the one fixed at its first poll.
+#[test]
+fn a_timeout_set_after_the_first_poll_still_ends_the_call() {
+    within(30, || {
+        // The client's deadline while its dial waits for a handshake the
+        // listener never answers.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let config = Config::default()
+            .dial_attempts(1)
+            .handshake_timeout(Some(Duration::from_secs(3)))
+            .request_timeout(Some(Duration::from_secs(3)));
+        let dialling = Client::new(silent.local_addr().unwrap(), config.clone()).unwrap();
+        // Its deadline once it has a connection, to a server that never
+        // answers.
+        let server = slow_server(None);
+        let connected = Client::new(server.local_addr(), config).unwrap();
+        let replaced = Duration::from_millis(200);
+        futures::executor::block_on(async {
+            connected.send_async(b"").await.unwrap(); // dialled
+            for client in [&dialling, &connected] {
+                let mut response = Vec::new();
+                let started = Instant::now();
+                let mut call = client.request_async(b"never answered", &mut response);
+                assert!(futures::poll!(&mut call).is_pending());
+                let e = call.timeout(Some(replaced)).await.unwrap_err();
+                let took = started.elapsed();
+                assert_eq!(e.timeout_kind(), Some(TimeoutKind::Request), "{e}");
+                assert!(took >= replaced, "{took:?}");
+                assert!(took < Duration::from_millis(1500), "{took:?}: {e}");
+            }
+        });
+        dialling.shutdown();
+        connected.shutdown();
+        server.shutdown();
+    });
+}
