@@ -21,6 +21,17 @@ pub(crate) fn nanos_at(at: Instant) -> u64 {
         .as_nanos() as u64
 }
 
+/// `start` plus `d`, saturating: a configured duration meant as "for
+/// ever" (`Duration::MAX`) is too long to add to the clock, and lands a
+/// century on instead (or at `start`, on a clock that cannot reach that).
+pub(crate) fn instant_after(start: Instant, d: Duration) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    start
+        .checked_add(d)
+        .or_else(|| start.checked_add(CENTURY))
+        .unwrap_or(start)
+}
+
 /// Whether a call with `timeout` has no time at all: it fails at once,
 /// before it sends anything (where a deadline is taken from one clock
 /// reading at the call's start, a zero timeout would otherwise pass only

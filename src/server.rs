@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use mio::{Events, Poll, Token, Waker};
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::clock::instant_after;
 use crate::config::Config;
 use crate::conn::ReleaseHook;
 use crate::error::{Error, Result};
@@ -408,7 +409,7 @@ impl WaitingRoom {
 
     fn take_arrivals(&mut self) {
         let arrivals = std::mem::take(&mut *lock(&self.limit.arrivals));
-        let deadline = Instant::now() + self.limit.accept_wait;
+        let deadline = instant_after(Instant::now(), self.limit.accept_wait);
         for arrival in arrivals {
             if self.waiting.len() >= self.limit.max_waiting() {
                 // The room is full too: refuse at once rather than hold

@@ -1077,3 +1077,45 @@ fn a_greeting_queued_in_on_open_goes_out() {
         server.shutdown();
     });
 }
+
+// Durations meant as "for ever" (`Duration::MAX`) must not overflow the
+// clock: an accept wait of that length (the waiting room's thread added
+// it to the time of each arrival, panicked, and never admitted anyone
+// again), and a spin time of that length (callers and reactors added it
+// to the time they began to spin).
+#[test]
+fn durations_meant_as_for_ever_do_not_overflow_the_clock() {
+    within(30, || {
+        let server = Server::bind(
+            "127.0.0.1:0",
+            server_config()
+                .max_conns(1)
+                .accept_wait(Duration::MAX)
+                .waiting(Waiting::Spin(Duration::MAX)),
+            reverse_handler,
+        )
+        .unwrap();
+        let addr = server.local_addr();
+        let config = client_config()
+            .max_conns(1)
+            .waiting(Waiting::Spin(Duration::MAX))
+            .request_timeout(Some(Duration::from_secs(5)));
+        let first = Client::new(addr, config.clone()).unwrap();
+        let mut resp = Vec::new();
+        first.request(b"ab", &mut resp).unwrap();
+        assert_eq!(resp, b"ba");
+        // Over the cap: it waits in the room for the first one's place.
+        let second = Client::new(addr, config).unwrap();
+        let waiting = std::thread::spawn(move || {
+            let mut resp = Vec::new();
+            second.request(b"cd", &mut resp).map(|()| resp)
+        });
+        assert!(wait_until(Duration::from_secs(5), || server
+            .stats()
+            .connections_waiting
+            == 1));
+        first.shutdown();
+        assert_eq!(waiting.join().unwrap().unwrap(), b"dc");
+        server.shutdown();
+    });
+}

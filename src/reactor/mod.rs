@@ -31,7 +31,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
-use crate::clock::{nanos_at, now_nanos};
+use crate::clock::{instant_after, nanos_at, now_nanos};
 use crate::config::Config;
 use crate::conn::Connection;
 use crate::error::{Error, Result};
@@ -402,7 +402,7 @@ impl Reactor {
                     (MESSAGE_POLL_INTERVAL, waiting.reactor_after_messages())
                 };
                 self.busy_interval = interval;
-                self.busy_until = time.map(|d| now + d);
+                self.busy_until = time.map(|d| instant_after(now, d));
             }
         }
         // Edge-triggered: bytes that arrived while reading was paused are

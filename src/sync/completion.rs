@@ -34,6 +34,7 @@ use super::atomic_waker::AtomicWaker;
 use super::{current, fence, park, park_timeout, spin_hint};
 use super::{AtomicBool, AtomicU64, AtomicUsize};
 use super::{Ordering, Thread, UnsafeCell};
+use crate::clock::instant_after;
 use crate::error::{Error, TimeoutKind};
 use crate::protocol::wire::SeqSpace;
 use crate::protocol::Role;
@@ -460,7 +461,7 @@ impl<'a> Pending<'a> {
         let alone = self.table.in_flight() <= 1;
         let permit = super::SpinPermit::acquire(if alone { spins } else { 0 });
         let busy_rounds = if permit.is_some() { BUSY_SPINS } else { 0 };
-        let mut until = Instant::now() + spin_time;
+        let mut until = instant_after(Instant::now(), spin_time);
         if let Some(deadline) = deadline {
             until = until.min(deadline);
         }
