@@ -2,7 +2,10 @@
 //! on one connection, awaited from any executor.
 //!
 //! They run on the same reactors as the blocking calls and never block the
-//! thread that polls them: a request waits in its completion slot for the
+//! thread that polls them (but for a send first polled in its own
+//! dialled connection's `on_open`, before a reactor has the connection:
+//! it writes as the blocking send does, see `Handler::on_open`): a
+//! request waits in its completion slot for the
 //! reactor to fill it and wake the task
 //! ([`Ticket::poll_answer`](crate::sync::completion::Ticket::poll_answer)),
 //! a frame waits for room or for its write on the outbound queue's list of
@@ -515,8 +518,17 @@ impl<'a> SendFuture<'a> {
                         // reactor has it until that returns, so nobody
                         // else would write what this send waits for. This
                         // thread writes it, as the blocking send does.
+                        // Its own deadline, none included (not the send
+                        // timeout, which `None` means to `submit`).
                         let by = CallDeadline::after(self.deadline.timeout, self.deadline.kind);
-                        return Poll::Ready(conn.submit(self.seq, self.body, self.mode, by));
+                        let sent = conn.submit_or_wait(
+                            self.seq,
+                            self.body,
+                            self.mode,
+                            Some(by),
+                            &mut || {},
+                        );
+                        return Poll::Ready(sent);
                     }
                     self.mode = conn.checked_mode(self.body, self.mode)?;
                     conn.shared.active_calls.fetch_add(1, Ordering::Relaxed);

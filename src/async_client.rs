@@ -26,7 +26,9 @@ impl Client {
     /// request timeout from its first poll (or its own,
     /// [`ClientFuture::timeout`]), a connection found or dialled included.
     /// It never blocks the polling thread (a dial it needs runs on a
-    /// thread of the client's) and allocates nothing per call in steady
+    /// thread of the client's; only a send awaited in a dialled
+    /// connection's `on_open` writes as a blocking one would, see
+    /// [`Handler::on_open`](crate::Handler::on_open)) and allocates nothing per call in steady
     /// state. Dropping it cancels the request: a late response is
     /// dropped, and `response` is left empty with its capacity.
     ///

@@ -441,19 +441,15 @@ impl Connection {
 
     /// A send's frame: its waits end by `by` if its call fixed a deadline,
     /// else by the send timeout from its first wait.
-    pub(crate) fn submit(
-        &self,
-        seq: u32,
-        body: &[u8],
-        mode: Mode,
-        by: Option<CallDeadline>,
-    ) -> Result<()> {
+    fn submit(&self, seq: u32, body: &[u8], mode: Mode, by: Option<CallDeadline>) -> Result<()> {
         self.submit_or_wait(seq, body, mode, by.map(Some), &mut || {})
     }
 
-    /// [`submit`](Self::submit), calling `before_room_wait` if the call has
-    /// to wait for room (see [`OutboundQueue::submit`]).
-    fn submit_or_wait(
+    /// [`submit`](Self::submit) with the deadline as the caller fixed it
+    /// (`Some(None)`: none at all; `None`: the send timeout from the first
+    /// wait), calling `before_room_wait` if the call has to wait for room
+    /// (see [`OutboundQueue::submit`]).
+    pub(crate) fn submit_or_wait(
         &self,
         seq: u32,
         body: &[u8],

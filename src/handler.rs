@@ -56,7 +56,7 @@ pub trait Handler: Send + Sync + 'static {
     /// [`Error::AsyncRequestInOnOpen`] (as one on this connection does). If
     /// the connection closes during `on_open`, `on_close` follows at once
     /// and the dial fails ([`DialPhase::Open`](crate::DialPhase::Open)). A
-    /// blocking call there, or an async send awaited there, writes what
+    /// blocking call there, or an async send first polled there, writes what
     /// the socket takes only later itself, and a request reads past
     /// messages the peer sent first: they are set
     /// aside (as many as one message of the larger of `max_message_size`
@@ -64,8 +64,9 @@ pub trait Handler: Send + Sync + 'static {
     /// framing and bookkeeping each) and reach `on_message` once `on_open`
     /// has returned. A call that needs the reactor still waits until its
     /// deadline: a request behind more of the peer's messages than that,
-    /// an async send awaited on another thread before `on_open` returns
-    /// whose frame the socket does not take at once, or a large write to
+    /// an async send first polled on another thread (awaited there or
+    /// here) whose frame the socket does not take at once before
+    /// `on_open` returns, or a large write to
     /// a peer that stops reading until this side reads what it sent
     /// meanwhile.
     fn on_open(&self, conn: &Connection) {

@@ -248,7 +248,9 @@ impl Counters {
             }
             Error::Handshake(crate::HandshakeError::PeerClosed) => &self.closed_by_peer,
             // The application's own handshake code failed, not the peer.
-            Error::Handshake(crate::HandshakeError::Panicked) => &self.closed_other,
+            Error::Handshake(
+                crate::HandshakeError::Panicked | crate::HandshakeError::UsedMoreThanGiven { .. },
+            ) => &self.closed_other,
             Error::Handshake(_) | Error::ReceiveFailed | Error::CounterExhausted => {
                 &self.closed_protocol_error
             }

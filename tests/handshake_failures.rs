@@ -191,6 +191,10 @@ fn a_server_handshake_that_over_counts_its_input_fails_only_that_connection() {
         .send(b"again")
         .expect("the first connection still works beside the second's failed handshake");
     assert_eq!(server.connections(), 1);
+    // The application's handshake failed, not the peer.
+    let stats = server.stats();
+    assert_eq!(stats.handshakes_failed, 1);
+    assert_eq!(stats.closed_protocol_error, 0);
     first.shutdown();
     server.shutdown();
 }

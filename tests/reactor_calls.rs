@@ -645,6 +645,20 @@ struct SendsLargeInOnOpen {
     /// awaited there; the request stays blocking (an async one is refused
     /// in `on_open`).
     async_sends: bool,
+    /// The futures given no time limit (`timeout(None)`), in place of the
+    /// send timeout; the `send` then as large as the request, so that it
+    /// waits on the socket itself.
+    unlimited: bool,
+}
+
+impl SendsLargeInOnOpen {
+    /// The size of the `send` after the queued message.
+    fn sent_size(&self) -> usize {
+        match self.unlimited {
+            true => REQUESTED,
+            false => SENT,
+        }
+    }
 }
 
 /// What `SendsLargeInOnOpen` sends after the message that holds the
@@ -662,8 +676,16 @@ impl SendsLargeInOnOpen {
         match (self.async_sends, no_wait) {
             (false, false) => client.send(body),
             (false, true) => client.send_no_wait(body),
-            (true, false) => block_on(client.send_async(body)),
-            (true, true) => block_on(client.send_no_wait_async(body)),
+            (true, no_wait) => {
+                let call = match no_wait {
+                    true => client.send_no_wait_async(body),
+                    false => client.send_async(body),
+                };
+                block_on(match self.unlimited {
+                    true => call.timeout(None),
+                    false => call,
+                })
+            }
         }
     }
 }
@@ -676,7 +698,7 @@ impl monte_rpc::Handler for SendsLargeInOnOpen {
         let sent = self
             .send(&client, b"hold", false)
             .and_then(|()| self.send(&client, &vec![1; QUEUED], true))
-            .and_then(|()| self.send(&client, &vec![2; SENT], false))
+            .and_then(|()| self.send(&client, &vec![2; self.sent_size()], false))
             .and_then(|()| client.request(&vec![3; REQUESTED], &mut Vec::new()));
         *self.sent.lock().unwrap() = Some(sent);
     }
@@ -691,7 +713,7 @@ impl monte_rpc::Handler for SendsLargeInOnOpen {
 /// the calling thread must write the rest itself.
 #[test]
 fn calls_from_on_open_write_what_the_socket_takes_later() {
-    from_on_open_write_what_the_socket_takes_later(false);
+    from_on_open_write_what_the_socket_takes_later(false, false);
 }
 
 /// The same with the sends made as futures awaited in `on_open`: their
@@ -701,10 +723,23 @@ fn calls_from_on_open_write_what_the_socket_takes_later() {
 /// blocking twins do.
 #[test]
 fn async_sends_from_on_open_write_what_the_socket_takes_later() {
-    from_on_open_write_what_the_socket_takes_later(true);
+    from_on_open_write_what_the_socket_takes_later(true, false);
 }
 
-fn from_on_open_write_what_the_socket_takes_later(async_sends: bool) {
+/// The same with futures given no time limit, held up longer than the
+/// send timeout: they must not fall back to it.
+#[test]
+fn async_sends_from_on_open_without_a_time_limit_keep_none() {
+    from_on_open_write_what_the_socket_takes_later(true, true);
+}
+
+/// With `unlimited`, the server holds for longer than the client's send
+/// timeout, and the sends are futures with no time limit.
+fn from_on_open_write_what_the_socket_takes_later(async_sends: bool, unlimited: bool) {
+    let (send_timeout, held_for) = match unlimited {
+        true => (Duration::from_millis(500), Duration::from_millis(1200)),
+        false => (Duration::from_secs(5), Duration::from_millis(300)),
+    };
     within(60, move || {
         let hold = common::Hold::new();
         let held_here = hold.clone();
@@ -729,12 +764,13 @@ fn from_on_open_write_what_the_socket_takes_later(async_sends: bool) {
             server.local_addr(),
             one_connection()
                 .max_message_size(32 << 20)
-                .send_timeout(Some(Duration::from_secs(5)))
+                .send_timeout(Some(send_timeout))
                 .request_timeout(Some(Duration::from_secs(10))),
             |client| SendsLargeInOnOpen {
                 client,
                 sent: sent.clone(),
                 async_sends,
+                unlimited,
             },
         );
         let start = std::time::Instant::now();
@@ -743,7 +779,7 @@ fn from_on_open_write_what_the_socket_takes_later(async_sends: bool) {
             std::thread::spawn(move || client.request(b"first", &mut Vec::new()))
         };
         assert!(hold.held(), "the server never held");
-        std::thread::sleep(Duration::from_millis(300));
+        std::thread::sleep(held_for);
         hold.release();
         first.join().unwrap().unwrap();
         let took = start.elapsed();
@@ -758,7 +794,11 @@ fn from_on_open_write_what_the_socket_takes_later(async_sends: bool) {
             .unwrap()
             .len()
             == 5));
-        assert_eq!(*received.lock().unwrap(), [4, QUEUED, SENT, REQUESTED, 5]);
+        let sent_size = if unlimited { REQUESTED } else { SENT };
+        assert_eq!(
+            *received.lock().unwrap(),
+            [4, QUEUED, sent_size, REQUESTED, 5]
+        );
         client.shutdown();
         server.shutdown();
     });
