@@ -407,3 +407,58 @@ fn a_request_without_a_timeout_waits_for_room_past_the_send_timeout() {
         server.shutdown();
     });
 }
+
+/// A request's timeout on a connection whose queue still holds messages
+/// that `send_no_wait` accepted (the server's one reactor busy in a slow
+/// handler, reading nothing): the silence is no proof the link is dead
+/// while output waits (the write timeout judges that), and closing the
+/// connection dropped those messages, though every call had returned
+/// `Ok`. They must all arrive.
+#[test]
+fn a_request_timeout_does_not_drop_messages_queued_on_its_connection() {
+    common::within(30, || {
+        let received = Arc::new(AtomicU64::new(0));
+        let counted = received.clone();
+        let server = monte_rpc::Server::bind(
+            "127.0.0.1:0",
+            common::server_config()
+                .workers(1)
+                .recv_buffer_size(Some(16 << 10)),
+            move |ctx: &mut monte_rpc::Context<'_>| {
+                if ctx.body() == b"slow" {
+                    thread::sleep(Duration::from_millis(300));
+                }
+                if !ctx.expects_reply() {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                }
+            },
+        )
+        .unwrap();
+        let client = Client::new(
+            server.local_addr(),
+            common::client_config()
+                .max_conns(1)
+                .send_buffer_size(Some(16 << 10)),
+        )
+        .unwrap();
+        client.send_no_wait(b"slow").unwrap();
+        let body = vec![7; 16 << 10];
+        for _ in 0..32 {
+            client.send_no_wait(&body).unwrap();
+        }
+        let e = client
+            .request_timeout(b"hasty", &mut Vec::new(), Some(Duration::from_millis(50)))
+            .unwrap_err();
+        assert_eq!(e.timeout_kind(), Some(TimeoutKind::Request), "{e}");
+        assert_eq!(client.connections(), 1, "the connection was closed");
+        // A graceful shutdown writes what is queued.
+        client.shutdown();
+        assert!(
+            common::wait_until(Duration::from_secs(5), || received.load(Ordering::SeqCst)
+                == 33),
+            "{} of 33 messages arrived",
+            received.load(Ordering::SeqCst)
+        );
+        server.shutdown();
+    });
+}
