@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use slab::Slab;
 
-use crate::clock::{now_nanos, CallDeadline, LazyDeadline};
+use crate::clock::{instant_after, now_nanos, CallDeadline, LazyDeadline};
 use crate::config::Config;
 use crate::conn::{Connection, Driver};
 use crate::error::{DialPhase, Error, Result, TimeoutKind};
@@ -243,7 +243,7 @@ impl DialState {
         let at = Instant::now();
         self.failed = Some(FailedDial {
             at,
-            until: at.checked_add(backoff).unwrap_or(at),
+            until: instant_after(at, backoff),
             error,
             cut_short_after,
         });

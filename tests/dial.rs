@@ -751,3 +751,24 @@ fn a_dial_cut_short_holds_back_calls_with_no_more_time() {
         assert_eq!(held.join().unwrap(), 1, "the second call dialled");
     });
 }
+
+/// A backoff meant as "for ever" (`Duration::MAX`) holds back every later
+/// call; it was too long to add to the clock and became no backoff at all.
+#[test]
+fn a_backoff_meant_as_for_ever_holds_back_every_later_call() {
+    let (addr, accepted) = hang_up_server();
+    let config = config()
+        .dial_attempts(1)
+        .dial_backoff(Duration::MAX)
+        .dial_backoff_max(Duration::MAX);
+    let client = Client::new(addr, config).unwrap();
+    within(10, move || {
+        client.send(b"hello").expect_err("the dial succeeded");
+        client.send(b"hello").expect_err("the dial succeeded");
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "the second call dialled"
+        );
+    });
+}
