@@ -212,6 +212,27 @@ impl FailedDial {
             (Some(ran), Some(left)) => left <= ran.saturating_mul(2),
         }
     }
+
+    /// Its error, for a call it holds back whose deadline has `kind`: a
+    /// dial cut short by another call's deadline failed with that call's
+    /// timeout (a send's `Write`, say), while this call fails because its
+    /// own time would not do either, a timeout of its own kind.
+    fn error_for(&self, kind: Option<TimeoutKind>) -> Error {
+        match (&self.error, self.cut_short_after, kind) {
+            (
+                Error::Dial {
+                    addr,
+                    phase,
+                    source,
+                },
+                Some(_),
+                Some(kind),
+            ) if matches!(**source, Error::Timeout(_)) => {
+                Error::Timeout(kind).dialling(*addr, *phase)
+            }
+            _ => self.error.clone(),
+        }
+    }
 }
 
 impl DialState {
@@ -352,7 +373,8 @@ impl Pool {
             if (now < failed.until || queued_at.is_some_and(|q| failed.at >= q))
                 && failed.holds_back(left)
             {
-                return self.choose(true).ok_or_else(|| failed.error.clone());
+                let kind = deadline.get().map(|d| d.kind);
+                return self.choose(true).ok_or_else(|| failed.error_for(kind));
             }
         }
         // Given up when the client shuts down: shutdown must not wait for

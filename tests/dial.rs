@@ -752,6 +752,44 @@ fn a_dial_cut_short_holds_back_calls_with_no_more_time() {
     });
 }
 
+/// A call held back by a dial another call's deadline cut short fails
+/// because its own time would not do either: with a timeout of its own
+/// kind. A request behind a send's cut-short dial said `Write`.
+#[test]
+fn a_call_held_back_by_a_cut_short_dial_fails_with_its_own_timeout_kind() {
+    within(30, || {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = Client::new(
+            addr,
+            common::client_config().send_timeout(Some(Duration::from_millis(100))),
+        )
+        .unwrap();
+        // The backlog connects it; nothing ever answers the handshake.
+        let sent = client.send(b"ping").unwrap_err();
+        assert_eq!(sent.timeout_kind(), Some(TimeoutKind::Write), "{sent}");
+        let started = Instant::now();
+        let requested = client
+            .request_timeout(b"ping", &mut Vec::new(), Some(Duration::from_millis(150)))
+            .unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_millis(100),
+            "the request dialled: {requested}"
+        );
+        assert!(
+            matches!(&requested, Error::Dial { addr: a, .. } if *a == addr),
+            "{requested:?}"
+        );
+        assert_eq!(
+            requested.timeout_kind(),
+            Some(TimeoutKind::Request),
+            "{requested}"
+        );
+        client.shutdown();
+        drop(listener);
+    });
+}
+
 /// A backoff meant as "for ever" (`Duration::MAX`) holds back every later
 /// call; it was too long to add to the clock and became no backoff at all.
 #[test]
