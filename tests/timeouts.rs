@@ -462,3 +462,57 @@ fn a_request_timeout_does_not_drop_messages_queued_on_its_connection() {
         server.shutdown();
     });
 }
+
+/// As above with no configured request timeout and calls that bring
+/// their own: the link's silence is judged by the call's timeout then.
+/// It was judged by the configured one only, so with none a link that
+/// went silent under steady traffic was never dropped.
+#[test]
+fn a_silent_link_is_closed_under_steady_traffic_with_per_call_timeouts_only() {
+    common::within(30, || {
+        // Answers nothing, ever.
+        let server = monte_rpc::Server::bind(
+            "127.0.0.1:0",
+            common::server_config(),
+            |_: &mut monte_rpc::Context<'_>| {},
+        )
+        .unwrap();
+        let client = Arc::new(
+            Client::new(
+                server.local_addr(),
+                common::client_config().max_conns(1).request_timeout(None),
+            )
+            .unwrap(),
+        );
+        client.send(b"dial").unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let callers: Vec<_> = (0..4u64)
+            .map(|i| {
+                let (client, stop) = (client.clone(), stop.clone());
+                thread::spawn(move || {
+                    thread::sleep(Duration::from_millis(25 * i));
+                    while !stop.load(Ordering::SeqCst) {
+                        let _ = client.request_timeout(
+                            b"anyone?",
+                            &mut Vec::new(),
+                            Some(Duration::from_millis(100)),
+                        );
+                    }
+                })
+            })
+            .collect();
+        let closed = common::wait_until(Duration::from_secs(3), || {
+            client.stats().connections_opened >= 2
+        });
+        stop.store(true, Ordering::SeqCst);
+        for c in callers {
+            c.join().unwrap();
+        }
+        assert!(
+            closed,
+            "the silent connection was never dropped under steady traffic"
+        );
+        client.shutdown();
+        server.shutdown();
+    });
+}
