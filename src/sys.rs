@@ -472,6 +472,56 @@ pub(crate) fn descriptor_limit() -> io::Result<u64> {
 
 #[cfg(test)]
 mod tests {
+    /// `epoll_modify` on a socket registered with mio: readable off, bytes
+    /// arrive, and no event comes; readable on again, and the bytes
+    /// already there are reported once (the modification re-checks the
+    /// readiness, which the callers' hand-back to the reactor relies on);
+    /// writable alone reports the writable socket and not the bytes.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn epoll_modify_turns_readable_and_writable_off_and_on() {
+        use std::io::Write;
+        use std::os::fd::AsRawFd;
+        use std::time::Duration;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut theirs = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, _) = listener.accept().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let mut poll = mio::Poll::new().unwrap();
+        let mut events = mio::Events::with_capacity(8);
+        let fd = ours.as_raw_fd();
+        poll.registry()
+            .register(
+                &mut mio::unix::SourceFd(&fd),
+                mio::Token(7),
+                mio::Interest::READABLE,
+            )
+            .unwrap();
+        let mut wait = |poll: &mut mio::Poll| -> Vec<(usize, bool, bool)> {
+            poll.poll(&mut events, Some(Duration::from_millis(100)))
+                .unwrap();
+            events
+                .iter()
+                .map(|e| (e.token().0, e.is_readable(), e.is_writable()))
+                .collect()
+        };
+        super::epoll_modify(poll.registry(), &ours, 7, false, false).unwrap();
+        theirs.write_all(b"bytes").unwrap();
+        assert_eq!(wait(&mut poll), [], "an event with readable off");
+        super::epoll_modify(poll.registry(), &ours, 7, false, true).unwrap();
+        assert_eq!(wait(&mut poll), [(7, false, true)], "writable alone");
+        super::epoll_modify(poll.registry(), &ours, 7, true, false).unwrap();
+        assert_eq!(
+            wait(&mut poll),
+            [(7, true, false)],
+            "the bytes already there"
+        );
+        assert_eq!(wait(&mut poll), [], "edge-triggered: reported once");
+        // An unregistered descriptor is an error, not a silent no-op.
+        let stray = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        assert!(super::epoll_modify(poll.registry(), &stray, 8, true, false).is_err());
+    }
+
     #[cfg(target_os = "linux")]
     #[test]
     fn the_sweep_timer_fires_once_when_set_and_again_when_set_again() {
