@@ -5,6 +5,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::blocking_calls;
 use crate::clock::{nanos_at, no_time_left, CallDeadline, LazyDeadline};
 use crate::config::Config;
 use crate::conn::Connection;
@@ -176,7 +177,7 @@ impl Client {
     /// this call and the server (see [`Error::root_cause`]).
     pub fn send(&self, body: &[u8]) -> Result<()> {
         let call = || {
-            let _call = self.pool.signal.enter().ok_or(Error::Closed)?;
+            let _call = blocking_calls::enter(&self.pool.signal).ok_or(Error::Closed)?;
             let mut deadline = self.write_deadline();
             let conn = self.pool.pick(&mut deadline, CallKind::Send)?;
             conn.send_by(body, deadline.if_read())
@@ -197,7 +198,7 @@ impl Client {
     /// the whole call: the dial and the wait for room together.
     pub fn send_no_wait(&self, body: &[u8]) -> Result<()> {
         let call = || {
-            let _call = self.pool.signal.enter().ok_or(Error::Closed)?;
+            let _call = blocking_calls::enter(&self.pool.signal).ok_or(Error::Closed)?;
             let mut deadline = self.write_deadline();
             let conn = self.pool.pick(&mut deadline, CallKind::Send)?;
             conn.send_no_wait_by(body, deadline.if_read())
@@ -239,7 +240,7 @@ impl Client {
         response: &mut Vec<u8>,
         timeout: Option<Duration>,
     ) -> Result<()> {
-        let _call = self.pool.signal.enter().ok_or(Error::Closed)?;
+        let _call = blocking_calls::enter(&self.pool.signal).ok_or(Error::Closed)?;
         // One clock reading for the deadline and the connection's
         // timestamps, unless the call has to wait for a connection.
         let start = Instant::now();
@@ -322,7 +323,10 @@ impl Client {
         // they wait for may be the very thread running this shutdown).
         self.pool.wake_dial_waiters();
         let grace = Instant::now() + SHUTDOWN_GRACE;
-        while self.pool.signal.calls_inside() > 0 && Instant::now() < grace {
+        // Not for this thread's own calls, from within one of which (its
+        // dial's `on_open`) this shutdown may come: they wait for it.
+        let own = blocking_calls::here(&self.pool.signal);
+        while self.pool.signal.calls_inside() > own && Instant::now() < grace {
             std::thread::sleep(Duration::from_millis(1));
         }
         self.pool.close();

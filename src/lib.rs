@@ -89,6 +89,7 @@ compile_error!(
 
 mod async_call;
 mod async_client;
+mod blocking_calls;
 mod client;
 mod clock;
 mod config;

@@ -552,6 +552,44 @@ fn on_open_on_the_async_dial_thread_may_shut_its_client_down() {
     });
 }
 
+// The same from a blocking call's dial, on the calling thread: the call
+// waits for its dial, which waits for on_open, which waits for the
+// shutdown, which waited out its 1 s grace for that very call.
+#[test]
+fn on_open_of_a_blocking_calls_dial_may_shut_its_client_down_at_once() {
+    let _serial = serial();
+    within(30, || {
+        struct Stopper(Arc<std::sync::OnceLock<Client>>);
+        impl monte_rpc::Handler for Stopper {
+            fn on_message(&self, _: &mut Context<'_>) {}
+            fn on_open(&self, _: &monte_rpc::Connection) {
+                self.0.get().unwrap().shutdown();
+            }
+        }
+        let server =
+            Server::bind("127.0.0.1:0", server_config(), |_: &mut Context<'_>| {}).unwrap();
+        let slot: Arc<std::sync::OnceLock<Client>> = Arc::default();
+        let client =
+            Client::with_handler(server.local_addr(), client_config(), Stopper(slot.clone()))
+                .unwrap();
+        assert!(slot.set(client).is_ok());
+        let client = slot.get().unwrap();
+        let started = Instant::now();
+        let sent = client.send(b"dial for me");
+        let took = started.elapsed();
+        assert!(
+            sent.is_err(),
+            "the client shut down as it dialled: {sent:?}"
+        );
+        assert!(
+            took < Duration::from_millis(700),
+            "the call and the shutdown from on_open took {took:?}"
+        );
+        client.shutdown();
+        server.shutdown();
+    });
+}
+
 // A dial pausing between attempts (the pauses double, up to 640 ms)
 // gives up within its abandon check too, not at the end of the pause:
 // shutdown then returns at once rather than after the pause.
