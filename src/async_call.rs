@@ -132,11 +132,6 @@ impl Deadline {
         self.retime(timeout, driver);
     }
 
-    /// The timeout it runs for (`None`: none).
-    pub(crate) fn timeout(&self) -> Option<Duration> {
-        self.timeout
-    }
-
     /// When it passes ([`now_nanos`]), once the call began.
     pub(crate) fn at(&self) -> Option<u64> {
         self.at

@@ -254,7 +254,7 @@ impl<'a> ClientFuture<'a> {
                         if let Err(e) = &result {
                             if matches!(e.root_cause(), Error::Timeout(TimeoutKind::Request)) {
                                 // As the blocking request does.
-                                pool.drop_if_silent(&conn, sent_at, self.deadline.timeout());
+                                pool.drop_if_silent(&conn, sent_at);
                             }
                         }
                         return Poll::Ready(result);

@@ -264,7 +264,7 @@ impl Client {
             conn.note_answer(sent_at);
         }
         if let Err(Error::Timeout(TimeoutKind::Request)) = &result {
-            self.pool.drop_if_silent(&conn, sent_at, timeout);
+            self.pool.drop_if_silent(&conn, sent_at);
         }
         result
     }

@@ -562,16 +562,9 @@ impl Pool {
     /// no proof while other requests still wait on it (theirs may be
     /// longer, and the server merely slow), unless it has been silent for
     /// a whole `request_timeout` since it was last taken idle (a link that
-    /// died under steady traffic, where some request always waits; with
-    /// no `request_timeout` configured, the call's own timeout, `timeout`,
-    /// is the measure). Nor while output waits in its queue: closing would
-    /// drop it.
-    pub(crate) fn drop_if_silent(
-        &self,
-        conn: &Connection,
-        sent_at: u64,
-        timeout: Option<Duration>,
-    ) {
+    /// died under steady traffic, where some request always waits). Nor
+    /// while output waits in its queue: closing would drop it.
+    pub(crate) fn drop_if_silent(&self, conn: &Connection, sent_at: u64) {
         // Output still queued (messages `send_no_wait` accepted, a send
         // under way) would be dropped with the connection; whether the
         // peer takes it is the write timeout's to judge.
@@ -579,7 +572,7 @@ impl Pool {
             return;
         }
         let quiet_since = conn.quiet_since();
-        let long_silent = self.config.request_timeout.or(timeout).is_some_and(|t| {
+        let long_silent = self.config.request_timeout.is_some_and(|t| {
             let t = u64::try_from(t.as_nanos()).unwrap_or(u64::MAX);
             quiet_since < now_nanos().saturating_sub(t)
         });
