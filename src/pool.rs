@@ -563,12 +563,15 @@ impl Pool {
     /// longer, and the server merely slow), unless it has been silent for
     /// a whole `request_timeout` since it was last taken idle (a link that
     /// died under steady traffic, where some request always waits). Nor
-    /// while output waits in its queue: closing would drop it.
+    /// while output waits in its queue and a write timeout judges it:
+    /// closing would drop it.
     pub(crate) fn drop_if_silent(&self, conn: &Connection, sent_at: u64) {
         // Output still queued (messages `send_no_wait` accepted, a send
-        // under way) would be dropped with the connection; whether the
-        // peer takes it is the write timeout's to judge.
-        if !conn.silent_since(sent_at) || conn.queued() > 0 {
+        // under way, unwritten request frames) would be dropped with the
+        // connection; whether the peer takes it is the write timeout's to
+        // judge. Without one, nothing would: the silence decides.
+        let judged = self.config.write_timeout.is_some();
+        if !conn.silent_since(sent_at) || (judged && conn.queued() > 0) {
             return;
         }
         let quiet_since = conn.quiet_since();

@@ -408,6 +408,44 @@ fn a_request_without_a_timeout_waits_for_room_past_the_send_timeout() {
     });
 }
 
+/// With no write timeout nothing judges a queue that makes no progress:
+/// a request's timeout with no byte back then still closes the connection
+/// as dead (a peer that stopped reading for good would hold it, and every
+/// call on it, for ever), queued output and all.
+#[test]
+fn with_no_write_timeout_a_silent_connection_with_queued_output_is_dropped() {
+    common::within(30, || {
+        // Completes the handshake, then never reads.
+        let (addr, server) = silent_server(Duration::from_secs(3));
+        let client = Client::new(
+            addr,
+            common::client_config()
+                .max_conns(1)
+                .write_timeout(None)
+                .send_buffer_size(Some(16 << 10)),
+        )
+        .unwrap();
+        let body = vec![7; 16 << 10];
+        for _ in 0..16 {
+            client.send_no_wait(&body).unwrap();
+        }
+        let e = client
+            .request_timeout(
+                b"anyone?",
+                &mut Vec::new(),
+                Some(Duration::from_millis(100)),
+            )
+            .unwrap_err();
+        assert_eq!(e.timeout_kind(), Some(TimeoutKind::Request), "{e}");
+        assert!(
+            common::wait_until(Duration::from_secs(1), || client.connections() == 0),
+            "the silent connection stayed"
+        );
+        client.shutdown();
+        server.join().unwrap();
+    });
+}
+
 /// A request's timeout on a connection whose queue still holds messages
 /// that `send_no_wait` accepted (the server's one reactor busy in a slow
 /// handler, reading nothing): the silence is no proof the link is dead
