@@ -760,9 +760,12 @@ fn a_call_held_back_by_a_cut_short_dial_fails_with_its_own_timeout_kind() {
     within(30, || {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
+        // A backoff long enough that the request surely comes within it.
         let client = Client::new(
             addr,
-            common::client_config().send_timeout(Some(Duration::from_millis(100))),
+            common::client_config()
+                .send_timeout(Some(Duration::from_millis(100)))
+                .dial_backoff(Duration::from_secs(5)),
         )
         .unwrap();
         // The backlog connects it; nothing ever answers the handshake.
