@@ -333,6 +333,20 @@ fn a_link_silent_for_a_whole_request_timeout_is_closed_under_steady_traffic() {
     });
 }
 
+/// A server of one reactor with a 16 KiB receive buffer: a handler that
+/// stalls it stops the reading of every connection, and the client's
+/// queue fills soon.
+fn one_reactor_reading_little(handler: impl monte_rpc::Handler) -> monte_rpc::Server {
+    monte_rpc::Server::bind(
+        "127.0.0.1:0",
+        common::server_config()
+            .workers(1)
+            .recv_buffer_size(Some(16 << 10)),
+        handler,
+    )
+    .unwrap()
+}
+
 /// A client of at most one connection to `addr`, with `request_timeout`,
 /// dialled already (so that every request after shares that connection).
 fn one_connection_client(addr: std::net::SocketAddr, request_timeout: Duration) -> Arc<Client> {
@@ -355,23 +369,16 @@ fn a_request_without_a_timeout_waits_for_room_past_the_send_timeout() {
     common::within(30, || {
         let stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let first = stalled.clone();
-        let server = monte_rpc::Server::bind(
-            "127.0.0.1:0",
-            common::server_config()
-                .workers(1)
-                .recv_buffer_size(Some(16 << 10)),
-            move |ctx: &mut monte_rpc::Context<'_>| {
-                // The first message stalls the one reactor: nothing is
-                // read meanwhile, and the client's queue fills.
-                if !first.swap(true, Ordering::SeqCst) {
-                    thread::sleep(Duration::from_millis(600));
-                }
-                if ctx.seq() != 0 {
-                    let _ = ctx.reply(b"room at last");
-                }
-            },
-        )
-        .unwrap();
+        let server = one_reactor_reading_little(move |ctx: &mut monte_rpc::Context<'_>| {
+            // The first message stalls the one reactor: nothing is read
+            // meanwhile, and the client's queue fills.
+            if !first.swap(true, Ordering::SeqCst) {
+                thread::sleep(Duration::from_millis(600));
+            }
+            if ctx.seq() != 0 {
+                let _ = ctx.reply(b"room at last");
+            }
+        });
         let client = Client::new(
             server.local_addr(),
             common::client_config()
@@ -457,21 +464,14 @@ fn a_request_timeout_does_not_drop_messages_queued_on_its_connection() {
     common::within(30, || {
         let received = Arc::new(AtomicU64::new(0));
         let counted = received.clone();
-        let server = monte_rpc::Server::bind(
-            "127.0.0.1:0",
-            common::server_config()
-                .workers(1)
-                .recv_buffer_size(Some(16 << 10)),
-            move |ctx: &mut monte_rpc::Context<'_>| {
-                if ctx.body() == b"slow" {
-                    thread::sleep(Duration::from_millis(300));
-                }
-                if !ctx.expects_reply() {
-                    counted.fetch_add(1, Ordering::SeqCst);
-                }
-            },
-        )
-        .unwrap();
+        let server = one_reactor_reading_little(move |ctx: &mut monte_rpc::Context<'_>| {
+            if ctx.body() == b"slow" {
+                thread::sleep(Duration::from_millis(300));
+            }
+            if !ctx.expects_reply() {
+                counted.fetch_add(1, Ordering::SeqCst);
+            }
+        });
         let client = Client::new(
             server.local_addr(),
             common::client_config()
