@@ -11,7 +11,8 @@
 //! a frame waits for room or for its write on the outbound queue's list of
 //! tasks, and a deadline is kept by the connection's reactor
 //! ([`Timers`](crate::sync::timers::Timers)), so no executor timer is
-//! involved. A future does nothing until first polled (its deadline starts
+//! involved (and a handler that blocks that reactor delays the deadline,
+//! as it delays the response). A future does nothing until first polled (its deadline starts
 //! then) and cancels its call when dropped: a request frees its slot (a
 //! late response is dropped and can never reach another request), and a
 //! frame not yet queued is never sent. Each call allocates nothing in
