@@ -75,8 +75,10 @@ impl Connection {
     }
 
     /// [`send_no_wait`](Self::send_no_wait) for async code: resolves once
-    /// the frame is queued, waiting for room (without blocking the thread)
-    /// while `max_queued_bytes` are queued, up to the send timeout.
+    /// the frame is queued, waiting for room (without blocking the thread,
+    /// but in this connection's own `on_open`: see
+    /// [`Handler::on_open`](crate::Handler::on_open)) while
+    /// `max_queued_bytes` are queued, up to the send timeout.
     pub fn send_no_wait_async<'a>(&'a self, body: &'a [u8]) -> SendFuture<'a> {
         SendFuture::new(self.clone(), 0, body, CallOp::SendNoWait)
     }

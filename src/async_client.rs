@@ -58,7 +58,9 @@ impl Client {
     }
 
     /// [`send_no_wait`](Self::send_no_wait) for async code: resolves once
-    /// the frame is queued, waiting for room without blocking the thread.
+    /// the frame is queued, waiting for room without blocking the thread
+    /// (but in a dialled connection's `on_open`: see
+    /// [`Handler::on_open`](crate::Handler::on_open)).
     pub fn send_no_wait_async<'a>(&'a self, body: &'a [u8]) -> ClientFuture<'a> {
         ClientFuture::send(self, CallOp::SendNoWait, body)
     }

@@ -46,9 +46,11 @@
 //! async one (`request_async`, `send_async`, `send_no_wait_async`, and
 //! `reply_async` on a [`Connection`]) returns a future that any executor
 //! can await (tokio, smol, `futures::executor::block_on`): it runs on the
-//! same reactors, never blocks the thread that polls it, keeps its
-//! deadline with no executor timer, allocates nothing per call in steady
-//! state, and cancels its call when dropped.
+//! same reactors, never blocks the thread that polls it (a send awaited
+//! in its own dialled connection's [`Handler::on_open`] excepted: it
+//! writes as the blocking send does), keeps its deadline with no
+//! executor timer, allocates nothing per call in steady state, and
+//! cancels its call when dropped.
 //!
 //! ```no_run
 //! use monte_rpc::{Client, Config};
