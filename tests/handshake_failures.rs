@@ -80,6 +80,14 @@ fn leave_mid_handshake(addr: SocketAddr, failures: &Failures) {
     );
 }
 
+/// A server of the default handshake that answers every request "ok".
+fn ok_server() -> Server {
+    Server::bind("127.0.0.1:0", Config::server(), |ctx: &mut Context<'_>| {
+        let _ = ctx.reply(b"ok");
+    })
+    .unwrap()
+}
+
 /// A handshake factory that panics on every second call (an
 /// application's bug), standing in for any application code a handshake
 /// runs.
@@ -203,10 +211,7 @@ fn a_server_handshake_that_over_counts_its_input_fails_only_that_connection() {
 /// thread does not panic.
 #[test]
 fn a_client_handshake_that_over_counts_its_input_fails_the_dial() {
-    let server = Server::bind("127.0.0.1:0", Config::server(), |ctx: &mut Context<'_>| {
-        let _ = ctx.reply(b"ok");
-    })
-    .unwrap();
+    let server = ok_server();
     let config = Config::default()
         .dial_attempts(1)
         .handshake(Arc::new(OverCounting {
@@ -259,10 +264,7 @@ fn a_bad_second_handshake_spares_the_first(
 /// whole timeout).
 #[test]
 fn a_panicking_client_handshake_factory_fails_the_async_call() {
-    let server = Server::bind("127.0.0.1:0", Config::server(), |ctx: &mut Context<'_>| {
-        let _ = ctx.reply(b"ok");
-    })
-    .unwrap();
+    let server = ok_server();
     // Its first call (n = 0) goes through, so start it at 1: the first
     // dial panics.
     let factory = Arc::new(PanicsEveryOther(1.into()));
@@ -336,10 +338,7 @@ impl monte_rpc::protocol::HandshakeFactory for FirstDropPanics {
 /// found no connection waited out its whole timeout.
 #[test]
 fn a_panic_on_the_dial_thread_does_not_stop_later_dials() {
-    let server = Server::bind("127.0.0.1:0", Config::server(), |ctx: &mut Context<'_>| {
-        let _ = ctx.reply(b"ok");
-    })
-    .unwrap();
+    let server = ok_server();
     let config = Config::default()
         .dial_attempts(1)
         .dial_backoff(Duration::ZERO)
