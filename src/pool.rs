@@ -22,6 +22,7 @@ use crate::conn::{Connection, Driver};
 use crate::error::{DialPhase, Error, Result, TimeoutKind};
 use crate::handler::Handler;
 use crate::opening::opening_on_this_thread;
+use crate::protocol::connection::nanos;
 use crate::reactor::on_reactor_thread;
 use crate::sync::signal::ShutdownSignal;
 use crate::sync::wake::wake;
@@ -575,10 +576,10 @@ impl Pool {
             return;
         }
         let quiet_since = conn.quiet_since();
-        let long_silent = self.config.request_timeout.is_some_and(|t| {
-            let t = u64::try_from(t.as_nanos()).unwrap_or(u64::MAX);
-            quiet_since < now_nanos().saturating_sub(t)
-        });
+        let long_silent = self
+            .config
+            .request_timeout
+            .is_some_and(|t| quiet_since < now_nanos().saturating_sub(nanos(t)));
         if conn.in_flight() == 0 || long_silent {
             conn.fail(Error::Timeout(TimeoutKind::Request));
         }

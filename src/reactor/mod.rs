@@ -37,7 +37,7 @@ use crate::conn::Connection;
 use crate::error::{Error, Result};
 use crate::handler::{guard_handler, Handler};
 use crate::outbound::OUTBOUND_BUFFER;
-use crate::protocol::connection::Phase;
+use crate::protocol::connection::{nanos, Phase};
 use crate::stats::Counters;
 use crate::sync::buffers::BufferPool;
 use crate::sync::mailbox::Mailbox;
@@ -298,7 +298,7 @@ impl Reactor {
             }
             // An async call's deadline may come before the next sweep.
             let now_ns = nanos_at(now);
-            let until = now_ns.saturating_add(wait.as_nanos().min(u64::MAX as u128) as u64);
+            let until = now_ns.saturating_add(nanos(wait));
             if let Some(at) = self.shared.timers.sleeping_until(until) {
                 wait = wait.min(Duration::from_nanos(at.saturating_sub(now_ns)));
             }

@@ -33,6 +33,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use crate::clock::now_nanos;
+use crate::protocol::connection::nanos;
 
 /// A yield that took longer than this gave the core to a time slice of
 /// other work, not to a thread that polls and yields back.
@@ -102,7 +103,7 @@ impl Detector {
             self.contended.store(true, Relaxed);
             return;
         }
-        let began = now.saturating_sub(took.as_nanos().min(u64::MAX as u128) as u64);
+        let began = now.saturating_sub(nanos(took));
         let last_end = self.last_late_end.fetch_max(now, Relaxed);
         let lost = now
             .saturating_sub(began.max(last_end))
