@@ -40,6 +40,12 @@ use crate::sync::{lock, AtomicBool, Condvar, Mutex, MutexGuard, Ordering};
 /// to the reactor, so one caller never writes for everyone indefinitely.
 const CALLER_WRITE_ROUNDS: usize = 4;
 
+/// Rounds a reactor's flush makes in one turn. Each round writes all that
+/// is queued; a producer that keeps up with the socket would otherwise keep
+/// the reactor writing (and its other connections, timers and commands
+/// waiting) for as long as it goes on. The rest is flushed next turn.
+const REACTOR_WRITE_ROUNDS: usize = 16;
+
 /// The longest a caller that writes before a reactor has the connection
 /// waits for room in the socket before it looks again whether the
 /// connection closed meanwhile.
@@ -284,6 +290,10 @@ pub(crate) enum Flushed {
     /// The socket is full with this many bytes still queued; wait for
     /// WRITABLE.
     Blocked(usize),
+    /// The turn's write rounds were used up with this many bytes queued
+    /// and the socket still taking them: flush again next turn (no
+    /// WRITABLE edge will say so).
+    More(usize),
     /// Another thread is writing and will finish the queue; this many
     /// bytes are held (its write included). Past the budget, that writer hands the queue back
     /// to the reactor when it is done.
@@ -558,7 +568,7 @@ impl OutboundQueue {
             }
             Mode::Direct { .. } => {
                 if !g.writing && !g.reactor_flushing {
-                    g = self.write_out(owner, g, CALLER_WRITE_ROUNDS, false);
+                    g = self.write_out(owner, g, CALLER_WRITE_ROUNDS, false).0;
                 }
                 Ok((Some(g), end))
             }
@@ -640,7 +650,7 @@ impl OutboundQueue {
         );
         let g = lock(&self.state);
         Ok(if unattended(&g) {
-            self.write_out(owner, g, CALLER_WRITE_ROUNDS, false)
+            self.write_out(owner, g, CALLER_WRITE_ROUNDS, false).0
         } else {
             g
         })
@@ -686,18 +696,20 @@ impl OutboundQueue {
     }
 
     /// Writes the queue, round by round, as the single writer. Called with
-    /// `writing == false`; returns with it `false` again.
+    /// `writing == false`; returns with it `false` again, and whether it
+    /// stopped at `max_rounds` with the socket still taking bytes.
     fn write_out<'a>(
         &'a self,
         owner: &impl QueueOwner,
         mut g: MutexGuard<'a, Outbound>,
         max_rounds: usize,
         on_reactor: bool,
-    ) -> MutexGuard<'a, Outbound> {
+    ) -> (MutexGuard<'a, Outbound>, bool) {
         g.writing = true;
         let mut hand_off = false;
         let mut failure = None;
         let mut rounds = 0;
+        let mut used_up = false;
         loop {
             if g.pending() == 0 {
                 g.buf.clear();
@@ -712,11 +724,13 @@ impl OutboundQueue {
             }
             if rounds == max_rounds {
                 // Before a reactor has the connection, the rest stays the
-                // caller's (see `wait_written`).
+                // caller's (see `wait_written`). The reactor itself goes on
+                // next turn (`Flushed::More`).
                 if owner.has_reactor() {
-                    hand_off = !g.reactor_flushing;
+                    hand_off = !on_reactor && !g.reactor_flushing;
                     g.reactor_flushing = true;
                 }
+                used_up = true;
                 break;
             }
             rounds += 1;
@@ -826,7 +840,7 @@ impl OutboundQueue {
             owner.ask_reactor_to_flush();
             g = lock(&self.state);
         }
-        g
+        (g, used_up)
     }
 
     /// Reactor side: write what is queued, as far as the socket takes it.
@@ -854,11 +868,13 @@ impl OutboundQueue {
             g.reactor_flushing = false;
             return Flushed::Empty;
         }
-        let g = self.write_out(owner, g, usize::MAX, true);
+        let (g, used_up) = self.write_out(owner, g, REACTOR_WRITE_ROUNDS, true);
         if g.closed.is_some() {
             Flushed::Closed
         } else if g.pending() == 0 {
             Flushed::Empty
+        } else if used_up {
+            Flushed::More(g.pending())
         } else {
             Flushed::Blocked(g.pending())
         }
@@ -940,6 +956,10 @@ mod tests {
         /// Whether a reactor has the connection (`has_reactor`).
         reactor: AtomicBool,
         flushes_asked: AtomicUsize,
+        /// Frames this owner still appends to its own queue, one each time
+        /// a writer lets go of the lock to write: a producer that keeps up
+        /// with the socket.
+        producer: AtomicUsize,
     }
 
     impl<'a> Owner<'a> {
@@ -952,6 +972,7 @@ mod tests {
                 failures: AtomicUsize::new(0),
                 reactor: AtomicBool::new(true),
                 flushes_asked: AtomicUsize::new(0),
+                producer: AtomicUsize::new(0),
             }
         }
     }
@@ -972,6 +993,13 @@ mod tests {
 
     impl QueueOwner for Owner<'_> {
         fn stream(&self) -> &ConnSocket {
+            let left = self.producer.load(Ordering::Relaxed);
+            if left > 0 {
+                self.producer.store(left - 1, Ordering::Relaxed);
+                self.queue
+                    .submit(self, left as u32, &[3; 1400], Mode::Queue, None, &mut || {})
+                    .unwrap();
+            }
             &self.stream
         }
         fn peer_addr(&self) -> Option<std::net::SocketAddr> {
@@ -997,6 +1025,51 @@ mod tests {
             self.queue.seal_off_if_drained();
             self.queue.close(&error);
         }
+    }
+
+    /// A producer that appends as fast as the socket takes its frames
+    /// never lets the queue empty: the reactor's flush still ends after a
+    /// bounded number of rounds, and says that more is left for its next
+    /// turn, so that its other connections, timers and commands are not
+    /// held for as long as the producer goes on.
+    #[test]
+    fn a_reactor_flush_ends_while_a_producer_keeps_up_with_the_socket() {
+        let (ours, mut theirs) = socket_pair();
+        let reader = std::thread::spawn(move || {
+            let mut sink = [0; 64 << 10];
+            while matches!(theirs.read(&mut sink), Ok(n) if n > 0) {}
+        });
+        let queue = queue(&Config::default());
+        let owner = Owner::new(&queue, ours);
+        let endless = 100_000;
+        owner.producer.store(endless, Ordering::Relaxed);
+        queue
+            .submit(&owner, 0, &[1; 1400], Mode::Queue, None, &mut || {})
+            .unwrap();
+        let asked = owner.flushes_asked.load(Ordering::Relaxed);
+        let flushed = queue.flush_from_reactor(&owner, usize::MAX);
+        let rounds = endless - owner.producer.load(Ordering::Relaxed);
+        assert!(rounds <= 64, "the flush went on for {rounds} rounds");
+        assert!(
+            matches!(flushed, Flushed::More(n) if n > 0),
+            "the producer's frames are left for the next turn: {flushed:?}"
+        );
+        // The next turns write the rest once the producer stops.
+        owner.producer.store(0, Ordering::Relaxed);
+        while queue.flush_from_reactor(&owner, usize::MAX) != Flushed::Empty {
+            crate::sys::wait_writable(owner.stream(), Some(Duration::from_millis(50)));
+        }
+        assert_eq!(
+            owner.flushes_asked.load(Ordering::Relaxed),
+            asked,
+            "the reactor asks itself nothing"
+        );
+        let g = lock(&queue.state);
+        assert_eq!(g.frames_queued, 1 + rounds as u64);
+        assert_eq!(g.written_total, g.queued_total);
+        drop(g);
+        drop(owner);
+        reader.join().unwrap();
     }
 
     /// Before a reactor has the connection (a dialled connection's
@@ -1216,6 +1289,7 @@ mod tests {
                     }
                     false
                 }
+                Flushed::More(_) => false,
                 other => panic!("flushing the stream: {other:?}"),
             }
         };
@@ -1280,7 +1354,9 @@ mod tests {
             if lock(&queue.state).pending() > budget {
                 // Over the budget: the reactor flushes; reading goes on
                 // once the socket took enough.
-                while let Flushed::Blocked(pending) = queue.flush_from_reactor(&owner, usize::MAX) {
+                while let Flushed::Blocked(pending) | Flushed::More(pending) =
+                    queue.flush_from_reactor(&owner, usize::MAX)
+                {
                     {
                         let g = lock(&queue.state);
                         largest = largest.max(g.buf.capacity()).max(g.spare.capacity());
@@ -1346,7 +1422,7 @@ mod tests {
                 match queue.flush_from_reactor(&owner, usize::MAX) {
                     Flushed::Empty if done => break,
                     Flushed::Empty => {}
-                    Flushed::Blocked(pending) => most = most.max(pending),
+                    Flushed::Blocked(pending) | Flushed::More(pending) => most = most.max(pending),
                     other => panic!("flushing the stream: {other:?}"),
                 }
                 assert!(Instant::now() < give_up, "the stream never drained");

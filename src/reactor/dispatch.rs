@@ -252,12 +252,19 @@ impl Reactor {
 
     pub(super) fn flush(&mut self, key: usize) {
         let entry = &mut self.conns[key];
-        let output = match entry.conn.flush_from_reactor(entry.life.hand_back_past()) {
+        let flushed = entry.conn.flush_from_reactor(entry.life.hand_back_past());
+        let output = match flushed {
             Flushed::Empty => Output::Drained,
-            Flushed::Blocked(queued) => Output::Blocked { queued },
+            // Bytes wait for the next turn as they would for the socket:
+            // reading is paused or resumed as it would be then.
+            Flushed::Blocked(queued) | Flushed::More(queued) => Output::Blocked { queued },
             Flushed::Busy(queued) => Output::Writing { queued },
             Flushed::Closed => return self.after_io(key),
         };
+        if matches!(flushed, Flushed::More(_)) && !entry.flush_queued {
+            entry.flush_queued = true;
+            self.flush_next_turn.push(key);
+        }
         match entry.life.after_flush(output) {
             ReadGate::Paused => {
                 Counters::inc(&self.shared.stats.reads_paused);
@@ -272,7 +279,7 @@ impl Reactor {
             ReadGate::Unchanged => {}
         }
         // Wait for the socket to take more only while it refused some.
-        let blocked = matches!(output, Output::Blocked { .. });
+        let blocked = matches!(flushed, Flushed::Blocked(_));
         if entry.writable != blocked {
             entry.writable = blocked;
             if let Err(e) = entry.conn.set_write_interest(blocked) {

@@ -30,6 +30,9 @@ pub(super) struct Entry {
     /// list to be read on: it is put there once, and its readiness events
     /// meanwhile are left to that read.
     pub(super) read_queued: bool,
+    /// Its flush used up a turn's write rounds and it waits in the
+    /// reactor's list to be flushed again: put there once.
+    pub(super) flush_queued: bool,
 }
 
 impl Entry {
@@ -54,6 +57,7 @@ impl Entry {
             life: Lifecycle::new(handshaking, limits, now),
             writable: false,
             read_queued: false,
+            flush_queued: false,
         }
     }
 

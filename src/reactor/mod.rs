@@ -104,6 +104,12 @@ pub struct Reactor {
     read_next_turn: Vec<usize>,
     /// `read_next_turn` as it was when this turn began (its capacity kept).
     read_this_turn: Vec<usize>,
+    /// Connections whose flush used up a turn's write rounds with the
+    /// socket still taking bytes: flushed again next turn, which does not
+    /// sleep (no WRITABLE edge would announce them).
+    flush_next_turn: Vec<usize>,
+    /// `flush_next_turn` as it was when this turn began.
+    flush_this_turn: Vec<usize>,
     config: Arc<Config>,
     /// The sweep's interval: an eighth of the shortest deadline a
     /// connection may be held to, within 5 to 250 ms...
@@ -194,7 +200,9 @@ impl Reactor {
             dirty: Vec::with_capacity(64),
             resume: Vec::with_capacity(64),
             read_next_turn: Vec::with_capacity(64),
+            flush_next_turn: Vec::with_capacity(64),
             read_this_turn: Vec::with_capacity(64),
+            flush_this_turn: Vec::with_capacity(64),
             config,
             tick,
             drain_tick,
@@ -273,10 +281,10 @@ impl Reactor {
             // polls); after one-way messages, asleep between polls, but
             // not in epoll: bytes arriving meanwhile cost their sender no
             // wake-up, and the next poll reads them as one batch.
-            // (Not while connections wait to be read on from the last
-            // turn: they have bytes now.)
+            // (Not while connections wait to be read on or flushed from
+            // the last turn: they have work now.)
             let mut now = Instant::now();
-            if self.read_next_turn.is_empty() {
+            if self.read_next_turn.is_empty() && self.flush_next_turn.is_empty() {
                 crate::sync::contention::yield_now();
                 let next = self.last_poll + self.busy_interval;
                 now = Instant::now();
@@ -288,9 +296,10 @@ impl Reactor {
             self.last_poll = now;
             self.poll.poll(&mut self.events, Some(Duration::ZERO))
         } else {
-            // Connections left to read from the last turn (or resumed
-            // after its reads): look for events without sleeping.
+            // Connections left to read or flush from the last turn (or
+            // resumed after its reads): look for events without sleeping.
             if !self.read_next_turn.is_empty()
+                || !self.flush_next_turn.is_empty()
                 || !self.resume.is_empty()
                 || !self.shared.mailbox.prepare_sleep()
             {
@@ -324,6 +333,7 @@ impl Reactor {
         }
         self.run_commands();
         std::mem::swap(&mut self.read_next_turn, &mut self.read_this_turn);
+        std::mem::swap(&mut self.flush_next_turn, &mut self.flush_this_turn);
         let events = std::mem::replace(&mut self.events, Events::with_capacity(0));
         let mut accepted = false;
         let mut sweep_fired = false;
@@ -384,6 +394,13 @@ impl Reactor {
                 }
             }
             self.flush_dirty();
+        }
+        // And those whose flush the last turn cut short.
+        while let Some(key) = self.flush_this_turn.pop() {
+            if let Some(entry) = self.conns.get_mut(key) {
+                entry.flush_queued = false;
+                self.flush(key);
+            }
         }
         // One clock reading for the rest of the turn: the waking time, the
         // timers, the sweep (read again if resumed reads ran handlers).
