@@ -33,7 +33,7 @@ use crate::protocol::Sealer;
 use crate::socket_write::{write_nonblocking, WriteOutcome};
 use crate::stats::Counters;
 use crate::sync::buffers::BufferPool;
-use crate::sync::wake::wake;
+use crate::sync::wake::wake_all;
 use crate::sync::{lock, AtomicBool, Condvar, Mutex, MutexGuard, Ordering};
 
 /// Rounds a caller-thread writer makes before handing the rest of the queue
@@ -101,6 +101,10 @@ struct Outbound {
     /// wait on the condition variable: woken together with them. Entries
     /// are reused, so steady traffic allocates nothing here.
     tasks: Slab<Option<Waker>>,
+    /// Wakers `notify` took off `tasks`, woken once the lock is let go
+    /// (`wake_tasks`): a waker may drop its task's future, whose drop
+    /// locks the queue, or poll it inline. Its capacity is kept.
+    to_wake: Vec<Waker>,
     closed: Option<Error>,
     /// The reactor is closing the connection gracefully and waits for the
     /// queue to drain: a caller-thread writer that empties it must tell
@@ -338,6 +342,7 @@ impl OutboundQueue {
                 written_total: 0,
                 waiters: 0,
                 tasks: Slab::new(),
+                to_wake: Vec::new(),
                 closed: None,
                 draining: false,
                 reactor_waits: false,
@@ -370,6 +375,7 @@ impl OutboundQueue {
             self.closed.store(true, Ordering::Release);
         }
         self.notify(&mut g);
+        drop(self.wake_tasks(g));
     }
 
     /// Frees the buffers of a closed queue (see
@@ -503,18 +509,35 @@ impl OutboundQueue {
         }
     }
 
-    /// Wakes everyone waiting on the queue: threads and tasks. Woken under
-    /// the lock, so a task's entry cannot be taken off meanwhile; only the
-    /// slow paths (a full queue, a blocked socket) have tasks here.
+    /// Wakes everyone waiting on the queue: the threads now, the tasks
+    /// once the lock is let go (`wake_tasks`, which every caller calls
+    /// next). Only the slow paths (a full queue, a blocked socket) have
+    /// tasks here.
     fn notify(&self, g: &mut Outbound) {
         if g.waiters > 0 {
             self.cv.notify_all();
         }
-        for (_, task) in g.tasks.iter_mut() {
-            if let Some(waker) = task.take() {
-                wake(waker);
-            }
+        let Outbound { tasks, to_wake, .. } = g;
+        to_wake.extend(tasks.iter_mut().filter_map(|(_, task)| task.take()));
+    }
+
+    /// Wakes the tasks `notify` took off the list, with the lock let go,
+    /// and takes it again. Free when there are none.
+    fn wake_tasks<'a>(&'a self, mut g: MutexGuard<'a, Outbound>) -> MutexGuard<'a, Outbound> {
+        if g.to_wake.is_empty() {
+            return g;
         }
+        let mut woken = mem::take(&mut g.to_wake);
+        drop(g);
+        wake_all(&mut woken);
+        let mut g = lock(&self.state);
+        // Tasks another thread took off meanwhile are its to wake; only
+        // the allocation comes back.
+        if g.to_wake.capacity() < woken.capacity() {
+            woken.append(&mut g.to_wake);
+            g.to_wake = woken;
+        }
+        g
     }
 
     /// Seals `body` as frame `seq`, appends it, and hands the queue on as
@@ -762,6 +785,7 @@ impl OutboundQueue {
                         // caller's few rounds end soon: its waiters are
                         // woken together then, which costs less.)
                         self.notify(&mut g);
+                        g = self.wake_tasks(g);
                     }
                 }
                 WriteOutcome::Blocked => {
@@ -840,7 +864,7 @@ impl OutboundQueue {
             owner.ask_reactor_to_flush();
             g = lock(&self.state);
         }
-        (g, used_up)
+        (self.wake_tasks(g), used_up)
     }
 
     /// Reactor side: write what is queued, as far as the socket takes it.
@@ -917,6 +941,7 @@ impl OutboundQueue {
             g.closed = Some(Error::Closed);
             self.closed.store(true, Ordering::Release);
             self.notify(&mut g);
+            drop(self.wake_tasks(g));
             return Sealed::Drained;
         }
         Sealed::Pending
@@ -940,6 +965,7 @@ mod tests {
     use std::io::Read;
     use std::net::{TcpListener, TcpStream as StdStream};
     use std::sync::atomic::AtomicUsize;
+    use std::sync::Arc;
 
     use super::*;
     use crate::protocol::Profile;
@@ -1025,6 +1051,81 @@ mod tests {
             self.queue.seal_off_if_drained();
             self.queue.close(&error);
         }
+    }
+
+    /// A task's waker that drops the task's future, as an executor does
+    /// when the waker held the task's last reference: the future's drop
+    /// takes the call off the queue's list (`forget`), which locks the
+    /// queue.
+    struct DropsItsFuture {
+        queue: &'static OutboundQueue,
+        wait: std::sync::Mutex<QueueWait>,
+    }
+
+    impl std::task::Wake for DropsItsFuture {
+        fn wake(self: Arc<Self>) {
+            self.queue.forget(&mut self.wait.lock().unwrap());
+        }
+    }
+
+    /// Puts a task on `queue`'s list, waiting for a write up to `end`,
+    /// with a waker that drops its future when woken.
+    fn wait_with_a_dropping_waker(queue: &'static OutboundQueue, end: u64) {
+        let task = Arc::new(DropsItsFuture {
+            queue,
+            wait: std::sync::Mutex::new(QueueWait::default()),
+        });
+        let waker = Waker::from(task.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut wait = task.wait.lock().unwrap();
+        assert!(queue.poll_written(end, &mut wait, &mut cx).is_pending());
+    }
+
+    /// Runs `step` on a thread: what it returns if it ends within 5 s.
+    fn within_5s<T: Send + 'static>(step: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+        let (done, ended) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = done.send(step());
+        });
+        ended.recv_timeout(Duration::from_secs(5)).ok()
+    }
+
+    /// Tasks are woken with the queue's lock let go: a waker that drops
+    /// its future (or polls it inline) locks the queue again. Under the
+    /// lock, the reactor's flush and the queue's close deadlocked on it.
+    #[test]
+    fn a_waker_that_drops_its_future_is_woken_outside_the_lock() {
+        let (ours, mut theirs) = socket_pair();
+        let reader = std::thread::spawn(move || {
+            let mut sink = [0; 64 << 10];
+            while matches!(theirs.read(&mut sink), Ok(n) if n > 0) {}
+        });
+        // Leaked: a deadlocked thread keeps it for the rest of the run.
+        let queue: &'static OutboundQueue = Box::leak(Box::new(queue(&Config::default())));
+        let owner = Owner::new(queue, ours);
+        queue
+            .submit(&owner, 1, &[1; 1400], Mode::Queue, None, &mut || {})
+            .unwrap();
+        let end = lock(&queue.state).queued_total;
+        wait_with_a_dropping_waker(queue, end);
+        let owner = within_5s(move || {
+            assert_eq!(queue.flush_from_reactor(&owner, usize::MAX), Flushed::Empty);
+            owner
+        })
+        .expect("the reactor's flush deadlocked waking the task");
+        assert!(
+            lock(&queue.state).tasks.is_empty(),
+            "the dropped future is still listed"
+        );
+        wait_with_a_dropping_waker(queue, u64::MAX);
+        within_5s(move || queue.close(&Error::Closed))
+            .expect("closing the queue deadlocked waking the task");
+        assert!(
+            lock(&queue.state).tasks.is_empty(),
+            "the dropped future is still listed"
+        );
+        drop(owner);
+        reader.join().unwrap();
     }
 
     /// A producer that appends as fast as the socket takes its frames

@@ -25,7 +25,7 @@ use crate::opening::opening_on_this_thread;
 use crate::protocol::connection::nanos;
 use crate::reactor::on_reactor_thread;
 use crate::sync::signal::ShutdownSignal;
-use crate::sync::wake::wake;
+use crate::sync::wake::wake_all;
 use crate::sync::{lock, read, write, Mutex, MutexGuard, RwLock};
 use crate::workers::Workers;
 
@@ -619,8 +619,9 @@ impl Pool {
             Self::unregister(&mut dial, wait);
             return Poll::Ready(Err(Error::Closed));
         }
-        // Under the lock a dial's end wakes its waiters under: a dial that
-        // ended before this look left its connection in the pool.
+        // Under the lock a dial's end takes its waiters' wakers under: a
+        // dial that ended before this look left its connection in the
+        // pool, and one that ends after it wakes this call.
         let busy = self.choose(true);
         let state = if dial.running {
             None
@@ -686,7 +687,7 @@ impl Pool {
                 // the next dial joins it under the lock.
                 let mut dial = lock(&pool.async_dial);
                 dial.running = false;
-                Self::wake_all(&mut dial);
+                Self::wake_waiters(dial);
             })?;
         dial.thread = Some(thread);
         dial.running = true;
@@ -695,15 +696,21 @@ impl Pool {
 
     /// Wakes the async calls waiting for a dial (they look again).
     pub(crate) fn wake_dial_waiters(&self) {
-        Self::wake_all(&mut lock(&self.async_dial));
+        Self::wake_waiters(lock(&self.async_dial));
     }
 
-    fn wake_all(dial: &mut AsyncDial) {
-        for (_, waiter) in dial.waiters.iter_mut() {
-            if let Some(waker) = waiter.take() {
-                wake(waker);
-            }
-        }
+    /// Takes the waiters' wakers off the list under its lock, and wakes
+    /// them once it is let go: a woken call's future may be dropped (its
+    /// drop takes it off the list) or polled there and then. (A call that
+    /// looks after the lock is let go finds what the dial left.)
+    fn wake_waiters(mut dial: MutexGuard<'_, AsyncDial>) {
+        let mut woken: Vec<Waker> = dial
+            .waiters
+            .iter_mut()
+            .filter_map(|(_, w)| w.take())
+            .collect();
+        drop(dial);
+        wake_all(&mut woken);
     }
 
     fn unregister(dial: &mut AsyncDial, wait: &mut DialWait) {

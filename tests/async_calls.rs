@@ -1186,3 +1186,60 @@ fn a_timeout_set_after_the_first_poll_still_ends_the_call() {
         server.shutdown();
     });
 }
+
+/// A call's future, boxed as an executor holds it.
+type TaskFuture = std::pin::Pin<Box<dyn Future<Output = monte_rpc::Result<()>> + Send>>;
+
+/// A task whose waker holds the last reference to its future, as an
+/// executor leaves it when it gave up the task (shut down, or never
+/// polls it again): waking it drops the future.
+struct DropsItsFuture {
+    future: Mutex<Option<TaskFuture>>,
+    dropped: std::sync::atomic::AtomicBool,
+}
+
+impl std::task::Wake for DropsItsFuture {
+    fn wake(self: Arc<Self>) {
+        let future = self.future.lock().unwrap().take();
+        drop(future);
+        self.dropped.store(true, Ordering::SeqCst);
+    }
+}
+
+/// An async call waiting for the pool's dial, whose waker drops it: the
+/// dropped call takes itself off the dial's list, which the dial's end
+/// woke it under, and the dial thread deadlocked on that lock (and with
+/// it every later async call, and shutdown). Woken once the lock is let
+/// go, the call is dropped and the client goes on.
+#[test]
+fn a_waker_that_drops_its_future_does_not_stop_the_dial() {
+    within(30, || {
+        let (server, _) = echo_server(Config::server());
+        let client: &'static Client = Box::leak(Box::new(
+            Client::new(server.local_addr(), Config::default()).unwrap(),
+        ));
+        let task = Arc::new(DropsItsFuture {
+            future: Mutex::new(Some(Box::pin(client.send_async(b"dial")))),
+            dropped: Default::default(),
+        });
+        let waker = std::task::Waker::from(task.clone());
+        let mut cx = std::task::Context::from_waker(&waker);
+        {
+            // Polled where the waker finds it: the dial's end, which needs
+            // the list's lock this poll takes, wakes it after this poll.
+            let mut future = task.future.lock().unwrap();
+            assert!(future.as_mut().unwrap().as_mut().poll(&mut cx).is_pending());
+        }
+        assert!(
+            wait_until(Duration::from_secs(5), || task
+                .dropped
+                .load(Ordering::SeqCst)),
+            "dropping the woken future deadlocked"
+        );
+        let mut response = Vec::new();
+        let answered = futures::executor::block_on(client.request_async(b"after", &mut response));
+        assert!(answered.is_ok(), "{answered:?}");
+        assert_eq!(response, b"after");
+        client.shutdown();
+    });
+}

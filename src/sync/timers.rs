@@ -42,6 +42,10 @@ pub struct Timers {
     earliest: AtomicU64,
     /// When the reactor wakes by itself next, or 0 while it is awake.
     sleeping_until: AtomicU64,
+    /// The wakers a [`fire`](Self::fire) took off the entries, woken once
+    /// their lock is let go (a waker may drop its future, whose drop
+    /// removes its timer, or poll it inline). Kept for its allocation.
+    fired: Mutex<Vec<Waker>>,
 }
 
 impl std::fmt::Debug for Timer {
@@ -68,6 +72,7 @@ impl Timers {
             entries: Mutex::new(Slab::new()),
             earliest: AtomicU64::new(NEVER),
             sleeping_until: AtomicU64::new(0),
+            fired: Mutex::new(Vec::new()),
         }
     }
 
@@ -143,19 +148,20 @@ impl Timers {
         if self.earliest.load(Ordering::SeqCst) > now {
             return;
         }
+        let mut fired = lock(&self.fired);
         let mut entries = lock(&self.entries);
         let mut earliest = NEVER;
         for (_, timer) in entries.iter_mut() {
             if timer.at <= now {
                 timer.at = NEVER;
-                if let Some(waker) = timer.waker.take() {
-                    super::wake::wake(waker);
-                }
+                fired.extend(timer.waker.take());
             } else {
                 earliest = earliest.min(timer.at);
             }
         }
         self.earliest.store(earliest, Ordering::SeqCst);
+        drop(entries);
+        super::wake::wake_all(&mut fired);
     }
 }
 
@@ -207,6 +213,44 @@ mod tests {
         timers.remove(ka);
         timers.remove(kb);
         assert_eq!(timers.len(), 0);
+    }
+
+    /// A waker that drops its future when woken: the future's drop
+    /// removes its timer, which locks the entries.
+    struct RemovesItsTimer {
+        timers: Arc<Timers>,
+        key: std::sync::Mutex<Option<TimerKey>>,
+    }
+
+    impl Wake for RemovesItsTimer {
+        fn wake(self: Arc<Self>) {
+            if let Some(key) = self.key.lock().unwrap().take() {
+                self.timers.remove(key);
+            }
+        }
+    }
+
+    /// Firing wakes the tasks with the entries' lock let go: under it, a
+    /// waker that dropped its future deadlocked the reactor.
+    #[test]
+    fn a_waker_that_drops_its_future_is_woken_outside_the_lock() {
+        let timers = Arc::new(Timers::new());
+        let task = Arc::new(RemovesItsTimer {
+            timers: timers.clone(),
+            key: std::sync::Mutex::new(None),
+        });
+        let (key, _) = timers.insert(100, &Waker::from(task.clone()));
+        *task.key.lock().unwrap() = Some(key);
+        let (done, ended) = std::sync::mpsc::channel();
+        let firing = timers.clone();
+        std::thread::spawn(move || {
+            firing.fire(100);
+            let _ = done.send(());
+        });
+        ended
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("firing deadlocked waking the task");
+        assert_eq!(timers.len(), 0, "the dropped future's timer is left");
     }
 
     #[test]

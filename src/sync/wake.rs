@@ -2,7 +2,8 @@
 //! wakes it. A reactor wakes the tasks of every connection it serves, and
 //! a blocking caller wakes the tasks whose responses it reads: a waker
 //! that panics (an executor's bug) must cost its own task, not stop the
-//! reactor (and with it every connection on it) or a caller's call.
+//! reactor (and with it every connection on it) or a caller's call. And
+//! tasks are woken with no lock held that their futures may take.
 
 #[cfg(not(loom))]
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -20,6 +21,16 @@ use crate::events;
 pub fn wake(waker: Waker) {
     if catch_unwind(AssertUnwindSafe(move || waker.wake())).is_err() {
         events::waker_panicked();
+    }
+}
+
+/// Wakes every waker in `wakers`, which it leaves empty (its allocation
+/// kept). They were taken off a list under that list's lock, and are woken
+/// here once it is let go: a waker may drop its task's future (the last
+/// reference to it) or poll it inline, and either may lock the list again.
+pub fn wake_all(wakers: &mut Vec<Waker>) {
+    for waker in wakers.drain(..) {
+        wake(waker);
     }
 }
 
