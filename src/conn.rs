@@ -14,7 +14,7 @@ use crate::clock::{no_time_left, CallDeadline};
 use crate::config::Config;
 use crate::error::{CallOp, Error, Result, TimeoutKind};
 use crate::outbound::{Flushed, Mode, OutboundQueue, QueueOwner};
-use crate::protocol::connection::ConnCore;
+use crate::protocol::connection::{nanos, ConnCore};
 use crate::protocol::{Role, Sealer};
 use crate::read_side::{CallerReads, ReadOwner, ReadSide};
 use crate::stats::{Counters, GaugeHeld};
@@ -94,6 +94,11 @@ pub(crate) struct ConnShared {
     /// or dialled it ([`now_nanos`]): with the last read, whether it is
     /// stalled.
     taken_at: AtomicU64,
+    /// The longest timeout, in nanoseconds, among the client pool's
+    /// requests on this connection since it was last taken idle
+    /// (`u64::MAX`: one has none): how long those requests let the peer be
+    /// silent before the link may be judged dead.
+    patience: AtomicU64,
     /// The read side: read by the reactor, or by a caller waiting for a
     /// response.
     pub(crate) read: ReadSide,
@@ -150,6 +155,7 @@ impl Connection {
                 active_calls: AtomicUsize::new(0),
                 answer_time: AtomicU64::new(0),
                 taken_at: AtomicU64::new(0),
+                patience: AtomicU64::new(0),
                 read: ReadSide::new(parts.core),
                 out,
                 release: Mutex::new(parts.release),
@@ -242,9 +248,27 @@ impl Connection {
         self.shared.taken_at.load(Ordering::Relaxed)
     }
 
-    /// The client pool gives this connection, idle, to a request at `now`.
+    /// The client pool gives this connection, idle, to a request at `now`:
+    /// the requests that come next bring their patience afresh.
     pub(crate) fn set_taken_at(&self, now: u64) {
         self.shared.taken_at.store(now, Ordering::Relaxed);
+        self.shared.patience.store(0, Ordering::Relaxed);
+    }
+
+    /// A request of the client pool's with `timeout` (`None`: none) goes
+    /// out on this connection.
+    pub(crate) fn note_patience(&self, timeout: Option<Duration>) {
+        let patience = timeout.map_or(u64::MAX, nanos);
+        // Requests alike mostly: a load, and no write, when it is known.
+        if self.shared.patience.load(Ordering::Relaxed) < patience {
+            self.shared.patience.fetch_max(patience, Ordering::Relaxed);
+        }
+    }
+
+    /// The longest timeout among the client pool's requests here since it
+    /// was last taken idle, in nanoseconds (`u64::MAX`: one has none).
+    pub(crate) fn patience(&self) -> u64 {
+        self.shared.patience.load(Ordering::Relaxed)
     }
 
     /// Since when the connection has been quiet while in use: its last

@@ -22,7 +22,6 @@ use crate::conn::{Connection, Driver};
 use crate::error::{DialPhase, Error, Result, TimeoutKind};
 use crate::handler::Handler;
 use crate::opening::opening_on_this_thread;
-use crate::protocol::connection::nanos;
 use crate::reactor::on_reactor_thread;
 use crate::sync::signal::ShutdownSignal;
 use crate::sync::wake::wake_all;
@@ -561,11 +560,12 @@ impl Pool {
     /// looks dead (a peer or path that vanished without a FIN), so that
     /// the pool dials afresh instead of choosing it again. One timeout is
     /// no proof while other requests still wait on it (theirs may be
-    /// longer, and the server merely slow), unless it has been silent for
-    /// a whole `request_timeout` since it was last taken idle (a link that
-    /// died under steady traffic, where some request always waits). Nor
-    /// while output waits in its queue and a write timeout judges it:
-    /// closing would drop it.
+    /// longer, and the server merely slow), unless it has been silent,
+    /// since it was last taken idle, for as long as the longest timeout
+    /// among its requests since then (a link that died under steady
+    /// traffic, where some request always waits; a request with no
+    /// timeout lets it be silent for ever). Nor while output waits in its
+    /// queue and a write timeout judges it: closing would drop it.
     pub(crate) fn drop_if_silent(&self, conn: &Connection, sent_at: u64) {
         // Output still queued (messages `send_no_wait` accepted, a send
         // under way, unwritten request frames) would be dropped with the
@@ -575,11 +575,9 @@ impl Pool {
         if !conn.silent_since(sent_at) || (judged && conn.queued() > 0) {
             return;
         }
-        let quiet_since = conn.quiet_since();
-        let long_silent = self
-            .config
-            .request_timeout
-            .is_some_and(|t| quiet_since < now_nanos().saturating_sub(nanos(t)));
+        let patience = conn.patience();
+        let long_silent =
+            patience != u64::MAX && conn.quiet_since() < now_nanos().saturating_sub(patience);
         if conn.in_flight() == 0 || long_silent {
             conn.fail(Error::Timeout(TimeoutKind::Request));
         }

@@ -256,7 +256,7 @@ fn a_short_timeout_does_not_close_a_connection_another_request_waits_on() {
         .unwrap();
         // A request timeout shorter than the connection's idle time
         // below: idle time is no silence.
-        let client = one_connection_client(server.local_addr(), Duration::from_millis(150));
+        let client = one_connection_client(server.local_addr(), Some(Duration::from_millis(150)));
         thread::sleep(Duration::from_millis(300));
         let patient = {
             let client = client.clone();
@@ -285,12 +285,12 @@ fn a_short_timeout_does_not_close_a_connection_another_request_waits_on() {
 }
 
 /// A link that went silent for good under steady traffic, where some
-/// request always waits on it: once it has been silent for a whole
-/// `request_timeout`, a request's timeout closes it, and the pool dials
-/// afresh.
-#[test]
-fn a_link_silent_for_a_whole_request_timeout_is_closed_under_steady_traffic() {
-    common::within(30, || {
+/// request always waits on it: once it has been silent for as long as
+/// the longest timeout among its requests, a request's timeout closes it,
+/// and the pool dials afresh. Four callers in a loop, 100 ms each,
+/// overlapping: never does the connection have no request waiting on it.
+fn a_link_silent_under_steady_traffic_is_closed(configured: Option<Duration>) {
+    common::within(30, move || {
         // Answers nothing, ever.
         let server = monte_rpc::Server::bind(
             "127.0.0.1:0",
@@ -298,10 +298,8 @@ fn a_link_silent_for_a_whole_request_timeout_is_closed_under_steady_traffic() {
             |_: &mut monte_rpc::Context<'_>| {},
         )
         .unwrap();
-        let client = one_connection_client(server.local_addr(), Duration::from_millis(300));
+        let client = one_connection_client(server.local_addr(), configured);
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        // Four callers in a loop, 100 ms each, overlapping: never does the
-        // connection have no request waiting on it.
         let callers: Vec<_> = (0..4u64)
             .map(|i| {
                 let (client, stop) = (client.clone(), stop.clone());
@@ -333,6 +331,70 @@ fn a_link_silent_for_a_whole_request_timeout_is_closed_under_steady_traffic() {
     });
 }
 
+#[test]
+fn a_link_silent_under_steady_traffic_is_closed_with_a_configured_timeout() {
+    a_link_silent_under_steady_traffic_is_closed(Some(Duration::from_millis(300)));
+}
+
+/// With none configured, the calls' own timeouts judge the silence: the
+/// configured one alone did, so such a link was never dropped.
+#[test]
+fn a_link_silent_under_steady_traffic_is_closed_with_per_call_timeouts_only() {
+    a_link_silent_under_steady_traffic_is_closed(None);
+}
+
+/// A patient request (3 s) on a connection whose server takes 1 s to
+/// answer it, and a hasty one beside it with the configured timeout
+/// (150 ms), which runs out with no byte back: the silence (450 ms) is
+/// longer than the configured timeout but not than the patient request
+/// allows, so the connection stays, and the patient request gets its
+/// answer. Judged by the configured timeout, the connection was closed
+/// under the patient request, which failed 2.5 s early.
+#[test]
+fn a_hasty_timeout_does_not_close_a_connection_a_patient_request_waits_on() {
+    common::within(30, || {
+        let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = started.clone();
+        let server = monte_rpc::Server::bind(
+            "127.0.0.1:0",
+            common::server_config().workers(1),
+            move |ctx: &mut monte_rpc::Context<'_>| {
+                if ctx.body() == b"slow" {
+                    seen.store(true, Ordering::SeqCst);
+                    // The one reactor answers nothing else meanwhile.
+                    thread::sleep(Duration::from_secs(1));
+                }
+                let _ = ctx.reply(b"done");
+            },
+        )
+        .unwrap();
+        let client = one_connection_client(server.local_addr(), Some(Duration::from_millis(150)));
+        thread::sleep(Duration::from_millis(300));
+        let patient = {
+            let client = client.clone();
+            thread::spawn(move || {
+                let mut response = Vec::new();
+                let result =
+                    client.request_timeout(b"slow", &mut response, Some(Duration::from_secs(3)));
+                (result, response)
+            })
+        };
+        assert!(common::wait_until(Duration::from_secs(2), || started.load(Ordering::SeqCst)));
+        thread::sleep(Duration::from_millis(300));
+        let hasty = client.request(b"hasty", &mut Vec::new());
+        assert_eq!(
+            hasty.unwrap_err().timeout_kind(),
+            Some(TimeoutKind::Request)
+        );
+        let (result, response) = patient.join().unwrap();
+        result.expect("the patient request, beside the hasty one's timeout");
+        assert_eq!(response, b"done");
+        assert_eq!(client.stats().connections_opened, 1);
+        client.shutdown();
+        server.shutdown();
+    });
+}
+
 /// A server of one reactor with a 16 KiB receive buffer: a handler that
 /// stalls it stops the reading of every connection, and the client's
 /// queue fills soon.
@@ -349,12 +411,15 @@ fn one_reactor_reading_little(handler: impl monte_rpc::Handler) -> monte_rpc::Se
 
 /// A client of at most one connection to `addr`, with `request_timeout`,
 /// dialled already (so that every request after shares that connection).
-fn one_connection_client(addr: std::net::SocketAddr, request_timeout: Duration) -> Arc<Client> {
+fn one_connection_client(
+    addr: std::net::SocketAddr,
+    request_timeout: Option<Duration>,
+) -> Arc<Client> {
     let client = Client::new(
         addr,
         common::client_config()
             .max_conns(1)
-            .request_timeout(Some(request_timeout)),
+            .request_timeout(request_timeout),
     )
     .unwrap();
     client.send(b"dial").unwrap();
