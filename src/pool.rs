@@ -661,13 +661,15 @@ impl Pool {
         Poll::Pending
     }
 
-    /// Starts the dial for async calls on a thread of its own (the last
-    /// one's, finished, is joined first: it ended its last locked step
-    /// before `running` was seen false, so the join cannot wait on this
-    /// lock).
+    /// Starts the dial for async calls on a thread of its own. The last
+    /// dial's thread may still be waking its calls (that step lets this
+    /// lock go first, and a waker may take its time, or lock this again):
+    /// joined here if it has ended, else by the new thread once its own
+    /// dial is done, never under this lock.
     fn start_async_dial(self: &Arc<Self>, dial: &mut AsyncDial) -> Result<()> {
-        if let Some(done) = dial.thread.take() {
-            let _ = done.join();
+        let mut last = dial.thread.take();
+        if last.as_ref().is_some_and(|t| t.is_finished()) {
+            let _ = last.take().map(std::thread::JoinHandle::join);
         }
         let pool = self.clone();
         let thread = std::thread::Builder::new()
@@ -681,8 +683,12 @@ impl Pool {
                 let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     pool.pick(&mut LazyDeadline::Read(None), CallKind::Send)
                 }));
-                // One locked step, after which this thread needs no lock:
-                // the next dial joins it under the lock.
+                // Shutdown joins the last dial's thread, and each joins the
+                // one before: every one is joined.
+                if let Some(last) = last {
+                    let _ = last.join();
+                }
+                // One locked step, then the wake-ups with no lock held.
                 let mut dial = lock(&pool.async_dial);
                 dial.running = false;
                 Self::wake_waiters(dial);

@@ -1,0 +1,179 @@
+//! Executors whose wakers do what the library's locks must survive: a
+//! waker that holds its task's last reference and drops the future when
+//! woken, and one that runs on (polls inline, or hands the task over
+//! slowly) before it returns. A future's drop and poll take the locks the
+//! library woke it from: each test deadlocked while wakers were woken
+//! under them. (Apart from `async_calls.rs`, whose timing-sensitive tests
+//! these would disturb.)
+
+mod common;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use common::{wait_until, within};
+use monte_rpc::{Client, Config, Context, Server};
+
+/// A server that echoes every request's body.
+fn echo_server() -> Server {
+    Server::bind("127.0.0.1:0", Config::server(), |ctx: &mut Context<'_>| {
+        if ctx.expects_reply() {
+            let body = ctx.body().to_vec();
+            let _ = ctx.reply(&body);
+        }
+    })
+    .unwrap()
+}
+
+/// A call's future, boxed as an executor holds it.
+type TaskFuture = std::pin::Pin<Box<dyn Future<Output = monte_rpc::Result<()>> + Send>>;
+
+/// A task whose waker holds the last reference to its future, as an
+/// executor leaves it when it gave up the task (shut down, or never
+/// polls it again): waking it drops the future.
+struct DropsItsFuture {
+    future: Mutex<Option<TaskFuture>>,
+    dropped: std::sync::atomic::AtomicBool,
+}
+
+impl std::task::Wake for DropsItsFuture {
+    fn wake(self: Arc<Self>) {
+        let future = self.future.lock().unwrap().take();
+        drop(future);
+        self.dropped.store(true, Ordering::SeqCst);
+    }
+}
+
+/// An async call waiting for the pool's dial, whose waker drops it: the
+/// dropped call takes itself off the dial's list, which the dial's end
+/// woke it under, and the dial thread deadlocked on that lock (and with
+/// it every later async call, and shutdown). Woken once the lock is let
+/// go, the call is dropped and the client goes on.
+#[test]
+fn a_waker_that_drops_its_future_does_not_stop_the_dial() {
+    within(30, || {
+        let server = echo_server();
+        let client: &'static Client = Box::leak(Box::new(
+            Client::new(server.local_addr(), Config::default()).unwrap(),
+        ));
+        let task = Arc::new(DropsItsFuture {
+            future: Mutex::new(Some(Box::pin(client.send_async(b"dial")))),
+            dropped: Default::default(),
+        });
+        let waker = std::task::Waker::from(task.clone());
+        let mut cx = std::task::Context::from_waker(&waker);
+        {
+            // Polled where the waker finds it: the dial's end, which needs
+            // the list's lock this poll takes, wakes it after this poll.
+            let mut future = task.future.lock().unwrap();
+            assert!(future.as_mut().unwrap().as_mut().poll(&mut cx).is_pending());
+        }
+        assert!(
+            wait_until(Duration::from_secs(5), || task
+                .dropped
+                .load(Ordering::SeqCst)),
+            "dropping the woken future deadlocked"
+        );
+        let mut response = Vec::new();
+        let answered = futures::executor::block_on(client.request_async(b"after", &mut response));
+        assert!(answered.is_ok(), "{answered:?}");
+        assert_eq!(response, b"after");
+        client.shutdown();
+    });
+}
+
+/// An async call whose waker runs until the test lets it go on (an
+/// executor that polls inline, or one slow to take the task), and drops
+/// the call's future on its second wake: by then the pool's dial thread
+/// has let the dial list's lock go and is waking it. A second call finds
+/// no connection and starts the next dial, which joined the last dial's
+/// thread under that lock: the last dial, in the waker, then waited for
+/// the lock to forget its call, and the second call's poll waited for
+/// it. Both hung, and with them every async call and shutdown.
+#[test]
+fn the_next_dial_does_not_wait_under_its_lock_for_the_last_dial_waking_its_calls() {
+    within(30, || {
+        // Closes a connection on its first message.
+        let server = Server::bind("127.0.0.1:0", Config::server(), |ctx: &mut Context<'_>| {
+            ctx.conn().close()
+        })
+        .unwrap();
+        let client: &'static Client = Box::leak(Box::new(
+            Client::new(server.local_addr(), Config::default()).unwrap(),
+        ));
+        struct Inline {
+            future: Mutex<Option<TaskFuture>>,
+            go_on: Mutex<mpsc::Receiver<()>>,
+            wakes: AtomicUsize,
+        }
+        impl std::task::Wake for Inline {
+            fn wake(self: Arc<Self>) {
+                let wake = self.wakes.fetch_add(1, Ordering::SeqCst) + 1;
+                let _ = self
+                    .go_on
+                    .lock()
+                    .unwrap()
+                    .recv_timeout(Duration::from_secs(10));
+                if wake == 2 {
+                    drop(self.future.lock().unwrap().take());
+                }
+            }
+        }
+        let (go_on, waits) = mpsc::channel();
+        let task = Arc::new(Inline {
+            future: Mutex::new(Some(Box::pin(client.send_async(b"dial")))),
+            go_on: Mutex::new(waits),
+            wakes: AtomicUsize::new(0),
+        });
+        let waker = std::task::Waker::from(task.clone());
+        let poll = || {
+            let mut future = task.future.lock().unwrap();
+            let polled = future
+                .as_mut()
+                .unwrap()
+                .as_mut()
+                .poll(&mut std::task::Context::from_waker(&waker));
+            assert!(polled.is_pending());
+        };
+        poll();
+        // The dial made its connection and wakes the call (still inside
+        // the dial, which runs as far as the pool can tell).
+        assert!(wait_until(Duration::from_secs(5), || task
+            .wakes
+            .load(Ordering::SeqCst)
+            == 1));
+        // The server closes the connection: the call, polled again, finds
+        // none and waits for the dial running.
+        client.send(b"close").unwrap();
+        assert!(wait_until(Duration::from_secs(5), || client.connections() == 0));
+        poll();
+        go_on.send(()).unwrap();
+        // The dial's thread ended the dial and wakes the call again.
+        assert!(wait_until(Duration::from_secs(5), || task
+            .wakes
+            .load(Ordering::SeqCst)
+            == 2));
+        let second = std::thread::spawn(move || {
+            let mut future = Box::pin(client.send_async(b"again"));
+            let waker = futures::task::noop_waker();
+            let _ = future
+                .as_mut()
+                .poll(&mut std::task::Context::from_waker(&waker));
+        });
+        let finished = wait_until(Duration::from_secs(5), || second.is_finished());
+        go_on.send(()).unwrap();
+        assert!(
+            finished,
+            "the second call's poll waited for the last dial's thread"
+        );
+        second.join().unwrap();
+        assert!(wait_until(Duration::from_secs(5), || task
+            .future
+            .lock()
+            .unwrap()
+            .is_none()));
+        client.shutdown();
+    });
+}
