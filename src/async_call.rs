@@ -30,7 +30,7 @@ use crate::error::{CallOp, Error, Result, TimeoutKind};
 use crate::outbound::{Mode, QueueOwner, QueueWait};
 use crate::protocol::connection::nanos;
 use crate::stats::Counters;
-use crate::sync::completion::{Answer, Ticket};
+use crate::sync::completion::{Answer, Ticket, NO_LIMIT};
 use crate::sync::timers::TimerKey;
 use crate::sync::Ordering;
 
@@ -153,6 +153,12 @@ impl Deadline {
         self.at = self.timeout.map(|t| now.saturating_add(nanos(t)));
     }
 
+    /// How long the call waits in all ([`NO_LIMIT`]: for ever), for its
+    /// completion slot.
+    pub(crate) fn patience(&self) -> u64 {
+        self.timeout.map_or(NO_LIMIT, nanos)
+    }
+
     pub(crate) fn passed(&self) -> bool {
         self.at.is_some_and(|at| now_nanos() >= at)
     }
@@ -261,6 +267,7 @@ impl<'a> RequestFuture<'a> {
     /// (also when set after it).
     pub fn timeout(mut self, timeout: Option<Duration>) -> Self {
         self.deadline.retime(timeout, self.conn.driver());
+        self.repatience();
         self
     }
 
@@ -268,6 +275,14 @@ impl<'a> RequestFuture<'a> {
     /// client's call it serves.
     pub(crate) fn retime_to(&mut self, at: Option<u64>) {
         self.deadline.retime_to(at, self.conn.driver());
+        self.repatience();
+    }
+
+    /// Retimed while its request waits: the slot's patience follows.
+    fn repatience(&self) {
+        if let RequestStage::Queuing(ticket) | RequestStage::Awaiting(ticket) = &self.stage {
+            ticket.set_patience(self.conn.requests(), self.deadline.patience());
+        }
     }
 
     /// Moves the call on as far as it can. The ticket stays in `stage`
@@ -314,7 +329,9 @@ impl<'a> RequestFuture<'a> {
                         Ok(mode) => mode,
                         Err(e) => return Poll::Ready(Err((e, buf))),
                     };
-                    let ticket = table.begin_for_task(buf)?.into_ticket();
+                    let ticket = table
+                        .begin_for_task(buf, deadline.patience())?
+                        .into_ticket();
                     if table.in_flight() > 1 && *mode == (Mode::Direct { wait: false }) {
                         // Other requests are in flight: their responses
                         // keep the reactor turning, and it writes every

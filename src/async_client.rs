@@ -174,10 +174,7 @@ impl<'a> ClientFuture<'a> {
         // Past the pick, the call on the connection keeps the deadline.
         let at = self.deadline.at();
         match &mut self.stage {
-            Stage::Request(call, conn, _) => {
-                call.retime_to(at);
-                conn.note_patience(timeout);
-            }
+            Stage::Request(call, ..) => call.retime_to(at),
             Stage::Send(call) => call.retime_to(at),
             Stage::Picking(_) | Stage::Done => {}
         }
@@ -235,9 +232,6 @@ impl<'a> ClientFuture<'a> {
                     let left = self.deadline.left();
                     if left.is_some_and(|left| left.is_zero()) {
                         return self.picking_failed(request, Error::Timeout(self.deadline_kind()));
-                    }
-                    if request {
-                        conn.note_patience(left);
                     }
                     self.stage = match call {
                         Call::Request(response) => Stage::Request(

@@ -259,7 +259,6 @@ impl Client {
                 return Err(e);
             }
         };
-        conn.note_patience(timeout);
         let result = conn.request_until(body, response, deadline.map(|d| d.at));
         if result.is_ok() {
             conn.note_answer(sent_at);

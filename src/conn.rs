@@ -19,7 +19,7 @@ use crate::protocol::{Role, Sealer};
 use crate::read_side::{CallerReads, ReadOwner, ReadSide};
 use crate::stats::{Counters, GaugeHeld};
 use crate::sync::buffers::BufferPool;
-use crate::sync::completion::{CompletionTable, Delivered};
+use crate::sync::completion::{CompletionTable, Delivered, NO_LIMIT};
 use crate::sync::timers::Timers;
 use std::sync::Arc;
 
@@ -94,11 +94,6 @@ pub(crate) struct ConnShared {
     /// or dialled it ([`now_nanos`]): with the last read, whether it is
     /// stalled.
     taken_at: AtomicU64,
-    /// The longest timeout, in nanoseconds, among the client pool's
-    /// requests on this connection since it was last taken idle
-    /// (`u64::MAX`: one has none): how long those requests let the peer be
-    /// silent before the link may be judged dead.
-    patience: AtomicU64,
     /// The read side: read by the reactor, or by a caller waiting for a
     /// response.
     pub(crate) read: ReadSide,
@@ -155,7 +150,6 @@ impl Connection {
                 active_calls: AtomicUsize::new(0),
                 answer_time: AtomicU64::new(0),
                 taken_at: AtomicU64::new(0),
-                patience: AtomicU64::new(0),
                 read: ReadSide::new(parts.core),
                 out,
                 release: Mutex::new(parts.release),
@@ -248,27 +242,20 @@ impl Connection {
         self.shared.taken_at.load(Ordering::Relaxed)
     }
 
-    /// The client pool gives this connection, idle, to a request at `now`:
-    /// the requests that come next bring their patience afresh.
+    /// The client pool gives this connection, idle, to a request at `now`.
     pub(crate) fn set_taken_at(&self, now: u64) {
         self.shared.taken_at.store(now, Ordering::Relaxed);
-        self.shared.patience.store(0, Ordering::Relaxed);
     }
 
-    /// A request of the client pool's with `timeout` (`None`: none) goes
-    /// out on this connection.
-    pub(crate) fn note_patience(&self, timeout: Option<Duration>) {
-        let patience = timeout.map_or(u64::MAX, nanos);
-        // Requests alike mostly: a load, and no write, when it is known.
-        if self.shared.patience.load(Ordering::Relaxed) < patience {
-            self.shared.patience.fetch_max(patience, Ordering::Relaxed);
-        }
-    }
-
-    /// The longest timeout among the client pool's requests here since it
-    /// was last taken idle, in nanoseconds (`u64::MAX`: one has none).
-    pub(crate) fn patience(&self) -> u64 {
-        self.shared.patience.load(Ordering::Relaxed)
+    /// The longest patience among the requests on this connection still
+    /// waiting for their response (nanoseconds, [`NO_LIMIT`] for one with
+    /// no timeout), `None` if none waits: how long they let the peer be
+    /// silent.
+    pub(crate) fn longest_patience(&self) -> Option<u64> {
+        self.shared
+            .requests
+            .get()
+            .and_then(CompletionTable::longest_patience)
     }
 
     /// Since when the connection has been quiet while in use: its last
@@ -380,7 +367,10 @@ impl Connection {
         let table = self.requests();
         // A close that ran before the table existed could not fail it: the
         // send below sees the closed queue and withdraws the request.
-        let pending = match table.begin(mem::take(response)) {
+        let patience = deadline.map_or(NO_LIMIT, |d| {
+            nanos(d.saturating_duration_since(Instant::now()))
+        });
+        let pending = match table.begin(mem::take(response), patience) {
             Ok(p) => p,
             Err((e, buf)) => {
                 *response = buf;

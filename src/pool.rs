@@ -23,6 +23,7 @@ use crate::error::{DialPhase, Error, Result, TimeoutKind};
 use crate::handler::Handler;
 use crate::opening::opening_on_this_thread;
 use crate::reactor::on_reactor_thread;
+use crate::sync::completion::NO_LIMIT;
 use crate::sync::signal::ShutdownSignal;
 use crate::sync::wake::wake_all;
 use crate::sync::{lock, read, write, Mutex, MutexGuard, RwLock};
@@ -562,7 +563,7 @@ impl Pool {
     /// no proof while other requests still wait on it (theirs may be
     /// longer, and the server merely slow), unless it has been silent,
     /// since it was last taken idle, for as long as the longest timeout
-    /// among its requests since then (a link that died under steady
+    /// among the requests still waiting (a link that died under steady
     /// traffic, where some request always waits; a request with no
     /// timeout lets it be silent for ever). Nor while output waits in its
     /// queue and a write timeout judges it: closing would drop it.
@@ -575,10 +576,14 @@ impl Pool {
         if !conn.silent_since(sent_at) || (judged && conn.queued() > 0) {
             return;
         }
-        let patience = conn.patience();
-        let long_silent =
-            patience != u64::MAX && conn.quiet_since() < now_nanos().saturating_sub(patience);
-        if conn.in_flight() == 0 || long_silent {
+        // The requests still waiting (the timed-out one no longer does),
+        // and how long they let the peer be silent.
+        let dead = match conn.longest_patience() {
+            None => true,
+            Some(NO_LIMIT) => false,
+            Some(patience) => conn.quiet_since() < now_nanos().saturating_sub(patience),
+        };
+        if dead {
             conn.fail(Error::Timeout(TimeoutKind::Request));
         }
     }

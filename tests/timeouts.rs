@@ -286,19 +286,35 @@ fn a_short_timeout_does_not_close_a_connection_another_request_waits_on() {
 
 /// A link that went silent for good under steady traffic, where some
 /// request always waits on it: once it has been silent for as long as
-/// the longest timeout among its requests, a request's timeout closes it,
-/// and the pool dials afresh. Four callers in a loop, 100 ms each,
-/// overlapping: never does the connection have no request waiting on it.
-fn a_link_silent_under_steady_traffic_is_closed(configured: Option<Duration>) {
+/// the longest timeout among the requests waiting, a request's timeout
+/// closes it, and the pool dials afresh. Four callers in a loop, 100 ms
+/// each, overlapping: never does the connection have no request waiting
+/// on it. With `patient_first`, a request with no timeout waits among
+/// them too, answered after 300 ms (the link's last word): once it has
+/// its answer, it lets the link be silent no longer.
+fn a_link_silent_under_steady_traffic_is_closed(configured: Option<Duration>, patient_first: bool) {
     common::within(30, move || {
-        // Answers nothing, ever.
+        // Answers nothing, ever, but the patient request (from a thread
+        // of its own, after 300 ms).
         let server = monte_rpc::Server::bind(
             "127.0.0.1:0",
             common::server_config(),
-            |_: &mut monte_rpc::Context<'_>| {},
+            |ctx: &mut monte_rpc::Context<'_>| {
+                if ctx.body() == b"patient" {
+                    let (conn, seq) = (ctx.conn().clone(), ctx.seq());
+                    thread::spawn(move || {
+                        thread::sleep(Duration::from_millis(300));
+                        let _ = conn.reply(seq, b"at last");
+                    });
+                }
+            },
         )
         .unwrap();
         let client = one_connection_client(server.local_addr(), configured);
+        let patient = patient_first.then(|| {
+            let client = client.clone();
+            thread::spawn(move || client.request_timeout(b"patient", &mut Vec::new(), None))
+        });
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let callers: Vec<_> = (0..4u64)
             .map(|i| {
@@ -322,6 +338,12 @@ fn a_link_silent_under_steady_traffic_is_closed(configured: Option<Duration>) {
         for c in callers {
             c.join().unwrap();
         }
+        if let Some(patient) = patient {
+            patient
+                .join()
+                .unwrap()
+                .expect("the patient request's answer");
+        }
         assert!(
             closed,
             "the silent connection was never dropped under steady traffic"
@@ -333,14 +355,21 @@ fn a_link_silent_under_steady_traffic_is_closed(configured: Option<Duration>) {
 
 #[test]
 fn a_link_silent_under_steady_traffic_is_closed_with_a_configured_timeout() {
-    a_link_silent_under_steady_traffic_is_closed(Some(Duration::from_millis(300)));
+    a_link_silent_under_steady_traffic_is_closed(Some(Duration::from_millis(300)), false);
 }
 
 /// With none configured, the calls' own timeouts judge the silence: the
 /// configured one alone did, so such a link was never dropped.
 #[test]
 fn a_link_silent_under_steady_traffic_is_closed_with_per_call_timeouts_only() {
-    a_link_silent_under_steady_traffic_is_closed(None);
+    a_link_silent_under_steady_traffic_is_closed(None, false);
+}
+
+/// A request with no timeout judges the silence only while it waits: it
+/// kept the link from ever being dropped while traffic went on.
+#[test]
+fn an_answered_request_without_a_timeout_does_not_keep_a_silent_link() {
+    a_link_silent_under_steady_traffic_is_closed(None, true);
 }
 
 /// A patient request (3 s) on a connection whose server takes 1 s to

@@ -9,7 +9,7 @@ use loom::thread;
 use monte_rpc::protocol::connection::Buffers;
 use monte_rpc::protocol::Role;
 use monte_rpc::sync::buffers::BufferPool;
-use monte_rpc::sync::completion::CompletionTable;
+use monte_rpc::sync::completion::{CompletionTable, NO_LIMIT};
 use monte_rpc::sync::mailbox::{Mailbox, Notify};
 use monte_rpc::sync::read_turn::{ReadGuard, ReadTurn};
 use monte_rpc::sync::signal::ShutdownSignal;
@@ -35,7 +35,7 @@ fn spawn<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> thread::J
 fn response_races_parking_requester() {
     model(|| {
         let table = Arc::new(CompletionTable::new(Role::Client, 1));
-        let pending = table.begin(Vec::new()).unwrap();
+        let pending = table.begin(Vec::new(), NO_LIMIT).unwrap();
         let seq = pending.seq();
         let responder = {
             let table = table.clone();
@@ -59,14 +59,14 @@ fn response_races_parking_requester() {
 fn cancel_races_late_response_without_aba() {
     model(|| {
         let table = Arc::new(CompletionTable::new(Role::Client, 1));
-        let old = table.begin(Vec::new()).unwrap();
+        let old = table.begin(Vec::new(), NO_LIMIT).unwrap();
         let old_seq = old.seq();
         let late = {
             let table = table.clone();
             spawn(move || table.complete(old_seq, b"late"))
         };
         let _ = old.cancel();
-        let new = table.begin(Vec::new()).unwrap();
+        let new = table.begin(Vec::new(), NO_LIMIT).unwrap();
         let new_seq = new.seq();
         assert_ne!(new_seq, old_seq, "a reused slot needs a new generation");
         late.join().unwrap();
@@ -89,7 +89,7 @@ fn close_fails_parking_requesters() {
         let waiters: Vec<_> = (0..2)
             .map(|_| {
                 let table = table.clone();
-                spawn(move || match table.begin(Vec::new()) {
+                spawn(move || match table.begin(Vec::new(), NO_LIMIT) {
                     Ok(p) => p.wait(0, None).map(|_| ()).map_err(|(e, _)| e),
                     Err((e, _)) => Err(e),
                 })
@@ -99,7 +99,7 @@ fn close_fails_parking_requesters() {
         for w in waiters {
             assert!(matches!(w.join().unwrap(), Err(Error::Closed)));
         }
-        assert!(matches!(table.begin(Vec::new()), Err((Error::Closed, _))));
+        assert!(matches!(table.begin(Vec::new(), NO_LIMIT), Err((Error::Closed, _))));
     });
 }
 
@@ -413,7 +413,7 @@ fn response_races_a_polling_future_whose_waker_changes() {
         let task = {
             let table = table.clone();
             spawn(move || {
-                let mut pending = table.begin_for_task(Vec::new()).unwrap();
+                let mut pending = table.begin_for_task(Vec::new(), NO_LIMIT).unwrap();
                 let seq = pending.seq();
                 let responder = {
                     let table = table.clone();
@@ -451,7 +451,7 @@ fn close_wakes_a_polling_future() {
         let task = {
             let table = table.clone();
             spawn(move || {
-                let mut pending = table.begin_for_task(Vec::new()).unwrap();
+                let mut pending = table.begin_for_task(Vec::new(), NO_LIMIT).unwrap();
                 let closer = {
                     let table = table.clone();
                     spawn(move || table.close(&Error::PeerClosed))
@@ -511,7 +511,7 @@ fn a_deadline_registered_as_the_reactor_sleeps_is_never_missed() {
 fn a_timeout_races_the_response() {
     model(|| {
         let table = Arc::new(CompletionTable::new(Role::Client, 1));
-        let pending = table.begin_for_task(Vec::new()).unwrap();
+        let pending = table.begin_for_task(Vec::new(), NO_LIMIT).unwrap();
         let seq = pending.seq();
         let ticket = pending.into_ticket();
         let responder = {
@@ -531,7 +531,7 @@ fn a_timeout_races_the_response() {
             Err((e, _)) => panic!("unexpected {e}"),
         }
         assert_eq!(table.in_flight(), 0);
-        let next = table.begin_for_task(Vec::new()).unwrap();
+        let next = table.begin_for_task(Vec::new(), NO_LIMIT).unwrap();
         assert!(!table.complete(seq, b"late"));
         drop(next.cancel());
     });

@@ -76,7 +76,14 @@ struct Slot {
     /// anew at every poll, hence an [`AtomicWaker`] rather than a cell
     /// owned by state.
     task: AtomicWaker,
+    /// How long the request waits for its response, in nanoseconds
+    /// ([`NO_LIMIT`]: for ever): set before it is published as `WAITING`,
+    /// read by [`CompletionTable::longest_patience`].
+    patience: AtomicU64,
 }
+
+/// A request's patience when it has no timeout.
+pub const NO_LIMIT: u64 = u64::MAX;
 
 // SAFETY: the cells are only touched by the single owner the state word
 // designates (see the module docs), and ownership moves with Release/Acquire
@@ -174,6 +181,7 @@ impl CompletionTable {
                 result: UnsafeCell::new(None),
                 waiter: UnsafeCell::new(None),
                 task: AtomicWaker::new(),
+                patience: AtomicU64::new(NO_LIMIT),
             })
             .collect();
         CompletionTable {
@@ -195,26 +203,45 @@ impl CompletionTable {
         self.closed.load(Ordering::SeqCst)
     }
 
-    /// Takes a free slot for a new request, lending it `buf` for the
-    /// response. On failure the buffer comes back with the error:
+    /// The longest patience (nanoseconds, [`NO_LIMIT`] for none) among
+    /// the requests waiting for their response, `None` if none waits: how
+    /// long they let the peer be silent. A scan of the table, for the rare
+    /// look after a request's timeout.
+    pub fn longest_patience(&self) -> Option<u64> {
+        self.slots
+            .iter()
+            // The Acquire load of WAITING sees the patience stored before.
+            .filter(|slot| state_of(slot.state.load(Ordering::Acquire)) == WAITING)
+            .map(|slot| slot.patience.load(Ordering::Relaxed))
+            .max()
+    }
+
+    /// Takes a free slot for a new request that waits `patience`
+    /// nanoseconds at most ([`NO_LIMIT`]: for ever), lending it `buf` for
+    /// the response. On failure the buffer comes back with the error:
     /// [`Error::SequenceExhausted`] when every slot is taken,
     /// [`Error::Closed`] after [`close`](Self::close).
-    pub fn begin(&self, buf: Vec<u8>) -> Result<Pending<'_>, (Error, Vec<u8>)> {
-        self.begin_for(buf, Some(current()))
+    pub fn begin(&self, buf: Vec<u8>, patience: u64) -> Result<Pending<'_>, (Error, Vec<u8>)> {
+        self.begin_for(buf, Some(current()), patience)
     }
 
     /// [`begin`](Self::begin) for a waiter that is a future, which waits
     /// with [`Pending::poll_answer`]: no thread is unparked when the slot
     /// is filled (the thread that began the request is just some worker of
     /// an executor), only the task's waker is woken.
-    pub fn begin_for_task(&self, buf: Vec<u8>) -> Result<Pending<'_>, (Error, Vec<u8>)> {
-        self.begin_for(buf, None)
+    pub fn begin_for_task(
+        &self,
+        buf: Vec<u8>,
+        patience: u64,
+    ) -> Result<Pending<'_>, (Error, Vec<u8>)> {
+        self.begin_for(buf, None, patience)
     }
 
     fn begin_for(
         &self,
         buf: Vec<u8>,
         thread: Option<Thread>,
+        patience: u64,
     ) -> Result<Pending<'_>, (Error, Vec<u8>)> {
         if self.is_closed() {
             return Err((Error::Closed, buf));
@@ -245,6 +272,7 @@ impl CompletionTable {
             slot.buf.with_mut(|p| unsafe { *p = buf });
             slot.result.with_mut(|p| unsafe { *p = None });
             slot.waiter.with_mut(|p| unsafe { *p = thread });
+            slot.patience.store(patience, Ordering::Relaxed);
             self.in_flight.fetch_add(1, Ordering::Relaxed);
             slot.state
                 .store(pack(generation, WAITING), Ordering::SeqCst);
@@ -537,6 +565,12 @@ impl Ticket {
         &table.slots[self.index]
     }
 
+    /// The request's timeout changed while it waits (a future retimed
+    /// after its first poll): its patience with it.
+    pub fn set_patience(&self, table: &CompletionTable, patience: u64) {
+        self.slot(table).patience.store(patience, Ordering::Relaxed);
+    }
+
     fn is_done(&self, table: &CompletionTable) -> bool {
         state_of(self.slot(table).state.load(Ordering::Acquire)) == DONE
     }
@@ -648,7 +682,7 @@ impl Drop for Ticket {
 mod tests {
     use std::time::{Duration, Instant};
 
-    use super::{CompletionTable, Poller};
+    use super::{CompletionTable, Poller, NO_LIMIT};
     use crate::error::{Error, TimeoutKind};
     use crate::protocol::Role;
 
@@ -673,10 +707,38 @@ mod tests {
         }
     }
 
+    /// The longest patience is that of the requests still waiting: not of
+    /// those answered or cancelled, and a retimed one's new patience.
+    #[test]
+    fn the_longest_patience_is_among_the_requests_still_waiting() {
+        let table = CompletionTable::new(Role::Client, 4);
+        assert_eq!(table.longest_patience(), None);
+        let unlimited = table.begin(Vec::new(), NO_LIMIT).unwrap();
+        let long = table.begin(Vec::new(), 3_000).unwrap();
+        let short = table.begin_for_task(Vec::new(), 100).unwrap();
+        assert_eq!(table.longest_patience(), Some(NO_LIMIT));
+        assert!(table.complete(unlimited.seq(), b"answered"));
+        assert_eq!(
+            table.longest_patience(),
+            Some(3_000),
+            "an answered request waits no more"
+        );
+        let _ = unlimited.wait(0, None);
+        drop(long.cancel());
+        assert_eq!(table.longest_patience(), Some(100));
+        let ticket = short.into_ticket();
+        ticket.set_patience(&table, 5_000);
+        assert_eq!(table.longest_patience(), Some(5_000));
+        drop(ticket.cancel(&table));
+        assert_eq!(table.longest_patience(), None);
+    }
+
     #[test]
     fn a_waiter_whose_poller_waited_out_the_deadline_times_out_at_once() {
         let table = CompletionTable::new(Role::Client, 1);
-        let pending = table.begin(Vec::with_capacity(8)).expect("a free slot");
+        let pending = table
+            .begin(Vec::with_capacity(8), NO_LIMIT)
+            .expect("a free slot");
         let deadline = Instant::now() + Duration::from_millis(20);
         let mut poller = SleepsUntilDeadline { blocks: 0 };
         let answer = pending.wait_polling((0, Duration::ZERO), Some(deadline), &mut poller);
@@ -700,7 +762,7 @@ mod tests {
         // A deadline already passed on entry: the poller returns at once
         // (there is nothing to wait for), and the waiter times out without
         // blocking again.
-        let pending = table.begin(Vec::new()).expect("a free slot");
+        let pending = table.begin(Vec::new(), NO_LIMIT).expect("a free slot");
         let mut poller = SleepsUntilDeadline { blocks: 0 };
         let answer = pending.wait_polling(
             (0, Duration::ZERO),
@@ -732,7 +794,7 @@ mod tests {
             }
         }
         let table = CompletionTable::new(Role::Client, 1);
-        let pending = table.begin(Vec::new()).expect("a free slot");
+        let pending = table.begin(Vec::new(), NO_LIMIT).expect("a free slot");
         let mut poller = Delivers {
             table: &table,
             seq: pending.seq(),
