@@ -585,6 +585,37 @@ impl std::error::Error for SocketFailure {
     }
 }
 
+/// A thread the library needed could not be started (the system's
+/// thread or memory limits): an [`Error::Io`] of the same kind whose
+/// message names the thread, and whose `source()` is the system's error.
+pub(crate) fn thread_start_error(thread: &str, e: io::Error) -> Error {
+    Error::Io(Arc::new(io::Error::new(
+        e.kind(),
+        ThreadStartFailure {
+            thread: thread.to_owned(),
+            source: e,
+        },
+    )))
+}
+
+#[derive(Debug)]
+struct ThreadStartFailure {
+    thread: String,
+    source: io::Error,
+}
+
+impl fmt::Display for ThreadStartFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "starting the thread {}: {}", self.thread, self.source)
+    }
+}
+
+impl std::error::Error for ThreadStartFailure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
 impl From<io::Error> for Error {
     fn from(e: io::Error) -> Self {
         Error::Io(Arc::new(e))
@@ -605,3 +636,21 @@ impl From<Error> for io::Error {
 
 /// Shorthand for results whose error is [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_thread_that_could_not_start_is_named_with_the_systems_error() {
+        let e = thread_start_error("monte-rpc-dial", io::Error::from(io::ErrorKind::WouldBlock));
+        assert_eq!(e.io_kind(), io::ErrorKind::WouldBlock);
+        let message = e.to_string();
+        assert!(
+            message.contains("starting the thread monte-rpc-dial"),
+            "{message}"
+        );
+        let source = std::error::Error::source(&e).expect("the system's error, as the source");
+        assert!(std::error::Error::source(source).is_some(), "{source}");
+    }
+}

@@ -9,6 +9,7 @@
 //! joins), and async calls with no connection to use wait for that dial on
 //! a list of tasks to wake.
 
+use std::mem;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
@@ -19,7 +20,7 @@ use slab::Slab;
 use crate::clock::{instant_after, now_nanos, CallDeadline, LazyDeadline};
 use crate::config::Config;
 use crate::conn::{Connection, Driver};
-use crate::error::{DialPhase, Error, Result, TimeoutKind};
+use crate::error::{thread_start_error, DialPhase, Error, Result, TimeoutKind};
 use crate::handler::Handler;
 use crate::opening::opening_on_this_thread;
 use crate::reactor::on_reactor_thread;
@@ -120,8 +121,12 @@ pub(crate) struct Pool {
 /// The dial made on behalf of async calls.
 #[derive(Default)]
 struct AsyncDial {
-    /// Its thread, joined by the next dial or by shutdown.
-    thread: Option<std::thread::JoinHandle<()>>,
+    /// Its threads not yet joined: the last dial's, and any earlier one
+    /// still waking its calls. Joined by a later dial once they ended
+    /// (never waited for under this lock: a thread waking its calls has
+    /// let it go, and a waker may take its time or lock it again), or by
+    /// shutdown.
+    threads: Vec<std::thread::JoinHandle<()>>,
     running: bool,
     /// Async calls with no connection to use, woken when a dial ends
     /// (whoever made it). Entries are reused.
@@ -666,19 +671,21 @@ impl Pool {
         Poll::Pending
     }
 
-    /// Starts the dial for async calls on a thread of its own. The last
-    /// dial's thread may still be waking its calls (that step lets this
-    /// lock go first, and a waker may take its time, or lock this again):
-    /// joined here if it has ended, else by the new thread once its own
-    /// dial is done, never under this lock.
+    /// Starts the dial for async calls on a thread of its own, and joins
+    /// the earlier dials' threads that ended (at once: they have).
     fn start_async_dial(self: &Arc<Self>, dial: &mut AsyncDial) -> Result<()> {
-        let mut last = dial.thread.take();
-        if last.as_ref().is_some_and(|t| t.is_finished()) {
-            let _ = last.take().map(std::thread::JoinHandle::join);
+        let mut i = 0;
+        while i < dial.threads.len() {
+            if dial.threads[i].is_finished() {
+                let _ = dial.threads.swap_remove(i).join();
+            } else {
+                i += 1;
+            }
         }
         let pool = self.clone();
+        let name = "monte-rpc-dial";
         let thread = std::thread::Builder::new()
-            .name("monte-rpc-dial".into())
+            .name(name.into())
             .spawn(move || {
                 // Bounded by the dial's own timeouts; the calls waiting for
                 // it keep their deadlines. However it ends, a panic in the
@@ -688,17 +695,13 @@ impl Pool {
                 let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     pool.pick(&mut LazyDeadline::Read(None), CallKind::Send)
                 }));
-                // Shutdown joins the last dial's thread, and each joins the
-                // one before: every one is joined.
-                if let Some(last) = last {
-                    let _ = last.join();
-                }
                 // One locked step, then the wake-ups with no lock held.
                 let mut dial = lock(&pool.async_dial);
                 dial.running = false;
                 Self::wake_waiters(dial);
-            })?;
-        dial.thread = Some(thread);
+            })
+            .map_err(|e| thread_start_error(name, e))?;
+        dial.threads.push(thread);
         dial.running = true;
         Ok(())
     }
@@ -740,14 +743,15 @@ impl Pool {
     /// (which fails whatever still waits on a connection), wakes async
     /// calls still waiting for a dial, and empties the pool.
     pub(crate) fn close(&self) {
-        let thread = lock(&self.async_dial).thread.take();
-        if let Some(thread) = thread {
-            if thread.thread().id() == std::thread::current().id() {
-                // Shut down from the dial thread itself (a handler's
-                // `on_open` on the connection it dialled): it cannot join
-                // itself, and ends once that returns; a later shutdown
-                // joins it.
-                lock(&self.async_dial).thread = Some(thread);
+        let threads = mem::take(&mut lock(&self.async_dial).threads);
+        let here = std::thread::current().id();
+        for thread in threads {
+            if thread.thread().id() == here {
+                // Shut down from a dial thread itself (a handler's
+                // `on_open` on the connection it dialled, or a waker it
+                // woke that dropped the client): it cannot join itself,
+                // and ends once that returns; a later shutdown joins it.
+                lock(&self.async_dial).threads.push(thread);
             } else {
                 let _ = thread.join();
             }

@@ -6,7 +6,7 @@
 use std::thread::{JoinHandle, ThreadId};
 
 use crate::config::Config;
-use crate::error::Result;
+use crate::error::{thread_start_error, Result};
 use crate::reactor::{Reactor, ReactorHandle};
 use crate::sync::{lock, AtomicUsize, Mutex, Ordering};
 
@@ -43,13 +43,15 @@ impl Workers {
     fn spawn_one(&mut self, config: &Config, name: &str, i: usize) -> Result<()> {
         let reactor = Reactor::new(config.clone())?;
         let handle = reactor.handle();
+        let name = format!("{name}-{i}");
         let thread = std::thread::Builder::new()
-            .name(format!("{name}-{i}"))
+            .name(name.clone())
             .spawn(move || {
                 // An I/O error of the poller itself ends the loop; its
                 // connections are closed by the reactor's drop.
                 let _ = reactor.run();
-            })?;
+            })
+            .map_err(|e| thread_start_error(&name, e))?;
         self.handles.push(handle);
         self.ids.push(thread.thread().id());
         lock(&self.threads).push(thread);

@@ -84,48 +84,56 @@ fn a_waker_that_drops_its_future_does_not_stop_the_dial() {
     });
 }
 
-/// An async call whose waker runs until the test lets it go on (an
-/// executor that polls inline, or one slow to take the task), and drops
-/// the call's future on its second wake: by then the pool's dial thread
-/// has let the dial list's lock go and is waking it. A second call finds
-/// no connection and starts the next dial, which joined the last dial's
-/// thread under that lock: the last dial, in the waker, then waited for
-/// the lock to forget its call, and the second call's poll waited for
-/// it. Both hung, and with them every async call and shutdown.
-#[test]
-fn the_next_dial_does_not_wait_under_its_lock_for_the_last_dial_waking_its_calls() {
-    within(30, || {
+/// A task whose waker runs until the test lets it go on (an executor
+/// that polls inline, or one slow to take the task), and drops the
+/// task's future (the call) on its second wake.
+struct Inline {
+    future: Mutex<Option<TaskFuture>>,
+    go_on: Mutex<mpsc::Receiver<()>>,
+    wakes: AtomicUsize,
+    /// Set once the second wake dropped the future and returned.
+    dropped: std::sync::atomic::AtomicBool,
+}
+
+impl std::task::Wake for Inline {
+    fn wake(self: Arc<Self>) {
+        let wake = self.wakes.fetch_add(1, Ordering::SeqCst) + 1;
+        let _ = self
+            .go_on
+            .lock()
+            .unwrap()
+            .recv_timeout(Duration::from_secs(10));
+        if wake == 2 {
+            drop(self.future.lock().unwrap().take());
+            self.dropped.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+/// An async call whose [`Inline`] waker the pool's dial thread wakes
+/// twice: inside the dial, and at its end, once it has let the dial
+/// list's lock go. Between them the server closes the connection and the
+/// call waits for the dial again; during the second wake, a second call
+/// finds no connection and starts the next dial. With `owned`, the call's
+/// future holds the last reference to the client: dropped by the waker,
+/// it shuts the client down from the last dial's thread.
+fn a_dial_thread_in_an_inline_waker(owned: bool) {
+    within(30, move || {
         // Closes a connection on its first message.
         let server = Server::bind("127.0.0.1:0", Config::server(), |ctx: &mut Context<'_>| {
             ctx.conn().close()
         })
         .unwrap();
-        let client: &'static Client = Box::leak(Box::new(
-            Client::new(server.local_addr(), Config::default()).unwrap(),
-        ));
-        struct Inline {
-            future: Mutex<Option<TaskFuture>>,
-            go_on: Mutex<mpsc::Receiver<()>>,
-            wakes: AtomicUsize,
-        }
-        impl std::task::Wake for Inline {
-            fn wake(self: Arc<Self>) {
-                let wake = self.wakes.fetch_add(1, Ordering::SeqCst) + 1;
-                let _ = self
-                    .go_on
-                    .lock()
-                    .unwrap()
-                    .recv_timeout(Duration::from_secs(10));
-                if wake == 2 {
-                    drop(self.future.lock().unwrap().take());
-                }
-            }
-        }
+        let client = Arc::new(Client::new(server.local_addr(), Config::default()).unwrap());
         let (go_on, waits) = mpsc::channel();
         let task = Arc::new(Inline {
-            future: Mutex::new(Some(Box::pin(client.send_async(b"dial")))),
+            future: Mutex::new(Some({
+                let client = client.clone();
+                Box::pin(async move { client.send_async(b"dial").await })
+            })),
             go_on: Mutex::new(waits),
             wakes: AtomicUsize::new(0),
+            dropped: Default::default(),
         });
         let waker = std::task::Waker::from(task.clone());
         let poll = || {
@@ -137,13 +145,15 @@ fn the_next_dial_does_not_wait_under_its_lock_for_the_last_dial_waking_its_calls
                 .poll(&mut std::task::Context::from_waker(&waker));
             assert!(polled.is_pending());
         };
+        let wakes = |n| {
+            wait_until(Duration::from_secs(5), || {
+                task.wakes.load(Ordering::SeqCst) == n
+            })
+        };
         poll();
         // The dial made its connection and wakes the call (still inside
         // the dial, which runs as far as the pool can tell).
-        assert!(wait_until(Duration::from_secs(5), || task
-            .wakes
-            .load(Ordering::SeqCst)
-            == 1));
+        assert!(wakes(1));
         // The server closes the connection: the call, polled again, finds
         // none and waits for the dial running.
         client.send(b"close").unwrap();
@@ -151,29 +161,56 @@ fn the_next_dial_does_not_wait_under_its_lock_for_the_last_dial_waking_its_calls
         poll();
         go_on.send(()).unwrap();
         // The dial's thread ended the dial and wakes the call again.
-        assert!(wait_until(Duration::from_secs(5), || task
-            .wakes
-            .load(Ordering::SeqCst)
-            == 2));
-        let second = std::thread::spawn(move || {
-            let mut future = Box::pin(client.send_async(b"again"));
-            let waker = futures::task::noop_waker();
-            let _ = future
-                .as_mut()
-                .poll(&mut std::task::Context::from_waker(&waker));
-        });
+        assert!(wakes(2));
+        let second = {
+            let client = client.clone();
+            std::thread::spawn(move || {
+                let mut future = Box::pin(client.send_async(b"again"));
+                let waker = futures::task::noop_waker();
+                let _ = future
+                    .as_mut()
+                    .poll(&mut std::task::Context::from_waker(&waker));
+            })
+        };
         let finished = wait_until(Duration::from_secs(5), || second.is_finished());
-        go_on.send(()).unwrap();
+        if owned {
+            drop(client);
+            go_on.send(()).unwrap();
+            assert!(
+                wait_until(Duration::from_secs(5), || task
+                    .dropped
+                    .load(Ordering::SeqCst)),
+                "the client's shutdown from the last dial's thread hung"
+            );
+        } else {
+            go_on.send(()).unwrap();
+            assert!(wait_until(Duration::from_secs(5), || task
+                .dropped
+                .load(Ordering::SeqCst)));
+            client.shutdown();
+        }
         assert!(
             finished,
             "the second call's poll waited for the last dial's thread"
         );
         second.join().unwrap();
-        assert!(wait_until(Duration::from_secs(5), || task
-            .future
-            .lock()
-            .unwrap()
-            .is_none()));
-        client.shutdown();
+        server.shutdown();
     });
+}
+
+/// The next dial joined the last dial's thread under the dial list's
+/// lock: the last dial, in the waker, then waited for the lock to forget
+/// its call, and the second call's poll waited for it. Both hung, and
+/// with them every async call and shutdown.
+#[test]
+fn the_next_dial_does_not_wait_under_its_lock_for_the_last_dial_waking_its_calls() {
+    a_dial_thread_in_an_inline_waker(false);
+}
+
+/// Shutdown from a dial thread that is not the latest (its waker dropped
+/// the client): it joined the latest, which joined the one before (the
+/// very thread shutting down) once its dial ended. Both hung.
+#[test]
+fn a_shutdown_from_an_earlier_dial_thread_does_not_hang() {
+    a_dial_thread_in_an_inline_waker(true);
 }
