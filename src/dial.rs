@@ -17,7 +17,10 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use crate::clock::CallDeadline;
 use crate::config::Config;
 use crate::error::{DialPhase, Error, HandshakeError, Result, TimeoutKind};
-use crate::protocol::{guard_handshake, read_handshake_input, FrameDecoder, Session};
+use crate::protocol::wire::frame_len;
+use crate::protocol::{
+    guard_handshake, read_handshake_input, unconsumed_handshake_input, FrameDecoder, Session,
+};
 use crate::socket_write::write_all_nonblocking;
 
 /// Applies the configured socket options to a new socket.
@@ -198,6 +201,8 @@ pub(crate) fn handshake(
     let mut chunk = [0u8; 4096];
     // The peer's first bytes, to name a peer that speaks something else.
     let mut first = PeerSample::default();
+    // As a connection's receive buffer holds at most.
+    let most_unconsumed = frame_len(config.max_message_size).max(config.read_buffer_size);
     let session = loop {
         out.clear();
         guard_handshake(|| {
@@ -235,6 +240,9 @@ pub(crate) fn handshake(
         input.extend_from_slice(&chunk[..n]);
         let used = guard_handshake(|| read_handshake_input(hs.as_mut(), &input))?;
         input.drain(..used);
+        if input.len() >= most_unconsumed {
+            return Err(unconsumed_handshake_input(input.len()).into());
+        }
     };
     if input.is_empty() {
         // What arrived right behind the handshake, if anything: a peer

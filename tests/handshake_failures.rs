@@ -422,3 +422,61 @@ impl Handler for Replier {
         self.0 .0.lock().unwrap().push((peer, error.clone()));
     }
 }
+
+/// A custom handshake that consumes nothing and never finishes: it waits
+/// for a message larger than any frame.
+struct Hoards;
+
+impl monte_rpc::protocol::Handshake for Hoards {
+    fn write_output(&mut self, _out: &mut Vec<u8>) {}
+    fn read_input(&mut self, _input: &[u8]) -> monte_rpc::Result<usize> {
+        Ok(0)
+    }
+    fn take_session(&mut self) -> Option<monte_rpc::protocol::Session> {
+        None
+    }
+}
+
+impl monte_rpc::protocol::HandshakeFactory for Hoards {
+    fn client(&self) -> monte_rpc::Result<Box<dyn monte_rpc::protocol::Handshake>> {
+        Ok(Box::new(Hoards))
+    }
+    fn server(&self) -> monte_rpc::Result<Box<dyn monte_rpc::protocol::Handshake>> {
+        Ok(Box::new(Hoards))
+    }
+}
+
+/// A dialling handshake that leaves the peer's bytes unconsumed fails
+/// once it holds as much as the largest frame: it held all the peer sent
+/// (here 1 MiB) until the handshake deadline, and failed only then.
+#[test]
+fn a_client_handshake_that_consumes_nothing_fails_at_the_largest_frame() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let peer = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let chunk = [0x55u8; 16 << 10];
+        for _ in 0..64 {
+            if stream.write_all(&chunk).is_err() {
+                return;
+            }
+        }
+        // Open until the client gives up.
+        let _ = std::io::Read::read(&mut stream, &mut [0u8; 1]);
+    });
+    let config = Config::default()
+        .dial_attempts(1)
+        .max_message_size(64 << 10)
+        .handshake_timeout(Some(Duration::from_secs(10)))
+        .handshake(Arc::new(Hoards));
+    let client = monte_rpc::Client::new(addr, config).unwrap();
+    let started = Instant::now();
+    let e = client.send(b"one").unwrap_err();
+    assert!(e.to_string().contains("the handshake left"), "{e}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "failed at the deadline: {e}"
+    );
+    client.shutdown();
+    peer.join().unwrap();
+}

@@ -22,7 +22,10 @@ use std::time::Duration;
 use crate::error::{Error, Result, TimeoutKind};
 use crate::protocol::wire::{Decoded, FrameDecoder, SeqSpace, LENGTH_PREFIX_LEN, SEQ_LEN};
 use crate::protocol::TAG_LEN;
-use crate::protocol::{guard_handshake, read_handshake_input, Handshake, Opener, Role, Sealer};
+use crate::protocol::{
+    guard_handshake, read_handshake_input, unconsumed_handshake_input, Handshake, Opener, Role,
+    Sealer,
+};
 
 /// A connection's receive buffer: bytes `start..end` are received and not
 /// yet consumed. Made at its configured size on the first read, it grows
@@ -424,6 +427,11 @@ impl ConnCore {
             if rb.start > 0 {
                 rb.compact();
             } else {
+                let handshaking = matches!(self.phase, ReadPhase::Handshaking { .. });
+                let most = max_frame_len.max(rb.size);
+                if handshaking && rb.buf.len() >= most {
+                    return Err(unconsumed_handshake_input(rb.buf.len()));
+                }
                 let grown = (rb.buf.len() * 2).min(max_frame_len.max(rb.buf.len() + 1));
                 rb.buf.resize(grown, 0);
             }

@@ -7,6 +7,7 @@
 //! exchange for both profiles. Users plug in their own handshake through
 //! [`HandshakeFactory`] without touching the reactor.
 
+use std::io;
 use std::net::SocketAddr;
 
 use ring::agreement::{self, EphemeralPrivateKey, UnparsedPublicKey, X25519};
@@ -171,6 +172,21 @@ pub(crate) fn read_handshake_input(handshake: &mut dyn Handshake, input: &[u8]) 
         .into());
     }
     Ok(used)
+}
+
+/// The error of a driver whose handshake left `held` bytes unconsumed, as
+/// many as it holds for a handshake at most (the largest frame, or the
+/// receive buffer if larger): a handshake (a custom one) waiting for a
+/// message larger than any frame would otherwise let the peer's bytes
+/// hold ever more memory until the handshake deadline.
+pub(crate) fn unconsumed_handshake_input(held: usize) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!(
+            "the handshake left {held} bytes unconsumed, as many as the receive \
+             buffer holds (the largest frame)"
+        ),
+    )
 }
 
 impl HandshakeFactory for Profile {

@@ -558,3 +558,49 @@ fn deadlines_past_u64_nanoseconds_never_expire() {
     assert_eq!(core.expired(1000 * MS, false), None);
     assert_eq!(core.next_deadline(), Some(u64::MAX));
 }
+
+/// A custom handshake that consumes nothing and never finishes: it waits
+/// for a message larger than any frame.
+struct Hoards;
+
+impl Handshake for Hoards {
+    fn write_output(&mut self, _out: &mut Vec<u8>) {}
+    fn read_input(&mut self, _input: &[u8]) -> crate::Result<usize> {
+        Ok(0)
+    }
+    fn take_session(&mut self) -> Option<crate::protocol::Session> {
+        None
+    }
+}
+
+/// The bytes a handshake leaves unconsumed fill the buffer up to the
+/// largest frame, and no further: the read then fails. The buffer grew
+/// by a byte a read past it, for as long as the peer sent and the
+/// handshake deadline allowed.
+#[test]
+fn a_handshake_that_consumes_nothing_holds_no_more_than_the_largest_frame() {
+    let mut core = server_core(Box::new(Hoards));
+    let max_frame_len = core.decoder.max_frame_len();
+    let wire = vec![0x55; 4 * max_frame_len];
+    let mut source = Chunks {
+        data: &wire,
+        chunk: 1,
+    };
+    let failed = loop {
+        match core.fill(&mut source, 0, &Unpooled) {
+            Ok(Filled::Bytes { .. }) => core.step_handshake().map(|_| ()).unwrap(),
+            Ok(_) => panic!("the peer's bytes ran out first"),
+            Err(e) => break e,
+        }
+        assert!(
+            core.rbuf.buf.len() <= max_frame_len,
+            "{} bytes held",
+            core.rbuf.buf.len()
+        );
+    };
+    assert_eq!(failed.kind(), io::ErrorKind::InvalidData);
+    assert!(
+        failed.to_string().contains("the handshake left"),
+        "{failed}"
+    );
+}
