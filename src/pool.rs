@@ -745,16 +745,22 @@ impl Pool {
     pub(crate) fn close(&self) {
         let threads = mem::take(&mut lock(&self.async_dial).threads);
         let here = std::thread::current().id();
+        // Shut down from a dial thread itself (a handler's `on_open` on
+        // the connection it dialled, or a waker it woke that dropped the
+        // client): it cannot join itself, and ends once that returns; a
+        // later shutdown joins it. Put back only after the others are
+        // joined: another dial thread shutting down meanwhile would
+        // otherwise join this one while this one joins it.
+        let mut own = None;
         for thread in threads {
             if thread.thread().id() == here {
-                // Shut down from a dial thread itself (a handler's
-                // `on_open` on the connection it dialled, or a waker it
-                // woke that dropped the client): it cannot join itself,
-                // and ends once that returns; a later shutdown joins it.
-                lock(&self.async_dial).threads.push(thread);
+                own = Some(thread);
             } else {
                 let _ = thread.join();
             }
+        }
+        if let Some(own) = own {
+            lock(&self.async_dial).threads.push(own);
         }
         self.workers.stop_and_join();
         self.wake_dial_waiters();

@@ -10,7 +10,7 @@ mod common;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use common::{wait_until, within};
@@ -91,7 +91,11 @@ struct Inline {
     future: Mutex<Option<TaskFuture>>,
     go_on: Mutex<mpsc::Receiver<()>>,
     wakes: AtomicUsize,
-    /// Set once the second wake dropped the future and returned.
+    /// What the second wake does instead of dropping the future: shut
+    /// this client down.
+    shuts_down: OnceLock<Arc<Client>>,
+    /// Set once the second wake dropped the future (or shut the client
+    /// down) and returned.
     dropped: std::sync::atomic::AtomicBool,
 }
 
@@ -104,8 +108,50 @@ impl std::task::Wake for Inline {
             .unwrap()
             .recv_timeout(Duration::from_secs(10));
         if wake == 2 {
-            drop(self.future.lock().unwrap().take());
+            match self.shuts_down.get() {
+                Some(client) => client.shutdown(),
+                None => drop(self.future.lock().unwrap().take()),
+            }
             self.dropped.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+/// What the last dial's thread does in the [`Inline`] waker's second
+/// wake, and the latest dial's in its connection's `on_open`.
+#[derive(Clone, Copy, PartialEq)]
+enum Ending {
+    /// Drops the call's future; the test shuts the client down after.
+    DropsTheCall,
+    /// Drops the call's future, which holds the last reference to the
+    /// client: the drop shuts the client down.
+    DropsTheClient,
+    /// Both dial threads shut the client down, at once.
+    BothShutDown,
+}
+
+/// Shuts the client down from the `on_open` of its second connection
+/// (the latest dial's), a moment after it opens, once given the client.
+#[derive(Default)]
+struct SecondOpenShutsDown {
+    client: OnceLock<Arc<Client>>,
+    opened: AtomicUsize,
+    done: std::sync::atomic::AtomicBool,
+}
+
+/// The client's handler, sharing its state with the test.
+struct Opens(Arc<SecondOpenShutsDown>);
+
+impl monte_rpc::Handler for Opens {
+    fn on_message(&self, _: &mut Context<'_>) {}
+    fn on_open(&self, _: &monte_rpc::Connection) {
+        let this = &self.0;
+        if this.opened.fetch_add(1, Ordering::SeqCst) == 1 {
+            if let Some(client) = this.client.get() {
+                std::thread::sleep(Duration::from_millis(300));
+                client.shutdown();
+            }
+            this.done.store(true, Ordering::SeqCst);
         }
     }
 }
@@ -114,17 +160,20 @@ impl std::task::Wake for Inline {
 /// twice: inside the dial, and at its end, once it has let the dial
 /// list's lock go. Between them the server closes the connection and the
 /// call waits for the dial again; during the second wake, a second call
-/// finds no connection and starts the next dial. With `owned`, the call's
-/// future holds the last reference to the client: dropped by the waker,
-/// it shuts the client down from the last dial's thread.
-fn a_dial_thread_in_an_inline_waker(owned: bool) {
+/// finds no connection and starts the next dial. The second wake then
+/// ends as `ending` says.
+fn a_dial_thread_in_an_inline_waker(ending: Ending) {
     within(30, move || {
         // Closes a connection on its first message.
         let server = Server::bind("127.0.0.1:0", Config::server(), |ctx: &mut Context<'_>| {
             ctx.conn().close()
         })
         .unwrap();
-        let client = Arc::new(Client::new(server.local_addr(), Config::default()).unwrap());
+        let opens = Arc::new(SecondOpenShutsDown::default());
+        let client = Arc::new(
+            Client::with_handler(server.local_addr(), Config::default(), Opens(opens.clone()))
+                .unwrap(),
+        );
         let (go_on, waits) = mpsc::channel();
         let task = Arc::new(Inline {
             future: Mutex::new(Some({
@@ -133,8 +182,13 @@ fn a_dial_thread_in_an_inline_waker(owned: bool) {
             })),
             go_on: Mutex::new(waits),
             wakes: AtomicUsize::new(0),
+            shuts_down: OnceLock::new(),
             dropped: Default::default(),
         });
+        if ending == Ending::BothShutDown {
+            let _ = task.shuts_down.set(client.clone());
+            let _ = opens.client.set(client.clone());
+        }
         let waker = std::task::Waker::from(task.clone());
         let poll = || {
             let mut future = task.future.lock().unwrap();
@@ -173,21 +227,28 @@ fn a_dial_thread_in_an_inline_waker(owned: bool) {
             })
         };
         let finished = wait_until(Duration::from_secs(5), || second.is_finished());
-        if owned {
-            drop(client);
-            go_on.send(()).unwrap();
-            assert!(
-                wait_until(Duration::from_secs(5), || task
-                    .dropped
-                    .load(Ordering::SeqCst)),
-                "the client's shutdown from the last dial's thread hung"
-            );
-        } else {
-            go_on.send(()).unwrap();
-            assert!(wait_until(Duration::from_secs(5), || task
-                .dropped
-                .load(Ordering::SeqCst)));
-            client.shutdown();
+        let ended = |flag: &std::sync::atomic::AtomicBool| {
+            wait_until(Duration::from_secs(5), || flag.load(Ordering::SeqCst))
+        };
+        match ending {
+            Ending::DropsTheCall => {
+                go_on.send(()).unwrap();
+                assert!(ended(&task.dropped));
+                client.shutdown();
+            }
+            Ending::DropsTheClient => {
+                drop(client);
+                go_on.send(()).unwrap();
+                assert!(
+                    ended(&task.dropped),
+                    "the client's shutdown from the last dial's thread hung"
+                );
+            }
+            Ending::BothShutDown => {
+                go_on.send(()).unwrap();
+                let both = ended(&task.dropped) && ended(&opens.done);
+                assert!(both, "the two dial threads' shutdowns hung");
+            }
         }
         assert!(
             finished,
@@ -204,7 +265,7 @@ fn a_dial_thread_in_an_inline_waker(owned: bool) {
 /// with them every async call and shutdown.
 #[test]
 fn the_next_dial_does_not_wait_under_its_lock_for_the_last_dial_waking_its_calls() {
-    a_dial_thread_in_an_inline_waker(false);
+    a_dial_thread_in_an_inline_waker(Ending::DropsTheCall);
 }
 
 /// Shutdown from a dial thread that is not the latest (its waker dropped
@@ -212,5 +273,14 @@ fn the_next_dial_does_not_wait_under_its_lock_for_the_last_dial_waking_its_calls
 /// very thread shutting down) once its dial ended. Both hung.
 #[test]
 fn a_shutdown_from_an_earlier_dial_thread_does_not_hang() {
-    a_dial_thread_in_an_inline_waker(true);
+    a_dial_thread_in_an_inline_waker(Ending::DropsTheClient);
+}
+
+/// Two dial threads shutting the client down at once: the last one from
+/// a waker, the latest from its connection's `on_open`. The last one put
+/// its own handle back in the list before it joined the latest, whose
+/// shutdown then joined it: both hung.
+#[test]
+fn two_dial_threads_shutting_down_at_once_do_not_hang() {
+    a_dial_thread_in_an_inline_waker(Ending::BothShutDown);
 }
