@@ -1013,6 +1013,14 @@ mod tests {
         (ours, theirs)
     }
 
+    /// The peer reads everything, until our end closes.
+    fn reading_to_the_end(mut theirs: StdStream) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            let mut sink = [0; 64 << 10];
+            while matches!(theirs.read(&mut sink), Ok(n) if n > 0) {}
+        })
+    }
+
     fn queue(config: &Config) -> OutboundQueue {
         OutboundQueue::new(Some(Sealer::new([7; 32], Profile::Secure)), config)
     }
@@ -1095,11 +1103,8 @@ mod tests {
     /// lock, the reactor's flush and the queue's close deadlocked on it.
     #[test]
     fn a_waker_that_drops_its_future_is_woken_outside_the_lock() {
-        let (ours, mut theirs) = socket_pair();
-        let reader = std::thread::spawn(move || {
-            let mut sink = [0; 64 << 10];
-            while matches!(theirs.read(&mut sink), Ok(n) if n > 0) {}
-        });
+        let (ours, theirs) = socket_pair();
+        let reader = reading_to_the_end(theirs);
         // Leaked: a deadlocked thread keeps it for the rest of the run.
         let queue: &'static OutboundQueue = Box::leak(Box::new(queue(&Config::default())));
         let owner = Owner::new(queue, ours);
@@ -1135,11 +1140,8 @@ mod tests {
     /// held for as long as the producer goes on.
     #[test]
     fn a_reactor_flush_ends_while_a_producer_keeps_up_with_the_socket() {
-        let (ours, mut theirs) = socket_pair();
-        let reader = std::thread::spawn(move || {
-            let mut sink = [0; 64 << 10];
-            while matches!(theirs.read(&mut sink), Ok(n) if n > 0) {}
-        });
+        let (ours, theirs) = socket_pair();
+        let reader = reading_to_the_end(theirs);
         let queue = queue(&Config::default());
         let owner = Owner::new(&queue, ours);
         let endless = 100_000;
@@ -1267,11 +1269,8 @@ mod tests {
     #[cfg(any(target_os = "linux", target_os = "android"))]
     #[test]
     fn a_stream_of_queued_messages_sets_the_low_water_on_its_socket() {
-        let (ours, mut theirs) = socket_pair();
-        let reader = std::thread::spawn(move || {
-            let mut sink = [0; 64 << 10];
-            while matches!(theirs.read(&mut sink), Ok(n) if n > 0) {}
-        });
+        let (ours, theirs) = socket_pair();
+        let reader = reading_to_the_end(theirs);
         let queue = queue(&Config::default().unsent_low_water(Some(48 << 10)));
         let owner = Owner::new(&queue, ours);
         let lowat = || {

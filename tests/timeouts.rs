@@ -232,58 +232,6 @@ fn a_request_waiting_for_room_leaves_the_reactor_listening() {
     });
 }
 
-/// A request with a short timeout on a connection another request also
-/// waits on: its timeout, with no byte back meanwhile, is no proof the
-/// link is dead while the other still waits (the server is slow to answer
-/// it), so the connection stays, and the other request gets its answer.
-#[test]
-fn a_short_timeout_does_not_close_a_connection_another_request_waits_on() {
-    common::within(30, || {
-        let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let seen = started.clone();
-        let server = monte_rpc::Server::bind(
-            "127.0.0.1:0",
-            common::server_config().workers(1),
-            move |ctx: &mut monte_rpc::Context<'_>| {
-                if ctx.body() == b"slow" {
-                    seen.store(true, Ordering::SeqCst);
-                }
-                // Slow: the one reactor answers nothing else meanwhile.
-                thread::sleep(Duration::from_millis(150));
-                let _ = ctx.reply(b"done");
-            },
-        )
-        .unwrap();
-        // A request timeout shorter than the connection's idle time
-        // below: idle time is no silence.
-        let client = one_connection_client(server.local_addr(), Some(Duration::from_millis(150)));
-        thread::sleep(Duration::from_millis(300));
-        let patient = {
-            let client = client.clone();
-            thread::spawn(move || {
-                let mut response = Vec::new();
-                let result =
-                    client.request_timeout(b"slow", &mut response, Some(Duration::from_secs(3)));
-                (result, response)
-            })
-        };
-        // The patient request is on the connection (its handler runs).
-        assert!(common::wait_until(Duration::from_secs(2), || started.load(Ordering::SeqCst)));
-        let hasty =
-            client.request_timeout(b"hasty", &mut Vec::new(), Some(Duration::from_millis(30)));
-        assert_eq!(
-            hasty.unwrap_err().timeout_kind(),
-            Some(TimeoutKind::Request)
-        );
-        let (result, response) = patient.join().unwrap();
-        result.expect("the patient request, beside the hasty one's timeout");
-        assert_eq!(response, b"done");
-        assert_eq!(client.stats().connections_opened, 1);
-        client.shutdown();
-        server.shutdown();
-    });
-}
-
 /// A link that went silent for good under steady traffic, where some
 /// request always waits on it: once it has been silent for as long as
 /// the longest timeout among the requests waiting, a request's timeout
@@ -372,31 +320,40 @@ fn an_answered_request_without_a_timeout_does_not_keep_a_silent_link() {
     a_link_silent_under_steady_traffic_is_closed(None, true);
 }
 
-/// A patient request (3 s) on a connection whose server takes 1 s to
-/// answer it, and a hasty one beside it with the configured timeout
-/// (150 ms), which runs out with no byte back: the silence (450 ms) is
-/// longer than the configured timeout but not than the patient request
-/// allows, so the connection stays, and the patient request gets its
-/// answer. Judged by the configured timeout, the connection was closed
-/// under the patient request, which failed 2.5 s early.
-#[test]
-fn a_hasty_timeout_does_not_close_a_connection_a_patient_request_waits_on() {
-    common::within(30, || {
+/// A patient request (3 s) that the server (one reactor, 150 ms
+/// configured request timeout) answers after `slow`, and beside it, once
+/// it is on the connection and `then` has passed, a `hasty` request that
+/// times out with no byte back: the timeout is no proof the link is dead
+/// while the patient request still waits, so the connection stays, and
+/// the patient request gets its answer. With `only_the_patient_is_slow`
+/// false, every request takes `slow` (the one reactor answers nothing
+/// else meanwhile).
+fn a_hasty_timeout_beside_a_patient_request(
+    slow: Duration,
+    only_the_patient_is_slow: bool,
+    then: Duration,
+    hasty: fn(&Client) -> monte_rpc::Result<()>,
+) {
+    common::within(30, move || {
         let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let seen = started.clone();
         let server = monte_rpc::Server::bind(
             "127.0.0.1:0",
             common::server_config().workers(1),
             move |ctx: &mut monte_rpc::Context<'_>| {
-                if ctx.body() == b"slow" {
+                let patient = ctx.body() == b"slow";
+                if patient {
                     seen.store(true, Ordering::SeqCst);
-                    // The one reactor answers nothing else meanwhile.
-                    thread::sleep(Duration::from_secs(1));
+                }
+                if patient || !only_the_patient_is_slow {
+                    thread::sleep(slow);
                 }
                 let _ = ctx.reply(b"done");
             },
         )
         .unwrap();
+        // A request timeout shorter than the connection's idle time
+        // below: idle time is no silence.
         let client = one_connection_client(server.local_addr(), Some(Duration::from_millis(150)));
         thread::sleep(Duration::from_millis(300));
         let patient = {
@@ -408,11 +365,11 @@ fn a_hasty_timeout_does_not_close_a_connection_a_patient_request_waits_on() {
                 (result, response)
             })
         };
+        // The patient request is on the connection (its handler runs).
         assert!(common::wait_until(Duration::from_secs(2), || started.load(Ordering::SeqCst)));
-        thread::sleep(Duration::from_millis(300));
-        let hasty = client.request(b"hasty", &mut Vec::new());
+        thread::sleep(then);
         assert_eq!(
-            hasty.unwrap_err().timeout_kind(),
+            hasty(&client).unwrap_err().timeout_kind(),
             Some(TimeoutKind::Request)
         );
         let (result, response) = patient.join().unwrap();
@@ -422,6 +379,33 @@ fn a_hasty_timeout_does_not_close_a_connection_a_patient_request_waits_on() {
         client.shutdown();
         server.shutdown();
     });
+}
+
+/// A hasty request of its own 30 ms timeout, on a server slow (150 ms)
+/// to answer everything.
+#[test]
+fn a_short_timeout_does_not_close_a_connection_another_request_waits_on() {
+    a_hasty_timeout_beside_a_patient_request(
+        Duration::from_millis(150),
+        false,
+        Duration::ZERO,
+        |client| client.request_timeout(b"hasty", &mut Vec::new(), Some(Duration::from_millis(30))),
+    );
+}
+
+/// The hasty request with the configured timeout (150 ms), 300 ms into
+/// the patient one's 1 s: the silence when it times out (450 ms) is
+/// longer than the configured timeout but not than the patient request
+/// allows. Judged by the configured timeout, the connection was closed
+/// under the patient request, which failed 2.5 s early.
+#[test]
+fn a_hasty_timeout_does_not_close_a_connection_a_patient_request_waits_on() {
+    a_hasty_timeout_beside_a_patient_request(
+        Duration::from_secs(1),
+        true,
+        Duration::from_millis(300),
+        |client| client.request(b"hasty", &mut Vec::new()),
+    );
 }
 
 /// A server of one reactor with a 16 KiB receive buffer: a handler that
