@@ -332,12 +332,7 @@ impl Pool {
         kind: CallKind,
     ) -> Result<Connection> {
         if let Some(conn) = self.opening_here() {
-            // Closed already (in `on_open`, or as it fails): an open one
-            // of the pool's is as good.
-            if conn.is_closed() {
-                return Ok(self.choose(true).unwrap_or(conn));
-            }
-            return Ok(conn);
+            return Ok(self.open_instead(conn));
         }
         // All busy (or none) and room for more. One caller dials at a time;
         // the others use the least loaded connection meanwhile, or wait for
@@ -439,6 +434,16 @@ impl Pool {
         // lock free (`DialTurn`'s drop).
         drop(dialling);
         result
+    }
+
+    /// `conn`, the connection being opened, unless it closed already (in
+    /// `on_open`, or as it fails): an open one of the pool's is as good.
+    fn open_instead(&self, conn: Connection) -> Connection {
+        if conn.is_closed() {
+            self.choose(true).unwrap_or(conn)
+        } else {
+            conn
+        }
     }
 
     /// The connection this thread is dialling for this pool, if the call
@@ -617,7 +622,7 @@ impl Pool {
         if let Some(conn) = self.opening_here() {
             self.forget(wait);
             return Poll::Ready(match kind {
-                CallKind::Send => Ok(conn),
+                CallKind::Send => Ok(self.open_instead(conn)),
                 // A busy connection's reactor reads, though.
                 CallKind::Request => self.choose(true).ok_or(Error::AsyncRequestInOnOpen),
             });

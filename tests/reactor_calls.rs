@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -891,6 +891,77 @@ fn a_request_from_on_open_is_answered_behind_the_peers_greeting() {
             );
             client.shutdown();
         }
+        server.shutdown();
+    });
+}
+
+/// A client whose handler closes its second connection in `on_open`,
+/// then sends on the client, blocking and async: those sends' results.
+struct ClosesTheSecond {
+    client: ClientSlot,
+    opened: AtomicUsize,
+    sent: Arc<Mutex<Vec<Result<(), Error>>>>,
+}
+
+impl monte_rpc::Handler for ClosesTheSecond {
+    fn on_message(&self, _: &mut Context<'_>) {}
+
+    fn on_open(&self, conn: &monte_rpc::Connection) {
+        if self.opened.fetch_add(1, Ordering::SeqCst) != 1 {
+            return;
+        }
+        conn.close();
+        let client = self.client.get().and_then(|c| c.upgrade()).unwrap();
+        let blocking = client.send(b"blocking");
+        let by_future = futures::executor::block_on(client.send_async(b"async"));
+        self.sent.lock().unwrap().extend([blocking, by_future]);
+    }
+}
+
+/// A send from `on_open` after that connection closed: an open connection
+/// of the pool's is as good (here the first, busy with a slow request).
+/// The blocking send took it; the async send took the closed one and
+/// failed.
+#[test]
+fn a_send_from_on_open_after_its_connection_closed_takes_an_open_one() {
+    within(30, || {
+        let slow = Arc::new(AtomicBool::new(false));
+        let seen = slow.clone();
+        let server = Server::bind(
+            "127.0.0.1:0",
+            Config::server().workers(2),
+            move |ctx: &mut Context<'_>| {
+                if ctx.body() == b"slow" {
+                    seen.store(true, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(500));
+                    let _ = ctx.reply(b"done");
+                }
+            },
+        )
+        .unwrap();
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let config = one_connection().max_conns(2);
+        let client =
+            client_its_handler_calls_with(server.local_addr(), config, |client| ClosesTheSecond {
+                client,
+                opened: AtomicUsize::new(0),
+                sent: sent.clone(),
+            });
+        client.send(b"dial").unwrap();
+        let busy = {
+            let client = client.clone();
+            std::thread::spawn(move || client.request(b"slow", &mut Vec::new()))
+        };
+        assert!(wait_until(Duration::from_secs(2), || slow.load(Ordering::SeqCst)));
+        // The first connection is busy: this send dials the second, whose
+        // `on_open` closes it and sends.
+        let _ = client.send(b"dials");
+        let sent = std::mem::take(&mut *sent.lock().unwrap());
+        assert_eq!(sent.len(), 2, "on_open sent {} times", sent.len());
+        assert!(sent[0].is_ok(), "the blocking send: {:?}", sent[0]);
+        assert!(sent[1].is_ok(), "the async send: {:?}", sent[1]);
+        busy.join().unwrap().unwrap();
+        client.shutdown();
         server.shutdown();
     });
 }
