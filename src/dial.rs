@@ -19,7 +19,7 @@ use crate::config::Config;
 use crate::error::{DialPhase, Error, HandshakeError, Result, TimeoutKind};
 use crate::protocol::wire::frame_len;
 use crate::protocol::{
-    guard_handshake, read_handshake_input, unconsumed_handshake_input, FrameDecoder, Session,
+    check_unconsumed, guard_handshake, read_handshake_input, FrameDecoder, Session,
 };
 use crate::socket_write::write_all_nonblocking;
 
@@ -219,6 +219,9 @@ pub(crate) fn handshake(
         if let Some(session) = guard_handshake(|| Ok(hs.take_session()))? {
             break session;
         }
+        // Unfinished: what it left unconsumed is the handshake's, not
+        // frames that follow it.
+        check_unconsumed(input.len(), most_unconsumed)?;
         // The peer's answer takes a moment to come: wait first, then read
         // (in slices, and without asking the handshake for output again
         // until it has new input).
@@ -240,9 +243,6 @@ pub(crate) fn handshake(
         input.extend_from_slice(&chunk[..n]);
         let used = guard_handshake(|| read_handshake_input(hs.as_mut(), &input))?;
         input.drain(..used);
-        if input.len() >= most_unconsumed {
-            return Err(unconsumed_handshake_input(input.len()).into());
-        }
     };
     if input.is_empty() {
         // What arrived right behind the handshake, if anything: a peer

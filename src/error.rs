@@ -75,6 +75,17 @@ pub enum HandshakeError {
         /// The bytes it was given.
         given: usize,
     },
+    /// A custom [`Handshake`](crate::protocol::Handshake) left this many
+    /// of the peer's bytes unconsumed without finishing: as many as a
+    /// connection holds for it at most (the larger of the largest frame
+    /// and `read_buffer_size`). It waits for a message larger than any
+    /// frame; holding on would let the peer's bytes take ever more memory
+    /// until the handshake deadline. Only this connection is closed (on a
+    /// client, the dial fails with it).
+    LeftUnconsumed {
+        /// The bytes it left unconsumed.
+        held: usize,
+    },
     /// An `identity` client config pins no server key, so it would accept
     /// any server: pin one (`IdentityConfig::pinned`) or opt out explicitly
     /// (`IdentityConfig::unpinned_client`, `allow_unpinned_server`).
@@ -108,6 +119,12 @@ impl fmt::Display for HandshakeError {
             HandshakeError::UsedMoreThanGiven { used, given } => write!(
                 f,
                 "the handshake's read_input said it used {used} bytes of the {given} it was given"
+            ),
+            HandshakeError::LeftUnconsumed { held } => write!(
+                f,
+                "the handshake left {held} of the peer's bytes unconsumed without finishing, \
+                 as many as a connection holds for it (the larger of the largest frame and \
+                 read_buffer_size)"
             ),
             HandshakeError::Rejected(code) => write!(f, "handshake rejected (code {code})"),
             HandshakeError::NotThisProtocol { sent, sent_len } => {

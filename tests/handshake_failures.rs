@@ -472,6 +472,13 @@ fn a_client_handshake_that_consumes_nothing_fails_at_the_largest_frame() {
     let client = monte_rpc::Client::new(addr, config).unwrap();
     let started = Instant::now();
     let e = client.send(b"one").unwrap_err();
+    assert!(
+        matches!(
+            e.root_cause(),
+            Error::Handshake(HandshakeError::LeftUnconsumed { .. })
+        ),
+        "{e:?}"
+    );
     assert!(e.to_string().contains("the handshake left"), "{e}");
     assert!(
         started.elapsed() < Duration::from_secs(5),
@@ -479,4 +486,54 @@ fn a_client_handshake_that_consumes_nothing_fails_at_the_largest_frame() {
     );
     client.shutdown();
     peer.join().unwrap();
+}
+
+/// A server whose `on_open` sends at once, right behind its handshake's
+/// last message, to a client with small limits (512-byte messages, a
+/// 1 KiB read buffer): the client's last handshake read takes those
+/// frames along. They follow a finished handshake and are not its to
+/// hold: the dial must succeed (and the frames reach the client).
+#[test]
+fn frames_right_behind_the_handshake_are_not_counted_against_it() {
+    struct Greets;
+    impl Handler for Greets {
+        fn on_message(&self, ctx: &mut Context<'_>) {
+            let _ = ctx.reply(b"");
+        }
+        fn on_open(&self, conn: &monte_rpc::Connection) {
+            for _ in 0..8 {
+                let _ = conn.send_no_wait(&[0x47; 400]);
+            }
+        }
+    }
+    let server = Server::bind("127.0.0.1:0", Config::server(), Greets).unwrap();
+    let greetings = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for _ in 0..20 {
+        let heard = greetings.clone();
+        let counted = greetings.clone();
+        let config = Config::default()
+            .dial_attempts(1)
+            .max_message_size(512)
+            .read_buffer_size(1024);
+        let client = monte_rpc::Client::with_handler(
+            server.local_addr(),
+            config,
+            move |_: &mut Context<'_>| {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            },
+        )
+        .unwrap();
+        client
+            .request(b"after the greetings", &mut Vec::new())
+            .expect("the dial, with frames right behind the handshake");
+        // The greetings came before the answer: read past by the caller,
+        // set aside, handed to the handler.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while heard.load(std::sync::atomic::Ordering::SeqCst) < 8 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        client.shutdown();
+        assert_eq!(greetings.swap(0, std::sync::atomic::Ordering::SeqCst), 8);
+    }
+    server.shutdown();
 }

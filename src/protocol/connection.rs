@@ -19,12 +19,11 @@ use std::collections::VecDeque;
 use std::io::{self, Read};
 use std::time::Duration;
 
-use crate::error::{Error, Result, TimeoutKind};
+use crate::error::{Error, HandshakeError, Result, TimeoutKind};
 use crate::protocol::wire::{Decoded, FrameDecoder, SeqSpace, LENGTH_PREFIX_LEN, SEQ_LEN};
 use crate::protocol::TAG_LEN;
 use crate::protocol::{
-    guard_handshake, read_handshake_input, unconsumed_handshake_input, Handshake, Opener, Role,
-    Sealer,
+    check_unconsumed, guard_handshake, read_handshake_input, Handshake, Opener, Role, Sealer,
 };
 
 /// A connection's receive buffer: bytes `start..end` are received and not
@@ -300,6 +299,7 @@ impl ConnCore {
     /// open.
     pub fn step_handshake(&mut self) -> Result<(&[u8], Option<Handshaken>)> {
         self.handshake_out.clear();
+        let most = self.decoder.max_frame_len().max(self.rbuf.size);
         let ReadPhase::Handshaking { handshake } = &mut self.phase else {
             return Ok((&self.handshake_out, None));
         };
@@ -317,6 +317,7 @@ impl ConnCore {
             Ok(handshake.take_session())
         })?;
         let Some(session) = session else {
+            check_unconsumed(rb.end - rb.start, most)?;
             return Ok((&self.handshake_out, None));
         };
         let finished = std::mem::replace(
@@ -430,7 +431,11 @@ impl ConnCore {
                 let handshaking = matches!(self.phase, ReadPhase::Handshaking { .. });
                 let most = max_frame_len.max(rb.size);
                 if handshaking && rb.buf.len() >= most {
-                    return Err(unconsumed_handshake_input(rb.buf.len()));
+                    // `step_handshake` fails such a handshake first; this
+                    // keeps the buffer from growing if it was not asked.
+                    let held = rb.buf.len();
+                    let e = HandshakeError::LeftUnconsumed { held };
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string()));
                 }
                 let grown = (rb.buf.len() * 2).min(max_frame_len.max(rb.buf.len() + 1));
                 rb.buf.resize(grown, 0);

@@ -7,7 +7,6 @@
 //! exchange for both profiles. Users plug in their own handshake through
 //! [`HandshakeFactory`] without touching the reactor.
 
-use std::io;
 use std::net::SocketAddr;
 
 use ring::agreement::{self, EphemeralPrivateKey, UnparsedPublicKey, X25519};
@@ -174,19 +173,15 @@ pub(crate) fn read_handshake_input(handshake: &mut dyn Handshake, input: &[u8]) 
     Ok(used)
 }
 
-/// The error of a driver whose handshake left `held` bytes unconsumed, as
-/// many as it holds for a handshake at most (the largest frame, or the
-/// receive buffer if larger): a handshake (a custom one) waiting for a
-/// message larger than any frame would otherwise let the peer's bytes
-/// hold ever more memory until the handshake deadline.
-pub(crate) fn unconsumed_handshake_input(held: usize) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::InvalidData,
-        format!(
-            "the handshake left {held} bytes unconsumed, as many as the receive \
-             buffer holds (the largest frame)"
-        ),
-    )
+/// The most of the peer's bytes a driver holds for an unfinished
+/// handshake: as much as a connection's receive buffer holds (the larger
+/// of the largest frame and the buffer size). Past it, the handshake
+/// fails with [`HandshakeError::LeftUnconsumed`].
+pub(crate) fn check_unconsumed(held: usize, most: usize) -> Result<()> {
+    if held >= most {
+        return Err(HandshakeError::LeftUnconsumed { held }.into());
+    }
+    Ok(())
 }
 
 impl HandshakeFactory for Profile {

@@ -38,7 +38,7 @@ pub use handshake::{
 };
 pub use keys::{derive_keys, DirectionalKeys, Profile, KEY_LEN};
 
-pub(crate) use handshake::{guard_handshake, read_handshake_input, unconsumed_handshake_input};
+pub(crate) use handshake::{check_unconsumed, guard_handshake, read_handshake_input};
 
 /// Not API: the wire format's parts one by one (framing, sequence numbers,
 /// the authenticated profiles' key schedules and transcripts). Public only
