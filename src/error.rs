@@ -81,7 +81,8 @@ pub enum HandshakeError {
     /// and `read_buffer_size`). It waits for a message larger than any
     /// frame; holding on would let the peer's bytes take ever more memory
     /// until the handshake deadline. Only this connection is closed (on a
-    /// client, the dial fails with it).
+    /// client, the dial fails with it); a server counts it as a protocol
+    /// error, the peer having sent more than the handshake takes.
     LeftUnconsumed {
         /// The bytes it left unconsumed.
         held: usize,

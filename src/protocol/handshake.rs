@@ -121,7 +121,11 @@ pub trait Handshake: Send {
 
     /// Consumes handshake bytes from the start of `input` and returns how
     /// many it used. Any split of the input must work: a driver may feed one
-    /// byte at a time. An error is fatal for the connection.
+    /// byte at a time. An error is fatal for the connection. Bytes left
+    /// unconsumed are offered again with more; an unfinished handshake that
+    /// leaves as many as the larger of the largest frame and
+    /// `read_buffer_size` fails with
+    /// [`HandshakeError::LeftUnconsumed`](crate::HandshakeError::LeftUnconsumed).
     fn read_input(&mut self, input: &[u8]) -> Result<usize>;
 
     /// The established session, once the handshake is complete: `Some`
