@@ -259,7 +259,7 @@ impl Client {
                 return Err(e);
             }
         };
-        let result = conn.request_until(body, response, deadline.map(|d| d.at));
+        let result = conn.request_until(body, response, deadline.map(|d| d.at), timeout);
         if result.is_ok() {
             conn.note_answer(sent_at);
         }

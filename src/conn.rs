@@ -348,18 +348,21 @@ impl Connection {
         }
         // A timeout too long to add to the clock is none.
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
-        self.request_until(body, response, deadline)
+        self.request_until(body, response, deadline, timeout)
             .map_err(|e| e.calling(CallOp::Request, self.peer_addr()))
     }
 
     /// [`request_timeout`](Self::request_timeout) until `deadline`, without
     /// the call's context on its error, for a caller that adds its own
-    /// (and read the clock for its deadline already).
+    /// (and read the clock for its deadline already). `timeout` is the
+    /// call's own, the request's patience in its completion slot (no
+    /// second clock reading for it).
     pub(crate) fn request_until(
         &self,
         body: &[u8],
         response: &mut Vec<u8>,
         deadline: Option<Instant>,
+        timeout: Option<Duration>,
     ) -> Result<()> {
         if self.shared.driver.is_current() {
             return Err(Error::OnReactorThread);
@@ -367,9 +370,7 @@ impl Connection {
         let table = self.requests();
         // A close that ran before the table existed could not fail it: the
         // send below sees the closed queue and withdraws the request.
-        let patience = deadline.map_or(NO_LIMIT, |d| {
-            nanos(d.saturating_duration_since(Instant::now()))
-        });
+        let patience = timeout.map_or(NO_LIMIT, nanos);
         let pending = match table.begin(mem::take(response), patience) {
             Ok(p) => p,
             Err((e, buf)) => {
