@@ -34,7 +34,7 @@ use crate::socket_write::{write_nonblocking, WriteOutcome};
 use crate::stats::Counters;
 use crate::sync::buffers::BufferPool;
 use crate::sync::wake::wake_all;
-use crate::sync::{lock, AtomicBool, Condvar, Mutex, MutexGuard, Ordering};
+use crate::sync::{lock, AtomicBool, AtomicUsize, Condvar, Mutex, MutexGuard, Ordering};
 
 /// Rounds a caller-thread writer makes before handing the rest of the queue
 /// to the reactor, so one caller never writes for everyone indefinitely.
@@ -315,6 +315,11 @@ pub(crate) struct OutboundQueue {
     /// Set (under the lock) when `Outbound::closed` is: lets the client
     /// pool skip closed connections without taking their locks.
     closed: AtomicBool,
+    /// What [`Outbound::held`] was when the lock was last let go, stored
+    /// under it wherever it changes: the reactor checks the budget before
+    /// each frame it dispatches, and a lock there would be taken for every
+    /// one-way message of a stream.
+    held: AtomicUsize,
     /// `max_queued_bytes`.
     limit: usize,
     /// How long one call may wait on the queue.
@@ -350,6 +355,7 @@ impl OutboundQueue {
             }),
             cv: Condvar::new(),
             closed: AtomicBool::new(false),
+            held: AtomicUsize::new(0),
             limit: config.max_queued_bytes,
             send_timeout: config.send_timeout,
         }
@@ -574,6 +580,7 @@ impl OutboundQueue {
             return Err(e);
         }
         g.queued_total += frame as u64;
+        self.held.store(g.held(), Ordering::Release);
         g.frames_queued += 1;
         let end = g.queued_total;
         match mode {
@@ -773,6 +780,7 @@ impl OutboundQueue {
             let (n, outcome) = write_nonblocking(owner.stream(), &data[head..]);
             g = lock(&self.state);
             g.written_total += n as u64;
+            self.held.store(g.held(), Ordering::Release);
             match outcome {
                 WriteOutcome::Done => {
                     data.clear();
@@ -923,7 +931,7 @@ impl OutboundQueue {
     /// Bytes waiting to be written, those of a write in progress
     /// included: what the connection holds against its budget.
     pub(crate) fn queued(&self) -> usize {
-        lock(&self.state).held()
+        self.held.load(Ordering::Acquire)
     }
 
     /// Reactor side, graceful close: if nothing is queued, refuse further

@@ -228,6 +228,74 @@ fn replies_to_requests_read_at_a_resume_are_written_at_once() {
     });
 }
 
+/// A handler's own large send (here, on a one-way message) holds the
+/// connection past `max_queued_bytes` for a peer that does not read: a
+/// request read in the same turn waits unanswered in the buffer until the
+/// output drains, rather than adding its reply on top (the budget plus
+/// two large frames), and is answered once the peer reads.
+#[test]
+fn a_request_waits_while_the_applications_own_send_holds_the_budget() {
+    use std::io::{Read, Write};
+    within(60, || {
+        let replies = Arc::new(AtomicUsize::new(0));
+        let replied = replies.clone();
+        let server = Server::bind(
+            "127.0.0.1:0",
+            common::server_config()
+                .workers(1)
+                .max_queued_bytes(64 << 10)
+                .send_buffer_size(Some(16 << 10)),
+            move |ctx: &mut Context<'_>| {
+                if ctx.body() == b"push 768 KiB" {
+                    ctx.conn().send_no_wait(&vec![1u8; 768 << 10]).unwrap();
+                } else {
+                    replied.fetch_add(1, Ordering::SeqCst);
+                    let _ = ctx.reply(&vec![7u8; 256 << 10]);
+                }
+            },
+        )
+        .unwrap();
+        let (mut raw, session) = common::raw_client(server.local_addr());
+        let _ = socket2::SockRef::from(&raw).set_recv_buffer_size(64 << 10);
+        let (mut sealer, mut opener) = (session.sealer, session.opener);
+        // One write: the server reads both frames in one turn.
+        let mut wire = Vec::new();
+        sealer.seal_append(0, b"push 768 KiB", &mut wire).unwrap();
+        sealer
+            .seal_append(1, b"256 KiB, please", &mut wire)
+            .unwrap();
+        raw.write_all(&wire).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(
+            replies.load(Ordering::SeqCst),
+            0,
+            "a request was answered while the handler's own send held the \
+             connection past its output budget"
+        );
+        // The peer reads: the push drains, then the request is answered.
+        let decoder = monte_rpc::protocol::wire::FrameDecoder::new(1 << 20);
+        let (mut input, mut chunk, mut frames) = (Vec::new(), vec![0u8; 64 << 10], Vec::new());
+        while frames.len() < 2 {
+            let n = raw
+                .read(&mut chunk)
+                .expect("both frames, within the read timeout");
+            assert!(n > 0, "the server closed after {} frames", frames.len());
+            input.extend_from_slice(&chunk[..n]);
+            while let monte_rpc::protocol::wire::Decoded::Frame(len) =
+                decoder.decode(&input).unwrap()
+            {
+                let mut frame: Vec<u8> = input.drain(..len).collect();
+                let (seq, body) = opener.open_in_place(&mut frame).unwrap();
+                frames.push((seq, body.len()));
+            }
+        }
+        assert_eq!(frames, [(0, 768 << 10), (1, 256 << 10)]);
+        assert_eq!(replies.load(Ordering::SeqCst), 1);
+        drop(raw);
+        server.shutdown();
+    });
+}
+
 /// Where a handler finds the client it belongs to (set once the client
 /// exists).
 type ClientSlot = Arc<std::sync::OnceLock<std::sync::Weak<Client>>>;

@@ -8,7 +8,7 @@ use crate::conn::Connection;
 use crate::error::{socket_error, Result, SocketOp};
 use crate::handler::{guard_handler, Context, Handler};
 use crate::outbound::Flushed;
-use crate::protocol::connection::{ConnCore, Filled, Lifecycle, Next, Output, ReadGate, Taker};
+use crate::protocol::connection::{ConnCore, Filled, Next, Output, ReadGate, Taker};
 use crate::socket_write::write_all_briefly;
 use crate::stats::Counters;
 use crate::sync::completion::Delivered;
@@ -153,7 +153,9 @@ impl Reactor {
 
     /// Runs the handshake, then dispatches what a caller-thread reader left
     /// and the complete frames in the receive buffer, one at a time, while
-    /// the connection's queued output stays within `max_queued_bytes`.
+    /// the connection's queued output stays within `max_queued_bytes`
+    /// (checked before each frame: the application's own sends, from its
+    /// threads or from a handler, count as the replies do).
     /// Returns `false` if it stopped at the budget: the queue was flushed
     /// and, if the socket would not take it, reading is paused (see
     /// [`Reactor::flush`]); the rest of the frames wait in the buffer.
@@ -191,10 +193,13 @@ impl Reactor {
         let (handler, life) = (&*entry.handler, &entry.life);
         let mut dispatched = false;
         let mut served = Served::Nothing;
-        // The budget is checked after each reply (see
-        // `Lifecycle::within_budget`).
-        let mut within_budget = true;
+        let mut within_budget;
         let result = loop {
+            // Before each frame, the first of the turn included: output
+            // queued since the last check (a reply, a handler's own send,
+            // an application thread's) would otherwise have one more reply
+            // put on top of it (see `Lifecycle::within_budget`).
+            within_budget = life.within_budget(conn.queued());
             if !within_budget {
                 break Ok(());
             }
@@ -202,9 +207,8 @@ impl Reactor {
             // connection: they came first.
             if let Some((seq, body)) = inbound.take_set_aside() {
                 dispatched = true;
-                match handled(dispatch(conn, handler, seq, &body), &mut served, life, conn) {
-                    Ok(within) => within_budget = within,
-                    Err(e) => break Err(e),
+                if let Err(e) = handled(dispatch(conn, handler, seq, &body), &mut served) {
+                    break Err(e);
                 }
                 continue;
             }
@@ -220,9 +224,8 @@ impl Reactor {
                     dispatched = true;
                     let result = dispatch(conn, handler, seq, inbound.payload(len));
                     inbound.consume(len);
-                    match handled(result, &mut served, life, conn) {
-                        Ok(within) => within_budget = within,
-                        Err(e) => break Err(e),
+                    if let Err(e) = handled(result, &mut served) {
+                        break Err(e);
                     }
                 }
                 Ok(Next::NeedBytes | Next::ReactorsTurn) => break Ok(()),
@@ -236,6 +239,8 @@ impl Reactor {
         }
         self.served = self.served.max(served);
         result?;
+        // Past the budget after the last frame too: read no more now.
+        within_budget = within_budget && (!dispatched || life.within_budget(conn.queued()));
         if !within_budget {
             self.flush(key);
             return Ok(false);
@@ -319,17 +324,10 @@ impl Reactor {
 }
 
 /// Notes what a dispatched message's handler did (`result`, from
-/// [`dispatch`]) in `served`, and says whether the connection is still
-/// within its output budget: looked at after replies only.
-fn handled(
-    result: Result<Served>,
-    served: &mut Served,
-    life: &Lifecycle,
-    conn: &Connection,
-) -> Result<bool> {
-    let what = result?;
-    *served = (*served).max(what);
-    Ok(what != Served::Requests || life.within_budget(conn.queued()))
+/// [`dispatch`]) in `served`.
+fn handled(result: Result<Served>, served: &mut Served) -> Result<()> {
+    *served = (*served).max(result?);
+    Ok(())
 }
 
 /// Calls the handler for one message, and says whether it replied at once

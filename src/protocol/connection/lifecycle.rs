@@ -198,12 +198,12 @@ impl Lifecycle {
         self.confirming = false;
     }
 
-    /// Whether the reactor may dispatch another frame after a handler's
-    /// reply left `queued` bytes queued. Replies made on the reactor queue
-    /// without waiting for room (its thread is the one that would drain
-    /// the queue), so the budget is checked after each: a peer that
-    /// pipelines requests and never reads makes this side hold at most one
-    /// reply past it.
+    /// Whether the reactor may dispatch another frame with `queued` bytes
+    /// queued. Replies made on the reactor queue without waiting for room
+    /// (its thread is the one that would drain the queue), so the budget
+    /// is checked before each frame: a peer that pipelines requests and
+    /// never reads makes this side hold at most one reply past it, and no
+    /// reply is put on top of output the application queued past it.
     pub fn within_budget(&self, queued: usize) -> bool {
         queued <= self.limits.max_queued
     }
