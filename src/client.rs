@@ -315,7 +315,8 @@ impl Client {
     /// drained, anything still pending fails, and every thread is joined
     /// (but, called from a handler, the reactor it runs on: that one stops
     /// once the handler returns, and the next `shutdown` or the drop joins
-    /// it).
+    /// it). Called from several threads at once, each returns once all of
+    /// that is done, whichever of them did it.
     pub fn shutdown(&self) {
         self.pool.signal.close();
         // Async calls waiting for a dial look again, find the client

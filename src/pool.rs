@@ -27,7 +27,7 @@ use crate::reactor::on_reactor_thread;
 use crate::sync::completion::NO_LIMIT;
 use crate::sync::signal::ShutdownSignal;
 use crate::sync::wake::wake_all;
-use crate::sync::{lock, read, write, Mutex, MutexGuard, RwLock};
+use crate::sync::{lock, read, write, Condvar, Mutex, MutexGuard, RwLock};
 use crate::workers::Workers;
 
 /// About the most requests in flight a connection may carry before a
@@ -115,6 +115,9 @@ pub(crate) struct Pool {
     dial_lock: Mutex<DialState>,
     /// The dial made for async calls, and the calls waiting for it.
     async_dial: Mutex<AsyncDial>,
+    /// Signalled when a shutdown has joined the dial threads it took, for
+    /// a shutdown beside it that waits for them (`AsyncDial::joining`).
+    dial_threads_joined: Condvar,
     pub(crate) signal: ShutdownSignal,
 }
 
@@ -127,6 +130,8 @@ struct AsyncDial {
     /// let it go, and a waker may take its time or lock it again), or by
     /// shutdown.
     threads: Vec<std::thread::JoinHandle<()>>,
+    /// The threads a shutdown took off `threads` and is joining.
+    joining: Vec<std::thread::ThreadId>,
     running: bool,
     /// Async calls with no connection to use, woken when a dial ends
     /// (whoever made it). Entries are reused.
@@ -303,6 +308,7 @@ impl Pool {
             conns: RwLock::new(Vec::new()),
             dial_lock: Mutex::new(DialState::default()),
             async_dial: Mutex::new(AsyncDial::default()),
+            dial_threads_joined: Condvar::new(),
             signal: ShutdownSignal::new(),
         }
     }
@@ -743,30 +749,55 @@ impl Pool {
         }
     }
 
+    /// Joins the async calls' dial threads, and returns once every one
+    /// that a shutdown beside this one took is joined too: each shutdown
+    /// returns with them all ended.
+    ///
+    /// Two exceptions, where waiting could deadlock: a dial thread (a
+    /// handler's `on_open` on the connection it dialled, or a waker it
+    /// woke that dropped the client) cannot join itself, and ends once
+    /// this returns: it is put back for a later shutdown to join, and it
+    /// does not wait if another shutdown is joining it. A reactor thread
+    /// (a handler's shutdown) does not wait for the other shutdown's
+    /// joins: a dial thread's `on_open` may be waiting for that reactor.
+    fn join_dial_threads(&self) {
+        let here = std::thread::current().id();
+        let mut dial = lock(&self.async_dial);
+        let threads = mem::take(&mut dial.threads);
+        let (own, others): (Vec<_>, Vec<_>) =
+            threads.into_iter().partition(|t| t.thread().id() == here);
+        let taken: Vec<_> = others.iter().map(|t| t.thread().id()).collect();
+        dial.joining.extend_from_slice(&taken);
+        drop(dial);
+        for thread in others {
+            let _ = thread.join();
+        }
+        let mut dial = lock(&self.async_dial);
+        dial.joining.retain(|id| !taken.contains(id));
+        // Put back only after the others are joined: another dial thread
+        // shutting down meanwhile would otherwise join this one while this
+        // one joins it.
+        dial.threads.extend(own);
+        if !taken.is_empty() {
+            self.dial_threads_joined.notify_all();
+        }
+        if on_reactor_thread() {
+            return;
+        }
+        while !dial.joining.is_empty() && !dial.joining.contains(&here) {
+            dial = self
+                .dial_threads_joined
+                .wait(dial)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
     /// Shutdown's last steps, once calls had their grace: joins the async
     /// calls' dial (bounded by the dial timeouts), stops the reactors
     /// (which fails whatever still waits on a connection), wakes async
     /// calls still waiting for a dial, and empties the pool.
     pub(crate) fn close(&self) {
-        let threads = mem::take(&mut lock(&self.async_dial).threads);
-        let here = std::thread::current().id();
-        // Shut down from a dial thread itself (a handler's `on_open` on
-        // the connection it dialled, or a waker it woke that dropped the
-        // client): it cannot join itself, and ends once that returns; a
-        // later shutdown joins it. Put back only after the others are
-        // joined: another dial thread shutting down meanwhile would
-        // otherwise join this one while this one joins it.
-        let mut own = None;
-        for thread in threads {
-            if thread.thread().id() == here {
-                own = Some(thread);
-            } else {
-                let _ = thread.join();
-            }
-        }
-        if let Some(own) = own {
-            lock(&self.async_dial).threads.push(own);
-        }
+        self.join_dial_threads();
         self.workers.stop_and_join();
         self.wake_dial_waiters();
         write(&self.conns).clear();

@@ -284,3 +284,61 @@ fn a_shutdown_from_an_earlier_dial_thread_does_not_hang() {
 fn two_dial_threads_shutting_down_at_once_do_not_hang() {
     a_dial_thread_in_an_inline_waker(Ending::BothShutDown);
 }
+
+/// A task whose waker, woken on the pool's dial thread, keeps that thread
+/// busy for a while (an executor slow to take the task).
+#[derive(Default)]
+struct SlowOnTheDialThread {
+    entered: std::sync::atomic::AtomicBool,
+    returned: std::sync::atomic::AtomicBool,
+}
+
+impl std::task::Wake for SlowOnTheDialThread {
+    fn wake(self: Arc<Self>) {
+        if std::thread::current().name() == Some("monte-rpc-dial") {
+            self.entered.store(true, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(600));
+            self.returned.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Two threads shut one client down while its dial thread is still in a
+/// waker: neither may return before that thread is joined. The second
+/// found the list of dial threads emptied by the first, which was still
+/// joining them, and returned at once.
+#[test]
+fn a_second_shutdown_waits_for_the_first_to_join_the_dial_thread() {
+    within(30, || {
+        let server = echo_server();
+        let client = Arc::new(Client::new(server.local_addr(), Config::default()).unwrap());
+        let task = Arc::new(SlowOnTheDialThread::default());
+        let waker = std::task::Waker::from(task.clone());
+        let mut call = Box::pin(client.send_async(b"dial for me"));
+        let polled = call
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(&waker));
+        assert!(polled.is_pending());
+        assert!(wait_until(Duration::from_secs(5), || task
+            .entered
+            .load(Ordering::SeqCst)));
+        // No call left inside: the shutdowns skip their grace.
+        drop(call);
+        let shutdowns: Vec<_> = (0..2)
+            .map(|_| {
+                let (client, task) = (client.clone(), task.clone());
+                std::thread::spawn(move || {
+                    client.shutdown();
+                    task.returned.load(Ordering::SeqCst)
+                })
+            })
+            .collect();
+        for shutdown in shutdowns {
+            assert!(
+                shutdown.join().unwrap(),
+                "a shutdown returned while the dial thread was still in the waker"
+            );
+        }
+        server.shutdown();
+    });
+}
