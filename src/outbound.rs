@@ -237,22 +237,31 @@ impl Outbound {
     }
 
     /// Puts `wait`'s task on the list to wake at the queue's next change.
-    fn register(&mut self, wait: &mut QueueWait, waker: &Waker) {
+    /// Returns the waker it replaced, for the caller to drop once it has
+    /// let the lock go: a waker's drop may drop a future, whose drop takes
+    /// this lock.
+    #[must_use]
+    fn register(&mut self, wait: &mut QueueWait, waker: &Waker) -> Option<Waker> {
         match wait.0 {
             Some(key) => {
                 let entry = &mut self.tasks[key];
-                if !entry.as_ref().is_some_and(|w| w.will_wake(waker)) {
-                    *entry = Some(waker.clone());
+                if entry.as_ref().is_some_and(|w| w.will_wake(waker)) {
+                    return None;
                 }
+                entry.replace(waker.clone())
             }
-            None => wait.0 = Some(self.tasks.insert(Some(waker.clone()))),
+            None => {
+                wait.0 = Some(self.tasks.insert(Some(waker.clone())));
+                None
+            }
         }
     }
 
-    fn unregister(&mut self, wait: &mut QueueWait) {
-        if let Some(key) = wait.0.take() {
-            self.tasks.remove(key);
-        }
+    /// Takes `wait`'s task off the list. Returns its waker, for the caller
+    /// to drop with the lock let go (see [`register`](Self::register)).
+    #[must_use]
+    fn unregister(&mut self, wait: &mut QueueWait) -> Option<Waker> {
+        wait.0.take().and_then(|key| self.tasks.remove(key))
     }
 }
 
@@ -456,33 +465,36 @@ impl OutboundQueue {
     ) -> Poll<Result<Option<u64>>> {
         let mut g = lock(&self.state);
         let frame = frame_len(body.len());
-        let must_wait = g.lacks_room(frame, self.limit);
-        match mode {
-            Mode::OnReactor => {}
-            Mode::ReactorQueue if must_wait => {
-                g.unregister(wait);
-                return Poll::Ready(Err(Error::QueueFull));
-            }
-            _ if must_wait => {
-                g.register(wait, cx.waker());
-                return Poll::Pending;
-            }
-            _ => {}
+        let must_wait = mode != Mode::OnReactor && g.lacks_room(frame, self.limit);
+        // Wakers taken off the list are dropped with the lock let go (see
+        // `register`).
+        if must_wait && mode != Mode::ReactorQueue {
+            let replaced = g.register(wait, cx.waker());
+            drop(g);
+            drop(replaced);
+            return Poll::Pending;
         }
-        g.unregister(wait);
-        Poll::Ready(match self.enqueue(owner, g, seq, body, mode) {
-            Err(e) => Err(e),
-            Ok((Some(g), end)) if mode == (Mode::Direct { wait: true }) => {
-                if g.written_total >= end {
-                    Ok(None)
-                } else if let Some(e) = &g.closed {
-                    Err(e.clone())
-                } else {
-                    Ok(Some(end))
+        let removed = g.unregister(wait);
+        let queued = if must_wait {
+            drop(g);
+            Err(Error::QueueFull)
+        } else {
+            match self.enqueue(owner, g, seq, body, mode) {
+                Err(e) => Err(e),
+                Ok((Some(g), end)) if mode == (Mode::Direct { wait: true }) => {
+                    if g.written_total >= end {
+                        Ok(None)
+                    } else if let Some(e) = &g.closed {
+                        Err(e.clone())
+                    } else {
+                        Ok(Some(end))
+                    }
                 }
+                Ok(_) => Ok(None),
             }
-            Ok(_) => Ok(None),
-        })
+        };
+        drop(removed);
+        Poll::Ready(queued)
     }
 
     /// An async call's wait for its frame to be written, up to `end` of
@@ -494,24 +506,26 @@ impl OutboundQueue {
         cx: &mut Context<'_>,
     ) -> Poll<Result<()>> {
         let mut g = lock(&self.state);
-        if g.written_total >= end {
-            g.unregister(wait);
-            return Poll::Ready(Ok(()));
-        }
-        if let Some(e) = g.closed.clone() {
-            g.unregister(wait);
-            return Poll::Ready(Err(e));
-        }
-        g.register(wait, cx.waker());
-        Poll::Pending
+        let (replaced, poll) = if g.written_total >= end {
+            (g.unregister(wait), Poll::Ready(Ok(())))
+        } else if let Some(e) = g.closed.clone() {
+            (g.unregister(wait), Poll::Ready(Err(e)))
+        } else {
+            (g.register(wait, cx.waker()), Poll::Pending)
+        };
+        // Dropped with the lock let go (see `register`).
+        drop(g);
+        drop(replaced);
+        poll
     }
 
     /// An async call ended (or was dropped) while on the list of tasks to
     /// wake: takes it off.
     pub(crate) fn forget(&self, wait: &mut QueueWait) {
         if wait.0.is_some() {
-            let mut g = lock(&self.state);
-            g.unregister(wait);
+            // Dropped with the lock let go (see `register`).
+            let removed = lock(&self.state).unregister(wait);
+            drop(removed);
         }
     }
 

@@ -26,7 +26,7 @@ use crate::opening::opening_on_this_thread;
 use crate::reactor::on_reactor_thread;
 use crate::sync::completion::NO_LIMIT;
 use crate::sync::signal::ShutdownSignal;
-use crate::sync::wake::wake_all;
+use crate::sync::wake::{wake_all, DropLater};
 use crate::sync::{lock, read, write, Condvar, Mutex, MutexGuard, RwLock};
 use crate::workers::Workers;
 
@@ -633,9 +633,12 @@ impl Pool {
                 CallKind::Request => self.choose(true).ok_or(Error::AsyncRequestInOnOpen),
             });
         }
+        // Declared before the lock: a waker taken off the list is dropped
+        // with it let go, on every return.
+        let mut stale = DropLater::default();
         let mut dial = lock(&self.async_dial);
         if self.signal.is_closed() {
-            Self::unregister(&mut dial, wait);
+            stale.keep(Self::unregister(&mut dial, wait));
             return Poll::Ready(Err(Error::Closed));
         }
         // Under the lock a dial's end takes its waiters' wakers under: a
@@ -662,21 +665,21 @@ impl Pool {
                 .filter(|failed| failed.holds_back(None))
                 .filter(|failed| Instant::now() < failed.until || failed.at >= since);
             if let Some(failed) = failed {
-                Self::unregister(&mut dial, wait);
+                stale.keep(Self::unregister(&mut dial, wait));
                 return Poll::Ready(busy.ok_or_else(|| failed.error.clone()));
             }
             drop(state);
             if let Err(e) = self.start_async_dial(&mut dial) {
-                Self::unregister(&mut dial, wait);
+                stale.keep(Self::unregister(&mut dial, wait));
                 return Poll::Ready(busy.ok_or(e));
             }
         }
         if let Some(conn) = busy {
-            Self::unregister(&mut dial, wait);
+            stale.keep(Self::unregister(&mut dial, wait));
             return Poll::Ready(Ok(conn));
         }
         match wait.0 {
-            Some(key) => dial.waiters[key] = Some(cx.waker().clone()),
+            Some(key) => stale.keep(dial.waiters[key].replace(cx.waker().clone())),
             None => wait.0 = Some(dial.waiters.insert(Some(cx.waker().clone()))),
         }
         Poll::Pending
@@ -736,16 +739,19 @@ impl Pool {
         wake_all(&mut woken);
     }
 
-    fn unregister(dial: &mut AsyncDial, wait: &mut DialWait) {
-        if let Some(key) = wait.0.take() {
-            dial.waiters.remove(key);
-        }
+    /// Takes `wait`'s call off the list; returns its waker, to be dropped
+    /// with the lock let go ([`DropLater`]).
+    #[must_use]
+    fn unregister(dial: &mut AsyncDial, wait: &mut DialWait) -> Option<Waker> {
+        wait.0.take().and_then(|key| dial.waiters.remove(key))
     }
 
     /// An async call stopped waiting for a dial (it ended or was dropped).
     pub(crate) fn forget(&self, wait: &mut DialWait) {
         if wait.0.is_some() {
-            Self::unregister(&mut lock(&self.async_dial), wait);
+            // The guard goes at the end of the statement, the waker after.
+            let removed = Self::unregister(&mut lock(&self.async_dial), wait);
+            drop(removed);
         }
     }
 

@@ -342,3 +342,137 @@ fn a_second_shutdown_waits_for_the_first_to_join_the_dial_thread() {
         server.shutdown();
     });
 }
+
+/// A waker whose last reference, dropped, drops another call's future
+/// (an executor that gave up a task holding both).
+struct DropsAnother {
+    /// Held only to be dropped with the waker.
+    _other: Mutex<TaskFuture>,
+}
+
+impl std::task::Wake for DropsAnother {
+    fn wake(self: Arc<Self>) {}
+}
+
+/// Polls `first` with a [`DropsAnother`] waker that owns `second`, drops
+/// the test's reference to that waker, then polls `first` again (on
+/// another thread) with a different waker: the library drops the old one,
+/// the last reference, which drops `second`, whose drop takes the locks
+/// the first call's registrations were replaced under. Returns whether
+/// the second poll returned (pending both times).
+fn a_replaced_waker_drops_another_call(mut first: TaskFuture, second: TaskFuture) -> bool {
+    let task = Arc::new(DropsAnother {
+        _other: Mutex::new(second),
+    });
+    let waker = std::task::Waker::from(task);
+    let polled = first
+        .as_mut()
+        .poll(&mut std::task::Context::from_waker(&waker));
+    assert!(polled.is_pending());
+    drop(waker);
+    let again = std::thread::spawn(move || {
+        let polled = first.as_mut().poll(&mut std::task::Context::from_waker(
+            futures::task::noop_waker_ref(),
+        ));
+        assert!(polled.is_pending());
+        first
+    });
+    let returned = wait_until(Duration::from_secs(5), || again.is_finished());
+    if returned {
+        drop(again.join().unwrap());
+    }
+    returned
+}
+
+/// Polls a call once with a waker that does nothing, expecting it to wait.
+fn pending(mut call: TaskFuture) -> TaskFuture {
+    let polled = call.as_mut().poll(&mut std::task::Context::from_waker(
+        futures::task::noop_waker_ref(),
+    ));
+    assert!(polled.is_pending());
+    call
+}
+
+/// Two calls with deadlines wait for a dial whose handshake is never
+/// answered. The first's old waker was dropped under the dial list's lock
+/// and under its reactor's timers' lock as it was replaced; the second
+/// call's drop, which it ran, took them again: the poll deadlocked.
+#[test]
+fn a_replaced_waker_of_a_call_waiting_for_a_dial_may_drop_another() {
+    within(30, || {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client: &'static Client = Box::leak(Box::new(
+            Client::new(
+                listener.local_addr().unwrap(),
+                Config::default()
+                    .workers(1)
+                    .handshake_timeout(Some(Duration::from_secs(3))),
+            )
+            .unwrap(),
+        ));
+        let call = |body: &'static [u8]| -> TaskFuture {
+            Box::pin(
+                client
+                    .send_async(body)
+                    .timeout(Some(Duration::from_secs(10))),
+            )
+        };
+        let second = pending(call(b"second"));
+        assert!(
+            a_replaced_waker_drops_another_call(call(b"first"), second),
+            "replacing a waiting call's waker deadlocked"
+        );
+        client.shutdown();
+        drop(listener);
+    });
+}
+
+/// Two async sends wait for room in a connection's full queue (its peer
+/// never reads). The first's old waker was dropped under the queue's lock
+/// as it was replaced; the second call's drop, which it ran, took that
+/// lock again: the poll deadlocked.
+#[test]
+fn a_replaced_waker_of_a_call_waiting_for_room_may_drop_another() {
+    within(30, || {
+        let (done, finished) = mpsc::channel::<()>();
+        let (addr, peer) = common::raw_server(move |stream| {
+            // A small receive buffer that does not grow: the queue fills
+            // and stays full.
+            let _ = socket2::SockRef::from(&stream).set_recv_buffer_size(16 << 10);
+            let _ = finished.recv_timeout(Duration::from_secs(20));
+        });
+        let client: &'static Client = Box::leak(Box::new(
+            Client::new(
+                addr,
+                Config::default()
+                    .workers(1)
+                    .max_conns(1)
+                    .max_queued_bytes(64 << 10)
+                    .send_buffer_size(Some(16 << 10)),
+            )
+            .unwrap(),
+        ));
+        let call = || -> TaskFuture { Box::pin(client.send_no_wait_async(&[7u8; 16 << 10])) };
+        // Fill the sockets and the queue, until a call waits for room.
+        let mut second = None;
+        for _ in 0..10_000 {
+            let mut next = call();
+            let polled = next.as_mut().poll(&mut std::task::Context::from_waker(
+                futures::task::noop_waker_ref(),
+            ));
+            match polled {
+                std::task::Poll::Pending => {
+                    second = Some(next);
+                    break;
+                }
+                std::task::Poll::Ready(sent) => sent.unwrap(),
+            }
+        }
+        let second = second.expect("the queue never filled");
+        let returned = a_replaced_waker_drops_another_call(call(), second);
+        assert!(returned, "replacing a waiting call's waker deadlocked");
+        done.send(()).unwrap();
+        peer.join().unwrap();
+        client.shutdown();
+    });
+}

@@ -99,11 +99,18 @@ impl Timers {
     /// The task to wake may have changed since the last poll.
     pub fn update(&self, key: TimerKey, waker: &Waker) {
         let mut entries = lock(&self.entries);
-        if let Some(timer) = entries.get_mut(key.0) {
-            if timer.at != NEVER && !timer.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
-                timer.waker = Some(waker.clone());
+        let replaced = match entries.get_mut(key.0) {
+            Some(timer)
+                if timer.at != NEVER
+                    && !timer.waker.as_ref().is_some_and(|w| w.will_wake(waker)) =>
+            {
+                timer.waker.replace(waker.clone())
             }
-        }
+            _ => None,
+        };
+        // Dropped outside the lock, as in `remove`.
+        drop(entries);
+        drop(replaced);
     }
 
     /// The call ended (answered, failed or dropped): forget its deadline.

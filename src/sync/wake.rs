@@ -3,7 +3,8 @@
 //! a blocking caller wakes the tasks whose responses it reads: a waker
 //! that panics (an executor's bug) must cost its own task, not stop the
 //! reactor (and with it every connection on it) or a caller's call. And
-//! tasks are woken with no lock held that their futures may take.
+//! tasks are woken, and wakers taken off a list dropped, with no lock held
+//! that their futures may take.
 
 #[cfg(not(loom))]
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -31,6 +32,23 @@ pub fn wake(waker: Waker) {
 pub fn wake_all(wakers: &mut Vec<Waker>) {
     for waker in wakers.drain(..) {
         wake(waker);
+    }
+}
+
+/// A waker taken off a list under its lock, dropped once the lock is let
+/// go: a waker may hold the last reference to a future (an executor that
+/// gave its task up), whose drop may lock the list again. Declared before
+/// the lock's guard, it is dropped after it, on every return.
+#[derive(Default)]
+pub struct DropLater(Option<Waker>);
+
+impl DropLater {
+    /// Keeps `waker` (if any) until this is dropped.
+    pub fn keep(&mut self, waker: Option<Waker>) {
+        if waker.is_some() {
+            debug_assert!(self.0.is_none(), "one waker per DropLater");
+            self.0 = waker;
+        }
     }
 }
 
@@ -65,5 +83,42 @@ mod tests {
         assert_eq!(panics.0.load(Ordering::SeqCst), 1);
         // The waker was consumed: only the test's reference is left.
         assert_eq!(Arc::strong_count(&panics), 1);
+    }
+
+    /// A waker that, dropped, notes whether `list` was free then.
+    struct Probe {
+        list: Arc<std::sync::Mutex<Vec<Waker>>>,
+        free_when_dropped: Arc<std::sync::atomic::AtomicBool>,
+    }
+    impl std::task::Wake for Probe {
+        fn wake(self: Arc<Self>) {}
+    }
+    impl Drop for Probe {
+        fn drop(&mut self) {
+            let free = self.list.try_lock().is_ok();
+            self.free_when_dropped.store(free, Ordering::SeqCst);
+        }
+    }
+
+    /// Takes the list's last waker off under its lock, as the library's
+    /// registrations do.
+    fn take_last(list: &std::sync::Mutex<Vec<Waker>>) {
+        let mut later = DropLater::default();
+        let mut guard = list.lock().unwrap();
+        later.keep(guard.pop());
+        later.keep(None);
+    }
+
+    #[test]
+    fn a_kept_waker_is_dropped_once_the_lock_is_let_go() {
+        let list = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let free_when_dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        list.lock().unwrap().push(Waker::from(Arc::new(Probe {
+            list: list.clone(),
+            free_when_dropped: free_when_dropped.clone(),
+        })));
+        take_last(&list);
+        assert!(list.lock().unwrap().is_empty());
+        assert!(free_when_dropped.load(Ordering::SeqCst));
     }
 }
