@@ -296,6 +296,64 @@ fn a_request_waits_while_the_applications_own_send_holds_the_budget() {
     });
 }
 
+/// A handler queues more than the output budget, then closes the
+/// connection: the queue closes with those bytes unwritten. The reactor
+/// looked at them before each frame, stopped at the budget, and, the
+/// connection neither paused nor closed yet (its close waits for the
+/// reactor's next turn), looked again, for ever: the reactor spun, and
+/// neither the close nor the server's shutdown came.
+#[test]
+fn a_connection_closed_past_its_budget_closes() {
+    use std::io::Write;
+    within(30, || {
+        let (closed, closes) = std::sync::mpsc::channel::<Error>();
+        struct PushThenClose(Mutex<std::sync::mpsc::Sender<Error>>);
+        impl monte_rpc::Handler for PushThenClose {
+            fn on_message(&self, ctx: &mut Context<'_>) {
+                let _ = ctx.conn().send_no_wait(&vec![1u8; 768 << 10]);
+                ctx.conn().close();
+            }
+            fn on_close(&self, _: &monte_rpc::Connection, reason: &Error) {
+                let _ = self.0.lock().unwrap().send(reason.clone());
+            }
+        }
+        let server = Server::bind(
+            "127.0.0.1:0",
+            common::server_config()
+                .workers(1)
+                .max_queued_bytes(64 << 10)
+                .send_buffer_size(Some(16 << 10)),
+            PushThenClose(Mutex::new(closed)),
+        )
+        .unwrap();
+        let (mut raw, session) = common::raw_client(server.local_addr());
+        let _ = socket2::SockRef::from(&raw).set_recv_buffer_size(64 << 10);
+        let mut sealer = session.sealer;
+        // Two frames in one write: the second is looked at after the close.
+        let mut wire = Vec::new();
+        sealer
+            .seal_append(0, b"push, then close", &mut wire)
+            .unwrap();
+        sealer.seal_append(0, b"and this", &mut wire).unwrap();
+        raw.write_all(&wire).unwrap();
+        let reason = closes.recv_timeout(Duration::from_secs(5));
+        assert!(
+            matches!(reason, Ok(Error::Closed)),
+            "the connection's close: {reason:?}"
+        );
+        let (shut, shut_down) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            server.shutdown();
+            let _ = shut.send(());
+        });
+        assert!(
+            shut_down.recv_timeout(Duration::from_secs(5)).is_ok(),
+            "the server's shutdown hung"
+        );
+        drop(raw);
+    });
+}
+
 /// Where a handler finds the client it belongs to (set once the client
 /// exists).
 type ClientSlot = Arc<std::sync::OnceLock<std::sync::Weak<Client>>>;

@@ -112,8 +112,13 @@ impl Reactor {
                 // Over the outbound budget: the replies were flushed as far
                 // as the socket took them. Reading stays paused (the frames
                 // not yet dispatched stay in the buffer) until they drain;
-                // if the socket took enough, go on.
-                if !self.conns.contains(key) || self.conns[key].life.read_paused() {
+                // if the socket took enough, go on. A queue closed over the
+                // budget never drains: its connection's close is on the
+                // way (asked by whatever closed it), and is what comes next.
+                if !self.conns.contains(key)
+                    || self.conns[key].life.read_paused()
+                    || conn.is_closed()
+                {
                     return Ok(());
                 }
                 continue;
