@@ -316,7 +316,12 @@ impl Client {
     /// (but, called from a handler, the reactor it runs on: that one stops
     /// once the handler returns, and the next `shutdown` or the drop joins
     /// it). Called from several threads at once, each returns once all of
-    /// that is done, whichever of them did it.
+    /// that is done, whichever of them did it; but not a call from a
+    /// reactor thread, which does not wait for another call's joins (a
+    /// dial's `on_open` may wait for that reactor), nor the threads of a
+    /// call made from an async dial's thread (`on_open`, or a waker that
+    /// dropped the client): that thread is joined by a later `shutdown`
+    /// or the drop.
     pub fn shutdown(&self) {
         self.pool.signal.close();
         // Async calls waiting for a dial look again, find the client

@@ -203,7 +203,9 @@ impl Lifecycle {
     /// (its thread is the one that would drain the queue), so the budget
     /// is checked before each frame: a peer that pipelines requests and
     /// never reads makes this side hold at most one reply past it, and no
-    /// reply is put on top of output the application queued past it.
+    /// frame is dispatched while output the application queued holds the
+    /// connection past it (a large frame the application queues while a
+    /// handler runs can still precede that handler's reply).
     pub fn within_budget(&self, queued: usize) -> bool {
         queued <= self.limits.max_queued
     }
