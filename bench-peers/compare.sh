@@ -11,7 +11,7 @@
 #   SECS=S        --secs S       seconds per benchmark, both sides (default 2)
 #   ROUNDS=N      --rounds N     rounds per configuration (default 3)
 #   CONFIGS=LIST  --configs LIST "all cpu0" (default), or one of them
-#   BASELINES=0   --no-baselines leave out our RawPingPong/RawStream rows
+#   BASELINES=0   --no-baselines leave out our RawPingPong/RawStream/RawSend rows
 #   SPLIT_PEER=0  --no-split-peer leave out the peer whose server has its
 #                                own runtime (the "split" columns)
 #   NO_BUILD=1    --no-build     use the binaries already built
@@ -79,7 +79,7 @@ done
 BENCHES="Send SendNoWait Request ParallelSend ParallelSendNoWait ParallelRequest"
 BENCHES="$BENCHES AsyncRequest AsyncParallelRequest"
 REFS=""
-[ "$BASELINES" = 1 ] && REFS="RawPingPong RawStream"
+[ "$BASELINES" = 1 ] && REFS="RawPingPong RawStream RawSend"
 
 target_dir() { # default target directory of the package in $1
   local dir=${CARGO_TARGET_DIR:-$1/target}

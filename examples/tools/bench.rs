@@ -20,7 +20,7 @@
 //! - `Handshake`: a new connection per iteration (connect, handshake, one
 //!   request, close), dialled through one long-lived client reactor.
 //!
-//! Three baselines measured in the same run put the figures in context:
+//! Baselines measured in the same run put the figures in context:
 //!
 //! - `RawPingPong`: a bare loopback TCP ping-pong with the same message
 //!   sizes as `Request` (a frame out, an empty-reply frame back), no
@@ -30,6 +30,9 @@
 //!   non-blocking socket, the cross-core round trip without wake-ups);
 //! - `RawStream`: pre-built frames written in 16 KiB and in 64 KiB batches
 //!   to a reader that discards them, per frame, the better of the two;
+//! - `RawSend`: the same with one write per frame: the floor under `Send`,
+//!   which returns once its frame is on the socket, so one caller makes
+//!   one write per call;
 //! - `Seal`: AES-256-GCM sealing of one frame on one core;
 //! - `SealOpen`: sealing one frame and opening it on one core, the
 //!   cryptography each frame of a one-way stream costs;
@@ -37,7 +40,8 @@
 //!   one core, the cryptography one `Request` costs.
 //!
 //! Ratio lines after the table compare `Request` with `RawPingPong` and
-//! with `RawPingPong + Crypto` (the target: at most 1.3), and
+//! with `RawPingPong + Crypto` (the target: at most 1.3), `Send` with
+//! `RawSend`, and
 //! `SendNoWait` with a stream's ceiling: each frame must be sealed, moved
 //! and opened in order, so no faster than the slowest of `Seal`, the
 //! opening (`SealOpen - Seal`) and `RawStream`, nor than all that work
@@ -409,6 +413,7 @@ enum Kind {
     Handshake,
     RawPingPong,
     RawStream,
+    RawSend,
     Seal,
     SealOpen,
     Crypto,
@@ -422,7 +427,7 @@ struct Bench {
     about: &'static str,
 }
 
-const BENCHES: [Bench; 14] = [
+const BENCHES: [Bench; 15] = [
     Bench {
         name: "Send",
         kind: Kind::Send,
@@ -491,6 +496,12 @@ const BENCHES: [Bench; 14] = [
         parallel: false,
         about: "baseline: pre-built frames written in 16 KiB and 64 KiB batches, per frame; \
                 the better of the two",
+    },
+    Bench {
+        name: "RawSend",
+        kind: Kind::RawSend,
+        parallel: false,
+        about: "baseline: pre-built frames written one per write, Send's floor",
     },
     Bench {
         name: "Seal",
@@ -622,6 +633,8 @@ fn run_baseline(kind: Kind, args: &Args, payload: &[u8]) -> BenchResult<(Measure
                 large
             })
         }
+        // One frame per write: the batch is a frame.
+        Kind::RawSend => raw_stream(payload, dur, frame_len(payload.len())),
         Kind::SealOpen => {
             let state = Mutex::new(Crossing::new(payload.len()));
             let op = |_: &mut Vec<u8>| {
@@ -917,7 +930,12 @@ fn run_bench(
 ) -> BenchResult<Report> {
     if matches!(
         bench.kind,
-        Kind::RawPingPong | Kind::RawStream | Kind::Seal | Kind::SealOpen | Kind::Crypto
+        Kind::RawPingPong
+            | Kind::RawStream
+            | Kind::RawSend
+            | Kind::Seal
+            | Kind::SealOpen
+            | Kind::Crypto
     ) {
         eprintln!("running {} ({}s)...", bench.name, args.secs);
         let (m, per_op) = run_baseline(bench.kind, args, payload)?;
@@ -1101,6 +1119,9 @@ fn print_ratios(reports: &[Report]) {
                 req / (raw + crypto)
             );
         }
+    }
+    if let (Some(send), Some(raw)) = (ns("Send"), ns("RawSend")) {
+        println!("# Send / RawSend = {:.2}", send / raw);
     }
     if let (Some(nowait), Some(seal), Some(both), Some(raw), Some(raw_cpu)) = (
         ns("SendNoWait"),
