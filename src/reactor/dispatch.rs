@@ -5,7 +5,7 @@
 
 use crate::clock::now_nanos;
 use crate::conn::Connection;
-use crate::error::{socket_error, Result, SocketOp};
+use crate::error::{socket_error, Error, Result, SocketOp};
 use crate::handler::{guard_handler, Context, Handler};
 use crate::outbound::Flushed;
 use crate::protocol::connection::{ConnCore, Filled, Next, Output, ReadGate, Taker};
@@ -113,13 +113,15 @@ impl Reactor {
                 // as the socket took them. Reading stays paused (the frames
                 // not yet dispatched stay in the buffer) until they drain;
                 // if the socket took enough, go on. A queue closed over the
-                // budget never drains: its connection's close is on the
-                // way (asked by whatever closed it), and is what comes next.
-                if !self.conns.contains(key)
-                    || self.conns[key].life.read_paused()
-                    || conn.is_closed()
-                {
+                // budget never drains (a graceful close seals only an
+                // empty one): the connection closes now, with the queue's
+                // reason. Its close was asked for too, but that command
+                // may have come before this reactor took the connection.
+                if !self.conns.contains(key) || self.conns[key].life.read_paused() {
                     return Ok(());
+                }
+                if conn.is_closed() {
+                    return Err(conn.close_reason().unwrap_or(Error::Closed));
                 }
                 continue;
             }
