@@ -166,7 +166,7 @@ run() {
     exit 1
   }
   # The baselines' variants (RawPingPong on one core, unpinned and
-  # spinning on two; RawStream's write sizes), printed after the tables.
+  # spinning on two; RawStream's write sizes; RawSend's readers), printed after the tables.
   grep '^# Raw' "$out" | sed "s/^# /$cfg, round $round: /" >>"$notes" || true
 }
 
