@@ -49,6 +49,21 @@ struct Limit {
 }
 
 impl Limit {
+    /// A cap of `config.max_conns` (at least 1), none taken, whose waiting
+    /// room waits on `room`.
+    fn new(config: &Config, room: &Poll) -> io::Result<Limit> {
+        Ok(Limit {
+            active: AtomicUsize::new(0),
+            max: config.max_conns.max(1),
+            waker: Waker::new(room.registry(), WAKE)?,
+            stop: AtomicBool::new(false),
+            refused: crate::sync::AtomicU64::new(0),
+            arrivals: Mutex::new(Vec::new()),
+            waiting: AtomicUsize::new(0),
+            accept_wait: config.accept_wait,
+        })
+    }
+
     fn try_acquire(&self) -> bool {
         self.active
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
@@ -248,16 +263,7 @@ impl Server {
         crate::descriptors::reserve_for_server(&listener, sockets, config.workers);
         let listener = mio::net::TcpListener::from_std(listener);
         let poll = Poll::new()?;
-        let limit = Arc::new(Limit {
-            active: AtomicUsize::new(0),
-            max: config.max_conns.max(1),
-            waker: Waker::new(poll.registry(), WAKE)?,
-            stop: AtomicBool::new(false),
-            refused: crate::sync::AtomicU64::new(0),
-            arrivals: Mutex::new(Vec::new()),
-            waiting: AtomicUsize::new(0),
-            accept_wait: config.accept_wait,
-        });
+        let limit = Arc::new(Limit::new(&config, &poll)?);
         let workers = Arc::new(Workers::spawn(&config, "monte-rpc-server")?);
         let admission = Arc::new(Admission {
             limit: limit.clone(),
@@ -424,18 +430,22 @@ impl WaitingRoom {
     fn admit_waiting(&mut self) {
         let now = Instant::now();
         while let Some((_, deadline)) = self.waiting.front() {
-            if *deadline <= now {
-                // Waited its whole accept wait.
+            // A free place first: one that came free by now is taken even
+            // by a connection whose wait is over (with an accept wait of
+            // 0, every connection that came to the room while another was
+            // on its way here).
+            if self.limit.try_acquire() {
                 let (arrival, _) = self.waiting.pop_front().expect("front exists");
-                self.refuse(arrival);
+                self.limit.waiting.fetch_sub(1, Ordering::SeqCst);
+                self.admission.place(arrival.stream, Some(arrival.peer));
                 continue;
             }
-            if !self.limit.try_acquire() {
+            if *deadline > now {
                 break;
             }
+            // Waited its whole accept wait.
             let (arrival, _) = self.waiting.pop_front().expect("front exists");
-            self.limit.waiting.fetch_sub(1, Ordering::SeqCst);
-            self.admission.place(arrival.stream, Some(arrival.peer));
+            self.refuse(arrival);
         }
         // Refuse expired connections further back too.
         let mut i = 0;
@@ -453,5 +463,50 @@ impl WaitingRoom {
     fn refuse(&self, arrival: Arrival) {
         self.limit.waiting.fetch_sub(1, Ordering::SeqCst);
         self.limit.refuse(arrival);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection in the waiting room whose accept wait is over (at
+    /// once, with `accept_wait` 0) while a place is free takes the place:
+    /// it was refused, though nothing stood in its way.
+    #[test]
+    fn a_wait_that_is_over_still_takes_a_free_place() {
+        let config = Config::server()
+            .workers(1)
+            .max_conns(1)
+            .accept_wait(Duration::ZERO);
+        let poll = Poll::new().unwrap();
+        let limit = Arc::new(Limit::new(&config, &poll).unwrap());
+        let workers = Arc::new(Workers::spawn(&config, "monte-rpc-test").unwrap());
+        let admission = Arc::new(Admission {
+            limit: limit.clone(),
+            workers: workers.clone(),
+            handler: Arc::new(crate::handler::handler(|_| {})),
+        });
+        let mut room = WaitingRoom {
+            poll,
+            waiting: VecDeque::new(),
+            limit: limit.clone(),
+            admission,
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (stream, peer) = listener.accept().unwrap();
+        // As the reactors' accepts leave it.
+        stream.set_nonblocking(true).unwrap();
+        // It waited while the cap was reached; the place came free since.
+        limit.waiting.fetch_add(1, Ordering::SeqCst);
+        room.waiting
+            .push_back((Arrival { stream, peer }, Instant::now()));
+        room.admit_waiting();
+        assert_eq!(limit.refused.load(Ordering::SeqCst), 0, "refused");
+        assert_eq!(limit.active.load(Ordering::SeqCst), 1, "not admitted");
+        assert_eq!(limit.waiting.load(Ordering::SeqCst), 0);
+        assert!(room.waiting.is_empty());
+        workers.stop_and_join();
     }
 }
