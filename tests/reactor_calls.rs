@@ -152,20 +152,52 @@ fn a_peer_that_never_reads_its_replies_cannot_grow_the_server() {
     });
 }
 
+/// A one-reactor server whose output budget (64 KiB) a few replies pass,
+/// with a small send buffer, so that its writes block early.
+fn small_output_budget() -> Config {
+    common::server_config()
+        .workers(1)
+        .max_queued_bytes(64 << 10)
+        .send_buffer_size(Some(16 << 10))
+}
+
+/// Reads `count` frames from a raw peer's socket, opening each and
+/// calling `each` with its sequence number and body length as it comes.
+fn read_frames(
+    raw: &mut std::net::TcpStream,
+    opener: &mut monte_rpc::protocol::Opener,
+    count: usize,
+    mut each: impl FnMut(u32, usize),
+) {
+    use std::io::Read;
+    let decoder = monte_rpc::protocol::wire::FrameDecoder::new(1 << 20);
+    let (mut input, mut chunk, mut read) = (Vec::new(), vec![0u8; 64 << 10], 0);
+    while read < count {
+        let n = raw
+            .read(&mut chunk)
+            .expect("the frames, within the read timeout");
+        assert!(n > 0, "the server closed after {read} frames");
+        input.extend_from_slice(&chunk[..n]);
+        while let monte_rpc::protocol::wire::Decoded::Frame(len) = decoder.decode(&input).unwrap() {
+            let mut frame: Vec<u8> = input.drain(..len).collect();
+            let (seq, body) = opener.open_in_place(&mut frame).unwrap();
+            each(seq, body.len());
+            read += 1;
+        }
+    }
+}
+
 /// A peer that pipelines requests past the outbound budget, then reads:
 /// the server's reading pauses and resumes as the replies drain, and the
 /// replies to the requests it reads at a resume go out at once, not at
 /// the reactor's next sweep (250 ms here) or the peer's next bytes.
 #[test]
 fn replies_to_requests_read_at_a_resume_are_written_at_once() {
-    use std::io::{Read, Write};
+    use std::io::Write;
     within(60, || {
         let server = Server::bind(
             "127.0.0.1:0",
-            common::server_config()
-                .workers(1)
-                .max_queued_bytes(64 << 10)
-                .send_buffer_size(Some(16 << 10)),
+            small_output_budget(),
             |ctx: &mut Context<'_>| {
                 let size = if ctx.body() == b"a small one" {
                     16
@@ -198,26 +230,12 @@ fn replies_to_requests_read_at_a_resume_are_written_at_once() {
         std::thread::sleep(Duration::from_millis(20));
         // With the replies drained, each resume's replies follow at once:
         // no wait between two replies near the sweep's 250 ms.
-        let decoder = monte_rpc::protocol::wire::FrameDecoder::new(1 << 20);
-        let (mut input, mut chunk, mut replies) = (Vec::new(), vec![0u8; 64 << 10], 0);
         let mut last = std::time::Instant::now();
         let mut longest = Duration::ZERO;
-        while replies < requests {
-            let n = raw
-                .read(&mut chunk)
-                .expect("the replies, within the read timeout");
-            assert!(n > 0, "the server closed after {replies} replies");
-            input.extend_from_slice(&chunk[..n]);
-            while let monte_rpc::protocol::wire::Decoded::Frame(len) =
-                decoder.decode(&input).unwrap()
-            {
-                let mut frame: Vec<u8> = input.drain(..len).collect();
-                opener.open_in_place(&mut frame).unwrap();
-                replies += 1;
-                longest = longest.max(last.elapsed());
-                last = std::time::Instant::now();
-            }
-        }
+        read_frames(&mut raw, &mut opener, requests as usize, |_, _| {
+            longest = longest.max(last.elapsed());
+            last = std::time::Instant::now();
+        });
         assert!(
             longest < Duration::from_millis(100),
             "a reply came {longest:?} after the one before it"
@@ -235,16 +253,13 @@ fn replies_to_requests_read_at_a_resume_are_written_at_once() {
 /// two large frames), and is answered once the peer reads.
 #[test]
 fn a_request_waits_while_the_applications_own_send_holds_the_budget() {
-    use std::io::{Read, Write};
+    use std::io::Write;
     within(60, || {
         let replies = Arc::new(AtomicUsize::new(0));
         let replied = replies.clone();
         let server = Server::bind(
             "127.0.0.1:0",
-            common::server_config()
-                .workers(1)
-                .max_queued_bytes(64 << 10)
-                .send_buffer_size(Some(16 << 10)),
+            small_output_budget(),
             move |ctx: &mut Context<'_>| {
                 if ctx.body() == b"push 768 KiB" {
                     ctx.conn().send_no_wait(&vec![1u8; 768 << 10]).unwrap();
@@ -273,22 +288,8 @@ fn a_request_waits_while_the_applications_own_send_holds_the_budget() {
              connection past its output budget"
         );
         // The peer reads: the push drains, then the request is answered.
-        let decoder = monte_rpc::protocol::wire::FrameDecoder::new(1 << 20);
-        let (mut input, mut chunk, mut frames) = (Vec::new(), vec![0u8; 64 << 10], Vec::new());
-        while frames.len() < 2 {
-            let n = raw
-                .read(&mut chunk)
-                .expect("both frames, within the read timeout");
-            assert!(n > 0, "the server closed after {} frames", frames.len());
-            input.extend_from_slice(&chunk[..n]);
-            while let monte_rpc::protocol::wire::Decoded::Frame(len) =
-                decoder.decode(&input).unwrap()
-            {
-                let mut frame: Vec<u8> = input.drain(..len).collect();
-                let (seq, body) = opener.open_in_place(&mut frame).unwrap();
-                frames.push((seq, body.len()));
-            }
-        }
+        let mut frames = Vec::new();
+        read_frames(&mut raw, &mut opener, 2, |seq, len| frames.push((seq, len)));
         assert_eq!(frames, [(0, 768 << 10), (1, 256 << 10)]);
         assert_eq!(replies.load(Ordering::SeqCst), 1);
         drop(raw);
@@ -319,10 +320,7 @@ fn a_connection_closed_past_its_budget_closes() {
         }
         let server = Server::bind(
             "127.0.0.1:0",
-            common::server_config()
-                .workers(1)
-                .max_queued_bytes(64 << 10)
-                .send_buffer_size(Some(16 << 10)),
+            small_output_budget(),
             PushThenClose(Mutex::new(closed)),
         )
         .unwrap();
