@@ -159,6 +159,12 @@ impl Deadline {
         self.timeout.map_or(NO_LIMIT, nanos)
     }
 
+    /// Whether the call was given no time at all (a zero timeout): it
+    /// fails before it does anything.
+    pub(crate) fn none_given(&self) -> bool {
+        no_time_left(self.timeout)
+    }
+
     pub(crate) fn passed(&self) -> bool {
         self.at.is_some_and(|at| now_nanos() >= at)
     }
@@ -319,7 +325,7 @@ impl<'a> RequestFuture<'a> {
                         // reader of the response, takes it after that.
                         return Poll::Ready(Err((Error::AsyncRequestInOnOpen, buf)));
                     }
-                    if no_time_left(deadline.timeout) {
+                    if deadline.none_given() {
                         // As the blocking call: no time at all fails before
                         // anything is sent.
                         return Poll::Ready(Err((Error::Timeout(TimeoutKind::Request), buf)));
@@ -419,7 +425,7 @@ impl Future for RequestFuture<'_> {
             Err((e, buf)) => {
                 *this.response = buf;
                 // A zero timeout fails before the deadline starts.
-                let passed = this.deadline.passed() || no_time_left(this.deadline.timeout);
+                let passed = this.deadline.passed() || this.deadline.none_given();
                 this.conn.driver().stats().count_request_failure(&e, passed);
                 Err(e.calling(CallOp::Request, this.conn.peer_addr()))
             }

@@ -214,6 +214,12 @@ impl<'a> ClientFuture<'a> {
                         Call::Send => CallKind::Send,
                     };
                     let request = matches!(call, Call::Request(_));
+                    // As the blocking request: before it looks for a
+                    // connection (which could start a dial, or mark an
+                    // idle connection taken).
+                    if request && self.deadline.none_given() {
+                        return self.picking_failed(request, Error::Timeout(self.deadline_kind()));
+                    }
                     let conn = match pool.poll_pick(since, &mut self.wait, cx, kind) {
                         Poll::Ready(Ok(conn)) => conn,
                         Poll::Ready(Err(e)) => return self.picking_failed(request, e),

@@ -510,6 +510,42 @@ fn a_request_with_no_time_left_is_not_sent() {
     });
 }
 
+/// The same for a client's async request with no time left: it fails at
+/// its first poll, as the blocking one does, before it looks for a
+/// connection. It started the pool's dial, which then opened a connection
+/// no call had time to use (and, with one open, marked it taken).
+#[test]
+fn an_async_request_with_no_time_left_dials_nothing() {
+    within(15, || {
+        let server = Server::bind("127.0.0.1:0", server_config(), |ctx: &mut Context<'_>| {
+            let _ = ctx.reply(b"ok");
+        })
+        .unwrap();
+        let client = Client::new(server.local_addr(), client_config()).unwrap();
+        let mut resp = Vec::new();
+        let result = futures::executor::block_on(
+            client
+                .request_async(b"late", &mut resp)
+                .timeout(Some(Duration::ZERO)),
+        );
+        assert!(
+            matches!(
+                result.as_ref().map_err(Error::root_cause),
+                Err(Error::Timeout(TimeoutKind::Request))
+            ),
+            "got {result:?}"
+        );
+        thread::sleep(Duration::from_millis(200));
+        assert_eq!(
+            client.stats().connections_opened,
+            0,
+            "a request with no time left dialled"
+        );
+        client.shutdown();
+        server.shutdown();
+    });
+}
+
 /// A caller asleep on its connection (a long timeout: it sleeps in
 /// `recv`, in slices) hears at once when the server closes the connection
 /// instead of answering: the request fails long before its timeout.
