@@ -28,6 +28,16 @@ use crate::sync::{lock, AtomicU64, AtomicUsize, Mutex, Ordering};
 /// Called once when a connection closes (the server's connection cap).
 pub(crate) type ReleaseHook = Box<dyn Fn() + Send + Sync>;
 
+/// Names a reactor (or none, [`ReactorId::NONE`]): the one a call must
+/// not wait on, because its thread is the caller's.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) struct ReactorId(pub(crate) usize);
+
+impl ReactorId {
+    /// No reactor: a call from a thread that runs none.
+    pub(crate) const NONE: ReactorId = ReactorId(0);
+}
+
 /// What a connection needs of the reactor that drives it. The reactor
 /// implements it; a connection holds it as a trait object, so that this
 /// module (below the reactor) does not name the reactor's types.
@@ -39,6 +49,9 @@ pub(crate) trait Driver: Send + Sync {
     /// Whether the calling thread is this reactor's (a handler calling
     /// back into the library).
     fn is_current(&self) -> bool;
+    /// This reactor, as [`current_reactor`](crate::reactor::current_reactor)
+    /// names it on its thread.
+    fn reactor_id(&self) -> ReactorId;
     /// The reactor's counters, which its connections add to.
     fn stats(&self) -> &Counters;
     /// The epoll instance the reactor waits on, for interest changes made

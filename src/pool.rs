@@ -19,11 +19,11 @@ use slab::Slab;
 
 use crate::clock::{instant_after, now_nanos, CallDeadline, LazyDeadline};
 use crate::config::Config;
-use crate::conn::{Connection, Driver};
+use crate::conn::{Connection, Driver, ReactorId};
 use crate::error::{thread_start_error, DialPhase, Error, Result, TimeoutKind};
 use crate::handler::Handler;
 use crate::opening::opening_on_this_thread;
-use crate::reactor::on_reactor_thread;
+use crate::reactor::{current_reactor, on_reactor_thread};
 use crate::sync::completion::NO_LIMIT;
 use crate::sync::signal::ShutdownSignal;
 use crate::sync::wake::{wake_all, DropLater};
@@ -337,6 +337,19 @@ impl Pool {
         deadline: &mut LazyDeadline,
         kind: CallKind,
     ) -> Result<Connection> {
+        self.pick_avoiding(deadline, kind, current_reactor())
+    }
+
+    /// [`pick_after_choosing`](Self::pick_after_choosing) for a call that
+    /// must not wait on `avoid`'s connections (see
+    /// [`choose_avoiding`](Self::choose_avoiding)): the async calls' dial
+    /// thread, dialling for a handler's request.
+    fn pick_avoiding(
+        &self,
+        deadline: &mut LazyDeadline,
+        kind: CallKind,
+        avoid: ReactorId,
+    ) -> Result<Connection> {
         if let Some(conn) = self.opening_here() {
             return Ok(self.open_instead(conn));
         }
@@ -368,7 +381,7 @@ impl Pool {
                 }
             },
         };
-        if let Some(conn) = self.choose_for(kind, None) {
+        if let Some(conn) = self.choose_avoiding(kind, None, avoid) {
             return Ok(conn);
         }
         if let Some(failed) = &dialling.failed {
@@ -393,7 +406,7 @@ impl Pool {
         // draw from for their timers could stack them on one.
         let reactor = self
             .workers
-            .least_loaded(false)
+            .least_loaded_but(avoid)
             .unwrap_or_else(|| self.workers.pick());
         let dialled = reactor.dial_within(self.addr, self.handler.clone(), deadline.get(), &|| {
             self.signal.is_closed()
@@ -515,6 +528,18 @@ impl Pool {
     /// preferred). `now` is the call's own clock reading ([`now_nanos`]),
     /// if it took one.
     pub(crate) fn choose_for(&self, kind: CallKind, now: Option<u64>) -> Option<Connection> {
+        self.choose_avoiding(kind, now, current_reactor())
+    }
+
+    /// [`choose_for`](Self::choose_for) for a request that must not wait
+    /// on `avoid`'s connections (the reactor of the handler it comes from,
+    /// which would have to read the response meanwhile).
+    fn choose_avoiding(
+        &self,
+        kind: CallKind,
+        now: Option<u64>,
+        avoid: ReactorId,
+    ) -> Option<Connection> {
         if kind == CallKind::Send {
             return self.choose(false);
         }
@@ -547,11 +572,11 @@ impl Pool {
         // another reactor's that it may share, else a new one (dialled
         // elsewhere) while the pool has room, else the least loaded
         // elsewhere.
-        if on_reactor_thread() && conn.driver().is_current() {
+        if avoid != ReactorId::NONE && conn.driver().reactor_id() == avoid {
             let pool = read(&self.conns);
             let elsewhere = pool
                 .iter()
-                .filter(|c| !c.is_closed() && !c.driver().is_current());
+                .filter(|c| !c.is_closed() && c.driver().reactor_id() != avoid);
             let shareable = elsewhere
                 .clone()
                 .filter(|c| may_share(view(c)))
@@ -644,7 +669,14 @@ impl Pool {
         // Under the lock a dial's end takes its waiters' wakers under: a
         // dial that ended before this look left its connection in the
         // pool, and one that ends after it wakes this call.
-        let busy = self.choose(true);
+        // A handler's request cannot wait on its own reactor's
+        // connections: neither a busy one here, nor the dial's, if the
+        // dial finds one (that dial places a new one elsewhere).
+        let avoid = match kind {
+            CallKind::Request => current_reactor(),
+            CallKind::Send => ReactorId::NONE,
+        };
+        let busy = self.busy_avoiding(avoid);
         let state = if dial.running {
             None
         } else {
@@ -669,7 +701,7 @@ impl Pool {
                 return Poll::Ready(busy.ok_or_else(|| failed.error.clone()));
             }
             drop(state);
-            if let Err(e) = self.start_async_dial(&mut dial) {
+            if let Err(e) = self.start_async_dial(&mut dial, avoid) {
                 stale.keep(Self::unregister(&mut dial, wait));
                 return Poll::Ready(busy.ok_or(e));
             }
@@ -685,9 +717,23 @@ impl Pool {
         Poll::Pending
     }
 
-    /// Starts the dial for async calls on a thread of its own, and joins
-    /// the earlier dials' threads that ended (at once: they have).
-    fn start_async_dial(self: &Arc<Self>, dial: &mut AsyncDial) -> Result<()> {
+    /// A busy connection an async call may use while a dial for more runs:
+    /// the least loaded open one not on `avoid`.
+    fn busy_avoiding(&self, avoid: ReactorId) -> Option<Connection> {
+        if avoid == ReactorId::NONE {
+            return self.choose(true);
+        }
+        read(&self.conns)
+            .iter()
+            .filter(|c| !c.is_closed() && c.driver().reactor_id() != avoid)
+            .min_by_key(|c| c.load())
+            .cloned()
+    }
+
+    /// Starts the dial for async calls on a thread of its own, for a call
+    /// that must not wait on `avoid`'s connections, and joins the earlier
+    /// dials' threads that ended (at once: they have).
+    fn start_async_dial(self: &Arc<Self>, dial: &mut AsyncDial, avoid: ReactorId) -> Result<()> {
         let mut i = 0;
         while i < dial.threads.len() {
             if dial.threads[i].is_finished() {
@@ -707,7 +753,16 @@ impl Pool {
                 // logger), the step below must run: a pool left believing
                 // a dial runs starts no other.
                 let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    pool.pick(&mut LazyDeadline::Read(None), CallKind::Send)
+                    let deadline = &mut LazyDeadline::Read(None);
+                    match avoid {
+                        ReactorId::NONE => pool.pick(deadline, CallKind::Send),
+                        // For a handler's request: a connection it can
+                        // use, else a new one on another reactor.
+                        avoid => match pool.choose_avoiding(CallKind::Request, None, avoid) {
+                            Some(conn) => Ok(conn),
+                            None => pool.pick_avoiding(deadline, CallKind::Request, avoid),
+                        },
+                    }
                 }));
                 // One locked step, then the wake-ups with no lock held.
                 let mut dial = lock(&pool.async_dial);

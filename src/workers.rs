@@ -6,8 +6,9 @@
 use std::thread::{JoinHandle, ThreadId};
 
 use crate::config::Config;
+use crate::conn::ReactorId;
 use crate::error::{thread_start_error, Result};
-use crate::reactor::{Reactor, ReactorHandle};
+use crate::reactor::{current_reactor, Reactor, ReactorHandle};
 use crate::sync::{lock, AtomicUsize, Mutex, Ordering};
 
 pub(crate) struct Workers {
@@ -83,8 +84,17 @@ impl Workers {
         if here {
             running.min_by_key(|h| (h.connections(), !h.driver().is_current()))
         } else {
-            running.min_by_key(|h| (h.driver().is_current(), h.connections()))
+            self.least_loaded_but(current_reactor())
         }
+    }
+
+    /// The running reactor with the fewest connections, `avoid` last (a
+    /// connection a call from its thread could not wait on).
+    pub(crate) fn least_loaded_but(&self, avoid: ReactorId) -> Option<&ReactorHandle> {
+        self.handles
+            .iter()
+            .filter(|h| !h.is_stopped())
+            .min_by_key(|h| (h.driver().reactor_id() == avoid, h.connections()))
     }
 
     /// Adds every reactor's counters into `into`.

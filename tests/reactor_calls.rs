@@ -1089,3 +1089,82 @@ fn a_send_from_on_open_after_its_connection_closed_takes_an_open_one() {
         server.shutdown();
     });
 }
+
+/// A client whose handler, given a message, asks its own client twice:
+/// by `request_async` (run to its end there) and by `request`.
+struct AsksAsyncThenBlocking {
+    client: ClientSlot,
+    answers: Answers,
+}
+
+impl monte_rpc::Handler for AsksAsyncThenBlocking {
+    fn on_message(&self, _: &mut Context<'_>) {
+        let Some(client) = self.client.get().and_then(|c| c.upgrade()) else {
+            return;
+        };
+        let mut response = Vec::new();
+        let by_future = futures::executor::block_on(client.request_async(b"async", &mut response));
+        let mut answers = self.answers.lock().unwrap();
+        answers.push(by_future.map(|()| response));
+        let mut response = Vec::new();
+        let blocking = client.request(b"blocking", &mut response);
+        answers.push(blocking.map(|()| response));
+    }
+}
+
+/// A client handler's request on its own client, whose only connection is
+/// on the handler's reactor: the blocking request dials another connection
+/// (placed on another reactor) and is answered. The async one took the
+/// connection it cannot wait on, as a busy one to use while a dial ran,
+/// and failed with `OnReactorThread` (and the dial, made on a thread of
+/// the pool's, would have found that connection idle and dialled none).
+#[test]
+fn a_handlers_async_request_uses_a_connection_on_another_reactor() {
+    within(30, || {
+        let server = Server::bind(
+            "127.0.0.1:0",
+            Config::server().workers(1),
+            |ctx: &mut Context<'_>| {
+                if ctx.body() == b"push" {
+                    let _ = ctx.conn().send_no_wait(b"pushed");
+                }
+                let _ = ctx.reply(b"ok");
+            },
+        )
+        .unwrap();
+        let answers = Answers::default();
+        let client = client_its_handler_calls_with(
+            server.local_addr(),
+            Config::default()
+                .workers(2)
+                .max_conns(4)
+                .request_timeout(Some(Duration::from_secs(5))),
+            |client| AsksAsyncThenBlocking {
+                client,
+                answers: answers.clone(),
+            },
+        );
+        // The first connection; the server's push runs the handler on its
+        // reactor.
+        client.send(b"push").unwrap();
+        assert!(
+            wait_until(Duration::from_secs(10), || answers.lock().unwrap().len()
+                == 2),
+            "the handler's requests did not end"
+        );
+        let answers = answers.lock().unwrap();
+        assert!(
+            matches!(&answers[0], Ok(body) if body == b"ok"),
+            "async: {:?}",
+            answers[0]
+        );
+        assert!(
+            matches!(&answers[1], Ok(body) if body == b"ok"),
+            "blocking: {:?}",
+            answers[1]
+        );
+        drop(answers);
+        client.shutdown();
+        server.shutdown();
+    });
+}

@@ -11,7 +11,7 @@ use mio::{Registry, Waker};
 use crate::clock::now_nanos;
 use crate::clock::CallDeadline;
 use crate::config::Config;
-use crate::conn::{Ask, Connection, Driver, NewConnParts, ReleaseHook};
+use crate::conn::{Ask, Connection, Driver, NewConnParts, ReactorId, ReleaseHook};
 use crate::conn_socket::ConnSocket;
 use crate::error::{DialPhase, Error, Result};
 use crate::handler::{guard_handler, Handler};
@@ -30,7 +30,12 @@ thread_local! {
 
 /// Whether this thread runs a reactor (a handler's call, say).
 pub(crate) fn on_reactor_thread() -> bool {
-    CURRENT_REACTOR.with(|c| c.get()) != 0
+    current_reactor() != ReactorId::NONE
+}
+
+/// The reactor this thread runs, if any ([`ReactorId::NONE`]).
+pub(crate) fn current_reactor() -> ReactorId {
+    ReactorId(CURRENT_REACTOR.with(|c| c.get()))
 }
 
 /// Marks the thread as running a reactor for as long as it lives.
@@ -102,7 +107,11 @@ impl Driver for ReactorShared {
     }
 
     fn is_current(&self) -> bool {
-        CURRENT_REACTOR.with(|c| c.get()) == self as *const ReactorShared as usize
+        current_reactor() == self.reactor_id()
+    }
+
+    fn reactor_id(&self) -> ReactorId {
+        ReactorId(self as *const ReactorShared as usize)
     }
 
     fn stats(&self) -> &Counters {

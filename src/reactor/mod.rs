@@ -48,7 +48,7 @@ use crate::waiting::MESSAGE_POLL_INTERVAL;
 use dispatch::Served;
 use entry::Entry;
 pub use handle::ReactorHandle;
-pub(crate) use handle::{on_reactor_thread, ReactorShared};
+pub(crate) use handle::{current_reactor, on_reactor_thread, ReactorShared};
 use handle::{settle_after_stop, Command, RunningGuard};
 pub(crate) use listen::Gate;
 
