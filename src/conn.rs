@@ -685,6 +685,12 @@ impl ReadOwner for Connection {
         }
     }
 
+    fn fail_requests(&self, error: &Error) {
+        if let Some(table) = self.shared.requests.get() {
+            table.close(error);
+        }
+    }
+
     fn deliver_response(&self, seq: u32, payload: &[u8]) -> bool {
         Connection::deliver_response(self, seq, payload) != Delivered::Dropped
     }

@@ -44,6 +44,9 @@ pub(crate) trait ReadOwner {
     fn token(&self) -> usize;
     /// Hands the reading to the reactor (something only it may handle).
     fn ask_reactor_to_read(&self);
+    /// Fails every request waiting on the connection with `error`: it is
+    /// ending, and no reactor has it yet to close it.
+    fn fail_requests(&self, error: &Error);
     /// Delivers a response: whether a request was waiting for it.
     fn deliver_response(&self, seq: u32, payload: &[u8]) -> bool;
 }
@@ -308,8 +311,7 @@ impl ReadSide {
         // holder's own release loop.
         drop(listening);
         if reactor_needed {
-            drop(inbound);
-            owner.ask_reactor_to_read();
+            self.hand_over(owner, inbound);
         } else {
             self.give_back(owner, inbound);
         }
@@ -364,10 +366,7 @@ impl ReadSide {
     /// reactor.
     fn read_with_turn<'a>(&'a self, owner: &impl ReadOwner, mut inbound: ReadGuard<'a, ConnCore>) {
         match self.read_responses(owner, &mut inbound, Pass::Socket, now_nanos()) {
-            CallerRead::Reactor => {
-                drop(inbound);
-                owner.ask_reactor_to_read();
-            }
+            CallerRead::Reactor => self.hand_over(owner, inbound),
             CallerRead::Drained | CallerRead::Declined => self.give_back(owner, inbound),
         }
     }
@@ -380,11 +379,31 @@ impl ReadSide {
             if let CallerRead::Reactor =
                 self.read_responses(owner, &mut inbound, Pass::Socket, now_nanos())
             {
-                drop(inbound);
-                owner.ask_reactor_to_read();
+                self.hand_over(owner, inbound);
                 return;
             }
         }
+    }
+
+    /// Lets go of the turn and hands the reading to the reactor. Before a
+    /// reactor has the connection (a dialled connection's `on_open` waits
+    /// for a response) it can do nothing until `on_open` returns: an end
+    /// the caller found (the peer's end of stream, a failed read or frame,
+    /// a deadline passed) fails the waiting requests now, rather than at
+    /// their timeouts. What ended it stays in the core for the reactor,
+    /// which closes the connection once it has it.
+    fn hand_over(&self, owner: &impl ReadOwner, inbound: ReadGuard<'_, ConnCore>) {
+        let ending = match &inbound.held {
+            _ if owner.token() != usize::MAX => None,
+            Some(Held::Failed(e)) => Some(e.clone()),
+            _ if inbound.eof => Some(Error::PeerClosed),
+            _ => None,
+        };
+        drop(inbound);
+        if let Some(e) = ending {
+            owner.fail_requests(&e);
+        }
+        owner.ask_reactor_to_read();
     }
 
     /// Reads and delivers responses until the socket would block, at most
@@ -575,6 +594,7 @@ mod tests {
         poll: mio::Poll,
         asked_reactor: Count,
         delivered: Mutex<Vec<u32>>,
+        failed: Mutex<Vec<Error>>,
     }
 
     impl ReadOwner for Owner {
@@ -599,6 +619,9 @@ mod tests {
         fn ask_reactor_to_read(&self) {
             self.asked_reactor
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        fn fail_requests(&self, error: &Error) {
+            lock(&self.failed).push(error.clone());
         }
         fn deliver_response(&self, seq: u32, _payload: &[u8]) -> bool {
             lock(&self.delivered).push(seq);
@@ -634,6 +657,7 @@ mod tests {
             poll: mio::Poll::new().unwrap(),
             asked_reactor: Count::new(0),
             delivered: Mutex::new(Vec::new()),
+            failed: Mutex::new(Vec::new()),
         };
         (
             ReadSide::new(core),

@@ -1168,3 +1168,68 @@ fn a_handlers_async_request_uses_a_connection_on_another_reactor() {
         server.shutdown();
     });
 }
+
+/// A client whose handler's `on_open` makes one request on the
+/// connection being opened, and records how it ended and how long it
+/// took.
+struct RequestsInOnOpen {
+    outcome: OnOpenOutcome,
+}
+
+/// How `on_open`'s request ended, and how long it took.
+type OnOpenOutcome = Arc<Mutex<Option<(Result<(), Error>, Duration)>>>;
+
+impl monte_rpc::Handler for RequestsInOnOpen {
+    fn on_message(&self, _: &mut Context<'_>) {}
+    fn on_open(&self, conn: &monte_rpc::Connection) {
+        let started = std::time::Instant::now();
+        let mut response = Vec::new();
+        let result = conn.request_timeout(b"bye", &mut response, Some(Duration::from_secs(10)));
+        *self.outcome.lock().unwrap() = Some((result, started.elapsed()));
+    }
+}
+
+/// A request from `on_open` (the connection not yet on a reactor: the
+/// caller reads for itself) whose server closes the connection instead of
+/// answering: it fails as soon as the end of stream is read. It waited out
+/// its whole timeout, the end of stream handed to a reactor that did not
+/// have the connection yet.
+#[test]
+fn a_request_from_on_open_fails_when_the_server_closes() {
+    within(30, || {
+        let server = Server::bind(
+            "127.0.0.1:0",
+            Config::server().workers(1),
+            |ctx: &mut Context<'_>| ctx.conn().close(),
+        )
+        .unwrap();
+        let outcome = OnOpenOutcome::default();
+        let client = Client::with_handler(
+            server.local_addr(),
+            Config::default().max_conns(1),
+            RequestsInOnOpen {
+                outcome: Arc::clone(&outcome),
+            },
+        )
+        .unwrap();
+        let _ = client.send(b"dial");
+        assert!(
+            wait_until(Duration::from_secs(15), || outcome
+                .lock()
+                .unwrap()
+                .is_some()),
+            "on_open's request never ended"
+        );
+        let (result, took) = outcome.lock().unwrap().take().unwrap();
+        assert!(
+            matches!(
+                result.as_ref().map_err(Error::root_cause),
+                Err(Error::PeerClosed | Error::Closed)
+            ),
+            "{result:?} after {took:?}"
+        );
+        assert!(took < Duration::from_secs(2), "{result:?} after {took:?}");
+        client.shutdown();
+        server.shutdown();
+    });
+}
