@@ -59,6 +59,17 @@ impl ConnSocket {
         Self::with_slice(stream, WAIT_SLICE)
     }
 
+    /// A socket a caller cannot sleep in `recv` on (as where the receive
+    /// timeout cannot be set): its waits are `poll`'s.
+    #[cfg(test)]
+    pub(crate) fn polling(stream: std::net::TcpStream) -> ConnSocket {
+        stream.set_nonblocking(true).unwrap();
+        ConnSocket {
+            stream,
+            waits_in_recv: false,
+        }
+    }
+
     fn with_slice(stream: std::net::TcpStream, slice: Duration) -> ConnSocket {
         // The timeout first: a blocking socket without one could hold a
         // caller forever.

@@ -17,7 +17,7 @@
 use std::io;
 use std::time::{Duration, Instant};
 
-use crate::conn_socket::ConnSocket;
+use crate::conn_socket::{ConnSocket, WAIT_SLICE};
 
 use crate::clock::{nanos_at, now_nanos};
 use crate::error::{socket_error, Error, SocketOp};
@@ -294,7 +294,11 @@ impl ReadSide {
                 // most; `at` is still current.
                 pass = Pass::WaitInRecv;
             } else {
-                pass = match crate::sys::wait_readable(socket, timeout) {
+                // A slice at most, as in `recv`: the call's end (a
+                // response another thread delivered, a close) shows only
+                // between waits.
+                let slice = timeout.map_or(WAIT_SLICE, |t| t.min(WAIT_SLICE));
+                pass = match crate::sys::wait_readable(socket, Some(slice)) {
                     true => Pass::Socket,
                     false => Pass::Buffered,
                 };
@@ -632,6 +636,13 @@ mod tests {
     /// A client connection's read side over loopback, and its peer's
     /// socket and sealer.
     fn connection() -> (ReadSide, Owner, std::net::TcpStream, Sealer) {
+        connection_on(ConnSocket::new)
+    }
+
+    /// [`connection`] with its socket made by `socket`.
+    fn connection_on(
+        socket: fn(std::net::TcpStream) -> ConnSocket,
+    ) -> (ReadSide, Owner, std::net::TcpStream, Sealer) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let ours = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (theirs, _) = listener.accept().unwrap();
@@ -651,7 +662,7 @@ mod tests {
             now_nanos(),
         );
         let owner = Owner {
-            stream: ConnSocket::new(ours),
+            stream: socket(ours),
             buffers: BufferPool::new(4096, 4),
             stats: Counters::default(),
             poll: mio::Poll::new().unwrap(),
@@ -665,6 +676,36 @@ mod tests {
             theirs,
             Sealer::new(key, Profile::Secure),
         )
+    }
+
+    /// A caller on a socket it cannot sleep in `recv` on, with no deadline
+    /// anywhere, hears of its call's end (here a flag; a response another
+    /// thread delivered, a close) within a slice: its `poll` had no bound
+    /// and held it until the peer's next bytes.
+    #[test]
+    fn a_caller_polling_with_no_deadline_sees_its_call_end() {
+        let (side, owner, mut theirs, _) = connection_on(ConnSocket::polling);
+        let ended = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let caller = s.spawn(|| {
+                side.wait_on_socket(
+                    &owner,
+                    &|| ended.load(std::sync::atomic::Ordering::SeqCst),
+                    None,
+                )
+            });
+            std::thread::sleep(Duration::from_millis(50));
+            ended.store(true, std::sync::atomic::Ordering::SeqCst);
+            let started = Instant::now();
+            while !caller.is_finished() && started.elapsed() < Duration::from_secs(2) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let finished = caller.is_finished();
+            // Unblocks a caller still asleep in `poll`, so the test ends.
+            theirs.write_all(&[0]).unwrap();
+            assert!(finished, "the caller slept on past its call's end");
+            caller.join().unwrap();
+        });
     }
 
     /// Half a frame, read into the receive buffer.
