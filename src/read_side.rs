@@ -26,7 +26,7 @@ use crate::stats::Counters;
 use crate::sync::buffers::BufferPool;
 use crate::sync::completion::Poller;
 use crate::sync::read_turn::{ReadGuard, ReadTurn};
-use crate::sync::{lock, AtomicU64, Mutex, Ordering};
+use crate::sync::{lock, AtomicBool, AtomicU64, Mutex, Ordering};
 
 /// What the read side needs of the connection around it.
 pub(crate) trait ReadOwner {
@@ -196,12 +196,23 @@ pub(crate) struct ReadSide {
     /// When bytes last arrived ([`now_nanos`]), set by whoever read them:
     /// the client pool's liveness probe and the reactor's idle watch.
     last_read: AtomicU64,
+    /// Whether the silence is this side's (its reading paused for the
+    /// output budget, or a graceful close under way), as the reactor's
+    /// lifecycle says: a caller holding the turn judges the peer's
+    /// deadlines by it too.
+    silence_ours: AtomicBool,
+    /// When reading last resumed after a pause ([`now_nanos`]), not yet
+    /// applied to the core (0: none): the peer's deadlines restart there,
+    /// whichever thread holds the turn next.
+    resumed_at: AtomicU64,
 }
 
 impl ReadSide {
     pub(crate) fn new(core: ConnCore) -> Self {
         ReadSide {
             last_read: AtomicU64::new(core.last_read()),
+            silence_ours: AtomicBool::new(false),
+            resumed_at: AtomicU64::new(0),
             core: ReadTurn::new(core, ConnCore::discard_input),
             interest: Mutex::new(Interest::default()),
         }
@@ -215,6 +226,26 @@ impl ReadSide {
     /// The reactor read bytes at `now`.
     pub(crate) fn note_read(&self, now: u64) {
         self.last_read.store(now, Ordering::Relaxed);
+    }
+
+    /// Reactor side: whether the silence is now this side's (see
+    /// `silence_ours`); `resumed_at`, if reading resumed then.
+    pub(crate) fn note_silence(&self, ours: bool, resumed_at: Option<u64>) {
+        if let Some(at) = resumed_at {
+            self.resumed_at.store(at, Ordering::Release);
+        }
+        self.silence_ours.store(ours, Ordering::Release);
+    }
+
+    /// Whoever holds the turn: restarts the peer's deadlines at a resume
+    /// not yet applied to the core.
+    pub(crate) fn apply_resume(&self, core: &mut ConnCore) {
+        if self.resumed_at.load(Ordering::Acquire) != 0 {
+            let at = self.resumed_at.swap(0, Ordering::AcqRel);
+            if at != 0 {
+                core.resume(at);
+            }
+        }
     }
 
     /// Caller side, instead of parking: if no other thread reads the socket,
@@ -272,8 +303,11 @@ impl ReadSide {
             }
             // The peer's deadlines hold while a caller has the turn (the
             // reactor's sweep cannot look then): one that passed closes
-            // the connection, through the reactor.
-            if let Some(kind) = inbound.expired(now, false) {
+            // the connection, through the reactor. Not while the silence
+            // is this side's, and counted from the last resume.
+            self.apply_resume(&mut inbound);
+            let ours = self.silence_ours.load(Ordering::Acquire);
+            if let Some(kind) = inbound.expired(now, ours) {
                 inbound.held = Some(Held::Failed(Error::Timeout(kind)));
                 reactor_needed = true;
                 break;
@@ -556,6 +590,7 @@ impl ReadSide {
         f: impl FnOnce(&mut ConnCore) -> T,
     ) -> Option<T> {
         let mut core = self.core.try_take()?;
+        self.apply_resume(&mut core);
         let result = f(&mut core);
         let announced = core.announced();
         if self.core.release(core).is_some() || announced {

@@ -1233,3 +1233,94 @@ fn a_request_from_on_open_fails_when_the_server_closes() {
         server.shutdown();
     });
 }
+
+/// A server's request to a peer whose reading it paused (its replies over
+/// the budget, the peer not reading them): the caller waiting for the
+/// response holds the read turn through the pause, and the silence is
+/// this side's, not the peer's. The caller judged the read deadline as if
+/// reading went on, and closed the connection with `Timeout(Read)` once
+/// `read_timeout` had passed; now the request is answered once the peer
+/// reads.
+#[test]
+fn a_callers_wait_through_a_read_pause_is_no_read_timeout() {
+    use std::io::Write;
+    within(30, || {
+        let (asked, answered) = std::sync::mpsc::channel::<Result<Vec<u8>, Error>>();
+        let asked = Mutex::new(asked);
+        let closes = Arc::new(AtomicUsize::new(0));
+        struct AsksBack {
+            asked: Mutex<std::sync::mpsc::Sender<Result<Vec<u8>, Error>>>,
+            closes: Arc<AtomicUsize>,
+        }
+        impl monte_rpc::Handler for AsksBack {
+            fn on_message(&self, ctx: &mut Context<'_>) {
+                if ctx.body() != b"ask me" {
+                    let _ = ctx.reply(&vec![7u8; 512 << 10]);
+                    return;
+                }
+                let (conn, asked) = (ctx.conn().clone(), self.asked.lock().unwrap().clone());
+                std::thread::spawn(move || {
+                    let mut response = Vec::new();
+                    let result = conn.request_timeout(
+                        b"question",
+                        &mut response,
+                        Some(Duration::from_secs(10)),
+                    );
+                    let _ = asked.send(result.map(|()| response));
+                });
+            }
+            fn on_close(&self, _: &monte_rpc::Connection, _: &Error) {
+                self.closes.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let server = Server::bind(
+            "127.0.0.1:0",
+            small_output_budget().read_timeout(Some(Duration::from_millis(300))),
+            AsksBack {
+                asked,
+                closes: closes.clone(),
+            },
+        )
+        .unwrap();
+        let (mut raw, session) = common::raw_client(server.local_addr());
+        let _ = socket2::SockRef::from(&raw).set_recv_buffer_size(16 << 10);
+        let (mut sealer, mut opener) = (session.sealer, session.opener);
+        let mut wire = Vec::new();
+        sealer.seal_append(0, b"ask me", &mut wire).unwrap();
+        raw.write_all(&wire).unwrap();
+        // The server's request goes out first; then one reply far past the
+        // budget, its request the last frame the server has to read.
+        std::thread::sleep(Duration::from_millis(50));
+        wire.clear();
+        sealer
+            .seal_append(1, b"512 KiB, please", &mut wire)
+            .unwrap();
+        raw.write_all(&wire).unwrap();
+        // Silent, and reading nothing, for more than the read timeout.
+        std::thread::sleep(Duration::from_millis(900));
+        assert_eq!(
+            closes.load(Ordering::SeqCst),
+            0,
+            "the connection was closed while its reading was paused"
+        );
+        assert!(server.stats().reads_paused > 0, "reading never paused");
+        // Now the peer reads everything and answers the server's request.
+        let mut question = None;
+        read_frames(&mut raw, &mut opener, 2, |seq, len| {
+            if len == b"question".len() {
+                question = Some(seq);
+            }
+        });
+        let seq = question.expect("the server's request");
+        wire.clear();
+        sealer.seal_append(seq, b"answer", &mut wire).unwrap();
+        raw.write_all(&wire).unwrap();
+        let result = answered.recv_timeout(Duration::from_secs(5));
+        assert!(
+            matches!(&result, Ok(Ok(body)) if body == b"answer"),
+            "{result:?}"
+        );
+        drop(raw);
+        server.shutdown();
+    });
+}

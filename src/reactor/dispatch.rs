@@ -51,9 +51,7 @@ impl Reactor {
             // A caller is reading it, and reads again before it lets go.
             return;
         };
-        if self.conns[key].life.take_resumed() {
-            inbound.resume(now_nanos());
-        }
+        conn.shared.read.apply_resume(&mut inbound);
         let mut fills_left = FILLS_PER_TURN;
         let result = loop {
             let read = self.read_all(key, &conn, &mut inbound, bytes_only, &mut fills_left);
@@ -151,7 +149,14 @@ impl Reactor {
     /// shutdown). Replies to what it sent are still owed: flush them, then
     /// close.
     pub(super) fn on_end_of_stream(&mut self, key: usize) -> Result<()> {
-        if self.conns[key].life.peer_finished(now_nanos())? {
+        let finished = self.conns[key].life.peer_finished(now_nanos())?;
+        let entry = &self.conns[key];
+        entry
+            .conn
+            .shared
+            .read
+            .note_silence(entry.life.silence_is_ours(), None);
+        if finished {
             self.dirty.push(key);
             self.sweep_within(self.drain_tick);
         }
@@ -281,13 +286,22 @@ impl Reactor {
             ReadGate::Paused => {
                 Counters::inc(&self.shared.stats.reads_paused);
                 let conn = &entry.conn;
+                conn.shared.read.note_silence(true, None);
                 crate::events::reading_paused(
                     conn.id(),
                     conn.peer_addr(),
                     self.config.max_queued_bytes,
                 );
             }
-            ReadGate::Resumed => self.resume.push(key),
+            ReadGate::Resumed => {
+                let silence = entry.life.silence_is_ours();
+                entry
+                    .conn
+                    .shared
+                    .read
+                    .note_silence(silence, Some(now_nanos()));
+                self.resume.push(key);
+            }
             ReadGate::Unchanged => {}
         }
         // Wait for the socket to take more only while it refused some.

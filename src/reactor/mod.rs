@@ -576,7 +576,9 @@ impl Reactor {
         let now = now_nanos();
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for key in keys {
-            self.conns[key].life.close_locally(now);
+            let entry = &mut self.conns[key];
+            entry.life.close_locally(now);
+            entry.conn.shared.read.note_silence(true, None);
             self.flush(key);
         }
         self.sweep_within(self.drain_tick);

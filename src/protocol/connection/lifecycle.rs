@@ -137,8 +137,6 @@ pub struct Lifecycle {
     local: bool,
     /// Reading is paused until queued output drains.
     read_paused: bool,
-    /// Reading resumed since the receive side last heard of it.
-    resumed: bool,
     /// Bytes written when last seen to change, and when.
     write_watch: (u64, u64),
     /// Bytes written and last read when either last changed, and when.
@@ -160,7 +158,6 @@ impl Lifecycle {
             write_shut: false,
             local: false,
             read_paused: false,
-            resumed: false,
             write_watch: (0, now),
             activity: (0, 0, now),
             released: false,
@@ -236,7 +233,6 @@ impl Lifecycle {
             Output::Writing { .. } | Output::Drained => {
                 if self.read_paused {
                     self.read_paused = false;
-                    self.resumed = true;
                     ReadGate::Resumed
                 } else {
                     ReadGate::Unchanged
@@ -254,12 +250,6 @@ impl Lifecycle {
     /// silence is then its own, not the peer's.
     pub fn silence_is_ours(&self) -> bool {
         self.read_paused || self.drain_deadline.is_some()
-    }
-
-    /// Whether reading resumed since the last call: the receive side's
-    /// deadlines then restart (see [`ConnCore::resume`](super::ConnCore::resume)).
-    pub fn take_resumed(&mut self) -> bool {
-        std::mem::take(&mut self.resumed)
     }
 
     /// The peer's end of stream arrived at `now`. During the handshake that
