@@ -33,7 +33,7 @@ use crate::protocol::Sealer;
 use crate::socket_write::{write_nonblocking, WriteOutcome};
 use crate::stats::Counters;
 use crate::sync::buffers::BufferPool;
-use crate::sync::wake::wake_all;
+use crate::sync::wake::{wake_all, DropLater};
 use crate::sync::{lock, AtomicBool, AtomicUsize, Condvar, Mutex, MutexGuard, Ordering};
 
 /// Rounds a caller-thread writer makes before handing the rest of the queue
@@ -238,8 +238,8 @@ impl Outbound {
 
     /// Puts `wait`'s task on the list to wake at the queue's next change.
     /// Returns the waker it replaced, for the caller to drop once it has
-    /// let the lock go: a waker's drop may drop a future, whose drop takes
-    /// this lock.
+    /// let the lock go ([`DropLater`]): a waker's drop may drop a future,
+    /// whose drop takes this lock.
     #[must_use]
     fn register(&mut self, wait: &mut QueueWait, waker: &Waker) -> Option<Waker> {
         match wait.0 {
@@ -463,38 +463,38 @@ impl OutboundQueue {
         wait: &mut QueueWait,
         cx: &mut Context<'_>,
     ) -> Poll<Result<Option<u64>>> {
+        // Declared before the lock: a waker taken off the list is dropped
+        // after it, on every return (see `register`).
+        let mut stale = DropLater::default();
         let mut g = lock(&self.state);
         let frame = frame_len(body.len());
-        let must_wait = mode != Mode::OnReactor && g.lacks_room(frame, self.limit);
-        // Wakers taken off the list are dropped with the lock let go (see
-        // `register`).
-        if must_wait && mode != Mode::ReactorQueue {
-            let replaced = g.register(wait, cx.waker());
-            drop(g);
-            drop(replaced);
-            return Poll::Pending;
-        }
-        let removed = g.unregister(wait);
-        let queued = if must_wait {
-            drop(g);
-            Err(Error::QueueFull)
-        } else {
-            match self.enqueue(owner, g, seq, body, mode) {
-                Err(e) => Err(e),
-                Ok((Some(g), end)) if mode == (Mode::Direct { wait: true }) => {
-                    if g.written_total >= end {
-                        Ok(None)
-                    } else if let Some(e) = &g.closed {
-                        Err(e.clone())
-                    } else {
-                        Ok(Some(end))
-                    }
-                }
-                Ok(_) => Ok(None),
+        let must_wait = g.lacks_room(frame, self.limit);
+        match mode {
+            Mode::OnReactor => {}
+            Mode::ReactorQueue if must_wait => {
+                stale.keep(g.unregister(wait));
+                return Poll::Ready(Err(Error::QueueFull));
             }
-        };
-        drop(removed);
-        Poll::Ready(queued)
+            _ if must_wait => {
+                stale.keep(g.register(wait, cx.waker()));
+                return Poll::Pending;
+            }
+            _ => {}
+        }
+        stale.keep(g.unregister(wait));
+        Poll::Ready(match self.enqueue(owner, g, seq, body, mode) {
+            Err(e) => Err(e),
+            Ok((Some(g), end)) if mode == (Mode::Direct { wait: true }) => {
+                if g.written_total >= end {
+                    Ok(None)
+                } else if let Some(e) = &g.closed {
+                    Err(e.clone())
+                } else {
+                    Ok(Some(end))
+                }
+            }
+            Ok(_) => Ok(None),
+        })
     }
 
     /// An async call's wait for its frame to be written, up to `end` of
@@ -505,18 +505,19 @@ impl OutboundQueue {
         wait: &mut QueueWait,
         cx: &mut Context<'_>,
     ) -> Poll<Result<()>> {
+        // Before the lock: dropped after it (see `register`).
+        let mut stale = DropLater::default();
         let mut g = lock(&self.state);
-        let (replaced, poll) = if g.written_total >= end {
-            (g.unregister(wait), Poll::Ready(Ok(())))
-        } else if let Some(e) = g.closed.clone() {
-            (g.unregister(wait), Poll::Ready(Err(e)))
-        } else {
-            (g.register(wait, cx.waker()), Poll::Pending)
-        };
-        // Dropped with the lock let go (see `register`).
-        drop(g);
-        drop(replaced);
-        poll
+        if g.written_total >= end {
+            stale.keep(g.unregister(wait));
+            return Poll::Ready(Ok(()));
+        }
+        if let Some(e) = g.closed.clone() {
+            stale.keep(g.unregister(wait));
+            return Poll::Ready(Err(e));
+        }
+        stale.keep(g.register(wait, cx.waker()));
+        Poll::Pending
     }
 
     /// An async call ended (or was dropped) while on the list of tasks to

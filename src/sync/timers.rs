@@ -20,6 +20,7 @@ use std::task::Waker;
 
 use slab::Slab;
 
+use super::wake::DropLater;
 use super::{fence, lock, AtomicU64, Mutex, Ordering};
 
 /// No deadline.
@@ -98,19 +99,15 @@ impl Timers {
 
     /// The task to wake may have changed since the last poll.
     pub fn update(&self, key: TimerKey, waker: &Waker) {
+        // Before the lock: the replaced waker is dropped after it, as in
+        // `remove`.
+        let mut stale = DropLater::default();
         let mut entries = lock(&self.entries);
-        let replaced = match entries.get_mut(key.0) {
-            Some(timer)
-                if timer.at != NEVER
-                    && !timer.waker.as_ref().is_some_and(|w| w.will_wake(waker)) =>
-            {
-                timer.waker.replace(waker.clone())
+        if let Some(timer) = entries.get_mut(key.0) {
+            if timer.at != NEVER && !timer.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
+                stale.keep(timer.waker.replace(waker.clone()));
             }
-            _ => None,
-        };
-        // Dropped outside the lock, as in `remove`.
-        drop(entries);
-        drop(replaced);
+        }
     }
 
     /// The call ended (answered, failed or dropped): forget its deadline.
