@@ -161,6 +161,22 @@ fn small_output_budget() -> Config {
         .send_buffer_size(Some(16 << 10))
 }
 
+/// A raw peer of `server`, its handshake done, whose receive buffer is
+/// `recv_buffer` bytes (so that the server's writes block early): its
+/// socket, and the keys to seal and open its frames.
+fn slow_reader(
+    server: &Server,
+    recv_buffer: usize,
+) -> (
+    std::net::TcpStream,
+    monte_rpc::protocol::Sealer,
+    monte_rpc::protocol::Opener,
+) {
+    let (raw, session) = common::raw_client(server.local_addr());
+    let _ = socket2::SockRef::from(&raw).set_recv_buffer_size(recv_buffer);
+    (raw, session.sealer, session.opener)
+}
+
 /// Reads `count` frames from a raw peer's socket, opening each and
 /// calling `each` with its sequence number and body length as it comes.
 fn read_frames(
@@ -208,9 +224,7 @@ fn replies_to_requests_read_at_a_resume_are_written_at_once() {
             },
         )
         .unwrap();
-        let (mut raw, session) = common::raw_client(server.local_addr());
-        let _ = socket2::SockRef::from(&raw).set_recv_buffer_size(64 << 10);
-        let (mut sealer, mut opener) = (session.sealer, session.opener);
+        let (mut raw, mut sealer, mut opener) = slow_reader(&server, 64 << 10);
         let requests = 21u32;
         let mut wire = Vec::new();
         for i in 0..requests - 1 {
@@ -270,9 +284,7 @@ fn a_request_waits_while_the_applications_own_send_holds_the_budget() {
             },
         )
         .unwrap();
-        let (mut raw, session) = common::raw_client(server.local_addr());
-        let _ = socket2::SockRef::from(&raw).set_recv_buffer_size(64 << 10);
-        let (mut sealer, mut opener) = (session.sealer, session.opener);
+        let (mut raw, mut sealer, mut opener) = slow_reader(&server, 64 << 10);
         // One write: the server reads both frames in one turn.
         let mut wire = Vec::new();
         sealer.seal_append(0, b"push 768 KiB", &mut wire).unwrap();
@@ -324,9 +336,7 @@ fn a_connection_closed_past_its_budget_closes() {
             PushThenClose(Mutex::new(closed)),
         )
         .unwrap();
-        let (mut raw, session) = common::raw_client(server.local_addr());
-        let _ = socket2::SockRef::from(&raw).set_recv_buffer_size(64 << 10);
-        let mut sealer = session.sealer;
+        let (mut raw, mut sealer, _) = slow_reader(&server, 64 << 10);
         // Two frames in one write: the second is looked at after the close.
         let mut wire = Vec::new();
         sealer
@@ -1282,9 +1292,7 @@ fn a_callers_wait_through_a_read_pause_is_no_read_timeout() {
             },
         )
         .unwrap();
-        let (mut raw, session) = common::raw_client(server.local_addr());
-        let _ = socket2::SockRef::from(&raw).set_recv_buffer_size(16 << 10);
-        let (mut sealer, mut opener) = (session.sealer, session.opener);
+        let (mut raw, mut sealer, mut opener) = slow_reader(&server, 16 << 10);
         let mut wire = Vec::new();
         sealer.seal_append(0, b"ask me", &mut wire).unwrap();
         raw.write_all(&wire).unwrap();
