@@ -23,7 +23,7 @@ use crate::sync::completion::{CompletionTable, Delivered, NO_LIMIT};
 use crate::sync::timers::Timers;
 use std::sync::Arc;
 
-use crate::sync::{lock, AtomicU64, AtomicUsize, Mutex, Ordering};
+use crate::sync::{lock, AtomicBool, AtomicU64, AtomicUsize, Mutex, Ordering};
 
 /// Called once when a connection closes (the server's connection cap).
 pub(crate) type ReleaseHook = Box<dyn Fn() + Send + Sync>;
@@ -92,6 +92,9 @@ pub(crate) struct ConnShared {
     driver: Arc<dyn Driver>,
     /// The slab key in the reactor, once registered.
     pub(crate) token: AtomicUsize,
+    /// A dialled connection's `on_open` runs (on the dialling thread): no
+    /// reactor takes the connection before it returns.
+    opening: AtomicBool,
     /// Completion slots for this side's requests, made on the first
     /// request: most server-side connections never issue one, and the
     /// table is the largest per-connection structure.
@@ -160,6 +163,7 @@ impl Connection {
                 config: parts.config,
                 driver: parts.driver,
                 token: AtomicUsize::new(usize::MAX),
+                opening: AtomicBool::new(false),
                 active_calls: AtomicUsize::new(0),
                 answer_time: AtomicU64::new(0),
                 taken_at: AtomicU64::new(0),
@@ -210,6 +214,14 @@ impl Connection {
     /// Whether this side dialled ([`Role::Client`]) or accepted.
     pub fn role(&self) -> Role {
         self.shared.role
+    }
+
+    /// Marks the dialled connection's `on_open` as running (`true`) or
+    /// returned: until it returns, a request waiting on it that the
+    /// peer's messages keep from its response fails at once (see
+    /// [`Error::MessagesAheadInOnOpen`]).
+    pub(crate) fn set_opening(&self, running: bool) {
+        self.shared.opening.store(running, Ordering::Release);
     }
 
     /// Whether the connection is closed (or closing).
@@ -679,6 +691,10 @@ impl ReadOwner for Connection {
         self.shared.token.load(Ordering::Acquire)
     }
 
+    fn opening(&self) -> bool {
+        self.shared.opening.load(Ordering::Acquire)
+    }
+
     fn ask_reactor_to_read(&self) {
         if self.shared.driver.ask(self, Ask::Read).is_err() {
             self.fail(Error::Closed);
@@ -688,6 +704,12 @@ impl ReadOwner for Connection {
     fn fail_requests(&self, error: &Error) {
         if let Some(table) = self.shared.requests.get() {
             table.close(error);
+        }
+    }
+
+    fn fail_waiting_requests(&self, error: &Error) {
+        if let Some(table) = self.shared.requests.get() {
+            table.fail_waiting(error);
         }
     }
 

@@ -309,6 +309,27 @@ pub enum Error {
     /// blocking request (a blocking caller reads its own response), or
     /// after `on_open` returns.
     AsyncRequestInOnOpen,
+    /// A request made from a dialled connection's `on_open`, whose peer
+    /// sent more messages ahead of the response than the connection holds
+    /// for its handler until `on_open` returns (`limit` bytes: one message
+    /// of the larger of `max_message_size` and `read_buffer_size`, with
+    /// its framing). The response could be read only past them, by the
+    /// connection's reactor, which takes the connection once `on_open`
+    /// returns: every request waiting there fails with this at once,
+    /// rather than at its deadline. The connection stays open; the
+    /// messages reach `on_message` in order after `on_open`. Make the
+    /// request after `on_open` returns, or raise the limits.
+    ///
+    /// ```
+    /// use monte_rpc::Error;
+    ///
+    /// let e = Error::MessagesAheadInOnOpen { limit: 8_248 };
+    /// assert!(e.to_string().starts_with("a request from on_open is behind more than 8248 bytes"));
+    /// ```
+    MessagesAheadInOnOpen {
+        /// The bytes of messages the connection holds for its handler.
+        limit: usize,
+    },
     /// The application's handler panicked; its connection was closed and
     /// the reactor carried on.
     HandlerPanicked,
@@ -449,7 +470,9 @@ impl Error {
             Error::BufferTooSmall { .. } | Error::MessageTooLarge { .. } => {
                 io::ErrorKind::InvalidInput
             }
-            Error::AsyncRequestInOnOpen => io::ErrorKind::InvalidInput,
+            Error::AsyncRequestInOnOpen | Error::MessagesAheadInOnOpen { .. } => {
+                io::ErrorKind::InvalidInput
+            }
             _ => io::ErrorKind::InvalidData,
         }
     }
@@ -500,6 +523,11 @@ impl fmt::Display for Error {
             Error::AsyncRequestInOnOpen => f.write_str(
                 "an async request was made from a dialled connection's on_open (or the on_close \
                  that follows a close there), before the connection's reactor reads it",
+            ),
+            Error::MessagesAheadInOnOpen { limit } => write!(
+                f,
+                "a request from on_open is behind more than {limit} bytes of the peer's \
+                 messages, which wait for the handler until on_open returns"
             ),
             Error::Io(e) => write!(f, "i/o error: {e}"),
             Error::Dial {

@@ -62,11 +62,12 @@ pub trait Handler: Send + Sync + 'static {
     /// aside (as many as one message of the larger of `max_message_size`
     /// and `read_buffer_size` would take, counting some 56 bytes of
     /// framing and bookkeeping each) and reach `on_message` once `on_open`
-    /// has returned. A call that needs the reactor still waits until its
-    /// deadline: a request behind more of the peer's messages than that,
-    /// an async send first polled on another thread (awaited there or
-    /// here) whose frame the socket does not take at once before
-    /// `on_open` returns, or a large write to
+    /// has returned. A request behind more of the peer's messages than
+    /// that fails at once with [`Error::MessagesAheadInOnOpen`] (only the
+    /// reactor could read on to its response). A call that needs the
+    /// reactor still waits until its deadline: an async send first polled
+    /// on another thread (awaited there or here) whose frame the socket
+    /// does not take at once before `on_open` returns, or a large write to
     /// a peer that stops reading until this side reads what it sent
     /// meanwhile.
     fn on_open(&self, conn: &Connection) {

@@ -42,11 +42,18 @@ pub(crate) trait ReadOwner {
     fn registry(&self) -> &mio::Registry;
     /// The connection's key in its reactor, `usize::MAX` until registered.
     fn token(&self) -> usize;
+    /// Whether the dialled connection's `on_open` runs: no reactor takes
+    /// the connection before it returns.
+    fn opening(&self) -> bool;
     /// Hands the reading to the reactor (something only it may handle).
     fn ask_reactor_to_read(&self);
     /// Fails every request waiting on the connection with `error`: it is
     /// ending, and no reactor has it yet to close it.
     fn fail_requests(&self, error: &Error);
+    /// Fails every request waiting on the connection now with `error`, on
+    /// a connection that goes on: their responses cannot come before a
+    /// reactor has it.
+    fn fail_waiting_requests(&self, error: &Error);
     /// Delivers a response: whether a request was waiting for it.
     fn deliver_response(&self, seq: u32, payload: &[u8]) -> bool;
 }
@@ -429,17 +436,26 @@ impl ReadSide {
     /// the caller found (the peer's end of stream, a failed read or frame,
     /// a deadline passed) fails the waiting requests now, rather than at
     /// their timeouts. What ended it stays in the core for the reactor,
-    /// which closes the connection once it has it.
+    /// which closes the connection once it has it. While `on_open` runs,
+    /// so does a message of the peer's that the set-aside ones leave no
+    /// room for: the responses behind it wait for the reactor, which
+    /// takes the connection only once `on_open` returns, and the requests
+    /// waiting fail now, on a connection that goes on.
     fn hand_over(&self, owner: &impl ReadOwner, inbound: ReadGuard<'_, ConnCore>) {
+        let no_reactor = owner.token() == usize::MAX;
         let ending = match &inbound.held {
-            _ if owner.token() != usize::MAX => None,
+            _ if !no_reactor => None,
             Some(Held::Failed(e)) => Some(e.clone()),
             _ if inbound.eof => Some(Error::PeerClosed),
             _ => None,
         };
+        let stuck = owner.opening() && matches!(inbound.held, Some(Held::Message { .. }));
+        let limit = inbound.set_aside_limit();
         drop(inbound);
         if let Some(e) = ending {
             owner.fail_requests(&e);
+        } else if stuck {
+            owner.fail_waiting_requests(&Error::MessagesAheadInOnOpen { limit });
         }
         owner.ask_reactor_to_read();
     }
@@ -469,8 +485,11 @@ impl ReadSide {
         if inbound.held.is_some() || inbound.eof || !inbound.is_open() {
             // The reactor's to read (it was told, or is in the handshake).
             // Taking the turn may have consumed its readiness event,
-            // though: then it must be told again.
-            return if inbound.announced() {
+            // though: then it must be told again. While `on_open` runs
+            // (no reactor takes the connection before it returns), what
+            // stops the reading fails the waiting requests
+            // ([`hand_over`](Self::hand_over)).
+            return if inbound.announced() || owner.opening() {
                 CallerRead::Reactor
             } else {
                 CallerRead::Declined
@@ -655,11 +674,17 @@ mod tests {
         fn token(&self) -> usize {
             usize::MAX // not registered: interest changes are skipped
         }
+        fn opening(&self) -> bool {
+            false
+        }
         fn ask_reactor_to_read(&self) {
             self.asked_reactor
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
         fn fail_requests(&self, error: &Error) {
+            lock(&self.failed).push(error.clone());
+        }
+        fn fail_waiting_requests(&self, error: &Error) {
             lock(&self.failed).push(error.clone());
         }
         fn deliver_response(&self, seq: u32, _payload: &[u8]) -> bool {

@@ -1029,6 +1029,73 @@ fn a_request_from_on_open_is_answered_behind_the_peers_greeting() {
     });
 }
 
+/// A server whose `on_open` sends four messages of 3,000 bytes, more
+/// than a client with 8 KiB frames holds for its handler while
+/// `on_open` runs, then answers requests.
+struct GreetsAtLength;
+
+impl monte_rpc::Handler for GreetsAtLength {
+    fn on_message(&self, ctx: &mut Context<'_>) {
+        if ctx.expects_reply() {
+            let _ = ctx.reply(b"answer");
+        }
+    }
+
+    fn on_open(&self, conn: &monte_rpc::Connection) {
+        for i in 0..4u8 {
+            let _ = conn.send_no_wait(&[b'0' + i; 3000]);
+        }
+    }
+}
+
+/// A request from `on_open` behind more of the peer's messages than the
+/// connection sets aside for its handler: its response could be read only
+/// past them, by the reactor, which has the connection once `on_open`
+/// returns. It waited out its whole timeout (for ever with none); it now
+/// fails at once, saying so, and the messages are handed on in order once
+/// `on_open` returns, on a connection that goes on serving.
+#[test]
+fn a_request_from_on_open_behind_too_many_messages_fails_at_once() {
+    within(60, || {
+        let server =
+            Server::bind("127.0.0.1:0", Config::server().workers(1), GreetsAtLength).unwrap();
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let config = one_connection()
+            .max_message_size(8 << 10)
+            .read_buffer_size(4 << 10)
+            .request_timeout(Some(Duration::from_secs(20)));
+        let client =
+            client_its_handler_calls_with(server.local_addr(), config, |client| AsksInOnOpen {
+                client,
+                events: events.clone(),
+            });
+        let mut resp = Vec::new();
+        client.request(b"first", &mut resp).unwrap();
+        assert_eq!(resp, b"answer");
+        assert!(
+            wait_until(Duration::from_secs(5), || events.lock().unwrap().len() >= 5),
+            "{:?}",
+            events.lock().unwrap()
+        );
+        let events = events.lock().unwrap().clone();
+        assert!(
+            events[0].starts_with("on_open asked: Err(") && events[0].contains("MessagesAhead"),
+            "{events:?}"
+        );
+        let greetings: Vec<String> = (0..4u8)
+            .map(|i| {
+                format!(
+                    "message {}",
+                    String::from_utf8(vec![b'0' + i; 3000]).unwrap()
+                )
+            })
+            .collect();
+        assert_eq!(events[1..], greetings[..]);
+        client.shutdown();
+        server.shutdown();
+    });
+}
+
 /// A client whose handler closes its second connection in `on_open`,
 /// then sends on the client, blocking and async: those sends' results.
 struct ClosesTheSecond {

@@ -569,6 +569,12 @@ impl ConnCore {
         Some((seq, body))
     }
 
+    /// How many bytes of messages may be set aside, their framing and
+    /// entries counted ([`set_aside_held`](Self::set_aside_held)).
+    pub fn set_aside_limit(&self) -> usize {
+        self.set_aside_limit
+    }
+
     /// Whether messages set aside wait for the reactor.
     pub fn has_set_aside(&self) -> bool {
         !self.set_aside.is_empty()

@@ -314,7 +314,10 @@ impl ReactorHandle {
         // below) uses this connection: the pool's dial is this thread's
         // own until this returns.
         let _opening = crate::opening::Opening::enter(&conn);
-        let (failed, ran) = match guard_handler(|| handler.on_open(&conn)) {
+        conn.set_opening(true);
+        let opened = guard_handler(|| handler.on_open(&conn));
+        conn.set_opening(false);
+        let (failed, ran) = match opened {
             Err(panicked) => (Some(panicked), false),
             // Closed from `on_open` (by the handler, or by a call of its
             // that failed the connection): no connection to hand on.

@@ -328,6 +328,14 @@ impl CompletionTable {
     pub fn close(&self, error: &Error) {
         self.closed.store(true, Ordering::SeqCst);
         fence(Ordering::SeqCst);
+        self.fail_waiting(error);
+    }
+
+    /// Fails every request waiting now with `error`; later ones are taken
+    /// as before. For responses that cannot come yet (they could be read
+    /// only by a reactor that does not have the connection), on a
+    /// connection that goes on.
+    pub fn fail_waiting(&self, error: &Error) {
         for index in 0..self.slots.len() {
             loop {
                 let word = self.slots[index].state.load(Ordering::SeqCst);
