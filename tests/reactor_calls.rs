@@ -1311,6 +1311,90 @@ fn a_request_from_on_open_fails_when_the_server_closes() {
     });
 }
 
+/// A client whose handler's `on_open` makes one request on the
+/// connection being opened, and notes how it ended, the messages it gets
+/// and its close, in order.
+struct RequestsInOnOpenAndListens {
+    events: Arc<Mutex<Vec<String>>>,
+}
+
+impl monte_rpc::Handler for RequestsInOnOpenAndListens {
+    fn on_message(&self, ctx: &mut Context<'_>) {
+        let body = String::from_utf8_lossy(ctx.body()).into_owned();
+        self.events.lock().unwrap().push(format!("message {body}"));
+    }
+
+    fn on_open(&self, conn: &monte_rpc::Connection) {
+        let mut response = Vec::new();
+        let result = conn.request_timeout(b"bye", &mut response, Some(Duration::from_secs(10)));
+        let cause = result.map_err(|e| format!("{:?}", e.root_cause()));
+        self.events
+            .lock()
+            .unwrap()
+            .push(format!("on_open asked: {cause:?}"));
+    }
+
+    fn on_close(&self, _: &monte_rpc::Connection, reason: &Error) {
+        self.events
+            .lock()
+            .unwrap()
+            .push(format!("closed: {reason:?}"));
+    }
+}
+
+/// A request from `on_open` that read past the server's greeting (set
+/// aside for the handler) and then met the server's end of stream: the
+/// request fails at once, and the greeting still reaches `on_message`
+/// once `on_open` returns, before the close.
+#[test]
+fn a_greeting_set_aside_before_the_servers_close_is_still_handed_on() {
+    within(30, || {
+        struct GreetsThenCloses;
+        impl monte_rpc::Handler for GreetsThenCloses {
+            fn on_message(&self, ctx: &mut Context<'_>) {
+                // `close` drops what is queued: the greeting goes out at
+                // the end of the reactor's turn, long before.
+                let conn = ctx.conn().clone();
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(100));
+                    conn.close();
+                });
+            }
+            fn on_open(&self, conn: &monte_rpc::Connection) {
+                let _ = conn.send_no_wait(b"hello");
+            }
+        }
+        let server =
+            Server::bind("127.0.0.1:0", Config::server().workers(1), GreetsThenCloses).unwrap();
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let client = Client::with_handler(
+            server.local_addr(),
+            Config::default().max_conns(1),
+            RequestsInOnOpenAndListens {
+                events: events.clone(),
+            },
+        )
+        .unwrap();
+        let _ = client.send(b"dial");
+        assert!(
+            wait_until(Duration::from_secs(15), || events.lock().unwrap().len()
+                >= 3),
+            "{:?}",
+            events.lock().unwrap()
+        );
+        assert_eq!(
+            *events.lock().unwrap(),
+            [
+                r#"on_open asked: Err("PeerClosed")"#,
+                "message hello",
+                "closed: PeerClosed"
+            ]
+        );
+        client.shutdown();
+        server.shutdown();
+    });
+}
+
 /// A server's request to a peer whose reading it paused (its replies over
 /// the budget, the peer not reading them): the caller waiting for the
 /// response holds the read turn through the pause, and the silence is
