@@ -696,12 +696,14 @@ mod tests {
     /// A client connection's read side over loopback, and its peer's
     /// socket and sealer.
     fn connection() -> (ReadSide, Owner, std::net::TcpStream, Sealer) {
-        connection_on(ConnSocket::new)
+        connection_on(ConnSocket::new, Deadlines::default())
     }
 
-    /// [`connection`] with its socket made by `socket`.
+    /// [`connection`] with its socket made by `socket`, and the peer held
+    /// to `deadlines`.
     fn connection_on(
         socket: fn(std::net::TcpStream) -> ConnSocket,
+        deadlines: Deadlines,
     ) -> (ReadSide, Owner, std::net::TcpStream, Sealer) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let ours = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
@@ -710,7 +712,7 @@ mod tests {
         let limits = Limits {
             buffer_size: 4096,
             max_message_size: 1 << 16,
-            deadlines: Deadlines::default(),
+            deadlines,
         };
         let core = ConnCore::new(
             ReadPhase::Open {
@@ -744,7 +746,7 @@ mod tests {
     /// and held it until the peer's next bytes.
     #[test]
     fn a_caller_polling_with_no_deadline_sees_its_call_end() {
-        let (side, owner, mut theirs, _) = connection_on(ConnSocket::polling);
+        let (side, owner, mut theirs, _) = connection_on(ConnSocket::polling, Deadlines::default());
         let ended = std::sync::atomic::AtomicBool::new(false);
         std::thread::scope(|s| {
             let caller = s.spawn(|| {
@@ -766,6 +768,54 @@ mod tests {
             assert!(finished, "the caller slept on past its call's end");
             caller.join().unwrap();
         });
+    }
+
+    /// A caller holds the read turn through this side's pause (its output
+    /// over budget) and past the resume, which the reactor notes meanwhile
+    /// without the turn: the caller judges the peer's silence from the
+    /// resume. Judged from the peer's last bytes, before the pause, a peer
+    /// that answers within the read timeout of the resume is closed for
+    /// its silence (`Timeout(Read)`, handed to the reactor).
+    #[test]
+    fn a_caller_holding_the_turn_judges_silence_from_a_resume_it_did_not_see() {
+        let deadlines = Deadlines {
+            read: Some(Duration::from_millis(300)),
+            ..Deadlines::default()
+        };
+        let (side, owner, mut theirs, mut sealer) = connection_on(ConnSocket::new, deadlines);
+        // The reactor paused reading, as over budget.
+        side.note_silence(true, None);
+        std::thread::scope(|s| {
+            let caller = s.spawn(|| {
+                let deadline = Instant::now() + Duration::from_secs(5);
+                side.wait_on_socket(
+                    &owner,
+                    &|| !lock(&owner.delivered).is_empty(),
+                    Some(deadline),
+                )
+            });
+            // Past the read timeout, the silence this side's.
+            std::thread::sleep(Duration::from_millis(500));
+            assert!(side.core.try_take().is_none(), "the caller is not waiting");
+            // The reactor resumes reading; the caller has the turn.
+            side.note_silence(false, Some(now_nanos()));
+            // Within the read timeout of the resume, the peer answers.
+            std::thread::sleep(Duration::from_millis(150));
+            let mut frame = Vec::new();
+            sealer.seal_append(1, b"the response", &mut frame).unwrap();
+            theirs.write_all(&frame).unwrap();
+            assert!(
+                caller.join().unwrap(),
+                "the caller did not wait on the socket"
+            );
+        });
+        assert_eq!(*lock(&owner.delivered), vec![1], "the response was lost");
+        let core = side.core.try_take().expect("the turn is free");
+        match &core.held {
+            None => {}
+            Some(Held::Failed(e)) => panic!("the caller ended the connection: {e}"),
+            Some(Held::Message { .. }) => panic!("a message was read"),
+        }
     }
 
     /// Half a frame, read into the receive buffer.
