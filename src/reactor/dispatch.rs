@@ -113,8 +113,8 @@ impl Reactor {
                 // if the socket took enough, go on. A queue closed over the
                 // budget never drains (a graceful close seals only an
                 // empty one): the connection closes now, with the queue's
-                // reason. Its close was asked for too, but that command
-                // may have come before this reactor took the connection.
+                // reason, rather than at its Close command, which waits
+                // for this turn to end.
                 if !self.conns.contains(key) || self.conns[key].life.read_paused() {
                     return Ok(());
                 }

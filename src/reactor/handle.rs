@@ -346,7 +346,12 @@ impl ReactorHandle {
         Ok(conn)
     }
 
-    fn add(&self, conn: Connection, handler: Arc<dyn Handler>, handshaking: bool) -> Result<()> {
+    pub(super) fn add(
+        &self,
+        conn: Connection,
+        handler: Arc<dyn Handler>,
+        handshaking: bool,
+    ) -> Result<()> {
         if self.is_stopped() {
             conn.finish_close(&Error::Closed);
             return Err(Error::Closed);

@@ -552,7 +552,17 @@ impl Reactor {
             return;
         }
         conn.shared.token.store(key, Ordering::Release);
+        // Closed on its way here (a dialled connection, after its
+        // `on_open`): its Close command came first and found no
+        // connection. Closed now, with its own reason, as that command
+        // would have (its socket, shut down, would read as the peer's
+        // end).
+        let closed = conn.close_reason();
         entry.insert(Entry::new(conn, handler, handshaking, &self.config, now));
+        if let Some(reason) = closed {
+            self.close(key, reason);
+            return;
+        }
         // Server handshakes may owe output before any input (custom ones),
         // and bytes read past a dialled handshake must be processed: one
         // pass now.
@@ -706,6 +716,82 @@ mod tests {
             "closed only after {waited:?}"
         );
         assert_eq!(handle.stats().closed_handshake_timeout, 1);
+
+        handle.stop();
+        driver.join().unwrap().unwrap();
+    }
+
+    /// Notes the reasons its connections closed with.
+    struct NotesCloses(std::sync::Mutex<Vec<String>>);
+
+    impl crate::Handler for NotesCloses {
+        fn on_message(&self, _: &mut Context<'_>) {}
+        fn on_close(&self, _: &crate::Connection, reason: &crate::Error) {
+            self.0.lock().unwrap().push(format!("{reason:?}"));
+        }
+    }
+
+    /// A dialled connection closed after its `on_open` and before its
+    /// reactor takes it: the Close command comes first and finds no
+    /// connection, then the connection is added. It stayed until the shut
+    /// socket's end of stream closed it as the peer's doing
+    /// (`PeerClosed`, counted as closed by the peer); it is now closed as
+    /// it is added, with its own reason.
+    #[test]
+    fn a_connection_closed_before_its_reactor_takes_it_closes_with_its_reason() {
+        use crate::conn::{Connection, NewConnParts};
+        use crate::conn_socket::ConnSocket;
+        use crate::protocol::connection::{ConnCore, ReadPhase};
+        use crate::protocol::{Opener, Profile, Role, Sealer};
+
+        let config = Config::default();
+        let reactor = Reactor::new(config.clone()).unwrap();
+        let handle = reactor.handle();
+        let driver = std::thread::spawn(move || reactor.run());
+
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (_theirs, _) = listener.accept().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let key = [5u8; 32];
+        let conn = Connection::new(NewConnParts {
+            id: crate::sync::next_conn_id(),
+            role: Role::Client,
+            peer_addr: ours.peer_addr().ok(),
+            stream: ConnSocket::new(ours),
+            sealer: Some(Sealer::new(key, Profile::Secure)),
+            config: Arc::new(config.clone()),
+            driver: handle.shared.clone(),
+            release: None,
+            core: ConnCore::new(
+                ReadPhase::Open {
+                    opener: Opener::new(key, Profile::Secure),
+                },
+                Role::Client,
+                config.core_limits(),
+                &[],
+                crate::clock::now_nanos(),
+            ),
+        });
+        let closes = Arc::new(NotesCloses(std::sync::Mutex::default()));
+        // Its Close command first, then the Add, as in the window.
+        conn.close();
+        handle.add(conn, closes.clone(), false).unwrap();
+
+        let started = Instant::now();
+        while closes.0.lock().unwrap().is_empty() && started.elapsed() < Duration::from_secs(3) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(*closes.0.lock().unwrap(), ["Closed"]);
+        let stats = handle.stats();
+        assert_eq!(
+            (
+                stats.closed_local,
+                stats.closed_by_peer,
+                stats.connections_open
+            ),
+            (1, 0, 0)
+        );
 
         handle.stop();
         driver.join().unwrap().unwrap();
