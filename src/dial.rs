@@ -130,10 +130,11 @@ fn nonblocking_socket(domain: Domain) -> io::Result<Socket> {
 ///
 /// The whole dial ends by `call`'s deadline, if it has one: each connect
 /// attempt gets at most `dial_timeout` and the time left, the pauses
-/// between attempts are skipped when no time would be left after them (the
-/// last attempt's error is the dial's then), and the handshake gets at most
-/// `handshake_timeout` and the time left. When the call's deadline is what
-/// ends a step, the cause is [`Error::Timeout`] with `call.kind`. And it
+/// between attempts are skipped when no time would be left after them, and
+/// the handshake gets at most `handshake_timeout` and the time left. When
+/// the call's deadline is what ends a step, the cause is [`Error::Timeout`]
+/// with `call.kind`, except for a connect attempt after the first: the
+/// failure of the attempt before it (a refusal, say) is the dial's. And it
 /// ends, with [`Error::Closed`] as the cause, within [`ABANDON_CHECK`] of
 /// `abandoned` turning true (its owner shut down).
 pub(crate) fn dial(
@@ -166,12 +167,20 @@ pub(crate) fn dial(
                 last = Error::Closed;
                 break;
             }
+            // A sleep ends late: past the call's deadline, the last
+            // attempt's error stands, as when the pause is skipped.
+            if call.is_some_and(|c| c.passed()) {
+                break;
+            }
         }
         match connect_once(addr, config, call, abandoned) {
             Ok(socket) => {
                 return handshake(socket.into(), config, call, abandoned)
                     .map_err(|e| e.dialling(addr, DialPhase::Handshake))
             }
+            // An attempt the call's deadline cut short says less than the
+            // failure that made it retry: that one stands.
+            Err(Error::Timeout(kind)) if attempt > 0 && call.is_some_and(|c| c.kind == kind) => {}
             Err(e) => last = e,
         }
         if call.is_some_and(|c| c.passed()) {

@@ -305,6 +305,36 @@ fn a_refused_dial_names_the_address_and_the_phase() {
     assert!(source.to_string().contains("refused"), "{source}");
 }
 
+/// A refused dial whose call's deadline falls just after the pause before
+/// the next attempt: the pause (a sleep, which ends late) may end past the
+/// deadline, or the deadline ends the next attempt before its refusal
+/// comes. The call failed with `Timeout(Request)` then, hiding the
+/// refusal; the refusal is now the dial's error, as when the pause is
+/// skipped for want of time.
+#[test]
+fn a_deadline_passed_in_the_pause_between_attempts_keeps_the_refusal() {
+    let addr = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    within(30, move || {
+        // The first pause is 10 ms; deadlines from just before its end to
+        // 2 ms past it, in steps finer than a sleep's lateness.
+        for slack_us in (0..2000).step_by(50) {
+            let client = Client::new(addr, config().dial_attempts(2)).unwrap();
+            let timeout = Duration::from_micros(10_000 + slack_us);
+            let e = client
+                .request_timeout(b"hello", &mut Vec::new(), Some(timeout))
+                .expect_err("nothing listens");
+            assert_eq!(
+                e.io_kind(),
+                std::io::ErrorKind::ConnectionRefused,
+                "deadline {timeout:?}: {e:?}"
+            );
+        }
+    });
+}
+
 #[test]
 fn a_failed_handshake_names_the_address_and_the_phase() {
     let (addr, accepted) = hang_up_server();
