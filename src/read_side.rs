@@ -311,17 +311,26 @@ impl ReadSide {
             // The peer's deadlines hold while a caller has the turn (the
             // reactor's sweep cannot look then): one that passed closes
             // the connection, through the reactor. Not while the silence
-            // is this side's, and counted from the last resume.
-            self.apply_resume(&mut inbound);
+            // is this side's, and counted from the last resume. Whose the
+            // silence is, first: the reactor notes a resume's time before
+            // it says the silence is the peer's again (`note_silence`), so
+            // a caller that sees the latter sees the former too.
             let ours = self.silence_ours.load(Ordering::Acquire);
+            self.apply_resume(&mut inbound);
             if let Some(kind) = inbound.expired(now, ours) {
                 inbound.held = Some(Held::Failed(Error::Timeout(kind)));
                 reactor_needed = true;
                 break;
             }
-            let core_wait = inbound
-                .next_deadline()
-                .map(|at| Duration::from_nanos(at.saturating_sub(now)));
+            // While the silence is ours the peer's deadlines wait: no
+            // wake-up for them (one past would make every wait zero, a
+            // spin until the resume).
+            let core_wait = match ours {
+                true => None,
+                false => inbound
+                    .next_deadline()
+                    .map(|at| Duration::from_nanos(at.saturating_sub(now))),
+            };
             let timeout = match deadline {
                 None => core_wait,
                 Some(d) => match d.checked_duration_since(at) {
@@ -775,11 +784,13 @@ mod tests {
     /// without the turn: the caller judges the peer's silence from the
     /// resume. Judged from the peer's last bytes, before the pause, a peer
     /// that answers within the read timeout of the resume is closed for
-    /// its silence (`Timeout(Read)`, handed to the reactor).
+    /// its silence (`Timeout(Read)`, handed to the reactor). And through
+    /// the pause it sleeps: with the read deadline past, its waits were
+    /// all zero, a spin that took a core.
     #[test]
     fn a_caller_holding_the_turn_judges_silence_from_a_resume_it_did_not_see() {
         let deadlines = Deadlines {
-            read: Some(Duration::from_millis(300)),
+            read: Some(Duration::from_millis(400)),
             ..Deadlines::default()
         };
         let (side, owner, mut theirs, mut sealer) = connection_on(ConnSocket::new, deadlines);
@@ -787,26 +798,33 @@ mod tests {
         side.note_silence(true, None);
         std::thread::scope(|s| {
             let caller = s.spawn(|| {
-                let deadline = Instant::now() + Duration::from_secs(5);
-                side.wait_on_socket(
+                let deadline = Instant::now() + Duration::from_secs(10);
+                let cpu = crate::sys::tests_only::thread_cpu_time();
+                let waited = side.wait_on_socket(
                     &owner,
                     &|| !lock(&owner.delivered).is_empty(),
                     Some(deadline),
-                )
+                );
+                (waited, crate::sys::tests_only::thread_cpu_time() - cpu)
             });
-            // Past the read timeout, the silence this side's.
-            std::thread::sleep(Duration::from_millis(500));
+            // Past the read timeout, the silence this side's (not looked
+            // at before: a look takes the turn, which the caller may be
+            // taking then).
+            std::thread::sleep(Duration::from_millis(1200));
             assert!(side.core.try_take().is_none(), "the caller is not waiting");
             // The reactor resumes reading; the caller has the turn.
             side.note_silence(false, Some(now_nanos()));
-            // Within the read timeout of the resume, the peer answers.
-            std::thread::sleep(Duration::from_millis(150));
+            // Well within the read timeout of the resume, the peer answers.
+            std::thread::sleep(Duration::from_millis(100));
             let mut frame = Vec::new();
             sealer.seal_append(1, b"the response", &mut frame).unwrap();
             theirs.write_all(&frame).unwrap();
+            let (waited, cpu) = caller.join().unwrap();
+            assert!(waited, "the caller did not wait on the socket");
+            // A spin through the pause would take most of its second.
             assert!(
-                caller.join().unwrap(),
-                "the caller did not wait on the socket"
+                cpu < Duration::from_millis(300),
+                "the caller used {cpu:?} of CPU in 1.3 s"
             );
         });
         assert_eq!(*lock(&owner.delivered), vec![1], "the response was lost");

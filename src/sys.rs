@@ -207,6 +207,19 @@ pub(crate) mod tests_only {
         unsafe { libc::pthread_self() }
     }
 
+    /// The CPU time the calling thread has used (user and system).
+    pub(crate) fn thread_cpu_time() -> std::time::Duration {
+        // SAFETY: `usage` is a plain C struct that `getrusage` fills in;
+        // zeroed is a valid value of it.
+        let usage = unsafe {
+            let mut usage: libc::rusage = std::mem::zeroed();
+            libc::getrusage(libc::RUSAGE_THREAD, &mut usage);
+            usage
+        };
+        let micros = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+        std::time::Duration::from_micros(micros(usage.ru_utime) + micros(usage.ru_stime))
+    }
+
     /// Sends `SIGUSR1` to `thread`, which must still be running.
     pub(crate) fn send_sigusr1(thread: libc::pthread_t) {
         // SAFETY: the caller keeps `thread` alive until this returns (the
