@@ -309,22 +309,28 @@ pub enum Error {
     /// blocking request (a blocking caller reads its own response), or
     /// after `on_open` returns.
     AsyncRequestInOnOpen,
-    /// A request made from a dialled connection's `on_open`, whose peer
-    /// sent more messages ahead of the response than the connection holds
-    /// for its handler until `on_open` returns (`limit` bytes: one message
-    /// of the larger of `max_message_size` and `read_buffer_size`, with
-    /// its framing). The response could be read only past them, by the
-    /// connection's reactor, which takes the connection once `on_open`
-    /// returns: every request waiting there fails with this at once,
-    /// rather than at its deadline. The connection stays open; the
-    /// messages reach `on_message` in order after `on_open`. Make the
-    /// request after `on_open` returns, or raise the limits.
+    /// A request on a dialled connection while its `on_open` runs, whose
+    /// peer sent more messages ahead of the response than the connection
+    /// holds for its handler until `on_open` returns (`limit` bytes: one
+    /// message of the larger of `max_message_size` and `read_buffer_size`,
+    /// with its framing). The response could be read only past them, by
+    /// the connection's reactor, which takes the connection once `on_open`
+    /// returns: every request waiting on the connection then (from
+    /// `on_open`, or from a thread it started) fails with this at once,
+    /// rather than at its deadline. The request was sent: the peer runs
+    /// it, and its late response is dropped (counted in
+    /// `responses_dropped`), so a retry runs it twice. The connection
+    /// stays open; the messages reach `on_message` in order after
+    /// `on_open`. Make the request after `on_open` returns, or raise the
+    /// limits.
     ///
     /// ```
     /// use monte_rpc::Error;
     ///
     /// let e = Error::MessagesAheadInOnOpen { limit: 8_248 };
-    /// assert!(e.to_string().starts_with("a request from on_open is behind more than 8248 bytes"));
+    /// assert!(e.to_string().starts_with(
+    ///     "a request made while on_open runs is behind more than 8248 bytes"
+    /// ));
     /// ```
     MessagesAheadInOnOpen {
         /// The bytes of messages the connection holds for its handler.
@@ -526,8 +532,9 @@ impl fmt::Display for Error {
             ),
             Error::MessagesAheadInOnOpen { limit } => write!(
                 f,
-                "a request from on_open is behind more than {limit} bytes of the peer's \
-                 messages, which wait for the handler until on_open returns"
+                "a request made while on_open runs is behind more than {limit} bytes of the \
+                 peer's messages, which wait for the handler until on_open returns (the request \
+                 was sent)"
             ),
             Error::Io(e) => write!(f, "i/o error: {e}"),
             Error::Dial {
