@@ -432,7 +432,9 @@ impl ReactorHandle {
 }
 
 /// What a command means once its reactor is gone: a connection handed over
-/// or to be closed is closed; nothing else needs doing.
+/// or to be closed is closed; nothing else needs doing. A connection handed
+/// over is one whose push was refused here: its pusher hears of it and
+/// tells the handler (the reactor's own drain does that itself).
 pub(super) fn settle_after_stop(cmd: Command, stats: &Counters) {
     match cmd {
         Command::Add { conn, .. } => {

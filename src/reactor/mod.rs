@@ -456,13 +456,7 @@ impl Reactor {
         }
         if self.stopping && self.conns.is_empty() {
             self.shared.stopped.store(true, Ordering::Release);
-            // Connections handed over after the stop are closed here, and
-            // the mailbox refuses any more.
-            let mut left = Vec::new();
-            self.shared.mailbox.close(&mut left);
-            for cmd in left {
-                settle_after_stop(cmd, &self.shared.stats);
-            }
+            self.close_mailbox();
             return Ok(false);
         }
         Ok(true)
@@ -534,7 +528,7 @@ impl Reactor {
         if self.stopping || self.shared.stopped.load(Ordering::Acquire) {
             self.shared.connections.fetch_sub(1, Ordering::Relaxed);
             self.shared.stats.uncount_open();
-            conn.finish_close(&Error::Closed);
+            close_unadded(&conn, &*handler, handshaking, &Error::Closed);
             return;
         }
         let now = now_nanos();
@@ -548,7 +542,7 @@ impl Reactor {
         {
             self.shared.connections.fetch_sub(1, Ordering::Relaxed);
             self.shared.stats.uncount_open();
-            conn.finish_close(&Error::from(e));
+            close_unadded(&conn, &*handler, handshaking, &Error::from(e));
             return;
         }
         conn.shared.token.store(key, Ordering::Release);
@@ -627,6 +621,28 @@ impl Reactor {
 
     /// Removes a connection: deregisters it, fails what waits on it and
     /// tells the handler.
+    /// Refuses every later command and settles the ones already queued:
+    /// connections handed over after the stop are closed here (a dialled
+    /// one's handler told: its `on_open` ran).
+    fn close_mailbox(&self) {
+        let mut left = Vec::new();
+        self.shared.mailbox.close(&mut left);
+        for cmd in left {
+            match cmd {
+                Command::Add {
+                    conn,
+                    handler,
+                    handshaking,
+                } => {
+                    self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+                    self.shared.stats.uncount_open();
+                    close_unadded(&conn, &*handler, handshaking, &Error::Closed);
+                }
+                cmd => settle_after_stop(cmd, &self.shared.stats),
+            }
+        }
+    }
+
     fn close(&mut self, key: usize, err: Error) {
         let Some(entry) = self.conns.try_remove(key) else {
             return;
@@ -654,6 +670,19 @@ impl Reactor {
     }
 }
 
+/// Closes a connection handed to a reactor that could not take it (it
+/// stops, or the socket would not register). A dialled one's `on_open`
+/// ran on the dialling thread, which handed it on as open: its `on_close`
+/// follows here. A server's never got past its handshake: nothing was
+/// told of it.
+fn close_unadded(conn: &Connection, handler: &dyn Handler, handshaking: bool, reason: &Error) {
+    conn.finish_close(reason);
+    if !handshaking {
+        crate::events::closed(conn.id(), conn.peer_addr(), reason, false);
+        let _ = guard_handler(|| handler.on_close(conn, reason));
+    }
+}
+
 impl Drop for Reactor {
     fn drop(&mut self) {
         self.shared.stopped.store(true, Ordering::Release);
@@ -661,14 +690,9 @@ impl Drop for Reactor {
         for key in keys {
             self.close(key, Error::Closed);
         }
-        // Refuse every later command and settle the ones already queued:
-        // a connection left in the mailbox would keep this reactor's shared
+        // A connection left in the mailbox would keep this reactor's shared
         // half, and itself, alive forever.
-        let mut left = Vec::new();
-        self.shared.mailbox.close(&mut left);
-        for cmd in left {
-            settle_after_stop(cmd, &self.shared.stats);
-        }
+        self.close_mailbox();
     }
 }
 
@@ -731,27 +755,20 @@ mod tests {
         }
     }
 
-    /// A dialled connection closed after its `on_open` and before its
-    /// reactor takes it: the Close command comes first and finds no
-    /// connection, then the connection is added. It stayed until the shut
-    /// socket's end of stream closed it as the peer's doing
-    /// (`PeerClosed`, counted as closed by the peer); it is now closed as
-    /// it is added, with its own reason.
-    #[test]
-    fn a_connection_closed_before_its_reactor_takes_it_closes_with_its_reason() {
+    /// A dialled connection (its `on_open` run) over loopback, driven by
+    /// `handle`'s reactor once added, and its peer's socket.
+    fn dialled_connection(
+        handle: &crate::ReactorHandle,
+        config: &Config,
+    ) -> (crate::Connection, TcpStream) {
         use crate::conn::{Connection, NewConnParts};
         use crate::conn_socket::ConnSocket;
         use crate::protocol::connection::{ConnCore, ReadPhase};
         use crate::protocol::{Opener, Profile, Role, Sealer};
 
-        let config = Config::default();
-        let reactor = Reactor::new(config.clone()).unwrap();
-        let handle = reactor.handle();
-        let driver = std::thread::spawn(move || reactor.run());
-
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let ours = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (_theirs, _) = listener.accept().unwrap();
+        let (theirs, _) = listener.accept().unwrap();
         ours.set_nonblocking(true).unwrap();
         let key = [5u8; 32];
         let conn = Connection::new(NewConnParts {
@@ -773,6 +790,58 @@ mod tests {
                 crate::clock::now_nanos(),
             ),
         });
+        (conn, theirs)
+    }
+
+    /// A dialled connection handed to a reactor that is stopping (its
+    /// Stop command came first): its `on_open` ran, so its `on_close`
+    /// must follow. The reactor closed it without telling the handler.
+    #[test]
+    fn a_dialled_connection_added_as_the_reactor_stops_is_told_of_its_close() {
+        let config = Config::default();
+        let reactor = Reactor::new(config.clone()).unwrap();
+        let handle = reactor.handle();
+        let (conn, _theirs) = dialled_connection(&handle, &config);
+        let closes = Arc::new(NotesCloses(std::sync::Mutex::default()));
+        // Both commands wait in the mailbox until the reactor runs.
+        handle.stop();
+        handle.add(conn, closes.clone(), false).unwrap();
+        std::thread::spawn(move || reactor.run())
+            .join()
+            .unwrap()
+            .unwrap();
+        assert_eq!(*closes.0.lock().unwrap(), ["Closed"]);
+        assert_eq!(handle.stats().connections_open, 0);
+    }
+
+    /// As above, the reactor dropped without ever running: the connection
+    /// left in its mailbox is closed, and its handler told.
+    #[test]
+    fn a_dialled_connection_left_in_a_dropped_reactors_mailbox_is_told_of_its_close() {
+        let config = Config::default();
+        let reactor = Reactor::new(config.clone()).unwrap();
+        let handle = reactor.handle();
+        let (conn, _theirs) = dialled_connection(&handle, &config);
+        let closes = Arc::new(NotesCloses(std::sync::Mutex::default()));
+        handle.add(conn, closes.clone(), false).unwrap();
+        drop(reactor);
+        assert_eq!(*closes.0.lock().unwrap(), ["Closed"]);
+        assert_eq!(handle.stats().connections_open, 0);
+    }
+
+    /// A dialled connection closed after its `on_open` and before its
+    /// reactor takes it: the Close command comes first and finds no
+    /// connection, then the connection is added. It stayed until the shut
+    /// socket's end of stream closed it as the peer's doing
+    /// (`PeerClosed`, counted as closed by the peer); it is now closed as
+    /// it is added, with its own reason.
+    #[test]
+    fn a_connection_closed_before_its_reactor_takes_it_closes_with_its_reason() {
+        let config = Config::default();
+        let reactor = Reactor::new(config.clone()).unwrap();
+        let handle = reactor.handle();
+        let driver = std::thread::spawn(move || reactor.run());
+        let (conn, _theirs) = dialled_connection(&handle, &config);
         let closes = Arc::new(NotesCloses(std::sync::Mutex::default()));
         // Its Close command first, then the Add, as in the window.
         conn.close();
