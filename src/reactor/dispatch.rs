@@ -103,7 +103,7 @@ impl Reactor {
         let mut now = now_nanos();
         let mut drained = false;
         loop {
-            if self.conns[key].life.read_paused() {
+            if self.conns[key].life().read_paused() {
                 return Ok(());
             }
             if !self.process(key, conn, inbound, now)? {
@@ -115,7 +115,7 @@ impl Reactor {
                 // empty one): the connection closes now, with the queue's
                 // reason, rather than at its Close command, which waits
                 // for this turn to end.
-                if !self.conns.contains(key) || self.conns[key].life.read_paused() {
+                if !self.conns.contains(key) || self.conns[key].life().read_paused() {
                     return Ok(());
                 }
                 if conn.is_closed() {
@@ -149,13 +149,7 @@ impl Reactor {
     /// shutdown). Replies to what it sent are still owed: flush them, then
     /// close.
     pub(super) fn on_end_of_stream(&mut self, key: usize) -> Result<()> {
-        let finished = self.conns[key].life.peer_finished(now_nanos())?;
-        let entry = &self.conns[key];
-        entry
-            .conn
-            .shared
-            .read
-            .note_silence(entry.life.silence_is_ours(), None);
+        let finished = self.conns[key].peer_finished(now_nanos())?;
         if finished {
             self.dirty.push(key);
             self.sweep_within(self.drain_tick);
@@ -189,20 +183,20 @@ impl Reactor {
             let Some(done) = done else {
                 if sent {
                     // Our part is out; the client's proof is awaited.
-                    self.conns[key].life.awaiting_proof();
+                    self.conns[key].awaiting_proof();
                 }
                 return Ok(true);
             };
             conn.set_peer_identity(done.peer_identity);
             conn.install_sealer(done.sealer);
-            self.conns[key].life.opened();
+            self.conns[key].opened();
             crate::events::opened(conn.id(), conn.role(), conn.peer_addr());
             let handler = self.conns[key].handler.clone();
             guard_handler(|| handler.on_open(conn))?;
         }
         let stats = &self.shared.stats;
         let entry = &self.conns[key];
-        let (handler, life) = (&*entry.handler, &entry.life);
+        let (handler, life) = (&*entry.handler, entry.life());
         let mut dispatched = false;
         let mut served = Served::Nothing;
         let mut within_budget;
@@ -269,7 +263,7 @@ impl Reactor {
 
     pub(super) fn flush(&mut self, key: usize) {
         let entry = &mut self.conns[key];
-        let flushed = entry.conn.flush_from_reactor(entry.life.hand_back_past());
+        let flushed = entry.conn.flush_from_reactor(entry.life().hand_back_past());
         let output = match flushed {
             Flushed::Empty => Output::Drained,
             // Bytes wait for the next turn as they would for the socket:
@@ -282,26 +276,17 @@ impl Reactor {
             entry.flush_queued = true;
             self.flush_next_turn.push(key);
         }
-        match entry.life.after_flush(output) {
+        match entry.after_flush(output) {
             ReadGate::Paused => {
                 Counters::inc(&self.shared.stats.reads_paused);
                 let conn = &entry.conn;
-                conn.shared.read.note_silence(true, None);
                 crate::events::reading_paused(
                     conn.id(),
                     conn.peer_addr(),
                     self.config.max_queued_bytes,
                 );
             }
-            ReadGate::Resumed => {
-                let silence = entry.life.silence_is_ours();
-                entry
-                    .conn
-                    .shared
-                    .read
-                    .note_silence(silence, Some(now_nanos()));
-                self.resume.push(key);
-            }
+            ReadGate::Resumed => self.resume.push(key),
             ReadGate::Unchanged => {}
         }
         // Wait for the socket to take more only while it refused some.
@@ -333,10 +318,9 @@ impl Reactor {
         let Some(entry) = self.conns.get_mut(key) else {
             return;
         };
-        let conn = &entry.conn;
-        let step = entry.life.advance(|| conn.seal_off_if_drained());
+        let step = entry.advance();
         if step.shut_write {
-            let _ = conn.shared.stream.shutdown(std::net::Shutdown::Write);
+            let _ = entry.conn.shared.stream.shutdown(std::net::Shutdown::Write);
         }
         if let Some(reason) = step.close {
             self.close(key, reason);

@@ -581,8 +581,7 @@ impl Reactor {
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for key in keys {
             let entry = &mut self.conns[key];
-            entry.life.close_locally(now);
-            entry.conn.shared.read.note_silence(true, None);
+            entry.close_locally(now);
             self.flush(key);
         }
         self.sweep_within(self.drain_tick);
@@ -605,7 +604,7 @@ impl Reactor {
         let draining = self
             .conns
             .iter()
-            .any(|(_, entry)| entry.life.phase() == Phase::Draining);
+            .any(|(_, entry)| entry.life().phase() == Phase::Draining);
         // Connections went idle and gave their buffers back: once the
         // burst is over (nothing given back for a sweep), the freed memory
         // goes back to the OS, at most every few seconds.
@@ -650,7 +649,7 @@ impl Reactor {
         self.shared.connections.fetch_sub(1, Ordering::Relaxed);
         self.shared
             .stats
-            .count_close(&err, entry.life.is_handshaking());
+            .count_close(&err, entry.life().is_handshaking());
         let fd = entry.conn.shared.stream.as_raw_fd();
         let _ = self.shared.registry.deregister(&mut SourceFd(&fd));
         entry.conn.finish_close(&err);
@@ -659,11 +658,11 @@ impl Reactor {
             conn.id(),
             conn.peer_addr(),
             &err,
-            entry.life.is_handshaking(),
+            entry.life().is_handshaking(),
         );
         let handler = entry.handler.clone();
         let conn = entry.conn.clone();
-        let _ = guard_handler(|| match entry.life.is_handshaking() {
+        let _ = guard_handler(|| match entry.life().is_handshaking() {
             false => handler.on_close(&conn, &err),
             true => handler.on_handshake_failed(conn.peer_addr(), &err),
         });
