@@ -114,7 +114,8 @@ pub struct Config {
     /// one that succeeds; the first call after it dials again. (A dial
     /// that its call's own deadline cut short holds back only calls with
     /// up to twice the time it had, and does not double the backoff of the
-    /// endpoint's own failures.) So an
+    /// endpoint's own failures; a retry the deadline cut short after an
+    /// attempt failed, say refused, counts as that failure.) So an
     /// endpoint that is down costs one dial per backoff, not one per call.
     /// Zero disables it: every call that needs a connection dials (calls
     /// that queued behind a dial still share its result). Default: 100 ms.

@@ -318,11 +318,14 @@ fn a_deadline_passed_in_the_pause_between_attempts_keeps_the_refusal() {
         .local_addr()
         .unwrap();
     within(30, move || {
-        // The first pause is 10 ms; deadlines from just before its end to
-        // 2 ms past it, in steps finer than a sleep's lateness.
+        // The pauses are 10 and 20 ms; deadlines from just before the
+        // second one's end to 2 ms past it, in steps finer than a sleep's
+        // lateness. (The first attempt then has 30 ms to be made: a
+        // deadline that ends it, on a loaded machine, says nothing of a
+        // refusal.)
         for slack_us in (0..2000).step_by(50) {
-            let client = Client::new(addr, config().dial_attempts(2)).unwrap();
-            let timeout = Duration::from_micros(10_000 + slack_us);
+            let client = Client::new(addr, config().dial_attempts(3)).unwrap();
+            let timeout = Duration::from_micros(30_000 + slack_us);
             let e = client
                 .request_timeout(b"hello", &mut Vec::new(), Some(timeout))
                 .expect_err("nothing listens");

@@ -340,6 +340,7 @@ impl ReactorHandle {
             return Err(e);
         }
         if let Err(e) = self.add(conn.clone(), handler.clone(), false) {
+            crate::events::closed(conn.id(), Some(addr), &e, false);
             let _ = guard_handler(|| handler.on_close(&conn, &e));
             return Err(e);
         }

@@ -528,7 +528,8 @@ impl Reactor {
         if self.stopping || self.shared.stopped.load(Ordering::Acquire) {
             self.shared.connections.fetch_sub(1, Ordering::Relaxed);
             self.shared.stats.uncount_open();
-            close_unadded(&conn, &*handler, handshaking, &Error::Closed);
+            let reason = conn.close_reason().unwrap_or(Error::Closed);
+            close_unadded(&conn, &*handler, handshaking, &reason);
             return;
         }
         let now = now_nanos();
@@ -618,8 +619,6 @@ impl Reactor {
         draining
     }
 
-    /// Removes a connection: deregisters it, fails what waits on it and
-    /// tells the handler.
     /// Refuses every later command and settles the ones already queued:
     /// connections handed over after the stop are closed here (a dialled
     /// one's handler told: its `on_open` ran).
@@ -635,13 +634,16 @@ impl Reactor {
                 } => {
                     self.shared.connections.fetch_sub(1, Ordering::Relaxed);
                     self.shared.stats.uncount_open();
-                    close_unadded(&conn, &*handler, handshaking, &Error::Closed);
+                    let reason = conn.close_reason().unwrap_or(Error::Closed);
+                    close_unadded(&conn, &*handler, handshaking, &reason);
                 }
                 cmd => settle_after_stop(cmd, &self.shared.stats),
             }
         }
     }
 
+    /// Removes a connection: deregisters it, fails what waits on it and
+    /// tells the handler.
     fn close(&mut self, key: usize, err: Error) {
         let Some(entry) = self.conns.try_remove(key) else {
             return;
@@ -670,10 +672,12 @@ impl Reactor {
 }
 
 /// Closes a connection handed to a reactor that could not take it (it
-/// stops, or the socket would not register). A dialled one's `on_open`
-/// ran on the dialling thread, which handed it on as open: its `on_close`
-/// follows here. A server's never got past its handshake: nothing was
-/// told of it.
+/// stops, or the socket would not register), with `reason` (its own, if
+/// it was closed on its way). A dialled one's `on_open` ran on the
+/// dialling thread, which handed it on as open: its `on_close` follows
+/// here. A server's never got past its handshake: nothing was told of
+/// it. The stats take back its opening (as for a connection refused at
+/// the hand-over) rather than count a close.
 fn close_unadded(conn: &Connection, handler: &dyn Handler, handshaking: bool, reason: &Error) {
     conn.finish_close(reason);
     if !handshaking {
@@ -826,6 +830,21 @@ mod tests {
         drop(reactor);
         assert_eq!(*closes.0.lock().unwrap(), ["Closed"]);
         assert_eq!(handle.stats().connections_open, 0);
+    }
+
+    /// As above, the connection failed on its way (a write timed out):
+    /// its handler hears that reason, not a bare close.
+    #[test]
+    fn a_dialled_connection_failed_on_its_way_to_a_dropped_reactor_keeps_its_reason() {
+        let config = Config::default();
+        let reactor = Reactor::new(config.clone()).unwrap();
+        let handle = reactor.handle();
+        let (conn, _theirs) = dialled_connection(&handle, &config);
+        let closes = Arc::new(NotesCloses(std::sync::Mutex::default()));
+        conn.fail(crate::Error::Timeout(crate::TimeoutKind::Write));
+        handle.add(conn, closes.clone(), false).unwrap();
+        drop(reactor);
+        assert_eq!(*closes.0.lock().unwrap(), ["Timeout(Write)"]);
     }
 
     /// A dialled connection closed after its `on_open` and before its
