@@ -938,9 +938,16 @@ fn from_on_open_write_what_the_socket_takes_later(async_sends: bool, unlimited: 
     });
 }
 
-/// A server that greets each connection with a message of its own before
+/// A server that greets each connection with messages of its own before
 /// anything else, and answers requests.
-struct Greets;
+struct Greets(Vec<Vec<u8>>);
+
+impl Greets {
+    /// One greeting: "hello".
+    fn hello() -> Greets {
+        Greets(vec![b"hello".to_vec()])
+    }
+}
 
 impl monte_rpc::Handler for Greets {
     fn on_message(&self, ctx: &mut Context<'_>) {
@@ -950,7 +957,9 @@ impl monte_rpc::Handler for Greets {
     }
 
     fn on_open(&self, conn: &monte_rpc::Connection) {
-        let _ = conn.send_no_wait(b"hello");
+        for greeting in &self.0 {
+            let _ = conn.send_no_wait(greeting);
+        }
     }
 }
 
@@ -997,7 +1006,8 @@ fn a_request_from_on_open_is_answered_behind_the_peers_greeting() {
         // for its own answer) as the client's reactor takes the
         // connection, and must then tell it of the greeting set aside.
         common::confine_to_one_core();
-        let server = Server::bind("127.0.0.1:0", Config::server().workers(1), Greets).unwrap();
+        let server =
+            Server::bind("127.0.0.1:0", Config::server().workers(1), Greets::hello()).unwrap();
         for round in 0..20 {
             let events = Arc::new(Mutex::new(Vec::new()));
             // Callers that block at once, as on a one-core machine.
@@ -1034,25 +1044,6 @@ fn a_request_from_on_open_is_answered_behind_the_peers_greeting() {
     });
 }
 
-/// A server whose `on_open` sends four messages of 3,000 bytes, more
-/// than a client with 8 KiB frames holds for its handler while
-/// `on_open` runs, then answers requests.
-struct GreetsAtLength;
-
-impl monte_rpc::Handler for GreetsAtLength {
-    fn on_message(&self, ctx: &mut Context<'_>) {
-        if ctx.expects_reply() {
-            let _ = ctx.reply(b"answer");
-        }
-    }
-
-    fn on_open(&self, conn: &monte_rpc::Connection) {
-        for i in 0..4u8 {
-            let _ = conn.send_no_wait(&[b'0' + i; 3000]);
-        }
-    }
-}
-
 /// A request from `on_open` behind more of the peer's messages than the
 /// connection sets aside for its handler: its response could be read only
 /// past them, by the reactor, which has the connection once `on_open`
@@ -1062,8 +1053,15 @@ impl monte_rpc::Handler for GreetsAtLength {
 #[test]
 fn a_request_from_on_open_behind_too_many_messages_fails_at_once() {
     within(60, || {
-        let server =
-            Server::bind("127.0.0.1:0", Config::server().workers(1), GreetsAtLength).unwrap();
+        // Four messages of 3,000 bytes: more than a client with 8 KiB
+        // frames holds for its handler while `on_open` runs.
+        let greetings = (0..4u8).map(|i| vec![b'0' + i; 3000]).collect();
+        let server = Server::bind(
+            "127.0.0.1:0",
+            Config::server().workers(1),
+            Greets(greetings),
+        )
+        .unwrap();
         let events = Arc::new(Mutex::new(Vec::new()));
         let config = one_connection()
             .max_message_size(8 << 10)

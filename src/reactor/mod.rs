@@ -817,34 +817,41 @@ mod tests {
         assert_eq!(handle.stats().connections_open, 0);
     }
 
-    /// As above, the reactor dropped without ever running: the connection
-    /// left in its mailbox is closed, and its handler told.
-    #[test]
-    fn a_dialled_connection_left_in_a_dropped_reactors_mailbox_is_told_of_its_close() {
+    /// What the handler of a dialled connection left in the mailbox of a
+    /// reactor dropped without ever running heard, after `on_its_way` did
+    /// what it does to the connection first; and the connections the
+    /// reactor's stats count open then.
+    fn closes_heard_in_a_dropped_reactor(
+        on_its_way: impl FnOnce(&crate::Connection),
+    ) -> (Vec<String>, u64) {
         let config = Config::default();
         let reactor = Reactor::new(config.clone()).unwrap();
         let handle = reactor.handle();
         let (conn, _theirs) = dialled_connection(&handle, &config);
         let closes = Arc::new(NotesCloses(std::sync::Mutex::default()));
+        on_its_way(&conn);
         handle.add(conn, closes.clone(), false).unwrap();
         drop(reactor);
-        assert_eq!(*closes.0.lock().unwrap(), ["Closed"]);
-        assert_eq!(handle.stats().connections_open, 0);
+        let heard = closes.0.lock().unwrap().clone();
+        (heard, handle.stats().connections_open)
+    }
+
+    /// As above, the reactor dropped without ever running: the connection
+    /// left in its mailbox is closed, and its handler told.
+    #[test]
+    fn a_dialled_connection_left_in_a_dropped_reactors_mailbox_is_told_of_its_close() {
+        let (heard, open) = closes_heard_in_a_dropped_reactor(|_| {});
+        assert_eq!((heard, open), (vec!["Closed".to_string()], 0));
     }
 
     /// As above, the connection failed on its way (a write timed out):
     /// its handler hears that reason, not a bare close.
     #[test]
     fn a_dialled_connection_failed_on_its_way_to_a_dropped_reactor_keeps_its_reason() {
-        let config = Config::default();
-        let reactor = Reactor::new(config.clone()).unwrap();
-        let handle = reactor.handle();
-        let (conn, _theirs) = dialled_connection(&handle, &config);
-        let closes = Arc::new(NotesCloses(std::sync::Mutex::default()));
-        conn.fail(crate::Error::Timeout(crate::TimeoutKind::Write));
-        handle.add(conn, closes.clone(), false).unwrap();
-        drop(reactor);
-        assert_eq!(*closes.0.lock().unwrap(), ["Timeout(Write)"]);
+        let (heard, open) = closes_heard_in_a_dropped_reactor(|conn| {
+            conn.fail(crate::Error::Timeout(crate::TimeoutKind::Write));
+        });
+        assert_eq!((heard, open), (vec!["Timeout(Write)".to_string()], 0));
     }
 
     /// A dialled connection closed after its `on_open` and before its
