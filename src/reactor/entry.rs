@@ -2,7 +2,9 @@
 //! life (the sans-IO [`Lifecycle`]), and whether the reactor waits for the
 //! socket to take output. The life changes only through the entry, which
 //! mirrors whose the peer's silence is to the read side at each change
-//! (see [`Entry::after_flush`]).
+//! that moves it: a pause or resume for the budget, the peer's end, this
+//! side's close (see [`Entry::after_flush`]; the others, the handshake's
+//! steps, the timers, a close's advance, leave it as it was).
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -340,8 +340,10 @@ impl ReactorHandle {
             return Err(e);
         }
         if let Err(e) = self.add(conn.clone(), handler.clone(), false) {
-            crate::events::closed(conn.id(), Some(addr), &e, false);
-            let _ = guard_handler(|| handler.on_close(&conn, &e));
+            // Its own reason, if it was failed on its way.
+            let reason = conn.close_reason().unwrap_or_else(|| e.clone());
+            crate::events::closed(conn.id(), Some(addr), &reason, false);
+            let _ = guard_handler(|| handler.on_close(&conn, &reason));
             return Err(e);
         }
         Ok(conn)

@@ -543,7 +543,8 @@ impl Reactor {
         {
             self.shared.connections.fetch_sub(1, Ordering::Relaxed);
             self.shared.stats.uncount_open();
-            close_unadded(&conn, &*handler, handshaking, &Error::from(e));
+            let reason = conn.close_reason().unwrap_or_else(|| Error::from(e));
+            close_unadded(&conn, &*handler, handshaking, &reason);
             return;
         }
         conn.shared.token.store(key, Ordering::Release);
