@@ -177,6 +177,21 @@ fn slow_reader(
     (raw, session.sealer, session.opener)
 }
 
+/// Seals `frames` (sequence number, body) and writes them to a raw peer's
+/// socket in one write.
+fn write_frames(
+    raw: &mut std::net::TcpStream,
+    sealer: &mut monte_rpc::protocol::Sealer,
+    frames: &[(u32, &[u8])],
+) {
+    use std::io::Write;
+    let mut wire = Vec::new();
+    for &(seq, body) in frames {
+        sealer.seal_append(seq, body, &mut wire).unwrap();
+    }
+    raw.write_all(&wire).unwrap();
+}
+
 /// Reads `count` frames from a raw peer's socket, opening each and
 /// calling `each` with its sequence number and body length as it comes.
 fn read_frames(
@@ -209,7 +224,6 @@ fn read_frames(
 /// the reactor's next sweep (250 ms here) or the peer's next bytes.
 #[test]
 fn replies_to_requests_read_at_a_resume_are_written_at_once() {
-    use std::io::Write;
     within(60, || {
         let server = Server::bind(
             "127.0.0.1:0",
@@ -226,21 +240,14 @@ fn replies_to_requests_read_at_a_resume_are_written_at_once() {
         .unwrap();
         let (mut raw, mut sealer, mut opener) = slow_reader(&server, 64 << 10);
         let requests = 21u32;
-        let mut wire = Vec::new();
-        for i in 0..requests - 1 {
-            sealer
-                .seal_append(2 * i + 1, b"16 KiB, please", &mut wire)
-                .unwrap();
-        }
-        raw.write_all(&wire).unwrap();
+        let first: Vec<(u32, &[u8])> = (0..requests - 1)
+            .map(|i| (2 * i + 1, &b"16 KiB, please"[..]))
+            .collect();
+        write_frames(&mut raw, &mut sealer, &first);
         // The server fills the socket and pauses its reading of us; the
         // last request waits unread in its socket until the resume.
         std::thread::sleep(Duration::from_millis(50));
-        wire.clear();
-        sealer
-            .seal_append(2 * requests - 1, b"a small one", &mut wire)
-            .unwrap();
-        raw.write_all(&wire).unwrap();
+        write_frames(&mut raw, &mut sealer, &[(2 * requests - 1, b"a small one")]);
         std::thread::sleep(Duration::from_millis(20));
         // With the replies drained, each resume's replies follow at once:
         // no wait between two replies near the sweep's 250 ms.
@@ -267,7 +274,6 @@ fn replies_to_requests_read_at_a_resume_are_written_at_once() {
 /// two large frames), and is answered once the peer reads.
 #[test]
 fn a_request_waits_while_the_applications_own_send_holds_the_budget() {
-    use std::io::Write;
     within(60, || {
         let replies = Arc::new(AtomicUsize::new(0));
         let replied = replies.clone();
@@ -286,12 +292,11 @@ fn a_request_waits_while_the_applications_own_send_holds_the_budget() {
         .unwrap();
         let (mut raw, mut sealer, mut opener) = slow_reader(&server, 64 << 10);
         // One write: the server reads both frames in one turn.
-        let mut wire = Vec::new();
-        sealer.seal_append(0, b"push 768 KiB", &mut wire).unwrap();
-        sealer
-            .seal_append(1, b"256 KiB, please", &mut wire)
-            .unwrap();
-        raw.write_all(&wire).unwrap();
+        write_frames(
+            &mut raw,
+            &mut sealer,
+            &[(0, b"push 768 KiB"), (1, b"256 KiB, please")],
+        );
         std::thread::sleep(Duration::from_millis(200));
         assert_eq!(
             replies.load(Ordering::SeqCst),
@@ -317,7 +322,6 @@ fn a_request_waits_while_the_applications_own_send_holds_the_budget() {
 /// neither the close nor the server's shutdown came.
 #[test]
 fn a_connection_closed_past_its_budget_closes() {
-    use std::io::Write;
     within(30, || {
         let (closed, closes) = std::sync::mpsc::channel::<Error>();
         struct PushThenClose(Mutex<std::sync::mpsc::Sender<Error>>);
@@ -338,12 +342,11 @@ fn a_connection_closed_past_its_budget_closes() {
         .unwrap();
         let (mut raw, mut sealer, _) = slow_reader(&server, 64 << 10);
         // Two frames in one write: the second is looked at after the close.
-        let mut wire = Vec::new();
-        sealer
-            .seal_append(0, b"push, then close", &mut wire)
-            .unwrap();
-        sealer.seal_append(0, b"and this", &mut wire).unwrap();
-        raw.write_all(&wire).unwrap();
+        write_frames(
+            &mut raw,
+            &mut sealer,
+            &[(0, b"push, then close"), (0, b"and this")],
+        );
         let reason = closes.recv_timeout(Duration::from_secs(5));
         assert!(
             matches!(reason, Ok(Error::Closed)),
@@ -1412,7 +1415,6 @@ fn a_greeting_set_aside_before_the_servers_close_is_still_handed_on() {
 /// reads.
 #[test]
 fn a_callers_wait_through_a_read_pause_is_no_read_timeout() {
-    use std::io::Write;
     within(30, || {
         let (asked, answered) = std::sync::mpsc::channel::<Result<Vec<u8>, Error>>();
         let asked = Mutex::new(asked);
@@ -1452,17 +1454,11 @@ fn a_callers_wait_through_a_read_pause_is_no_read_timeout() {
         )
         .unwrap();
         let (mut raw, mut sealer, mut opener) = slow_reader(&server, 16 << 10);
-        let mut wire = Vec::new();
-        sealer.seal_append(0, b"ask me", &mut wire).unwrap();
-        raw.write_all(&wire).unwrap();
+        write_frames(&mut raw, &mut sealer, &[(0, b"ask me")]);
         // The server's request goes out first; then one reply far past the
         // budget, its request the last frame the server has to read.
         std::thread::sleep(Duration::from_millis(50));
-        wire.clear();
-        sealer
-            .seal_append(1, b"512 KiB, please", &mut wire)
-            .unwrap();
-        raw.write_all(&wire).unwrap();
+        write_frames(&mut raw, &mut sealer, &[(1, b"512 KiB, please")]);
         // Silent, and reading nothing, for more than the read timeout.
         std::thread::sleep(Duration::from_millis(900));
         assert_eq!(
@@ -1479,9 +1475,7 @@ fn a_callers_wait_through_a_read_pause_is_no_read_timeout() {
             }
         });
         let seq = question.expect("the server's request");
-        wire.clear();
-        sealer.seal_append(seq, b"answer", &mut wire).unwrap();
-        raw.write_all(&wire).unwrap();
+        write_frames(&mut raw, &mut sealer, &[(seq, b"answer")]);
         let result = answered.recv_timeout(Duration::from_secs(5));
         assert!(
             matches!(&result, Ok(Ok(body)) if body == b"answer"),
