@@ -7,7 +7,10 @@
 //! it writes as the blocking send does, see `Handler::on_open`): a
 //! request waits in its completion slot for the
 //! reactor to fill it and wake the task
-//! ([`Ticket::poll_answer`](crate::sync::completion::Ticket::poll_answer)),
+//! ([`Ticket::poll_answer`](crate::sync::completion::Ticket::poll_answer))
+//! (where spinning pays, a lone request first reads the socket itself at
+//! each poll for the spin time, waking its own task: see
+//! [`Waiting`](crate::Waiting)),
 //! a frame waits for room or for its write on the outbound queue's list of
 //! tasks, and a deadline is kept by the connection's reactor
 //! ([`Timers`](crate::sync::timers::Timers)), so no executor timer is
@@ -29,8 +32,9 @@ use crate::conn::{Connection, Driver};
 use crate::error::{CallOp, Error, Result, TimeoutKind};
 use crate::outbound::{Mode, QueueOwner, QueueWait};
 use crate::protocol::connection::nanos;
+use crate::read_side::TaskLease;
 use crate::stats::Counters;
-use crate::sync::completion::{Answer, Ticket, NO_LIMIT};
+use crate::sync::completion::{Answer, CompletionTable, Ticket, NO_LIMIT};
 use crate::sync::timers::TimerKey;
 use crate::sync::Ordering;
 
@@ -234,6 +238,10 @@ pub struct RequestFuture<'a> {
     queued: QueueWait,
     /// Counted in the reactor's requests in flight.
     counted: bool,
+    /// Reads the socket itself in its polls, the reactor quiet, until
+    /// `spin_until` (see `spin_window`).
+    lease: Option<TaskLease>,
+    spin_until: u64,
 }
 
 impl std::fmt::Debug for RequestFuture<'_> {
@@ -264,6 +272,8 @@ impl<'a> RequestFuture<'a> {
             deadline,
             queued: QueueWait::default(),
             counted: false,
+            lease: None,
+            spin_until: 0,
         }
     }
 
@@ -305,6 +315,8 @@ impl<'a> RequestFuture<'a> {
             deadline,
             queued,
             counted,
+            lease,
+            spin_until,
         } = self;
         let table = conn.requests();
         loop {
@@ -347,6 +359,12 @@ impl<'a> RequestFuture<'a> {
                     }
                     Counters::inc(&conn.driver().stats().requests_in_flight);
                     *counted = true;
+                    if let Some(until) = spin_window(conn, table, deadline) {
+                        // Before the request is written: a response that
+                        // lands first must not wake the reactor either.
+                        *lease = Some(conn.lease_reads(until));
+                        *spin_until = until;
+                    }
                     *stage = RequestStage::Queuing(ticket);
                 }
                 RequestStage::Queuing(ticket) => {
@@ -374,12 +392,24 @@ impl<'a> RequestFuture<'a> {
                             return Poll::Ready(stage.take_ticket().time_out(table))
                         }
                         Poll::Pending => {
+                            // Waiting for room, it reads nothing: the
+                            // reactor hears of the socket again, as for a
+                            // blocking caller, and the call does not spin.
+                            if let Some(lease) = lease.take() {
+                                conn.end_lease(lease);
+                            }
                             deadline.arm(conn.driver(), cx);
                             return Poll::Pending;
                         }
                     }
                 }
                 RequestStage::Awaiting(ticket) => {
+                    let spinning = lease.is_some() && now_nanos() < *spin_until;
+                    if spinning {
+                        conn.shared.read.read_while_waiting(&*conn);
+                    } else if let Some(lease) = lease.take() {
+                        conn.end_lease(lease);
+                    }
                     return match ticket.poll_answer(table, cx) {
                         Poll::Ready(answer) => {
                             // The ticket is spent: its slot is free.
@@ -388,6 +418,12 @@ impl<'a> RequestFuture<'a> {
                         }
                         Poll::Pending if deadline.passed() => {
                             Poll::Ready(stage.take_ticket().time_out(table))
+                        }
+                        Poll::Pending if spinning => {
+                            // Polled again at once: the executor runs its
+                            // other tasks in between, but does not park.
+                            cx.waker().wake_by_ref();
+                            Poll::Pending
                         }
                         Poll::Pending => {
                             deadline.arm(conn.driver(), cx);
@@ -402,6 +438,9 @@ impl<'a> RequestFuture<'a> {
 
     /// Leaves every list the call is on.
     fn end(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            self.conn.end_lease(lease);
+        }
         self.deadline.disarm(self.conn.driver());
         self.conn.outbound().forget(&mut self.queued);
         if mem::take(&mut self.counted) {
@@ -446,6 +485,22 @@ impl Drop for RequestFuture<'_> {
             RequestStage::Done => {}
         }
     }
+}
+
+/// Until when ([`now_nanos`]) a request just begun reads the socket
+/// itself in its polls, re-polled at once, instead of waiting for the
+/// reactor to wake its task; `None`: it does not. The blocking call's rule
+/// ([`Waiting`](crate::Waiting)): where spinning pays, for the spin time,
+/// which a wake-up of the executor's thread across cores would cost, and
+/// only for a lone request (with others in flight, their responses keep
+/// the reactor turning).
+fn spin_window(conn: &Connection, table: &CompletionTable, deadline: &Deadline) -> Option<u64> {
+    let spin = conn.config().waiting.spin_time();
+    if spin.is_zero() || table.in_flight() > 1 {
+        return None;
+    }
+    let started = deadline.started?;
+    Some(started.saturating_add(nanos(spin)))
 }
 
 #[derive(Clone, Copy)]

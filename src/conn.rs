@@ -16,12 +16,13 @@ use crate::error::{CallOp, Error, Result, TimeoutKind};
 use crate::outbound::{Flushed, Mode, OutboundQueue, QueueOwner};
 use crate::protocol::connection::{nanos, ConnCore};
 use crate::protocol::{Role, Sealer};
-use crate::read_side::{CallerReads, ReadOwner, ReadSide};
+use crate::read_side::{CallerReads, ReadOwner, ReadSide, TaskLease};
 use crate::stats::{Counters, GaugeHeld};
 use crate::sync::buffers::BufferPool;
 use crate::sync::completion::{CompletionTable, Delivered, NO_LIMIT};
 use crate::sync::timers::Timers;
 use std::sync::Arc;
+use std::task::{Wake, Waker};
 
 use crate::sync::{lock, AtomicBool, AtomicU64, AtomicUsize, Mutex, Ordering};
 
@@ -113,6 +114,10 @@ pub(crate) struct ConnShared {
     /// The read side: read by the reactor, or by a caller waiting for a
     /// response.
     pub(crate) read: ReadSide,
+    /// Wakes on the reactor's timer to take back leases that futures no
+    /// longer polled still hold ([`ReadSide::reclaim_task_leases`]); made
+    /// by the first lease.
+    lease_reclaim: std::sync::OnceLock<Waker>,
     out: OutboundQueue,
     release: Mutex<Option<ReleaseHook>>,
 }
@@ -168,6 +173,7 @@ impl Connection {
                 answer_time: AtomicU64::new(0),
                 taken_at: AtomicU64::new(0),
                 read: ReadSide::new(parts.core),
+                lease_reclaim: std::sync::OnceLock::new(),
                 out,
                 release: Mutex::new(parts.release),
             }),
@@ -453,6 +459,35 @@ impl Connection {
         result
     }
 
+    /// A future waiting for its response reads the socket itself in its
+    /// polls until `until` ([`now_nanos`](crate::clock::now_nanos)), with
+    /// the reactor quiet meanwhile (see [`ReadSide::lease_to_task`]).
+    pub(crate) fn lease_reads(&self, until: u64) -> TaskLease {
+        let (lease, look) = self.shared.read.lease_to_task(self, until);
+        if let Some(at) = look {
+            self.arm_lease_reclaim(at);
+        }
+        lease
+    }
+
+    /// The future is done reading the socket.
+    pub(crate) fn end_lease(&self, lease: TaskLease) {
+        self.shared.read.end_task_lease(self, lease);
+    }
+
+    /// Has the reactor look at the leases at `at`.
+    fn arm_lease_reclaim(&self, at: u64) {
+        let waker = self.shared.lease_reclaim.get_or_init(|| {
+            Waker::from(Arc::new(LeaseReclaim {
+                conn: Arc::downgrade(&self.shared),
+            }))
+        });
+        let driver = &self.shared.driver;
+        if driver.timers().insert_once(at, waker) {
+            driver.wake();
+        }
+    }
+
     /// Answers the peer's request `seq` from any thread (a handler that
     /// deferred its reply). Queued like [`send_no_wait`](Self::send_no_wait).
     pub fn reply(&self, seq: u32, body: &[u8]) -> Result<()> {
@@ -663,6 +698,30 @@ impl QueueOwner for Connection {
 
     fn fail(&self, error: Error) {
         Connection::fail(self, error);
+    }
+}
+
+/// The waker of a connection's lease timer: on the reactor, takes back
+/// the leases of futures no longer polled. It holds the connection weakly:
+/// the connection holds it.
+struct LeaseReclaim {
+    conn: std::sync::Weak<ConnShared>,
+}
+
+impl Wake for LeaseReclaim {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let Some(shared) = self.conn.upgrade() else {
+            return;
+        };
+        let conn = Connection { shared };
+        let now = crate::clock::now_nanos();
+        if let Some(at) = conn.shared.read.reclaim_task_leases(&conn, now) {
+            conn.arm_lease_reclaim(at);
+        }
     }
 }
 

@@ -21,7 +21,7 @@ use crate::conn_socket::{ConnSocket, WAIT_SLICE};
 
 use crate::clock::{nanos_at, now_nanos};
 use crate::error::{socket_error, Error, SocketOp};
-use crate::protocol::connection::{ConnCore, Filled, Held, Next, Taker};
+use crate::protocol::connection::{nanos, ConnCore, Filled, Held, Next, Taker};
 use crate::stats::Counters;
 use crate::sync::buffers::BufferPool;
 use crate::sync::completion::Poller;
@@ -91,8 +91,41 @@ struct Interest {
     /// Callers reading the socket while they wait for their responses:
     /// while one is, the reactor is not woken for arriving bytes.
     callers_waiting: u32,
+    /// Futures reading the socket in their spin windows ([`TaskLease`]):
+    /// they quiet the reactor as waiting callers do.
+    task_leases: u32,
+    /// Bumped as the reactor takes stale leases back: a lease of an older
+    /// epoch is no longer counted.
+    lease_epoch: u64,
+    /// When the latest lease's window ends ([`now_nanos`]).
+    leased_until: u64,
+    /// A reactor timer will look at the leases
+    /// ([`ReadSide::reclaim_task_leases`]).
+    reclaim_armed: bool,
     /// The reactor waits to write queued output.
     writable: bool,
+}
+
+impl Interest {
+    /// Whether the reactor hears of arriving bytes.
+    fn readable(&self) -> bool {
+        self.callers_waiting == 0 && self.task_leases == 0
+    }
+}
+
+/// How long past its window a future's lease may hold the reactor's
+/// readable events before the reactor takes them back: a future runs only
+/// when its executor polls it, and one its executor no longer polls (a
+/// stalled executor, a future kept but not awaited) must not keep the
+/// connection's other traffic unread.
+pub(crate) const TASK_LEASE_GRACE: Duration = Duration::from_millis(1);
+
+/// A future's lease on the socket's readable events while it spins: see
+/// [`ReadSide::lease_to_task`]. Ended with [`ReadSide::end_task_lease`].
+#[must_use = "a lease keeps the reactor quiet until it is ended"]
+#[derive(Debug)]
+pub(crate) struct TaskLease {
+    epoch: u64,
 }
 
 /// How a waiting caller waits: it reads its connection itself each spin
@@ -380,13 +413,88 @@ impl ReadSide {
     /// the reactor, and the reactor only to find the bytes read.
     fn callers_waiting(&self, owner: &impl ReadOwner, delta: i32) {
         let mut interest = lock(&self.interest);
-        let before = interest.callers_waiting;
-        interest.callers_waiting = before.wrapping_add_signed(delta);
-        if (before == 0) != (interest.callers_waiting == 0) {
+        let before = interest.readable();
+        interest.callers_waiting = interest.callers_waiting.wrapping_add_signed(delta);
+        if before != interest.readable() {
             // A failure means the reactor dropped the socket: there is
             // nobody left to tell.
             let _ = apply_interest(owner, &interest);
         }
+    }
+
+    /// A future waiting for its response starts reading the socket itself
+    /// in its polls (as a spinning caller does, see
+    /// [`read_while_waiting`](Self::read_while_waiting)), until `until`
+    /// ([`now_nanos`]): the reactor is not woken for the bytes meanwhile.
+    /// Unlike a caller's count, a lease is bounded in time: a future runs
+    /// only when polled, so the reactor takes leases back
+    /// [`TASK_LEASE_GRACE`] after the latest window ends
+    /// ([`reclaim_task_leases`](Self::reclaim_task_leases)). Returns the
+    /// lease, and when that look is due if no timer is armed for it yet:
+    /// the caller arms one.
+    pub(crate) fn lease_to_task(
+        &self,
+        owner: &impl ReadOwner,
+        until: u64,
+    ) -> (TaskLease, Option<u64>) {
+        let mut interest = lock(&self.interest);
+        let was_readable = interest.readable();
+        interest.task_leases += 1;
+        interest.leased_until = interest.leased_until.max(until);
+        if was_readable {
+            // A failure means the reactor dropped the socket: there is
+            // nobody left to tell.
+            let _ = apply_interest(owner, &interest);
+        }
+        let look = (!interest.reclaim_armed).then(|| {
+            interest.reclaim_armed = true;
+            interest
+                .leased_until
+                .saturating_add(nanos(TASK_LEASE_GRACE))
+        });
+        let lease = TaskLease {
+            epoch: interest.lease_epoch,
+        };
+        (lease, look)
+    }
+
+    /// The future is done reading (its response came, its window ended, or
+    /// it went): its lease stops counting, unless the reactor took it back
+    /// already.
+    pub(crate) fn end_task_lease(&self, owner: &impl ReadOwner, lease: TaskLease) {
+        let mut interest = lock(&self.interest);
+        if interest.lease_epoch == lease.epoch && interest.task_leases > 0 {
+            interest.task_leases -= 1;
+            if interest.readable() {
+                let _ = apply_interest(owner, &interest);
+            }
+        }
+    }
+
+    /// Reactor side, at the timer [`lease_to_task`](Self::lease_to_task)
+    /// asked for: takes every lease back once the latest window ended
+    /// [`TASK_LEASE_GRACE`] ago (the futures holding them were not polled
+    /// since: a polled one ends its lease as its window ends). Returns when
+    /// to look again, while leases stand within their time.
+    pub(crate) fn reclaim_task_leases(&self, owner: &impl ReadOwner, now: u64) -> Option<u64> {
+        let mut interest = lock(&self.interest);
+        if interest.task_leases == 0 {
+            interest.reclaim_armed = false;
+            return None;
+        }
+        let due = interest
+            .leased_until
+            .saturating_add(nanos(TASK_LEASE_GRACE));
+        if now < due {
+            return Some(due);
+        }
+        interest.task_leases = 0;
+        interest.lease_epoch += 1;
+        interest.reclaim_armed = false;
+        if interest.readable() {
+            let _ = apply_interest(owner, &interest);
+        }
+        None
     }
 
     /// Reactor side: whether it waits for the socket to take more output.
@@ -405,8 +513,8 @@ impl ReadSide {
     /// caller's or others') straight to their slots, so a response wakes
     /// no reactor on its way. Anything else (a peer's request or message,
     /// the end of the stream, an error) is left for the reactor, which is
-    /// told.
-    fn read_while_waiting(&self, owner: &impl ReadOwner) {
+    /// told. A future holding a lease calls it at each poll.
+    pub(crate) fn read_while_waiting(&self, owner: &impl ReadOwner) {
         if !crate::sys::readable_now(owner.stream()) {
             return;
         }
@@ -639,7 +747,7 @@ fn apply_interest(owner: &impl ReadOwner, interest: &Interest) -> io::Result<()>
         owner.registry(),
         owner.stream(),
         token,
-        interest.callers_waiting == 0,
+        interest.readable(),
         interest.writable,
     )
 }

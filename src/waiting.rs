@@ -26,10 +26,19 @@
 //!   rounds busy, while at most one caller per two cores does, the rest
 //!   yielding the core each round so that threads beyond the cores still
 //!   run) before it blocks on the socket;
+//! - a future awaiting the response of a lone request (none other in
+//!   flight on its connection) does the same through its executor for
+//!   the same 200 µs: it reads the socket itself at each poll and wakes
+//!   its own task, so the executor polls it again at once (running its
+//!   other tasks in between) instead of parking its thread, to be woken
+//!   across cores by the reactor; past that it waits for the reactor to
+//!   wake it (the reactor quiet meanwhile for the socket, and taking its
+//!   readiness back 1 ms after the window from a future no longer polled:
+//!   see `ReadSide::lease_to_task`);
 //! - a reactor that served requests, or handed responses to futures
-//!   (whose next request is its to read, since no caller reads for a
-//!   future), polls back to back for a quarter of that (50 µs), yielding
-//!   between polls, before it sleeps in epoll.
+//!   (those past their spin window, or with others in flight, whose next
+//!   response is its to read), polls back to back for a quarter of that
+//!   (50 µs), yielding between polls, before it sleeps in epoll.
 //!
 //! With one core, or while busy threads hold the cores, callers block at
 //! once and a reactor that served requests sleeps in epoll at once. Either

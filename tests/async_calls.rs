@@ -11,7 +11,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{runs_until_below, wait_until, within};
-use monte_rpc::{Client, Config, Connection, Context, Error, Server, TimeoutKind};
+use monte_rpc::{Client, Config, Connection, Context, Error, Server, TimeoutKind, Waiting};
 
 /// A server that echoes every request's body, and counts one-way
 /// messages.
@@ -527,7 +527,10 @@ fn a_servers_connection_requests_the_client() {
 fn a_waiting_future_is_not_polled_in_a_loop() {
     within(30, || {
         let server = slow_server(Some(Duration::from_millis(200)));
-        let client = Client::new(server.local_addr(), Config::default()).unwrap();
+        // No spin window: a future that spins is polled in a loop within
+        // it (`a_spinning_future_stops_spinning_after_its_window`).
+        let config = Config::default().waiting(Waiting::Block);
+        let client = Client::new(server.local_addr(), config).unwrap();
         futures::executor::block_on(async {
             client.send_async(b"").await.unwrap();
             let mut response = Vec::new();
@@ -540,6 +543,158 @@ fn a_waiting_future_is_not_polled_in_a_loop() {
                 polls.load(Ordering::Relaxed)
             );
         });
+        client.shutdown();
+        server.shutdown();
+    });
+}
+
+/// A future that spins (it reads the socket itself in its polls, polled
+/// again at once) does so within its window only: past it, its task
+/// sleeps until its response wakes it.
+#[test]
+fn a_spinning_future_stops_spinning_after_its_window() {
+    within(30, || {
+        let server = slow_server(Some(Duration::from_millis(200)));
+        let config = Config::default().waiting(Waiting::Spin(Duration::from_millis(2)));
+        let client = Client::new(server.local_addr(), config).unwrap();
+        futures::executor::block_on(async {
+            client.send_async(b"").await.unwrap();
+            let mut response = Vec::new();
+            let polls = AtomicUsize::new(0);
+            let call = client.request_async(b"slow", &mut response);
+            let start = Instant::now();
+            let late = LatePolls {
+                inner: Box::pin(call),
+                all: &polls,
+                late: AtomicUsize::new(0),
+                after: start + Duration::from_millis(50),
+            };
+            let mut late = Box::pin(late);
+            std::future::poll_fn(|cx| late.as_mut().poll(cx))
+                .await
+                .unwrap();
+            assert!(
+                polls.load(Ordering::Relaxed) > 5,
+                "it spun: polled {} times",
+                polls.load(Ordering::Relaxed)
+            );
+            let late = late.late.load(Ordering::Relaxed);
+            assert!(late <= 3, "polled {late} times after its window");
+        });
+        client.shutdown();
+        server.shutdown();
+    });
+}
+
+/// Counts every poll, and those after `after`.
+struct LatePolls<'a, F> {
+    inner: std::pin::Pin<Box<F>>,
+    all: &'a AtomicUsize,
+    late: AtomicUsize,
+    after: Instant,
+}
+
+impl<F: Future> Future for LatePolls<'_, F> {
+    type Output = F::Output;
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        self.all.fetch_add(1, Ordering::Relaxed);
+        if Instant::now() >= self.after {
+            self.late.fetch_add(1, Ordering::Relaxed);
+        }
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+/// A server that hands out its connections, sends the client a message
+/// before it answers each request, and leaves "hold" unanswered.
+fn server_messaging_before_replies() -> (Server, mpsc::Receiver<Connection>) {
+    let (conn_tx, conn_rx) = mpsc::channel::<Connection>();
+    let conn_tx = Mutex::new(conn_tx);
+    let server = Server::bind(
+        "127.0.0.1:0",
+        Config::server(),
+        move |ctx: &mut Context<'_>| {
+            let _ = conn_tx.lock().unwrap().send(ctx.conn().clone());
+            if ctx.body() != b"hold" {
+                let _ = ctx.conn().send_no_wait(b"before");
+                let _ = ctx.reply(b"ok");
+            }
+        },
+    )
+    .unwrap();
+    (server, conn_rx)
+}
+
+/// A client whose handler counts the server's messages, its futures
+/// spinning for `spin`.
+fn client_counting_messages(server: &Server, spin: Duration) -> (Client, Arc<AtomicU64>) {
+    let messages = Arc::new(AtomicU64::new(0));
+    let seen = messages.clone();
+    let config = Config::default().waiting(Waiting::Spin(spin));
+    let client = Client::with_handler(server.local_addr(), config, move |_: &mut Context<'_>| {
+        seen.fetch_add(1, Ordering::Relaxed);
+    })
+    .unwrap();
+    (client, messages)
+}
+
+/// Spinning futures read their responses themselves; the peer's messages
+/// they come across reach the handler all the same (the reactor, told,
+/// dispatches them).
+#[test]
+fn spinning_futures_leave_the_peers_messages_to_the_reactor() {
+    within(30, || {
+        let (server, _conns) = server_messaging_before_replies();
+        let (client, messages) = client_counting_messages(&server, Duration::from_millis(5));
+        current_thread().block_on(async {
+            let mut response = Vec::new();
+            for _ in 0..200 {
+                client.request_async(b"ask", &mut response).await.unwrap();
+                assert_eq!(response, b"ok");
+            }
+        });
+        wait_until(Duration::from_secs(10), || {
+            messages.load(Ordering::Relaxed) == 200
+        });
+        assert_eq!(messages.load(Ordering::Relaxed), 200);
+        client.shutdown();
+        server.shutdown();
+    });
+}
+
+/// A future polled once, within its spin window, and then kept but never
+/// polled again: the reactor takes back the readable events it held
+/// shortly after the window, and the peer's messages reach the handler.
+#[test]
+fn a_spinning_future_no_longer_polled_does_not_keep_the_connection_unread() {
+    within(30, || {
+        let (server, conns) = server_messaging_before_replies();
+        let (client, messages) = client_counting_messages(&server, Duration::from_millis(5));
+        let mut response = Vec::new();
+        client.request(b"ask", &mut response).unwrap();
+        wait_until(Duration::from_secs(10), || {
+            messages.load(Ordering::Relaxed) == 1
+        });
+        let server_side = conns.recv().unwrap();
+        let mut held = Vec::new();
+        let mut call = Box::pin(client.request_async(b"hold", &mut held));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(call.as_mut().poll(&mut cx).is_pending());
+        // The request is out (the server got it) before the message is sent.
+        let _ = conns.recv().unwrap();
+        server_side.send(b"while held").unwrap();
+        wait_until(Duration::from_secs(5), || {
+            messages.load(Ordering::Relaxed) == 2
+        });
+        assert_eq!(
+            messages.load(Ordering::Relaxed),
+            2,
+            "the message stayed unread"
+        );
+        drop(call);
         client.shutdown();
         server.shutdown();
     });
@@ -859,7 +1014,12 @@ fn a_panicking_waker_does_not_stop_the_reactor_that_wakes_it() {
         )
         .unwrap();
         let heard = Arc::new(AtomicUsize::new(0));
-        let config = Config::default().max_conns(1).workers(1);
+        // No spin window: a spinning future wakes its own task as it polls
+        // (on the test's thread); here only the reactor may wake it.
+        let config = Config::default()
+            .max_conns(1)
+            .workers(1)
+            .waiting(Waiting::Block);
         let client = Arc::new(
             Client::with_handler(server.local_addr(), config, {
                 let heard = heard.clone();

@@ -31,6 +31,8 @@ struct Timer {
     /// once it fired.
     at: u64,
     waker: Option<Waker>,
+    /// Removed as it fires (nobody holds its key).
+    once: bool,
 }
 
 /// One reactor's timers; see the module docs.
@@ -80,11 +82,22 @@ impl Timers {
     /// Wakes `waker` at `at` (or soon after). The returned flag says the
     /// reactor sleeps past `at` and must be woken to see it.
     pub fn insert(&self, at: u64, waker: &Waker) -> (TimerKey, bool) {
+        self.insert_entry(at, waker, false)
+    }
+
+    /// [`insert`](Self::insert) for a timer nobody removes: it goes as it
+    /// fires. Returns the flag alone.
+    pub fn insert_once(&self, at: u64, waker: &Waker) -> bool {
+        self.insert_entry(at, waker, true).1
+    }
+
+    fn insert_entry(&self, at: u64, waker: &Waker, once: bool) -> (TimerKey, bool) {
         let key = {
             let mut entries = lock(&self.entries);
             let key = entries.insert(Timer {
                 at,
                 waker: Some(waker.clone()),
+                once,
             });
             // Under the lock, so a concurrent `fire` (which resets
             // `earliest` under it) cannot lose this deadline.
@@ -155,14 +168,16 @@ impl Timers {
         let mut fired = lock(&self.fired);
         let mut entries = lock(&self.entries);
         let mut earliest = NEVER;
-        for (_, timer) in entries.iter_mut() {
+        entries.retain(|_, timer| {
             if timer.at <= now {
                 timer.at = NEVER;
                 fired.extend(timer.waker.take());
+                !timer.once
             } else {
                 earliest = earliest.min(timer.at);
+                true
             }
-        }
+        });
         self.earliest.store(earliest, Ordering::SeqCst);
         drop(entries);
         super::wake::wake_all(&mut fired);
@@ -215,6 +230,27 @@ mod tests {
         assert_eq!((woken(&a), woken(&b)), (1, 1));
         assert_eq!(timers.earliest(), None);
         timers.remove(ka);
+        timers.remove(kb);
+        assert_eq!(timers.len(), 0);
+    }
+
+    #[test]
+    fn a_timer_inserted_once_goes_as_it_fires() {
+        let timers = Timers::new();
+        let (a, wa) = waker();
+        let (_, wb) = waker();
+        assert!(!timers.insert_once(100, &wa), "the reactor is awake");
+        let (kb, _) = timers.insert(300, &wb);
+        timers.sleeping_until(200);
+        assert!(
+            timers.insert_once(150, &wa),
+            "before the reactor wakes by itself"
+        );
+        assert_eq!(timers.len(), 3);
+        timers.fire(160);
+        assert_eq!(woken(&a), 2);
+        assert_eq!(timers.len(), 1, "only the timer with a key stays");
+        assert_eq!(timers.earliest(), Some(300));
         timers.remove(kb);
         assert_eq!(timers.len(), 0);
     }
