@@ -34,9 +34,9 @@ use crate::outbound::{Mode, QueueOwner, QueueWait};
 use crate::protocol::connection::nanos;
 use crate::read_side::TaskLease;
 use crate::stats::Counters;
-use crate::sync::completion::{Answer, CompletionTable, Ticket, NO_LIMIT};
+use crate::sync::completion::{Answer, CompletionTable, Ticket, BUSY_SPINS, NO_LIMIT};
 use crate::sync::timers::TimerKey;
-use crate::sync::Ordering;
+use crate::sync::{Ordering, SpinPermit};
 
 /// The async calls of a connection (here rather than in `conn.rs`, which
 /// the futures build on).
@@ -239,9 +239,11 @@ pub struct RequestFuture<'a> {
     /// Counted in the reactor's requests in flight.
     counted: bool,
     /// Reads the socket itself in its polls, the reactor quiet, until
-    /// `spin_until` (see `spin_window`).
+    /// `spin_until` (see `spin_window`)...
     lease: Option<TaskLease>,
     spin_until: u64,
+    /// ...for this many polls so far.
+    spins: u32,
 }
 
 impl std::fmt::Debug for RequestFuture<'_> {
@@ -274,6 +276,7 @@ impl<'a> RequestFuture<'a> {
             counted: false,
             lease: None,
             spin_until: 0,
+            spins: 0,
         }
     }
 
@@ -317,6 +320,7 @@ impl<'a> RequestFuture<'a> {
             counted,
             lease,
             spin_until,
+            spins,
         } = self;
         let table = conn.requests();
         loop {
@@ -359,10 +363,10 @@ impl<'a> RequestFuture<'a> {
                     }
                     Counters::inc(&conn.driver().stats().requests_in_flight);
                     *counted = true;
-                    if let Some(until) = spin_window(conn, table, deadline) {
+                    if let Some((from, until)) = spin_window(conn, table, deadline) {
                         // Before the request is written: a response that
                         // lands first must not wake the reactor either.
-                        *lease = Some(conn.lease_reads(until));
+                        *lease = Some(conn.lease_reads(from));
                         *spin_until = until;
                     }
                     *stage = RequestStage::Queuing(ticket);
@@ -404,8 +408,10 @@ impl<'a> RequestFuture<'a> {
                     }
                 }
                 RequestStage::Awaiting(ticket) => {
-                    let spinning = lease.is_some() && now_nanos() < *spin_until;
+                    let now = lease.as_ref().map(|_| now_nanos());
+                    let spinning = now.is_some_and(|now| now < *spin_until);
                     if spinning {
+                        conn.shared.read.renew_task_leases(now.unwrap_or(0));
                         conn.shared.read.read_while_waiting(&*conn);
                     } else if let Some(lease) = lease.take() {
                         conn.end_lease(lease);
@@ -420,6 +426,15 @@ impl<'a> RequestFuture<'a> {
                             Poll::Ready(stage.take_ticket().time_out(table))
                         }
                         Poll::Pending if spinning => {
+                            // As a spinning caller: busy for its first
+                            // rounds while no more spinners than half the
+                            // cores are, then giving the core away each
+                            // round, which also tells the contention
+                            // detector how the cores are held.
+                            *spins += 1;
+                            if *spins > BUSY_SPINS || SpinPermit::acquire(1).is_none() {
+                                crate::sync::contention::yield_now();
+                            }
                             // Polled again at once: the executor runs its
                             // other tasks in between, but does not park.
                             cx.waker().wake_by_ref();
@@ -487,20 +502,24 @@ impl Drop for RequestFuture<'_> {
     }
 }
 
-/// Until when ([`now_nanos`]) a request just begun reads the socket
-/// itself in its polls, re-polled at once, instead of waiting for the
-/// reactor to wake its task; `None`: it does not. The blocking call's rule
+/// From and until when ([`now_nanos`]) a request just begun reads the
+/// socket itself in its polls, re-polled at once, instead of waiting for
+/// the reactor to wake its task; `None`: it does not. The blocking call's rule
 /// ([`Waiting`](crate::Waiting)): where spinning pays, for the spin time,
 /// which a wake-up of the executor's thread across cores would cost, and
 /// only for a lone request (with others in flight, their responses keep
 /// the reactor turning).
-fn spin_window(conn: &Connection, table: &CompletionTable, deadline: &Deadline) -> Option<u64> {
+fn spin_window(
+    conn: &Connection,
+    table: &CompletionTable,
+    deadline: &Deadline,
+) -> Option<(u64, u64)> {
     let spin = conn.config().waiting.spin_time();
     if spin.is_zero() || table.in_flight() > 1 {
         return None;
     }
     let started = deadline.started?;
-    Some(started.saturating_add(nanos(spin)))
+    Some((started, started.saturating_add(nanos(spin))))
 }
 
 #[derive(Clone, Copy)]

@@ -460,10 +460,10 @@ impl Connection {
     }
 
     /// A future waiting for its response reads the socket itself in its
-    /// polls until `until` ([`now_nanos`](crate::clock::now_nanos)), with
+    /// polls from `now` ([`now_nanos`](crate::clock::now_nanos)), with
     /// the reactor quiet meanwhile (see [`ReadSide::lease_to_task`]).
-    pub(crate) fn lease_reads(&self, until: u64) -> TaskLease {
-        let (lease, look) = self.shared.read.lease_to_task(self, until);
+    pub(crate) fn lease_reads(&self, now: u64) -> TaskLease {
+        let (lease, look) = self.shared.read.lease_to_task(self, now);
         if let Some(at) = look {
             self.arm_lease_reclaim(at);
         }
@@ -475,17 +475,17 @@ impl Connection {
         self.shared.read.end_task_lease(self, lease);
     }
 
-    /// Has the reactor look at the leases at `at`.
+    /// Has the reactor look at the leases at `at`, or as soon after it as
+    /// it wakes: it is not woken for this (a wake-up on the request's way
+    /// out would cost more than the look saves), but its sweep wakes it
+    /// within 250 ms, and most often an event much sooner.
     fn arm_lease_reclaim(&self, at: u64) {
         let waker = self.shared.lease_reclaim.get_or_init(|| {
             Waker::from(Arc::new(LeaseReclaim {
                 conn: Arc::downgrade(&self.shared),
             }))
         });
-        let driver = &self.shared.driver;
-        if driver.timers().insert_once(at, waker) {
-            driver.wake();
-        }
+        let _reactor_sleeps_past = self.shared.driver.timers().insert_once(at, waker);
     }
 
     /// Answers the peer's request `seq` from any thread (a handler that

@@ -304,8 +304,9 @@ pub enum Error {
     /// on the connection was made from a dialled connection's `on_open`
     /// (or from the `on_close` that follows it when the connection closed
     /// there), which runs before the connection's reactor takes the
-    /// connection: only that reactor reads an async request's response,
-    /// so the request could only wait until its deadline. Make it a
+    /// connection: past its short spin (see [`Waiting`](crate::Waiting)),
+    /// only that reactor reads an async request's response, so the
+    /// request could only wait until its deadline. Make it a
     /// blocking request (a blocking caller reads its own response), or
     /// after `on_open` returns.
     AsyncRequestInOnOpen,

@@ -10,7 +10,9 @@
 //! reactor has the connection (a dialled connection's `on_open`, whose
 //! request may wait behind the peer's greeting), a caller sets the peer's
 //! messages aside for the reactor instead, within a limit, and reads on.
-//! While callers read, the reactor's readable interest is off. The read side reaches the
+//! While callers read, the reactor's readable interest is off; so it is
+//! while a future awaiting a lone request spins (a [`TaskLease`], which
+//! the reactor takes back from a future no longer polled). The read side reaches the
 //! connection around it (socket, reactor, completion table) through
 //! [`ReadOwner`].
 
@@ -97,8 +99,6 @@ struct Interest {
     /// Bumped as the reactor takes stale leases back: a lease of an older
     /// epoch is no longer counted.
     lease_epoch: u64,
-    /// When the latest lease's window ends ([`now_nanos`]).
-    leased_until: u64,
     /// A reactor timer will look at the leases
     /// ([`ReadSide::reclaim_task_leases`]).
     reclaim_armed: bool,
@@ -113,11 +113,11 @@ impl Interest {
     }
 }
 
-/// How long past its window a future's lease may hold the reactor's
-/// readable events before the reactor takes them back: a future runs only
-/// when its executor polls it, and one its executor no longer polls (a
-/// stalled executor, a future kept but not awaited) must not keep the
-/// connection's other traffic unread.
+/// How long after a lease holder's last poll the reactor may take the
+/// socket's readable events back: a future runs only when its executor
+/// polls it, and one its executor no longer polls (a stalled executor, a
+/// future kept but not awaited) must not keep the connection's other
+/// traffic unread.
 pub(crate) const TASK_LEASE_GRACE: Duration = Duration::from_millis(1);
 
 /// A future's lease on the socket's readable events while it spins: see
@@ -245,6 +245,8 @@ pub(crate) struct ReadSide {
     /// applied to the core (0: none): the peer's deadlines restart there,
     /// whichever thread holds the turn next.
     resumed_at: AtomicU64,
+    /// When a future holding a lease last polled ([`now_nanos`]).
+    lease_polled: AtomicU64,
 }
 
 impl ReadSide {
@@ -253,6 +255,7 @@ impl ReadSide {
             last_read: AtomicU64::new(core.last_read()),
             silence_ours: AtomicBool::new(false),
             resumed_at: AtomicU64::new(0),
+            lease_polled: AtomicU64::new(0),
             core: ReadTurn::new(core, ConnCore::discard_input),
             interest: Mutex::new(Interest::default()),
         }
@@ -424,23 +427,23 @@ impl ReadSide {
 
     /// A future waiting for its response starts reading the socket itself
     /// in its polls (as a spinning caller does, see
-    /// [`read_while_waiting`](Self::read_while_waiting)), until `until`
+    /// [`read_while_waiting`](Self::read_while_waiting)), at `now`
     /// ([`now_nanos`]): the reactor is not woken for the bytes meanwhile.
-    /// Unlike a caller's count, a lease is bounded in time: a future runs
-    /// only when polled, so the reactor takes leases back
-    /// [`TASK_LEASE_GRACE`] after the latest window ends
-    /// ([`reclaim_task_leases`](Self::reclaim_task_leases)). Returns the
-    /// lease, and when that look is due if no timer is armed for it yet:
-    /// the caller arms one.
+    /// Unlike a caller's count, a lease holds only while its future is
+    /// polled: each poll renews it ([`renew_task_leases`](Self::renew_task_leases)),
+    /// and the reactor takes every lease back once none was renewed for
+    /// [`TASK_LEASE_GRACE`] ([`reclaim_task_leases`](Self::reclaim_task_leases)).
+    /// Returns the lease, and when that look is due if no timer is armed
+    /// for it yet: the caller arms one.
     pub(crate) fn lease_to_task(
         &self,
         owner: &impl ReadOwner,
-        until: u64,
+        now: u64,
     ) -> (TaskLease, Option<u64>) {
+        self.renew_task_leases(now);
         let mut interest = lock(&self.interest);
         let was_readable = interest.readable();
         interest.task_leases += 1;
-        interest.leased_until = interest.leased_until.max(until);
         if was_readable {
             // A failure means the reactor dropped the socket: there is
             // nobody left to tell.
@@ -448,14 +451,20 @@ impl ReadSide {
         }
         let look = (!interest.reclaim_armed).then(|| {
             interest.reclaim_armed = true;
-            interest
-                .leased_until
-                .saturating_add(nanos(TASK_LEASE_GRACE))
+            now.saturating_add(nanos(TASK_LEASE_GRACE))
         });
         let lease = TaskLease {
             epoch: interest.lease_epoch,
         };
         (lease, look)
+    }
+
+    /// A future holding a lease polled at `now` ([`now_nanos`]): the leases
+    /// stand for [`TASK_LEASE_GRACE`] more. (One mark for all of them: a
+    /// future no longer polled beside others that are keeps the reactor
+    /// quiet only as long as they do.)
+    pub(crate) fn renew_task_leases(&self, now: u64) {
+        self.lease_polled.fetch_max(now, Ordering::Relaxed);
     }
 
     /// The future is done reading (its response came, its window ended, or
@@ -472,18 +481,19 @@ impl ReadSide {
     }
 
     /// Reactor side, at the timer [`lease_to_task`](Self::lease_to_task)
-    /// asked for: takes every lease back once the latest window ended
-    /// [`TASK_LEASE_GRACE`] ago (the futures holding them were not polled
-    /// since: a polled one ends its lease as its window ends). Returns when
-    /// to look again, while leases stand within their time.
+    /// asked for: takes every lease back once none was renewed for
+    /// [`TASK_LEASE_GRACE`] (no future holding one was polled since; one
+    /// polled late finds its lease gone, and the reactor reading for it).
+    /// Returns when to look again, while leases stand.
     pub(crate) fn reclaim_task_leases(&self, owner: &impl ReadOwner, now: u64) -> Option<u64> {
         let mut interest = lock(&self.interest);
         if interest.task_leases == 0 {
             interest.reclaim_armed = false;
             return None;
         }
-        let due = interest
-            .leased_until
+        let due = self
+            .lease_polled
+            .load(Ordering::Relaxed)
             .saturating_add(nanos(TASK_LEASE_GRACE));
         if now < due {
             return Some(due);

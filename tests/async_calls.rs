@@ -555,7 +555,7 @@ fn a_waiting_future_is_not_polled_in_a_loop() {
 fn a_spinning_future_stops_spinning_after_its_window() {
     within(30, || {
         let server = slow_server(Some(Duration::from_millis(200)));
-        let config = Config::default().waiting(Waiting::Spin(Duration::from_millis(2)));
+        let config = Config::default().waiting(Waiting::Spin(Duration::from_millis(20)));
         let client = Client::new(server.local_addr(), config).unwrap();
         futures::executor::block_on(async {
             client.send_async(b"").await.unwrap();
@@ -567,7 +567,7 @@ fn a_spinning_future_stops_spinning_after_its_window() {
                 inner: Box::pin(call),
                 all: &polls,
                 late: AtomicUsize::new(0),
-                after: start + Duration::from_millis(50),
+                after: start + Duration::from_millis(60),
             };
             let mut late = Box::pin(late);
             std::future::poll_fn(|cx| late.as_mut().poll(cx))
@@ -681,7 +681,7 @@ fn a_spinning_future_no_longer_polled_does_not_keep_the_connection_unread() {
         let server_side = conns.recv().unwrap();
         let mut held = Vec::new();
         let mut call = Box::pin(client.request_async(b"hold", &mut held));
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let mut cx = std::task::Context::from_waker(futures::task::noop_waker_ref());
         assert!(call.as_mut().poll(&mut cx).is_pending());
         // The request is out (the server got it) before the message is sent.
         let _ = conns.recv().unwrap();

@@ -40,7 +40,7 @@ use crate::protocol::wire::SeqSpace;
 use crate::protocol::Role;
 
 /// Busy-spin rounds before a waiter starts yielding instead.
-const BUSY_SPINS: u32 = 32;
+pub(crate) const BUSY_SPINS: u32 = 32;
 
 /// The spin time of [`PendingRequest::wait`] (the models' wait).
 const MODEL_SPIN_TIME: std::time::Duration = std::time::Duration::from_micros(200);
