@@ -37,6 +37,7 @@ use crate::stats::Counters;
 use crate::sync::completion::{Answer, CompletionTable, Ticket, BUSY_SPINS, NO_LIMIT};
 use crate::sync::timers::TimerKey;
 use crate::sync::{Ordering, SpinPermit};
+use crate::waiting::{FutureWait, HANDED_OVER};
 
 /// The async calls of a connection (here rather than in `conn.rs`, which
 /// the futures build on).
@@ -242,8 +243,12 @@ pub struct RequestFuture<'a> {
     /// `spin_until` (see `spin_window`)...
     lease: Option<TaskLease>,
     spin_until: u64,
-    /// ...for this many polls so far.
+    /// ...for this many polls so far...
     spins: u32,
+    /// ...handing the core over at each (one core), not spinning...
+    hand_over: bool,
+    /// ...with leave to busy-spin its first rounds.
+    permit: Option<SpinPermit>,
 }
 
 impl std::fmt::Debug for RequestFuture<'_> {
@@ -277,6 +282,8 @@ impl<'a> RequestFuture<'a> {
             lease: None,
             spin_until: 0,
             spins: 0,
+            hand_over: false,
+            permit: None,
         }
     }
 
@@ -321,6 +328,8 @@ impl<'a> RequestFuture<'a> {
             lease,
             spin_until,
             spins,
+            hand_over,
+            permit,
         } = self;
         let table = conn.requests();
         loop {
@@ -363,11 +372,12 @@ impl<'a> RequestFuture<'a> {
                     }
                     Counters::inc(&conn.driver().stats().requests_in_flight);
                     *counted = true;
-                    if let Some((from, until)) = spin_window(conn, table, deadline) {
+                    if let Some((from, until, handing_over)) = spin_window(conn, table, deadline) {
                         // Before the request is written: a response that
                         // lands first must not wake the reactor either.
                         *lease = Some(conn.lease_reads(from));
                         *spin_until = until;
+                        *hand_over = handing_over;
                     }
                     *stage = RequestStage::Queuing(ticket);
                 }
@@ -408,13 +418,20 @@ impl<'a> RequestFuture<'a> {
                     }
                 }
                 RequestStage::Awaiting(ticket) => {
-                    let now = lease.as_ref().map(|_| now_nanos());
+                    let read = &conn.shared.read;
+                    let now = match lease {
+                        Some(lease) if read.lease_current(lease) => Some(now_nanos()),
+                        _ => None,
+                    };
                     let spinning = now.is_some_and(|now| now < *spin_until);
                     if spinning {
-                        conn.shared.read.renew_task_leases(now.unwrap_or(0));
-                        conn.shared.read.read_while_waiting(&*conn);
+                        read.renew_task_leases(now.unwrap_or(0));
+                        read.read_while_waiting(&*conn);
                     } else if let Some(lease) = lease.take() {
+                        // Its window ended, or the reactor took its lease
+                        // back (it was not polled for a while).
                         conn.end_lease(lease);
+                        *permit = None;
                     }
                     return match ticket.poll_answer(table, cx) {
                         Poll::Ready(answer) => {
@@ -426,14 +443,34 @@ impl<'a> RequestFuture<'a> {
                             Poll::Ready(stage.take_ticket().time_out(table))
                         }
                         Poll::Pending if spinning => {
-                            // As a spinning caller: busy for its first
-                            // rounds while no more spinners than half the
-                            // cores are, then giving the core away each
-                            // round, which also tells the contention
-                            // detector how the cores are held.
                             *spins += 1;
-                            if *spins > BUSY_SPINS || SpinPermit::acquire(1).is_none() {
-                                crate::sync::contention::yield_now();
+                            if *hand_over {
+                                // One core: the thread that will answer
+                                // needs this one. A yield that nobody
+                                // took means it is not here: sleep.
+                                if crate::sync::contention::yield_now() < HANDED_OVER {
+                                    *spin_until = 0;
+                                    if let Some(lease) = lease.take() {
+                                        conn.end_lease(lease);
+                                    }
+                                    deadline.arm(conn.driver(), cx);
+                                    return Poll::Pending;
+                                }
+                            } else {
+                                // As a spinning caller: busy for its first
+                                // rounds while no more spinners than half
+                                // the cores do (the permit), then giving
+                                // the core away each round, which also
+                                // tells the contention detector how the
+                                // cores are held.
+                                if *spins == 1 {
+                                    *permit = SpinPermit::acquire(1);
+                                } else if *spins > BUSY_SPINS {
+                                    *permit = None;
+                                }
+                                if permit.is_none() {
+                                    crate::sync::contention::yield_now();
+                                }
                             }
                             // Polled again at once: the executor runs its
                             // other tasks in between, but does not park.
@@ -456,6 +493,7 @@ impl<'a> RequestFuture<'a> {
         if let Some(lease) = self.lease.take() {
             self.conn.end_lease(lease);
         }
+        self.permit = None;
         self.deadline.disarm(self.conn.driver());
         self.conn.outbound().forget(&mut self.queued);
         if mem::take(&mut self.counted) {
@@ -504,22 +542,25 @@ impl Drop for RequestFuture<'_> {
 
 /// From and until when ([`now_nanos`]) a request just begun reads the
 /// socket itself in its polls, re-polled at once, instead of waiting for
-/// the reactor to wake its task; `None`: it does not. The blocking call's rule
-/// ([`Waiting`](crate::Waiting)): where spinning pays, for the spin time,
-/// which a wake-up of the executor's thread across cores would cost, and
-/// only for a lone request (with others in flight, their responses keep
-/// the reactor turning).
+/// the reactor to wake its task, and whether it hands the core over at
+/// each poll (one core) rather than spinning; `None`: it does not. The
+/// rule is [`Waiting`](crate::Waiting)'s, for a lone request only (with
+/// others in flight, their responses keep the reactor turning).
 fn spin_window(
     conn: &Connection,
     table: &CompletionTable,
     deadline: &Deadline,
-) -> Option<(u64, u64)> {
-    let spin = conn.config().waiting.spin_time();
-    if spin.is_zero() || table.in_flight() > 1 {
+) -> Option<(u64, u64, bool)> {
+    let (time, hand_over) = match conn.config().waiting.future_wait() {
+        FutureWait::Sleep => return None,
+        FutureWait::Spin(time) => (time, false),
+        FutureWait::HandOver(time) => (time, true),
+    };
+    if table.in_flight() > 1 {
         return None;
     }
     let started = deadline.started?;
-    Some((started, started.saturating_add(nanos(spin))))
+    Some((started, started.saturating_add(nanos(time)), hand_over))
 }
 
 #[derive(Clone, Copy)]

@@ -477,8 +477,12 @@ impl Connection {
 
     /// Has the reactor look at the leases at `at`, or as soon after it as
     /// it wakes: it is not woken for this (a wake-up on the request's way
-    /// out would cost more than the look saves), but its sweep wakes it
-    /// within 250 ms, and most often an event much sooner.
+    /// out would cost more than the look saves). Anything that needs it
+    /// awake meanwhile wakes it: another request on the connection (with
+    /// this one in flight, the reactor writes it), a command, a timer; at
+    /// the latest its sweep, within 250 ms (a future no longer polled
+    /// then delays only what the peer sends unasked, and the end of the
+    /// stream, by that much).
     fn arm_lease_reclaim(&self, at: u64) {
         let waker = self.shared.lease_reclaim.get_or_init(|| {
             Waker::from(Arc::new(LeaseReclaim {

@@ -96,9 +96,6 @@ struct Interest {
     /// Futures reading the socket in their spin windows ([`TaskLease`]):
     /// they quiet the reactor as waiting callers do.
     task_leases: u32,
-    /// Bumped as the reactor takes stale leases back: a lease of an older
-    /// epoch is no longer counted.
-    lease_epoch: u64,
     /// A reactor timer will look at the leases
     /// ([`ReadSide::reclaim_task_leases`]).
     reclaim_armed: bool,
@@ -247,6 +244,9 @@ pub(crate) struct ReadSide {
     resumed_at: AtomicU64,
     /// When a future holding a lease last polled ([`now_nanos`]).
     lease_polled: AtomicU64,
+    /// Bumped (under the interest lock) as the reactor takes stale leases
+    /// back: a lease of an older epoch no longer counts.
+    lease_epoch: AtomicU64,
 }
 
 impl ReadSide {
@@ -256,6 +256,7 @@ impl ReadSide {
             silence_ours: AtomicBool::new(false),
             resumed_at: AtomicU64::new(0),
             lease_polled: AtomicU64::new(0),
+            lease_epoch: AtomicU64::new(0),
             core: ReadTurn::new(core, ConnCore::discard_input),
             interest: Mutex::new(Interest::default()),
         }
@@ -432,7 +433,8 @@ impl ReadSide {
     /// Unlike a caller's count, a lease holds only while its future is
     /// polled: each poll renews it ([`renew_task_leases`](Self::renew_task_leases)),
     /// and the reactor takes every lease back once none was renewed for
-    /// [`TASK_LEASE_GRACE`] ([`reclaim_task_leases`](Self::reclaim_task_leases)).
+    /// [`TASK_LEASE_GRACE`] ([`reclaim_task_leases`](Self::reclaim_task_leases)),
+    /// at its first wake-up after that (see `Connection::arm_lease_reclaim`).
     /// Returns the lease, and when that look is due if no timer is armed
     /// for it yet: the caller arms one.
     pub(crate) fn lease_to_task(
@@ -454,7 +456,7 @@ impl ReadSide {
             now.saturating_add(nanos(TASK_LEASE_GRACE))
         });
         let lease = TaskLease {
-            epoch: interest.lease_epoch,
+            epoch: self.lease_epoch.load(Ordering::Relaxed),
         };
         (lease, look)
     }
@@ -467,12 +469,18 @@ impl ReadSide {
         self.lease_polled.fetch_max(now, Ordering::Relaxed);
     }
 
-    /// The future is done reading (its response came, its window ended, or
-    /// it went): its lease stops counting, unless the reactor took it back
-    /// already.
+    /// Whether `lease` still counts: the reactor has not taken it back
+    /// (then the reactor reads for its future, which stops spinning).
+    pub(crate) fn lease_current(&self, lease: &TaskLease) -> bool {
+        self.lease_epoch.load(Ordering::Relaxed) == lease.epoch
+    }
+
+    /// The future is done reading (its response came, its window ended,
+    /// it must wait for room first, or it went): its lease stops counting,
+    /// unless the reactor took it back already.
     pub(crate) fn end_task_lease(&self, owner: &impl ReadOwner, lease: TaskLease) {
         let mut interest = lock(&self.interest);
-        if interest.lease_epoch == lease.epoch && interest.task_leases > 0 {
+        if self.lease_current(&lease) && interest.task_leases > 0 {
             interest.task_leases -= 1;
             if interest.readable() {
                 let _ = apply_interest(owner, &interest);
@@ -483,8 +491,8 @@ impl ReadSide {
     /// Reactor side, at the timer [`lease_to_task`](Self::lease_to_task)
     /// asked for: takes every lease back once none was renewed for
     /// [`TASK_LEASE_GRACE`] (no future holding one was polled since; one
-    /// polled late finds its lease gone, and the reactor reading for it).
-    /// Returns when to look again, while leases stand.
+    /// polled late finds its lease gone, stops spinning, and is woken by
+    /// the reactor). Returns when to look again, while leases stand.
     pub(crate) fn reclaim_task_leases(&self, owner: &impl ReadOwner, now: u64) -> Option<u64> {
         let mut interest = lock(&self.interest);
         if interest.task_leases == 0 {
@@ -499,7 +507,8 @@ impl ReadSide {
             return Some(due);
         }
         interest.task_leases = 0;
-        interest.lease_epoch += 1;
+        // Under the lock, as every change of the leases.
+        self.lease_epoch.fetch_add(1, Ordering::Relaxed);
         interest.reclaim_armed = false;
         if interest.readable() {
             let _ = apply_interest(owner, &interest);

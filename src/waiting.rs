@@ -31,17 +31,29 @@
 //!   the same 200 µs: it reads the socket itself at each poll and wakes
 //!   its own task, so the executor polls it again at once (running its
 //!   other tasks in between) instead of parking its thread, to be woken
-//!   across cores by the reactor; past that it waits for the reactor to
-//!   wake it (the reactor quiet meanwhile for the socket, and taking its
-//!   readiness back 1 ms after the window from a future no longer polled:
-//!   see `ReadSide::lease_to_task`);
+//!   across cores by the reactor; its first polls busy while it holds
+//!   the same permit as a busy caller, then yielding the core at each;
+//!   past the 200 µs it waits for the reactor to wake it. The reactor is
+//!   deaf to the socket meanwhile, and takes its readiness back from a
+//!   future no longer polled, 1 ms after its last poll, at its next
+//!   wake-up (see `ReadSide::lease_to_task`);
 //! - a reactor that served requests, or handed responses to futures
 //!   (those past their spin window, or with others in flight, whose next
 //!   response is its to read), polls back to back for a quarter of that
 //!   (50 µs), yielding between polls, before it sleeps in epoll.
 //!
 //! With one core, or while busy threads hold the cores, callers block at
-//! once and a reactor that served requests sleeps in epoll at once. Either
+//! once and a reactor that served requests sleeps in epoll at once. A
+//! future awaiting a lone request's response, with one core (and
+//! [`Waiting::Auto`]), hands the core over instead of parking at once: it
+//! reads the socket at each poll and yields the core, which goes to the
+//! thread that will answer (a server on this machine, woken by the
+//! request), while each yield takes at least [`HANDED_OVER`] (some other
+//! thread ran) and for the spin time at most. Its response then wakes
+//! neither the reactor nor the executor's thread: a blocking caller,
+//! asleep in `recv`, is woken by the kernel itself, and this is the
+//! future's way to the same two thread switches per request. A yield
+//! that comes back at once (nobody else wants the core) ends it. Either
 //! way (but under
 //! [`Waiting::Block`]), a reactor that received only one-way messages
 //! sleeps about 20 µs between polls, for a quarter of the spin time and at
@@ -82,6 +94,25 @@ pub enum Waiting {
     Block,
 }
 
+/// How a future awaiting a lone request's response waits: [`Waiting::future_wait`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FutureWait {
+    /// Its task sleeps until the reactor wakes it.
+    Sleep,
+    /// It reads the socket itself at each poll and has itself polled again
+    /// at once, for up to this long.
+    Spin(Duration),
+    /// One core: it reads the socket itself at each poll and gives the
+    /// core away (to the thread that will answer, on this very core), for
+    /// up to this long while each yield hands the core to another thread.
+    HandOver(Duration),
+}
+
+/// A yield that came back sooner than this found no other thread wanting
+/// the core: whoever will answer is not on it (another machine, or not yet
+/// woken), and a future handing the core over stops.
+pub(crate) const HANDED_OVER: Duration = Duration::from_micros(3);
+
 /// Rounds a waiting caller may spin: bounded by time, not by count.
 const UNBOUNDED_ROUNDS: u32 = u32::MAX;
 
@@ -115,6 +146,21 @@ impl Waiting {
             (0, Duration::ZERO)
         } else {
             (UNBOUNDED_ROUNDS, time)
+        }
+    }
+
+    /// How a future awaiting a lone request's response waits before its
+    /// task sleeps (see the module docs).
+    pub(crate) fn future_wait(self) -> FutureWait {
+        let spin = self.spin_time();
+        if !spin.is_zero() {
+            return FutureWait::Spin(spin);
+        }
+        match self {
+            Waiting::Auto if cores() == 1 && !crate::sync::contention::contended() => {
+                FutureWait::HandOver(Waiting::DEFAULT_SPIN)
+            }
+            _ => FutureWait::Sleep,
         }
     }
 

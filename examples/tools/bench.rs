@@ -228,7 +228,9 @@ fn handshakes(mode: Mode) -> (Arc<dyn HandshakeFactory>, Arc<dyn HandshakeFactor
                        unsent low water in bytes, 0 for none), MONTE_READ_BUF (the \
                        receive buffer in bytes) and MONTE_SNDBUF / MONTE_RCVBUF \
                        (SO_SNDBUF / SO_RCVBUF in bytes, 0 for the system's) override \
-                       those settings of both sides."
+                       those settings of both sides. MONTE_ASYNC_WORKERS=N runs the async \
+                       benchmarks' futures as tasks of a multi-thread tokio runtime of N \
+                       workers (the peer's shape) instead of on one current-thread runtime."
 )]
 struct Args {
     /// Seconds each benchmark is timed, after a 0.3 s warm-up
@@ -1007,7 +1009,7 @@ fn run_bench(
         } else {
             config
         };
-        let client = Client::new(addr, config).map_err(|e| format!("client: {e}"))?;
+        let client = Arc::new(Client::new(addr, config).map_err(|e| format!("client: {e}"))?);
         measure_async(&client, payload, in_flight, WARMUP)?;
         eprintln!("running {} ({}s)...", bench.name, args.secs);
         let m = measure_async(&client, payload, in_flight, dur)?;
@@ -1099,36 +1101,61 @@ fn report(bench: &Bench, payload: &[u8], m: &Measured) -> Report {
 /// point with tokio-rustls (8 on one connection).
 const ASYNC_IN_FLIGHT: usize = 8;
 
-/// `in_flight` futures, each awaiting `request_async` in turn, joined on
-/// one current-thread tokio runtime on this thread, for `dur`.
+/// `in_flight` futures, each awaiting `request_async` in turn, for `dur`:
+/// joined on one current-thread tokio runtime on this thread, or, with
+/// MONTE_ASYNC_WORKERS=N, tasks of a multi-thread runtime of N workers
+/// (the peer's shape).
 fn measure_async(
-    client: &Client,
+    client: &Arc<Client>,
     payload: &[u8],
     in_flight: usize,
     dur: Duration,
 ) -> BenchResult<Measured> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .map_err(|e| format!("runtime: {e}"))?;
-    let stop = AtomicBool::new(false);
-    let total = AtomicU64::new(0);
+    let workers = std::env::var("MONTE_ASYNC_WORKERS")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+        .filter(|&n| n > 0);
+    let runtime = match workers {
+        Some(n) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .build(),
+        None => tokio::runtime::Builder::new_current_thread().build(),
+    }
+    .map_err(|e| format!("runtime: {e}"))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let total = Arc::new(AtomicU64::new(0));
+    let payload: Arc<[u8]> = payload.into();
     let (a0, b0) = alloc_snapshot();
     let cpu0 = process_cpu();
     let start = Instant::now();
-    let one = || async {
-        let mut response = Vec::new();
-        let mut n = 0u64;
-        while !stop.load(Ordering::Relaxed) {
-            client.request_async(payload, &mut response).await?;
-            n += 1;
-            if start.elapsed() >= dur {
-                stop.store(true, Ordering::Relaxed);
+    let one = || {
+        let (client, payload) = (client.clone(), payload.clone());
+        let (stop, total) = (stop.clone(), total.clone());
+        async move {
+            let mut response = Vec::new();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                client.request_async(&payload, &mut response).await?;
+                n += 1;
+                if start.elapsed() >= dur {
+                    stop.store(true, Ordering::Relaxed);
+                }
             }
+            total.fetch_add(n, Ordering::Relaxed);
+            Ok::<(), Error>(())
         }
-        total.fetch_add(n, Ordering::Relaxed);
-        Ok::<(), Error>(())
     };
-    let results = runtime.block_on(futures::future::join_all((0..in_flight).map(|_| one())));
+    let results: Vec<Result<(), Error>> = match workers {
+        Some(_) => runtime.block_on(async {
+            let tasks: Vec<_> = (0..in_flight).map(|_| tokio::spawn(one())).collect();
+            let mut results = Vec::with_capacity(tasks.len());
+            for task in tasks {
+                results.push(task.await.unwrap_or_else(|e| panic!("bench task: {e}")));
+            }
+            results
+        }),
+        None => runtime.block_on(futures::future::join_all((0..in_flight).map(|_| one()))),
+    };
     let elapsed = start.elapsed();
     let cpu = process_cpu().saturating_sub(cpu0);
     let (a1, b1) = alloc_snapshot();

@@ -149,12 +149,14 @@ impl Detector {
 static DETECTOR: Detector = Detector::new();
 
 /// Gives the core to another thread, as a spinning waiter does between
-/// polls, and notes how long that took.
-pub fn yield_now() {
+/// polls, and notes how long that took; returns it.
+pub fn yield_now() -> Duration {
     let before = now_nanos();
     super::yield_now();
     let after = now_nanos();
-    DETECTOR.note_yield(Duration::from_nanos(after.saturating_sub(before)), after);
+    let took = Duration::from_nanos(after.saturating_sub(before));
+    DETECTOR.note_yield(took, after);
+    took
 }
 
 /// Whether spinning is off for now: the cores were lately found held by

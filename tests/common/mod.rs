@@ -209,6 +209,14 @@ pub fn confine_to_one_core() {
     // affinity of the thread that first asks: asked here first, it sees
     // the process's, whichever test runs first.
     let _ = monte_rpc::Config::default().waiting.spin_time();
+    confine_to_first_core();
+}
+
+/// Confines the calling thread, and every thread it starts from now on, to
+/// the first core it may run on, leaving the library to count the cores
+/// when it first asks: called first in a process, that is one. Linux only.
+#[allow(dead_code)]
+pub fn confine_to_first_core() {
     #[cfg(target_os = "linux")]
     // SAFETY: `set` is a plain bit set that both calls only read and
     // write within its size, passed with that size.
