@@ -105,6 +105,10 @@ struct Outbound {
     /// (`wake_tasks`): a waker may drop its task's future, whose drop
     /// locks the queue, or poll it inline. Its capacity is kept.
     to_wake: Vec<Waker>,
+    /// An empty list with capacity that `wake_tasks` puts in place of the
+    /// one it takes: a `notify` by another thread while it wakes then
+    /// allocates nothing either.
+    to_wake_spare: Vec<Waker>,
     closed: Option<Error>,
     /// The reactor is closing the connection gracefully and waits for the
     /// queue to drain: a caller-thread writer that empties it must tell
@@ -251,9 +255,24 @@ impl Outbound {
                 entry.replace(waker.clone())
             }
             None => {
+                self.room_for_tasks();
                 wait.0 = Some(self.tasks.insert(Some(waker.clone())));
                 None
             }
+        }
+    }
+
+    /// Makes room for a few waiting tasks at the connection's first async
+    /// call (every one passes here before it may wait), so that the
+    /// first time one must wait, or a first peak of tasks waiting
+    /// together (or a thread waking them while others register), comes
+    /// in steady traffic without an allocation. A connection that never
+    /// sees an async call (most idle ones) holds none of it.
+    fn room_for_tasks(&mut self) {
+        if self.tasks.capacity() == 0 {
+            self.tasks.reserve(TASKS_ROOM);
+            self.to_wake.reserve(TASKS_ROOM);
+            self.to_wake_spare.reserve(TASKS_ROOM);
         }
     }
 
@@ -278,6 +297,10 @@ impl QueueWait {
         self.0.is_some()
     }
 }
+
+/// Async calls a connection has room for on its list of waiting tasks
+/// from its first one on.
+const TASKS_ROOM: usize = 8;
 
 /// How a frame is handed to the outbound queue.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -357,6 +380,7 @@ impl OutboundQueue {
                 waiters: 0,
                 tasks: Slab::new(),
                 to_wake: Vec::new(),
+                to_wake_spare: Vec::new(),
                 closed: None,
                 draining: false,
                 reactor_waits: false,
@@ -467,6 +491,7 @@ impl OutboundQueue {
         // after it, on every return (see `register`).
         let mut stale = DropLater::default();
         let mut g = lock(&self.state);
+        g.room_for_tasks();
         let frame = frame_len(body.len());
         let must_wait = g.lacks_room(frame, self.limit);
         match mode {
@@ -548,13 +573,17 @@ impl OutboundQueue {
         if g.to_wake.is_empty() {
             return g;
         }
-        let mut woken = mem::take(&mut g.to_wake);
+        let spare = mem::take(&mut g.to_wake_spare);
+        let mut woken = mem::replace(&mut g.to_wake, spare);
         drop(g);
         wake_all(&mut woken);
         let mut g = lock(&self.state);
         // Tasks another thread took off meanwhile are its to wake; only
-        // the allocation comes back.
-        if g.to_wake.capacity() < woken.capacity() {
+        // the allocation comes back, as the spare, or in place of a list
+        // with less room.
+        if g.to_wake_spare.capacity() < woken.capacity() {
+            g.to_wake_spare = woken;
+        } else if g.to_wake.capacity() < woken.capacity() {
             woken.append(&mut g.to_wake);
             g.to_wake = woken;
         }

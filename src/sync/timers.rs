@@ -26,6 +26,9 @@ use super::{fence, lock, AtomicU64, Mutex, Ordering};
 /// No deadline.
 const NEVER: u64 = u64::MAX;
 
+/// Timers a reactor has room for from the start (a few KiB per reactor).
+const ROOM: usize = 64;
+
 struct Timer {
     /// When to wake ([`now_nanos`](crate::clock::now_nanos)); [`NEVER`]
     /// once it fired.
@@ -69,13 +72,16 @@ impl Default for Timers {
 }
 
 impl Timers {
-    /// No timers.
+    /// No timers, with room for [`ROOM`] of them made now: the calls
+    /// waiting at once on a reactor, and each connection's lease timer,
+    /// reach their most now and then, and a first such peak must not grow
+    /// the slab in what is otherwise a steady state.
     pub fn new() -> Self {
         Timers {
-            entries: Mutex::new(Slab::new()),
+            entries: Mutex::new(Slab::with_capacity(ROOM)),
             earliest: AtomicU64::new(NEVER),
             sleeping_until: AtomicU64::new(0),
-            fired: Mutex::new(Vec::new()),
+            fired: Mutex::new(Vec::with_capacity(ROOM)),
         }
     }
 
