@@ -461,6 +461,16 @@ fn a_failed_async_dial_fails_the_calls_waiting_for_it() {
 /// gets (and answers requests with "ok"), for tests that call the client
 /// from the server's side.
 fn server_handing_out_its_connections() -> (Server, mpsc::Receiver<Connection>) {
+    server_handing_out_connections_then(|ctx| {
+        let _ = ctx.reply(b"ok");
+    })
+}
+
+/// A server whose handler hands out the connection of every message it
+/// gets, then runs `then` on it.
+fn server_handing_out_connections_then(
+    then: impl Fn(&mut Context<'_>) + Send + Sync + 'static,
+) -> (Server, mpsc::Receiver<Connection>) {
     let (conn_tx, conn_rx) = mpsc::channel::<Connection>();
     let conn_tx = Mutex::new(conn_tx);
     let server = Server::bind(
@@ -468,7 +478,7 @@ fn server_handing_out_its_connections() -> (Server, mpsc::Receiver<Connection>) 
         Config::server(),
         move |ctx: &mut Context<'_>| {
             let _ = conn_tx.lock().unwrap().send(ctx.conn().clone());
-            let _ = ctx.reply(b"ok");
+            then(ctx);
         },
     )
     .unwrap();
@@ -688,21 +698,12 @@ fn run_polling<F: Future>(wakes: &Arc<Wakes>, fut: F) -> F::Output {
 /// A server that hands out its connections, sends the client a message
 /// before it answers each request, and leaves "hold" unanswered.
 fn server_messaging_before_replies() -> (Server, mpsc::Receiver<Connection>) {
-    let (conn_tx, conn_rx) = mpsc::channel::<Connection>();
-    let conn_tx = Mutex::new(conn_tx);
-    let server = Server::bind(
-        "127.0.0.1:0",
-        Config::server(),
-        move |ctx: &mut Context<'_>| {
-            let _ = conn_tx.lock().unwrap().send(ctx.conn().clone());
-            if ctx.body() != b"hold" {
-                let _ = ctx.conn().send_no_wait(b"before");
-                let _ = ctx.reply(b"ok");
-            }
-        },
-    )
-    .unwrap();
-    (server, conn_rx)
+    server_handing_out_connections_then(|ctx| {
+        if ctx.body() != b"hold" {
+            let _ = ctx.conn().send_no_wait(b"before");
+            let _ = ctx.reply(b"ok");
+        }
+    })
 }
 
 /// A client whose handler counts the server's messages, its futures
