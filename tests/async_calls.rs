@@ -535,27 +535,10 @@ fn a_servers_connection_requests_the_client() {
 /// times for a slow answer).
 #[test]
 fn a_waiting_future_is_not_polled_in_a_loop() {
-    within(30, || {
-        let server = slow_server(Some(Duration::from_millis(200)));
-        // No spin window: a future that spins is polled in a loop within
-        // it (`a_spinning_future_stops_spinning_after_its_window`).
-        let config = Config::default().waiting(Waiting::Block);
-        let client = Client::new(server.local_addr(), config).unwrap();
-        futures::executor::block_on(async {
-            client.send_async(b"").await.unwrap();
-            let mut response = Vec::new();
-            let polls = AtomicUsize::new(0);
-            let call = client.request_async(b"slow", &mut response);
-            CountPolls(Box::pin(call), &polls).await.unwrap();
-            assert!(
-                polls.load(Ordering::Relaxed) <= 5,
-                "polled {} times",
-                polls.load(Ordering::Relaxed)
-            );
-        });
-        client.shutdown();
-        server.shutdown();
-    });
+    // No spin window: a future that spins is polled in a loop within it
+    // (`a_spinning_future_stops_spinning_after_its_window`).
+    let (all, _) = polls_of_a_slow_request(Waiting::Block, Duration::from_millis(60));
+    assert!(all <= 5, "polled {all} times");
 }
 
 /// A future that spins (it reads the socket itself in its polls, polled
@@ -563,37 +546,41 @@ fn a_waiting_future_is_not_polled_in_a_loop() {
 /// sleeps until its response wakes it.
 #[test]
 fn a_spinning_future_stops_spinning_after_its_window() {
-    within(30, || {
+    let spin = Waiting::Spin(Duration::from_millis(20));
+    let (all, late) = polls_of_a_slow_request(spin, Duration::from_millis(60));
+    assert!(all > 5, "it spun: polled {all} times");
+    assert!(late <= 3, "polled {late} times after its window");
+}
+
+/// Awaits one request that a server answers after 200 ms, from a client
+/// that waits as `waiting` says: how many times the future was polled in
+/// all, and how many of those came `after` its start.
+fn polls_of_a_slow_request(waiting: Waiting, after: Duration) -> (usize, usize) {
+    within(30, move || {
         let server = slow_server(Some(Duration::from_millis(200)));
-        let config = Config::default().waiting(Waiting::Spin(Duration::from_millis(20)));
+        let config = Config::default().waiting(waiting);
         let client = Client::new(server.local_addr(), config).unwrap();
-        futures::executor::block_on(async {
+        let counts = futures::executor::block_on(async {
             client.send_async(b"").await.unwrap();
             let mut response = Vec::new();
             let polls = AtomicUsize::new(0);
             let call = client.request_async(b"slow", &mut response);
-            let start = Instant::now();
-            let late = LatePolls {
+            let mut counted = Box::pin(LatePolls {
                 inner: Box::pin(call),
                 all: &polls,
                 late: AtomicUsize::new(0),
-                after: start + Duration::from_millis(60),
-            };
-            let mut late = Box::pin(late);
-            std::future::poll_fn(|cx| late.as_mut().poll(cx))
+                after: Instant::now() + after,
+            });
+            std::future::poll_fn(|cx| counted.as_mut().poll(cx))
                 .await
                 .unwrap();
-            assert!(
-                polls.load(Ordering::Relaxed) > 5,
-                "it spun: polled {} times",
-                polls.load(Ordering::Relaxed)
-            );
-            let late = late.late.load(Ordering::Relaxed);
-            assert!(late <= 3, "polled {late} times after its window");
+            let late = counted.late.load(Ordering::Relaxed);
+            (polls.load(Ordering::Relaxed), late)
         });
         client.shutdown();
         server.shutdown();
-    });
+        counts
+    })
 }
 
 /// Counts every poll, and those after `after`.
@@ -775,19 +762,6 @@ fn a_spinning_future_no_longer_polled_does_not_keep_the_connection_unread() {
         client.shutdown();
         server.shutdown();
     });
-}
-
-struct CountPolls<'a, F>(std::pin::Pin<Box<F>>, &'a AtomicUsize);
-
-impl<F: Future> Future for CountPolls<'_, F> {
-    type Output = F::Output;
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<F::Output> {
-        self.1.fetch_add(1, Ordering::Relaxed);
-        self.0.as_mut().poll(cx)
-    }
 }
 
 /// A server's shutdown resolves the futures pending on its connections
