@@ -19,8 +19,8 @@ use monte_rpc::protocol::connection::{
     ConnCore, Deadlines, Filled, Limits, Next, ReadPhase, Taker, Unpooled,
 };
 use monte_rpc::protocol::wire::{
-    frame_len, rekey, Decoded, FrameDecoder, SeqAllocator, FRAME_OVERHEAD, LENGTH_PREFIX_LEN,
-    MIN_CIPHERTEXT_LEN, REKEY_INTERVAL,
+    append_record, frame_len, rekey, Decoded, FrameDecoder, SeqAllocator, FRAME_OVERHEAD,
+    LENGTH_PREFIX_LEN, MIN_CIPHERTEXT_LEN, RECORD_HEADER_LEN, REKEY_INTERVAL,
 };
 use monte_rpc::protocol::{
     ClientHandshake, Handshake, Opener, Profile, Role, Sealer, ServerHandshake, Session, KEY_LEN,
@@ -179,10 +179,16 @@ impl Chunker {
 fn assert_receive_error(e: &Error) {
     match *e {
         Error::FrameTooShort { len } => assert!(len < MIN_CIPHERTEXT_LEN, "{e:?}"),
-        Error::FrameTooLarge { len, max } => {
-            assert_eq!(max, MAX_PAYLOAD + MIN_CIPHERTEXT_LEN, "{e:?}");
+        Error::FrameTooLarge { len, max, .. } => {
+            // A frame's limit, unbundled or bundled (a record more).
+            let bundled = MAX_PAYLOAD + MIN_CIPHERTEXT_LEN + RECORD_HEADER_LEN - 4;
+            assert!(
+                max == MAX_PAYLOAD + MIN_CIPHERTEXT_LEN || max == bundled,
+                "{e:?}"
+            );
             assert!(len > max, "{e:?}");
         }
+        Error::MalformedBundle { claimed, left } => assert!(claimed > left, "{e:?}"),
         Error::Authentication | Error::ReceiveFailed | Error::CounterExhausted => {}
         _ => panic!("undocumented receive error: {e:?}"),
     }
@@ -623,6 +629,8 @@ pub fn in_memory_handshake(profile: Profile) -> (Session, Session) {
 /// routed as the reactor routes them.
 struct ServerSide {
     core: ConnCore,
+    /// Whether the handshake agreed on bundled frames.
+    bundles: bool,
     /// The time passed to the core, in nanoseconds.
     now: u64,
     requests: SeqAllocator,
@@ -658,6 +666,7 @@ const FUZZ_DEADLINES: Deadlines = Deadlines {
 impl ServerSide {
     fn new(opener: Opener, slots: usize) -> Self {
         ServerSide {
+            bundles: opener.bundles(),
             core: ConnCore::new(
                 ReadPhase::Open { opener },
                 Role::Server,
@@ -697,6 +706,7 @@ impl ServerSide {
                                 e,
                                 Error::FrameTooShort { .. }
                                     | Error::FrameTooLarge { .. }
+                                    | Error::MalformedBundle { .. }
                                     | Error::Authentication
                             ),
                             "{e:?}"
@@ -706,8 +716,16 @@ impl ServerSide {
                         return;
                     }
                 };
-                assert!((FRAME_OVERHEAD..=MAX_FRAME).contains(&len), "{len}");
-                assert_eq!(self.core.payload(len).len(), len - FRAME_OVERHEAD);
+                if self.bundles {
+                    // A record's share of its frame: its header and payload,
+                    // and the frame's prefix (first) or tag (last).
+                    let payload = self.core.payload(len).len();
+                    assert!(payload + RECORD_HEADER_LEN <= len, "{len}");
+                    assert!(len <= MAX_FRAME + RECORD_HEADER_LEN - 4, "{len}");
+                } else {
+                    assert!((FRAME_OVERHEAD..=MAX_FRAME).contains(&len), "{len}");
+                    assert_eq!(self.core.payload(len).len(), len - FRAME_OVERHEAD);
+                }
                 // The core tells responses from messages by the same rule
                 // the request numbers are issued by.
                 assert_eq!(response, self.requests.space().is_ours(seq), "{seq}");
@@ -794,11 +812,21 @@ enum Expect {
 /// (`i` as 2 bytes). Frames other than 7 carry a payload (`n`, `n` bytes).
 pub fn connection_input(data: &[u8]) {
     let mut input = Input::new(data);
-    let profile = profile_from(input.byte());
+    let flags = input.byte();
+    let profile = profile_from(flags);
     let slots = usize::from(input.byte() % 16) + 1;
     let mut chunks = Chunker::new(&mut input);
 
     let (mut client, server) = in_memory_handshake(profile);
+    // Frames of several records for ops 1 and 2, and malformed ones for
+    // op 8, where the handshake agreed on bundles.
+    let bundle_ops = flags & 2 != 0 && client.sealer.bundles();
+    // What a record adds to a frame of one message.
+    let record_extra = if client.sealer.bundles() {
+        RECORD_HEADER_LEN - 4
+    } else {
+        0
+    };
     let mut side = ServerSide::new(server.opener, slots);
     // The server's requests in flight, as the test sees them.
     let mut pending: Vec<u32> = Vec::new();
@@ -816,11 +844,41 @@ pub fn connection_input(data: &[u8]) {
         let op = input.byte();
         let was_clean = clean;
         let mut want_too_large = false;
+        let mut want_malformed = false;
         let mut seal = |seq: u32, payload: &[u8], wire: &mut Vec<u8>| {
             let n = client.sealer.seal_append(seq, payload, wire).expect("seal");
-            assert_eq!(n, frame_len(payload.len()));
+            assert_eq!(n, frame_len(payload.len()) + record_extra);
         };
         match op % 9 {
+            1 | 2 if bundle_ops => {
+                let records = usize::from(input.byte() % 4) + 1;
+                let start = Sealer::start_bundle(&mut wire);
+                for _ in 0..records {
+                    let seq = if op % 9 == 1 { 0 } else { input.u32() | 1 };
+                    let n = usize::from(input.byte());
+                    append_record(&mut wire, seq, input.take(n));
+                    expected.push(Expect::Request(seq));
+                }
+                client.sealer.seal_bundle(&mut wire, start).expect("seal");
+            }
+            8 if bundle_ops && op & 0x80 != 0 => {
+                // A bundle whose records do not fill it: a length past its
+                // end, or bytes after the last record too few for another.
+                let n = usize::from(input.byte());
+                let start = Sealer::start_bundle(&mut wire);
+                append_record(&mut wire, 0, input.take(n));
+                let junk = usize::from(input.byte() % 8);
+                if junk == 0 {
+                    let at = start + LENGTH_PREFIX_LEN + 4;
+                    let claimed = (wire.len() - at - 4 + 1) as u32;
+                    wire[at..at + 4].copy_from_slice(&claimed.to_be_bytes());
+                } else {
+                    wire.resize(wire.len() + junk, 0);
+                }
+                client.sealer.seal_bundle(&mut wire, start).expect("seal");
+                want_malformed = was_clean;
+                clean = false;
+            }
             0 => {
                 let n = usize::from(input.byte());
                 wire.extend_from_slice(input.take(n));
@@ -923,12 +981,21 @@ pub fn connection_input(data: &[u8]) {
         answered = side.responses.len();
         if want_too_large {
             match side.error {
-                Some(Error::FrameTooLarge { len, max }) => {
-                    assert_eq!(len, MAX_PAYLOAD + 1 + MIN_CIPHERTEXT_LEN);
-                    assert_eq!(max, MAX_PAYLOAD + MIN_CIPHERTEXT_LEN);
+                Some(Error::FrameTooLarge { len, max, .. }) => {
+                    assert_eq!(len, MAX_PAYLOAD + 1 + MIN_CIPHERTEXT_LEN + record_extra);
+                    assert_eq!(max, MAX_PAYLOAD + MIN_CIPHERTEXT_LEN + record_extra);
                 }
                 ref other => panic!("oversized frame gave {other:?}"),
             }
+        }
+        if want_malformed {
+            assert!(
+                matches!(side.error, Some(Error::MalformedBundle { .. })),
+                "a malformed bundle gave {:?}",
+                side.error
+            );
+            // None of its records was delivered: it is checked whole first.
+            assert_eq!(side.requests_seen.len(), expected.len());
         }
         if clean {
             assert!(
@@ -958,7 +1025,10 @@ pub fn connection_input(data: &[u8]) {
     if let Some(e) = side.error.take() {
         assert!(matches!(
             e,
-            Error::Authentication | Error::FrameTooShort { .. } | Error::FrameTooLarge { .. }
+            Error::Authentication
+                | Error::FrameTooShort { .. }
+                | Error::FrameTooLarge { .. }
+                | Error::MalformedBundle { .. }
         ));
         // The error ended the stream, for good: whatever comes next, the
         // core opens no further frame (a failed opener stays failed, a bad

@@ -263,7 +263,7 @@ pub(crate) fn handshake(
             Err(e) => return Err(e.into()),
         }
     }
-    check_first_frame(&input, config, &first)?;
+    check_first_frame(&input, config, session.opener.bundles(), &first)?;
     // The handshake goes before the socket is handed on, its drop guarded
     // as its steps are (a drop that panicked on the way out of this
     // function took the socket being returned with it, open).
@@ -295,8 +295,13 @@ impl PeerSample {
 /// protocol (an HTTP server answering a request it cannot parse) passes
 /// them, and shows only here: its reply goes on as text, whose first four
 /// bytes read as a length prefix of hundreds of megabytes.
-fn check_first_frame(input: &[u8], config: &Config, first: &PeerSample) -> Result<()> {
-    match FrameDecoder::new(config.max_message_size).decode(input) {
+fn check_first_frame(
+    input: &[u8],
+    config: &Config,
+    bundles: bool,
+    first: &PeerSample,
+) -> Result<()> {
+    match FrameDecoder::for_direction(config.max_message_size, bundles).decode(input) {
         Err(Error::FrameTooLarge { .. } | Error::FrameTooShort { .. }) => {
             Err(HandshakeError::NotThisProtocol {
                 sent: first.bytes,

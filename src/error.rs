@@ -224,13 +224,18 @@ pub enum Error {
     /// from the 4-byte prefix alone, before anything is sized for it.
     ///
     /// Both lengths are ciphertext lengths, as the prefix counts them: a
-    /// message plus 20 bytes of sequence number and tag. So `max` is
-    /// `max_message_size + 20`, and the message says both.
+    /// message plus 20 bytes of sequence number and tag, so `max` is
+    /// `max_message_size + 20`. Where the handshake agreed on bundled
+    /// frames (PROTOCOL.md), a frame's message also has a 4-byte length
+    /// (`max` is `max_message_size + 24`), and a frame of several may be
+    /// 16 KiB whatever the message size; a record in one that is larger
+    /// than `max_message_size` is reported as a frame of its own would
+    /// be. The message says which.
     ///
     /// ```
     /// use monte_rpc::Error;
     ///
-    /// let e = Error::FrameTooLarge { len: 1949127801, max: (1 << 20) + 20 };
+    /// let e = Error::FrameTooLarge { len: 1949127801, max: (1 << 20) + 20, max_message: 1 << 20 };
     /// assert_eq!(
     ///     e.to_string(),
     ///     "frame length prefix of 1949127801 bytes exceeds the limit of 1048596 \
@@ -240,9 +245,10 @@ pub enum Error {
     FrameTooLarge {
         /// The ciphertext length the prefix claimed.
         len: usize,
-        /// The largest ciphertext length this side accepts:
-        /// `max_message_size` plus 20.
+        /// The largest ciphertext length this side accepts.
         max: usize,
+        /// The configured `max_message_size` the limit comes from.
+        max_message: usize,
     },
     /// A frame's length prefix is below 20 bytes (sequence number plus tag),
     /// so it cannot be a valid frame.
@@ -260,6 +266,17 @@ pub enum Error {
     /// A direction's 64-bit frame counter is used up; sealing or opening
     /// another frame would reuse a nonce.
     CounterExhausted,
+    /// A bundled frame (PROTOCOL.md, "Bundled frames") whose records do
+    /// not fill its plaintext exactly: a record's header or payload runs
+    /// `claimed` bytes where only `left` remain (a frame with no record
+    /// claims a header of 8 in an empty plaintext). The frame
+    /// authenticated, so the peer built it so: fatal for the connection.
+    MalformedBundle {
+        /// The bytes the record's header or payload needs.
+        claimed: usize,
+        /// The bytes of plaintext left for it.
+        left: usize,
+    },
     /// A message to send is larger than the configured maximum message size.
     MessageTooLarge {
         /// The payload length that was offered.
@@ -489,16 +506,40 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::Handshake(e) => write!(f, "handshake failed: {e}"),
-            Error::FrameTooLarge { len, max } => {
-                // `max` counts the sequence number and the tag, so it is not
-                // the configured message size: say both.
-                let overhead = crate::protocol::MIN_CIPHERTEXT_LEN;
+            Error::FrameTooLarge {
+                len,
+                max,
+                max_message,
+            } => {
+                // `max` counts the framing, so it is not the configured
+                // message size: say both, and what lies between.
                 write!(
                     f,
-                    "frame length prefix of {len} bytes exceeds the limit of {max} \
-                     (max_message_size {} plus {overhead} bytes of sequence number and tag)",
-                    max.saturating_sub(overhead)
-                )
+                    "frame length prefix of {len} bytes exceeds the limit of {max} "
+                )?;
+                let framing = max.saturating_sub(*max_message);
+                let record = crate::protocol::RECORD_HEADER_LEN - crate::protocol::SEQ_LEN;
+                if framing == crate::protocol::MIN_CIPHERTEXT_LEN {
+                    write!(
+                        f,
+                        "(max_message_size {max_message} plus {framing} bytes of sequence \
+                         number and tag)"
+                    )
+                } else if framing == crate::protocol::MIN_CIPHERTEXT_LEN + record {
+                    write!(
+                        f,
+                        "(max_message_size {max_message} plus {framing} bytes of sequence \
+                         number, length and tag)"
+                    )
+                } else {
+                    write!(
+                        f,
+                        "(a bundled frame's {} bytes of records plus a {}-byte tag; \
+                         max_message_size {max_message})",
+                        crate::protocol::BUNDLE_LIMIT,
+                        crate::protocol::TAG_LEN
+                    )
+                }
             }
             Error::FrameTooShort { len } => {
                 write!(f, "frame of {len} bytes is below the minimum of 20")
@@ -508,6 +549,11 @@ impl fmt::Display for Error {
                 f.write_str("receiving direction already failed; input refused")
             }
             Error::CounterExhausted => f.write_str("frame counter exhausted"),
+            Error::MalformedBundle { claimed, left } => write!(
+                f,
+                "bundled frame malformed: a record needs {claimed} bytes where \
+                 {left} are left of the frame's plaintext"
+            ),
             Error::MessageTooLarge { len, max } => {
                 write!(f, "message of {len} bytes exceeds the maximum of {max}")
             }

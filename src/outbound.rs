@@ -28,7 +28,9 @@ use crate::clock::CallDeadline;
 use crate::config::Config;
 use crate::error::{socket_error, Error, Result, SocketOp, TimeoutKind};
 use crate::protocol::connection::{Buffers, Sealed};
-use crate::protocol::wire::frame_len;
+use crate::protocol::wire::{
+    append_record, frame_len, BUNDLE_LIMIT, LENGTH_PREFIX_LEN, RECORD_HEADER_LEN, TAG_LEN,
+};
 use crate::protocol::Sealer;
 use crate::socket_write::{write_nonblocking, WriteOutcome};
 use crate::stats::Counters;
@@ -83,6 +85,13 @@ pub(crate) trait QueueOwner {
 struct Outbound {
     sealer: Option<Sealer>,
     buf: Vec<u8>,
+    /// Where in `buf` the bundled frame still taking messages starts, if
+    /// the sealer bundles (PROTOCOL.md, "Bundled frames"): messages queued
+    /// behind one another join it, and it is sealed when a writer takes
+    /// the buffer, when the next message would take it past the bundle
+    /// limit, or when a caller must see its own message written. Its tag
+    /// is counted in `queued_total` from the start.
+    bundle: Option<usize>,
     spare: Vec<u8>,
     /// Bytes at the start of `buf` already written.
     head: usize,
@@ -209,9 +218,57 @@ impl Outbound {
     fn free_buffers_if_closed(&mut self) {
         if self.closed.is_some() && !self.writing {
             self.buf = Vec::new();
+            self.bundle = None;
             self.spare = Vec::new();
             self.head = 0;
         }
+    }
+
+    /// The wire size of a frame of one message of `len` bytes.
+    fn frame_len(&self, len: usize) -> usize {
+        match &self.sealer {
+            Some(sealer) => sealer.frame_len(len),
+            None => frame_len(len),
+        }
+    }
+
+    /// Seals `body` as message `seq` onto the end of `buf`: its own frame,
+    /// or a record of the open bundle (starting one if none is open or it
+    /// is full). Returns the bytes it adds to the queue. A bundle closed
+    /// to make room is sealed here.
+    fn append(&mut self, seq: u32, body: &[u8]) -> Result<usize> {
+        let Some(sealer) = self.sealer.as_mut() else {
+            return Err(Error::Closed);
+        };
+        if !sealer.bundles() {
+            return sealer.seal_append(seq, body, &mut self.buf);
+        }
+        let record = RECORD_HEADER_LEN + body.len();
+        if let Some(start) = self.bundle {
+            if self.buf.len() - start - LENGTH_PREFIX_LEN + record <= BUNDLE_LIMIT {
+                append_record(&mut self.buf, seq, body);
+                return Ok(record);
+            }
+            self.seal_bundle()?;
+        }
+        if body.len() > u32::MAX as usize - TAG_LEN - RECORD_HEADER_LEN {
+            return Err(Error::MessageTooLarge {
+                len: body.len(),
+                max: u32::MAX as usize - TAG_LEN - RECORD_HEADER_LEN,
+            });
+        }
+        self.bundle = Some(Sealer::start_bundle(&mut self.buf));
+        append_record(&mut self.buf, seq, body);
+        Ok(LENGTH_PREFIX_LEN + record + TAG_LEN)
+    }
+
+    /// Seals the open bundle, if any: what is queued is then all sealed
+    /// frames, ready to write.
+    fn seal_bundle(&mut self) -> Result<()> {
+        let (Some(start), Some(sealer)) = (self.bundle.take(), self.sealer.as_mut()) else {
+            return Ok(());
+        };
+        sealer.seal_bundle(&mut self.buf, start).map(drop)
     }
 
     /// What the connection holds against its budget: everything queued
@@ -368,6 +425,7 @@ impl OutboundQueue {
                 // Made on first use: a connection that never sends (most
                 // idle ones) costs nothing here.
                 buf: Vec::new(),
+                bundle: None,
                 spare: Vec::new(),
                 head: 0,
                 writing: false,
@@ -449,7 +507,7 @@ impl OutboundQueue {
         // write): the call's own, or the send timeout from the first wait.
         let mut deadline = by;
         let mut g = lock(&self.state);
-        let frame = frame_len(body.len());
+        let frame = g.frame_len(body.len());
         match mode {
             Mode::OnReactor => {}
             Mode::ReactorQueue => {
@@ -492,7 +550,7 @@ impl OutboundQueue {
         let mut stale = DropLater::default();
         let mut g = lock(&self.state);
         g.room_for_tasks();
-        let frame = frame_len(body.len());
+        let frame = g.frame_len(body.len());
         let must_wait = g.lacks_room(frame, self.limit);
         match mode {
             Mode::OnReactor => {}
@@ -606,23 +664,32 @@ impl OutboundQueue {
         if let Some(e) = &g.closed {
             return Err(e.clone());
         }
-        let frame = frame_len(body.len());
+        let frame = g.frame_len(body.len());
         let out = &mut *g;
-        let Some(sealer) = out.sealer.as_mut() else {
+        if out.sealer.is_none() {
             return Err(Error::Closed);
-        };
+        }
         if out.buf.capacity() == 0 {
             out.buf = owner.buffers().take().unwrap_or_default();
             out.buf.clear();
             out.buf.reserve(OUTBOUND_BUFFER.max(frame));
         }
-        if let Err(e) = sealer.seal_append(seq, body, &mut out.buf) {
-            if matches!(e, Error::CounterExhausted) {
-                drop(g);
-                owner.fail(e.clone());
-            }
-            return Err(e);
+        let mut appended = out.append(seq, body);
+        if matches!(mode, Mode::Direct { .. }) && appended.is_ok() {
+            // Its caller writes it now, or waits to see it written: the
+            // bundle ends with it, so that where it ends is known.
+            appended = out.seal_bundle().and(appended);
         }
+        let frame = match appended {
+            Ok(frame) => frame,
+            Err(e) => {
+                if matches!(e, Error::CounterExhausted) {
+                    drop(g);
+                    owner.fail(e.clone());
+                }
+                return Err(e);
+            }
+        };
         g.queued_total += frame as u64;
         self.held.store(g.held(), Ordering::Release);
         g.frames_queued += 1;
@@ -813,6 +880,10 @@ impl OutboundQueue {
             let bytes = queued_bytes - mem::replace(&mut g.bytes_counted, queued_bytes);
             Counters::add(&owner.stats().frames_out, frames);
             Counters::add(&owner.stats().bytes_out, bytes);
+            if let Err(e) = g.seal_bundle() {
+                failure = Some(e);
+                break;
+            }
             let spare = mem::take(&mut g.spare);
             let mut data = mem::replace(&mut g.buf, spare);
             let head = mem::replace(&mut g.head, 0);
@@ -860,6 +931,9 @@ impl OutboundQueue {
                         data.drain(..written);
                         written = 0;
                     }
+                    // A bundle opened meanwhile moves with what it was
+                    // appended to.
+                    g.bundle = g.bundle.map(|start| data.len() + start);
                     data.extend_from_slice(&appended);
                     appended.clear();
                     g.spare = appended;
@@ -1075,6 +1149,12 @@ mod tests {
 
     fn queue(config: &Config) -> OutboundQueue {
         OutboundQueue::new(Some(Sealer::new([7; 32], Profile::Secure)), config)
+    }
+
+    /// A queue whose sealer bundles (PROTOCOL.md, "Bundled frames").
+    fn bundling_queue(config: &Config) -> OutboundQueue {
+        let sealer = Sealer::new([7; 32], Profile::Secure).with_bundles();
+        OutboundQueue::new(Some(sealer), config)
     }
 
     impl QueueOwner for Owner<'_> {
@@ -1393,17 +1473,39 @@ mod tests {
 
     /// Opens what the reader got with `queue`'s key: frames 1 to `frames`,
     /// each in order and intact, and nothing after them.
-    fn assert_stream(mut wire: Vec<u8>, frames: u32) {
+    fn assert_stream(wire: Vec<u8>, frames: u32) {
+        assert_eq!(read_stream(wire, false), frames, "one frame a message");
+    }
+
+    /// Opens every frame of `wire` (bundled or not), checks that they carry
+    /// messages 1, 2, ... in order, intact, and returns how many frames
+    /// carried them.
+    fn read_stream(mut wire: Vec<u8>, bundled: bool) -> u32 {
         let mut opener = crate::protocol::Opener::new([7; 32], Profile::Secure);
-        let mut at = 0;
-        for seq in 1..=frames {
-            let len = u32::from_be_bytes(wire[at..at + 4].try_into().unwrap()) as usize;
-            let (got, payload) = opener.open_in_place(&mut wire[at..at + 4 + len]).unwrap();
-            assert_eq!(got, seq);
-            assert_eq!(payload, &body(seq)[..]);
-            at += 4 + len;
+        if bundled {
+            opener = opener.with_bundles();
         }
-        assert_eq!(at, wire.len(), "bytes after the last frame");
+        let (mut at, mut frames, mut next) = (0, 0, 1);
+        while at < wire.len() {
+            let len = u32::from_be_bytes(wire[at..at + 4].try_into().unwrap()) as usize;
+            let plain = opener
+                .open_frame_in_place(&mut wire[at..at + 4 + len])
+                .unwrap();
+            if bundled {
+                crate::protocol::wire::check_records(plain, 1 << 20).unwrap();
+                for (seq, payload) in crate::protocol::wire::records(plain) {
+                    assert_eq!((seq, payload), (next, &body(next)[..]));
+                    next += 1;
+                }
+            } else {
+                let seq = u32::from_be_bytes(plain[..4].try_into().unwrap());
+                assert_eq!((seq, &plain[4..]), (next, &body(next)[..]));
+                next += 1;
+            }
+            at += 4 + len;
+            frames += 1;
+        }
+        frames
     }
 
     /// A stream whose socket keeps filling: every short write leaves the
@@ -1545,13 +1647,17 @@ mod tests {
     /// wake-up fails it at the send timeout). After every short write the
     /// queue holds at most the budget, and the reader gets every frame, in
     /// order, intact.
-    fn queue_during_writes(mode: Mode) {
+    fn queue_during_writes(mode: Mode, bundled: bool) {
         let (ours, reader) = slow_reader(4 << 10, Duration::from_micros(300));
         let limit = 32 << 10;
         let config = Config::default()
             .max_queued_bytes(limit)
             .send_timeout(Some(Duration::from_secs(10)));
-        let queue = queue(&config);
+        let queue = if bundled {
+            bundling_queue(&config)
+        } else {
+            queue(&config)
+        };
         let owner = Owner::new(&queue, ours);
         let frames: u32 = 400;
         let give_up = Instant::now() + Duration::from_secs(20);
@@ -1588,17 +1694,89 @@ mod tests {
             "{most} bytes queued against a budget of {limit}"
         );
         drop(owner);
-        assert_stream(reader.join().unwrap(), frames);
+        let sealed = read_stream(reader.join().unwrap(), bundled);
+        if bundled {
+            // Queued behind the writes, they went out bundled.
+            assert!(sealed < frames / 2, "{sealed} frames for {frames} messages");
+        } else {
+            assert_eq!(sealed, frames);
+        }
+    }
+
+    /// A bundle opened by a producer while a write is under way (the
+    /// owner appends a message each time the writer lets go of the lock)
+    /// is at the start of the buffer the writer finds when it comes back:
+    /// a short write puts its unwritten rest in front of it, and the open
+    /// bundle must move with it, or its next message and its seal would
+    /// land on frames already sealed.
+    #[test]
+    fn a_short_write_moves_the_bundle_opened_during_it() {
+        let (ours, reader) = slow_reader(8 << 10, Duration::from_micros(100));
+        let queue = bundling_queue(&Config::default().max_queued_bytes(1 << 20));
+        let owner = Owner::new(&queue, ours);
+        let queued: u32 = 48;
+        for seq in 1..=queued {
+            let body = body(seq);
+            let submitted = queue.submit(&owner, seq, &body, Mode::ReactorQueue, None, &mut || {});
+            submitted.unwrap();
+        }
+        let produced: u32 = 64;
+        owner.producer.store(produced as usize, Ordering::Relaxed);
+        let (give_up, mut short_writes) = (Instant::now() + Duration::from_secs(20), 0);
+        loop {
+            match queue.flush_from_reactor(&owner, usize::MAX) {
+                Flushed::Empty => break,
+                Flushed::Blocked(_) => short_writes += 1,
+                Flushed::More(_) => {}
+                other => panic!("flushing: {other:?}"),
+            }
+            assert!(Instant::now() < give_up, "the stream never drained");
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        assert!(
+            short_writes > 0,
+            "the socket never filled: the test proves nothing"
+        );
+        assert_eq!(owner.producer.load(Ordering::Relaxed), 0);
+        drop(owner);
+        let mut wire = reader.join().unwrap();
+        let mut opener = crate::protocol::Opener::new([7; 32], Profile::Secure).with_bundles();
+        let (mut at, mut messages) = (0, Vec::new());
+        while at < wire.len() {
+            let len = u32::from_be_bytes(wire[at..at + 4].try_into().unwrap()) as usize;
+            let plain = opener
+                .open_frame_in_place(&mut wire[at..at + 4 + len])
+                .unwrap();
+            crate::protocol::wire::check_records(plain, 1 << 20).unwrap();
+            let opened = crate::protocol::wire::records(plain).map(|(s, b)| (s, b.to_vec()));
+            messages.extend(opened);
+            at += 4 + len;
+        }
+        let want: Vec<(u32, Vec<u8>)> = (1..=queued)
+            .map(|seq| (seq, body(seq).to_vec()))
+            .chain((1..=produced).rev().map(|seq| (seq, vec![3; 1400])))
+            .collect();
+        assert!(messages == want, "every message once, in order");
     }
 
     #[test]
     fn frames_queued_during_a_write_stay_within_the_budget() {
-        queue_during_writes(Mode::ReactorQueue);
+        queue_during_writes(Mode::ReactorQueue, false);
     }
 
     #[test]
     fn senders_waiting_for_room_get_it_as_writes_make_it() {
-        queue_during_writes(Mode::Queue);
+        queue_during_writes(Mode::Queue, false);
+    }
+
+    /// The same with bundled frames: messages join the bundle at the end
+    /// of the queue while a write is under way, and a short write puts its
+    /// unwritten rest in front of that open bundle, which must move with
+    /// it.
+    #[test]
+    fn bundles_built_during_short_writes_stay_whole_and_in_order() {
+        queue_during_writes(Mode::ReactorQueue, true);
+        queue_during_writes(Mode::Queue, true);
     }
 
     #[test]

@@ -251,9 +251,10 @@ impl Counters {
             Error::Handshake(
                 crate::HandshakeError::Panicked | crate::HandshakeError::UsedMoreThanGiven { .. },
             ) => &self.closed_other,
-            Error::Handshake(_) | Error::ReceiveFailed | Error::CounterExhausted => {
-                &self.closed_protocol_error
-            }
+            Error::Handshake(_)
+            | Error::ReceiveFailed
+            | Error::CounterExhausted
+            | Error::MalformedBundle { .. } => &self.closed_protocol_error,
             _ => &self.closed_other,
         };
         Self::inc(counter);

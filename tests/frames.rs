@@ -101,7 +101,7 @@ fn long_length_prefix_is_frame_too_large() {
         for len in [max_ct as u32 + 1, max_ct as u32 + 1000, u32::MAX] {
             let r = decoder.decode(&len.to_be_bytes());
             assert!(
-                matches!(r, Err(Error::FrameTooLarge { len: l, max }) if l == len as usize && max == max_ct),
+                matches!(r, Err(Error::FrameTooLarge { len: l, max, .. }) if l == len as usize && max == max_ct),
                 "{len}: {r:?}"
             );
         }
@@ -196,7 +196,7 @@ fn flipped_length_bit_never_authenticates() {
                         assert!(len < MIN_CIPHERTEXT_LEN);
                         errors += 1;
                     }
-                    Err(Error::FrameTooLarge { len, max }) => {
+                    Err(Error::FrameTooLarge { len, max, .. }) => {
                         assert!(len > max);
                         errors += 1;
                     }
@@ -686,7 +686,7 @@ proptest! {
                 prop_assert_eq!(got_seq, seq);
                 prop_assert_eq!(&got[..], &payload[..]);
             }
-            Err(Error::FrameTooLarge { len: l, max }) => {
+            Err(Error::FrameTooLarge { len: l, max, .. }) => {
                 prop_assert!(len > MAX);
                 prop_assert_eq!(l, len + MIN_CIPHERTEXT_LEN);
                 prop_assert_eq!(max, MAX + MIN_CIPHERTEXT_LEN);

@@ -332,6 +332,18 @@ fn generate_seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
             "seed-raw-bytes",
             cat(&[&[0, 0, 3, 3, 3, 3], &[1, 0, 0, 8, 0, 0, 0, 24, 1, 2, 3, 4]]),
         ),
+        // Bundled frames (flags bit 1, `secure`): two records of seq 0,
+        // then one request, then a bundle whose record runs past its end.
+        (
+            "connection_input",
+            "seed-bundles",
+            cat(&[
+                &[2, 3, 0x80, 0x80, 0x80, 0x80],
+                &[1, 1, 3, b'a', b'b', b'c', 2, b'd', b'e'],
+                &[2, 0, 0, 0, 0, 7, 1, b'r'],
+                &[0x86, 2, b'o', b'k', 0],
+            ]),
+        ),
         (
             "connection_input",
             "seed-bitflip",

@@ -848,3 +848,136 @@ fn the_refusal_at_the_cap_is_a_connection_limit_for_every_client_handshake() {
         );
     }
 }
+
+/// The side of an exchange that does not know bundled frames (an older
+/// monte-rpc, another implementation of the base specification): a
+/// canonical X25519 key (bit 255 clear) and the keys derived from what it
+/// received, as received.
+struct OldPeer {
+    public: [u8; KEY_LEN],
+    private: ring::agreement::EphemeralPrivateKey,
+}
+
+impl OldPeer {
+    fn new() -> Self {
+        use ring::agreement::{EphemeralPrivateKey, X25519};
+        let private =
+            EphemeralPrivateKey::generate(&X25519, &ring::rand::SystemRandom::new()).unwrap();
+        let public = private
+            .compute_public_key()
+            .unwrap()
+            .as_ref()
+            .try_into()
+            .unwrap();
+        OldPeer { public, private }
+    }
+
+    fn session(self, role: Role, peer: &[u8; KEY_LEN]) -> Session {
+        use ring::agreement::{agree_ephemeral, UnparsedPublicKey, X25519};
+        let public = self.public;
+        let dh: [u8; KEY_LEN] =
+            agree_ephemeral(self.private, &UnparsedPublicKey::new(&X25519, peer), |dh| {
+                dh.try_into().unwrap()
+            })
+            .unwrap();
+        let keys = match role {
+            Role::Client => derive_keys(Profile::Secure, &dh, &public, peer),
+            Role::Server => derive_keys(Profile::Secure, &dh, peer, &public),
+        };
+        Session::from_keys(Profile::Secure, role, &keys)
+    }
+}
+
+fn asks_for_bundles(key: &[u8]) -> bool {
+    key[KEY_LEN - 1] & 0x80 != 0
+}
+
+// Two peers that know bundled frames agree on them through bit 255 of
+// their keys (PROTOCOL.md, "Bundled frames"); `monte`, the Go library's
+// profile, never asks.
+#[test]
+fn secure_peers_agree_on_bundled_frames_and_monte_never_asks() {
+    let (mut client, mut server) = split_handshake(Profile::Secure, &[], &[]);
+    assert!(client.sealer.bundles() && client.opener.bundles());
+    assert!(server.sealer.bundles() && server.opener.bundles());
+    assert_sessions_match(&mut client, &mut server);
+
+    let hs = ClientHandshake::new(Profile::Monte).unwrap();
+    assert!(!asks_for_bundles(hs.public_key()));
+    let (client, server) = split_handshake(Profile::Monte, &[], &[]);
+    assert!(!client.sealer.bundles() && !server.opener.bundles());
+}
+
+// A client that asks for bundles, against a server that does not know
+// them: the server's X25519 ignores the bit (ring masks it, as RFC 7748
+// says), both derive the same keys, and the frames stay unbundled.
+#[test]
+fn a_client_asking_for_bundles_talks_to_a_server_that_does_not_know_them() {
+    for _ in 0..16 {
+        let mut hs = ClientHandshake::new(Profile::Secure).unwrap();
+        let mut c2s = Vec::new();
+        hs.write_output(&mut c2s);
+        assert!(asks_for_bundles(&c2s), "the client asks");
+        let old = OldPeer::new();
+        assert!(!asks_for_bundles(&old.public));
+        assert_eq!(hs.read_input(&old.public).unwrap(), KEY_LEN);
+        let mut client = hs.take_session().unwrap();
+        let mut server = old.session(Role::Server, &c2s.try_into().unwrap());
+        assert!(!client.sealer.bundles() && !client.opener.bundles());
+        assert_sessions_match(&mut client, &mut server);
+    }
+}
+
+// A client that does not know bundles, against a server that does: the
+// server answers with its bit clear, and the frames stay unbundled.
+#[test]
+fn a_server_answers_a_client_that_does_not_ask_without_bundles() {
+    for _ in 0..16 {
+        let old = OldPeer::new();
+        let client_key = old.public;
+        let mut hs = ServerHandshake::new(Profile::Secure).unwrap();
+        assert_eq!(hs.read_input(&client_key).unwrap(), KEY_LEN);
+        let mut s2c = Vec::new();
+        hs.write_output(&mut s2c);
+        assert!(!asks_for_bundles(&s2c), "the server does not offer unasked");
+        let mut server = hs.take_session().unwrap();
+        let mut client = old.session(Role::Client, &s2c.try_into().unwrap());
+        assert!(!server.sealer.bundles() && !server.opener.bundles());
+        assert_sessions_match(&mut client, &mut server);
+    }
+}
+
+// Flipping the bit in transit (a man in the middle stripping the request
+// for bundles, or adding the answer) changes the keys the two sides
+// derive: the first frame fails to open rather than be read in the wrong
+// format.
+#[test]
+fn a_bundle_bit_flipped_in_transit_fails_the_first_frame() {
+    for flip_client in [true, false] {
+        let mut client_hs = ClientHandshake::new(Profile::Secure).unwrap();
+        let mut server_hs = ServerHandshake::new(Profile::Secure).unwrap();
+        let mut c2s = Vec::new();
+        client_hs.write_output(&mut c2s);
+        if flip_client {
+            c2s[KEY_LEN - 1] ^= 0x80;
+        }
+        server_hs.read_input(&c2s).unwrap();
+        let mut s2c = Vec::new();
+        server_hs.write_output(&mut s2c);
+        if !flip_client {
+            s2c[KEY_LEN - 1] ^= 0x80;
+        }
+        client_hs.read_input(&s2c).unwrap();
+        let mut client = client_hs.take_session().unwrap();
+        let mut server = server_hs.take_session().unwrap();
+        let mut wire = Vec::new();
+        client.sealer.seal_append(1, b"hello", &mut wire).unwrap();
+        assert!(
+            matches!(
+                server.opener.open_in_place(&mut wire),
+                Err(Error::Authentication)
+            ),
+            "flipped on the client's key: {flip_client}"
+        );
+    }
+}

@@ -259,7 +259,12 @@ fn parse_error(text: &str) -> Error {
         "FrameTooShort" => field("len").map(|len| Error::FrameTooShort { len }),
         "FrameTooLarge" => field("len")
             .zip(field("max"))
-            .map(|(len, max)| Error::FrameTooLarge { len, max }),
+            .zip(field("max_message"))
+            .map(|((len, max), max_message)| Error::FrameTooLarge {
+                len,
+                max,
+                max_message,
+            }),
         "MessageTooLarge" => field("len")
             .zip(field("max"))
             .map(|(len, max)| Error::MessageTooLarge { len, max }),

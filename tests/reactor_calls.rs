@@ -192,8 +192,9 @@ fn write_frames(
     raw.write_all(&wire).unwrap();
 }
 
-/// Reads `count` frames from a raw peer's socket, opening each and
-/// calling `each` with its sequence number and body length as it comes.
+/// Reads `count` messages from a raw peer's socket, opening each frame
+/// and calling `each` with each message's sequence number and body length
+/// as it comes.
 fn read_frames(
     raw: &mut std::net::TcpStream,
     opener: &mut monte_rpc::protocol::Opener,
@@ -201,7 +202,6 @@ fn read_frames(
     mut each: impl FnMut(u32, usize),
 ) {
     use std::io::Read;
-    let decoder = monte_rpc::protocol::wire::FrameDecoder::new(1 << 20);
     let (mut input, mut chunk, mut read) = (Vec::new(), vec![0u8; 64 << 10], 0);
     while read < count {
         let n = raw
@@ -209,9 +209,9 @@ fn read_frames(
             .expect("the frames, within the read timeout");
         assert!(n > 0, "the server closed after {read} frames");
         input.extend_from_slice(&chunk[..n]);
-        while let monte_rpc::protocol::wire::Decoded::Frame(len) = decoder.decode(&input).unwrap() {
-            let mut frame: Vec<u8> = input.drain(..len).collect();
-            let (seq, body) = opener.open_in_place(&mut frame).unwrap();
+        let (messages, used) = common::open_messages(opener, &mut input, 1 << 20);
+        input.drain(..used);
+        for (seq, body) in messages {
             each(seq, body.len());
             read += 1;
         }

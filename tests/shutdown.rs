@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use monte_rpc::protocol::wire::{Decoded, FrameDecoder};
 use monte_rpc::{Client, Config, Context, Error, Server, TimeoutKind};
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -321,14 +320,7 @@ fn server_answers_requests_sent_before_a_half_close() {
                 Ok(n) => input.extend_from_slice(&chunk[..n]),
             }
         }
-        let decoder = FrameDecoder::new(1 << 20);
-        let mut replies = Vec::new();
-        let mut at = 0;
-        while let Ok(Decoded::Frame(n)) = decoder.decode(&input[at..]) {
-            let (seq, payload) = opener.open_in_place(&mut input[at..at + n]).unwrap();
-            replies.push((seq, payload.to_vec()));
-            at += n;
-        }
+        let (replies, _) = common::open_messages(&mut opener, &mut input, 1 << 20);
         server.shutdown();
         assert_eq!(
             replies,

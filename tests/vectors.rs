@@ -250,3 +250,91 @@ fn secure_rekey_vector() {
     monte.seal_append(seq, &payload, &mut out).unwrap();
     assert_ne!(out, wire, "monte must not rekey");
 }
+
+/// The bundled frames of `secure` (PROTOCOL.md, "Bundled frames";
+/// `bundles-secure.json`, made by `bundles_secure.py` with OpenSSL, not with
+/// this crate): the keys from the public keys as sent, the bundle bit set
+/// on both; each frame's records sealed to the exact bytes; the stream read
+/// back message by message by the connection core the runtime uses; and
+/// the frames whose records do not fill them refused whole.
+#[test]
+fn bundled_secure_vectors() {
+    use monte_rpc::protocol::connection::{ConnCore, Deadlines, Limits, ReadPhase};
+    use monte_rpc::protocol::wire::append_record;
+    use monte_rpc::protocol::Role;
+    use monte_rpc::Error;
+
+    let v = load("bundles-secure.json");
+    let cp = key32(&v["client_public_as_sent"]);
+    let sp = key32(&v["server_public_as_sent"]);
+    assert!(
+        cp[31] & 0x80 != 0 && sp[31] & 0x80 != 0,
+        "both keys ask for bundles"
+    );
+    let dh = key32(&v["x25519_shared_secret"]);
+    let keys = derive_keys(Profile::Secure, &dh, &cp, &sp);
+    assert_hex(
+        "c2s key",
+        &key32(&v["key_client_to_server"]),
+        &keys.client_to_server,
+    );
+    assert_hex(
+        "s2c key",
+        &key32(&v["key_server_to_client"]),
+        &keys.server_to_client,
+    );
+
+    let limits = Limits {
+        buffer_size: 4096,
+        max_message_size: 1024,
+        deadlines: Deadlines::default(),
+    };
+    for (dir, key, reader) in [
+        ("client_to_server", keys.client_to_server, Role::Server),
+        ("server_to_client", keys.server_to_client, Role::Client),
+    ] {
+        let mut sealer = Sealer::new(key, Profile::Secure).with_bundles();
+        let (mut stream, mut expected) = (Vec::new(), Vec::new());
+        for f in v[dir].as_array().unwrap() {
+            assert_eq!(f["counter"].as_u64().unwrap(), sealer.counter());
+            let start = Sealer::start_bundle(&mut stream);
+            for r in f["records"].as_array().unwrap() {
+                let seq = r["seq"].as_u64().unwrap() as u32;
+                let payload = unhex(r["payload"].as_str().unwrap());
+                append_record(&mut stream, seq, &payload);
+                expected.push((seq, payload));
+            }
+            sealer.seal_bundle(&mut stream, start).unwrap();
+            assert_hex(dir, &unhex(f["wire"].as_str().unwrap()), &stream[start..]);
+        }
+        let opener = Opener::new(key, Profile::Secure).with_bundles();
+        let mut core = ConnCore::new(ReadPhase::Open { opener }, reader, limits, &stream, 0);
+        let mut got = Vec::new();
+        while let Some((seq, len)) = core.open_next(0).unwrap() {
+            got.push((seq, core.payload(len).to_vec()));
+            core.consume(len);
+        }
+        assert_eq!(got, expected, "{dir}: the messages in order");
+        assert_eq!(core.buffered(), 0, "{dir}: every byte taken");
+    }
+
+    for f in v["malformed_client_to_server"].as_array().unwrap() {
+        let name = f["name"].as_str().unwrap();
+        let counter = f["counter"].as_u64().unwrap();
+        let opener = Opener::with_counter(
+            keys.client_to_server,
+            counter,
+            Profile::Secure.rekey_interval(),
+        )
+        .with_bundles();
+        let wire = unhex(f["wire"].as_str().unwrap());
+        let mut core = ConnCore::new(ReadPhase::Open { opener }, Role::Server, limits, &wire, 0);
+        match (f["error"].as_str().unwrap(), core.open_next(0)) {
+            ("MalformedBundle", Err(Error::MalformedBundle { claimed, left })) => {
+                assert!(claimed > left, "{name}: {claimed} > {left}")
+            }
+            ("FrameTooShort", Err(Error::FrameTooShort { len: 16 })) => {}
+            (want, got) => panic!("{name}: {got:?}, not {want}"),
+        }
+    }
+}

@@ -5,7 +5,10 @@
 //! so a peer that claims a 4 GiB frame costs nothing but the four bytes it
 //! sent.
 
-use super::frame::{frame_len, LENGTH_PREFIX_LEN, MAX_WIRE_PAYLOAD, MIN_CIPHERTEXT_LEN};
+use super::frame::{
+    frame_len, BUNDLE_LIMIT, LENGTH_PREFIX_LEN, MAX_WIRE_PAYLOAD, MIN_CIPHERTEXT_LEN,
+    RECORD_HEADER_LEN, TAG_LEN,
+};
 use crate::error::{Error, Result};
 
 /// What the decoder found at the start of a buffer.
@@ -32,6 +35,8 @@ pub enum Decoded {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameDecoder {
     max_ciphertext: usize,
+    /// The message size the limit comes from, for the error.
+    max_message: usize,
 }
 
 impl FrameDecoder {
@@ -40,10 +45,43 @@ impl FrameDecoder {
         let max_payload = max_payload.min(MAX_WIRE_PAYLOAD);
         FrameDecoder {
             max_ciphertext: max_payload + MIN_CIPHERTEXT_LEN,
+            max_message: max_payload,
         }
     }
 
-    /// The largest payload this decoder accepts.
+    /// A decoder for a bundled direction (PROTOCOL.md, "Bundled frames")
+    /// whose messages are at most `max_payload` bytes: it takes a frame of
+    /// one such message in a record, or of records filling
+    /// [`BUNDLE_LIMIT`], whichever is larger.
+    ///
+    /// ```
+    /// use monte_rpc::protocol::wire::FrameDecoder;
+    /// assert_eq!(FrameDecoder::new(1024).max_frame_len(), 4 + 4 + 1024 + 16);
+    /// assert_eq!(FrameDecoder::bundled(1024).max_frame_len(), 4 + (16 << 10) + 16);
+    /// assert_eq!(FrameDecoder::bundled(1 << 20).max_frame_len(), 4 + 8 + (1 << 20) + 16);
+    /// ```
+    pub fn bundled(max_payload: usize) -> Self {
+        let max_plain = max_payload
+            .min(MAX_WIRE_PAYLOAD - RECORD_HEADER_LEN)
+            .saturating_add(RECORD_HEADER_LEN)
+            .max(BUNDLE_LIMIT);
+        FrameDecoder {
+            max_ciphertext: max_plain + TAG_LEN,
+            max_message: max_payload.min(MAX_WIRE_PAYLOAD - RECORD_HEADER_LEN),
+        }
+    }
+
+    /// The decoder for a direction whose opener bundles or not.
+    pub fn for_direction(max_payload: usize, bundles: bool) -> Self {
+        if bundles {
+            Self::bundled(max_payload)
+        } else {
+            Self::new(max_payload)
+        }
+    }
+
+    /// The largest payload a frame this decoder accepts can carry: one
+    /// unbundled message's, or a bundle's records'.
     pub fn max_payload(&self) -> usize {
         self.max_ciphertext - MIN_CIPHERTEXT_LEN
     }
@@ -69,6 +107,7 @@ impl FrameDecoder {
             return Err(Error::FrameTooLarge {
                 len,
                 max: self.max_ciphertext,
+                max_message: self.max_message,
             });
         }
         let total = LENGTH_PREFIX_LEN + len;

@@ -20,7 +20,10 @@ use std::io::{self, Read};
 use std::time::Duration;
 
 use crate::error::{Error, HandshakeError, Result, TimeoutKind};
-use crate::protocol::wire::{Decoded, FrameDecoder, SeqSpace, LENGTH_PREFIX_LEN, SEQ_LEN};
+use crate::protocol::wire::{
+    check_records, record_at, Decoded, FrameDecoder, SeqSpace, LENGTH_PREFIX_LEN,
+    RECORD_HEADER_LEN, SEQ_LEN,
+};
 use crate::protocol::TAG_LEN;
 use crate::protocol::{
     check_unconsumed, guard_handshake, read_handshake_input, Handshake, Opener, Role, Sealer,
@@ -213,6 +216,16 @@ pub struct ConnCore {
     /// The one owner of the frame limit: refuses a frame from its length
     /// prefix alone.
     decoder: FrameDecoder,
+    /// The largest message accepted: a bundled frame's records are held
+    /// to it (its frame may be larger, up to the bundle limit).
+    max_message: usize,
+    /// Bytes of the bundled frame being read that follow the buffer's
+    /// start: its records not yet taken and its tag. The message taken
+    /// last was the record before them; 0 when none is being read.
+    bundle_left: usize,
+    /// Where the payload of the message taken last lies, from the start
+    /// the buffer had then (consumed or not): its offset and length.
+    current: (usize, usize),
     /// The end of the stream was read (it reads as the end again, but the
     /// reactor must not miss it when a caller saw it first).
     pub(crate) eof: bool,
@@ -260,15 +273,25 @@ fn set_aside_charge(frame_len: usize) -> usize {
     frame_len + std::mem::size_of::<(u32, Vec<u8>)>()
 }
 
+/// The frame limit for a core in `phase`: bundled frames may be larger
+/// than one message's (up to the bundle limit).
+fn decoder_for(phase: &ReadPhase, max_message: usize) -> FrameDecoder {
+    let bundles = matches!(phase, ReadPhase::Open { opener } if opener.bundles());
+    FrameDecoder::for_direction(max_message, bundles)
+}
+
 impl ConnCore {
     /// The core of `role`'s side of a connection, in `phase`, made at
     /// `now`; its receive buffer holds `leftover` (bytes read past a
     /// dialled handshake) from the start.
     pub fn new(phase: ReadPhase, role: Role, limits: Limits, leftover: &[u8], now: u64) -> Self {
         ConnCore {
+            decoder: decoder_for(&phase, limits.max_message_size),
             phase,
             rbuf: RecvBuf::new(limits.buffer_size, leftover),
-            decoder: FrameDecoder::new(limits.max_message_size),
+            max_message: limits.max_message_size,
+            bundle_left: 0,
+            current: (0, 0),
             eof: false,
             held: None,
             deadlines: limits.deadlines,
@@ -326,6 +349,7 @@ impl ConnCore {
                 opener: session.opener,
             },
         );
+        self.decoder = decoder_for(&self.phase, self.max_message);
         // Its drop is the handshake's code too.
         guard_handshake(move || {
             drop(finished);
@@ -447,6 +471,8 @@ impl ConnCore {
         // reactor's turn then dispatch) a large frame's worth of small
         // ones, which would multiply the per-turn read budget.
         let partial_end = match (&self.phase, rb.end > rb.start) {
+            // The buffer starts with a bundle's records, not a frame.
+            _ if self.bundle_left > 0 => rb.end,
             (ReadPhase::Open { .. }, true) => {
                 match self.decoder.decode(&rb.buf[rb.start..rb.end]) {
                     Ok(Decoded::NeedMore(total)) => rb.start + total,
@@ -481,11 +507,32 @@ impl ConnCore {
             return Ok(None);
         };
         let rb = &mut self.rbuf;
+        if self.bundle_left > 0 {
+            // The next record of a bundle opened (and checked) already.
+            let rest = &rb.buf[rb.start..rb.start + self.bundle_left - TAG_LEN];
+            let (seq, len) = record_at(rest, self.max_message)?;
+            self.current = (RECORD_HEADER_LEN, len);
+            return Ok(Some((seq, self.take_record(RECORD_HEADER_LEN + len))));
+        }
         match self.decoder.decode(&rb.buf[rb.start..rb.end])? {
             Decoded::Frame(n) => {
                 self.partial_since = None;
-                let (seq, _) = opener.open_in_place(&mut rb.buf[rb.start..rb.start + n])?;
-                Ok(Some((seq, n)))
+                let frame = &mut rb.buf[rb.start..rb.start + n];
+                if !opener.bundles() {
+                    let (seq, payload) = opener.open_in_place(frame)?;
+                    self.current = (LENGTH_PREFIX_LEN + SEQ_LEN, payload.len());
+                    return Ok(Some((seq, n)));
+                }
+                let plain = opener.open_frame_in_place(frame)?;
+                // Every record is checked before the first is taken, so a
+                // malformed bundle delivers none of its messages.
+                let (seq, len) = check_records(plain, self.max_message)?;
+                self.current = (LENGTH_PREFIX_LEN + RECORD_HEADER_LEN, len);
+                self.bundle_left = n;
+                Ok(Some((
+                    seq,
+                    self.take_record(LENGTH_PREFIX_LEN + RECORD_HEADER_LEN + len),
+                )))
             }
             Decoded::NeedMore(total) => {
                 if rb.start != rb.end && self.partial_since.is_none() {
@@ -504,15 +551,31 @@ impl ConnCore {
         }
     }
 
-    /// The plaintext of the opened frame of `len` bytes at the buffer's
-    /// start.
-    pub fn payload(&self, len: usize) -> &[u8] {
-        self.payload_at(self.rbuf.start, len)
+    /// Takes `used` bytes of the bundle being read as the next message's:
+    /// returns the length to consume for it, which covers the frame's tag
+    /// too if it is the last record.
+    fn take_record(&mut self, used: usize) -> usize {
+        self.bundle_left -= used;
+        if self.bundle_left == TAG_LEN {
+            self.bundle_left = 0;
+            used + TAG_LEN
+        } else {
+            used
+        }
     }
 
-    /// The payload of the frame of `len` bytes at `start` in the buffer.
-    fn payload_at(&self, start: usize, len: usize) -> &[u8] {
-        &self.rbuf.buf[start + LENGTH_PREFIX_LEN + SEQ_LEN..start + len - TAG_LEN]
+    /// The payload of the message taken last ([`open_next`](Self::open_next)),
+    /// `len` bytes at the buffer's start, not yet consumed.
+    pub fn payload(&self, len: usize) -> &[u8] {
+        debug_assert!(self.current.0 + self.current.1 <= len);
+        self.payload_at(self.rbuf.start)
+    }
+
+    /// The payload of the message taken last, which lay at `start` in the
+    /// buffer.
+    fn payload_at(&self, start: usize) -> &[u8] {
+        let (offset, len) = self.current;
+        &self.rbuf.buf[start + offset..start + offset + len]
     }
 
     /// Drops the frame of `len` bytes at the buffer's start.
@@ -529,7 +592,7 @@ impl ConnCore {
     pub fn consume_payload(&mut self, len: usize) -> &[u8] {
         let start = self.rbuf.start;
         self.rbuf.start += len;
-        self.payload_at(start, len)
+        self.payload_at(start)
     }
 
     /// Copies the held message out of the buffer and drops it there, for a
@@ -544,7 +607,8 @@ impl ConnCore {
         let Some(Held::Message { seq, len }) = self.held else {
             return false;
         };
-        let charge = set_aside_charge(len);
+        // Charged as an unbundled frame of its payload, as it is taken back.
+        let charge = set_aside_charge(self.current.1 + LENGTH_PREFIX_LEN + SEQ_LEN + TAG_LEN);
         if self.set_aside_bytes + charge > self.set_aside_limit {
             return false;
         }
@@ -614,6 +678,7 @@ impl ConnCore {
         rb.start = 0;
         rb.end = 0;
         self.held = None;
+        self.bundle_left = 0;
         self.set_aside = VecDeque::new();
         self.set_aside_bytes = 0;
         self.eof = true;

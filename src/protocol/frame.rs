@@ -6,6 +6,14 @@
 //! Each direction has one [`Sealer`] on the sending side and one [`Opener`]
 //! on the receiving side; their counters advance in lock step, so the n-th
 //! frame sent must be the n-th frame received.
+//!
+//! Where the handshake agreed on bundled frames (PROTOCOL.md, "Bundled
+//! frames"), a direction's plaintext is instead one or more records
+//! `seq:u32 || len:u32 || payload`, so that a stream of small messages
+//! costs one seal and one open per frame rather than per message. Whether
+//! a direction bundles is its sealer's and opener's to know
+//! ([`Sealer::with_bundles`], [`Opener::with_bundles`]): the handshake
+//! sets it, and the code above reads it from them.
 
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 
@@ -28,6 +36,88 @@ pub const MAX_WIRE_PAYLOAD: usize = u32::MAX as usize - MIN_CIPHERTEXT_LEN;
 /// The total wire size of a frame carrying `payload_len` bytes.
 pub const fn frame_len(payload_len: usize) -> usize {
     payload_len + FRAME_OVERHEAD
+}
+
+/// Bytes of a record's header in a bundled frame: its sequence number and
+/// its payload's length.
+pub const RECORD_HEADER_LEN: usize = 8;
+/// The largest plaintext of a bundled frame that carries more than one
+/// record (a frame of one record may be as large as its message). Every
+/// receiver that agreed on bundles accepts frames this large, whatever its
+/// message limit.
+pub const BUNDLE_LIMIT: usize = 16 << 10;
+
+/// Checks that `plain`, a bundled frame's plaintext, is one or more records
+/// that fill it exactly, each payload at most `max_payload`, and returns
+/// the first record's sequence number and payload length.
+pub fn check_records(plain: &[u8], max_payload: usize) -> Result<(u32, usize)> {
+    let first = record_at(plain, max_payload)?;
+    let mut at = RECORD_HEADER_LEN + first.1;
+    while at < plain.len() {
+        let (_, len) = record_at(&plain[at..], max_payload)?;
+        at += RECORD_HEADER_LEN + len;
+    }
+    Ok(first)
+}
+
+/// The messages of a bundled frame's plaintext, checked with
+/// [`check_records`] first: its records' sequence numbers and payloads, in
+/// order.
+///
+/// ```
+/// use monte_rpc::protocol::wire::{append_record, check_records, records};
+/// let mut plain = Vec::new();
+/// append_record(&mut plain, 0, b"one");
+/// append_record(&mut plain, 7, b"two");
+/// assert_eq!(check_records(&plain, 1024).unwrap(), (0, 3));
+/// let all: Vec<_> = records(&plain).collect();
+/// assert_eq!(all, [(0, &b"one"[..]), (7, &b"two"[..])]);
+/// ```
+pub fn records(plain: &[u8]) -> impl Iterator<Item = (u32, &[u8])> {
+    let mut rest = plain;
+    std::iter::from_fn(move || {
+        let (seq, len) = record_at(rest, usize::MAX).ok()?;
+        let payload = &rest[RECORD_HEADER_LEN..RECORD_HEADER_LEN + len];
+        rest = &rest[RECORD_HEADER_LEN + len..];
+        Some((seq, payload))
+    })
+}
+
+/// The record at the start of `rest` (a bundled frame's plaintext from a
+/// record boundary on): its sequence number and payload length.
+pub fn record_at(rest: &[u8], max_payload: usize) -> Result<(u32, usize)> {
+    let Some(header) = rest.get(..RECORD_HEADER_LEN) else {
+        return Err(Error::MalformedBundle {
+            claimed: RECORD_HEADER_LEN,
+            left: rest.len(),
+        });
+    };
+    let seq = u32::from_be_bytes(header[..4].try_into().expect("4 bytes"));
+    let len = u32::from_be_bytes(header[4..].try_into().expect("4 bytes")) as usize;
+    if len > max_payload {
+        // Reported as the frame of its own it would be.
+        return Err(Error::FrameTooLarge {
+            len: len.saturating_add(MIN_CIPHERTEXT_LEN),
+            max: max_payload.saturating_add(MIN_CIPHERTEXT_LEN),
+            max_message: max_payload,
+        });
+    }
+    let left = rest.len() - RECORD_HEADER_LEN;
+    if len > left {
+        return Err(Error::MalformedBundle { claimed: len, left });
+    }
+    Ok((seq, len))
+}
+
+/// Appends one record (`seq || len || payload`) to a bundled frame being
+/// built in `out` (see [`Sealer::seal_bundle`]).
+pub fn append_record(out: &mut Vec<u8>, seq: u32, payload: &[u8]) {
+    // A payload over 4 GiB cannot be framed: `seal_bundle` refuses the
+    // frame (its length prefix would overflow) before this matters.
+    let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+    out.extend_from_slice(&seq.to_be_bytes());
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(payload);
 }
 
 /// One direction's key and counter: the state both ends share for it.
@@ -112,6 +202,7 @@ fn aead_key(key: &[u8; KEY_LEN]) -> LessSafeKey {
 /// ```
 pub struct Sealer {
     dir: Direction,
+    bundles: bool,
 }
 
 impl Sealer {
@@ -127,6 +218,61 @@ impl Sealer {
     pub fn with_counter(key: [u8; KEY_LEN], counter: u64, rekey_interval: Option<u64>) -> Self {
         Sealer {
             dir: Direction::new(key, counter, rekey_interval),
+            bundles: false,
+        }
+    }
+
+    /// This sealer, sealing bundled frames: what a handshake that agreed
+    /// on them hands over (PROTOCOL.md, "Bundled frames").
+    pub fn with_bundles(mut self) -> Self {
+        self.bundles = true;
+        self
+    }
+
+    /// Whether this direction's frames are bundled.
+    pub fn bundles(&self) -> bool {
+        self.bundles
+    }
+
+    /// The wire size of a frame carrying one message of `payload_len`
+    /// bytes in this direction's format.
+    pub fn frame_len(&self, payload_len: usize) -> usize {
+        frame_len(payload_len) + self.record_header()
+    }
+
+    /// What a record header adds to a one-message frame: nothing unless
+    /// bundled.
+    fn record_header(&self) -> usize {
+        if self.bundles {
+            RECORD_HEADER_LEN - SEQ_LEN
+        } else {
+            0
+        }
+    }
+
+    /// Starts a bundled frame at the end of `out` (its length prefix, to
+    /// be filled in) and returns where it starts. Append its records with
+    /// [`append_record`], then seal it with [`seal_bundle`](Self::seal_bundle).
+    pub fn start_bundle(out: &mut Vec<u8>) -> usize {
+        let start = out.len();
+        out.extend_from_slice(&[0; LENGTH_PREFIX_LEN]);
+        start
+    }
+
+    /// Seals the bundled frame `out[start..]` (started by
+    /// [`start_bundle`](Self::start_bundle), one or more records after
+    /// its prefix): appends the tag, fills in the prefix and encrypts in
+    /// place. On error the frame is removed from `out` and the counter
+    /// does not move.
+    pub fn seal_bundle(&mut self, out: &mut Vec<u8>, start: usize) -> Result<usize> {
+        debug_assert!(self.bundles, "a bundle sealed by an unbundled sealer");
+        out.extend_from_slice(&[0; TAG_LEN]);
+        match self.seal_prepared(&mut out[start..]) {
+            Ok(()) => Ok(out.len() - start),
+            Err(e) => {
+                out.truncate(start);
+                Err(e)
+            }
         }
     }
 
@@ -140,15 +286,22 @@ impl Sealer {
         self.dir.exhausted
     }
 
-    /// Seals one frame (`length || seq || payload || tag`) into the start of
-    /// `out` and returns its length, [`frame_len`]`(payload.len())`.
+    /// Seals one frame (`length || seq || payload || tag`; bundled, a frame
+    /// of one record) into the start of `out` and returns its length,
+    /// [`Sealer::frame_len`]`(payload.len())`.
     ///
     /// Nothing is written and the counter does not move on error.
     pub fn seal_into(&mut self, seq: u32, payload: &[u8], out: &mut [u8]) -> Result<usize> {
         let total = self.check(payload.len(), out.len())?;
         let body = &mut out[LENGTH_PREFIX_LEN..total];
         body[..SEQ_LEN].copy_from_slice(&seq.to_be_bytes());
-        body[SEQ_LEN..SEQ_LEN + payload.len()].copy_from_slice(payload);
+        let mut at = SEQ_LEN;
+        if self.bundles {
+            let len = u32::try_from(payload.len()).expect("checked against the prefix");
+            body[at..at + 4].copy_from_slice(&len.to_be_bytes());
+            at += 4;
+        }
+        body[at..at + payload.len()].copy_from_slice(payload);
         self.seal_prepared(&mut out[..total])?;
         Ok(total)
     }
@@ -161,8 +314,12 @@ impl Sealer {
         // Built by appending rather than zero-filling the frame and copying
         // over it: the payload is written once.
         out.extend_from_slice(&[0; LENGTH_PREFIX_LEN]);
-        out.extend_from_slice(&seq.to_be_bytes());
-        out.extend_from_slice(payload);
+        if self.bundles {
+            append_record(out, seq, payload);
+        } else {
+            out.extend_from_slice(&seq.to_be_bytes());
+            out.extend_from_slice(payload);
+        }
         out.extend_from_slice(&[0; TAG_LEN]);
         match self.seal_prepared(&mut out[start..]) {
             Ok(()) => Ok(total),
@@ -210,13 +367,14 @@ impl Sealer {
         if self.dir.exhausted {
             return Err(Error::CounterExhausted);
         }
-        if payload_len > MAX_WIRE_PAYLOAD {
+        let max = MAX_WIRE_PAYLOAD - self.record_header();
+        if payload_len > max {
             return Err(Error::MessageTooLarge {
                 len: payload_len,
-                max: MAX_WIRE_PAYLOAD,
+                max,
             });
         }
-        let needed = frame_len(payload_len);
+        let needed = self.frame_len(payload_len);
         if available < needed {
             return Err(Error::BufferTooSmall { needed, available });
         }
@@ -228,6 +386,7 @@ impl std::fmt::Debug for Sealer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Sealer")
             .field("counter", &self.dir.counter)
+            .field("bundles", &self.bundles)
             .field("exhausted", &self.dir.exhausted)
             .finish_non_exhaustive()
     }
@@ -241,6 +400,7 @@ impl std::fmt::Debug for Sealer {
 pub struct Opener {
     dir: Direction,
     failed: bool,
+    bundles: bool,
 }
 
 impl Opener {
@@ -256,7 +416,20 @@ impl Opener {
         Opener {
             dir: Direction::new(key, counter, rekey_interval),
             failed: false,
+            bundles: false,
         }
+    }
+
+    /// This opener, opening bundled frames: what a handshake that agreed
+    /// on them hands over (PROTOCOL.md, "Bundled frames").
+    pub fn with_bundles(mut self) -> Self {
+        self.bundles = true;
+        self
+    }
+
+    /// Whether this direction's frames are bundled.
+    pub fn bundles(&self) -> bool {
+        self.bundles
     }
 
     /// The counter the next frame must have been sealed with.
@@ -272,18 +445,44 @@ impl Opener {
     /// Opens one whole frame (length prefix included, exactly as
     /// [`FrameDecoder`](super::FrameDecoder) delimits it) in place, and
     /// returns its sequence number and a borrow of its plaintext payload.
+    /// A bundled frame must hold exactly one record here (a connection
+    /// reads bundles record by record with [`open_frame_in_place`](Self::open_frame_in_place)).
     ///
     /// Any failure is fatal for this direction.
     pub fn open_in_place<'a>(&mut self, frame: &'a mut [u8]) -> Result<(u32, &'a mut [u8])> {
+        let end = frame.len().saturating_sub(TAG_LEN);
+        self.open_frame_in_place(frame)?;
+        if self.bundles {
+            let plain = &frame[LENGTH_PREFIX_LEN..end];
+            let (seq, len) = record_at(plain, MAX_WIRE_PAYLOAD)?;
+            let left = plain.len() - RECORD_HEADER_LEN - len;
+            if left > 0 {
+                // One message was asked for; more follow it.
+                return Err(Error::MalformedBundle {
+                    claimed: len,
+                    left: len + left,
+                });
+            }
+            return Ok((seq, &mut frame[LENGTH_PREFIX_LEN + RECORD_HEADER_LEN..end]));
+        }
+        let seq = u32::from_be_bytes(frame[4..8].try_into().expect("4 bytes"));
+        Ok((seq, &mut frame[LENGTH_PREFIX_LEN + SEQ_LEN..end]))
+    }
+
+    /// Opens one whole frame in place and returns its plaintext: for an
+    /// unbundled direction `seq || payload`, for a bundled one its records,
+    /// unchecked (see [`check_records`]).
+    ///
+    /// Any failure is fatal for this direction.
+    pub fn open_frame_in_place<'a>(&mut self, frame: &'a mut [u8]) -> Result<&'a mut [u8]> {
         if self.failed {
             return Err(Error::ReceiveFailed);
         }
         match self.open_inner(frame) {
             Ok(()) => {
                 self.dir.advance();
-                let seq = u32::from_be_bytes(frame[4..8].try_into().expect("4 bytes"));
                 let end = frame.len() - TAG_LEN;
-                Ok((seq, &mut frame[LENGTH_PREFIX_LEN + SEQ_LEN..end]))
+                Ok(&mut frame[LENGTH_PREFIX_LEN..end])
             }
             Err(e) => {
                 self.failed = true;
@@ -319,6 +518,7 @@ impl std::fmt::Debug for Opener {
             .field("counter", &self.dir.counter)
             .field("exhausted", &self.dir.exhausted)
             .field("failed", &self.failed)
+            .field("bundles", &self.bundles)
             .finish_non_exhaustive()
     }
 }

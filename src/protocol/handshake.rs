@@ -238,6 +238,38 @@ impl Ephemeral {
 /// library fails the handshake on it as it would anyway.
 pub const REFUSED_AT_CAP: [u8; KEY_LEN] = [0; KEY_LEN];
 
+/// The bit of a public key's last byte that asks for (client) or agrees to
+/// (server) bundled frames (PROTOCOL.md, "Bundled frames"). X25519 ignores
+/// it (RFC 7748 masks it on receipt), so it carries no key material; the
+/// key schedule hashes the keys as sent, so flipping it changes the keys.
+pub const BUNDLES_BIT: u8 = 0x80;
+
+/// Whether a public key as sent has [`BUNDLES_BIT`] set.
+fn asks_for_bundles(key: &[u8; KEY_LEN]) -> bool {
+    key[KEY_LEN - 1] & BUNDLES_BIT != 0
+}
+
+/// The session `profile`'s keys make for `role`, its frames bundled if
+/// both keys as sent carry [`BUNDLES_BIT`].
+fn session_for(
+    profile: Profile,
+    role: Role,
+    keys: &DirectionalKeys,
+    client_public: &[u8; KEY_LEN],
+    server_public: &[u8; KEY_LEN],
+) -> Session {
+    let session = Session::from_keys(profile, role, keys);
+    if profile.bundles() && asks_for_bundles(client_public) && asks_for_bundles(server_public) {
+        Session {
+            sealer: session.sealer.with_bundles(),
+            opener: session.opener.with_bundles(),
+            ..session
+        }
+    } else {
+        session
+    }
+}
+
 /// Why a client's key agreement with `server_key` failed: the server's
 /// refusal at its connection cap ([`REFUSED_AT_CAP`]), or a low-order key.
 pub(crate) fn client_agreement_failed(server_key: &[u8; KEY_LEN]) -> Error {
@@ -291,9 +323,13 @@ impl ClientHandshake {
     /// Starts a client handshake with a fresh ephemeral key.
     pub fn new(profile: Profile) -> Result<Self> {
         let ephemeral = Ephemeral::generate()?;
+        let mut public = ephemeral.public;
+        if profile.bundles() {
+            public[KEY_LEN - 1] |= BUNDLES_BIT;
+        }
         Ok(ClientHandshake {
             profile,
-            public: ephemeral.public,
+            public,
             ephemeral: Some(ephemeral),
             public_sent: false,
             peer: PeerKey::new(),
@@ -329,7 +365,13 @@ impl Handshake for ClientHandshake {
                 .map_err(|_| client_agreement_failed(&self.peer.bytes))?;
             let dh = zeroize::Zeroizing::new(dh);
             let keys = derive_keys(self.profile, &dh, &self.public, &self.peer.bytes);
-            self.session = Some(Session::from_keys(self.profile, Role::Client, &keys));
+            self.session = Some(session_for(
+                self.profile,
+                Role::Client,
+                &keys,
+                &self.public,
+                &self.peer.bytes,
+            ));
         }
         Ok(used)
     }
@@ -393,11 +435,20 @@ impl Handshake for ServerHandshake {
         let used = self.peer.fill(input);
         if self.peer.is_complete() {
             let ephemeral = Ephemeral::generate()?;
-            let public = ephemeral.public;
+            let mut public = ephemeral.public;
+            if self.profile.bundles() && asks_for_bundles(&self.peer.bytes) {
+                public[KEY_LEN - 1] |= BUNDLES_BIT;
+            }
             let dh = zeroize::Zeroizing::new(ephemeral.agree(&self.peer.bytes)?);
             let keys = derive_keys(self.profile, &dh, &self.peer.bytes, &public);
             self.public = Some(public);
-            self.session = Some(Session::from_keys(self.profile, Role::Server, &keys));
+            self.session = Some(session_for(
+                self.profile,
+                Role::Server,
+                &keys,
+                &self.peer.bytes,
+                &public,
+            ));
         }
         Ok(used)
     }

@@ -42,6 +42,17 @@ impl Profile {
         }
     }
 
+    /// Whether the profile's handshake offers (client) and accepts
+    /// (server) bundled frames (PROTOCOL.md, "Bundled frames"): `secure`
+    /// does, since its keys bind both public keys as sent, the bit that
+    /// asks for them included; `monte`, the Go library's, does not.
+    pub fn bundles(self) -> bool {
+        match self {
+            Profile::Secure => true,
+            Profile::Monte => false,
+        }
+    }
+
     /// The profile's name as used on command lines: `secure` or `monte`.
     pub fn name(self) -> &'static str {
         match self {

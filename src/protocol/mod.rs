@@ -55,8 +55,9 @@ pub mod wire {
     };
     pub use super::codec::{Decoded, FrameDecoder};
     pub use super::frame::{
-        frame_len, FRAME_OVERHEAD, LENGTH_PREFIX_LEN, MAX_WIRE_PAYLOAD, MIN_CIPHERTEXT_LEN,
-        SEQ_LEN, TAG_LEN,
+        append_record, check_records, frame_len, record_at, records, BUNDLE_LIMIT, FRAME_OVERHEAD,
+        LENGTH_PREFIX_LEN, MAX_WIRE_PAYLOAD, MIN_CIPHERTEXT_LEN, RECORD_HEADER_LEN, SEQ_LEN,
+        TAG_LEN,
     };
     pub use super::keys::{rekey, REKEY_INTERVAL};
     pub use super::seq::{SeqAllocator, SeqSpace, MAX_SLOTS};

@@ -21,6 +21,7 @@
 //!
 //! Included with `#[path]` by both test files, which declare `mod common`.
 
+use std::collections::VecDeque;
 use std::collections::{HashMap, HashSet};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -29,7 +30,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use monte_rpc::protocol::wire::{Decoded, FrameDecoder, MIN_CIPHERTEXT_LEN};
+use monte_rpc::protocol::wire::{
+    check_records, records, Decoded, FrameDecoder, MIN_CIPHERTEXT_LEN, RECORD_HEADER_LEN, SEQ_LEN,
+};
 use monte_rpc::protocol::{ClientHandshake, Handshake, Opener, Profile, PskHandshake, Sealer};
 use monte_rpc::{Client, Config, Error, HandshakeError, Stats, TimeoutKind};
 
@@ -37,8 +40,10 @@ use crate::common::{reversed, wait_until};
 
 /// The server's maximum message size, in every setting.
 pub const MAX_MESSAGE: usize = 64 << 10;
-/// The largest ciphertext length the server accepts in a length prefix.
-pub const MAX_CIPHERTEXT: usize = MAX_MESSAGE + MIN_CIPHERTEXT_LEN;
+/// The largest ciphertext length the server accepts in a length prefix:
+/// the attackers' handshakes agree on bundled frames, whose one message
+/// carries a 4-byte length besides (PROTOCOL.md, "Bundled frames").
+pub const MAX_CIPHERTEXT: usize = MAX_MESSAGE + MIN_CIPHERTEXT_LEN + RECORD_HEADER_LEN - SEQ_LEN;
 /// The most the server's RSS may grow between warm-up and end of an attack.
 const RSS_BOUND: u64 = 16 << 20;
 /// How long a connection the server should close may take to show it.
@@ -632,6 +637,8 @@ struct Raw {
     opener: Opener,
     decoder: FrameDecoder,
     input: Vec<u8>,
+    /// Messages of a bundled frame not yet taken.
+    received: VecDeque<(u32, Vec<u8>)>,
 }
 
 impl Raw {
@@ -662,10 +669,11 @@ impl Raw {
         Raw {
             stream,
             local,
+            decoder: FrameDecoder::for_direction(MAX_MESSAGE, session.opener.bundles()),
             sealer: session.sealer,
             opener: session.opener,
-            decoder: FrameDecoder::new(MAX_MESSAGE),
             input,
+            received: VecDeque::new(),
         }
     }
 
@@ -686,14 +694,24 @@ impl Raw {
         let deadline = Instant::now() + timeout;
         let mut chunk = [0u8; 4096];
         loop {
+            if let Some(message) = self.received.pop_front() {
+                return message;
+            }
             if let Decoded::Frame(n) = self.decoder.decode(&self.input).expect("server frame") {
-                let (seq, payload) = self
+                let plain = self
                     .opener
-                    .open_in_place(&mut self.input[..n])
+                    .open_frame_in_place(&mut self.input[..n])
                     .expect("open server frame");
-                let frame = (seq, payload.to_vec());
+                if self.opener.bundles() {
+                    check_records(plain, MAX_MESSAGE).expect("server's records");
+                    let messages = records(plain).map(|(seq, body)| (seq, body.to_vec()));
+                    self.received.extend(messages);
+                } else {
+                    let seq = u32::from_be_bytes(plain[..4].try_into().unwrap());
+                    self.received.push_back((seq, plain[4..].to_vec()));
+                }
                 self.input.drain(..n);
-                return frame;
+                continue;
             }
             let left = deadline.saturating_duration_since(Instant::now());
             assert!(
@@ -1001,7 +1019,7 @@ pub fn oversized_length_prefix(t: &dyn Target) {
             };
             let peer = send_bad_prefix(addr, prefix, i % 4 >= 2);
             log.expect_close(peer, "oversized prefix", |e| {
-                matches!(e, Error::FrameTooLarge { len, max }
+                matches!(e, Error::FrameTooLarge { len, max, .. }
                     if *len == prefix as usize && *max == MAX_CIPHERTEXT)
             });
             assert_eq!(log.take_opened(peer), 1);

@@ -147,6 +147,33 @@ pub fn raw_client(
     }
 }
 
+/// Opens the whole frames at the start of `input` with `opener` and
+/// returns their messages in order (each record of a bundled frame, see
+/// PROTOCOL.md), and how many bytes the frames took; a partial frame at
+/// the end stays.
+#[allow(dead_code)]
+pub fn open_messages(
+    opener: &mut monte_rpc::protocol::Opener,
+    input: &mut [u8],
+    max_message: usize,
+) -> (Vec<(u32, Vec<u8>)>, usize) {
+    use monte_rpc::protocol::wire::{check_records, records, Decoded, FrameDecoder};
+    let decoder = FrameDecoder::for_direction(max_message, opener.bundles());
+    let (mut messages, mut at) = (Vec::new(), 0);
+    while let Ok(Decoded::Frame(n)) = decoder.decode(&input[at..]) {
+        let plain = opener.open_frame_in_place(&mut input[at..at + n]).unwrap();
+        if opener.bundles() {
+            check_records(plain, max_message).unwrap();
+            messages.extend(records(plain).map(|(seq, body)| (seq, body.to_vec())));
+        } else {
+            let seq = u32::from_be_bytes(plain[..4].try_into().unwrap());
+            messages.push((seq, plain[4..].to_vec()));
+        }
+        at += n;
+    }
+    (messages, at)
+}
+
 /// A blocking TCP connection to `addr` with 5 s read and write timeouts,
 /// for raw peers.
 pub fn connect_with_timeouts(addr: std::net::SocketAddr) -> std::net::TcpStream {

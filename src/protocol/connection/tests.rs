@@ -610,3 +610,167 @@ fn a_handshake_that_consumes_nothing_holds_no_more_than_the_largest_frame() {
         "{failed:?}"
     );
 }
+
+/// An open core at the server's side whose direction is bundled.
+fn open_bundled_core(max_message: usize, buffer: usize) -> ConnCore {
+    let phase = ReadPhase::Open {
+        opener: Opener::new(KEY, Profile::Secure).with_bundles(),
+    };
+    ConnCore::new(
+        phase,
+        Role::Server,
+        limits(buffer, max_message, deadlines()),
+        &[],
+        0,
+    )
+}
+
+/// Bundled frames, each of the given messages.
+fn bundled(frames: &[&[(u32, &[u8])]]) -> Vec<u8> {
+    let mut sealer = Sealer::new(KEY, Profile::Secure).with_bundles();
+    let mut wire = Vec::new();
+    for records in frames {
+        let start = Sealer::start_bundle(&mut wire);
+        for (seq, body) in records.iter() {
+            crate::protocol::wire::append_record(&mut wire, *seq, body);
+        }
+        sealer.seal_bundle(&mut wire, start).unwrap();
+    }
+    wire
+}
+
+#[test]
+fn bundled_frames_give_their_messages_in_order_under_every_chunking() {
+    let big = [0x33u8; 300];
+    let wire = bundled(&[
+        &[(0, b"a"), (3, b"bb"), (0, b"")],
+        &[(5, &big)],
+        &[(7, b"x"), (2, b"response")],
+    ]);
+    let want: Vec<(u32, Vec<u8>)> = [
+        (0, &b"a"[..]),
+        (3, b"bb"),
+        (0, b""),
+        (5, &big),
+        (7, b"x"),
+        (2, b"response"),
+    ]
+    .iter()
+    .map(|(s, b)| (*s, b.to_vec()))
+    .collect();
+    for chunk in 1..=wire.len() {
+        // A buffer smaller than the frames: they are read in pieces, the
+        // buffer compacted and grown between them.
+        let mut core = open_bundled_core(1024, 64);
+        assert_eq!(drain(&mut core, &wire, chunk, 0), want, "chunk {chunk}");
+        assert_eq!(core.buffered(), 0);
+    }
+}
+
+#[test]
+fn a_caller_takes_the_responses_of_a_bundle_and_leaves_its_messages() {
+    let mut core = open_bundled_core(1024, 4096);
+    let wire = bundled(&[&[(2, b"r1"), (7, b"request"), (4, b"r2")], &[(6, b"r3")]]);
+    let mut source = Chunks {
+        data: &wire,
+        chunk: 4096,
+    };
+    core.fill(&mut source, 0, &Unpooled).unwrap();
+    let caller = Taker::Caller;
+    let Next::Response { seq: 2, len } = core.next_frame(0, caller).unwrap() else {
+        panic!("the first response");
+    };
+    assert_eq!(core.payload(len), b"r1");
+    core.consume(len);
+    assert_eq!(core.next_frame(0, caller).unwrap(), Next::ReactorsTurn);
+    let Next::Message { seq: 7, len } = core.next_frame(0, Taker::Reactor).unwrap() else {
+        panic!("the reactor did not get the held message");
+    };
+    assert_eq!(core.payload(len), b"request");
+    core.consume(len);
+    for (want, body) in [(4, &b"r2"[..]), (6, b"r3")] {
+        let Next::Response { seq, len } = core.next_frame(0, caller).unwrap() else {
+            panic!("response {want}");
+        };
+        assert_eq!((seq, core.consume_payload(len)), (want, body));
+    }
+    assert_eq!(core.next_frame(0, caller).unwrap(), Next::NeedBytes);
+    assert_eq!(core.buffered(), 0);
+    // Counted a message at a time, and every wire byte once.
+    assert_eq!(core.take_counts(), (4, wire.len() as u64));
+}
+
+#[test]
+fn messages_of_a_bundle_set_aside_are_charged_and_given_back_whole() {
+    let mut core = open_bundled_core(1024, 4096);
+    let wire = bundled(&[&[(1, b"hello"), (3, b"there"), (2, b"answer")]]);
+    let mut source = Chunks {
+        data: &wire,
+        chunk: 4096,
+    };
+    core.fill(&mut source, 0, &Unpooled).unwrap();
+    for _ in 0..2 {
+        assert_eq!(
+            core.next_frame(0, Taker::Caller).unwrap(),
+            Next::ReactorsTurn
+        );
+        assert!(core.set_aside_held());
+    }
+    let Next::Response { seq: 2, len } = core.next_frame(0, Taker::Caller).unwrap() else {
+        panic!("the response behind the messages set aside");
+    };
+    assert_eq!(core.consume_payload(len), b"answer");
+    assert_eq!(core.take_set_aside(), Some((1, b"hello".to_vec())));
+    assert_eq!(core.take_set_aside(), Some((3, b"there".to_vec())));
+    assert_eq!(core.set_aside_bytes, 0, "every charge taken back");
+    assert_eq!(core.buffered(), 0);
+}
+
+#[test]
+fn a_bundle_is_refused_whole_when_a_record_is_over_the_message_limit_or_malformed() {
+    // The record over the limit is the second: the first is not delivered.
+    let over = [0u8; 65];
+    let wire = bundled(&[&[(0, b"first"), (0, &over)]]);
+    let mut core = open_bundled_core(64, 4096);
+    core.fill(
+        &mut Chunks {
+            data: &wire,
+            chunk: 4096,
+        },
+        0,
+        &Unpooled,
+    )
+    .unwrap();
+    match core.open_next(0) {
+        Err(Error::FrameTooLarge {
+            len,
+            max,
+            max_message,
+        }) => assert_eq!((len, max, max_message), (65 + 20, 64 + 20, 64)),
+        other => panic!("{other:?}"),
+    }
+
+    // A record whose length runs past the frame's end.
+    let mut sealer = Sealer::new(KEY, Profile::Secure).with_bundles();
+    let mut wire = Vec::new();
+    let start = Sealer::start_bundle(&mut wire);
+    crate::protocol::wire::append_record(&mut wire, 0, b"first");
+    wire.extend_from_slice(&9u32.to_be_bytes());
+    wire.extend_from_slice(&100u32.to_be_bytes());
+    wire.extend_from_slice(b"short");
+    sealer.seal_bundle(&mut wire, start).unwrap();
+    let mut core = open_bundled_core(1024, 4096);
+    core.fill(
+        &mut Chunks {
+            data: &wire,
+            chunk: 4096,
+        },
+        0,
+        &Unpooled,
+    )
+    .unwrap();
+    match core.open_next(0) {
+        Err(Error::MalformedBundle { claimed, left }) => assert_eq!((claimed, left), (100, 5)),
+        other => panic!("{other:?}"),
+    }
+}
