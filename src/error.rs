@@ -268,9 +268,10 @@ pub enum Error {
     CounterExhausted,
     /// A bundled frame (PROTOCOL.md, "Bundled frames") whose records do
     /// not fill its plaintext exactly: a record's header or payload runs
-    /// `claimed` bytes where only `left` remain (a frame with no record
-    /// claims a header of 8 in an empty plaintext). The frame
-    /// authenticated, so the peer built it so: fatal for the connection.
+    /// `claimed` bytes where only `left` remain. Also a frame of several
+    /// records whose plaintext (`claimed`) is over the bundle limit
+    /// (`left`). The frame authenticated, so the peer built it so: fatal
+    /// for the connection.
     MalformedBundle {
         /// The bytes the record's header or payload needs.
         claimed: usize,

@@ -263,7 +263,11 @@ impl Outbound {
     }
 
     /// Seals the open bundle, if any: what is queued is then all sealed
-    /// frames, ready to write.
+    /// frames, ready to write. On error (the counter used up, after 2^64
+    /// frames) the bundle's messages are dropped from the queue, which
+    /// the caller closes with that error: their calls had returned
+    /// (`send_no_wait`, replies), as they do for any queued message a
+    /// failure ends.
     fn seal_bundle(&mut self) -> Result<()> {
         let (Some(start), Some(sealer)) = (self.bundle.take(), self.sealer.as_mut()) else {
             return Ok(());

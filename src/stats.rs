@@ -122,11 +122,13 @@ counters! {
     closed_other,
     /// Handshakes that failed.
     handshakes_failed,
-    /// Frames received and opened.
+    /// Messages received and opened: a frame each, or a record each of a
+    /// bundled frame (PROTOCOL.md, "Bundled frames").
     frames_in,
     /// Bytes received (wire bytes of opened frames).
     bytes_in,
-    /// Frames queued for sending.
+    /// Messages queued for sending (a bundled frame counts each of its
+    /// messages).
     frames_out,
     /// Wire bytes queued for sending.
     bytes_out,

@@ -57,7 +57,7 @@ impl FrameDecoder {
     /// ```
     /// use monte_rpc::protocol::wire::FrameDecoder;
     /// assert_eq!(FrameDecoder::new(1024).max_frame_len(), 4 + 4 + 1024 + 16);
-    /// assert_eq!(FrameDecoder::bundled(1024).max_frame_len(), 4 + (16 << 10) + 16);
+    /// assert_eq!(FrameDecoder::bundled(1024).max_frame_len(), 16 << 10);
     /// assert_eq!(FrameDecoder::bundled(1 << 20).max_frame_len(), 4 + 8 + (1 << 20) + 16);
     /// ```
     pub fn bundled(max_payload: usize) -> Self {

@@ -42,17 +42,28 @@ pub const fn frame_len(payload_len: usize) -> usize {
 /// its payload's length.
 pub const RECORD_HEADER_LEN: usize = 8;
 /// The largest plaintext of a bundled frame that carries more than one
-/// record (a frame of one record may be as large as its message). Every
-/// receiver that agreed on bundles accepts frames this large, whatever its
-/// message limit.
-pub const BUNDLE_LIMIT: usize = 16 << 10;
+/// record (a frame of one record may be as large as its message): such a
+/// frame is at most 16 KiB on the wire, the size of a receive buffer.
+/// Every receiver that agreed on bundles accepts frames this large,
+/// whatever its message limit, and refuses a frame of several records
+/// that is larger: a frame's worth of tiny records is what one read may
+/// hand a reactor to dispatch.
+pub const BUNDLE_LIMIT: usize = (16 << 10) - LENGTH_PREFIX_LEN - TAG_LEN;
 
 /// Checks that `plain`, a bundled frame's plaintext, is one or more records
-/// that fill it exactly, each payload at most `max_payload`, and returns
-/// the first record's sequence number and payload length.
+/// that fill it exactly, each payload at most `max_payload`, and of at most
+/// [`BUNDLE_LIMIT`] bytes if more than one; returns the first record's
+/// sequence number and payload length.
 pub fn check_records(plain: &[u8], max_payload: usize) -> Result<(u32, usize)> {
     let first = record_at(plain, max_payload)?;
     let mut at = RECORD_HEADER_LEN + first.1;
+    if at < plain.len() && plain.len() > BUNDLE_LIMIT {
+        // Several records in more than a bundle may hold.
+        return Err(Error::MalformedBundle {
+            claimed: plain.len(),
+            left: BUNDLE_LIMIT,
+        });
+    }
     while at < plain.len() {
         let (_, len) = record_at(&plain[at..], max_payload)?;
         at += RECORD_HEADER_LEN + len;

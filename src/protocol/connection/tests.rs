@@ -774,3 +774,53 @@ fn a_bundle_is_refused_whole_when_a_record_is_over_the_message_limit_or_malforme
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn a_frame_of_tiny_records_over_the_bundle_limit_is_refused_whole() {
+    use crate::protocol::wire::{append_record, BUNDLE_LIMIT, RECORD_HEADER_LEN};
+    // Empty records and one of a few bytes, filling the limit exactly
+    // (accepted, a message each) or one byte past it.
+    let empties = BUNDLE_LIMIT / RECORD_HEADER_LEN - 1;
+    let last = BUNDLE_LIMIT - (empties + 1) * RECORD_HEADER_LEN;
+    for (extra, refused) in [(0, false), (1, true)] {
+        let mut sealer = Sealer::new(KEY, Profile::Secure).with_bundles();
+        let mut wire = Vec::new();
+        let start = Sealer::start_bundle(&mut wire);
+        for _ in 0..empties {
+            append_record(&mut wire, 0, b"");
+        }
+        append_record(&mut wire, 0, &vec![1; last + extra]);
+        let records = empties + 1;
+        sealer.seal_bundle(&mut wire, start).unwrap();
+        assert_eq!(
+            wire.len() <= 16 << 10,
+            !refused,
+            "a full bundle fits 16 KiB"
+        );
+        // A message limit of 1 MiB: the frame itself is within the limit.
+        let mut core = open_bundled_core(1 << 20, 16 << 10);
+        let mut source = Chunks {
+            data: &wire,
+            chunk: wire.len(),
+        };
+        while !matches!(
+            core.fill(&mut source, 0, &Unpooled).unwrap(),
+            Filled::WouldBlock
+        ) {}
+        if refused {
+            match core.open_next(0) {
+                Err(Error::MalformedBundle { claimed, left }) => {
+                    assert_eq!((claimed, left), (BUNDLE_LIMIT + 1, BUNDLE_LIMIT));
+                }
+                other => panic!("{other:?}"),
+            }
+        } else {
+            let mut n = 0;
+            while let Some((_, len)) = core.open_next(0).unwrap() {
+                core.consume(len);
+                n += 1;
+            }
+            assert_eq!(n, records);
+        }
+    }
+}
