@@ -669,13 +669,8 @@ fn bundled_frames_give_their_messages_in_order_under_every_chunking() {
 
 #[test]
 fn a_caller_takes_the_responses_of_a_bundle_and_leaves_its_messages() {
-    let mut core = open_bundled_core(1024, 4096);
     let wire = bundled(&[&[(2, b"r1"), (7, b"request"), (4, b"r2")], &[(6, b"r3")]]);
-    let mut source = Chunks {
-        data: &wire,
-        chunk: 4096,
-    };
-    core.fill(&mut source, 0, &Unpooled).unwrap();
+    let mut core = bundled_core_holding(1024, &wire);
     let caller = Taker::Caller;
     let Next::Response { seq: 2, len } = core.next_frame(0, caller).unwrap() else {
         panic!("the first response");
@@ -702,13 +697,8 @@ fn a_caller_takes_the_responses_of_a_bundle_and_leaves_its_messages() {
 
 #[test]
 fn messages_of_a_bundle_set_aside_are_charged_and_given_back_whole() {
-    let mut core = open_bundled_core(1024, 4096);
     let wire = bundled(&[&[(1, b"hello"), (3, b"there"), (2, b"answer")]]);
-    let mut source = Chunks {
-        data: &wire,
-        chunk: 4096,
-    };
-    core.fill(&mut source, 0, &Unpooled).unwrap();
+    let mut core = bundled_core_holding(1024, &wire);
     for _ in 0..2 {
         assert_eq!(
             core.next_frame(0, Taker::Caller).unwrap(),
@@ -726,21 +716,23 @@ fn messages_of_a_bundle_set_aside_are_charged_and_given_back_whole() {
     assert_eq!(core.buffered(), 0);
 }
 
+/// A bundled core whose buffer holds `wire`, read in one go.
+fn bundled_core_holding(max_message: usize, wire: &[u8]) -> ConnCore {
+    let mut core = open_bundled_core(max_message, 4096);
+    let mut source = Chunks {
+        data: wire,
+        chunk: 4096,
+    };
+    core.fill(&mut source, 0, &Unpooled).unwrap();
+    core
+}
+
 #[test]
 fn a_bundle_is_refused_whole_when_a_record_is_over_the_message_limit_or_malformed() {
     // The record over the limit is the second: the first is not delivered.
     let over = [0u8; 65];
     let wire = bundled(&[&[(0, b"first"), (0, &over)]]);
-    let mut core = open_bundled_core(64, 4096);
-    core.fill(
-        &mut Chunks {
-            data: &wire,
-            chunk: 4096,
-        },
-        0,
-        &Unpooled,
-    )
-    .unwrap();
+    let mut core = bundled_core_holding(64, &wire);
     match core.open_next(0) {
         Err(Error::FrameTooLarge {
             len,
@@ -759,16 +751,7 @@ fn a_bundle_is_refused_whole_when_a_record_is_over_the_message_limit_or_malforme
     wire.extend_from_slice(&100u32.to_be_bytes());
     wire.extend_from_slice(b"short");
     sealer.seal_bundle(&mut wire, start).unwrap();
-    let mut core = open_bundled_core(1024, 4096);
-    core.fill(
-        &mut Chunks {
-            data: &wire,
-            chunk: 4096,
-        },
-        0,
-        &Unpooled,
-    )
-    .unwrap();
+    let mut core = bundled_core_holding(1024, &wire);
     match core.open_next(0) {
         Err(Error::MalformedBundle { claimed, left }) => assert_eq!((claimed, left), (100, 5)),
         other => panic!("{other:?}"),
