@@ -31,7 +31,7 @@ use crate::protocol::connection::{Buffers, Sealed};
 use crate::protocol::wire::{
     append_record, frame_len, BUNDLE_LIMIT, LENGTH_PREFIX_LEN, RECORD_HEADER_LEN, TAG_LEN,
 };
-use crate::protocol::Sealer;
+use crate::protocol::{Reservation, Sealer};
 use crate::socket_write::{write_nonblocking, WriteOutcome};
 use crate::stats::Counters;
 use crate::sync::buffers::BufferPool;
@@ -92,6 +92,14 @@ struct Outbound {
     /// limit, or when a caller must see its own message written. Its tag
     /// is counted in `queued_total` from the start.
     bundle: Option<usize>,
+    /// Bundles closed full (their tag's room appended) and not yet sealed,
+    /// as `start..end` in `buf`, oldest first: a sender that fills one
+    /// does not seal it under the lock; the writer takes their counters in
+    /// order and seals them outside it.
+    unsealed: Vec<(usize, usize)>,
+    /// Where the writer keeps its reservations while it seals outside the
+    /// lock: kept here for its capacity.
+    reserved: Vec<(usize, usize, Reservation)>,
     spare: Vec<u8>,
     /// Bytes at the start of `buf` already written.
     head: usize,
@@ -219,6 +227,7 @@ impl Outbound {
         if self.closed.is_some() && !self.writing {
             self.buf = Vec::new();
             self.bundle = None;
+            self.unsealed.clear();
             self.spare = Vec::new();
             self.head = 0;
         }
@@ -249,7 +258,7 @@ impl Outbound {
                 append_record(&mut self.buf, seq, body);
                 return Ok(record);
             }
-            self.seal_bundle()?;
+            self.close_bundle();
         }
         if body.len() > u32::MAX as usize - TAG_LEN - RECORD_HEADER_LEN {
             return Err(Error::MessageTooLarge {
@@ -262,17 +271,55 @@ impl Outbound {
         Ok(LENGTH_PREFIX_LEN + record + TAG_LEN)
     }
 
-    /// Seals the open bundle, if any: what is queued is then all sealed
-    /// frames, ready to write. On error (the counter used up, after 2^64
-    /// frames) the bundle's messages are dropped from the queue, which
-    /// the caller closes with that error: their calls had returned
-    /// (`send_no_wait`, replies), as they do for any queued message a
-    /// failure ends.
-    fn seal_bundle(&mut self) -> Result<()> {
-        let (Some(start), Some(sealer)) = (self.bundle.take(), self.sealer.as_mut()) else {
+    /// Closes the open bundle, if any, for a writer to seal: appends its
+    /// tag's room and puts it on the list of bundles to seal.
+    fn close_bundle(&mut self) {
+        if let Some(start) = self.bundle.take() {
+            self.buf.extend_from_slice(&[0; TAG_LEN]);
+            self.unsealed.push((start, self.buf.len()));
+        }
+    }
+
+    /// Seals every bundle queued, in order, under the lock: what is queued
+    /// is then all sealed frames, and a frame sealed next comes after
+    /// them. On error (the counter used up, after 2^64 frames) the
+    /// bundles' messages are dropped from the queue, which the caller
+    /// closes with that error: their calls had returned (`send_no_wait`,
+    /// replies), as they do for any queued message a failure ends.
+    fn seal_bundles(&mut self) -> Result<()> {
+        self.close_bundle();
+        let Outbound {
+            sealer,
+            unsealed,
+            buf,
+            ..
+        } = self;
+        let Some(sealer) = sealer.as_mut() else {
             return Ok(());
         };
-        sealer.seal_bundle(&mut self.buf, start).map(drop)
+        for (start, end) in unsealed.drain(..) {
+            sealer.seal_prepared(&mut buf[start..end])?;
+        }
+        Ok(())
+    }
+
+    /// A writer's side of [`seal_bundles`](Self::seal_bundles): closes the
+    /// open bundle and takes every queued bundle's counter, in order, into
+    /// `reserved`, for the writer to seal once it has taken the buffer and
+    /// let the lock go.
+    fn reserve_bundles(&mut self, reserved: &mut Vec<(usize, usize, Reservation)>) -> Result<()> {
+        self.close_bundle();
+        let Outbound {
+            sealer, unsealed, ..
+        } = self;
+        let Some(sealer) = sealer.as_mut() else {
+            return Ok(());
+        };
+        for &(start, end) in unsealed.iter() {
+            reserved.push((start, end, sealer.reserve()?));
+        }
+        unsealed.clear();
+        Ok(())
     }
 
     /// What the connection holds against its budget: everything queued
@@ -430,6 +477,8 @@ impl OutboundQueue {
                 // idle ones) costs nothing here.
                 buf: Vec::new(),
                 bundle: None,
+                unsealed: Vec::new(),
+                reserved: Vec::new(),
                 spare: Vec::new(),
                 head: 0,
                 writing: false,
@@ -677,6 +726,10 @@ impl OutboundQueue {
             out.buf = owner.buffers().take().unwrap_or_default();
             out.buf.clear();
             out.buf.reserve(OUTBOUND_BUFFER.max(frame));
+            // Room for the bundles of a backlog a few buffers long, so
+            // that a stream allocates nothing here per message.
+            out.unsealed.reserve(16);
+            out.reserved.reserve(16);
         }
         let mut appended = out.append(seq, body);
         let ends_bundle = match mode {
@@ -692,7 +745,7 @@ impl OutboundQueue {
             // left open for the reactor to seal, a one-core
             // AsyncParallelRequest lost 10% (its reactor wrote sooner,
             // with fewer requests a write). One-way messages bundle.
-            appended = out.seal_bundle().and(appended);
+            appended = out.seal_bundles().and(appended);
         }
         let frame = match appended {
             Ok(frame) => frame,
@@ -894,7 +947,9 @@ impl OutboundQueue {
             let bytes = queued_bytes - mem::replace(&mut g.bytes_counted, queued_bytes);
             Counters::add(&owner.stats().frames_out, frames);
             Counters::add(&owner.stats().bytes_out, bytes);
-            if let Err(e) = g.seal_bundle() {
+            let mut reserved = mem::take(&mut g.reserved);
+            if let Err(e) = g.reserve_bundles(&mut reserved) {
+                g.reserved = reserved;
                 failure = Some(e);
                 break;
             }
@@ -903,11 +958,27 @@ impl OutboundQueue {
             let head = mem::replace(&mut g.head, 0);
             let low_water = g.low_water.note_write(on_reactor, data.len() - head);
             drop(g);
+            // Sealed with the lock let go: senders queue on meanwhile,
+            // behind these bundles, with later counters.
+            let sealed = reserved
+                .drain(..)
+                .try_for_each(|(start, end, reservation)| {
+                    reservation.seal_prepared(&mut data[start..end])
+                });
+            if let Err(e) = sealed {
+                g = lock(&self.state);
+                g.reserved = reserved;
+                data.clear();
+                g.spare = data;
+                failure = Some(e);
+                break;
+            }
             if let Some(limit) = low_water {
                 set_unsent_low_water(owner.stream(), limit);
             }
             let (n, outcome) = write_nonblocking(owner.stream(), &data[head..]);
             g = lock(&self.state);
+            g.reserved = reserved;
             g.written_total += n as u64;
             self.held.store(g.held(), Ordering::Release);
             match outcome {
@@ -947,7 +1018,12 @@ impl OutboundQueue {
                     }
                     // A bundle opened meanwhile moves with what it was
                     // appended to.
-                    g.bundle = g.bundle.map(|start| data.len() + start);
+                    let moved = data.len();
+                    g.bundle = g.bundle.map(|start| moved + start);
+                    for (start, end) in g.unsealed.iter_mut() {
+                        *start += moved;
+                        *end += moved;
+                    }
                     data.extend_from_slice(&appended);
                     appended.clear();
                     g.spare = appended;
@@ -1126,6 +1202,10 @@ mod tests {
         /// a writer lets go of the lock to write: a producer that keeps up
         /// with the socket.
         producer: AtomicUsize,
+        /// How many it appends each time (1 unless a test says), and how
+        /// large each is (1,400 bytes unless a test says).
+        producer_burst: AtomicUsize,
+        producer_len: AtomicUsize,
     }
 
     impl<'a> Owner<'a> {
@@ -1139,6 +1219,8 @@ mod tests {
                 reactor: AtomicBool::new(true),
                 flushes_asked: AtomicUsize::new(0),
                 producer: AtomicUsize::new(0),
+                producer_burst: AtomicUsize::new(1),
+                producer_len: AtomicUsize::new(1400),
             }
         }
     }
@@ -1173,12 +1255,15 @@ mod tests {
 
     impl QueueOwner for Owner<'_> {
         fn stream(&self) -> &ConnSocket {
-            let left = self.producer.load(Ordering::Relaxed);
-            if left > 0 {
-                self.producer.store(left - 1, Ordering::Relaxed);
-                self.queue
-                    .submit(self, left as u32, &[3; 1400], Mode::Queue, None, &mut || {})
-                    .unwrap();
+            for _ in 0..self.producer_burst.load(Ordering::Relaxed) {
+                let left = self.producer.load(Ordering::Relaxed);
+                if left > 0 {
+                    self.producer.store(left - 1, Ordering::Relaxed);
+                    let body = vec![3; self.producer_len.load(Ordering::Relaxed)];
+                    self.queue
+                        .submit(self, 0, &body, Mode::Queue, None, &mut || {})
+                        .unwrap();
+                }
             }
             &self.stream
         }
@@ -1727,6 +1812,18 @@ mod tests {
     /// land on frames already sealed.
     #[test]
     fn a_short_write_moves_the_bundle_opened_during_it() {
+        short_write_with_bundles_queued_during_it(1, 1400);
+    }
+
+    /// The same with bundles closed full during the write (two messages
+    /// of 12 KiB a time): they wait unsealed behind the unwritten rest,
+    /// and must move with it too.
+    #[test]
+    fn a_short_write_moves_the_full_bundles_closed_during_it() {
+        short_write_with_bundles_queued_during_it(2, 12 << 10);
+    }
+
+    fn short_write_with_bundles_queued_during_it(burst: usize, len: usize) {
         let (ours, reader) = slow_reader(8 << 10, Duration::from_micros(100));
         let queue = bundling_queue(&Config::default().max_queued_bytes(1 << 20));
         let owner = Owner::new(&queue, ours);
@@ -1737,6 +1834,8 @@ mod tests {
             submitted.unwrap();
         }
         let produced: u32 = 64;
+        owner.producer_burst.store(burst, Ordering::Relaxed);
+        owner.producer_len.store(len, Ordering::Relaxed);
         owner.producer.store(produced as usize, Ordering::Relaxed);
         let (give_up, mut short_writes) = (Instant::now() + Duration::from_secs(20), 0);
         loop {
@@ -1770,7 +1869,7 @@ mod tests {
         }
         let want: Vec<(u32, Vec<u8>)> = (1..=queued)
             .map(|seq| (seq, body(seq).to_vec()))
-            .chain((1..=produced).rev().map(|seq| (seq, vec![3; 1400])))
+            .chain((1..=produced).map(|_| (0, vec![3; len])))
             .collect();
         assert!(messages == want, "every message once, in order");
     }

@@ -15,6 +15,8 @@
 //! ([`Sealer::with_bundles`], [`Opener::with_bundles`]): the handshake
 //! sets it, and the code above reads it from them.
 
+use std::sync::Arc;
+
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 
 use super::keys::{rekey, Profile, KEY_LEN};
@@ -134,7 +136,9 @@ pub fn append_record(out: &mut Vec<u8>, seq: u32, payload: &[u8]) {
 /// One direction's key and counter: the state both ends share for it.
 struct Direction {
     raw_key: [u8; KEY_LEN],
-    key: LessSafeKey,
+    /// Shared with the [`Reservation`]s taken and not yet used, which may
+    /// outlive a rekey.
+    key: Arc<LessSafeKey>,
     /// The counter of the next frame.
     counter: u64,
     /// Set once the frame with counter `u64::MAX` has been used.
@@ -145,7 +149,7 @@ struct Direction {
 impl Direction {
     fn new(key: [u8; KEY_LEN], counter: u64, rekey_interval: Option<u64>) -> Self {
         Direction {
-            key: aead_key(&key),
+            key: Arc::new(aead_key(&key)),
             raw_key: key,
             counter,
             exhausted: false,
@@ -155,12 +159,16 @@ impl Direction {
 
     /// The nonce for the next frame, or an error if the counter is used up.
     fn nonce(&self) -> Result<Nonce> {
+        self.nonce_bytes().map(Nonce::assume_unique_for_key)
+    }
+
+    fn nonce_bytes(&self) -> Result<[u8; NONCE_LEN]> {
         if self.exhausted {
             return Err(Error::CounterExhausted);
         }
         let mut nonce = [0u8; NONCE_LEN];
         nonce[..8].copy_from_slice(&self.counter.to_be_bytes());
-        Ok(Nonce::assume_unique_for_key(nonce))
+        Ok(nonce)
     }
 
     /// Moves to the next counter after a frame was used, rotating the key
@@ -175,7 +183,7 @@ impl Direction {
                         let next_key = rekey(&self.raw_key);
                         let mut old = std::mem::replace(&mut self.raw_key, next_key);
                         zeroize::Zeroize::zeroize(&mut old);
-                        self.key = aead_key(&self.raw_key);
+                        self.key = Arc::new(aead_key(&self.raw_key));
                     }
                 }
             }
@@ -345,33 +353,38 @@ impl Sealer {
     /// already written at `frame[4..frame.len() - 16]`; fills in the length
     /// prefix and the tag. Lets a caller build the payload in place.
     pub fn seal_prepared(&mut self, frame: &mut [u8]) -> Result<()> {
-        if frame.len() < FRAME_OVERHEAD {
-            return Err(Error::BufferTooSmall {
-                needed: FRAME_OVERHEAD,
-                available: frame.len(),
-            });
-        }
-        let ct_len = frame.len() - LENGTH_PREFIX_LEN;
-        let ct_len_u32 = u32::try_from(ct_len).map_err(|_| Error::MessageTooLarge {
-            len: ct_len - MIN_CIPHERTEXT_LEN,
-            max: MAX_WIRE_PAYLOAD,
-        })?;
-        let nonce = self.dir.nonce()?;
-        frame[..LENGTH_PREFIX_LEN].copy_from_slice(&ct_len_u32.to_be_bytes());
-        let (plain, tag_out) = frame[LENGTH_PREFIX_LEN..].split_at_mut(ct_len - TAG_LEN);
-        let tag = self
-            .dir
-            .key
-            .seal_in_place_separate_tag(nonce, Aad::empty(), plain)
-            // ring fails only for inputs beyond GCM's 64 GiB limit, which the
-            // 32-bit length prefix already rules out.
-            .map_err(|_| Error::MessageTooLarge {
-                len: plain.len(),
-                max: MAX_WIRE_PAYLOAD,
-            })?;
-        tag_out.copy_from_slice(tag.as_ref());
+        check_frame_len(frame)?;
+        self.reserve()?.seal_prepared(frame)
+    }
+
+    /// Takes the next counter for a frame to be sealed later
+    /// ([`Reservation::seal_prepared`]): frames go on the wire in the
+    /// order their counters were taken, so whoever orders them (the
+    /// outbound queue, under its lock) reserves, and the sealing itself
+    /// can happen outside that lock.
+    ///
+    /// ```
+    /// use monte_rpc::protocol::{Opener, Profile, Sealer};
+    /// let mut sealer = Sealer::new([9; 32], Profile::Secure);
+    /// let mut opener = Opener::new([9; 32], Profile::Secure);
+    /// let (first, second) = (sealer.reserve().unwrap(), sealer.reserve().unwrap());
+    /// // Frames of seq 1 whose plaintext is written in place.
+    /// let mut a = vec![0u8; 4 + 4 + 3 + 16];
+    /// a[4..8].copy_from_slice(&1u32.to_be_bytes());
+    /// a[8..11].copy_from_slice(b"one");
+    /// let mut b = a.clone();
+    /// b[8..11].copy_from_slice(b"two");
+    /// // Sealed in either order, they open in the order reserved.
+    /// second.seal_prepared(&mut b).unwrap();
+    /// first.seal_prepared(&mut a).unwrap();
+    /// assert_eq!(opener.open_in_place(&mut a).unwrap().1, b"one");
+    /// assert_eq!(opener.open_in_place(&mut b).unwrap().1, b"two");
+    /// ```
+    pub fn reserve(&mut self) -> Result<Reservation> {
+        let nonce = self.dir.nonce_bytes()?;
+        let key = Arc::clone(&self.dir.key);
         self.dir.advance();
-        Ok(())
+        Ok(Reservation { key, nonce })
     }
 
     fn check(&self, payload_len: usize, available: usize) -> Result<usize> {
@@ -401,6 +414,62 @@ impl std::fmt::Debug for Sealer {
             .field("exhausted", &self.dir.exhausted)
             .finish_non_exhaustive()
     }
+}
+
+/// A frame's counter and the key in force for it, taken in order by
+/// [`Sealer::reserve`] and used once to seal that frame.
+pub struct Reservation {
+    key: Arc<LessSafeKey>,
+    nonce: [u8; NONCE_LEN],
+}
+
+impl Reservation {
+    /// Seals a frame whose plaintext the caller has written at
+    /// `frame[4..frame.len() - 16]`, as [`Sealer::seal_prepared`] does, with
+    /// the reserved counter.
+    pub fn seal_prepared(self, frame: &mut [u8]) -> Result<()> {
+        let ct_len = check_frame_len(frame)?;
+        frame[..LENGTH_PREFIX_LEN].copy_from_slice(&(ct_len as u32).to_be_bytes());
+        let (plain, tag_out) = frame[LENGTH_PREFIX_LEN..].split_at_mut(ct_len - TAG_LEN);
+        let nonce = Nonce::assume_unique_for_key(self.nonce);
+        let tag = self
+            .key
+            .seal_in_place_separate_tag(nonce, Aad::empty(), plain)
+            // ring fails only for inputs beyond GCM's 64 GiB limit, which the
+            // 32-bit length prefix already rules out.
+            .map_err(|_| Error::MessageTooLarge {
+                len: plain.len(),
+                max: MAX_WIRE_PAYLOAD,
+            })?;
+        tag_out.copy_from_slice(tag.as_ref());
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let counter = u64::from_be_bytes(self.nonce[..8].try_into().expect("8 bytes"));
+        f.debug_struct("Reservation")
+            .field("counter", &counter)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A whole frame's ciphertext length (prefix excluded), if the frame can
+/// hold a sequence number and a tag and its length fits the prefix.
+fn check_frame_len(frame: &[u8]) -> Result<usize> {
+    if frame.len() < FRAME_OVERHEAD {
+        return Err(Error::BufferTooSmall {
+            needed: FRAME_OVERHEAD,
+            available: frame.len(),
+        });
+    }
+    let ct_len = frame.len() - LENGTH_PREFIX_LEN;
+    u32::try_from(ct_len).map_err(|_| Error::MessageTooLarge {
+        len: ct_len - MIN_CIPHERTEXT_LEN,
+        max: MAX_WIRE_PAYLOAD,
+    })?;
+    Ok(ct_len)
 }
 
 /// Opens incoming frames for one direction, in place.

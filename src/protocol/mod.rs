@@ -32,7 +32,7 @@ pub use auth::{
     REJECT_BAD_SIGNATURE, REJECT_MALFORMED, REJECT_MISSING_IDENTITY, REJECT_ROLE,
     REJECT_UNKNOWN_KEY, REJECT_WRONG_PSK,
 };
-pub use frame::{Opener, Sealer};
+pub use frame::{Opener, Reservation, Sealer};
 pub use handshake::{
     ClientHandshake, Handshake, HandshakeFactory, Role, ServerHandshake, Session, REFUSED_AT_CAP,
 };
