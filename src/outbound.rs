@@ -286,6 +286,10 @@ impl Outbound {
     /// bundles' messages are dropped from the queue, which the caller
     /// closes with that error: their calls had returned (`send_no_wait`,
     /// replies), as they do for any queued message a failure ends.
+    ///
+    /// Not built on `reserve_bundles`: that fills the writer's list, which
+    /// a writer may have out (empty, without capacity, in its place) while
+    /// a sender seals here, and filling it would allocate.
     fn seal_bundles(&mut self) -> Result<()> {
         self.close_bundle();
         let Outbound {
